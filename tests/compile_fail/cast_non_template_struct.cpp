@@ -1,0 +1,10 @@
+// expected-error: must be a class template whose first parameter is its scalar
+// Casting a struct whose floating fields would change type needs the struct to be a template over its scalar.
+#include <xax/utils/tree.hpp>
+
+struct Fixed {
+  Eigen::MatrixXf w;
+  XAX_FIELDS(w);
+};
+
+int main() { return static_cast<int>(xax::tree_cast<xax::bfloat16>(Fixed{}).w.size()); }
