@@ -36,7 +36,9 @@ TEST(ParseDtype, IsCaseSensitiveAndListsAcceptedNames) {
   }
 }
 
-TEST(ParseDtype, ConfigErrorIsAnXaxError) { EXPECT_THROW((void)xax::parse_dtype("int8"), xax::Error); }
+TEST(ParseDtype, ConfigErrorIsAnXaxError) {
+  EXPECT_THROW((void)xax::parse_dtype("int8"), xax::Error);
+}
 
 TEST(DtypeName, RoundTripsThroughParse) {
   EXPECT_EQ(xax::dtype_name(xax::DType::float16), "float16");
@@ -91,8 +93,8 @@ TYPED_TEST(DtypeMapping, RoundTripThroughFloatIsExactForRepresentableValues) {
   }
 }
 
-// The eigen.hpp fix: with F16C under GCC, Eigen::half conversions must use the hardware instruction. Both paths
-// round to nearest even, so this checks the value; the speed is the benchmark's business.
+// The eigen.hpp fix: with F16C under GCC, Eigen::half conversions must use the hardware instruction. Both
+// paths round to nearest even, so this checks the value; the speed is the benchmark's business.
 TEST(Float16, ConversionRoundsToNearestEven) {
   // 1 + 2^-11 lies exactly between 1 and the next float16 (1 + 2^-10): ties go to the even mantissa, 1.
   EXPECT_EQ(static_cast<float>(xax::float16(1.0f + 0x1p-11f)), 1.0f);

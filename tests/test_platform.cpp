@@ -5,7 +5,9 @@
 
 namespace {
 
-TEST(CpuFeatures, DetectionIsStable) { EXPECT_EQ(&xax::cpu_features(), &xax::cpu_features()); }
+TEST(CpuFeatures, DetectionIsStable) {
+  EXPECT_EQ(&xax::cpu_features(), &xax::cpu_features());
+}
 
 TEST(CpuFeatures, DescriptionNamesTheArchitectureAndEveryFeatureFound) {
   xax::CpuFeatures f;

@@ -9,9 +9,9 @@
 
 namespace {
 
+using ::testing::HasSubstr;
 using xax::DType;
 using xax::PolicySpec;
-using ::testing::HasSubstr;
 
 constexpr DType f16 = DType::float16;
 constexpr DType bf16 = DType::bfloat16;
@@ -42,9 +42,13 @@ TEST(GetPolicy, ShortAndLongKeys) {
   EXPECT_EQ(xax::get_policy("output=f16,params=f64,compute=f32"), (PolicySpec{f64, f32, f16}));
 }
 
-TEST(GetPolicy, MissingParamsIsFloat32) { EXPECT_EQ(xax::get_policy("c=bf16,o=f16"), (PolicySpec{f32, bf16, f16})); }
+TEST(GetPolicy, MissingParamsIsFloat32) {
+  EXPECT_EQ(xax::get_policy("c=bf16,o=f16"), (PolicySpec{f32, bf16, f16}));
+}
 
-TEST(GetPolicy, MissingComputeIsParams) { EXPECT_EQ(xax::get_policy("p=f16,o=f32"), (PolicySpec{f16, f16, f32})); }
+TEST(GetPolicy, MissingComputeIsParams) {
+  EXPECT_EQ(xax::get_policy("p=f16,o=f32"), (PolicySpec{f16, f16, f32}));
+}
 
 TEST(GetPolicy, MissingOutputIsCompute) {
   EXPECT_EQ(xax::get_policy("p=f32,c=bf16"), (PolicySpec{f32, bf16, bf16}));
@@ -92,7 +96,8 @@ INSTANTIATE_TEST_SUITE_P(
                       BadPolicy{"p=f32, c=bf16", "unknown key ' c'"}, BadPolicy{"q=f32", "unknown key 'q'"},
                       BadPolicy{"p=f33", "unknown dtype 'f33'"}, BadPolicy{"p=", "unknown dtype ''"},
                       BadPolicy{"=f32", "unknown key ''"}, BadPolicy{"p=f32,", "empty key=dtype pair"},
-                      BadPolicy{",p=f32", "empty key=dtype pair"}, BadPolicy{"p=f32,,c=f16", "empty key=dtype pair"},
+                      BadPolicy{",p=f32", "empty key=dtype pair"},
+                      BadPolicy{"p=f32,,c=f16", "empty key=dtype pair"},
                       BadPolicy{"p=f32=f16", "'p=f32=f16' is not a single key=dtype pair"},
                       BadPolicy{"p=f32,c", "'c' is not a single key=dtype pair"}));
 
@@ -174,7 +179,8 @@ TYPED_TEST(PolicyCasts, CastToComputeRebindsFloatingLeavesOnly) {
     ASSERT_EQ(compute.layers[l].w.rows(), w.rows());
     ASSERT_EQ(compute.layers[l].w.cols(), w.cols());
     for (Eigen::Index i = 0; i < w.size(); ++i) {
-      EXPECT_EQ(static_cast<float>(compute.layers[l].w.data()[i]), static_cast<float>(TypeParam(w.data()[i])));
+      EXPECT_EQ(static_cast<float>(compute.layers[l].w.data()[i]),
+                static_cast<float>(TypeParam(w.data()[i])));
     }
   }
 }
@@ -203,7 +209,8 @@ TYPED_TEST(PolicyCasts, WithOutputTypeReplacesOnlyTheOutput) {
 
 TEST(Policy, DefaultsFollowJmp) {
   static_assert(std::is_same_v<xax::Policy<float>, xax::Policy<float, float, float>>);
-  static_assert(std::is_same_v<xax::Policy<float, xax::bfloat16>, xax::Policy<float, xax::bfloat16, xax::bfloat16>>);
+  static_assert(
+      std::is_same_v<xax::Policy<float, xax::bfloat16>, xax::Policy<float, xax::bfloat16, xax::bfloat16>>);
   static_assert(xax::precision_policy<xax::Policy<float, xax::float16, float>>);
   EXPECT_EQ((xax::Policy<float, xax::bfloat16, float>::spec()), (PolicySpec{f32, bf16, f32}));
 }

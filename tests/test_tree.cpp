@@ -79,9 +79,9 @@ Model<float> make_model() {
 
 TEST(Tree, LeafPathsNameEveryLeafInWalkOrder) {
   EXPECT_THAT(xax::leaf_paths(make_model()),
-              ElementsAre("encoder.layers[0].w", "encoder.layers[0].b", "encoder.layers[1].w", "encoder.layers[1].b",
-                          "encoder.conv", "heads[\"classify\"]", "heads[\"regress\"]", "extras[0]", "extras[1]",
-                          "version"));
+              ElementsAre("encoder.layers[0].w", "encoder.layers[0].b", "encoder.layers[1].w",
+                          "encoder.layers[1].b", "encoder.conv", "heads[\"classify\"]", "heads[\"regress\"]",
+                          "extras[0]", "extras[1]", "version"));
 }
 
 TEST(Tree, CountsLeavesElementsAndBytes) {
@@ -131,7 +131,8 @@ TEST(Tree, ZipVisitsCorrespondingLeavesAcrossScalarTypes) {
         const auto l = xax::leaf_span(left);
         const auto r = xax::leaf_span(right);
         ASSERT_EQ(l.size(), r.size());
-        for (std::size_t i = 0; i < l.size(); ++i) EXPECT_EQ(static_cast<double>(l[i]), static_cast<double>(r[i]));
+        for (std::size_t i = 0; i < l.size(); ++i)
+          EXPECT_EQ(static_cast<double>(l[i]), static_cast<double>(r[i]));
       },
       a, b);
   EXPECT_EQ(paths, xax::leaf_paths(a));

@@ -7,4 +7,6 @@ struct Fixed {
   XAX_FIELDS(w);
 };
 
-int main() { return static_cast<int>(xax::tree_cast<xax::bfloat16>(Fixed{}).w.size()); }
+int main() {
+  return static_cast<int>(xax::tree_cast<xax::bfloat16>(Fixed{}).w.size());
+}

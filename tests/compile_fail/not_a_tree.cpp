@@ -6,4 +6,6 @@ struct NotOptedIn {
   Eigen::MatrixXf w;
 };
 
-int main() { return static_cast<int>(xax::leaf_count(NotOptedIn{})); }
+int main() {
+  return static_cast<int>(xax::leaf_count(NotOptedIn{}));
+}

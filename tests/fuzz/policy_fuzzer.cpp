@@ -1,5 +1,6 @@
-// libFuzzer target for the policy parser: any byte string either parses to a spec whose str() parses back to the
-// same spec, or throws xax::ConfigError. Anything else (another exception, a crash, a sanitizer report) is a bug.
+// libFuzzer target for the policy parser: any byte string either parses to a spec whose str() parses back to
+// the same spec, or throws xax::ConfigError. Anything else (another exception, a crash, a sanitizer report)
+// is a bug.
 #include <xax/utils/policy.hpp>
 
 #include <cstddef>

@@ -14,8 +14,8 @@ template <class To, class From>
 constexpr To convert_scalar(From value) {
   if constexpr (std::is_same_v<To, From>) {
     return value;
-  } else if constexpr ((std::is_same_v<From, Eigen::half> || std::is_same_v<From, Eigen::bfloat16>) &&
-                       (std::is_same_v<To, Eigen::half> || std::is_same_v<To, Eigen::bfloat16>)) {
+  } else if constexpr ((std::is_same_v<From, Eigen::half> || std::is_same_v<From, Eigen::bfloat16>)&&(
+                           std::is_same_v<To, Eigen::half> || std::is_same_v<To, Eigen::bfloat16>)) {
     return static_cast<To>(static_cast<float>(value));  // exact widening first, then one rounding
   } else {
     return static_cast<To>(value);

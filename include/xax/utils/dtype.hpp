@@ -34,7 +34,7 @@ enum class DType { float16, bfloat16, float32, float64 };
 /// A floating-point scalar a tree leaf can hold: float, double, xax::float16 or xax::bfloat16.
 template <class T>
 concept floating_scalar = std::same_as<T, float> || std::same_as<T, double> || std::same_as<T, float16> ||
-                          std::same_as<T, bfloat16>;
+    std::same_as<T, bfloat16>;
 
 /// A 16-bit floating-point scalar: xax::float16 or xax::bfloat16.
 template <class T>
@@ -73,7 +73,8 @@ template <DType D>
 using scalar_of = typename detail::scalar_of_impl<D>::type;
 
 /// All dtypes, in enum order.
-inline constexpr std::array<DType, 4> all_dtypes{DType::float16, DType::bfloat16, DType::float32, DType::float64};
+inline constexpr std::array<DType, 4> all_dtypes{DType::float16, DType::bfloat16, DType::float32,
+                                                 DType::float64};
 
 /// The canonical name: "float16", "bfloat16", "float32" or "float64".
 constexpr std::string_view dtype_name(DType dtype) {
@@ -113,7 +114,9 @@ constexpr DType half_dtype_for(const CpuFeatures& cpu) {
 }
 
 /// The half type to prefer on this machine. See half_dtype_for() and cpu_features().str() for what was found.
-inline DType half_dtype() { return half_dtype_for(cpu_features()); }
+inline DType half_dtype() {
+  return half_dtype_for(cpu_features());
+}
 
 /// Parses jmp's dtype names (case-sensitive): bf16 bfloat16 f16 float16 full f32 float32 f64 float64 half.
 /// `half` is half_dtype(); `full` is float32. Throws ConfigError for anything else.
@@ -123,9 +126,10 @@ inline DType parse_dtype(std::string_view name) {
   if (name == "f32" || name == "float32" || name == "full") return DType::float32;
   if (name == "f64" || name == "float64") return DType::float64;
   if (name == "half") return half_dtype();
-  throw ConfigError("unknown dtype '" + std::string(name) +
-                    "'; accepted (case-sensitive): bf16, bfloat16, f16, float16, full, f32, float32, f64, float64, "
-                    "half");
+  throw ConfigError(
+      "unknown dtype '" + std::string(name) +
+      "'; accepted (case-sensitive): bf16, bfloat16, f16, float16, full, f32, float32, f64, float64, "
+      "half");
 }
 
 }  // namespace xax

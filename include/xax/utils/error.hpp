@@ -1,7 +1,7 @@
 #pragma once
 /// \file
-/// The exception hierarchy of xax. Every error a user can cause derives from xax::Error, and its message says what
-/// was wrong, the value seen, what is accepted and, where it helps, what to do.
+/// The exception hierarchy of xax. Every error a user can cause derives from xax::Error, and its message says
+/// what was wrong, the value seen, what is accepted and, where it helps, what to do.
 
 #include <stdexcept>
 #include <string>

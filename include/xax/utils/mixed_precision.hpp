@@ -1,7 +1,7 @@
 #pragma once
 /// \file
-/// The core utilities of xax (the seed's `xax/utils/mixed_precision.py`): dtypes, trees, policies, loss scaling
-/// and finiteness checks.
+/// The core utilities of xax (the seed's `xax/utils/mixed_precision.py`): dtypes, trees, policies, loss
+/// scaling and finiteness checks.
 
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>

@@ -13,11 +13,12 @@
 
 namespace xax {
 
-/// Instruction-set features relevant to mixed precision. Only features the OS has enabled (XSAVE state) count.
+/// Instruction-set features relevant to mixed precision. Only features the OS has enabled (XSAVE state)
+/// count.
 struct CpuFeatures {
   bool avx2 = false;
   bool fma = false;
-  bool f16c = false;         ///< x86 fp16<->fp32 conversions
+  bool f16c = false;  ///< x86 fp16<->fp32 conversions
   bool avx512f = false;
   bool avx512bw = false;
   bool avx512vl = false;
@@ -25,8 +26,8 @@ struct CpuFeatures {
   bool avx512_fp16 = false;  ///< native fp16 arithmetic
   bool amx_bf16 = false;
   bool amx_fp16 = false;
-  bool arm_bf16 = false;     ///< Armv8.6 BF16 (BFDOT/BFMMLA)
-  bool arm_fp16 = false;     ///< Armv8.2 FP16 arithmetic
+  bool arm_bf16 = false;  ///< Armv8.6 BF16 (BFDOT/BFMMLA)
+  bool arm_fp16 = false;  ///< Armv8.2 FP16 arithmetic
 
   /// True where the CPU multiplies bf16 pairs natively and accumulates in fp32.
   [[nodiscard]] constexpr bool native_bf16_dot() const { return avx512_bf16 || amx_bf16 || arm_bf16; }
@@ -82,7 +83,7 @@ inline CpuFeatures detect_cpu_features() {
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     xcr0 = (static_cast<unsigned long long>(hi) << 32) | lo;
   }
-  const bool os_avx = (xcr0 & 0x6u) == 0x6u;            // XMM and YMM state
+  const bool os_avx = (xcr0 & 0x6u) == 0x6u;                 // XMM and YMM state
   const bool os_avx512 = os_avx && (xcr0 & 0xE0u) == 0xE0u;  // opmask, ZMM_Hi256, Hi16_ZMM
   const bool os_amx = (xcr0 & 0x60000ull) == 0x60000ull;     // XTILECFG, XTILEDATA
   f.fma = os_avx && cpu_fma && cpu_avx;

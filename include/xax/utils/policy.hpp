@@ -1,9 +1,9 @@
 #pragma once
 /// \file
 /// Precision policies: which dtype parameters are stored in, which the forward/backward pass computes in, and
-/// which outputs are returned in (jmp's Policy). The compile-time `Policy<P, C, O>` does the casting; the runtime
-/// `PolicySpec` is parsed from strings such as "mixed" or "params=float32,compute=bfloat16,output=float32", and
-/// `visit_policy` turns one into the other.
+/// which outputs are returned in (jmp's Policy). The compile-time `Policy<P, C, O>` does the casting; the
+/// runtime `PolicySpec` is parsed from strings such as "mixed" or
+/// "params=float32,compute=bfloat16,output=float32", and `visit_policy` turns one into the other.
 
 #include <concepts>
 #include <optional>
@@ -37,8 +37,9 @@ struct PolicySpec {
   }
 };
 
-/// A compile-time precision policy: `Policy<float, bfloat16, float>` keeps fp32 parameters, computes in bf16 and
-/// returns fp32 outputs. The casts convert floating leaves of any tree and leave integer leaves untouched.
+/// A compile-time precision policy: `Policy<float, bfloat16, float>` keeps fp32 parameters, computes in bf16
+/// and returns fp32 outputs. The casts convert floating leaves of any tree and leave integer leaves
+/// untouched.
 template <floating_scalar Param, floating_scalar Compute = Param, floating_scalar Output = Compute>
 struct Policy {
   using param_type = Param;
@@ -73,15 +74,18 @@ concept precision_policy = requires {
   typename P::compute_type;
   typename P::output_type;
   { P::spec() } -> std::same_as<PolicySpec>;
-} && floating_scalar<typename P::param_type> && floating_scalar<typename P::compute_type> &&
-                           floating_scalar<typename P::output_type>;
+}
+&&floating_scalar<typename P::param_type>&& floating_scalar<typename P::compute_type>&&
+    floating_scalar<typename P::output_type>;
 
 namespace detail {
 
 inline constexpr std::string_view policy_grammar_help =
     "accepted: a preset (default, mixed, float16, half), one dtype name for all three (bf16, bfloat16, f16, "
-    "float16, full, f32, float32, f64, float64, half), or comma-separated key=dtype pairs with keys p|params, "
-    "c|compute, o|output, e.g. \"params=float32,compute=bfloat16,output=float32\" (case-sensitive, no spaces)";
+    "float16, full, f32, float32, f64, float64, half), or comma-separated key=dtype pairs with keys "
+    "p|params, "
+    "c|compute, o|output, e.g. \"params=float32,compute=bfloat16,output=float32\" (case-sensitive, no "
+    "spaces)";
 
 inline ConfigError policy_error(std::string_view policy, std::string_view problem) {
   std::string message = "invalid precision policy \"";
@@ -106,7 +110,8 @@ inline DType parse_policy_dtype(std::string_view policy, std::string_view token)
 /// Parses a policy string (jmp's grammar, xax's presets):
 /// - without '=': a preset (`default` all float32; `mixed` float32 params and output, half_dtype() compute;
 ///   `float16` all float16; `half` all half_dtype()) or one dtype name for all three;
-/// - with '=': comma-separated `key=dtype` pairs, keys `p|params`, `c|compute`, `o|output`; a missing params is
+/// - with '=': comma-separated `key=dtype` pairs, keys `p|params`, `c|compute`, `o|output`; a missing params
+/// is
 ///   float32, a missing compute is params, a missing output is compute; the last duplicate wins.
 /// Throws ConfigError quoting the bad token and listing what is accepted.
 inline PolicySpec get_policy(std::string_view policy) {
@@ -118,7 +123,8 @@ inline PolicySpec get_policy(std::string_view policy) {
       const DType dtype = parse_dtype(policy);
       return {dtype, dtype, dtype};
     } catch (const ConfigError&) {
-      throw detail::policy_error(policy, "'" + std::string(policy) + "' is neither a preset nor a dtype name");
+      throw detail::policy_error(policy,
+                                 "'" + std::string(policy) + "' is neither a preset nor a dtype name");
     }
   }
 
@@ -171,8 +177,8 @@ decltype(auto) visit_dtype(DType dtype, F&& f) {
 }
 }  // namespace detail
 
-/// Calls `f(Policy<P, C, O>{})` with the compile-time policy that `spec` describes, so one binary serves every
-/// runtime policy string. All 64 combinations are instantiated; `f` must return the same type for each.
+/// Calls `f(Policy<P, C, O>{})` with the compile-time policy that `spec` describes, so one binary serves
+/// every runtime policy string. All 64 combinations are instantiated; `f` must return the same type for each.
 template <class F>
 decltype(auto) visit_policy(const PolicySpec& spec, F&& f) {
   return detail::visit_dtype(spec.param, [&]<class P>(std::type_identity<P>) -> decltype(auto) {

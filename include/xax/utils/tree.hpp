@@ -2,10 +2,10 @@
 /// \file
 /// Trees of tensors: walk, zip, cast and inspect nested parameter structures.
 ///
-/// Leaves are Eigen dense plain objects (`Matrix`, `Array`), contiguous `Eigen::Map`s of them, `Eigen::Tensor`,
-/// `Eigen::TensorFixedSize`, `Eigen::TensorMap`, and arithmetic scalars (including xax::float16/bfloat16).
-/// Nodes are `std::tuple`, `std::pair`, `std::array`, `std::vector`, `std::map<std::string, T>` and user structs
-/// that opt in with one line:
+/// Leaves are Eigen dense plain objects (`Matrix`, `Array`), contiguous `Eigen::Map`s of them,
+/// `Eigen::Tensor`, `Eigen::TensorFixedSize`, `Eigen::TensorMap`, and arithmetic scalars (including
+/// xax::float16/bfloat16). Nodes are `std::tuple`, `std::pair`, `std::array`, `std::vector`,
+/// `std::map<std::string, T>` and user structs that opt in with one line:
 ///
 ///     template <class T>
 ///     struct Layer {
@@ -14,8 +14,8 @@
 ///       XAX_FIELDS(w, b);
 ///     };
 ///
-/// Field names become leaf paths in diagnostics (`layers[1].w`). A struct that is a class template over its scalar
-/// (as above) can be cast: `tree_cast<bfloat16>(Layer<float>{})` is a `Layer<bfloat16>`.
+/// Field names become leaf paths in diagnostics (`layers[1].w`). A struct that is a class template over its
+/// scalar (as above) can be cast: `tree_cast<bfloat16>(Layer<float>{})` is a `Layer<bfloat16>`.
 
 #include <xax/detail/eigen_tensor.hpp>
 
@@ -39,11 +39,13 @@ namespace xax {
 // ---------------------------------------------------------------------------------------------------------------
 // Leaves
 
-/// An Eigen dense plain object: `Matrix` or `Array` of any size. Probes `PlainObject` before `DenseBase` so that
-/// non-Eigen types never instantiate Eigen's bases.
+/// An Eigen dense plain object: `Matrix` or `Array` of any size. Probes `PlainObject` before `DenseBase` so
+/// that non-Eigen types never instantiate Eigen's bases.
 template <class T>
-concept eigen_plain_object = requires { typename T::PlainObject; } && std::same_as<typename T::PlainObject, T> &&
-                             std::derived_from<T, Eigen::DenseBase<T>>;
+concept eigen_plain_object = requires {
+  typename T::PlainObject;
+}
+&&std::same_as<typename T::PlainObject, T>&& std::derived_from<T, Eigen::DenseBase<T>>;
 
 namespace detail {
 template <class T>
@@ -84,8 +86,7 @@ struct leaf_scalar_impl {
   using type = T;
 };
 template <class T>
-  requires(eigen_dense_leaf<T> || eigen_tensor_leaf<T>)
-struct leaf_scalar_impl<T> {
+requires(eigen_dense_leaf<T> || eigen_tensor_leaf<T>) struct leaf_scalar_impl<T> {
   using type = typename T::Scalar;
 };
 }  // namespace detail
@@ -100,7 +101,7 @@ concept floating_leaf = tree_leaf<T> && floating_scalar<leaf_scalar_t<T>>;
 
 /// The contiguous elements of a leaf, e.g. to hand to a kernel.
 template <class L>
-  requires tree_leaf<std::remove_const_t<L>>
+requires tree_leaf<std::remove_const_t<L>>
 auto leaf_span(L& leaf) {
   using Scalar = leaf_scalar_t<std::remove_const_t<L>>;
   using Element = std::conditional_t<std::is_const_v<L>, const Scalar, Scalar>;
@@ -114,8 +115,9 @@ auto leaf_span(L& leaf) {
 // ---------------------------------------------------------------------------------------------------------------
 // User structs
 
-/// Non-intrusive opt-in for a struct you cannot edit: specialise with `static auto tie(T&)`, `static auto tie(const
-/// T&)` (each returning `std::tie(fields...)`) and `static constexpr std::array<std::string_view, N> names`.
+/// Non-intrusive opt-in for a struct you cannot edit: specialise with `static auto tie(T&)`, `static auto
+/// tie(const T&)` (each returning `std::tie(fields...)`) and `static constexpr std::array<std::string_view,
+/// N> names`.
 template <class T>
 struct fields_of;
 
@@ -145,12 +147,16 @@ constexpr std::array<std::string_view, N> split_field_names(std::string_view lis
 }  // namespace xax
 
 /// Opts a struct into xax's trees: list its tree fields, in order, inside the struct body.
-#define XAX_FIELDS(...)                                                                                   \
-  auto xax_fields()& { return std::tie(__VA_ARGS__); }                                                    \
-  auto xax_fields() const& { return std::tie(__VA_ARGS__); }                                              \
-  static constexpr auto xax_field_names() {                                                               \
+#define XAX_FIELDS(...)                                                                                    \
+  auto xax_fields()& {                                                                                     \
+    return std::tie(__VA_ARGS__);                                                                          \
+  }                                                                                                        \
+  auto xax_fields() const& {                                                                               \
+    return std::tie(__VA_ARGS__);                                                                          \
+  }                                                                                                        \
+  static constexpr auto xax_field_names() {                                                                \
     return ::xax::detail::split_field_names<::xax::detail::count_field_names(#__VA_ARGS__)>(#__VA_ARGS__); \
-  }                                                                                                       \
+  }                                                                                                        \
   static_assert(true, "")
 
 namespace xax {
@@ -234,20 +240,22 @@ struct all_trees<std::pair<A, B>>
 template <class T>
 struct is_tree : std::false_type {};
 template <class T>
-  requires tree_leaf<T>
-struct is_tree<T> : std::true_type {};
+requires tree_leaf<T>
+struct is_tree<T> : std::true_type {
+};
 template <class T>
-  requires(is_std_vector<T>::value || is_std_array<T>::value)
-struct is_tree<T> : is_tree<typename T::value_type> {};
+requires(is_std_vector<T>::value || is_std_array<T>::value) struct is_tree<T>
+    : is_tree<typename T::value_type> {
+};
 template <class T>
-  requires(is_string_map<T>::value)
-struct is_tree<T> : is_tree<typename T::mapped_type> {};
+requires(is_string_map<T>::value) struct is_tree<T> : is_tree<typename T::mapped_type> {
+};
 template <class T>
-  requires(is_tuple_like_node<T>::value)
-struct is_tree<T> : all_trees<T> {};
+requires(is_tuple_like_node<T>::value) struct is_tree<T> : all_trees<T> {
+};
 template <class T>
-  requires(reflected_struct<T> && !tree_leaf<T>)
-struct is_tree<T> : all_trees<field_types_t<T>> {};
+requires(reflected_struct<T> && !tree_leaf<T>) struct is_tree<T> : all_trees<field_types_t<T>> {
+};
 }  // namespace detail
 
 /// A type xax can walk: a leaf, or a node whose children are all trees.
@@ -293,7 +301,8 @@ inline constexpr bool always_false = false;
 
 inline constexpr const char* not_a_tree_message =
     "xax: this type is not a tree. Leaves are Eigen Matrix/Array (or a contiguous Map), Eigen::Tensor/"
-    "TensorFixedSize/TensorMap and arithmetic scalars; nodes are std::tuple, std::pair, std::array, std::vector and "
+    "TensorFixedSize/TensorMap and arithmetic scalars; nodes are std::tuple, std::pair, std::array, "
+    "std::vector and "
     "std::map<std::string, T>. A struct opts in with one line inside its body listing its fields, e.g. "
     "XAX_FIELDS(w, b); or specialise xax::fields_of<T> for a type you cannot edit.";
 
@@ -333,8 +342,9 @@ void check_same_shape(const TreePath& path, const L0& first, const L& other) {
     for (std::size_t i = 0; i < a.size(); ++i) same = same && a[i] == b[i];
   }
   if (!same) {
-    throw ShapeError("tree leaves do not match at '" + path.display() + "': shape " + shape_string(a) + " vs " +
-                     shape_string(b) + "; zipped trees must have the same structure and leaf shapes");
+    throw ShapeError("tree leaves do not match at '" + path.display() + "': shape " + shape_string(a) +
+                     " vs " + shape_string(b) +
+                     "; zipped trees must have the same structure and leaf shapes");
   }
 }
 
@@ -348,7 +358,8 @@ void walk(F& f, TreePath& path, T0& first, Ts&... rest) {
     [[maybe_unused]] const auto check_size = [&](std::size_t size) {
       if (size != first.size()) {
         throw ShapeError("tree structure does not match at '" + path.display() + "': a vector of " +
-                         std::to_string(first.size()) + " elements zipped with one of " + std::to_string(size));
+                         std::to_string(first.size()) + " elements zipped with one of " +
+                         std::to_string(size));
       }
     };
     (check_size(rest.size()), ...);
@@ -397,7 +408,8 @@ void walk(F& f, TreePath& path, T0& first, Ts&... rest) {
     };
     [&]<std::size_t... I>(std::index_sequence<I...>) {
       (walk_element(std::integral_constant<std::size_t, I>{}), ...);
-    }(std::make_index_sequence<std::tuple_size_v<U>>{});
+    }
+    (std::make_index_sequence<std::tuple_size_v<U>>{});
   } else if constexpr (reflected_struct<U>) {
     constexpr auto names = field_names<U>();
     // One field of every tree at a time; a separate lambda keeps the field index and the tree pack apart.
@@ -408,7 +420,8 @@ void walk(F& f, TreePath& path, T0& first, Ts&... rest) {
     };
     [&]<std::size_t... I>(std::index_sequence<I...>) {
       (walk_field(std::integral_constant<std::size_t, I>{}), ...);
-    }(std::make_index_sequence<names.size()>{});
+    }
+    (std::make_index_sequence<names.size()>{});
   } else {
     static_assert(always_false<U>, "xax: this type is not a tree; see xax::detail::not_a_tree_message");
   }
@@ -416,16 +429,17 @@ void walk(F& f, TreePath& path, T0& first, Ts&... rest) {
 
 template <class T>
 void require_tree() {
-  static_assert(tree<T>,
-                "xax: this type is not a tree. Leaves are Eigen Matrix/Array (or a contiguous Map), Eigen::Tensor "
-                "and arithmetic scalars; nodes are std::tuple, pair, array, vector and map<std::string, T>. A "
-                "struct opts in with one line inside its body that lists its fields, e.g. XAX_FIELDS(w, b);");
+  static_assert(
+      tree<T>,
+      "xax: this type is not a tree. Leaves are Eigen Matrix/Array (or a contiguous Map), Eigen::Tensor "
+      "and arithmetic scalars; nodes are std::tuple, pair, array, vector and map<std::string, T>. A "
+      "struct opts in with one line inside its body that lists its fields, e.g. XAX_FIELDS(w, b);");
 }
 
 }  // namespace detail
 
-/// Calls `f(leaf, other_leaves...)` for every leaf of `tree`, zipped with the corresponding leaves of `others`.
-/// Throws ShapeError, naming the path, when the trees differ in structure or leaf shape.
+/// Calls `f(leaf, other_leaves...)` for every leaf of `tree`, zipped with the corresponding leaves of
+/// `others`. Throws ShapeError, naming the path, when the trees differ in structure or leaf shape.
 template <class F, class Tree, class... Others>
 void for_each_leaf(F&& f, Tree&& tree, Others&&... others) {
   detail::require_tree<Tree>();
@@ -456,7 +470,8 @@ std::size_t leaf_count(const Tree& tree) {
 template <class Tree>
 std::vector<std::string> leaf_paths(const Tree& tree) {
   std::vector<std::string> paths;
-  for_each_leaf_with_path([&paths](const TreePath& path, const auto&) { paths.push_back(path.display()); }, tree);
+  for_each_leaf_with_path([&paths](const TreePath& path, const auto&) { paths.push_back(path.display()); },
+                          tree);
   return paths;
 }
 
@@ -509,14 +524,16 @@ struct rebind_leaf_scalar {
 };
 
 // Eigen::Matrix and Eigen::Array share this template shape.
-template <template <class, int, int, int, int, int> class M, class Sc, int R, int C, int O, int MR, int MC, class S>
-  requires eigen_plain_object<M<Sc, R, C, O, MR, MC>>
+template <template <class, int, int, int, int, int> class M, class Sc, int R, int C, int O, int MR, int MC,
+          class S>
+requires eigen_plain_object<M<Sc, R, C, O, MR, MC>>
 struct rebind<M<Sc, R, C, O, MR, MC>, S> {
   using type = M<typename rebind_leaf_scalar<Sc, S>::type, R, C, O, MR, MC>;
 };
 template <class Plain, int Options, class S>
-  requires is_contiguous_eigen_map<Eigen::Map<Plain, Options, Eigen::Stride<0, 0>>>::value
-struct rebind<Eigen::Map<Plain, Options, Eigen::Stride<0, 0>>, S> : rebind<std::remove_const_t<Plain>, S> {};
+requires is_contiguous_eigen_map<Eigen::Map<Plain, Options, Eigen::Stride<0, 0>>>::value struct rebind<
+    Eigen::Map<Plain, Options, Eigen::Stride<0, 0>>, S> : rebind<std::remove_const_t<Plain>, S> {
+};
 template <class Sc, int N, int O, class I, class S>
 struct rebind<Eigen::Tensor<Sc, N, O, I>, S> {
   using type = Eigen::Tensor<typename rebind_leaf_scalar<Sc, S>::type, N, O, I>;
@@ -528,8 +545,9 @@ struct rebind<Eigen::TensorFixedSize<Sc, Dims, O, I>, S> {
 template <class Plain, int O, template <class> class MP, class S>
 struct rebind<Eigen::TensorMap<Plain, O, MP>, S> : rebind<std::remove_const_t<Plain>, S> {};
 template <class T, class S>
-  requires scalar_leaf<T>
-struct rebind<T, S> : rebind_leaf_scalar<T, S> {};
+requires scalar_leaf<T>
+struct rebind<T, S> : rebind_leaf_scalar<T, S> {
+};
 
 template <class T, class A, class S>
 struct rebind<std::vector<T, A>, S> {
@@ -556,12 +574,13 @@ template <class Tuple, class S>
 struct fields_unchanged;
 template <class... Fs, class S>
 struct fields_unchanged<std::tuple<Fs...>, S>
-    : std::bool_constant<(std::is_same_v<rebind_t<std::remove_cvref_t<Fs>, S>, std::remove_cvref_t<Fs>> && ...)> {};
+    : std::bool_constant<(std::is_same_v<rebind_t<std::remove_cvref_t<Fs>, S>, std::remove_cvref_t<Fs>> &&
+                          ...)> {};
 
 template <class T>
 struct template_over_scalar : std::false_type {};
 template <template <class...> class TT, class Sc, class... Rest>
-  requires floating_scalar<Sc>
+requires floating_scalar<Sc>
 struct template_over_scalar<TT<Sc, Rest...>> : std::true_type {
   template <class S>
   using with = TT<S, Rest...>;
@@ -573,16 +592,18 @@ struct rebind_struct {
 };
 template <class T, class S>
 struct rebind_struct<T, S, false> {
-  static_assert(template_over_scalar<T>::value,
-                "xax: casting this struct changes the scalar of its floating fields, so it must be a class template "
-                "whose first parameter is its scalar: template <class T> struct Params { Eigen::Matrix<T, ...> w; "
-                "XAX_FIELDS(w); };");
+  static_assert(
+      template_over_scalar<T>::value,
+      "xax: casting this struct changes the scalar of its floating fields, so it must be a class template "
+      "whose first parameter is its scalar: template <class T> struct Params { Eigen::Matrix<T, ...> w; "
+      "XAX_FIELDS(w); };");
   using type = typename template_over_scalar<T>::template with<S>;
 };
 
 template <class T, class S>
-  requires(reflected_struct<T> && !tree_leaf<T>)
-struct rebind<T, S> : rebind_struct<T, S, fields_unchanged<field_types_t<T>, S>::value> {};
+requires(reflected_struct<T> && !tree_leaf<T>) struct rebind<T, S>
+    : rebind_struct<T, S, fields_unchanged<field_types_t<T>, S>::value> {
+};
 
 }  // namespace detail
 
@@ -596,8 +617,9 @@ template <class Src, class Dst>
 void cast_leaf_into(const TreePath& path, const Src& src, Dst& dst) {
   using SrcScalar = leaf_scalar_t<Src>;
   using DstScalar = leaf_scalar_t<Dst>;
-  static_assert(std::is_same_v<SrcScalar, DstScalar> || (floating_scalar<SrcScalar> && floating_scalar<DstScalar>),
-                "xax: a cast changes floating leaves only; a non-floating leaf must keep its type");
+  static_assert(
+      std::is_same_v<SrcScalar, DstScalar> || (floating_scalar<SrcScalar> && floating_scalar<DstScalar>),
+      "xax: a cast changes floating leaves only; a non-floating leaf must keep its type");
   if constexpr (scalar_leaf<Src>) {
     static_assert(scalar_leaf<Dst>, "xax: a scalar leaf can only be cast into a scalar leaf");
     dst = convert_scalar<DstScalar>(src);
@@ -640,14 +662,16 @@ void cast_into(TreePath& path, const Src& src, Dst& dst) {
   } else if constexpr (is_tuple_like_node<Src>::value) {
     [&]<std::size_t... I>(std::index_sequence<I...>) {
       ((path.push_index(I), cast_into(path, std::get<I>(src), std::get<I>(dst)), path.pop()), ...);
-    }(std::make_index_sequence<std::tuple_size_v<Src>>{});
+    }
+    (std::make_index_sequence<std::tuple_size_v<Src>>{});
   } else if constexpr (reflected_struct<Src>) {
     constexpr auto names = field_names<Src>();
     [&]<std::size_t... I>(std::index_sequence<I...>) {
-      ((path.push_field(names[I]), cast_into(path, std::get<I>(tie_fields(src)), std::get<I>(tie_fields(dst))),
-        path.pop()),
+      ((path.push_field(names[I]),
+        cast_into(path, std::get<I>(tie_fields(src)), std::get<I>(tie_fields(dst))), path.pop()),
        ...);
-    }(std::make_index_sequence<names.size()>{});
+    }
+    (std::make_index_sequence<names.size()>{});
   } else {
     static_assert(always_false<Src>, "xax: this type is not a tree");
   }
@@ -655,9 +679,10 @@ void cast_into(TreePath& path, const Src& src, Dst& dst) {
 
 }  // namespace detail
 
-/// Casts every floating leaf of `src` into the corresponding leaf of `dst`, resizing `dst`'s vectors, maps and
-/// dynamic leaves to match (storage is reused when the shapes already agree, so a train step allocates nothing).
-/// Non-floating leaves are copied. Throws ShapeError where `dst` cannot take `src`'s shape (a Map or fixed size).
+/// Casts every floating leaf of `src` into the corresponding leaf of `dst`, resizing `dst`'s vectors, maps
+/// and dynamic leaves to match (storage is reused when the shapes already agree, so a train step allocates
+/// nothing). Non-floating leaves are copied. Throws ShapeError where `dst` cannot take `src`'s shape (a Map
+/// or fixed size).
 template <class Src, class Dst>
 void tree_cast_into(const Src& src, Dst& dst) {
   detail::require_tree<Src>();
