@@ -7,4 +7,5 @@
 #include <xax/utils/error.hpp>
 #include <xax/utils/platform.hpp>
 #include <xax/utils/policy.hpp>
+#include <xax/utils/threads.hpp>
 #include <xax/utils/tree.hpp>
