@@ -26,5 +26,4 @@ endif()
 # Optional, each from a Debian package. Features that need one say so when it is missing.
 find_package(CLI11 CONFIG QUIET)
 find_package(nlohmann_json 3.10 CONFIG QUIET)
-find_package(ZLIB QUIET)
 find_program(XAX_GNUPLOT gnuplot)
