@@ -4,7 +4,7 @@ function(xax_configure_target target)
   if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
     target_compile_options(
       ${target} PRIVATE -Wall -Wextra -Wpedantic -Wconversion -Wsign-conversion -Wshadow -Wnon-virtual-dtor
-                        -Wold-style-cast -Wcast-align -Woverloaded-virtual -Wnull-dereference -Werror)
+                        -Wold-style-cast -Wcast-align -Woverloaded-virtual -Werror)
   elseif(MSVC)
     target_compile_options(${target} PRIVATE /W4 /WX /permissive-)
   endif()

@@ -377,7 +377,10 @@ void walk(F& f, TreePath& path, T0& first, Ts&... rest) {
     };
     (check_size(rest.size()), ...);
     auto iterators = std::tuple{rest.begin()...};
-    for (auto& [key, value] : first) {
+    for (auto& entry : first) {
+      // Named references rather than structured bindings: clang 14 cannot capture bindings in lambdas.
+      const std::string& key = entry.first;
+      auto& value = entry.second;
       std::apply(
           [&](auto&... its) {
             [[maybe_unused]] const auto check_key = [&](const std::string& other_key) {

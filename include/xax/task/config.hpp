@@ -1,0 +1,217 @@
+#pragma once
+/// \file
+/// Setting config structs from `key=value` strings (command lines) and JSON files.
+///
+/// A config section lists its fields once, with what each accepts:
+///
+///     struct MyConfig : xax::TrainConfig, xax::MixedPrecisionConfig {
+///       std::int64_t hidden = 512;
+///       template <class Self, class Visit>
+///       static void visit_fields(Self& self, Visit&& visit) {
+///         visit("hidden", self.hidden, "an integer >= 1");
+///       }
+///     };
+///
+/// `set_config_field(config, "learning_rate", "0.01")` then finds the field in TrainConfig,
+/// MixedPrecisionConfig or the user's own section, parses the text by the field's type and validates the
+/// whole config.
+
+#include <charconv>
+#include <cmath>
+#include <concepts>
+#include <cstdint>
+#include <fstream>
+#include <span>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <type_traits>
+#include <vector>
+#include <xax/utils/error.hpp>
+
+#if __has_include(<nlohmann/json.hpp>)
+#include <nlohmann/json.hpp>
+#define XAX_HAS_NLOHMANN_JSON 1
+#endif
+
+namespace xax {
+
+/// A value type a config field can have.
+template <class T>
+concept config_value = std::same_as<T, bool> || std::same_as<T, std::int64_t> || std::same_as<T, double> ||
+    std::same_as<T, std::string>;
+
+namespace detail {
+
+struct FieldNameCollector {
+  std::vector<std::string>* names;
+  template <class T>
+  void operator()(std::string_view name, T&, std::string_view) const {
+    names->emplace_back(name);
+  }
+};
+
+template <config_value T>
+std::string type_description() {
+  if constexpr (std::same_as<T, bool>) {
+    return "true, false, 1 or 0";
+  } else if constexpr (std::same_as<T, std::int64_t>) {
+    return "an integer";
+  } else if constexpr (std::same_as<T, double>) {
+    return "a finite number";
+  } else {
+    return "a string";
+  }
+}
+
+template <config_value T>
+T parse_config_value(std::string_view field, std::string_view text, std::string_view accepted) {
+  const auto fail = [&]() -> ConfigError {
+    return ConfigError("config field '" + std::string(field) + "': '" + std::string(text) +
+                       "' is not accepted; expected " + type_description<T>() + " (" + std::string(accepted) +
+                       ")");
+  };
+  if constexpr (std::same_as<T, std::string>) {
+    return std::string(text);
+  } else if constexpr (std::same_as<T, bool>) {
+    if (text == "true" || text == "1") return true;
+    if (text == "false" || text == "0") return false;
+    throw fail();
+  } else {
+    T value{};
+    const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+    if (error != std::errc{} || end != text.data() + text.size() || text.empty()) throw fail();
+    if constexpr (std::same_as<T, double>) {
+      if (!std::isfinite(value)) throw fail();
+    }
+    return value;
+  }
+}
+
+// A config is made of sections, each with its own hook name so that a struct inheriting several sections (as
+// the seed's `MyConfig(TrainConfig, MixedPrecisionConfig)` does) has no ambiguous or hidden hook.
+template <class Config, class Visit>
+void visit_config_sections(Config& config, Visit&& visit) {
+  if constexpr (requires { Config::visit_train_fields(config, visit); })
+    Config::visit_train_fields(config, visit);
+  if constexpr (requires { Config::visit_mixed_precision_fields(config, visit); }) {
+    Config::visit_mixed_precision_fields(config, visit);
+  }
+  if constexpr (requires { Config::visit_fields(config, visit); }) Config::visit_fields(config, visit);
+}
+
+}  // namespace detail
+
+/// A config: a struct with at least one section hook (`visit_train_fields`, `visit_mixed_precision_fields` or
+/// the user's `visit_fields`), each a static template `(Self&, Visit&&)` calling `visit(name, field,
+/// accepted)`.
+template <class T>
+concept config_struct = requires(T& c, detail::FieldNameCollector visit) {
+  T::visit_train_fields(c, visit);
+}
+|| requires(T& c, detail::FieldNameCollector visit) {
+  T::visit_mixed_precision_fields(c, visit);
+}
+|| requires(T& c, detail::FieldNameCollector visit) {
+  T::visit_fields(c, visit);
+};
+
+/// The names of every field the config accepts, in declaration order.
+template <config_struct Config>
+std::vector<std::string> config_field_names(const Config& config) {
+  std::vector<std::string> names;
+  detail::visit_config_sections(config, detail::FieldNameCollector{&names});
+  return names;
+}
+
+/// Validates every section of the config (`validate_train()`, `validate_mixed_precision()`, and the user's
+/// own `validate()` where present). Throws ConfigError naming the field and what it accepts.
+template <config_struct Config>
+void validate_config(const Config& config) {
+  if constexpr (requires { config.validate_train(); }) config.validate_train();
+  if constexpr (requires { config.validate_mixed_precision(); }) config.validate_mixed_precision();
+  if constexpr (requires { config.validate(); }) config.validate();
+}
+
+/// Sets one field from its text. Throws ConfigError for an unknown key (listing the accepted ones), a value
+/// that does not parse as the field's type, or a value the config's validation rejects.
+template <config_struct Config>
+void set_config_field(Config& config, std::string_view key, std::string_view text) {
+  bool found = false;
+  detail::visit_config_sections(config,
+                                [&]<class T>(std::string_view name, T& field, std::string_view accepted) {
+                                  if (name != key) return;
+                                  field = detail::parse_config_value<T>(name, text, accepted);
+                                  found = true;
+                                });
+  if (!found) {
+    std::string accepted;
+    for (const std::string& name : config_field_names(config))
+      (accepted += accepted.empty() ? "" : ", ") += name;
+    throw ConfigError("unknown config field '" + std::string(key) + "'; accepted: " + accepted);
+  }
+}
+
+/// Applies `key=value` arguments in order, then validates. Throws ConfigError for an argument without '='.
+template <config_struct Config>
+void apply_config_args(Config& config, std::span<const std::string_view> args) {
+  for (const std::string_view arg : args) {
+    const std::size_t equals = arg.find('=');
+    if (equals == std::string_view::npos || equals == 0) {
+      throw ConfigError("config argument '" + std::string(arg) +
+                        "' is not of the form key=value, e.g. learning_rate=0.01");
+    }
+    set_config_field(config, arg.substr(0, equals), arg.substr(equals + 1));
+  }
+  validate_config(config);
+}
+
+/// Applies a JSON object of field values (numbers, booleans or strings by the field's type), then validates.
+/// Needs nlohmann-json (Debian nlohmann-json3-dev).
+template <config_struct Config>
+void load_config_json(Config& config, const std::string& path) {
+#if defined(XAX_HAS_NLOHMANN_JSON)
+  std::ifstream file(path);
+  if (!file) throw ConfigError("cannot open config file '" + path + "'");
+  nlohmann::json json;
+  try {
+    file >> json;
+  } catch (const nlohmann::json::exception& error) {
+    throw ConfigError("config file '" + path + "' is not valid JSON: " + error.what());
+  }
+  if (!json.is_object())
+    throw ConfigError("config file '" + path + "' must hold a JSON object of field values");
+  for (const auto& [key, value] : json.items()) {
+    // Each value goes through the same text parser as the command line, so both accept exactly the same
+    // values.
+    const std::string text = value.is_string() ? value.template get<std::string>() : value.dump();
+    set_config_field(config, key, text);
+  }
+  validate_config(config);
+#else
+  static_assert(sizeof(Config) == 0,
+                "xax::load_config_json needs nlohmann-json (Debian: nlohmann-json3-dev)");
+#endif
+}
+
+/// The config as `key=value` lines, in the form apply_config_args accepts.
+template <config_struct Config>
+std::string config_to_string(const Config& config) {
+  std::ostringstream out;
+  detail::visit_config_sections(config, [&]<class T>(std::string_view name, T& field, std::string_view) {
+    out << name << '=';
+    if constexpr (std::same_as<std::remove_const_t<T>, bool>) {
+      out << (field ? "true" : "false");
+    } else if constexpr (std::same_as<std::remove_const_t<T>, double>) {
+      out.precision(17);
+      out << field;
+    } else {
+      out << field;
+    }
+    out << '\n';
+  });
+  return out.str();
+}
+
+}  // namespace xax

@@ -1,0 +1,140 @@
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <string_view>
+#include <xax/task/config.hpp>
+
+namespace {
+
+using ::testing::HasSubstr;
+
+// A config section of the test's own, exercising every value type.
+struct ToyConfig {
+  double rate = 0.5;
+  std::int64_t count = 3;
+  bool flag = false;
+  std::string name = "toy";
+
+  template <class Self, class Visit>
+  static void visit_fields(Self& self, Visit&& visit) {
+    visit("rate", self.rate, "a number in (0, 1]");
+    visit("count", self.count, "an integer >= 0");
+    visit("flag", self.flag, "true or false");
+    visit("name", self.name, "a non-empty string");
+  }
+  void validate() const {
+    if (!(rate > 0 && rate <= 1)) throw xax::ConfigError("config field 'rate': out of (0, 1]");
+    if (name.empty()) throw xax::ConfigError("config field 'name': must not be empty");
+  }
+};
+
+static_assert(xax::config_struct<ToyConfig>);
+static_assert(!xax::config_struct<int>);
+
+TEST(Config, SetsEachValueType) {
+  ToyConfig config;
+  xax::set_config_field(config, "rate", "0.25");
+  xax::set_config_field(config, "count", "-7");
+  xax::set_config_field(config, "flag", "true");
+  xax::set_config_field(config, "name", "a b=c");
+  EXPECT_EQ(config.rate, 0.25);
+  EXPECT_EQ(config.count, -7);
+  EXPECT_TRUE(config.flag);
+  EXPECT_EQ(config.name, "a b=c");
+  xax::set_config_field(config, "flag", "0");
+  EXPECT_FALSE(config.flag);
+}
+
+TEST(Config, RejectsValuesThatDoNotParseNamingFieldAndType) {
+  ToyConfig config;
+  EXPECT_THAT([&] { xax::set_config_field(config, "count", "3.5"); },
+              ::testing::ThrowsMessage<xax::ConfigError>(
+                  HasSubstr("'count': '3.5' is not accepted; expected an integer")));
+  EXPECT_THAT(
+      [&] { xax::set_config_field(config, "rate", "fast"); },
+      ::testing::ThrowsMessage<xax::ConfigError>(HasSubstr("expected a finite number (a number in (0, 1])")));
+  EXPECT_THROW(xax::set_config_field(config, "rate", "nan"), xax::ConfigError);
+  EXPECT_THROW(xax::set_config_field(config, "rate", "inf"), xax::ConfigError);
+  EXPECT_THROW(xax::set_config_field(config, "rate", ""), xax::ConfigError);
+  EXPECT_THROW(xax::set_config_field(config, "count", "12abc"), xax::ConfigError);
+  EXPECT_THROW(xax::set_config_field(config, "flag", "yes"), xax::ConfigError);
+  EXPECT_EQ(config.count, 3) << "a rejected value leaves the field alone";
+}
+
+TEST(Config, UnknownKeyListsTheAcceptedOnes) {
+  ToyConfig config;
+  EXPECT_THAT([&] { xax::set_config_field(config, "rat", "1"); },
+              ::testing::ThrowsMessage<xax::ConfigError>(
+                  HasSubstr("unknown config field 'rat'; accepted: rate, count, flag, name")));
+}
+
+TEST(Config, ArgsApplyInOrderThenValidate) {
+  ToyConfig config;
+  const std::array<std::string_view, 3> args{"rate=0.1", "count=9", "rate=0.2"};
+  xax::apply_config_args(config, args);
+  EXPECT_EQ(config.rate, 0.2);
+  EXPECT_EQ(config.count, 9);
+  const std::array<std::string_view, 1> invalid{"rate=2"};
+  EXPECT_THAT([&] { xax::apply_config_args(config, invalid); },
+              ::testing::ThrowsMessage<xax::ConfigError>(HasSubstr("out of (0, 1]")));
+  const std::array<std::string_view, 1> no_equals{"rate"};
+  EXPECT_THAT([&] { xax::apply_config_args(config, no_equals); },
+              ::testing::ThrowsMessage<xax::ConfigError>(HasSubstr("not of the form key=value")));
+}
+
+TEST(Config, ToStringRoundTripsThroughArgs) {
+  ToyConfig config;
+  config.rate = 1.0 / 3.0;
+  config.count = 11;
+  config.flag = true;
+  const std::string text = xax::config_to_string(config);
+  EXPECT_THAT(text, HasSubstr("count=11\n"));
+  ToyConfig copy;
+  std::vector<std::string> lines;
+  std::string line;
+  for (char c : text) {
+    if (c == '\n') {
+      lines.push_back(line);
+      line.clear();
+    } else {
+      line += c;
+    }
+  }
+  std::vector<std::string_view> args(lines.begin(), lines.end());
+  xax::apply_config_args(copy, args);
+  EXPECT_EQ(copy.rate, config.rate) << "17 significant digits round-trip a double";
+  EXPECT_EQ(copy.count, 11);
+  EXPECT_TRUE(copy.flag);
+}
+
+#if defined(XAX_HAS_NLOHMANN_JSON)
+TEST(Config, LoadsJson) {
+  const auto path = std::filesystem::temp_directory_path() / "xax_test_config.json";
+  std::ofstream(path) << R"({"rate": 0.75, "count": 4, "flag": true, "name": "from json"})";
+  ToyConfig config;
+  xax::load_config_json(config, path.string());
+  EXPECT_EQ(config.rate, 0.75);
+  EXPECT_EQ(config.count, 4);
+  EXPECT_TRUE(config.flag);
+  EXPECT_EQ(config.name, "from json");
+
+  std::ofstream(path) << R"({"rate": "0.5", "count": 4.5})";
+  EXPECT_THAT([&] { xax::load_config_json(config, path.string()); },
+              ::testing::ThrowsMessage<xax::ConfigError>(HasSubstr("'count': '4.5' is not accepted")));
+  std::ofstream(path) << R"([1, 2])";
+  EXPECT_THROW(xax::load_config_json(config, path.string()), xax::ConfigError);
+  std::ofstream(path) << R"({"rate": )";
+  EXPECT_THAT([&] { xax::load_config_json(config, path.string()); },
+              ::testing::ThrowsMessage<xax::ConfigError>(HasSubstr("is not valid JSON")));
+  std::filesystem::remove(path);
+  EXPECT_THAT([&] { xax::load_config_json(config, path.string()); },
+              ::testing::ThrowsMessage<xax::ConfigError>(HasSubstr("cannot open config file")));
+}
+#endif
+
+}  // namespace
