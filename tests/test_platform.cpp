@@ -43,12 +43,16 @@ TEST(CpuFeatures, AgreesWithTheCompilerWhereTheTargetRequiresAFeature) {
 #if defined(__AVX512F__)
   EXPECT_TRUE(f.avx512f);
 #endif
+#if defined(__AVX512DQ__)
+  EXPECT_TRUE(f.avx512dq);
+#endif
 #if defined(__AVX512BF16__)
   EXPECT_TRUE(f.avx512_bf16);
 #endif
   // Dependent features never appear without their base.
   EXPECT_TRUE(!f.avx512_bf16 || f.avx512f);
   EXPECT_TRUE(!f.avx512bw || f.avx512f);
+  EXPECT_TRUE(!f.avx512dq || f.avx512f);
 }
 #endif
 

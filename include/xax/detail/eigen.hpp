@@ -11,7 +11,19 @@
 #if defined(__F16C__) && defined(__GNUC__) && !defined(__clang__) && !defined(EIGEN_HAS_FP16_C) && \
     !defined(EIGEN_CORE_H)
 #define EIGEN_HAS_FP16_C
+#endif
+
+// GCC 12.1-12.2 report their own AVX-512 helpers (`__m512 __Y = __Y;` in _mm512_undefined_ps) as possibly
+// uninitialised once Eigen's packet code inlines them (GCC bug 105593, fixed in 12.3), so any translation
+// unit using Eigen with -march=native -O2 and -Werror fails to build. The warning is attributed to the
+// intrinsics header, so silencing it where that header is first read fixes it for every user of Eigen in the
+// translation unit, and for nothing else.
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #endif
 
 #include <Eigen/Core>

@@ -5,6 +5,8 @@
 
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
+#include <xax/utils/finite.hpp>
+#include <xax/utils/loss_scale.hpp>
 #include <xax/utils/platform.hpp>
 #include <xax/utils/policy.hpp>
 #include <xax/utils/threads.hpp>

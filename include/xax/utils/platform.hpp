@@ -22,6 +22,7 @@ struct CpuFeatures {
   bool avx512f = false;
   bool avx512bw = false;
   bool avx512vl = false;
+  bool avx512dq = false;  ///< vfpclassps: classifies NaN/subnormal lanes in one instruction
   bool avx512_bf16 = false;  ///< vdpbf16ps: bf16 dot products accumulated in fp32
   bool avx512_fp16 = false;  ///< native fp16 arithmetic
   bool amx_bf16 = false;
@@ -53,6 +54,7 @@ struct CpuFeatures {
     add(avx512f, "avx512f");
     add(avx512bw, "avx512bw");
     add(avx512vl, "avx512vl");
+    add(avx512dq, "avx512dq");
     add(avx512_bf16, "avx512_bf16");
     add(avx512_fp16, "avx512_fp16");
     add(amx_bf16, "amx_bf16");
@@ -93,6 +95,7 @@ inline CpuFeatures detect_cpu_features() {
     f.avx2 = os_avx && ((ebx >> 5) & 1u);
     f.avx512f = os_avx512 && ((ebx >> 16) & 1u);
     f.avx512bw = os_avx512 && ((ebx >> 30) & 1u);
+    f.avx512dq = os_avx512 && ((ebx >> 17) & 1u);
     f.avx512vl = os_avx512 && ((ebx >> 31) & 1u);
     f.avx512_fp16 = os_avx512 && ((edx >> 23) & 1u);
     f.amx_bf16 = os_amx && ((edx >> 22) & 1u);

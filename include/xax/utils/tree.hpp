@@ -616,8 +616,10 @@ using rebind_scalar_t = detail::rebind_t<std::remove_cvref_t<T>, S>;
 
 namespace detail {
 
+// Leaves are resized during the walk and converted afterwards, all in one pass (ConversionBatch): a tree of
+// many leaves then costs one fork/join rather than one per leaf.
 template <class Src, class Dst>
-void cast_leaf_into(const TreePath& path, const Src& src, Dst& dst) {
+void cast_leaf_into(const TreePath& path, const Src& src, Dst& dst, ConversionBatch& batch) {
   using SrcScalar = leaf_scalar_t<Src>;
   using DstScalar = leaf_scalar_t<Dst>;
   static_assert(
@@ -634,44 +636,44 @@ void cast_leaf_into(const TreePath& path, const Src& src, Dst& dst) {
       if constexpr (!requires { Dst::Dimensions::total_size; }) dst.resize(src.dimensions());
     }
     check_same_shape(path, src, dst);
-    convert_n(src.data(), dst.data(), static_cast<std::size_t>(src.size()));
+    batch.add(src.data(), dst.data(), static_cast<std::size_t>(src.size()));
   }
 }
 
 template <class Src, class Dst>
-void cast_into(TreePath& path, const Src& src, Dst& dst) {
+void cast_into(TreePath& path, const Src& src, Dst& dst, ConversionBatch& batch) {
   if constexpr (tree_leaf<Src>) {
-    cast_leaf_into(path, src, dst);
+    cast_leaf_into(path, src, dst, batch);
   } else if constexpr (is_std_vector<Src>::value) {
     dst.resize(src.size());
     for (std::size_t i = 0; i < src.size(); ++i) {
       path.push_index(i);
-      cast_into(path, src[i], dst[i]);
+      cast_into(path, src[i], dst[i], batch);
       path.pop();
     }
   } else if constexpr (is_string_map<Src>::value) {
     std::erase_if(dst, [&src](const auto& entry) { return !src.contains(entry.first); });
     for (const auto& [key, value] : src) {
       path.push_key(key);
-      cast_into(path, value, dst[key]);
+      cast_into(path, value, dst[key], batch);
       path.pop();
     }
   } else if constexpr (is_std_array<Src>::value) {
     for (std::size_t i = 0; i < src.size(); ++i) {
       path.push_index(i);
-      cast_into(path, src[i], dst[i]);
+      cast_into(path, src[i], dst[i], batch);
       path.pop();
     }
   } else if constexpr (is_tuple_like_node<Src>::value) {
     [&]<std::size_t... I>(std::index_sequence<I...>) {
-      ((path.push_index(I), cast_into(path, std::get<I>(src), std::get<I>(dst)), path.pop()), ...);
+      ((path.push_index(I), cast_into(path, std::get<I>(src), std::get<I>(dst), batch), path.pop()), ...);
     }
     (std::make_index_sequence<std::tuple_size_v<Src>>{});
   } else if constexpr (reflected_struct<Src>) {
     constexpr auto names = field_names<Src>();
     [&]<std::size_t... I>(std::index_sequence<I...>) {
       ((path.push_field(names[I]),
-        cast_into(path, std::get<I>(tie_fields(src)), std::get<I>(tie_fields(dst))), path.pop()),
+        cast_into(path, std::get<I>(tie_fields(src)), std::get<I>(tie_fields(dst)), batch), path.pop()),
        ...);
     }
     (std::make_index_sequence<names.size()>{});
@@ -691,7 +693,11 @@ void tree_cast_into(const Src& src, Dst& dst) {
   detail::require_tree<Src>();
   detail::require_tree<Dst>();
   TreePath path;
-  detail::cast_into(path, src, dst);
+  // Reused across calls so that a cast into already-sized leaves allocates nothing.
+  thread_local detail::ConversionBatch batch;
+  batch.clear();
+  detail::cast_into(path, src, dst, batch);
+  batch.run();
 }
 
 /// Returns a copy of `src` whose floating leaves hold `S`: `tree_cast<bfloat16>(Params<float>)` is a

@@ -1,0 +1,409 @@
+// mixed_precision_benchmark: what mixed precision buys on this machine.
+//
+// Trains the same MLP under each precision policy on Fashion-MNIST (or a synthetic stand-in), probes peak
+// memory on an activation-heavy configuration, runs xax's Google Benchmark micro-benchmarks and the PyTorch
+// reference, and writes report.json, CSV files, gnuplot plots and summary.md. `--help` lists the options.
+
+#include <benchmark/benchmark.h>
+
+#include <chrono>
+#include <cmath>
+#include <ctime>
+#include <exception>
+#include <filesystem>
+#include <iostream>
+#include <map>
+#include <regex>
+#include <set>
+#include <string>
+#include <system_error>
+#include <vector>
+#include <xax/utils/dtype.hpp>
+#include <xax/utils/error.hpp>
+#include <xax/utils/platform.hpp>
+#include <xax/utils/threads.hpp>
+
+#include "report/csv.hpp"
+#include "report/gnuplot.hpp"
+#include "report/json_report.hpp"
+#include "report/markdown.hpp"
+#include "report/results.hpp"
+#include "runner/dataset.hpp"
+#include "runner/memory.hpp"
+#include "runner/micro.hpp"
+#include "runner/options.hpp"
+#include "runner/peer.hpp"
+#include "runner/training.hpp"
+
+#ifndef XAX_BENCH_VERSION
+#define XAX_BENCH_VERSION "unknown"
+#endif
+
+namespace {
+
+using xax_bench::BenchmarkReport;
+using xax_bench::Options;
+using xax_bench::TrainingRun;
+
+std::string utc_now() {
+  const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
+  std::tm utc{};
+  ::gmtime_r(&now, &utc);
+  char text[32];
+  std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", &utc);
+  return text;
+}
+
+std::string compiler_description() {
+#if defined(__clang__)
+  return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return std::string("g++ ") + __VERSION__;
+#else
+  return "unknown compiler";
+#endif
+}
+
+// The loss scaling a policy runs with: float16 compute needs scaling for its range, float32 and bfloat16 do
+// not.
+std::string loss_scaling_for(const Options& options, const xax::PolicySpec& spec) {
+  if (options.loss_scaling != "auto") return options.loss_scaling;
+  return spec.compute == xax::DType::float16 || spec.param == xax::DType::float16 ? "dynamic" : "none";
+}
+
+xax_bench::TrainingSetup standard_setup(const Options& options, const std::string& policy) {
+  xax_bench::TrainingSetup setup;
+  setup.configuration = "standard";
+  setup.policy = policy;
+  setup.loss_scaling = loss_scaling_for(options, xax::get_policy(policy));
+  setup.layer_sizes = {784, 512, 512, 10};
+  setup.batch_size = options.batch_size;
+  setup.epochs = options.epochs;
+  setup.learning_rate = options.learning_rate;
+  setup.seed = options.seed;
+  setup.progress = options.progress;
+  return setup;
+}
+
+// Large batch, wide layers, a few steps: activations dominate the memory, which is where 16-bit storage pays.
+xax_bench::TrainingSetup memory_probe_setup(const Options& options, const std::string& policy) {
+  xax_bench::TrainingSetup setup = standard_setup(options, policy);
+  setup.configuration = "activation-heavy";
+  setup.layer_sizes = {784, options.memory_hidden, options.memory_hidden, 10};
+  setup.batch_size = options.memory_batch_size;
+  setup.epochs = 1;
+  setup.max_steps = options.memory_steps;
+  setup.evaluate = false;
+  return setup;
+}
+
+const TrainingRun* find_run(const BenchmarkReport& report, const std::string& configuration,
+                            const std::string& policy) {
+  for (const TrainingRun& run : report.training) {
+    if (run.configuration == configuration && run.policy == policy) return &run;
+  }
+  return nullptr;
+}
+
+void add_accuracy_checks(BenchmarkReport& report, const Options& options) {
+  const TrainingRun* reference = find_run(report, "standard", "default");
+  if (reference == nullptr) {
+    report.notes.push_back("no accuracy check: --policies has no 'default' (fp32) run to compare against");
+    return;
+  }
+  for (const TrainingRun& run : report.training) {
+    if (run.configuration != "standard" || run.policy == "default") continue;
+    xax_bench::AccuracyCheck check;
+    check.policy = run.policy;
+    check.accuracy = run.test_accuracy;
+    check.reference_accuracy = reference->test_accuracy;
+    check.difference_pp = 100.0 * (run.test_accuracy - reference->test_accuracy);
+    check.tolerance_pp = options.accuracy_tolerance_pp;
+    check.pass = run.error.empty() && std::abs(check.difference_pp) <= check.tolerance_pp;
+    report.accuracy_checks.push_back(check);
+  }
+}
+
+std::string mib(std::size_t bytes) {
+  return xax_bench::detail::fixed(static_cast<double>(bytes) / 1048576.0, 1) + " MiB";
+}
+
+void add_memory_checks(BenchmarkReport& report) {
+  const TrainingRun* reference = find_run(report, "activation-heavy", "default");
+  if (reference == nullptr) return;
+  for (const TrainingRun& run : report.training) {
+    if (run.configuration != "activation-heavy" || run.policy == "default") continue;
+    xax_bench::MemoryCheck check;
+    check.policy = run.policy;
+    const auto ratio = [](std::size_t a, std::size_t b) {
+      return b == 0 ? 0.0 : static_cast<double>(a) / static_cast<double>(b);
+    };
+    check.rss_growth_ratio = ratio(reference->peak_rss_growth_bytes(), run.peak_rss_growth_bytes());
+    check.tensor_ratio = ratio(reference->tensor_bytes.total(), run.tensor_bytes.total());
+    check.pass = run.peak_rss_reset && check.rss_growth_ratio >= check.required_ratio;
+    const xax_bench::TensorBytes& f = reference->tensor_bytes;
+    const xax_bench::TensorBytes& m = run.tensor_bytes;
+    const std::size_t f_state = f.total() - f.activations;
+    const std::size_t m_state = m.total() - m.activations;
+    const bool half_params = xax::get_policy(run.policy).param != xax::DType::float32;
+    std::string text =
+        "peak RSS growth " + mib(reference->peak_rss_growth_bytes()) + " (fp32) vs " +
+        mib(run.peak_rss_growth_bytes()) + "; activations " + mib(f.activations) + " vs " +
+        mib(m.activations) + "; params, grads and optimizer state " + mib(f_state) + " vs " + mib(m_state) +
+        (half_params ? " (16-bit params still get fp32 gradients, an fp32 copy for the update and fp32 "
+                       "AdamW moments)."
+                     : " (fp32 masters, fp32 gradients for the update and fp32 AdamW moments stay; a "
+                       "16-bit compute copy and 16-bit gradients are added).");
+    if (!run.peak_rss_reset) {
+      text +=
+          " The peak RSS could not be reset between runs (/proc/self/clear_refs not writable), so the peaks "
+          "are "
+          "lifetime peaks and cannot be compared.";
+    } else if (!check.pass && check.tensor_ratio >= check.required_ratio) {
+      text += " The tensors xax accounts for shrink " + xax_bench::detail::fixed(check.tensor_ratio, 2) +
+              "x, but the peak also holds memory outside them (backend scratch, allocator slack)";
+      text += run.matmul_implementation.find("widened") != std::string::npos
+                  ? ": this run's matmuls ran on '" + run.matmul_implementation +
+                        "', which widens the 16-bit operands to float32 scratch copies, so the GEMMs need as "
+                        "much "
+                        "memory as fp32's."
+                  : ".";
+    } else if (!check.pass) {
+      text += " Activations are only " +
+              xax_bench::detail::fixed(
+                  100.0 * static_cast<double>(f.activations) / static_cast<double>(f.total()), 0) +
+              " % of the fp32 tensor bytes here; raise --memory-batch-size so they dominate.";
+    }
+    check.explanation = text;
+    report.memory_checks.push_back(check);
+  }
+}
+
+// The TrainStep micro-benchmarks that ran, by policy: thread count -> run name ("TrainStep/mixed/threads:2",
+// with Google Benchmark's suffixes such as "/real_time").
+std::map<std::string, std::map<int, std::string>> train_step_micro_runs(const nlohmann::json& micro) {
+  std::map<std::string, std::map<int, std::string>> found;
+  if (!micro.is_object() || !micro.contains("benchmarks")) return found;
+  static const std::regex name(R"(^TrainStep/([A-Za-z0-9_]+)/threads:([0-9]+)(/.*)?$)");
+  for (const nlohmann::json& run : micro.at("benchmarks")) {
+    std::smatch match;
+    const std::string run_name = run.value("run_name", run.value("name", ""));
+    if (std::regex_match(run_name, match, name)) found[match[1]][std::stoi(match[2])] = run_name;
+  }
+  return found;
+}
+
+void run_peers(BenchmarkReport& report, const Options& options, std::ostream& say) {
+  const xax_bench::TorchPython torch = xax_bench::find_torch_python(options.python, options.out);
+  if (!torch.python) {
+    report.peer_note = torch.note;
+    say << "PyTorch reference: " << torch.note << '\n';
+    return;
+  }
+  const std::optional<std::filesystem::path> script = xax_bench::find_peer_script();
+  if (!script) {
+    report.peer_note = "peers/torch_mlp.py was found neither next to the binary nor in the source tree";
+    say << "PyTorch reference: " << report.peer_note << '\n';
+    return;
+  }
+  report.torch_version = torch.torch_version;
+  if (const std::string warning = xax_bench::reference_blas_warning(); !warning.empty()) {
+    report.notes.push_back(warning);
+    say << "PyTorch reference: note: " << warning << '\n';
+  }
+  const auto micro_runs = train_step_micro_runs(report.micro);
+  std::vector<std::string> failures;
+  for (const std::string policy : {"default", "mixed"}) {
+    // Prefer xax's TrainStep micro-benchmark (batch 256, the peer's own setting); without it, the training
+    // run.
+    std::vector<std::pair<int, double>> targets;  // threads, xax ms
+    std::string source;
+    std::int64_t batch = 256;
+    if (auto it = micro_runs.find(policy); it != micro_runs.end()) {
+      for (const auto& [threads, run_name] : it->second) {
+        targets.emplace_back(threads, xax_bench::micro_time_ms(report.micro, run_name));
+      }
+      source = "TrainStep micro-benchmark, batch 256";
+    } else if (const TrainingRun* run = find_run(report, "standard", policy)) {
+      targets.emplace_back(options.threads, run->step_time_ms);
+      batch = run->batch_size;
+      source = "training run, median step, batch " + std::to_string(batch);
+    }
+    for (const auto& [threads, xax_ms] : targets) {
+      say << "PyTorch reference: " << policy << ", " << threads << " thread(s)..." << std::flush;
+      const auto outcome =
+          xax_bench::run_torch_peer(*torch.python, *script, policy, threads, batch, options.out);
+      if (const auto* step = std::get_if<xax_bench::TorchStep>(&outcome)) {
+        // PERFORMANCE.md: xax's bf16-mixed step at most 0.85x PyTorch autocast-bf16's.
+        const double target = policy == "mixed" ? 0.85 : 0.0;
+        report.peers.push_back({policy, threads, step->median_step_ms, xax_ms, source, target});
+        say << " " << xax_bench::detail::fixed(step->median_step_ms, 2) << " ms per step (xax "
+            << xax_bench::detail::fixed(xax_ms, 2) << " ms)\n";
+      } else {
+        failures.push_back(policy + "/" + std::to_string(threads) + ": " + std::get<std::string>(outcome));
+        say << " failed: " << std::get<std::string>(outcome) << '\n';
+      }
+    }
+  }
+  report.peer_note =
+      "PyTorch " + torch.torch_version + " via " + torch.python->string() +
+      "; `mixed` is torch.autocast('cpu', bfloat16), an MLP 784-512-512-10 AdamW step on a fixed batch";
+  for (const std::string& failure : failures) report.peer_note += "; failed: " + failure;
+}
+
+void print_training_line(std::ostream& say, const TrainingRun& run) {
+  using xax_bench::detail::fixed;
+  say << "  " << run.label() << ": test accuracy " << fixed(100.0 * run.test_accuracy, 2)
+      << " %, final train loss " << fixed(run.final_train_loss, 4) << ", step " << fixed(run.step_time_ms, 2)
+      << " ms (" << fixed(run.throughput_samples_per_s, 0) << " samples/s), peak RSS "
+      << mib(run.peak_rss_bytes) << " (+" << mib(run.peak_rss_growth_bytes()) << "), skipped "
+      << run.skipped_steps << ", final scale " << xax_bench::detail::scale_text(run.final_loss_scale) << '\n';
+  if (!run.error.empty()) say << "    stopped early: " << run.error << '\n';
+  say << std::flush;
+}
+
+std::string benchmark_format(const Options& options) {
+  for (const std::string& arg : options.benchmark_args) {
+    if (arg.starts_with("--benchmark_format=")) return arg.substr(19);
+  }
+  return "console";
+}
+
+int run(int argc, char** argv) {
+  xax_bench::ParsedOptions parsed = xax_bench::parse_options(argc, argv);
+  if (!parsed.options) return parsed.exit_code;
+  const Options options = std::move(*parsed.options);
+  if (!options.skip_micro && !xax_bench::initialize_google_benchmark(options, argv[0])) return 2;
+  xax::set_num_threads(options.threads);
+
+  std::error_code error;
+  std::filesystem::create_directories(options.out, error);
+  if (error || !std::filesystem::is_directory(options.out)) {
+    std::cerr << "mixed_precision_benchmark: cannot create the output directory '" << options.out.string()
+              << "': " << (error ? error.message() : "a file of that name exists")
+              << "; choose another with --out\n";
+    return 2;
+  }
+
+  // With --skip-training and a machine-readable --benchmark_format, stdout carries only Google Benchmark's
+  // output.
+  std::ostream& say = options.skip_training && benchmark_format(options) != "console" ? std::cerr : std::cout;
+
+  BenchmarkReport report;
+  report.started_at = utc_now();
+  report.command_line = options.command_line;
+  report.xax_version = XAX_BENCH_VERSION;
+  report.compiler = compiler_description();
+  report.cpu_features = xax::cpu_features().str();
+  report.half_dtype = std::string(xax::dtype_name(xax::half_dtype()));
+  report.matmul_backend = xax_bench::matmul_backend_description();
+  report.threads = options.threads;
+  report.load_average_start = xax_bench::load_average();
+  if (report.load_average_start > 0.5 * xax_bench::available_cpus()) {
+    report.notes.push_back("the machine was already busy when the benchmark started (load average " +
+                           xax_bench::detail::fixed(report.load_average_start, 2) + " on " +
+                           std::to_string(xax_bench::available_cpus()) +
+                           " CPUs): timings, multi-threaded ones most, are noisy; re-run on an idle machine");
+  }
+  say << "mixed_precision_benchmark (xax " << report.xax_version << ")\n  CPU: " << report.cpu_features
+      << "\n  half type: " << report.half_dtype << "; matmul backend: " << report.matmul_backend
+      << "; threads: " << options.threads << "\n";
+
+  if (!options.skip_training) {
+    const xax_bench::LoadedData data = xax_bench::load_data(options);
+    report.dataset = data.splits.name;
+    report.dataset_note = data.note;
+    say << "  data: " << data.note << "\n\nTraining MLP 784-512-512-10, batch " << options.batch_size << ", "
+        << options.epochs << " epoch(s), AdamW with cosine decay:\n"
+        << std::flush;
+    for (const std::string& policy : options.policies) {
+      report.training.push_back(xax_bench::run_training(standard_setup(options, policy), data.splits));
+      print_training_line(say, report.training.back());
+    }
+    add_accuracy_checks(report, options);
+    if (!options.skip_memory_probe) {
+      say << "\nActivation-heavy memory probe: MLP 784-" << options.memory_hidden << "-"
+          << options.memory_hidden << "-10, batch " << options.memory_batch_size << ", "
+          << options.memory_steps << " step(s):\n"
+          << std::flush;
+      for (const std::string& policy : options.policies) {
+        report.training.push_back(xax_bench::run_training(memory_probe_setup(options, policy), data.splits));
+        print_training_line(say, report.training.back());
+      }
+      add_memory_checks(report);
+    }
+    for (const TrainingRun& run : report.training) {
+      if (!run.peak_rss_reset) {
+        report.notes.push_back(
+            "the peak RSS could not be reset between runs (/proc/self/clear_refs is not "
+            "writable here), so peak_rss_bytes are lifetime peaks of the process");
+        break;
+      }
+    }
+  } else {
+    report.dataset = "none";
+    report.dataset_note = "training skipped (--skip-training)";
+  }
+
+  if (!options.skip_micro) {
+    say << "\nMicro-benchmarks (Google Benchmark"
+        << (options.benchmark_args.empty() ? ", short default selection" : "") << "):\n"
+        << std::flush;
+    const xax_bench::MicroOutcome micro = xax_bench::run_micro_benchmarks();
+    report.micro = micro.results;
+    if (micro.matched == 0) report.notes.push_back("the --benchmark_filter matched no micro-benchmark");
+  }
+
+  if (!options.skip_peer && !options.skip_training) {
+    say << '\n';
+    run_peers(report, options, say);
+  } else {
+    report.peer_note = options.skip_peer ? "the PyTorch reference was skipped (--skip-peer)"
+                                         : "the PyTorch reference runs with the training comparison";
+  }
+
+  report.load_average_end = xax_bench::load_average();
+
+  // The files. CSVs always; plots where gnuplot exists; the summary links the plots that were made.
+  const auto csv_files = xax_bench::write_csv_files(report, options.out);
+  const xax_bench::PlotOutcome plots =
+      xax_bench::write_plots(report, options.out, xax_bench::find_program("gnuplot"));
+  for (const std::string& problem : plots.problems) report.notes.push_back(problem);
+  xax_bench::write_json_report(report, options.out);
+  std::vector<std::string> image_names;
+  for (const auto& image : plots.images) image_names.push_back(image.filename().string());
+  xax_bench::write_markdown_summary(report, options.out, image_names);
+
+  say << '\n';
+  for (const xax_bench::AccuracyCheck& check : report.accuracy_checks) {
+    say << (check.pass ? "PASS" : "FAIL") << " accuracy: " << check.policy << " "
+        << xax_bench::detail::fixed(100.0 * check.accuracy, 2) << " % vs fp32 "
+        << xax_bench::detail::fixed(100.0 * check.reference_accuracy, 2) << " % ("
+        << xax_bench::detail::fixed(check.difference_pp, 2) << " pp, tolerance "
+        << xax_bench::detail::fixed(check.tolerance_pp, 2) << " pp)\n";
+  }
+  for (const xax_bench::MemoryCheck& check : report.memory_checks) {
+    say << (check.pass ? "PASS" : "FAIL") << " memory: " << check.policy << " needs "
+        << xax_bench::detail::fixed(check.rss_growth_ratio, 2)
+        << "x less peak RSS growth than fp32 (required " << xax_bench::detail::fixed(check.required_ratio, 2)
+        << "x); " << check.explanation << '\n';
+  }
+  for (const std::string& note : report.notes) say << "note: " << note << '\n';
+  say << "\nReport written to " << options.out.string() << "/: report.json, summary.md, " << csv_files.size()
+      << " CSV files" << (plots.images.empty() ? "" : ", " + std::to_string(plots.images.size()) + " plots")
+      << '\n';
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const xax::Error& error) {
+    std::cerr << "mixed_precision_benchmark: " << error.what() << '\n';
+  } catch (const std::exception& error) {
+    std::cerr << "mixed_precision_benchmark: unexpected error: " << error.what() << '\n';
+  }
+  return 1;
+}

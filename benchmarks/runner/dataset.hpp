@@ -1,0 +1,69 @@
+#pragma once
+// Choosing and loading the data set: Fashion-MNIST where Debian's package (or $XAX_FASHION_MNIST_DIR)
+// provides it, the synthetic stand-in otherwise, and always saying which.
+
+#include <string>
+#include <xax/data/dataset.hpp>
+#include <xax/data/fashion_mnist.hpp>
+#include <xax/data/synthetic.hpp>
+#include <xax/utils/error.hpp>
+
+#include "runner/options.hpp"
+
+namespace xax_bench {
+
+/// The data the training runs use, and a sentence on where it came from.
+struct LoadedData {
+  xax::ClassificationSplits splits;
+  std::string note;
+};
+
+namespace detail {
+
+inline void keep_first(xax::ClassificationDataset& split, std::int64_t samples) {
+  if (samples <= 0 || samples >= split.size()) return;
+  split.features = split.features.leftCols(samples).eval();
+  split.labels = split.labels.head(samples).eval();
+}
+
+}  // namespace detail
+
+/// Loads what `options.dataset` asks for. Throws xax::DataError when Fashion-MNIST is asked for and missing
+/// or corrupt.
+inline LoadedData load_data(const Options& options) {
+  LoadedData data;
+  const std::optional<std::filesystem::path> fashion_dir = xax::find_fashion_mnist();
+  if (options.dataset == "fashion-mnist" && !fashion_dir) {
+    throw xax::DataError(
+        "--dataset fashion-mnist: the data is not installed; on Debian: apt-get install "
+        "dataset-fashion-mnist "
+        "(files in " +
+        std::string(xax::fashion_mnist_debian_dir) + "), or set " +
+        std::string(xax::fashion_mnist_dir_variable) +
+        " to a directory holding the four IDX files, or use "
+        "--dataset synthetic");
+  }
+  if (options.dataset != "synthetic" && fashion_dir) {
+    data.splits = xax::load_fashion_mnist(*fashion_dir);
+    data.note = "Fashion-MNIST from " + fashion_dir->string();
+  } else {
+    xax::SyntheticClassificationOptions synthetic;
+    if (options.train_samples > 0) synthetic.train_samples = options.train_samples;
+    if (options.test_samples > 0) synthetic.test_samples = options.test_samples;
+    synthetic.seed += options.seed;
+    data.splits = xax::make_synthetic_classification(synthetic);
+    data.note = options.dataset == "synthetic"
+                    ? "synthetic stand-in for Fashion-MNIST, as asked (--dataset synthetic)"
+                    : "synthetic stand-in: Fashion-MNIST is not installed (Debian: apt-get install "
+                      "dataset-fashion-mnist)";
+  }
+  detail::keep_first(data.splits.train, options.train_samples);
+  detail::keep_first(data.splits.test, options.test_samples);
+  xax::validate_dataset(data.splits.train, data.splits.name + " train split");
+  xax::validate_dataset(data.splits.test, data.splits.name + " test split");
+  data.note += "; " + std::to_string(data.splits.train.size()) + " train / " +
+               std::to_string(data.splits.test.size()) + " test samples";
+  return data;
+}
+
+}  // namespace xax_bench

@@ -1,0 +1,192 @@
+#pragma once
+// The command line of mixed_precision_benchmark. CLI11 parses our own flags; Google Benchmark's --benchmark_*
+// flags are set aside first and handed to benchmark::Initialize, so each parser sees only what it knows and a
+// typo in either gets an error message rather than being silently ignored.
+
+#include <sched.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdint>
+#include <filesystem>
+#include <iostream>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+#include <xax/utils/error.hpp>
+#include <xax/utils/policy.hpp>
+
+namespace xax_bench {
+
+/// Everything the command line sets.
+struct Options {
+  std::string dataset = "auto";  ///< fashion-mnist, synthetic, or auto (Fashion-MNIST when installed)
+  int epochs = 10;
+  int threads = 1;
+  std::vector<std::string> policies{"default", "mixed", "float16"};
+  std::string loss_scaling = "auto";  ///< auto: dynamic where compute is float16, none otherwise
+  std::int64_t batch_size = 256;
+  double learning_rate = 1e-3;
+  std::int64_t train_samples = 0;  ///< 0: the whole split
+  std::int64_t test_samples = 0;
+  std::uint64_t seed = 0;
+  double accuracy_tolerance_pp = 0.3;
+
+  std::int64_t memory_batch_size = 8192;  ///< the activation-heavy configuration
+  std::int64_t memory_hidden = 1024;
+  std::int64_t memory_steps = 4;
+
+  std::filesystem::path out = "mixed_precision_report";
+  bool skip_micro = false;
+  bool skip_training = false;
+  bool skip_memory_probe = false;
+  bool skip_peer = false;
+  bool progress = true;
+  std::string python = "auto";  ///< the interpreter for the PyTorch peer: auto, none, or a path
+
+  std::vector<std::string> benchmark_args;  ///< the --benchmark_* flags, for benchmark::Initialize
+  std::string command_line;                 ///< as typed, for the report
+};
+
+/// The result of parsing: options to run with, or an exit code (help printed, or an error explained).
+struct ParsedOptions {
+  std::optional<Options> options;
+  int exit_code = 0;
+};
+
+/// The CPUs this process may run on (its affinity mask), which is what a default thread count should use.
+inline int available_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (::sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+/// Whether `arg` belongs to Google Benchmark rather than to us.
+inline bool is_benchmark_flag(const std::string& arg) {
+  return arg.starts_with("--benchmark_") || arg == "--v" || arg.starts_with("--v=");
+}
+
+inline ParsedOptions parse_options(int argc, char** argv) {
+  Options o;
+  o.threads = available_cpus();
+  std::vector<std::string> ours;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    o.command_line += (i == 1 ? "" : " ") + arg;
+    if (is_benchmark_flag(arg)) {
+      o.benchmark_args.push_back(arg);
+    } else {
+      ours.push_back(arg);
+    }
+  }
+  o.command_line = std::string(argc > 0 ? std::filesystem::path(argv[0]).filename().string() : "") +
+                   (o.command_line.empty() ? "" : " " + o.command_line);
+
+  CLI::App app{
+      "mixed_precision_benchmark: what mixed precision buys on this machine. Trains an MLP 784-512-512-10 "
+      "under\n"
+      "each precision policy on Fashion-MNIST (or a synthetic stand-in), measures step time, memory, loss\n"
+      "curves and accuracy, runs xax's Google Benchmark micro-benchmarks and the PyTorch reference, and "
+      "writes\n"
+      "report.json, CSV files, plots and summary.md into --out."};
+  app.name("mixed_precision_benchmark");
+  app.footer(
+      "Google Benchmark's own flags (--benchmark_filter, --benchmark_min_time, --benchmark_format, "
+      "--benchmark_out, --benchmark_repetitions, ...) are passed through to the micro-benchmark part. "
+      "Without any, "
+      "a short default selection runs.");
+  app.add_option("--dataset", o.dataset, "fashion-mnist, synthetic, or auto (Fashion-MNIST when installed)")
+      ->check(CLI::IsMember({"auto", "fashion-mnist", "synthetic"}))
+      ->capture_default_str();
+  app.add_option("--epochs", o.epochs, "training epochs per policy")
+      ->check(CLI::Range(1, 1000))
+      ->capture_default_str();
+  app.add_option("--threads", o.threads, "compute threads (default: the CPUs this process may use)")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
+  app.add_option("--policies", o.policies,
+                 "comma-separated precision policies: presets (default, mixed, float16, half) or dtype names")
+      ->delimiter(',')
+      ->capture_default_str();
+  app.add_option("--loss-scaling", o.loss_scaling,
+                 "none, static, dynamic, or auto (dynamic where compute is float16, none otherwise)")
+      ->check(CLI::IsMember({"auto", "none", "static", "dynamic"}))
+      ->capture_default_str();
+  app.add_option("--batch-size", o.batch_size, "training batch size")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  app.add_option("--learning-rate", o.learning_rate, "AdamW's peak learning rate (cosine decay to 0)")
+      ->check(CLI::Range(1e-8, 10.0))
+      ->capture_default_str();
+  app.add_option("--train-samples", o.train_samples, "use the first N training samples (0: all)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--test-samples", o.test_samples, "use the first N test samples (0: all)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--seed", o.seed, "seed of the initial weights and the data order")->capture_default_str();
+  app.add_option("--accuracy-tolerance", o.accuracy_tolerance_pp,
+                 "how far (in percentage points) a reduced-precision run's test accuracy may be from fp32's")
+      ->check(CLI::Range(0.0, 100.0))
+      ->capture_default_str();
+  app.add_option("--memory-batch-size", o.memory_batch_size,
+                 "batch size of the activation-heavy memory probe")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  app.add_option("--memory-hidden", o.memory_hidden, "hidden width of the activation-heavy memory probe")
+      ->check(CLI::Range(1, 1 << 16))
+      ->capture_default_str();
+  app.add_option("--memory-steps", o.memory_steps, "training steps of the activation-heavy memory probe")
+      ->check(CLI::Range(1, 100000))
+      ->capture_default_str();
+  app.add_option("--out", o.out, "directory for report.json, CSVs, plots and summary.md (created if needed)")
+      ->capture_default_str();
+  app.add_flag("--skip-micro", o.skip_micro, "skip the Google Benchmark micro-benchmarks");
+  app.add_flag("--skip-training", o.skip_training,
+               "run only the micro-benchmarks, printed in the format --benchmark_format asks for");
+  app.add_flag("--skip-memory-probe", o.skip_memory_probe, "skip the activation-heavy memory configuration");
+  app.add_flag("--skip-peer", o.skip_peer, "do not run the PyTorch reference");
+  app.add_option(
+         "--python", o.python,
+         "python3 for the PyTorch reference: auto (/usr/bin/python3, then python3 on PATH), none, or a path")
+      ->capture_default_str();
+  bool no_progress = false;
+  app.add_flag("--no-progress", no_progress, "no progress display");
+
+  try {
+    std::reverse(ours.begin(), ours.end());  // CLI11's vector overload takes the arguments last to first
+    app.parse(ours);
+  } catch (const CLI::ParseError& error) {
+    return {std::nullopt, app.exit(error)};
+  }
+  o.progress = !no_progress;
+
+  const auto fail = [](const std::string& message) {
+    std::cerr << "mixed_precision_benchmark: " << message << "\nRun with --help for the options.\n";
+    return ParsedOptions{std::nullopt, 2};
+  };
+  if (o.skip_micro && o.skip_training)
+    return fail("--skip-micro and --skip-training together leave nothing to run");
+  if (o.policies.empty()) return fail("--policies is empty; give e.g. default,mixed,float16");
+  for (const std::string& policy : o.policies) {
+    try {
+      const xax::PolicySpec spec = xax::get_policy(policy);
+      if (spec.param == xax::DType::float64 || spec.compute == xax::DType::float64) {
+        return fail("--policies: '" + policy +
+                    "' computes or stores in float64; the benchmark compares float32 "
+                    "against 16-bit types, so give default, mixed, float16, half, bf16 or f16");
+      }
+    } catch (const xax::ConfigError& error) {
+      return fail(std::string("--policies: ") + error.what());
+    }
+  }
+  if (std::set<std::string>(o.policies.begin(), o.policies.end()).size() != o.policies.size()) {
+    return fail("--policies names a policy twice");
+  }
+  return {std::move(o), 0};
+}
+
+}  // namespace xax_bench

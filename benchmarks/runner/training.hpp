@@ -1,0 +1,390 @@
+#pragma once
+// One training run of the comparison: an MLP classifier trained under one precision policy by a small task
+// class built the way the seed's quick example builds one (TrainMixin + MixedPrecisionMixin over a config
+// that inherits both configs), instrumented for the report: step times, loss curve, test accuracy per epoch,
+// memory.
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <numbers>
+#include <span>
+#include <string>
+#include <tuple>
+#include <vector>
+#include <xax/data/dataset.hpp>
+#include <xax/nn/loss.hpp>
+#include <xax/nn/mlp.hpp>
+#include <xax/ops/convert.hpp>
+#include <xax/ops/matmul.hpp>
+#include <xax/task/mixins/mixed_precision.hpp>
+#include <xax/task/mixins/train.hpp>
+#include <xax/utils/error.hpp>
+#include <xax/utils/policy.hpp>
+#include <xax/utils/tree.hpp>
+
+#include "report/results.hpp"
+#include "runner/memory.hpp"
+#include "runner/progress.hpp"
+
+namespace xax_bench {
+
+/// What to train, on which configuration.
+struct TrainingSetup {
+  std::string configuration = "standard";
+  std::string policy = "default";
+  std::string loss_scaling = "none";
+  std::vector<std::int64_t> layer_sizes{784, 512, 512, 10};
+  std::int64_t batch_size = 256;
+  int epochs = 1;
+  std::int64_t max_steps = 0;  ///< 0: all epochs
+  double learning_rate = 1e-3;
+  std::uint64_t seed = 0;
+  bool evaluate = true;  ///< test accuracy after each epoch (the memory probe skips it)
+  bool progress = true;
+};
+
+/// "onednn" or "eigen": what xax::matmul picks in this build when asked for nothing in particular.
+inline std::string matmul_backend_description() {
+  return std::string(xax::matmul_backend_name(xax::default_matmul_backend())) +
+         (xax::default_matmul_backend() == xax::MatmulBackend::onednn
+              ? " (oneDNN, fp32 accumulation)"
+              : " (portable Eigen path, fp32 accumulation)");
+}
+
+namespace detail {
+
+/// A mini-batch: features x samples, and one label per column. The features are assembled directly in the
+/// policy's compute type (one of the three matrices is filled), as a mixed-precision input pipeline does: the
+/// model then reads them without a conversion pass, and a half-precision run never holds an fp32 copy of its
+/// batch, which matters when activations dominate memory.
+struct MlpBatch {
+  Eigen::MatrixXf x;
+  xax::nn::Matrix<xax::bfloat16> x_bf16;
+  xax::nn::Matrix<xax::float16> x_f16;
+  Eigen::VectorX<std::int32_t> y;
+
+  /// The features in T when the batch holds them so, else the float features (which the MLP converts).
+  template <class T>
+  [[nodiscard]] bool has() const {
+    if constexpr (std::is_same_v<T, xax::bfloat16>) {
+      return x_bf16.size() != 0;
+    } else if constexpr (std::is_same_v<T, xax::float16>) {
+      return x_f16.size() != 0;
+    } else {
+      return x.size() != 0;
+    }
+  }
+  template <class T>
+  [[nodiscard]] const auto& features() const {
+    if constexpr (std::is_same_v<T, xax::bfloat16>) {
+      return x_bf16;
+    } else if constexpr (std::is_same_v<T, xax::float16>) {
+      return x_f16;
+    } else {
+      return x;
+    }
+  }
+};
+
+/// The benchmark's config: the seed's `MyConfig(TrainConfig, MixedPrecisionConfig)`.
+struct MlpConfig : xax::TrainConfig, xax::MixedPrecisionConfig {};
+
+template <class T>
+std::size_t workspace_bytes(const xax::nn::MlpWorkspace<T>& workspace) {
+  const auto bytes = [](const auto& m) { return static_cast<std::size_t>(m.size()) * sizeof(T); };
+  std::size_t total = bytes(workspace.input) + bytes(workspace.grad) + bytes(workspace.grad_below);
+  for (const auto& m : workspace.outputs) total += bytes(m);
+  for (const auto& m : workspace.pre_activations) total += bytes(m);
+  return total;
+}
+
+/// What the task records while fit() runs.
+struct RunRecorder {
+  std::vector<double> step_ms;
+  std::vector<double> step_loss;  // NaN for skipped steps
+  std::vector<xax_bench::EpochRecord> epochs;
+  std::string last_non_finite;
+  std::size_t activation_bytes = 0;
+  std::string matmul_implementation;
+};
+
+/// The user task: an MLP classifier, its data, and hooks that feed the recorder and the progress line.
+class MlpTask : public xax::TrainMixin<MlpTask, MlpConfig>,
+                public xax::MixedPrecisionMixin<MlpTask, MlpConfig> {
+ public:
+  template <class T>
+  using params_type = xax::nn::MlpParams<T>;
+  using batch_type = MlpBatch;
+
+  MlpTask(MlpConfig config, const TrainingSetup& setup, const xax::ClassificationSplits& data,
+          RunRecorder& recorder, Progress& progress, std::int64_t total_steps)
+      : TrainMixin(std::move(config)),
+        setup_(&setup),
+        data_(&data),
+        recorder_(&recorder),
+        progress_(&progress),
+        total_steps_(total_steps),
+        compute_(xax::get_policy(setup.policy).compute) {
+    set_log_stream(nullptr);  // the benchmark draws its own progress line and reports skipped steps itself
+  }
+
+  [[nodiscard]] xax::nn::MlpParams<float> init_params() const {
+    std::vector<Eigen::Index> sizes(setup_->layer_sizes.begin(), setup_->layer_sizes.end());
+    return xax::nn::mlp_init<float>(std::span<const Eigen::Index>(sizes), setup_->seed + 1);
+  }
+
+  [[nodiscard]] std::int64_t num_examples() const { return data_->train.size(); }
+
+  [[nodiscard]] MlpBatch make_batch(std::span<const std::int64_t> indices) const {
+    MlpBatch batch;
+    const auto columns = static_cast<Eigen::Index>(indices.size());
+    batch.y.resize(columns);
+    for (Eigen::Index i = 0; i < columns; ++i)
+      batch.y[i] = data_->train.labels[indices[static_cast<std::size_t>(i)]];
+    const auto gather = [&](auto& features) {
+      using Scalar = typename std::remove_reference_t<decltype(features)>::Scalar;
+      const Eigen::Index rows = data_->train.feature_count();
+      features.resize(rows, columns);
+      for (Eigen::Index i = 0; i < columns; ++i) {
+        const float* source = data_->train.features.col(indices[static_cast<std::size_t>(i)]).data();
+        xax::convert(std::span<const float>(source, static_cast<std::size_t>(rows)),
+                     std::span<Scalar>(features.col(i).data(), static_cast<std::size_t>(rows)));
+      }
+    };
+    switch (compute_) {
+      case xax::DType::bfloat16:
+        gather(batch.x_bf16);
+        break;
+      case xax::DType::float16:
+        gather(batch.x_f16);
+        break;
+      default:
+        gather(batch.x);
+        break;
+    }
+    return batch;
+  }
+
+  template <class T>
+  double loss_and_grads(const xax::nn::MlpParams<T>& params, const MlpBatch& batch, float loss_scale,
+                        xax::nn::MlpParams<T>& grads) {
+    auto& workspace = std::get<xax::nn::MlpWorkspace<T>>(workspaces_);
+    const float loss = batch.has<T>()
+                           ? xax::nn::mlp_loss_and_gradients(params, batch.features<T>(), batch.y, grads,
+                                                             workspace, {.loss_scale = loss_scale})
+                           : xax::nn::mlp_loss_and_gradients(params, batch.x, batch.y, grads, workspace,
+                                                             {.loss_scale = loss_scale});
+    recorder_->activation_bytes = std::max(recorder_->activation_bytes, workspace_bytes(workspace));
+    recorder_->matmul_implementation = xax::last_matmul_implementation();
+    return static_cast<double>(loss);
+  }
+
+  /// The number of correctly classified samples of the batch, computed in the policy's compute type.
+  template <class T>
+  double evaluate(const xax::nn::MlpParams<T>& params, const MlpBatch& batch) {
+    auto& workspace = std::get<xax::nn::MlpWorkspace<T>>(eval_workspaces_);
+    return static_cast<double>(
+        xax::nn::count_correct(xax::nn::mlp_forward(params, batch.x, workspace), batch.y));
+  }
+
+  /// TrainMixin calls this for every step; it wraps MixedPrecisionMixin's step to time it alone (batch
+  /// assembly and evaluation excluded).
+  xax::StepResult train_step(std::span<const MlpBatch> micro_batches) {
+    const auto start = std::chrono::steady_clock::now();
+    const xax::StepResult result = MixedPrecisionMixin::train_step(micro_batches);
+    recorder_->step_ms.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+    return result;
+  }
+
+  void on_step(std::int64_t step, const xax::StepResult& result) {
+    recorder_->step_loss.push_back(result.finite ? result.loss : std::numeric_limits<double>::quiet_NaN());
+    if (!result.finite) recorder_->last_non_finite = result.non_finite;
+    // Cosine decay to zero over the run: the end of training settles instead of wandering, which is what
+    // makes final accuracies of different policies comparable to a few tenths of a point.
+    const double progress =
+        static_cast<double>(step) / static_cast<double>(std::max<std::int64_t>(total_steps_, 1));
+    set_learning_rate(setup_->learning_rate * 0.5 *
+                      (1.0 + std::cos(std::numbers::pi * std::min(progress, 1.0))));
+    if (step % 10 == 0 || step == total_steps_) {
+      char detail[128];
+      std::snprintf(detail, sizeof detail, "epoch %lld/%d, loss %.4f, scale %g, skipped %lld",
+                    static_cast<long long>(epoch() + 1), setup_->epochs, result.loss,
+                    static_cast<double>(result.loss_scale), static_cast<long long>(result.skipped_steps));
+      progress_->update(step, detail);
+    }
+  }
+
+  void on_epoch_end(std::int64_t epoch_index) {
+    const auto steps_so_far = static_cast<std::ptrdiff_t>(recorder_->step_loss.size());
+    const std::ptrdiff_t first = recorder_->epochs.empty() ? 0 : epoch_first_step_;
+    epoch_first_step_ = steps_so_far;
+    EpochRecord record;
+    record.epoch = static_cast<int>(epoch_index + 1);
+    record.train_loss = finite_mean(std::span(recorder_->step_loss).subspan(static_cast<std::size_t>(first)));
+    double seconds = 0;
+    for (std::ptrdiff_t i = first; i < steps_so_far; ++i)
+      seconds += recorder_->step_ms[static_cast<std::size_t>(i)];
+    record.seconds = seconds / 1000.0;
+    record.loss_scale = loss_scale();
+    record.skipped_steps = skipped_steps();
+    if (setup_->evaluate) record.test_accuracy = test_accuracy();
+    recorder_->epochs.push_back(record);
+  }
+
+  /// The fraction of the test split classified correctly, in the policy's compute precision.
+  double test_accuracy() {
+    const xax::ClassificationDataset& test = data_->test;
+    constexpr Eigen::Index chunk = 1000;  // bounds the evaluation's memory, whatever the split's size
+    double correct = 0;
+    MlpBatch batch;
+    for (Eigen::Index start = 0; start < test.size(); start += chunk) {
+      const Eigen::Index count = std::min(chunk, test.size() - start);
+      batch.x = test.features.middleCols(start, count);
+      batch.y = test.labels.segment(start, count);
+      correct += evaluate_batch(batch);
+    }
+    return test.size() == 0 ? 0.0 : correct / static_cast<double>(test.size());
+  }
+
+  static double finite_mean(std::span<const double> values) {
+    double sum = 0;
+    std::size_t count = 0;
+    for (double v : values) {
+      if (std::isfinite(v)) {
+        sum += v;
+        ++count;
+      }
+    }
+    return count == 0 ? std::numeric_limits<double>::quiet_NaN() : sum / static_cast<double>(count);
+  }
+
+ private:
+  const TrainingSetup* setup_;
+  const xax::ClassificationSplits* data_;
+  RunRecorder* recorder_;
+  Progress* progress_;
+  std::int64_t total_steps_;
+  xax::DType compute_;
+  std::ptrdiff_t epoch_first_step_ = 0;
+  std::tuple<xax::nn::MlpWorkspace<float>, xax::nn::MlpWorkspace<xax::bfloat16>,
+             xax::nn::MlpWorkspace<xax::float16>>
+      workspaces_;
+  std::tuple<xax::nn::MlpWorkspace<float>, xax::nn::MlpWorkspace<xax::bfloat16>,
+             xax::nn::MlpWorkspace<xax::float16>>
+      eval_workspaces_;
+};
+
+inline double percentile(std::vector<double> values, double fraction) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  const double position = fraction * static_cast<double>(values.size() - 1);
+  const auto below = static_cast<std::size_t>(std::floor(position));
+  const std::size_t above = std::min(below + 1, values.size() - 1);
+  return values[below] + (position - static_cast<double>(below)) * (values[above] - values[below]);
+}
+
+/// The loss curve: the mean finite loss of every `interval` steps, about 200 points per run.
+inline std::vector<LossPoint> loss_curve(const std::vector<double>& step_loss) {
+  const std::size_t interval = std::max<std::size_t>(1, step_loss.size() / 200);
+  std::vector<LossPoint> curve;
+  for (std::size_t first = 0; first < step_loss.size(); first += interval) {
+    const std::size_t count = std::min(interval, step_loss.size() - first);
+    curve.push_back({static_cast<std::int64_t>(first + count),
+                     MlpTask::finite_mean(std::span(step_loss).subspan(first, count))});
+  }
+  return curve;
+}
+
+}  // namespace detail
+
+/// Trains one configuration under one policy and measures it. The peak RSS is reset first, so the run's own
+/// allocations (parameters, optimizer state, activations, batches) are what its peak growth shows.
+inline TrainingRun run_training(const TrainingSetup& setup, const xax::ClassificationSplits& data) {
+  TrainingRun run;
+  run.configuration = setup.configuration;
+  run.policy = setup.policy;
+  run.policy_spec = xax::get_policy(setup.policy).str();
+  run.loss_scaling = setup.loss_scaling;
+  run.layer_sizes = setup.layer_sizes;
+  run.train_samples = data.train.size();
+  run.test_samples = data.test.size();
+
+  detail::MlpConfig config;
+  config.learning_rate = setup.learning_rate;
+  config.batch_size = std::min<std::int64_t>(setup.batch_size, data.train.size());
+  config.epochs = setup.epochs;
+  config.max_steps = setup.max_steps;
+  config.seed = static_cast<std::int64_t>(setup.seed);
+  config.log_interval = 0;
+  config.progress = false;
+  config.enable_mixed_precision = true;
+  config.precision_policy = setup.policy;
+  config.loss_scaling = setup.loss_scaling;
+  run.batch_size = config.batch_size;
+  run.epochs = setup.epochs;
+
+  const std::int64_t steps_per_epoch = data.train.size() / config.batch_size;
+  const std::int64_t total_steps = setup.max_steps > 0
+                                       ? std::min(setup.max_steps, steps_per_epoch * setup.epochs)
+                                       : steps_per_epoch * setup.epochs;
+
+  run.peak_rss_reset = reset_peak_rss();
+  run.rss_before_bytes = current_rss_bytes();
+  detail::RunRecorder recorder;
+  {
+    Progress progress(run.label() + ":", total_steps, setup.progress);
+    detail::MlpTask task(config, setup, data, recorder, progress, total_steps);
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      task.fit();
+    } catch (const xax::LossScaleError& error) {
+      // Training that can only skip steps from here on is a result to report, not a reason to lose the
+      // others.
+      run.error = error.what();
+    }
+    run.train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    progress.finish();
+    run.peak_rss_bytes = peak_rss_bytes();
+
+    // The masters are stored in the policy's param type; params() returns them cast to float32.
+    const xax::PolicySpec spec = xax::get_policy(setup.policy);
+    run.tensor_bytes.params = xax::floating_element_count(task.params()) * xax::dtype_size(spec.param);
+    const std::size_t state = task.train_state_bytes();
+    run.tensor_bytes.train_state = state > run.tensor_bytes.params ? state - run.tensor_bytes.params : 0;
+    run.tensor_bytes.activations = recorder.activation_bytes;
+    run.skipped_steps = task.skipped_steps();
+    run.final_loss_scale = task.loss_scale();
+    // The memory probe does not evaluate while its peak is measured; its accuracy after a few steps is taken
+    // once, after the peak was read, as a sanity check only.
+    if (!setup.evaluate || !run.error.empty()) run.test_accuracy = task.test_accuracy();
+  }
+  run.steps = static_cast<std::int64_t>(recorder.step_ms.size());
+  run.epoch_records = recorder.epochs;
+  run.loss_curve = detail::loss_curve(recorder.step_loss);
+  run.last_non_finite = recorder.last_non_finite;
+  run.matmul_implementation = recorder.matmul_implementation;
+  if (setup.evaluate && run.error.empty() && !run.epoch_records.empty()) {
+    run.test_accuracy = run.epoch_records.back().test_accuracy;
+  }
+  // The last epoch's mean loss: one step's loss is a noisy sample of the model's training loss.
+  run.final_train_loss = run.epoch_records.empty() ? detail::MlpTask::finite_mean(recorder.step_loss)
+                                                   : run.epoch_records.back().train_loss;
+
+  // The first steps pay for first-touch page faults and backend set-up; time the steady state.
+  std::vector<double> steady(
+      recorder.step_ms.begin() +
+          std::min<std::ptrdiff_t>(static_cast<std::ptrdiff_t>(recorder.step_ms.size()) / 10, 5),
+      recorder.step_ms.end());
+  if (steady.empty()) steady = recorder.step_ms;
+  run.step_time_ms = detail::percentile(steady, 0.5);
+  run.step_time_p10_ms = detail::percentile(steady, 0.1);
+  run.step_time_p90_ms = detail::percentile(steady, 0.9);
+  run.throughput_samples_per_s =
+      run.step_time_ms > 0 ? 1000.0 * static_cast<double>(run.batch_size) / run.step_time_ms : 0;
+  return run;
+}
+
+}  // namespace xax_bench

@@ -1,0 +1,323 @@
+#pragma once
+// The fast matmul backend: oneDNN's matmul primitive, whose bf16 kernels run on the CPU's native bf16 dot
+// products (vdpbf16ps, AMX) with an fp32 accumulator and round once into the destination. Compiled only when
+// xax was configured with oneDNN (XAX_HAS_ONEDNN); without it this header declares nothing.
+//
+// Layout. xax matrices are column-major; oneDNN describes plain memory by strides. A column-major m x n C is
+// the row-major n x m matrix C^T, so xax computes C^T = op(B)^T op(A)^T: oneDNN's "src" is op(B)^T (n x k),
+// its "weights" op(A)^T (k x m), its "dst" C^T (n x m), and the bias (length m) is the broadcast row oneDNN
+// expects. A transposition is only a choice of strides; nothing is copied by xax.
+//
+// Cost. Creating a matmul primitive takes far longer than a small GEMM (it selects and JIT-compiles a
+// kernel), so each thread keeps the primitives it created, keyed by everything that shapes one: types,
+// sizes, strides, transpositions, epilogue and thread count. Memory objects are kept with the primitive and
+// only re-pointed at each call's data, and the scratchpad oneDNN asks for lives in one grow-only buffer per
+// thread, so a repeated call allocates nothing.
+//
+// float16. oneDNN 2.x implements f16 matmul only on CPUs with AVX512-FP16 or AMX-FP16. Elsewhere the f16
+// operands are widened to float and oneDNN's fp32 kernel runs: still fp32 accumulation and one rounding, and
+// faster than Eigen's float GEMM.
+
+#include <xax/detail/eigen.hpp>
+
+#if defined(XAX_HAS_ONEDNN) && XAX_HAS_ONEDNN
+
+#include <dnnl.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <xax/detail/convert.hpp>
+#include <xax/detail/scratch.hpp>
+#include <xax/ops/activation.hpp>
+#include <xax/ops/backend/problem.hpp>
+#include <xax/utils/dtype.hpp>
+#include <xax/utils/error.hpp>
+#include <xax/utils/threads.hpp>
+
+namespace xax::detail::onednn_backend {
+
+inline dnnl::memory::data_type data_type_of(DType dtype) {
+  switch (dtype) {
+    case DType::float32:
+      return dnnl::memory::data_type::f32;
+    case DType::bfloat16:
+      return dnnl::memory::data_type::bf16;
+    case DType::float16:
+      return dnnl::memory::data_type::f16;
+    case DType::float64:
+      break;
+  }
+  return dnnl::memory::data_type::undef;
+}
+
+/// Everything a matmul primitive depends on.
+struct PrimitiveKey {
+  DType input = DType::float32;
+  DType output = DType::float32;
+  DType bias_type = DType::float32;
+  bool has_bias = false;
+  bool transpose_a = false;
+  bool transpose_b = false;
+  bool accumulate = false;
+  Activation activation = Activation::none;
+  Eigen::Index m = 0, n = 0, k = 0, lda = 0, ldb = 0, ldc = 0;
+  int threads = 1;
+
+  friend bool operator==(const PrimitiveKey&, const PrimitiveKey&) = default;
+};
+
+struct PrimitiveKeyHash {
+  std::size_t operator()(const PrimitiveKey& key) const noexcept {
+    std::size_t hash = 0;
+    const auto mix = [&hash](auto value) {
+      hash ^= std::hash<decltype(value)>{}(value) + 0x9e3779b97f4a7c15ull + (hash << 6) + (hash >> 2);
+    };
+    mix(static_cast<int>(key.input));
+    mix(static_cast<int>(key.output));
+    mix(static_cast<int>(key.bias_type));
+    mix((key.has_bias ? 1 : 0) | (key.transpose_a ? 2 : 0) | (key.transpose_b ? 4 : 0) |
+        (key.accumulate ? 8 : 0));
+    mix(static_cast<int>(key.activation));
+    mix(key.m);
+    mix(key.n);
+    mix(key.k);
+    mix(key.lda);
+    mix(key.ldb);
+    mix(key.ldc);
+    mix(key.threads);
+    return hash;
+  }
+};
+
+/// A primitive with its memory objects, or the fact that oneDNN has no implementation for the key.
+struct CachedPrimitive {
+  bool supported = false;
+  dnnl::matmul primitive;
+  dnnl::memory src;
+  dnnl::memory weights;
+  dnnl::memory dst;
+  dnnl::memory bias;
+  dnnl::memory scratchpad;
+  std::size_t scratchpad_bytes = 0;
+  std::unordered_map<int, dnnl::memory> arguments;
+  std::string implementation;  ///< "onednn:" + oneDNN's kernel name, e.g. "onednn:brg:avx512_core_bf16"
+};
+
+/// One thread's engine, stream, primitives and buffers.
+class ThreadContext {
+ public:
+  /// A thread that keeps meeting new shapes would grow the cache without bound; past this many primitives
+  /// it starts over (a training loop uses a handful).
+  static constexpr std::size_t max_cached_primitives = 512;
+
+  ThreadContext() : engine_(dnnl::engine::kind::cpu, 0), stream_(engine_) {}
+
+  CachedPrimitive& primitive_for(const PrimitiveKey& key) {
+    auto found = cache_.find(key);
+    if (found != cache_.end()) return *found->second;
+    if (cache_.size() >= max_cached_primitives) cache_.clear();
+    return *cache_.emplace(key, create(key)).first->second;
+  }
+
+  void execute(CachedPrimitive& cached, const void* a, const void* b, void* c, const void* bias) {
+    cached.weights.set_data_handle(const_cast<void*>(a));
+    cached.src.set_data_handle(const_cast<void*>(b));
+    cached.dst.set_data_handle(c);
+    if (bias != nullptr) cached.bias.set_data_handle(const_cast<void*>(bias));
+    if (cached.scratchpad_bytes != 0) {
+      cached.scratchpad.set_data_handle(scratchpad_.get(cached.scratchpad_bytes));
+    }
+    try {
+      cached.primitive.execute(stream_, cached.arguments);
+      stream_.wait();
+    } catch (const dnnl::error& error) {
+      throw Error(std::string("xax::matmul: oneDNN failed to execute ") + cached.implementation + ": " +
+                  error.what());
+    }
+  }
+
+  ScratchBuffer<float>& widened_a() { return widened_a_; }
+  ScratchBuffer<float>& widened_b() { return widened_b_; }
+  ScratchBuffer<float>& widened_c() { return widened_c_; }
+  ScratchBuffer<float>& widened_bias() { return widened_bias_; }
+
+ private:
+  std::unique_ptr<CachedPrimitive> create(const PrimitiveKey& key) {
+    using dims = dnnl::memory::dims;
+    auto cached = std::make_unique<CachedPrimitive>();
+    const auto in = data_type_of(key.input);
+    // See the layout note at the top: src = op(B)^T (n x k), weights = op(A)^T (k x m), dst = C^T (n x m).
+    const dnnl::memory::desc src_desc({key.n, key.k}, in,
+                                      key.transpose_b ? dims{1, key.ldb} : dims{key.ldb, 1});
+    const dnnl::memory::desc weights_desc({key.k, key.m}, in,
+                                          key.transpose_a ? dims{1, key.lda} : dims{key.lda, 1});
+    const dnnl::memory::desc dst_desc({key.n, key.m}, data_type_of(key.output), dims{key.ldc, 1});
+    const dnnl::memory::desc bias_desc({1, key.m}, data_type_of(key.bias_type), dims{key.m, 1});
+
+    dnnl::primitive_attr attributes;
+    attributes.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    dnnl::post_ops post_ops;
+    if (key.accumulate) post_ops.append_sum(1.0f);
+    if (key.activation == Activation::relu) {
+      post_ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
+    } else if (key.activation == Activation::gelu) {
+      post_ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_gelu_erf, 0.0f, 0.0f);
+    }
+    attributes.set_post_ops(post_ops);
+
+    dnnl::matmul::primitive_desc descriptor;
+    try {
+      const auto operation = key.has_bias ? dnnl::matmul::desc(src_desc, weights_desc, bias_desc, dst_desc)
+                                          : dnnl::matmul::desc(src_desc, weights_desc, dst_desc);
+      descriptor = dnnl::matmul::primitive_desc(operation, attributes, engine_);
+    } catch (const dnnl::error&) {
+      // No implementation for this combination on this CPU (f16 without AVX512-FP16, say): the caller
+      // falls back, and the negative answer is cached like a positive one.
+      return cached;
+    }
+    cached->supported = true;
+    cached->implementation = std::string("onednn:") + descriptor.impl_info_str();
+    cached->primitive = dnnl::matmul(descriptor);
+    // Memory objects are created on a placeholder and re-pointed at every call's data.
+    cached->src = dnnl::memory(src_desc, engine_, DNNL_MEMORY_NONE);
+    cached->weights = dnnl::memory(weights_desc, engine_, DNNL_MEMORY_NONE);
+    cached->dst = dnnl::memory(dst_desc, engine_, DNNL_MEMORY_NONE);
+    cached->arguments = {
+        {DNNL_ARG_SRC, cached->src}, {DNNL_ARG_WEIGHTS, cached->weights}, {DNNL_ARG_DST, cached->dst}};
+    if (key.has_bias) {
+      cached->bias = dnnl::memory(bias_desc, engine_, DNNL_MEMORY_NONE);
+      cached->arguments.emplace(DNNL_ARG_BIAS, cached->bias);
+    }
+    const dnnl::memory::desc scratchpad_desc = descriptor.scratchpad_desc();
+    cached->scratchpad_bytes = scratchpad_desc.get_size();
+    if (cached->scratchpad_bytes != 0) {
+      cached->scratchpad = dnnl::memory(scratchpad_desc, engine_, DNNL_MEMORY_NONE);
+      cached->arguments.emplace(DNNL_ARG_SCRATCHPAD, cached->scratchpad);
+    }
+    return cached;
+  }
+
+  dnnl::engine engine_;
+  dnnl::stream stream_;
+  std::unordered_map<PrimitiveKey, std::unique_ptr<CachedPrimitive>, PrimitiveKeyHash> cache_;
+  ScratchBuffer<std::byte> scratchpad_;
+  ScratchBuffer<float> widened_a_;
+  ScratchBuffer<float> widened_b_;
+  ScratchBuffer<float> widened_c_;
+  ScratchBuffer<float> widened_bias_;
+};
+
+inline ThreadContext& thread_context() {
+  thread_local ThreadContext context;
+  return context;
+}
+
+inline PrimitiveKey key_of(const MatmulProblem& p) {
+  PrimitiveKey key;
+  key.input = p.input;
+  key.output = p.output;
+  key.has_bias = p.bias != nullptr;
+  key.bias_type = key.has_bias ? p.bias_type : DType::float32;
+  key.transpose_a = p.transpose_a;
+  key.transpose_b = p.transpose_b;
+  key.accumulate = p.accumulate;
+  key.activation = p.activation;
+  key.m = p.m;
+  key.n = p.n;
+  key.k = p.k;
+  key.lda = p.a.ld;
+  key.ldb = p.b.ld;
+  key.ldc = p.ldc;
+  key.threads = num_threads();
+  return key;
+}
+
+inline std::size_t elements(Eigen::Index rows, Eigen::Index cols) {
+  return static_cast<std::size_t>(rows) * static_cast<std::size_t>(cols);
+}
+
+/// A float16 problem on a CPU without native f16 matmul: widen the operands (and a f16 bias or accumulated
+/// f16 output) to float, run the fp32 primitive, round the result once into C.
+inline void run_widened(const MatmulProblem& p, ThreadContext& context) {
+  const auto widen = [](const MatmulOperand& x, ScratchBuffer<float>& scratch) {
+    float* out = scratch.get(elements(x.rows, x.cols));
+    const auto* in = static_cast<const float16*>(x.data);
+    if (x.ld == x.rows) {
+      convert_n(in, out, elements(x.rows, x.cols));
+    } else {
+      for (Eigen::Index j = 0; j < x.cols; ++j) {
+        convert_n(in + j * x.ld, out + j * x.rows, static_cast<std::size_t>(x.rows));
+      }
+    }
+    return MatmulOperand{out, x.rows, x.cols, x.rows};
+  };
+  MatmulProblem widened = p;
+  widened.input = DType::float32;
+  widened.a = widen(p.a, context.widened_a());
+  widened.b = widen(p.b, context.widened_b());
+  if (p.bias != nullptr && p.bias_type == DType::float16) {
+    float* bias = context.widened_bias().get(static_cast<std::size_t>(p.m));
+    convert_n(static_cast<const float16*>(p.bias), bias, static_cast<std::size_t>(p.m));
+    widened.bias = bias;
+    widened.bias_type = DType::float32;
+  }
+  float16* const c_half = p.output == DType::float16 ? static_cast<float16*>(p.c) : nullptr;
+  if (c_half != nullptr) {
+    float* c = context.widened_c().get(elements(p.m, p.n));
+    if (p.accumulate) {
+      for (Eigen::Index j = 0; j < p.n; ++j) {
+        convert_n(c_half + j * p.ldc, c + j * p.m, static_cast<std::size_t>(p.m));
+      }
+    }
+    widened.output = DType::float32;
+    widened.c = c;
+    widened.ldc = p.m;
+  }
+  CachedPrimitive& cached = context.primitive_for(key_of(widened));
+  if (!cached.supported) {
+    throw Error("xax::matmul: oneDNN has no fp32 matmul for a " + std::to_string(p.m) + "x" +
+                std::to_string(p.k) + " by " + std::to_string(p.k) + "x" + std::to_string(p.n) +
+                " product; use MatmulBackend::eigen");
+  }
+  context.execute(cached, widened.a.data, widened.b.data, widened.c, widened.bias);
+  if (c_half != nullptr) {
+    const auto* c = static_cast<const float*>(widened.c);
+    if (p.ldc == p.m) {
+      convert_n(c, c_half, elements(p.m, p.n));
+    } else {
+      for (Eigen::Index j = 0; j < p.n; ++j) {
+        convert_n(c + j * p.m, c_half + j * p.ldc, static_cast<std::size_t>(p.m));
+      }
+    }
+  }
+  last_matmul_implementation_record() = cached.implementation + " (float16 widened to float32)";
+}
+
+/// Runs `p` on oneDNN. Returns false, having done nothing, when oneDNN has no implementation for it; the
+/// caller then uses the Eigen backend.
+inline bool try_run(const MatmulProblem& p) {
+  if (p.k == 0 || data_type_of(p.input) == dnnl::memory::data_type::undef ||
+      data_type_of(p.output) == dnnl::memory::data_type::undef) {
+    return false;
+  }
+  ThreadContext& context = thread_context();
+  CachedPrimitive& cached = context.primitive_for(key_of(p));
+  if (cached.supported) {
+    context.execute(cached, p.a.data, p.b.data, p.c, p.bias);
+    last_matmul_implementation_record() = cached.implementation;
+    return true;
+  }
+  if (p.input == DType::float16) {
+    run_widened(p, context);
+    return true;
+  }
+  return false;
+}
+
+}  // namespace xax::detail::onednn_backend
+
+#endif  // XAX_HAS_ONEDNN

@@ -1,0 +1,279 @@
+#pragma once
+/// \file
+/// Matrix products for mixed precision: float, bfloat16 or float16 inputs, **fp32 accumulation**, and one
+/// rounding to the output type, with the transpositions a Linear layer's forward and backward need, optional
+/// accumulation into the output (gradient accumulation) and a fused bias + activation epilogue.
+///
+///     Eigen::Matrix<xax::bfloat16, Eigen::Dynamic, Eigen::Dynamic> w(out, in), x(in, batch), y;
+///     Eigen::Matrix<xax::bfloat16, Eigen::Dynamic, 1> b(out);
+///     xax::matmul(w, x, b, y, {.activation = xax::Activation::relu});   // y = relu(w x + b)
+///     xax::matmul(dy, x, dw, {.transpose_b = true});                     // dw = dy x^T
+///     xax::matmul(w, dy, dx, {.transpose_a = true});                     // dx = w^T dy
+///
+/// Layout: operands are Eigen dense objects with direct access and unit inner stride: plain matrices and
+/// vectors, contiguous `Map`s, column blocks, and their `.transpose()` (a row-major operand is read as the
+/// transpose of a column-major one, without a copy). The output is column-major. A Linear layer stores one
+/// sample per column (features x batch), so `w x` is the forward product.
+///
+/// Backends: oneDNN when xax is configured with it (XAX_HAS_ONEDNN; native bf16 dot products on AVX512_BF16
+/// and AMX CPUs), and a portable Eigen path that widens half operands to float and runs Eigen's float GEMM.
+/// `last_matmul_implementation()` says which one ran. Both honour xax::set_num_threads().
+///
+/// Eigen's own `Matrix<bfloat16>` product is what this replaces: it accumulates in bf16 (3.6e-2 relative
+/// error at K=1024, a -21 % bias on positive data) and runs at a sixth of the float speed.
+
+#include <xax/detail/eigen.hpp>
+
+#include <algorithm>
+#include <concepts>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <xax/ops/activation.hpp>
+#include <xax/ops/backend/eigen.hpp>
+#include <xax/ops/backend/onednn.hpp>
+#include <xax/ops/backend/problem.hpp>
+#include <xax/utils/dtype.hpp>
+#include <xax/utils/error.hpp>
+
+namespace xax {
+
+/// Which implementation runs a matmul.
+enum class MatmulBackend {
+  automatic,  ///< oneDNN where it is built and implements the types, else Eigen
+  eigen,      ///< always available: widen to float, Eigen's float GEMM, round once
+  onednn,     ///< only in builds configured with oneDNN; ConfigError otherwise
+};
+
+/// "automatic", "eigen" or "onednn".
+constexpr std::string_view matmul_backend_name(MatmulBackend backend) {
+  switch (backend) {
+    case MatmulBackend::automatic:
+      return "automatic";
+    case MatmulBackend::eigen:
+      return "eigen";
+    case MatmulBackend::onednn:
+      return "onednn";
+  }
+  return "invalid MatmulBackend";
+}
+
+/// Whether this build of xax can run `backend` (oneDNN is chosen when xax is configured).
+constexpr bool matmul_backend_available(MatmulBackend backend) {
+#if defined(XAX_HAS_ONEDNN) && XAX_HAS_ONEDNN
+  static_cast<void>(backend);
+  return true;
+#else
+  return backend != MatmulBackend::onednn;
+#endif
+}
+
+/// The backend `MatmulBackend::automatic` prefers in this build: onednn or eigen.
+constexpr MatmulBackend default_matmul_backend() {
+  return matmul_backend_available(MatmulBackend::onednn) ? MatmulBackend::onednn : MatmulBackend::eigen;
+}
+
+/// What ran this thread's last matmul, for reports: backend and kernel, such as
+/// "onednn:brg:avx512_core_bf16" or "eigen:sgemm (bfloat16 widened to float32)". Empty before the first.
+inline std::string last_matmul_implementation() {
+  return detail::last_matmul_implementation_record();
+}
+
+/// How a matmul combines its operands: `C = act(op(A) op(B) + bias [+ C])`.
+struct MatmulOptions {
+  bool transpose_a = false;  ///< op(A) = A^T
+  bool transpose_b = false;  ///< op(B) = B^T
+  /// Add the product to C's current value (beta = 1), e.g. to accumulate gradients over micro-batches. The
+  /// old C joins the fp32 sum before the bias and activation.
+  bool accumulate = false;
+  Activation activation = Activation::none;  ///< applied after the bias, before the one rounding
+  MatmulBackend backend = MatmulBackend::automatic;
+};
+
+/// An element type matmul multiplies: float, xax::bfloat16 or xax::float16.
+template <class T>
+concept matmul_scalar = std::same_as<T, float> || half_scalar<T>;
+
+/// An Eigen dense object matmul can read in place: a matmul_scalar, direct access, unit inner stride.
+template <class M>
+concept matmul_operand = requires {
+  typename M::PlainObject;
+  typename M::Scalar;
+}
+&&std::derived_from<M, Eigen::DenseBase<M>>&& matmul_scalar<typename M::Scalar> &&
+    (static_cast<unsigned>(M::Flags) & Eigen::DirectAccessBit) != 0 && M::InnerStrideAtCompileTime == 1;
+
+/// A matmul_operand matmul can write: an lvalue (not a const Map), column-major.
+template <class M>
+concept matmul_output = matmul_operand<M> &&(static_cast<unsigned>(M::Flags) & Eigen::LvalueBit) != 0 &&
+                        !M::IsRowMajor;
+
+namespace detail {
+
+/// The stored column-major matrix behind `x`, and whether `x` is its transpose (x row-major).
+template <class M>
+std::pair<MatmulOperand, bool> stored_operand(const M& x) {
+  if constexpr (M::IsRowMajor) {
+    return {{x.data(), x.cols(), x.rows(), std::max<Eigen::Index>({x.outerStride(), x.cols(), 1})}, true};
+  } else {
+    return {{x.data(), x.rows(), x.cols(), std::max<Eigen::Index>({x.outerStride(), x.rows(), 1})}, false};
+  }
+}
+
+inline std::string shape_string(Eigen::Index rows, Eigen::Index cols) {
+  return std::to_string(rows) + "x" + std::to_string(cols);
+}
+
+/// The address range [first, last) a stored matrix spans.
+inline std::pair<std::uintptr_t, std::uintptr_t> address_range(const void* data, Eigen::Index rows,
+                                                               Eigen::Index cols, Eigen::Index ld,
+                                                               std::size_t element_size) {
+  const auto first = reinterpret_cast<std::uintptr_t>(data);
+  if (rows == 0 || cols == 0) return {first, first};
+  const auto count = static_cast<std::uintptr_t>((cols - 1) * ld + rows);
+  return {first, first + count * element_size};
+}
+
+/// Runs a checked problem on the requested backend.
+inline void run_matmul(const MatmulProblem& problem, MatmulBackend backend) {
+  if (problem.m == 0 || problem.n == 0) {
+    last_matmul_implementation_record() = "none (empty output)";
+    return;
+  }
+  // An empty reduction (k = 0) only applies the epilogue to zeros or to C; that is not oneDNN's business.
+  if (problem.k == 0) backend = MatmulBackend::eigen;
+  switch (backend) {
+    case MatmulBackend::onednn:
+#if defined(XAX_HAS_ONEDNN) && XAX_HAS_ONEDNN
+      if (onednn_backend::try_run(problem)) return;
+      throw Error("xax::matmul: oneDNN has no implementation for " + std::string(dtype_name(problem.input)) +
+                  " inputs with a " + std::string(dtype_name(problem.output)) +
+                  " output on this CPU; use MatmulBackend::automatic to fall back to Eigen");
+#else
+      throw ConfigError(
+          "xax::matmul: MatmulBackend::onednn was requested, but this build of xax has no oneDNN; install "
+          "oneDNN (Debian: libdnnl-dev) and configure with -DXAX_WITH_ONEDNN=ON, or use "
+          "MatmulBackend::automatic");
+#endif
+    case MatmulBackend::automatic:
+#if defined(XAX_HAS_ONEDNN) && XAX_HAS_ONEDNN
+      if (onednn_backend::try_run(problem)) return;
+#endif
+      eigen_backend::run(problem);
+      return;
+    case MatmulBackend::eigen:
+      eigen_backend::run(problem);
+      return;
+  }
+  throw ConfigError("xax::matmul: invalid MatmulBackend value " + std::to_string(static_cast<int>(backend)));
+}
+
+template <class In, class Out, class Bias>
+void check_matmul_scalars() {
+  static_assert(std::is_same_v<Out, In> || std::is_same_v<Out, float>,
+                "xax::matmul: the output must hold the inputs' scalar or float (fp32 accumulation is rounded "
+                "once into it); cast the result afterwards for another type");
+  static_assert(std::is_same_v<Bias, In> || std::is_same_v<Bias, float>,
+                "xax::matmul: the bias must hold the inputs' scalar or float");
+}
+
+template <class A, class B, class C, class Bias>
+void matmul_impl(const A& a, const B& b, const Bias* bias, C& c, const MatmulOptions& options) {
+  using In = typename A::Scalar;
+  using Out = typename C::Scalar;
+  static_assert(
+      std::is_same_v<In, typename B::Scalar>,
+      "xax::matmul: A and B must have the same scalar; convert one (xax::convert, .cast<T>()) first");
+
+  const auto [a_stored, a_flipped] = stored_operand(a);
+  const auto [b_stored, b_flipped] = stored_operand(b);
+  const bool transpose_a = options.transpose_a != a_flipped;
+  const bool transpose_b = options.transpose_b != b_flipped;
+  const Eigen::Index m = options.transpose_a ? a.cols() : a.rows();
+  const Eigen::Index k = options.transpose_a ? a.rows() : a.cols();
+  const Eigen::Index k_b = options.transpose_b ? b.cols() : b.rows();
+  const Eigen::Index n = options.transpose_b ? b.rows() : b.cols();
+  if (k != k_b) {
+    throw ShapeError("xax::matmul: op(A) is " + shape_string(m, k) + " (A is " +
+                     shape_string(a.rows(), a.cols()) + (options.transpose_a ? ", transposed" : "") +
+                     ") but op(B) is " + shape_string(k_b, n) + " (B is " + shape_string(b.rows(), b.cols()) +
+                     (options.transpose_b ? ", transposed" : "") +
+                     "); the columns of op(A) must equal the rows of op(B)");
+  }
+  if constexpr (std::is_same_v<typename C::PlainObject, C>) {
+    if (!options.accumulate) c.resize(m, n);
+  }
+  if (c.rows() != m || c.cols() != n) {
+    throw ShapeError("xax::matmul: the output is " + shape_string(c.rows(), c.cols()) +
+                     " but op(A) op(B) is " + shape_string(m, n) + " (op(A) " + shape_string(m, k) +
+                     ", op(B) " + shape_string(k, n) + ")" +
+                     (options.accumulate ? "; an accumulating output must already have that shape"
+                                         : "; pass a resizable matrix or one of that shape"));
+  }
+  if (bias != nullptr && ((bias->rows() != 1 && bias->cols() != 1) || bias->size() != m)) {
+    throw ShapeError("xax::matmul: the bias is " + shape_string(bias->rows(), bias->cols()) +
+                     " but must be a vector of length " + std::to_string(m) + " (the rows of the output)");
+  }
+
+  MatmulProblem problem;
+  problem.input = dtype_of<In>;
+  problem.output = dtype_of<Out>;
+  problem.a = a_stored;
+  problem.b = b_stored;
+  problem.transpose_a = transpose_a;
+  problem.transpose_b = transpose_b;
+  problem.c = c.data();
+  problem.ldc = std::max<Eigen::Index>({c.outerStride(), m, 1});
+  if (bias != nullptr) {
+    problem.bias = bias->data();
+    problem.bias_type = dtype_of<typename Bias::Scalar>;
+  }
+  problem.m = m;
+  problem.n = n;
+  problem.k = k;
+  problem.accumulate = options.accumulate;
+  problem.activation = options.activation;
+
+  // The backends read the inputs while writing C, as Eigen's noalias() products do; an overlap would give
+  // silently wrong results, so it is refused.
+  const auto c_range = address_range(problem.c, m, n, problem.ldc, sizeof(Out));
+  const auto overlaps = [&c_range](std::pair<std::uintptr_t, std::uintptr_t> range) {
+    return range.first < c_range.second && c_range.first < range.second;
+  };
+  if (overlaps(address_range(a_stored.data, a_stored.rows, a_stored.cols, a_stored.ld, sizeof(In))) ||
+      overlaps(address_range(b_stored.data, b_stored.rows, b_stored.cols, b_stored.ld, sizeof(In))) ||
+      (bias != nullptr &&
+       overlaps(address_range(bias->data(), bias->size(), 1, bias->size(), sizeof(typename Bias::Scalar))))) {
+    throw Error("xax::matmul: the output overlaps an input; write the product into a separate matrix");
+  }
+  run_matmul(problem, options.backend);
+}
+
+}  // namespace detail
+
+/// `c = act(op(a) op(b) [+ c])` with fp32 accumulation and one rounding to c's scalar (see MatmulOptions).
+/// `a` and `b` share a scalar (float, bfloat16 or float16); `c` holds that scalar or float. A plain
+/// (resizable) `c` is resized unless accumulating; any other `c` must already be m x n. Throws ShapeError
+/// naming both shapes when the operands do not fit.
+template <matmul_operand A, matmul_operand B, class C>
+requires matmul_output<std::remove_reference_t<C>>
+void matmul(const A& a, const B& b, C&& c, const MatmulOptions& options = {}) {
+  using Out = typename std::remove_reference_t<C>::Scalar;
+  detail::check_matmul_scalars<typename A::Scalar, Out, Out>();
+  using NoBias = Eigen::Matrix<Out, Eigen::Dynamic, 1>;
+  detail::matmul_impl(a, b, static_cast<const NoBias*>(nullptr), c, options);
+}
+
+/// `c = act(op(a) op(b) + bias [+ c])`: as above, with `bias` (a vector of c's rows) added to every column
+/// in fp32 before the activation. This is the fused epilogue of a Linear layer's forward.
+template <matmul_operand A, matmul_operand B, matmul_operand Bias, class C>
+requires matmul_output<std::remove_reference_t<C>>
+void matmul(const A& a, const B& b, const Bias& bias, C&& c, const MatmulOptions& options = {}) {
+  detail::check_matmul_scalars<typename A::Scalar, typename std::remove_reference_t<C>::Scalar,
+                               typename Bias::Scalar>();
+  detail::matmul_impl(a, b, &bias, c, options);
+}
+
+}  // namespace xax

@@ -1,0 +1,228 @@
+#pragma once
+/// \file
+/// What xax's optimizers share: the concept a train step checks, the parameter trees they accept, and the
+/// rounding of a pure-bf16 update (stochastic rounding or Kahan compensation).
+///
+/// Master weights (float or double leaves) are updated in place, element by element in one fused pass per
+/// leaf. A tree of bfloat16 leaves can be trained without fp32 masters: the update is computed in fp32 from
+/// fp32 moments and written back with one of the BF16Update roundings, because round-to-nearest silently
+/// drops every update smaller than half a bf16 ulp (2^-9 relative), which is most of them late in training.
+
+#include <xax/detail/eigen.hpp>
+
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <xax/detail/convert.hpp>
+#include <xax/detail/parallel.hpp>
+#include <xax/utils/dtype.hpp>
+#include <xax/utils/error.hpp>
+#include <xax/utils/tree.hpp>
+
+namespace xax::optim {
+
+/// An optimizer that can update `Params` from gradients of the same shape: what xax::TrainStep drives.
+template <class O, class Params>
+concept optimizer_for = requires(O& o, Params& p, const Params& g, double lr) {
+  o.step(p, g);
+  o.state();
+  o.set_learning_rate(lr);
+};
+
+/// How an update of bfloat16 parameters (without fp32 masters) is rounded back to bf16.
+enum class BF16Update {
+  /// Round to nearest even: updates below half an ulp are lost. For comparison; do not train with it.
+  round_to_nearest,
+  /// Round up with probability equal to the fraction of an ulp: unbiased, E[p_new] equals the fp32 update.
+  stochastic_rounding,
+  /// Keep the rounding error in a bf16 compensation buffer and add it back on the next step (Kahan
+  /// summation): deterministic, two bytes more per parameter.
+  kahan,
+};
+
+/// The rounding of a pure-bf16 update and the seed of its random stream (stochastic rounding draws its bits
+/// from a counter-based hash of seed, step and element index, so a run is reproducible at any thread count
+/// and resumes bit-identically from (seed, step)).
+struct BF16UpdateOptions {
+  BF16Update rounding = BF16Update::stochastic_rounding;
+  std::uint64_t seed = 0;
+};
+
+namespace detail {
+
+template <class T>
+struct is_master_scalar : std::bool_constant<std::is_same_v<T, float> || std::is_same_v<T, double>> {};
+template <class T>
+struct is_bfloat16 : std::is_same<T, bfloat16> {};
+
+template <class T, template <class> class Pred>
+struct all_floating_leaves;
+
+template <class Tuple, template <class> class Pred>
+struct all_floating_leaves_of_tuple;
+template <class... Ts, template <class> class Pred>
+struct all_floating_leaves_of_tuple<std::tuple<Ts...>, Pred>
+    : std::bool_constant<(all_floating_leaves<std::remove_cvref_t<Ts>, Pred>::value && ...)> {};
+template <class A, class B, template <class> class Pred>
+struct all_floating_leaves_of_tuple<std::pair<A, B>, Pred>
+    : std::bool_constant<all_floating_leaves<A, Pred>::value && all_floating_leaves<B, Pred>::value> {};
+
+template <class T, template <class> class Pred>
+struct all_floating_leaves : std::false_type {};
+template <class T, template <class> class Pred>
+requires tree_leaf<T>
+struct all_floating_leaves<T, Pred> : std::bool_constant<!floating_leaf<T> || Pred<leaf_scalar_t<T>>::value> {
+};
+template <class T, template <class> class Pred>
+requires(xax::detail::is_std_vector<T>::value ||
+         xax::detail::is_std_array<T>::value) struct all_floating_leaves<T, Pred>
+    : all_floating_leaves<typename T::value_type, Pred> {
+};
+template <class T, template <class> class Pred>
+requires(xax::detail::is_string_map<T>::value) struct all_floating_leaves<T, Pred>
+    : all_floating_leaves<typename T::mapped_type, Pred> {
+};
+template <class T, template <class> class Pred>
+requires(xax::detail::is_tuple_like_node<T>::value) struct all_floating_leaves<T, Pred>
+    : all_floating_leaves_of_tuple<T, Pred> {
+};
+template <class T, template <class> class Pred>
+requires(reflected_struct<T> && !tree_leaf<T>) struct all_floating_leaves<T, Pred>
+    : all_floating_leaves_of_tuple<xax::detail::field_types_t<T>, Pred> {
+};
+
+}  // namespace detail
+
+/// A tree of master weights: every floating leaf holds float or double.
+template <class P>
+concept master_params = tree<P> && detail::all_floating_leaves<P, detail::is_master_scalar>::value;
+
+/// A tree of bfloat16 parameters trained without masters (see BF16Update).
+template <class P>
+concept bf16_params =
+    tree<P> && !master_params<P> && detail::all_floating_leaves<P, detail::is_bfloat16>::value;
+
+/// A tree an xax optimizer updates: master weights, or bf16 parameters.
+template <class P>
+concept optimizer_params = master_params<P> || bf16_params<P>;
+
+/// The tree an optimizer keeps its moments in: the params' own type for masters, fp32 for bf16 params.
+template <optimizer_params P>
+using moments_t = std::conditional_t<master_params<P>, P, rebind_scalar_t<P, float>>;
+
+namespace detail {
+
+/// Throws ConfigError naming the optimizer, the option, the value seen and what is accepted.
+inline void require_option(bool accepted, const char* optimizer, const char* option, double value,
+                           const char* expected) {
+  if (!accepted) {
+    throw ConfigError(std::string("xax::optim::") + optimizer + ": " + option + " = " +
+                      std::to_string(value) + " is not accepted; give " + expected);
+  }
+}
+
+template <class Params>
+constexpr void require_optimizer_params() {
+  static_assert(
+      optimizer_params<Params>,
+      "xax::optim: Params must be a tree whose floating leaves are all float/double (master weights) "
+      "or all xax::bfloat16 (pure-bf16 training); keep float16 or mixed parameters as fp32 masters "
+      "(xax::TrainStep does)");
+}
+
+/// Passes over one leaf are split across xax's threads when large. Per element an update reads and writes
+/// the parameter and two moments and reads the gradient.
+template <class F>
+void update_in_blocks(std::size_t n, std::size_t bytes_per_element, F&& f) {
+  xax::detail::parallel_blocks(n, bytes_per_element, 16, std::forward<F>(f));
+}
+
+/// SplitMix64's finaliser: a 64-bit bijection with full avalanche, for deriving keys.
+constexpr std::uint64_t mix64(std::uint64_t z) noexcept {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+/// The key of one leaf's random stream at one step.
+constexpr std::uint32_t rounding_key(std::uint64_t seed, std::int64_t step, std::size_t leaf) noexcept {
+  const std::uint64_t key = mix64(mix64(seed + 0x9e3779b97f4a7c15ull * static_cast<std::uint64_t>(step)) ^
+                                  (0xd1b54a32d192ed03ull * (static_cast<std::uint64_t>(leaf) + 1)));
+  return static_cast<std::uint32_t>(key ^ (key >> 32));
+}
+
+/// 32 random bits for element `index` of a stream (Wellons' lowbias32 hash: 32-bit multiplies and shifts,
+/// which vectorise).
+constexpr std::uint32_t random_bits(std::uint32_t key, std::size_t index) noexcept {
+  std::uint32_t x = static_cast<std::uint32_t>(index) * 0x9e3779b1u + key;
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+/// float -> bf16 rounded up in magnitude with probability (dropped bits) / 2^16, from 16 random bits.
+/// Unbiased: E[result] = value. NaN stays NaN; values near the top of the range may round to infinity with
+/// the same probability rule.
+constexpr std::uint16_t float_to_bfloat16_stochastic(float value, std::uint32_t random) noexcept {
+  const auto bits = std::bit_cast<std::uint32_t>(value);
+  if ((bits & 0x7fff'ffffu) > 0x7f80'0000u)
+    return static_cast<std::uint16_t>(((bits >> 16) & 0x8000u) | 0x7fc0u);
+  return static_cast<std::uint16_t>((bits + (random & 0xffffu)) >> 16);
+}
+
+inline bfloat16 round_nearest(float value) noexcept {
+  return std::bit_cast<bfloat16>(xax::detail::float_to_bfloat16_bits(value));
+}
+inline float widen(bfloat16 value) noexcept {
+  return xax::detail::bfloat16_bits_to_float(std::bit_cast<std::uint16_t>(value));
+}
+
+/// Elements per chunk of an update: a few float arrays of this length stay in L1, so the statements of an
+/// update run one after another over a chunk still make a single pass over memory.
+inline constexpr std::size_t update_chunk = 512;
+
+/// Writes the fp32 updates `updated[k]` of the bf16 parameters `param[k]`, whose values before the update
+/// were `old[k]`, with the chosen rounding; `first_index` numbers `param[0]` in the leaf (the random stream
+/// of stochastic rounding is indexed by it). `compensation` is read and written only for Kahan. Each rounding
+/// is its own branch-free loop, which compilers vectorise.
+struct BF16Store {
+  BF16Update rounding = BF16Update::stochastic_rounding;
+  std::uint32_t key = 0;
+
+  void operator()(bfloat16* param, bfloat16* compensation, const float* old, const float* updated,
+                  std::size_t count, std::size_t first_index) const noexcept {
+    switch (rounding) {
+      case BF16Update::round_to_nearest:
+        xax::detail::convert_serial(updated, param, count);
+        return;
+      case BF16Update::stochastic_rounding:
+        for (std::size_t k = 0; k < count; ++k) {
+          param[k] = std::bit_cast<bfloat16>(
+              float_to_bfloat16_stochastic(updated[k], random_bits(key, first_index + k)));
+        }
+        return;
+      case BF16Update::kahan:
+        for (std::size_t k = 0; k < count; ++k) {
+          // The parameter's true value is param + compensation; adding the update to the compensation first
+          // lets small updates accumulate there until they move the bf16 parameter.
+          const float corrected = (updated[k] - old[k]) + widen(compensation[k]);
+          const bfloat16 sum = round_nearest(old[k] + corrected);
+          compensation[k] = round_nearest(corrected - (widen(sum) - old[k]));
+          param[k] = sum;
+        }
+        return;
+    }
+  }
+};
+
+}  // namespace detail
+}  // namespace xax::optim

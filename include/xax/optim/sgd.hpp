@@ -1,0 +1,243 @@
+#pragma once
+/// \file
+/// SGD with momentum, Nesterov momentum and weight decay, with torch.optim.SGD's semantics (dampening 0),
+/// updating a tree of master weights in place in one fused pass per leaf:
+///
+///     d = g + wd p;  b = mu b + d (b = d on the first step);  d = nesterov ? d + mu b : b;  p -= lr d
+///
+/// A tree of bfloat16 leaves is trained without masters when a BF16UpdateOptions is given (fp32 momentum,
+/// see xax/optim/optimizer.hpp).
+
+#include <xax/detail/eigen.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+#include <xax/detail/convert.hpp>
+#include <xax/optim/optimizer.hpp>
+#include <xax/utils/dtype.hpp>
+#include <xax/utils/error.hpp>
+#include <xax/utils/tree.hpp>
+
+namespace xax::optim {
+
+/// torch.optim.SGD's hyper-parameters (dampening is always 0) and defaults, with learning rate 1e-2.
+struct SgdOptions {
+  double learning_rate = 1e-2;
+  double momentum = 0.0;
+  double weight_decay = 0.0;
+  bool nesterov = false;
+};
+
+/// SGD's state over master weights: the step count and the momentum buffer (an empty tree when momentum is
+/// 0, which needs none).
+template <class Params>
+struct SgdState {
+  std::int64_t step = 0;
+  Params momentum_buffer;
+  XAX_FIELDS(step, momentum_buffer);
+};
+
+/// SGD's state over bf16 params: an fp32 momentum buffer, and the Kahan compensation (empty unless
+/// BF16Update::kahan).
+template <class Params>
+struct SgdBF16State {
+  std::int64_t step = 0;
+  moments_t<Params> momentum_buffer;
+  Params compensation;
+  XAX_FIELDS(step, momentum_buffer, compensation);
+};
+
+namespace detail {
+
+template <class S>
+struct SgdConstants {
+  S learning_rate, momentum, weight_decay;
+  bool nesterov, first_step;
+
+  /// Writes the new parameters (which may be `param` itself) for `count <= update_chunk` elements and
+  /// updates the momentum buffer, when there is one, in torch.optim.SGD's order of operations:
+  /// d = g + wd p; b = b mu + d (b = d on the first step, where PyTorch clones d); d = nesterov ? d + mu b :
+  /// b; p = p - lr d.
+  void update(const S* param, const S* grad, S* buffer, S* updated, std::size_t count) const noexcept {
+    using Array = Eigen::Array<S, Eigen::Dynamic, 1>;
+    const auto n = static_cast<Eigen::Index>(count);
+    alignas(64) S direction_storage[update_chunk];
+    const Eigen::Map<const Array> p(param, n), g(grad, n);
+    Eigen::Map<Array> d(direction_storage, n), out(updated, n);
+    if (weight_decay != S(0)) {
+      d = g + weight_decay * p;
+    } else {
+      d = g;
+    }
+    if (buffer != nullptr) {
+      Eigen::Map<Array> b(buffer, n);
+      if (first_step) {
+        b = d;
+      } else {
+        b = b * momentum + d;
+      }
+      if (nesterov) {
+        d = d + momentum * b;
+      } else {
+        d = b;
+      }
+    }
+    out = p - learning_rate * d;
+  }
+};
+
+}  // namespace detail
+
+/// SGD over a tree of master weights (float or double leaves) or of bfloat16 params.
+template <class Params>
+class Sgd {
+  static_assert((detail::require_optimizer_params<Params>(), true));
+
+ public:
+  using params_type = Params;
+  /// `{step, momentum_buffer}` for master weights; bf16 params add a compensation tree.
+  using State = std::conditional_t<master_params<Params>, SgdState<Params>, SgdBF16State<Params>>;
+
+  /// A momentum buffer shaped like `like` when momentum > 0. Throws ConfigError for an option out of range.
+  explicit Sgd(const Params& like, SgdOptions options = {}) requires master_params<Params>
+      : options_(options) {
+    validate(options_);
+    if (options_.momentum != 0) state_.momentum_buffer = zeros_like(like);
+  }
+
+  /// For bf16 params: an fp32 momentum buffer, and the rounding of the update (stochastic by default).
+  explicit Sgd(const Params& like, SgdOptions options = {},
+               BF16UpdateOptions bf16 = {}) requires bf16_params<Params> : options_(options),
+                                                                           bf16_(bf16) {
+    validate(options_);
+    if (options_.momentum != 0) {
+      state_.momentum_buffer = tree_cast<float>(like);
+      fill_floating(state_.momentum_buffer, 0.0);
+    }
+    if (bf16_.rounding == BF16Update::kahan) state_.compensation = zeros_like(like);
+  }
+
+  /// One update of `params` from `grads` (same structure and shapes; ShapeError naming the leaf otherwise).
+  void step(Params& params, const Params& grads) {
+    const std::int64_t step = state_.step + 1;
+    const bool momentum = options_.momentum != 0;
+    if constexpr (master_params<Params>) {
+      if (momentum) {
+        for_each_leaf([&]<class L>(L& p, const L& g, L& b) { update_master_leaf(p, g, &b, step); }, params,
+                      grads, state_.momentum_buffer);
+      } else {
+        for_each_leaf(
+            [&]<class L>(L& p, const L& g) { update_master_leaf(p, g, static_cast<L*>(nullptr), step); },
+            params, grads);
+      }
+    } else {
+      update_bf16(params, grads, step, momentum);
+    }
+    state_.step = step;
+  }
+
+  [[nodiscard]] const State& state() const { return state_; }
+  [[nodiscard]] State& state() { return state_; }
+  [[nodiscard]] const SgdOptions& options() const { return options_; }
+
+  /// Changes the learning rate for the following steps. Throws ConfigError for a negative or non-finite rate.
+  void set_learning_rate(double learning_rate) {
+    SgdOptions changed = options_;
+    changed.learning_rate = learning_rate;
+    validate(changed);
+    options_ = changed;
+  }
+
+ private:
+  static void validate(const SgdOptions& o) {
+    detail::require_option(std::isfinite(o.learning_rate) && o.learning_rate >= 0, "Sgd", "learning_rate",
+                           o.learning_rate, "a finite value >= 0");
+    detail::require_option(std::isfinite(o.momentum) && o.momentum >= 0, "Sgd", "momentum", o.momentum,
+                           "a finite value >= 0");
+    detail::require_option(std::isfinite(o.weight_decay) && o.weight_decay >= 0, "Sgd", "weight_decay",
+                           o.weight_decay, "a finite value >= 0");
+    detail::require_option(!o.nesterov || o.momentum > 0, "Sgd", "momentum (with nesterov = true)",
+                           o.momentum, "a value > 0: Nesterov momentum needs momentum");
+  }
+
+  template <class S>
+  detail::SgdConstants<S> constants(std::int64_t step) const {
+    return {static_cast<S>(options_.learning_rate), static_cast<S>(options_.momentum),
+            static_cast<S>(options_.weight_decay), options_.nesterov, step == 1};
+  }
+
+  template <class L>
+  void update_master_leaf(L& p, const L& g, L* b, std::int64_t step) const {
+    if constexpr (floating_leaf<L>) {
+      using S = leaf_scalar_t<L>;
+      const auto c = constants<S>(step);
+      S* param = leaf_span(p).data();
+      const S* grad = leaf_span(g).data();
+      S* buffer = b != nullptr ? leaf_span(*b).data() : nullptr;
+      detail::update_in_blocks(
+          leaf_span(p).size(), 5 * sizeof(S), [=](std::size_t begin, std::size_t end) noexcept {
+            for (std::size_t i = begin; i < end; i += detail::update_chunk) {
+              const std::size_t count = std::min(detail::update_chunk, end - i);
+              c.update(param + i, grad + i, buffer != nullptr ? buffer + i : nullptr, param + i, count);
+            }
+          });
+    }
+  }
+
+  void update_bf16(Params& params, const Params& grads, std::int64_t step, bool momentum) {
+    std::size_t leaf = 0;
+    const auto update = [&]<class L, class M>(L& p, const L& g, M* b, L* compensation_leaf) {
+      if constexpr (floating_leaf<L>) {
+        const auto c = constants<float>(step);
+        const detail::BF16Store store{bf16_.rounding, detail::rounding_key(bf16_.seed, step, leaf++)};
+        bfloat16* param = leaf_span(p).data();
+        const bfloat16* grad = leaf_span(g).data();
+        float* buffer = b != nullptr ? leaf_span(*b).data() : nullptr;
+        bfloat16* compensation =
+            compensation_leaf != nullptr ? leaf_span(*compensation_leaf).data() : nullptr;
+        detail::update_in_blocks(leaf_span(p).size(), 12, [=](std::size_t begin, std::size_t end) noexcept {
+          alignas(64) float old[detail::update_chunk];
+          alignas(64) float gradient[detail::update_chunk];
+          alignas(64) float updated[detail::update_chunk];
+          for (std::size_t i = begin; i < end; i += detail::update_chunk) {
+            const std::size_t count = std::min(detail::update_chunk, end - i);
+            xax::detail::convert_serial(param + i, old, count);
+            xax::detail::convert_serial(grad + i, gradient, count);
+            c.update(old, gradient, buffer != nullptr ? buffer + i : nullptr, updated, count);
+            store(param + i, compensation != nullptr ? compensation + i : nullptr, old, updated, count, i);
+          }
+        });
+      }
+    };
+    const bool kahan = bf16_.rounding == BF16Update::kahan;
+    if (momentum && kahan) {
+      for_each_leaf([&]<class L, class M>(L& p, const L& g, M& b, L& c) { update(p, g, &b, &c); }, params,
+                    grads, state_.momentum_buffer, state_.compensation);
+    } else if (momentum) {
+      for_each_leaf(
+          [&]<class L, class M>(L& p, const L& g, M& b) { update(p, g, &b, static_cast<L*>(nullptr)); },
+          params, grads, state_.momentum_buffer);
+    } else if (kahan) {
+      for_each_leaf(
+          [&]<class L>(L& p, const L& g, L& c) {
+            update(p, g, static_cast<rebind_scalar_t<L, float>*>(nullptr), &c);
+          },
+          params, grads, state_.compensation);
+    } else {
+      for_each_leaf(
+          [&]<class L>(L& p, const L& g) {
+            update(p, g, static_cast<rebind_scalar_t<L, float>*>(nullptr), static_cast<L*>(nullptr));
+          },
+          params, grads);
+    }
+  }
+
+  SgdOptions options_;
+  BF16UpdateOptions bf16_{};
+  State state_;
+};
+
+}  // namespace xax::optim

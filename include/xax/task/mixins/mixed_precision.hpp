@@ -1,0 +1,368 @@
+#pragma once
+/// \file
+/// `MixedPrecisionConfig` and `MixedPrecisionMixin<Derived, Config>`: the seed's
+/// `xax/task/mixins/mixed_precision.py`.
+///
+/// The mixin is the config-driven face of TrainStep: it reads `precision_policy` and `loss_scaling` at run
+/// time and runs the matching compile-time TrainStep. The task supplies, besides what TrainMixin needs:
+///
+///     template <class T> using params_type = MyParams<T>;     // the model's tree, a template over its
+///     scalar using batch_type = MyBatch; params_type<float> init_params() const;                  // fp32
+///     initial parameters template <class T>                                       // public double
+///     loss_and_grads(const params_type<T>&, const batch_type&, float loss_scale, params_type<T>& grads);
+///
+/// and optionally `template <class T> double evaluate(const params_type<T>&, const batch_type&)` for
+/// MixedPrecisionMixin::evaluate_batch, which runs it in the policy's compute type.
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <xax/task/checkpoint.hpp>
+#include <xax/task/config.hpp>
+#include <xax/task/train_step.hpp>
+#include <xax/utils/error.hpp>
+#include <xax/utils/loss_scale.hpp>
+#include <xax/utils/policy.hpp>
+
+namespace xax {
+
+/// Mixed-precision settings, with the seed's names and defaults.
+struct MixedPrecisionConfig {
+  bool enable_mixed_precision =
+      false;  ///< false: plain float32, no loss scaling, whatever the fields below say
+  std::string precision_policy = "mixed";
+  std::string loss_scaling = "dynamic";  ///< none, static or dynamic
+  double loss_scale_value = 32768;       ///< the static scale, or the dynamic scale's initial value (2^15)
+  std::int64_t loss_scale_growth_interval = 2000;
+  double loss_scale_growth_factor = 2.0;
+  double loss_scale_backoff_factor = 0.5;
+  double loss_scale_min = 1.0;
+  double loss_scale_max = FLT_MAX;
+  std::int64_t loss_scale_hysteresis = 1;
+  double max_grad_norm = 0;  ///< clip unscaled gradients to this global L2 norm; 0 disables
+  std::int64_t accumulation_steps = 1;
+  std::int64_t max_overflows_at_min_scale = 100;  ///< LossScaleError after this many; 0 never
+
+  template <class Self, class Visit>
+  static void visit_mixed_precision_fields(Self& self, Visit&& visit) {
+    visit("enable_mixed_precision", self.enable_mixed_precision, "true or false");
+    visit("precision_policy", self.precision_policy,
+          "default, mixed, float16, half, a dtype name, or key=dtype pairs such as "
+          "params=float32,compute=bfloat16");
+    visit("loss_scaling", self.loss_scaling, "none, static or dynamic");
+    visit("loss_scale_value", self.loss_scale_value, "a finite number > 0");
+    visit("loss_scale_growth_interval", self.loss_scale_growth_interval, "an integer >= 1");
+    visit("loss_scale_growth_factor", self.loss_scale_growth_factor, "a finite number > 1");
+    visit("loss_scale_backoff_factor", self.loss_scale_backoff_factor, "a number in (0, 1)");
+    visit("loss_scale_min", self.loss_scale_min, "a finite number > 0 and <= loss_scale_value");
+    visit("loss_scale_max", self.loss_scale_max, "a finite number >= loss_scale_value, at most FLT_MAX");
+    visit("loss_scale_hysteresis", self.loss_scale_hysteresis, "an integer >= 1");
+    visit("max_grad_norm", self.max_grad_norm, "a finite number >= 0; 0 disables clipping");
+    visit("accumulation_steps", self.accumulation_steps, "an integer >= 1");
+    visit("max_overflows_at_min_scale", self.max_overflows_at_min_scale, "an integer >= 0; 0 never stops");
+  }
+
+  /// The policy this config runs: float32 throughout when mixed precision is disabled.
+  [[nodiscard]] PolicySpec policy_spec() const {
+    if (!enable_mixed_precision) return get_policy("default");
+    try {
+      return get_policy(precision_policy);
+    } catch (const ConfigError& error) {
+      throw ConfigError(std::string("config field 'precision_policy': ") + error.what());
+    }
+  }
+
+  /// The loss scale this config runs: none when mixed precision is disabled.
+  [[nodiscard]] LossScale make_loss_scale() const {
+    if (!enable_mixed_precision || loss_scaling == "none") return NoOpLossScale{};
+    if (loss_scaling == "static") return StaticLossScale(static_cast<float>(loss_scale_value));
+    DynamicLossScaleOptions options;
+    options.initial_scale = static_cast<float>(loss_scale_value);
+    options.growth_interval = loss_scale_growth_interval;
+    options.growth_factor = static_cast<float>(loss_scale_growth_factor);
+    options.backoff_factor = static_cast<float>(loss_scale_backoff_factor);
+    options.min_scale = static_cast<float>(loss_scale_min);
+    options.max_scale = static_cast<float>(loss_scale_max);
+    options.hysteresis = static_cast<int>(loss_scale_hysteresis);
+    return DynamicLossScale(options);
+  }
+
+  void validate_mixed_precision() const {
+    const auto reject = [](const char* field, const std::string& value, const char* accepted) {
+      return ConfigError(std::string("config field '") + field + "': " + value +
+                         " is not accepted; expected " + accepted);
+    };
+    const PolicySpec spec = policy_spec();
+    for (const DType dtype : {spec.param, spec.compute}) {
+      if (dtype == DType::float64) {
+        throw reject(
+            "precision_policy", "'" + precision_policy + "' (float64 params or compute)",
+            "float16, bfloat16 or float32 for params and compute; MixedPrecisionMixin compiles those nine "
+            "combinations; for float64 inherit xax::TrainStep with your policy directly");
+      }
+    }
+    if (loss_scaling != "none" && loss_scaling != "static" && loss_scaling != "dynamic") {
+      throw reject("loss_scaling", "'" + loss_scaling + "'", "none, static or dynamic");
+    }
+    const auto finite_positive = [](double x) { return std::isfinite(x) && x > 0 && x <= FLT_MAX; };
+    if (!finite_positive(loss_scale_value)) {
+      throw reject("loss_scale_value", std::to_string(loss_scale_value),
+                   "a finite number > 0 (at most FLT_MAX)");
+    }
+    if (loss_scale_growth_interval < 1) {
+      throw reject("loss_scale_growth_interval", std::to_string(loss_scale_growth_interval),
+                   "an integer >= 1");
+    }
+    if (!(std::isfinite(loss_scale_growth_factor) && loss_scale_growth_factor > 1)) {
+      throw reject("loss_scale_growth_factor", std::to_string(loss_scale_growth_factor),
+                   "a finite number > 1");
+    }
+    if (!(loss_scale_backoff_factor > 0 && loss_scale_backoff_factor < 1)) {
+      throw reject("loss_scale_backoff_factor", std::to_string(loss_scale_backoff_factor),
+                   "a number in (0, 1)");
+    }
+    if (!finite_positive(loss_scale_min) || loss_scale_min > loss_scale_value) {
+      throw reject("loss_scale_min", std::to_string(loss_scale_min),
+                   "a finite number > 0 and <= loss_scale_value");
+    }
+    if (!finite_positive(loss_scale_max) || loss_scale_max < loss_scale_value) {
+      throw reject("loss_scale_max", std::to_string(loss_scale_max),
+                   "a finite number >= loss_scale_value, at most FLT_MAX");
+    }
+    if (loss_scale_hysteresis < 1 || loss_scale_hysteresis > 1'000'000) {
+      throw reject("loss_scale_hysteresis", std::to_string(loss_scale_hysteresis),
+                   "an integer in [1, 1000000]");
+    }
+    if (!(std::isfinite(max_grad_norm) && max_grad_norm >= 0)) {
+      throw reject("max_grad_norm", std::to_string(max_grad_norm), "a finite number >= 0");
+    }
+    if (accumulation_steps < 1)
+      throw reject("accumulation_steps", std::to_string(accumulation_steps), "an integer >= 1");
+    if (max_overflows_at_min_scale < 0) {
+      throw reject("max_overflows_at_min_scale", std::to_string(max_overflows_at_min_scale),
+                   "an integer >= 0");
+    }
+  }
+
+  [[nodiscard]] TrainStepOptions train_step_options() const {
+    return {.max_grad_norm = max_grad_norm, .max_overflows_at_min_scale = max_overflows_at_min_scale};
+  }
+};
+
+namespace detail {
+
+// The step engine behind MixedPrecisionMixin: an interface over the task's types, and one implementation per
+// compile-time policy, each a TrainStep whose "derived trainer" forwards to the task.
+template <class Task>
+class StepEngine {
+ public:
+  template <class T>
+  using params_type = typename Task::template params_type<T>;
+  using batch_type = typename Task::batch_type;
+
+  virtual ~StepEngine() = default;
+  virtual StepResult train_step(std::span<const batch_type> micro_batches) = 0;
+  virtual params_type<float> params_float32() const = 0;
+  virtual double evaluate(const batch_type& batch) = 0;
+  virtual float loss_scale() const = 0;
+  virtual std::int64_t skipped_steps() const = 0;
+  virtual void set_learning_rate(double learning_rate) = 0;
+  virtual std::size_t state_bytes_total() const = 0;
+  virtual void save(CheckpointWriter& writer) const = 0;
+  virtual void load(const CheckpointReader& reader) = 0;
+};
+
+template <class Task, class StepPolicy>
+class PolicyStepEngine final : public StepEngine<Task>,
+                               public TrainStep<PolicyStepEngine<Task, StepPolicy>, StepPolicy, LossScale> {
+  using Step = TrainStep<PolicyStepEngine<Task, StepPolicy>, StepPolicy, LossScale>;
+
+ public:
+  template <class T>
+  using params_type = typename Task::template params_type<T>;
+  using batch_type = typename Task::batch_type;
+
+  PolicyStepEngine(Task& task, DType output, const params_type<float>& initial,
+                   const OptimizerOptions& optimizer, LossScale loss_scale, TrainStepOptions options)
+      : task_(&task), output_(output) {
+    this->reset_train_state(initial, optimizer, std::move(loss_scale), options);
+  }
+
+  template <class T>
+  double loss_and_grads(const params_type<T>& params, const batch_type& batch, float loss_scale,
+                        params_type<T>& grads) {
+    return static_cast<double>(task_->loss_and_grads(params, batch, loss_scale, grads));
+  }
+
+  StepResult train_step(std::span<const batch_type> micro_batches) override {
+    StepResult result = Step::train_step(micro_batches);
+    result.loss = round_to_output(result.loss);
+    return result;
+  }
+  params_type<float> params_float32() const override { return tree_cast<float>(Step::params()); }
+  double evaluate(const batch_type& batch) override {
+    if constexpr (requires { task_->evaluate(Step::params(), batch); }) {
+      return this->with_compute_params(
+          [&](const auto& params) { return static_cast<double>(task_->evaluate(params, batch)); });
+    } else {
+      throw Error(
+          "MixedPrecisionMixin::evaluate: the task defines no `template <class T> double evaluate(const "
+          "params_type<T>&, const batch_type&)`");
+    }
+  }
+  float loss_scale() const override { return Step::current_loss_scale(); }
+  std::int64_t skipped_steps() const override { return Step::skipped_steps(); }
+  void set_learning_rate(double learning_rate) override { Step::set_learning_rate(learning_rate); }
+  std::size_t state_bytes_total() const override { return Step::state_bytes().total(); }
+  void save(CheckpointWriter& writer) const override { Step::save_train_state(writer); }
+  void load(const CheckpointReader& reader) override { Step::load_train_state(reader); }
+
+ private:
+  // The output type only rounds the reported loss, so it is applied at run time rather than compiled 4 times
+  // over.
+  double round_to_output(double loss) const {
+    return visit_dtype(
+        output_, [&]<class O>(std::type_identity<O>) { return static_cast<double>(static_cast<O>(loss)); });
+  }
+
+  Task* task_;
+  DType output_;
+};
+
+}  // namespace detail
+
+/// CRTP base that runs the train step under the config's precision policy and loss scaling.
+template <class Derived, class Config>
+class MixedPrecisionMixin {
+ public:
+  /// One optimizer step (built on first use from `derived().init_params()` and the config).
+  template <class D = Derived>
+  StepResult train_step(const typename D::batch_type& batch) {
+    return engine<D>().train_step(std::span<const typename D::batch_type>(&batch, 1));
+  }
+  /// One optimizer step averaged over micro-batches (gradient accumulation).
+  template <class D = Derived>
+  StepResult train_step(std::span<const typename D::batch_type> micro_batches) {
+    return engine<D>().train_step(micro_batches);
+  }
+
+  /// The policy the config selects (float32 throughout when mixed precision is disabled).
+  [[nodiscard]] PolicySpec policy() const { return mp_config().policy_spec(); }
+  [[nodiscard]] float loss_scale() const { return engine_ ? engine_view().loss_scale() : initial_scale(); }
+  [[nodiscard]] std::int64_t skipped_steps() const { return engine_ ? engine_view().skipped_steps() : 0; }
+
+  /// The master parameters as float32.
+  template <class D = Derived>
+  typename D::template params_type<float> params() {
+    return engine<D>().params_float32();
+  }
+  /// Runs the task's `evaluate(params, batch)` on the masters cast to the compute type.
+  template <class D = Derived>
+  double evaluate_batch(const typename D::batch_type& batch) {
+    return engine<D>().evaluate(batch);
+  }
+  template <class D = Derived>
+  void set_learning_rate(double learning_rate) {
+    engine<D>().set_learning_rate(learning_rate);
+  }
+  /// Bytes of masters, compute copy, gradients and optimizer state.
+  template <class D = Derived>
+  std::size_t train_state_bytes() {
+    return engine<D>().state_bytes_total();
+  }
+
+  /// Checkpoint hooks (TrainMixin::save_checkpoint and load_checkpoint call these).
+  template <class D = Derived>
+  void save_train_state(CheckpointWriter& writer) const {
+    const_cast<MixedPrecisionMixin*>(this)->template engine<D>().save(writer);
+  }
+  template <class D = Derived>
+  void load_train_state(const CheckpointReader& reader) {
+    engine<D>().load(reader);
+  }
+
+ protected:
+  MixedPrecisionMixin() = default;
+  ~MixedPrecisionMixin() = default;
+  MixedPrecisionMixin(MixedPrecisionMixin&&) noexcept = default;
+  MixedPrecisionMixin& operator=(MixedPrecisionMixin&&) noexcept = default;
+  // The engine points back at its task, so a copy would train the original: copying a task is not supported.
+  MixedPrecisionMixin(const MixedPrecisionMixin&) = delete;
+  MixedPrecisionMixin& operator=(const MixedPrecisionMixin&) = delete;
+
+  /// Rebuilds the train state from `derived().init_params()` and the current config.
+  template <class D = Derived>
+  void reset_mixed_precision() {
+    engine_.reset();
+    (void)engine<D>();
+  }
+
+  Derived& derived() { return static_cast<Derived&>(*this); }
+  const Derived& derived() const { return static_cast<const Derived&>(*this); }
+
+ private:
+  struct EngineHolder {
+    virtual ~EngineHolder() = default;
+    virtual float loss_scale() const = 0;
+    virtual std::int64_t skipped_steps() const = 0;
+  };
+  template <class D>
+  struct Holder final : EngineHolder {
+    std::unique_ptr<detail::StepEngine<D>> engine;
+    float loss_scale() const override { return engine->loss_scale(); }
+    std::int64_t skipped_steps() const override { return engine->skipped_steps(); }
+  };
+
+  const MixedPrecisionConfig& mp_config() const {
+    static_assert(std::derived_from<Config, MixedPrecisionConfig>,
+                  "xax::MixedPrecisionMixin: Config must derive from xax::MixedPrecisionConfig");
+    return static_cast<const MixedPrecisionConfig&>(derived().config());
+  }
+  float initial_scale() const {
+    return std::visit([](const auto& s) { return s.loss_scale(); }, mp_config().make_loss_scale());
+  }
+  const EngineHolder& engine_view() const { return *engine_; }
+
+  template <class D>
+  detail::StepEngine<D>& engine() {
+    if (!engine_) engine_ = build<D>();
+    return *static_cast<Holder<D>&>(*engine_).engine;
+  }
+
+  template <class D>
+  std::unique_ptr<EngineHolder> build() {
+    static_assert(
+        requires(const D& task) {
+          { task.init_params() } -> std::convertible_to<typename D::template params_type<float>>;
+        },
+        "xax::MixedPrecisionMixin: the task must define `params_type<float> init_params() const`");
+    const auto& config = derived().config();
+    validate_config(config);
+    const MixedPrecisionConfig& mp = config;
+    const PolicySpec spec = mp.policy_spec();
+    const OptimizerOptions optimizer = config.optimizer_options();
+    const auto initial = derived().init_params();
+    auto holder = std::make_unique<Holder<D>>();
+    // Only float16/bfloat16/float32 params and compute are compiled (validate_mixed_precision rejects
+    // float64): nine TrainStep instantiations rather than visit_policy's 64.
+    visit_policy(spec, [&]<class P>(P) {
+      using Param = typename P::param_type;
+      using Compute = typename P::compute_type;
+      if constexpr (!std::is_same_v<Param, double> && !std::is_same_v<Compute, double>) {
+        holder->engine = std::make_unique<detail::PolicyStepEngine<D, Policy<Param, Compute, float>>>(
+            static_cast<D&>(derived()), spec.output, initial, optimizer, mp.make_loss_scale(),
+            mp.train_step_options());
+      }
+    });
+    return holder;
+  }
+
+  std::unique_ptr<EngineHolder> engine_;
+};
+
+}  // namespace xax

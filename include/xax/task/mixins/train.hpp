@@ -1,0 +1,330 @@
+#pragma once
+/// \file
+/// `TrainConfig` and `TrainMixin<Derived, Config>`: the training loop of the seed's
+/// `xax/task/mixins/train.py`.
+///
+/// TrainMixin owns the config, the data order (a seeded, per-epoch shuffle), logging and progress, and
+/// checkpoints of the whole train state. The step itself comes from `derived().train_step(...)`, which
+/// MixedPrecisionMixin (or a TrainStep base) provides. The derived task supplies its data:
+///
+///     std::int64_t num_examples() const;
+///     batch_type make_batch(std::span<const std::int64_t> example_indices) const;
+///
+/// and may define `void on_step(std::int64_t step, const xax::StepResult&)` and `void
+/// on_epoch_end(std::int64_t epoch)` hooks.
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <concepts>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <numeric>
+#include <random>
+#include <span>
+#include <sstream>
+#include <string>
+#include <vector>
+#include <xax/task/checkpoint.hpp>
+#include <xax/task/config.hpp>
+#include <xax/task/train_step.hpp>
+#include <xax/utils/error.hpp>
+
+#if __has_include(<unistd.h>)
+#include <unistd.h>
+#endif
+
+namespace xax {
+
+/// The training loop's settings.
+struct TrainConfig {
+  double learning_rate = 1e-3;
+  std::int64_t batch_size = 128;
+  std::int64_t epochs = 1;
+  std::int64_t max_steps = 0;  ///< stop after this many optimizer steps; 0 runs all epochs
+  std::string optimizer = "adamw";
+  double weight_decay = 1e-2;
+  double momentum = 0.9;                 ///< SGD only
+  std::int64_t log_interval = 100;       ///< steps between log lines; 0 never logs
+  std::int64_t checkpoint_interval = 0;  ///< steps between checkpoints; 0 never writes one
+  std::string checkpoint_path = "checkpoint.xax";
+  std::int64_t seed = 0;
+  bool progress = true;  ///< an updating progress line when stderr is a terminal
+
+  template <class Self, class Visit>
+  static void visit_train_fields(Self& self, Visit&& visit) {
+    visit("learning_rate", self.learning_rate, "a finite number > 0");
+    visit("batch_size", self.batch_size, "an integer >= 1");
+    visit("epochs", self.epochs, "an integer >= 1");
+    visit("max_steps", self.max_steps, "an integer >= 0; 0 runs all epochs");
+    visit("optimizer", self.optimizer, "adamw or sgd");
+    visit("weight_decay", self.weight_decay, "a finite number >= 0");
+    visit("momentum", self.momentum, "a number in [0, 1)");
+    visit("log_interval", self.log_interval, "an integer >= 0; 0 never logs");
+    visit("checkpoint_interval", self.checkpoint_interval, "an integer >= 0; 0 never checkpoints");
+    visit("checkpoint_path", self.checkpoint_path, "a file path");
+    visit("seed", self.seed, "an integer");
+    visit("progress", self.progress, "true or false");
+  }
+
+  void validate_train() const {
+    const auto reject = [](const char* field, const std::string& value, const char* accepted) {
+      return ConfigError(std::string("config field '") + field + "': " + value +
+                         " is not accepted; expected " + accepted);
+    };
+    if (!(learning_rate > 0) || !std::isfinite(learning_rate)) {
+      throw reject("learning_rate", std::to_string(learning_rate), "a finite number > 0");
+    }
+    if (batch_size < 1) throw reject("batch_size", std::to_string(batch_size), "an integer >= 1");
+    if (epochs < 1) throw reject("epochs", std::to_string(epochs), "an integer >= 1");
+    if (max_steps < 0) throw reject("max_steps", std::to_string(max_steps), "an integer >= 0");
+    if (optimizer != "adamw" && optimizer != "sgd")
+      throw reject("optimizer", "'" + optimizer + "'", "adamw or sgd");
+    if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) {
+      throw reject("weight_decay", std::to_string(weight_decay), "a finite number >= 0");
+    }
+    if (!(momentum >= 0 && momentum < 1))
+      throw reject("momentum", std::to_string(momentum), "a number in [0, 1)");
+    if (log_interval < 0) throw reject("log_interval", std::to_string(log_interval), "an integer >= 0");
+    if (checkpoint_interval < 0) {
+      throw reject("checkpoint_interval", std::to_string(checkpoint_interval), "an integer >= 0");
+    }
+    if (checkpoint_interval > 0 && checkpoint_path.empty()) {
+      throw reject("checkpoint_path", "an empty path", "a file path when checkpoint_interval > 0");
+    }
+  }
+
+  /// The optimizer these settings describe.
+  [[nodiscard]] OptimizerOptions optimizer_options() const {
+    if (optimizer == "sgd") {
+      optim::SgdOptions sgd;
+      sgd.learning_rate = learning_rate;
+      sgd.momentum = momentum;
+      sgd.weight_decay = weight_decay;
+      return sgd;
+    }
+    optim::AdamWOptions adamw;
+    adamw.learning_rate = learning_rate;
+    adamw.weight_decay = weight_decay;
+    return adamw;
+  }
+};
+
+/// What fit() did.
+struct TrainSummary {
+  std::int64_t steps = 0;          ///< optimizer steps run by this call (skipped ones included)
+  std::int64_t skipped_steps = 0;  ///< skipped steps in total
+  double last_loss = 0;
+  double seconds = 0;
+};
+
+/// The data a task must provide to TrainMixin::fit.
+template <class Task>
+concept task_data = requires(const Task& task, std::span<const std::int64_t> indices) {
+  typename Task::batch_type;
+  { task.num_examples() } -> std::convertible_to<std::int64_t>;
+  { task.make_batch(indices) } -> std::convertible_to<typename Task::batch_type>;
+};
+
+/// CRTP base with the training loop. `Config` derives from TrainConfig.
+template <class Derived, class Config>
+class TrainMixin {
+ public:
+  [[nodiscard]] const Config& config() const { return config_; }
+
+  /// Optimizer steps taken so far (skipped ones included), across resumes.
+  [[nodiscard]] std::int64_t global_step() const { return global_step_; }
+  [[nodiscard]] std::int64_t epoch() const { return epoch_; }
+
+  /// Where log lines and progress go (std::clog by default); nullptr silences both.
+  void set_log_stream(std::ostream* stream) { log_ = stream; }
+
+  /// The task's random generator, for augmentation or dropout; its state is checkpointed.
+  std::mt19937_64& rng() { return rng_; }
+
+  /// Trains for the configured epochs (or max_steps), resuming where a loaded checkpoint left off.
+  TrainSummary fit();
+
+  /// Writes the whole train state (the step's state, loop position, RNG) to `path` atomically.
+  void save_checkpoint(const std::filesystem::path& path) const;
+
+  /// Restores a checkpoint written by save_checkpoint. On any error the current state is unchanged.
+  void load_checkpoint(const std::filesystem::path& path);
+
+ protected:
+  explicit TrainMixin(Config config) : config_(std::move(config)) {
+    static_assert(std::derived_from<Config, TrainConfig>,
+                  "xax::TrainMixin: Config must derive from xax::TrainConfig");
+    validate_config(config_);
+    rng_.seed(static_cast<std::uint64_t>(config_.seed));
+    epoch_rng_ = rng_;
+  }
+  ~TrainMixin() = default;
+  TrainMixin(const TrainMixin&) = default;
+  TrainMixin(TrainMixin&&) noexcept = default;
+  TrainMixin& operator=(const TrainMixin&) = default;
+  TrainMixin& operator=(TrainMixin&&) noexcept = default;
+
+  Derived& derived() { return static_cast<Derived&>(*this); }
+  const Derived& derived() const { return static_cast<const Derived&>(*this); }
+
+ private:
+  void shuffle_epoch(std::int64_t examples) {
+    order_.resize(static_cast<std::size_t>(examples));
+    std::iota(order_.begin(), order_.end(), std::int64_t{0});
+    // The generator's state at the epoch's start is kept so a resumed run rebuilds exactly this order.
+    epoch_rng_ = rng_;
+    std::shuffle(order_.begin(), order_.end(), rng_);
+  }
+
+  void log_line(const std::string& line, bool transient) const;
+
+  Config config_;
+  std::mt19937_64 rng_;
+  std::mt19937_64 epoch_rng_;
+  std::vector<std::int64_t> order_;
+  std::int64_t global_step_ = 0;
+  std::int64_t epoch_ = 0;
+  std::int64_t batch_in_epoch_ = 0;  // micro-batches of the current epoch already consumed
+  bool resumed_ = false;
+  std::ostream* log_ = &std::clog;
+};
+
+namespace detail {
+inline bool stderr_is_terminal() {
+#if __has_include(<unistd.h>)
+  return ::isatty(STDERR_FILENO) != 0;
+#else
+  return false;
+#endif
+}
+}  // namespace detail
+
+template <class Derived, class Config>
+void TrainMixin<Derived, Config>::log_line(const std::string& line, bool transient) const {
+  if (log_ == nullptr) return;
+  if (transient) {
+    if (config_.progress && log_ == &std::clog && detail::stderr_is_terminal())
+      *log_ << '\r' << line << "\x1b[K" << std::flush;
+    return;
+  }
+  if (config_.progress && log_ == &std::clog && detail::stderr_is_terminal()) *log_ << "\r\x1b[K";
+  *log_ << line << '\n';
+}
+
+template <class Derived, class Config>
+TrainSummary TrainMixin<Derived, Config>::fit() {
+  static_assert(
+      task_data<Derived>,
+      "xax::TrainMixin::fit: the task must define `std::int64_t num_examples() const` and `batch_type "
+      "make_batch(std::span<const std::int64_t> example_indices) const`");
+  using Batch = typename Derived::batch_type;
+  const std::int64_t examples = derived().num_examples();
+  if (examples < 1) throw ConfigError("the task has no training examples (num_examples() returned 0)");
+  const std::int64_t batch = std::min(config_.batch_size, examples);
+  const std::int64_t micro_per_step = [&] {
+    if constexpr (requires { config_.accumulation_steps; }) {
+      return static_cast<std::int64_t>(config_.accumulation_steps);
+    } else {
+      return std::int64_t{1};
+    }
+  }();
+  const std::int64_t batches_per_epoch = examples / batch;  // the ragged tail is dropped, as drop_last=True
+
+  TrainSummary summary;
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<Batch> micro;
+  micro.reserve(static_cast<std::size_t>(micro_per_step));
+
+  for (; epoch_ < config_.epochs; ++epoch_) {
+    if (resumed_) {
+      // Rebuild the interrupted epoch's order from its starting generator, then continue from the saved
+      // state.
+      const std::mt19937_64 current = rng_;
+      rng_ = epoch_rng_;
+      shuffle_epoch(examples);
+      rng_ = current;
+      resumed_ = false;
+    } else if (batch_in_epoch_ == 0) {
+      shuffle_epoch(examples);
+    }
+    while (batch_in_epoch_ + micro_per_step <= batches_per_epoch) {
+      if (config_.max_steps > 0 && global_step_ >= config_.max_steps) break;
+      micro.clear();
+      for (std::int64_t m = 0; m < micro_per_step; ++m) {
+        const auto first = static_cast<std::size_t>((batch_in_epoch_ + m) * batch);
+        micro.push_back(derived().make_batch(
+            std::span<const std::int64_t>(order_).subspan(first, static_cast<std::size_t>(batch))));
+      }
+      const StepResult result = derived().train_step(std::span<const Batch>(micro));
+      batch_in_epoch_ += micro_per_step;
+      ++global_step_;
+      ++summary.steps;
+      summary.last_loss = result.loss;
+      summary.skipped_steps = result.skipped_steps;
+      if constexpr (requires { derived().on_step(global_step_, result); })
+        derived().on_step(global_step_, result);
+
+      const bool log_now = config_.log_interval > 0 && global_step_ % config_.log_interval == 0;
+      if (log_now || !result.finite) {
+        const double seconds =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        std::ostringstream line;
+        line << "step " << global_step_ << " | epoch " << epoch_ + 1 << "/" << config_.epochs << " | loss "
+             << result.loss << " | scale " << result.loss_scale << " | skipped " << result.skipped_steps
+             << " | " << static_cast<double>(summary.steps * micro_per_step * batch) / std::max(seconds, 1e-9)
+             << " ex/s";
+        if (!result.finite) line << " | skipped step: " << result.non_finite;
+        log_line(line.str(), false);
+      } else if (global_step_ % 10 == 0) {
+        std::ostringstream line;
+        line << "epoch " << epoch_ + 1 << "/" << config_.epochs << " [" << batch_in_epoch_ << "/"
+             << batches_per_epoch << "] loss " << result.loss;
+        log_line(line.str(), true);
+      }
+      if (config_.checkpoint_interval > 0 && global_step_ % config_.checkpoint_interval == 0) {
+        save_checkpoint(config_.checkpoint_path);
+      }
+    }
+    if (config_.max_steps > 0 && global_step_ >= config_.max_steps) break;
+    batch_in_epoch_ = 0;
+    if constexpr (requires { derived().on_epoch_end(epoch_); }) derived().on_epoch_end(epoch_);
+  }
+  summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return summary;
+}
+
+template <class Derived, class Config>
+void TrainMixin<Derived, Config>::save_checkpoint(const std::filesystem::path& path) const {
+  CheckpointWriter writer;
+  derived().save_train_state(writer);
+  writer.add_tree("loop", std::array<std::int64_t, 3>{global_step_, epoch_, batch_in_epoch_});
+  std::ostringstream rng_state, epoch_rng_state;
+  rng_state << rng_;
+  epoch_rng_state << epoch_rng_;
+  writer.add_string("loop.rng", rng_state.str());
+  writer.add_string("loop.epoch_rng", epoch_rng_state.str());
+  writer.add_string("config", config_to_string(config_));
+  writer.write(path);
+}
+
+template <class Derived, class Config>
+void TrainMixin<Derived, Config>::load_checkpoint(const std::filesystem::path& path) {
+  const CheckpointReader reader(path);
+  std::array<std::int64_t, 3> loop{};
+  reader.read_tree("loop", loop);
+  std::mt19937_64 rng, epoch_rng;
+  std::istringstream(reader.read_string("loop.rng")) >> rng;
+  std::istringstream(reader.read_string("loop.epoch_rng")) >> epoch_rng;
+  derived().load_train_state(reader);  // validates before it changes anything
+  global_step_ = loop[0];
+  epoch_ = loop[1];
+  batch_in_epoch_ = loop[2];
+  rng_ = rng;
+  epoch_rng_ = epoch_rng;
+  resumed_ = batch_in_epoch_ > 0;
+}
+
+}  // namespace xax

@@ -1,0 +1,576 @@
+#pragma once
+/// \file
+/// `TrainStep<Derived, Policy, LossScale>`: the mixed-precision train step as a CRTP base (DESIGN §6).
+///
+/// The derived trainer supplies its parameter tree as a template over the scalar, its batch type, and its
+/// loss and gradients as a template over the compute scalar:
+///
+///     class MyTrainer : public xax::TrainStep<MyTrainer, xax::Policy<float, xax::bfloat16, float>> {
+///      public:
+///       template <class T> using params_type = MlpParams<T>;
+///       using batch_type = Batch;
+///       MyTrainer() { reset_train_state(init_mlp<float>(...), xax::optim::AdamWOptions{},
+///       xax::DynamicLossScale{}); }
+///       // Returns the unscaled fp32 loss and writes the gradients of (loss * loss_scale) into `grads`.
+///       template <class T>
+///       double loss_and_grads(const MlpParams<T>& params, const Batch& batch, float loss_scale,
+///       MlpParams<T>& grads);
+///     };
+///
+/// One `train_step(batch)` casts the fp32 masters to the compute type, runs the trainer's forward/backward
+/// with the loss scaled, casts the gradients to fp32, unscales and checks them in one pass, clips
+/// (optionally) and updates the masters, or skips the step leaving masters and optimizer state bit-identical,
+/// and adjusts the loss scale.
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <variant>
+#include <xax/optim/adamw.hpp>
+#include <xax/optim/sgd.hpp>
+#include <xax/task/checkpoint.hpp>
+#include <xax/utils/error.hpp>
+#include <xax/utils/finite.hpp>
+#include <xax/utils/loss_scale.hpp>
+#include <xax/utils/policy.hpp>
+#include <xax/utils/tree.hpp>
+
+namespace xax {
+
+/// What one train step did.
+struct StepResult {
+  double loss = 0;       ///< mean unscaled loss over the step's micro-batches, rounded to the output type
+  bool finite = true;    ///< whether every unscaled gradient (and the loss) was finite
+  float loss_scale = 1;  ///< the scale this step's backward used
+  std::int64_t skipped_steps = 0;  ///< skipped steps so far, this one included
+  double grad_norm = 0;    ///< global L2 norm of the unscaled gradients before clipping; inf/NaN if skipped
+  std::string non_finite;  ///< which tensors were non-finite ("2 of 6 tensors non-finite: ..."), or empty
+};
+
+/// Options of the step itself (the optimizer and the loss scale have their own).
+struct TrainStepOptions {
+  /// Clip the unscaled gradients to this global L2 norm; 0 disables clipping.
+  double max_grad_norm = 0;
+  /// Throw LossScaleError after this many consecutive non-finite steps at which the scale cannot go lower (a
+  /// dynamic scale at its minimum, or a static/no-op scale); 0 never throws.
+  std::int64_t max_overflows_at_min_scale = 100;
+};
+
+/// The optimizers a train step can run on its masters.
+using OptimizerOptions = std::variant<optim::AdamWOptions, optim::SgdOptions>;
+
+/// A loss scale TrainStep can drive: one of the three kinds, or the LossScale variant of them.
+template <class T>
+concept train_loss_scale = std::same_as<T, NoOpLossScale> || std::same_as<T, StaticLossScale> ||
+    std::same_as<T, DynamicLossScale> || std::same_as<T, LossScale>;
+
+namespace detail {
+
+template <class L>
+decltype(auto) visit_loss_scale(L& scale, auto&& f) {
+  if constexpr (std::same_as<std::remove_const_t<L>, LossScale>) {
+    return std::visit(f, scale);
+  } else {
+    return f(scale);
+  }
+}
+
+/// Whether a non-finite step can still lower the scale. Static and no-op scales never move; a dynamic one
+/// stops at its minimum (hysteresis only delays the backoff).
+template <class L>
+bool scale_at_floor(const L& scale) {
+  return visit_loss_scale(scale, []<class S>(const S& s) {
+    if constexpr (std::same_as<S, DynamicLossScale>) {
+      return s.loss_scale() <= s.options().min_scale;
+    } else {
+      return true;
+    }
+  });
+}
+
+// The loss scale's state as a tree of named scalars, for checkpoints.
+struct LossScaleRecord {
+  std::int32_t kind = 0;  // index in the LossScale variant
+  float scale = 1;
+  std::int64_t counter = 0;
+  std::int32_t hysteresis_left = 0;
+  float initial_scale = 0;
+  std::int64_t growth_interval = 0;
+  float growth_factor = 0;
+  float backoff_factor = 0;
+  float min_scale = 0;
+  float max_scale = 0;
+  std::int32_t hysteresis = 0;
+  XAX_FIELDS(kind, scale, counter, hysteresis_left, initial_scale, growth_interval, growth_factor,
+             backoff_factor, min_scale, max_scale, hysteresis);
+};
+
+inline LossScaleRecord to_record(const NoOpLossScale&) {
+  return {.kind = 0};
+}
+inline LossScaleRecord to_record(const StaticLossScale& s) {
+  return {.kind = 1, .scale = s.loss_scale()};
+}
+inline LossScaleRecord to_record(const DynamicLossScale& s) {
+  const DynamicLossScaleState state = s.state();
+  return {.kind = 2,
+          .scale = state.scale,
+          .counter = state.counter,
+          .hysteresis_left = state.hysteresis_left,
+          .initial_scale = state.options.initial_scale,
+          .growth_interval = state.options.growth_interval,
+          .growth_factor = state.options.growth_factor,
+          .backoff_factor = state.options.backoff_factor,
+          .min_scale = state.options.min_scale,
+          .max_scale = state.options.max_scale,
+          .hysteresis = state.options.hysteresis};
+}
+
+inline LossScale from_record(const LossScaleRecord& r) {
+  switch (r.kind) {
+    case 0:
+      return NoOpLossScale{};
+    case 1:
+      return StaticLossScale(r.scale);
+    case 2: {
+      DynamicLossScaleState state;
+      state.scale = r.scale;
+      state.counter = r.counter;
+      state.hysteresis_left = r.hysteresis_left;
+      state.options.initial_scale = r.initial_scale;
+      state.options.growth_interval = r.growth_interval;
+      state.options.growth_factor = r.growth_factor;
+      state.options.backoff_factor = r.backoff_factor;
+      state.options.min_scale = r.min_scale;
+      state.options.max_scale = r.max_scale;
+      state.options.hysteresis = r.hysteresis;
+      return DynamicLossScale::from_state(state);
+    }
+    default:
+      throw CheckpointError("checkpoint holds an unknown loss-scale kind " + std::to_string(r.kind));
+  }
+}
+
+template <class Tree>
+double global_l2_norm(const Tree& tree) {
+  double sum = 0;
+  for_each_leaf(
+      [&sum]<class L>(const L& leaf) {
+        if constexpr (floating_leaf<L>) {
+          for (const auto x : leaf_span(leaf)) sum += static_cast<double>(x) * static_cast<double>(x);
+        }
+      },
+      tree);
+  return std::sqrt(sum);
+}
+
+template <class Tree>
+void scale_in_place(Tree& tree, double factor) {
+  for_each_leaf(
+      [factor]<class L>(L& leaf) {
+        if constexpr (floating_leaf<L>) {
+          using S = leaf_scalar_t<L>;
+          for (auto& x : leaf_span(leaf)) x = static_cast<S>(static_cast<double>(x) * factor);
+        }
+      },
+      tree);
+}
+
+template <class Tree>
+void add_in_place(Tree& sum, const Tree& addend) {
+  for_each_leaf(
+      []<class L>(L& s, const L& a) {
+        if constexpr (floating_leaf<L>) {
+          auto out = leaf_span(s);
+          const auto in = leaf_span(a);
+          for (std::size_t i = 0; i < out.size(); ++i) out[i] += in[i];
+        }
+      },
+      sum, addend);
+}
+
+}  // namespace detail
+
+/// The CRTP train step. `Derived` provides `template <class T> using params_type`, `using batch_type`, and
+/// `template <class T> double loss_and_grads(const params_type<T>&, const batch_type&, float loss_scale,
+/// params_type<T>& grads)`. Call `reset_train_state` (typically from the constructor) before the first step.
+template <class Derived, precision_policy Policy, train_loss_scale LossScaleT = DynamicLossScale>
+class TrainStep {
+ public:
+  using policy_type = Policy;
+  using param_type = typename Policy::param_type;
+  using compute_type = typename Policy::compute_type;
+  using output_type = typename Policy::output_type;
+  using loss_scale_type = LossScaleT;
+  /// The scalar the optimizer works in: the param type, or float when params are stored in half precision.
+  using update_type = std::conditional_t<half_scalar<param_type>, float, param_type>;
+
+  /// One optimizer step from one batch.
+  template <class D = Derived>
+  StepResult train_step(const typename D::batch_type& batch) {
+    return train_step<D>(std::span<const typename D::batch_type>(&batch, 1));
+  }
+
+  /// One optimizer step from several micro-batches whose gradients are averaged (gradient accumulation).
+  template <class D = Derived>
+  StepResult train_step(std::span<const typename D::batch_type> micro_batches);
+
+  /// The master parameters.
+  template <class D = Derived>
+  const typename D::template params_type<param_type>& params() const {
+    return state<D>().masters;
+  }
+  /// Calls `f(compute_params)` with the masters cast to the compute type (for evaluation in the policy's
+  /// precision).
+  template <class F, class D = Derived>
+  decltype(auto) with_compute_params(F&& f) {
+    auto& s = state<D>();
+    if constexpr (std::is_same_v<compute_type, param_type>) {
+      return f(std::as_const(s.masters));
+    } else {
+      tree_cast_into(s.masters, s.compute);
+      return f(std::as_const(s.compute));
+    }
+  }
+
+  [[nodiscard]] const LossScaleT& loss_scale() const { return storage().loss_scale; }
+  [[nodiscard]] float current_loss_scale() const {
+    return detail::visit_loss_scale(storage().loss_scale, [](const auto& s) { return s.loss_scale(); });
+  }
+  /// Calls to train_step so far, skipped ones included.
+  [[nodiscard]] std::int64_t steps() const { return storage().steps; }
+  [[nodiscard]] std::int64_t skipped_steps() const { return storage().skipped; }
+  [[nodiscard]] const TrainStepOptions& train_step_options() const { return storage().options; }
+  [[nodiscard]] static PolicySpec policy() { return Policy::spec(); }
+
+  /// Sets the learning rate of the optimizer (schedules call this between steps).
+  template <class D = Derived>
+  void set_learning_rate(double learning_rate) {
+    state<D>().visit_optimizer([&](auto& optimizer) { optimizer.set_learning_rate(learning_rate); });
+  }
+
+  /// Bytes held by the train state, by kind: masters, their compute copy, gradients, optimizer state.
+  struct StateBytes {
+    std::size_t params = 0, compute_params = 0, grads = 0, optimizer = 0;
+    [[nodiscard]] std::size_t total() const { return params + compute_params + grads + optimizer; }
+  };
+  template <class D = Derived>
+  [[nodiscard]] StateBytes state_bytes() const {
+    const auto& s = state<D>();
+    StateBytes bytes;
+    bytes.params = payload_bytes(s.masters);
+    bytes.compute_params = std::is_same_v<compute_type, param_type> ? 0 : payload_bytes(s.compute);
+    bytes.grads = payload_bytes(s.grads) + payload_bytes(s.grads_micro) +
+                  (std::is_same_v<compute_type, update_type> ? 0 : payload_bytes(s.compute_grads)) +
+                  payload_bytes(s.work);
+    s.visit_optimizer([&](const auto& optimizer) { bytes.optimizer = payload_bytes(optimizer.state()); });
+    return bytes;
+  }
+
+  /// Adds the whole step state under `prefix`: masters, optimizer state, loss scale, counters, policy.
+  template <class D = Derived>
+  void save_train_state(CheckpointWriter& writer, const std::string& prefix = "train") const {
+    const auto& s = state<D>();
+    writer.add_string(prefix + ".policy", Policy::spec().str());
+    writer.add_string(prefix + ".optimizer", s.optimizer_name());
+    writer.add_tree(prefix + ".params", s.masters);
+    s.visit_optimizer(
+        [&](const auto& optimizer) { writer.add_tree(prefix + ".optimizer_state", optimizer.state()); });
+    writer.add_tree(prefix + ".loss_scale", detail::visit_loss_scale(s.loss_scale, [](const auto& l) {
+                      return detail::to_record(l);
+                    }));
+    writer.add_tree(prefix + ".counters",
+                    std::array<std::int64_t, 3>{s.steps, s.skipped, s.overflows_at_floor});
+  }
+
+  /// Restores what save_train_state wrote. Throws CheckpointError if it was written under another policy or
+  /// optimizer, or for another model structure; the current state is unchanged then.
+  template <class D = Derived>
+  void load_train_state(const CheckpointReader& reader, const std::string& prefix = "train") {
+    auto& s = state<D>();
+    const std::string& saved_policy = reader.read_string(prefix + ".policy");
+    if (saved_policy != Policy::spec().str()) {
+      throw CheckpointError("checkpoint was written under policy " + saved_policy + ", not " +
+                            Policy::spec().str());
+    }
+    const std::string& saved_optimizer = reader.read_string(prefix + ".optimizer");
+    if (saved_optimizer != s.optimizer_name()) {
+      throw CheckpointError("checkpoint was written with optimizer " + saved_optimizer + ", not this one");
+    }
+    // Read everything into copies first, so that a failure halfway leaves the live state untouched.
+    auto masters = s.masters;
+    reader.read_tree(prefix + ".params", masters);
+    auto optimizer_state = s.optimizer_state_copy();
+    std::visit([&](auto& o) { reader.read_tree(prefix + ".optimizer_state", o); }, optimizer_state);
+    detail::LossScaleRecord record;
+    reader.read_tree(prefix + ".loss_scale", record);
+    LossScale restored = detail::from_record(record);
+    LossScaleT loss_scale = s.loss_scale;
+    if constexpr (std::same_as<LossScaleT, LossScale>) {
+      loss_scale = std::move(restored);
+    } else {
+      if (!std::holds_alternative<LossScaleT>(restored)) {
+        throw CheckpointError("checkpoint holds another kind of loss scale than this train step uses");
+      }
+      loss_scale = std::get<LossScaleT>(std::move(restored));
+    }
+    std::array<std::int64_t, 3> counters{};
+    reader.read_tree(prefix + ".counters", counters);
+
+    s.masters = std::move(masters);
+    s.restore_optimizer_state(std::move(optimizer_state));
+    s.loss_scale = std::move(loss_scale);
+    s.steps = counters[0];
+    s.skipped = counters[1];
+    s.overflows_at_floor = counters[2];
+  }
+
+ protected:
+  TrainStep() = default;
+  ~TrainStep() = default;
+  TrainStep(TrainStep&&) noexcept = default;
+  TrainStep& operator=(TrainStep&&) noexcept = default;
+  TrainStep(const TrainStep& other) : storage_(other.storage_ ? other.storage_->clone() : nullptr) {}
+  TrainStep& operator=(const TrainStep& other) {
+    storage_ = other.storage_ ? other.storage_->clone() : nullptr;
+    return *this;
+  }
+
+  /// (Re)starts training from `initial` params (any floating scalar; cast to the param type).
+  template <class InitialParams, class D = Derived>
+  void reset_train_state(const InitialParams& initial, const OptimizerOptions& optimizer,
+                         LossScaleT loss_scale, TrainStepOptions options = {}) {
+    auto fresh = std::make_unique<State<D>>();
+    tree_cast_into(initial, fresh->masters);
+    fresh->compute = tree_cast<compute_type>(fresh->masters);
+    fresh->compute_grads = zeros_like(fresh->compute);
+    fresh->grads = tree_cast<update_type>(fresh->masters);
+    fill_floating(fresh->grads, 0.0);
+    if constexpr (!std::is_same_v<update_type, param_type>) fresh->work = fresh->grads;
+    if (const auto* adamw = std::get_if<optim::AdamWOptions>(&optimizer)) {
+      fresh->optimizer.template emplace<typename State<D>::AdamW>(fresh->grads, *adamw);
+    } else {
+      fresh->optimizer.template emplace<typename State<D>::Sgd>(fresh->grads,
+                                                                std::get<optim::SgdOptions>(optimizer));
+    }
+    if (options.max_grad_norm < 0 || !std::isfinite(options.max_grad_norm)) {
+      throw ConfigError("max_grad_norm " + std::to_string(options.max_grad_norm) +
+                        " is not accepted; give a finite value >= 0 (0 disables clipping)");
+    }
+    if (options.max_overflows_at_min_scale < 0) {
+      throw ConfigError("max_overflows_at_min_scale " + std::to_string(options.max_overflows_at_min_scale) +
+                        " is not accepted; give 0 (never stop) or more");
+    }
+    fresh->loss_scale = std::move(loss_scale);
+    fresh->options = options;
+    storage_ = std::move(fresh);
+  }
+
+  Derived& derived() { return static_cast<Derived&>(*this); }
+  const Derived& derived() const { return static_cast<const Derived&>(*this); }
+
+ private:
+  // The state's types name Derived's params_type, which is incomplete while Derived's base list (this class)
+  // is instantiated; a member class is only defined when first used, inside member functions, by which time
+  // Derived is complete. The type-erased base lets the non-template members reach what does not depend on
+  // Derived.
+  struct StorageBase {
+    LossScaleT loss_scale{};
+    TrainStepOptions options{};
+    std::int64_t steps = 0;
+    std::int64_t skipped = 0;
+    std::int64_t overflows_at_floor = 0;
+    virtual ~StorageBase() = default;
+    virtual std::unique_ptr<StorageBase> clone() const = 0;
+  };
+
+  template <class D>
+  struct State;
+
+  std::unique_ptr<StorageBase> storage_;
+
+  StorageBase& storage() {
+    if (!storage_)
+      throw Error("xax::TrainStep used before reset_train_state(); call it from your constructor");
+    return *storage_;
+  }
+  const StorageBase& storage() const { return const_cast<TrainStep*>(this)->storage(); }
+  template <class D>
+  State<D>& state() {
+    return static_cast<State<D>&>(storage());
+  }
+  template <class D>
+  const State<D>& state() const {
+    return static_cast<const State<D>&>(storage());
+  }
+};
+
+template <class Derived, precision_policy Policy, train_loss_scale LossScaleT>
+template <class D>
+struct TrainStep<Derived, Policy, LossScaleT>::State final : StorageBase {
+  template <class T>
+  using Params = typename D::template params_type<T>;
+  using AdamW = optim::AdamW<Params<update_type>>;
+  using Sgd = optim::Sgd<Params<update_type>>;
+
+  Params<param_type> masters;
+  Params<compute_type> compute;        // the masters cast to compute; unused when the types agree
+  Params<compute_type> compute_grads;  // the trainer's gradients, before the cast to update_type
+  Params<update_type> grads;           // unscaled fp32 gradients the optimizer reads
+  Params<update_type> grads_micro;     // one micro-batch's gradients under accumulation
+  Params<update_type> work;            // fp32 copy of half-precision masters during the update
+  std::variant<std::monostate, AdamW, Sgd> optimizer;
+
+  std::unique_ptr<StorageBase> clone() const override { return std::make_unique<State>(*this); }
+
+  template <class F>
+  decltype(auto) visit_optimizer(F&& f) {
+    if (auto* adamw = std::get_if<AdamW>(&optimizer)) return f(*adamw);
+    return f(std::get<Sgd>(optimizer));
+  }
+  template <class F>
+  decltype(auto) visit_optimizer(F&& f) const {
+    if (const auto* adamw = std::get_if<AdamW>(&optimizer)) return f(*adamw);
+    return f(std::get<Sgd>(optimizer));
+  }
+  [[nodiscard]] std::string optimizer_name() const {
+    return std::holds_alternative<AdamW>(optimizer) ? "adamw" : "sgd";
+  }
+
+  using OptimizerState = std::variant<typename AdamW::State, typename Sgd::State>;
+  OptimizerState optimizer_state_copy() const {
+    if (const auto* adamw = std::get_if<AdamW>(&optimizer))
+      return OptimizerState(std::in_place_index<0>, adamw->state());
+    return OptimizerState(std::in_place_index<1>, std::get<Sgd>(optimizer).state());
+  }
+  void restore_optimizer_state(OptimizerState&& saved) {
+    std::visit(
+        [&]<class S>(S&& value) {
+          visit_optimizer([&]<class O>(O& o) {
+            if constexpr (std::is_same_v<std::remove_cvref_t<S>, typename O::State>)
+              o.state() = std::move(value);
+          });
+        },
+        std::move(saved));
+  }
+};
+
+/// What TrainStep requires of its derived trainer for compute scalar `T`.
+template <class D, class T>
+concept trainer_for = requires {
+  typename D::batch_type;
+  typename D::template params_type<T>;
+}
+&&requires(D& trainer, const typename D::template params_type<T>& params, const typename D::batch_type& batch,
+           float loss_scale, typename D::template params_type<T>& grads) {
+  { trainer.loss_and_grads(params, batch, loss_scale, grads) } -> std::convertible_to<double>;
+};
+
+template <class Derived, precision_policy Policy, train_loss_scale LossScaleT>
+template <class D>
+StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
+    std::span<const typename D::batch_type> micro_batches) {
+  static_assert(
+      trainer_for<D, compute_type>,
+      "xax::TrainStep: the derived trainer must define `template <class T> using params_type = ...;`, "
+      "`using batch_type = ...;` and `template <class T> double loss_and_grads(const params_type<T>& "
+      "params, const batch_type& batch, float loss_scale, params_type<T>& grads)` (public), returning "
+      "the unscaled loss and writing the gradients of loss * loss_scale");
+  auto& s = state<D>();
+  if (micro_batches.empty()) throw ConfigError("train_step needs at least one batch; got an empty span");
+  const float scale = current_loss_scale();
+  const double micro_count = static_cast<double>(micro_batches.size());
+
+  const auto& compute_params = [&]() -> const auto& {
+    if constexpr (std::is_same_v<compute_type, param_type>) {
+      return s.masters;
+    } else {
+      tree_cast_into(s.masters, s.compute);
+      return s.compute;
+    }
+  }
+  ();
+
+  double loss_sum = 0;
+  for (std::size_t i = 0; i < micro_batches.size(); ++i) {
+    if constexpr (std::is_same_v<compute_type, update_type>) {
+      // The trainer's gradients already have the optimizer's type: write them in place, no cast.
+      auto& target = i == 0 ? s.grads : s.grads_micro;
+      if (i == 1) s.grads_micro = s.grads;  // shape the accumulation buffer once
+      loss_sum +=
+          static_cast<double>(derived().loss_and_grads(compute_params, micro_batches[i], scale, target));
+      if (i > 0) detail::add_in_place(s.grads, s.grads_micro);
+    } else {
+      loss_sum += static_cast<double>(
+          derived().loss_and_grads(compute_params, micro_batches[i], scale, s.compute_grads));
+      if (i == 0) {
+        tree_cast_into(s.compute_grads, s.grads);
+      } else {
+        tree_cast_into(s.compute_grads, s.grads_micro);
+        detail::add_in_place(s.grads, s.grads_micro);
+      }
+    }
+  }
+  const double loss = loss_sum / micro_count;
+
+  // One pass unscales, averages over micro-batches and checks the results. The reciprocal is computed in
+  // double and rounded to float once (PyTorch), so k = 1 multiplies by exactly inverse_scale().
+  const auto inverse = static_cast<float>(1.0 / (static_cast<double>(scale) * micro_count));
+  const bool grads_finite = unscale_and_check(s.grads, inverse);
+  const bool finite = grads_finite && std::isfinite(loss);
+
+  StepResult result;
+  result.loss_scale = scale;
+  if constexpr (std::is_same_v<output_type, double>) {
+    result.loss = loss;
+  } else {
+    result.loss = static_cast<double>(static_cast<float>(static_cast<output_type>(static_cast<float>(loss))));
+  }
+  ++s.steps;
+  if (finite) {
+    result.grad_norm = detail::global_l2_norm(s.grads);
+    const double max_norm = s.options.max_grad_norm;
+    if (max_norm > 0 && result.grad_norm > max_norm) {
+      detail::scale_in_place(s.grads,
+                             max_norm / (result.grad_norm + 1e-6));  // torch.nn.utils.clip_grad_norm_
+    }
+    if constexpr (std::is_same_v<update_type, param_type>) {
+      s.visit_optimizer([&](auto& optimizer) { optimizer.step(s.masters, s.grads); });
+    } else {
+      tree_cast_into(s.masters, s.work);
+      s.visit_optimizer([&](auto& optimizer) { optimizer.step(s.work, s.grads); });
+      tree_cast_into(s.work, s.masters);
+    }
+    s.overflows_at_floor = 0;
+  } else {
+    ++s.skipped;
+    result.grad_norm = std::numeric_limits<double>::infinity();
+    result.non_finite = grads_finite ? std::string() : describe_non_finite(s.grads);
+    if (!std::isfinite(loss)) {
+      result.non_finite =
+          "loss is " + std::to_string(loss) + (result.non_finite.empty() ? "" : "; ") + result.non_finite;
+    }
+    s.overflows_at_floor = detail::scale_at_floor(s.loss_scale) ? s.overflows_at_floor + 1 : 0;
+  }
+  detail::visit_loss_scale(s.loss_scale, [&](auto& l) { l.adjust(finite); });
+  result.finite = finite;
+  result.skipped_steps = s.skipped;
+
+  const std::int64_t limit = s.options.max_overflows_at_min_scale;
+  if (!finite && limit > 0 && s.overflows_at_floor >= limit) {
+    throw LossScaleError(
+        std::to_string(s.overflows_at_floor) + " consecutive steps overflowed with the loss scale at " +
+        std::to_string(current_loss_scale()) +
+        ", which cannot go lower; training would only skip steps from here. Last step: " + result.non_finite +
+        ". Lower the learning rate, lower min_scale, check the data for inf/NaN, or use a wider "
+        "compute type (bfloat16 or float32)");
+  }
+  return result;
+}
+
+}  // namespace xax

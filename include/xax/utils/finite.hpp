@@ -1,0 +1,152 @@
+#pragma once
+/// \file
+/// Finiteness of gradient trees: the check behind dynamic loss scaling, the fused unscale-and-check of a
+/// train step, selecting between trees, and naming the leaves that overflowed.
+///
+///     const bool finite = xax::unscale_and_check(grads, loss_scale.inverse_scale());
+///     if (!finite) log(xax::describe_non_finite(grads));  // "2 of 6 tensors non-finite: layers[1].w, ..."
+///
+/// Only floating leaves (float, double, bfloat16, float16) are scaled and checked; integer leaves are always
+/// finite. Large trees are processed by xax::num_threads() threads in one pass. Compiling with fast-math is
+/// refused (it would delete these checks).
+
+#include <xax/detail/finite_kernels.hpp>
+#include <xax/detail/format.hpp>
+
+#include <cstddef>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <vector>
+#include <xax/detail/ieee754.hpp>
+#include <xax/utils/dtype.hpp>
+#include <xax/utils/error.hpp>
+#include <xax/utils/tree.hpp>
+
+namespace xax {
+
+namespace detail {
+
+/// Per-thread storage for erased_floating_leaves, shared by every tree type.
+template <class Void>
+std::vector<ErasedLeaf<Void>>& erased_leaf_scratch() {
+  thread_local std::vector<ErasedLeaf<Void>> leaves;
+  return leaves;
+}
+
+/// The floating leaves of `tree`, type-erased for one pass over all of them. A const tree gives read-only
+/// leaves. The list lives in per-thread storage reused by the next call, so a train step allocates nothing.
+template <class Tree>
+std::span<const ErasedLeaf<std::conditional_t<std::is_const_v<Tree>, const void, void>>>
+erased_floating_leaves(Tree& tree) {
+  constexpr bool read_only = std::is_const_v<Tree>;
+  using Void = std::conditional_t<read_only, const void, void>;
+  std::vector<ErasedLeaf<Void>>& leaves = erased_leaf_scratch<Void>();
+  leaves.clear();
+  for_each_leaf(
+      [&leaves]<class L>(L& leaf) {
+        if constexpr (floating_leaf<std::remove_const_t<L>>) {
+          static_assert(
+              read_only || !std::is_const_v<std::remove_pointer_t<decltype(leaf_span(leaf).data())>>,
+              "xax: scaling a tree writes its leaves, but this one holds a read-only leaf (such as an "
+              "Eigen::Map<const ...>); pass a tree of writable leaves");
+          const auto elements = leaf_span(leaf);
+          using Scalar = leaf_scalar_t<std::remove_const_t<L>>;
+          if (!elements.empty()) leaves.push_back({elements.data(), elements.size(), dtype_of<Scalar>});
+        }
+      },
+      tree);
+  return leaves;
+}
+
+/// Multiplies every floating element of `tree` by `factor` in one pass and returns whether every result is
+/// finite. A factor of exactly 1 only checks.
+template <class Tree>
+bool scale_and_check_tree(Tree& tree, float factor) {
+  return all_over_leaves(erased_floating_leaves(tree), [factor]<class T>(T* x, std::size_t n) noexcept {
+    return scale_and_check_n(x, n, factor);
+  });
+}
+
+/// A floating factor an unscale may use: finite and greater than zero.
+inline void require_usable_factor(float factor, const char* function) {
+  if (!is_finite_bits(factor) || !(factor > 0.0f)) {
+    throw ConfigError(
+        std::string("xax::") + function + ": the inverse loss scale must be finite and > 0, got " +
+        shortest_text(factor) +
+        "; pass loss_scale.inverse_scale() of a valid loss scale (1 / scale, computed in double)");
+  }
+}
+
+}  // namespace detail
+
+/// True when every element of every floating leaf of `tree` is finite (neither inf nor NaN).
+template <class Tree>
+[[nodiscard]] bool all_finite(const Tree& tree) {
+  return detail::all_over_leaves(
+      detail::erased_floating_leaves(tree),
+      []<class T>(const T* x, std::size_t n) noexcept { return detail::all_finite_n(x, n); });
+}
+
+/// Multiplies every floating element of `grads` in place by `inv_scale` in one pass over memory and returns
+/// whether every **result** is finite. Checking the results rather than the inputs also catches an overflow
+/// that the unscaling itself causes when the loss scale is below 1. Every leaf is processed even when an
+/// early one overflows. An `inv_scale` of exactly 1 leaves `grads` bit-identical and only checks it.
+/// 16-bit leaves are computed in float and rounded once. Throws ConfigError unless `inv_scale` is finite and
+/// positive.
+template <class Tree>
+[[nodiscard]] bool unscale_and_check(Tree& grads, float inv_scale) {
+  static_assert(!std::is_const_v<Tree>,
+                "xax::unscale_and_check writes the gradients in place; pass them non-const");
+  detail::require_usable_factor(inv_scale, "unscale_and_check");
+  return detail::scale_and_check_tree(grads, inv_scale);
+}
+
+/// `a` when `pred` is true, else `b` (jmp's select_tree), e.g. to keep the old parameters on a skipped step.
+/// Throws ShapeError, naming the path, when the two trees differ in structure or leaf shapes.
+template <class Tree>
+[[nodiscard]] Tree select_tree(bool pred, const Tree& a, const Tree& b) {
+  // Walking both trees validates them, so a mismatch is reported whichever one is selected.
+  for_each_leaf([](const auto&, const auto&) {}, a, b);
+  return pred ? a : b;
+}
+
+/// The paths of the leaves holding at least one inf or NaN, in walk order, e.g. {"layers[1].w"}.
+template <class Tree>
+[[nodiscard]] std::vector<std::string> non_finite_leaf_paths(const Tree& tree) {
+  std::vector<std::string> paths;
+  for_each_leaf_with_path(
+      [&paths]<class L>(const TreePath& path, const L& leaf) {
+        if constexpr (floating_leaf<L>) {
+          const auto elements = leaf_span(leaf);
+          if (!detail::all_finite_n(elements.data(), elements.size())) paths.push_back(path.display());
+        }
+      },
+      tree);
+  return paths;
+}
+
+/// A one-line diagnosis for a skipped step, e.g. "2 of 6 tensors non-finite: layers[1].w, layers[1].b", or
+/// "all 6 tensors finite". Tensors are the floating leaves. At most `max_listed` paths are listed, then
+/// "and N more".
+template <class Tree>
+[[nodiscard]] std::string describe_non_finite(const Tree& tree, std::size_t max_listed = 10) {
+  std::size_t tensors = 0;
+  for_each_leaf(
+      [&tensors]<class L>(const L&) {
+        if constexpr (floating_leaf<L>) ++tensors;
+      },
+      tree);
+  const std::vector<std::string> paths = non_finite_leaf_paths(tree);
+  if (paths.empty()) return "all " + std::to_string(tensors) + " tensors finite";
+  std::string text =
+      std::to_string(paths.size()) + " of " + std::to_string(tensors) + " tensors non-finite: ";
+  for (std::size_t i = 0; i < paths.size() && i < max_listed; ++i) {
+    if (i != 0) text += ", ";
+    text += paths[i];
+  }
+  if (paths.size() > max_listed) text += ", and " + std::to_string(paths.size() - max_listed) + " more";
+  return text;
+}
+
+}  // namespace xax

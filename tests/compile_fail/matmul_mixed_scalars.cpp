@@ -1,0 +1,11 @@
+// expected-error: A and B must have the same scalar
+// xax::matmul multiplies operands of one scalar type; mixing float and bfloat16 must not compile silently
+// into a conversion of one operand.
+#include <xax/ops/matmul.hpp>
+
+int main() {
+  const Eigen::MatrixXf a = Eigen::MatrixXf::Ones(2, 2);
+  const Eigen::Matrix<xax::bfloat16, Eigen::Dynamic, Eigen::Dynamic> b(2, 2);
+  Eigen::MatrixXf c;
+  xax::matmul(a, b, c);
+}

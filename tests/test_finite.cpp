@@ -1,0 +1,412 @@
+// all_finite, the fused unscale_and_check, select_tree and the non-finite diagnostics, over every tree kind
+// and every floating leaf type, plus each fused SIMD kernel against the portable one.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <array>
+#include <bit>
+#include <cstdint>
+#include <iostream>
+#include <limits>
+#include <map>
+#include <random>
+#include <span>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+#include <xax/utils/finite.hpp>
+#include <xax/utils/threads.hpp>
+
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using xax::bfloat16;
+using xax::float16;
+
+template <class T>
+using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+template <class T>
+using Vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+
+template <class T>
+struct Layer {
+  Mat<T> w;
+  Vec<T> b;
+  XAX_FIELDS(w, b);
+};
+
+template <class T>
+struct Net {
+  std::vector<Layer<T>> layers;
+  std::int64_t step = 0;  // an integer leaf: never scaled, always finite
+  XAX_FIELDS(layers, step);
+};
+
+template <class T>
+T value_of(double x) {
+  return static_cast<T>(static_cast<float>(x));
+}
+
+template <class T>
+auto raw_bits(T value) {
+  if constexpr (sizeof(T) == 2) {
+    return std::bit_cast<std::uint16_t>(value);
+  } else if constexpr (sizeof(T) == 4) {
+    return std::bit_cast<std::uint32_t>(value);
+  } else {
+    return std::bit_cast<std::uint64_t>(value);
+  }
+}
+
+// Small exactly representable values in every precision: multiples of 1/4 up to a few hundred.
+template <class Tree>
+void fill_exact(Tree& tree) {
+  int counter = 1;
+  xax::for_each_leaf(
+      [&counter]<class L>(L& leaf) {
+        if constexpr (xax::floating_leaf<L>) {
+          for (auto& x : xax::leaf_span(leaf)) {
+            x = value_of<xax::leaf_scalar_t<L>>(0.25 * (counter % 997) * ((counter % 3 == 0) ? -1 : 1));
+            ++counter;
+          }
+        }
+      },
+      tree);
+}
+
+template <class T>
+Net<T> make_net(int layers = 3) {
+  Net<T> net;
+  for (int i = 0; i < layers; ++i) net.layers.push_back({Mat<T>(4, 3 + i), Vec<T>(4)});
+  fill_exact(net);
+  return net;
+}
+
+template <class T>
+class FiniteTyped : public ::testing::Test {};
+using LeafTypes = ::testing::Types<float, bfloat16, float16, double>;
+TYPED_TEST_SUITE(FiniteTyped, LeafTypes);
+
+template <class T>
+std::vector<T> poisons() {
+  return {static_cast<T>(std::numeric_limits<float>::infinity()),
+          static_cast<T>(-std::numeric_limits<float>::infinity()),
+          static_cast<T>(std::numeric_limits<float>::quiet_NaN())};
+}
+
+// Puts inf, -inf and NaN, one at a time, at the first, middle and last element of every floating leaf, and
+// expects all_finite, unscale_and_check and non_finite_leaf_paths to find exactly that leaf.
+template <class T, class Tree>
+void expect_every_poison_is_found(Tree tree) {
+  fill_exact(tree);
+  std::vector<std::pair<std::string, std::span<T>>> leaves;
+  xax::for_each_leaf_with_path(
+      [&leaves]<class L>(const xax::TreePath& path, L& leaf) {
+        if constexpr (xax::floating_leaf<L>) leaves.emplace_back(path.display(), xax::leaf_span(leaf));
+      },
+      tree);
+  ASSERT_FALSE(leaves.empty());
+  ASSERT_TRUE(xax::all_finite(tree));
+  for (const auto& [path, elements] : leaves) {
+    for (const std::size_t index : {std::size_t{0}, elements.size() / 2, elements.size() - 1}) {
+      for (const T poison : poisons<T>()) {
+        const T saved = elements[index];
+        elements[index] = poison;
+        EXPECT_FALSE(xax::all_finite(tree)) << path << "[" << index << "]";
+        EXPECT_THAT(xax::non_finite_leaf_paths(tree), ElementsAre(path));
+        Tree grads = tree;
+        EXPECT_FALSE(xax::unscale_and_check(grads, 0.5f)) << path << "[" << index << "]";
+        elements[index] = saved;
+      }
+    }
+  }
+  EXPECT_TRUE(xax::all_finite(tree));
+  EXPECT_TRUE(xax::non_finite_leaf_paths(tree).empty());
+}
+
+TYPED_TEST(FiniteTyped, FindsInfMinusInfAndNanInAnyLeafOfAnyTreeKind) {
+  using T = TypeParam;
+  expect_every_poison_is_found<T>(Mat<T>(5, 7));
+  expect_every_poison_is_found<T>(Eigen::Array<T, 3, 2>());
+  Eigen::Tensor<T, 3> tensor(2, 3, 4);
+  expect_every_poison_is_found<T>(tensor);
+  expect_every_poison_is_found<T>(std::map<std::string, Vec<T>>{{"bias", Vec<T>(3)}, {"scale", Vec<T>(40)}});
+  expect_every_poison_is_found<T>(std::vector<Mat<T>>{Mat<T>(2, 2), Mat<T>(33, 1), Mat<T>(1, 1)});
+  expect_every_poison_is_found<T>(std::array<Vec<T>, 2>{Vec<T>(17), Vec<T>(2)});
+  expect_every_poison_is_found<T>(std::tuple<T, Vec<T>, int>{T{}, Vec<T>(5), 3});
+  expect_every_poison_is_found<T>(std::pair<Vec<T>, T>{Vec<T>(9), T{}});
+  expect_every_poison_is_found<T>(make_net<T>());
+  expect_every_poison_is_found<T>(T{});
+}
+
+TYPED_TEST(FiniteTyped, UnscaleMultipliesEveryElementInPlace) {
+  using T = TypeParam;
+  Net<T> grads = make_net<T>();
+  grads.step = 41;
+  const Net<T> before = grads;
+  EXPECT_TRUE(xax::unscale_and_check(grads, 0.25f));
+  for (std::size_t l = 0; l < grads.layers.size(); ++l) {
+    for (Eigen::Index i = 0; i < grads.layers[l].w.size(); ++i) {
+      EXPECT_EQ(static_cast<double>(grads.layers[l].w(i)), static_cast<double>(before.layers[l].w(i)) * 0.25);
+    }
+    for (Eigen::Index i = 0; i < grads.layers[l].b.size(); ++i) {
+      EXPECT_EQ(static_cast<double>(grads.layers[l].b(i)), static_cast<double>(before.layers[l].b(i)) * 0.25);
+    }
+  }
+  EXPECT_EQ(grads.step, 41);
+}
+
+TYPED_TEST(FiniteTyped, ProcessesEveryLeafEvenAfterAnOverflow) {
+  using T = TypeParam;
+  std::vector<Vec<T>> grads{Vec<T>::Constant(3, value_of<T>(8.0)), Vec<T>::Constant(3, value_of<T>(8.0))};
+  grads[0](1) = static_cast<T>(std::numeric_limits<float>::infinity());
+  EXPECT_FALSE(xax::unscale_and_check(grads, 0.5f));
+  EXPECT_EQ(static_cast<double>(grads[0](0)), 4.0);
+  EXPECT_EQ(static_cast<double>(grads[1](2)), 4.0);
+}
+
+// Scale < 1 means unscaling multiplies by more than 1: values finite before the unscale overflow during it.
+// Checking the inputs (PyTorch #99640) would wrongly call these gradients finite.
+TYPED_TEST(FiniteTyped, CatchesAnOverflowCausedByTheUnscaleItself) {
+  using T = TypeParam;
+  Vec<T> grads = Vec<T>::Constant(50, value_of<T>(1.0));
+  grads(37) = Eigen::NumTraits<T>::highest();
+  ASSERT_TRUE(xax::all_finite(grads));
+  EXPECT_FALSE(xax::unscale_and_check(grads, 4.0f));  // loss scale 0.25
+  EXPECT_EQ(raw_bits(grads(37)), raw_bits(static_cast<T>(std::numeric_limits<float>::infinity())));
+  EXPECT_EQ(static_cast<double>(grads(0)), 4.0);
+}
+
+TYPED_TEST(FiniteTyped, MultiplyingByOneLeavesEveryBitUnchanged) {
+  using T = TypeParam;
+  Vec<T> grads(8);
+  grads << value_of<T>(1.5), value_of<T>(-0.0), std::numeric_limits<T>::denorm_min(),
+      -Eigen::NumTraits<T>::highest(), value_of<T>(3.0), value_of<T>(-2.25), value_of<T>(0.0),
+      value_of<T>(7.0);
+  const Vec<T> before = grads;
+  EXPECT_TRUE(xax::unscale_and_check(grads, 1.0f));
+  for (Eigen::Index i = 0; i < grads.size(); ++i) EXPECT_EQ(raw_bits(grads(i)), raw_bits(before(i))) << i;
+  // A signalling NaN's payload survives too: the pass only reads.
+  if constexpr (std::is_same_v<T, float>) {
+    grads(2) = std::bit_cast<float>(0x7fa0'1234u);
+    EXPECT_FALSE(xax::unscale_and_check(grads, 1.0f));
+    EXPECT_EQ(std::bit_cast<std::uint32_t>(grads(2)), 0x7fa0'1234u);
+  }
+}
+
+TYPED_TEST(FiniteTyped, LargeMixedTreesGiveTheSameAnswerOnEveryThreadCount) {
+  using T = TypeParam;
+  std::vector<Vec<T>> base;
+  std::mt19937 rng(5);
+  for (const int size : {1, 300'000, 17, 250'001, 64, 120'000}) {
+    Vec<T> leaf(size);
+    for (auto& x : xax::leaf_span(leaf)) x = value_of<T>(std::uniform_real_distribution<float>(-4, 4)(rng));
+    base.push_back(leaf);
+  }
+  const int previous = xax::num_threads();
+  std::vector<std::vector<Vec<T>>> results;
+  for (const int threads : {1, 2, 3}) {
+    try {
+      xax::set_num_threads(threads);
+    } catch (const xax::ConfigError&) {
+      continue;  // a build without OpenMP runs on one thread only
+    }
+    std::vector<Vec<T>> grads = base;
+    EXPECT_TRUE(xax::unscale_and_check(grads, 0.125f));
+    results.push_back(grads);
+    // An overflow anywhere, including right at a thread's boundary, is reported.
+    for (const std::size_t leaf : {std::size_t{0}, std::size_t{1}, std::size_t{3}, std::size_t{5}}) {
+      for (const Eigen::Index at : {Eigen::Index{0}, base[leaf].size() / 2, base[leaf].size() - 1}) {
+        std::vector<Vec<T>> poisoned = base;
+        poisoned[leaf](at) = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
+        EXPECT_FALSE(xax::all_finite(poisoned)) << threads << " threads, leaf " << leaf << " at " << at;
+        EXPECT_FALSE(xax::unscale_and_check(poisoned, 0.125f))
+            << threads << " threads, leaf " << leaf << " at " << at;
+      }
+    }
+  }
+  xax::set_num_threads(previous);
+  for (std::size_t r = 1; r < results.size(); ++r) {
+    for (std::size_t leaf = 0; leaf < base.size(); ++leaf) {
+      for (Eigen::Index i = 0; i < base[leaf].size(); ++i) {
+        ASSERT_EQ(raw_bits(results[r][leaf](i)), raw_bits(results[0][leaf](i)));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Rounding of 16-bit leaves: computed in float, rounded once, and the rounded value is what is checked.
+
+TEST(UnscaleAndCheck, HalfLeavesAreComputedInFloatAndRoundedOnce) {
+  std::mt19937 rng(9);
+  Vec<bfloat16> bf(1000);
+  Vec<float16> f16(1000);
+  for (Eigen::Index i = 0; i < 1000; ++i) {
+    const float x = std::normal_distribution<float>(0, 10)(rng);
+    bf(i) = bfloat16(x);
+    f16(i) = float16(x);
+  }
+  const float factor = 1.0f / 3.0f;
+  const Vec<bfloat16> bf_before = bf;
+  const Vec<float16> f16_before = f16;
+  ASSERT_TRUE(xax::unscale_and_check(bf, factor));
+  ASSERT_TRUE(xax::unscale_and_check(f16, factor));
+  for (Eigen::Index i = 0; i < 1000; ++i) {
+    EXPECT_EQ(raw_bits(bf(i)), raw_bits(bfloat16(static_cast<float>(bf_before(i)) * factor)));
+    EXPECT_EQ(raw_bits(f16(i)), raw_bits(float16(static_cast<float>(f16_before(i)) * factor)));
+  }
+}
+
+TEST(UnscaleAndCheck, AFloat16ProductThatRoundsToInfinityIsNotFinite) {
+  // 65504 * (1 + 2^-11) = 65535.98 is a finite float, but rounds to inf in f16 (everything from 65520 does).
+  Vec<float16> grads = Vec<float16>::Constant(3, float16(65504.0f));
+  EXPECT_FALSE(xax::unscale_and_check(grads, 1.0f + 0x1p-11f));
+  EXPECT_EQ(raw_bits(grads(0)), 0x7c00);
+  // Just below the rounding point it stays finite: 65504 * (1 + 2^-13) = 65512 rounds back to 65504.
+  Vec<float16> below = Vec<float16>::Constant(3, float16(65504.0f));
+  EXPECT_TRUE(xax::unscale_and_check(below, 1.0f + 0x1p-13f));
+  EXPECT_EQ(static_cast<float>(below(1)), 65504.0f);
+}
+
+TEST(UnscaleAndCheck, RejectsAnInverseScaleThatIsNotFiniteAndPositive) {
+  for (const float bad :
+       {0.0f, -0.5f, std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()}) {
+    Vec<float> grads = Vec<float>::Ones(3);
+    try {
+      static_cast<void>(xax::unscale_and_check(grads, bad));
+      FAIL() << "expected ConfigError for " << bad;
+    } catch (const xax::ConfigError& error) {
+      EXPECT_THAT(error.what(), HasSubstr("inverse loss scale must be finite and > 0"));
+    }
+    EXPECT_EQ(grads(0), 1.0f) << "nothing is written before the check";
+  }
+}
+
+TEST(UnscaleAndCheck, IntegerOnlyAndEmptyTreesAreFinite) {
+  std::tuple<int, Eigen::VectorXi> integers{3, Eigen::VectorXi::Ones(4)};
+  EXPECT_TRUE(xax::unscale_and_check(integers, 0.5f));
+  EXPECT_EQ(std::get<1>(integers)(0), 1);
+  std::vector<Eigen::MatrixXf> empty;
+  EXPECT_TRUE(xax::unscale_and_check(empty, 0.5f));
+  std::vector<Eigen::MatrixXf> zero_sized{Eigen::MatrixXf(0, 3)};
+  EXPECT_TRUE(xax::all_finite(zero_sized));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The fused kernels
+
+constexpr std::uint32_t float_non_finite = 0x7f80'0000u;
+
+TEST(ScaleMagnitudeKernels, EveryKernelMatchesThePortableOneOnEveryTailAndAlignment) {
+  std::mt19937 rng(13);
+  std::vector<float> input(200);
+  for (std::size_t i = 0; i < input.size(); ++i) {
+    // Mostly ordinary values, every seventh near the top of float so that x3 overflows some of them.
+    const float unit = std::uniform_real_distribution<float>(-1, 1)(rng);
+    input[i] = i % 7 == 0 ? unit * 2e38f : unit * 100.0f;
+  }
+  const float factor = 3.0f;
+  for (const auto& kernel : xax::detail::scale_magnitude_kernels()) {
+    if (!kernel.supported(xax::cpu_features())) {
+      std::cout << "[ SKIPPED  ] kernel " << kernel.name << ": not supported by this CPU\n";
+      continue;
+    }
+    for (std::size_t offset = 0; offset < 17; ++offset) {
+      for (std::size_t n = 0; n <= 70; ++n) {
+        std::vector<float> actual(input.begin(),
+                                  input.begin() + static_cast<std::ptrdiff_t>(offset + n + 20));
+        std::vector<float> expected = actual;
+        const std::uint32_t got = kernel.run(actual.data() + offset, n, factor);
+        const std::uint32_t want = xax::detail::scale_magnitude_portable(expected.data() + offset, n, factor);
+        ASSERT_EQ(got, want) << kernel.name << " n " << n << " offset " << offset;
+        for (std::size_t i = 0; i < actual.size(); ++i) {
+          ASSERT_EQ(std::bit_cast<std::uint32_t>(actual[i]), std::bit_cast<std::uint32_t>(expected[i]))
+              << kernel.name << " n " << n << " offset " << offset << " index " << i;
+        }
+      }
+    }
+  }
+}
+
+TEST(ScaleMagnitudeKernels, EveryKernelFindsANonFiniteValueAtEveryPosition) {
+  const float poisons[] = {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                           std::numeric_limits<float>::quiet_NaN(), std::bit_cast<float>(0xffa0'0001u)};
+  for (const auto& fused : xax::detail::scale_magnitude_kernels()) {
+    if (!fused.supported(xax::cpu_features())) continue;
+    for (std::size_t n = 1; n <= 70; ++n) {
+      for (std::size_t at = 0; at < n; ++at) {
+        for (const float poison : poisons) {
+          std::vector<float> values(n + 3, 1.0f);
+          values[1 + at] = poison;
+          ASSERT_GE(fused.run(values.data() + 1, n, 0.5f), float_non_finite)
+              << fused.name << " n " << n << " at " << at;
+          ASSERT_EQ(values[0], 1.0f);
+          ASSERT_EQ(values[n + 1], 1.0f) << "wrote past the end";
+        }
+        // The largest finite float passes; times 2 it does not.
+        std::vector<float> edge(n, 1.0f);
+        edge[at] = std::numeric_limits<float>::max();
+        ASSERT_EQ(fused.run(edge.data(), n, 1.0f), 0x7f7f'ffffu) << fused.name;
+        ASSERT_GE(fused.run(edge.data(), n, 2.0f), float_non_finite) << fused.name;
+      }
+    }
+  }
+  for (const auto& check : xax::detail::magnitude_kernels()) {
+    if (!check.supported(xax::cpu_features())) continue;
+    for (std::size_t n = 1; n <= 70; ++n) {
+      for (std::size_t at = 0; at < n; ++at) {
+        std::vector<float> values(n, -2.0f);
+        ASSERT_EQ(check.run(values.data(), n), 0x4000'0000u) << check.name;
+        values[at] = std::numeric_limits<float>::infinity();
+        ASSERT_EQ(check.run(values.data(), n), float_non_finite) << check.name << " n " << n << " at " << at;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// select_tree and the diagnostics
+
+TEST(SelectTree, ReturnsTheChosenTreeAndRejectsMismatchedStructures) {
+  Net<float> a = make_net<float>();
+  Net<float> b = a;
+  b.layers[1].w.setConstant(9.0f);
+  EXPECT_EQ(xax::select_tree(true, a, b).layers[1].w, a.layers[1].w);
+  EXPECT_EQ(xax::select_tree(false, a, b).layers[1].w, b.layers[1].w);
+  b.layers[2].b.resize(7);
+  try {
+    static_cast<void>(xax::select_tree(true, a, b));
+    FAIL() << "expected ShapeError";
+  } catch (const xax::ShapeError& error) {
+    EXPECT_THAT(error.what(), HasSubstr("layers[2].b"));
+  }
+  b.layers.pop_back();
+  EXPECT_THROW(static_cast<void>(xax::select_tree(false, a, b)), xax::ShapeError);
+}
+
+TEST(DescribeNonFinite, NamesTheNonFiniteLeavesByPath) {
+  Net<float> grads = make_net<float>();
+  EXPECT_EQ(xax::describe_non_finite(grads), "all 6 tensors finite");
+  grads.layers[1].w(2, 1) = std::numeric_limits<float>::infinity();
+  grads.layers[1].b(0) = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_THAT(xax::non_finite_leaf_paths(grads), ElementsAre("layers[1].w", "layers[1].b"));
+  EXPECT_EQ(xax::describe_non_finite(grads), "2 of 6 tensors non-finite: layers[1].w, layers[1].b");
+  grads.layers[2].b(3) = -std::numeric_limits<float>::infinity();
+  EXPECT_EQ(xax::describe_non_finite(grads, 2),
+            "3 of 6 tensors non-finite: layers[1].w, layers[1].b, and 1 more");
+}
+
+TEST(DescribeNonFinite, MapKeysAndTensorsAppearInPaths) {
+  std::map<std::string, std::tuple<Eigen::Tensor<bfloat16, 2>, float>> grads;
+  grads["decoder"] = {Eigen::Tensor<bfloat16, 2>(2, 2), 1.0f};
+  grads["encoder"] = {Eigen::Tensor<bfloat16, 2>(3, 1), 1.0f};
+  fill_exact(grads);
+  std::get<0>(grads["encoder"])(2, 0) = bfloat16(std::numeric_limits<float>::infinity());
+  std::get<1>(grads["decoder"]) = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_EQ(xax::describe_non_finite(grads), "2 of 4 tensors non-finite: [\"decoder\"][1], [\"encoder\"][0]");
+}
+
+}  // namespace

@@ -1,0 +1,337 @@
+// xax::matmul: every transposition variant and scalar against a double reference, with bounds that a bf16
+// accumulator fails; the epilogue (bias, ReLU, GELU, accumulation); operand layouts; backend agreement; and
+// the errors.
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <xax/ops/matmul.hpp>
+#include <xax/utils/dtype.hpp>
+#include <xax/utils/error.hpp>
+
+namespace {
+
+template <class T>
+using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+template <class T>
+using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+using MatrixXd = Eigen::MatrixXd;
+
+template <class T>
+Matrix<T> random_matrix(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed, float low, float high) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> uniform(low, high);
+  Matrix<T> m(rows, cols);
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(uniform(rng));
+  return m;
+}
+
+template <class T>
+MatrixXd to_double(const Matrix<T>& m) {
+  MatrixXd out(m.rows(), m.cols());
+  for (Eigen::Index i = 0; i < m.size(); ++i)
+    out.data()[i] = static_cast<double>(static_cast<float>(m.data()[i]));
+  return out;
+}
+
+/// Unit roundoff of the output type: half an ulp, relative.
+template <class T>
+double unit_roundoff() {
+  if constexpr (std::is_same_v<T, xax::bfloat16>) {
+    return std::ldexp(1.0, -8);
+  } else if constexpr (std::is_same_v<T, xax::float16>) {
+    return std::ldexp(1.0, -11);
+  } else {
+    return std::ldexp(1.0, -24);
+  }
+}
+
+/// The error bound for one element of a K-term fp32 sum of positive products rounded once to Out: one
+/// rounding of the output plus a generous fp32 accumulation term. A bf16 accumulator (one rounding per
+/// multiply-add) is two orders of magnitude outside it for K = 1024 (see BFloat16AccumulatorFailsTheBound).
+template <class Out>
+double element_bound(double magnitude, Eigen::Index k) {
+  return magnitude * (unit_roundoff<Out>() + 4e-7 * std::sqrt(static_cast<double>(k)) + 1e-7);
+}
+
+template <class Out>
+void expect_near_reference(const Matrix<Out>& actual, const MatrixXd& reference, Eigen::Index k,
+                           const std::string& what) {
+  ASSERT_EQ(actual.rows(), reference.rows()) << what;
+  ASSERT_EQ(actual.cols(), reference.cols()) << what;
+  int failures = 0;
+  for (Eigen::Index j = 0; j < reference.cols(); ++j) {
+    for (Eigen::Index i = 0; i < reference.rows(); ++i) {
+      const double expected = reference(i, j);
+      const double got = static_cast<double>(static_cast<float>(actual(i, j)));
+      const double bound = element_bound<Out>(std::max(std::abs(expected), 1e-3), k);
+      if (std::abs(got - expected) > bound && ++failures <= 5) {
+        ADD_FAILURE() << what << ": element (" << i << ", " << j << ") is " << got << ", reference "
+                      << expected << ", bound " << bound;
+      }
+    }
+  }
+  EXPECT_EQ(failures, 0) << what;
+}
+
+double gelu(double x) {
+  return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0)));
+}
+
+template <class T>
+class MatmulTyped : public ::testing::Test {};
+using Scalars = ::testing::Types<float, xax::bfloat16, xax::float16>;
+TYPED_TEST_SUITE(MatmulTyped, Scalars);
+
+// K = 1024 positive data: the products of U[0,1) pairs sum to ~256, where a bf16 accumulator loses
+// everything below 1 and ends up ~20 % low.
+constexpr Eigen::Index kM = 37, kN = 29, kK = 1024;
+
+TYPED_TEST(MatmulTyped, EveryTranspositionAccumulatesInFloatAndRoundsOnce) {
+  using T = TypeParam;
+  const Matrix<T> a = random_matrix<T>(kM, kK, 1, 0.0f, 1.0f);
+  const Matrix<T> b = random_matrix<T>(kK, kN, 2, 0.0f, 1.0f);
+  const MatrixXd reference = to_double(a) * to_double(b);
+  const Matrix<T> a_t = a.transpose();
+  const Matrix<T> b_t = b.transpose();
+
+  Matrix<T> c;
+  xax::matmul(a, b, c);
+  expect_near_reference(c, reference, kK, "A*B");
+  xax::matmul(a_t, b, c, {.transpose_a = true});
+  expect_near_reference(c, reference, kK, "A^T*B");
+  xax::matmul(a, b_t, c, {.transpose_b = true});
+  expect_near_reference(c, reference, kK, "A*B^T");
+  xax::matmul(a_t, b_t, c, {.transpose_a = true, .transpose_b = true});
+  expect_near_reference(c, reference, kK, "A^T*B^T");
+}
+
+TYPED_TEST(MatmulTyped, FloatOutputFromHalfInputsKeepsFullAccumulatorPrecision) {
+  using T = TypeParam;
+  const Matrix<T> a = random_matrix<T>(kM, kK, 3, 0.0f, 1.0f);
+  const Matrix<T> b = random_matrix<T>(kK, kN, 4, 0.0f, 1.0f);
+  Eigen::MatrixXf c;
+  xax::matmul(a, b, c);
+  expect_near_reference(Matrix<float>(c), to_double(a) * to_double(b), kK, "A*B into float");
+}
+
+TYPED_TEST(MatmulTyped, SignedDataMatchesReference) {
+  using T = TypeParam;
+  const Matrix<T> a = random_matrix<T>(64, 300, 5, -1.0f, 1.0f);
+  const Matrix<T> b = random_matrix<T>(300, 48, 6, -1.0f, 1.0f);
+  const MatrixXd reference = to_double(a) * to_double(b);
+  Eigen::MatrixXf c;
+  xax::matmul(a, b, c);
+  // Cancellation makes elementwise relative bounds meaningless; bound the error by the sum of |products|.
+  const MatrixXd magnitude = to_double(a).cwiseAbs() * to_double(b).cwiseAbs();
+  for (Eigen::Index i = 0; i < reference.size(); ++i) {
+    EXPECT_LE(std::abs(static_cast<double>(c.data()[i]) - reference.data()[i]),
+              1e-6 * magnitude.data()[i] + 1e-9)
+        << "element " << i;
+  }
+}
+
+TYPED_TEST(MatmulTyped, BiasAndActivationEpilogue) {
+  using T = TypeParam;
+  const Matrix<T> w = random_matrix<T>(40, 200, 7, -1.0f, 1.0f);
+  const Matrix<T> x = random_matrix<T>(200, 33, 8, -1.0f, 1.0f);
+  const Vector<T> bias = random_matrix<T>(40, 1, 9, -2.0f, 2.0f);
+  MatrixXd z = to_double(w) * to_double(x);
+  z.colwise() += to_double(Matrix<T>(bias)).col(0);
+  for (const auto activation : {xax::Activation::none, xax::Activation::relu, xax::Activation::gelu}) {
+    Matrix<T> y;
+    xax::matmul(w, x, bias, y, {.activation = activation});
+    MatrixXd expected = z;
+    if (activation == xax::Activation::relu) expected = z.cwiseMax(0.0);
+    if (activation == xax::Activation::gelu) expected = z.unaryExpr([](double v) { return gelu(v); });
+    const MatrixXd magnitude = (to_double(w).cwiseAbs() * to_double(x).cwiseAbs()).colwise() +
+                               to_double(Matrix<T>(bias)).col(0).cwiseAbs();
+    for (Eigen::Index i = 0; i < expected.size(); ++i) {
+      const double got = static_cast<double>(static_cast<float>(y.data()[i]));
+      EXPECT_LE(std::abs(got - expected.data()[i]),
+                unit_roundoff<T>() * std::abs(expected.data()[i]) + 2e-6 * magnitude.data()[i] + 1e-6)
+          << xax::activation_name(activation) << " element " << i;
+    }
+  }
+}
+
+TYPED_TEST(MatmulTyped, AccumulateAddsToTheOutputBeforeOneRounding) {
+  using T = TypeParam;
+  const Matrix<T> a = random_matrix<T>(kM, 256, 10, 0.0f, 1.0f);
+  const Matrix<T> b = random_matrix<T>(kN, 256, 11, 0.0f, 1.0f);
+  Eigen::MatrixXf c = random_matrix<float>(kM, kN, 12, 0.0f, 100.0f);
+  const MatrixXd reference = c.cast<double>() + to_double(a) * to_double(b).transpose();
+  xax::matmul(a, b, c, {.transpose_b = true, .accumulate = true});
+  expect_near_reference(Matrix<float>(c), reference, 256, "C += A*B^T into float");
+
+  Matrix<T> c_half = random_matrix<T>(kM, kN, 13, 0.0f, 100.0f);
+  const MatrixXd reference_half = to_double(c_half) + to_double(a) * to_double(b).transpose();
+  xax::matmul(a, b, c_half, {.transpose_b = true, .accumulate = true});
+  expect_near_reference(c_half, reference_half, 256, "C += A*B^T");
+}
+
+TYPED_TEST(MatmulTyped, RowMajorOperandsTransposedViewsMapsAndBlocks) {
+  using T = TypeParam;
+  const Matrix<T> a = random_matrix<T>(kM, 200, 14, 0.0f, 1.0f);
+  const Matrix<T> b = random_matrix<T>(200, kN, 15, 0.0f, 1.0f);
+  const MatrixXd reference = to_double(a) * to_double(b);
+
+  const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> a_row = a;
+  Matrix<T> c;
+  xax::matmul(a_row, b, c);
+  expect_near_reference(c, reference, 200, "row-major A");
+
+  const Matrix<T> b_t = b.transpose();
+  xax::matmul(a, b_t.transpose(), c);
+  expect_near_reference(c, reference, 200, "B given as a transposed view");
+
+  // A strided output: a block of a larger matrix, written in place; the rest is untouched.
+  Matrix<T> big = Matrix<T>::Constant(kM + 5, kN + 3, static_cast<T>(-7.0f));
+  xax::matmul(a, b, big.block(2, 1, kM, kN));
+  expect_near_reference(Matrix<T>(big.block(2, 1, kM, kN)), reference, 200, "block output");
+  EXPECT_EQ(static_cast<float>(big(0, 0)), -7.0f);
+  EXPECT_EQ(static_cast<float>(big(kM + 4, kN + 2)), -7.0f);
+
+  // Contiguous maps of caller-owned storage.
+  std::vector<T> storage(static_cast<std::size_t>(kM * kN));
+  Eigen::Map<Matrix<T>> c_map(storage.data(), kM, kN);
+  const Eigen::Map<const Matrix<T>> a_map(a.data(), a.rows(), a.cols());
+  xax::matmul(a_map, b, c_map);
+  expect_near_reference(Matrix<T>(c_map), reference, 200, "maps");
+
+  // An operand that is a block (strided columns) of a larger matrix.
+  const Matrix<T> a_wide = random_matrix<T>(kM + 10, 260, 16, 0.0f, 1.0f);
+  xax::matmul(a_wide.block(3, 40, kM, 200), b, c);
+  expect_near_reference(c, to_double(Matrix<T>(a_wide.block(3, 40, kM, 200))) * to_double(b), 200,
+                        "block input");
+}
+
+TYPED_TEST(MatmulTyped, EmptyReductionGivesTheEpilogueOfZero) {
+  using T = TypeParam;
+  const Matrix<T> a(3, 0);
+  const Matrix<T> b(0, 4);
+  Vector<T> bias(3);
+  bias << static_cast<T>(1.0f), static_cast<T>(-2.0f), static_cast<T>(3.0f);
+  Matrix<T> c;
+  xax::matmul(a, b, bias, c, {.activation = xax::Activation::relu});
+  ASSERT_EQ(c.rows(), 3);
+  ASSERT_EQ(c.cols(), 4);
+  for (Eigen::Index j = 0; j < 4; ++j) {
+    EXPECT_EQ(static_cast<float>(c(0, j)), 1.0f);
+    EXPECT_EQ(static_cast<float>(c(1, j)), 0.0f);
+    EXPECT_EQ(static_cast<float>(c(2, j)), 3.0f);
+  }
+  Matrix<T> empty_out;
+  xax::matmul(Matrix<T>(0, 5), Matrix<T>(5, 2), empty_out);
+  EXPECT_EQ(empty_out.rows(), 0);
+  EXPECT_EQ(empty_out.cols(), 2);
+}
+
+TYPED_TEST(MatmulTyped, BackendsAgree) {
+  using T = TypeParam;
+  if (!xax::matmul_backend_available(xax::MatmulBackend::onednn)) {
+    GTEST_SKIP() << "this build has no oneDNN backend";
+  }
+  const Matrix<T> a = random_matrix<T>(96, 512, 17, -1.0f, 1.0f);
+  const Matrix<T> b = random_matrix<T>(80, 512, 18, -1.0f, 1.0f);
+  const Vector<T> bias = random_matrix<T>(96, 1, 19, -1.0f, 1.0f);
+  for (const auto activation : {xax::Activation::none, xax::Activation::relu, xax::Activation::gelu}) {
+    Eigen::MatrixXf eigen_result, onednn_result;
+    xax::matmul(a, b, bias, eigen_result,
+                {.transpose_b = true, .activation = activation, .backend = xax::MatmulBackend::eigen});
+    EXPECT_THAT(xax::last_matmul_implementation(), ::testing::StartsWith("eigen:"));
+    xax::matmul(a, b, bias, onednn_result,
+                {.transpose_b = true, .activation = activation, .backend = xax::MatmulBackend::onednn});
+    EXPECT_THAT(xax::last_matmul_implementation(), ::testing::StartsWith("onednn:"));
+    // Both accumulate in fp32; only the order of the additions differs.
+    const MatrixXd magnitude = to_double(a).cwiseAbs() * to_double(b).cwiseAbs().transpose();
+    for (Eigen::Index i = 0; i < eigen_result.size(); ++i) {
+      EXPECT_LE(std::abs(eigen_result.data()[i] - onednn_result.data()[i]), 2e-6 * magnitude.data()[i] + 1e-6)
+          << xax::activation_name(activation) << " element " << i;
+    }
+    // Rounded to a half type, they agree to one unit in the last place.
+    if constexpr (std::is_same_v<T, float>) continue;
+    Matrix<T> eigen_half, onednn_half;
+    xax::matmul(a, b, bias, eigen_half,
+                {.transpose_b = true, .activation = activation, .backend = xax::MatmulBackend::eigen});
+    xax::matmul(a, b, bias, onednn_half,
+                {.transpose_b = true, .activation = activation, .backend = xax::MatmulBackend::onednn});
+    for (Eigen::Index i = 0; i < eigen_half.size(); ++i) {
+      const double x = static_cast<float>(eigen_half.data()[i]);
+      const double y = static_cast<float>(onednn_half.data()[i]);
+      EXPECT_LE(std::abs(x - y), 2 * unit_roundoff<T>() * std::max(std::abs(x), std::abs(y)) + 1e-5)
+          << xax::activation_name(activation) << " element " << i;
+    }
+  }
+}
+
+TEST(Matmul, BFloat16AccumulatorFailsTheBound) {
+  // The bound used above is tight enough to catch what Eigen's Matrix<bfloat16> product does: round the
+  // running sum to bf16 after every multiply-add.
+  const Matrix<xax::bfloat16> a = random_matrix<xax::bfloat16>(1, kK, 1, 0.0f, 1.0f);
+  const Matrix<xax::bfloat16> b = random_matrix<xax::bfloat16>(kK, 1, 2, 0.0f, 1.0f);
+  xax::bfloat16 sum(0.0f);
+  for (Eigen::Index i = 0; i < kK; ++i) {
+    sum = static_cast<xax::bfloat16>(static_cast<float>(sum) +
+                                     static_cast<float>(a(0, i)) * static_cast<float>(b(i, 0)));
+  }
+  const double reference = (to_double(a) * to_double(b))(0, 0);
+  EXPECT_GT(std::abs(static_cast<float>(sum) - reference), 10 * element_bound<xax::bfloat16>(reference, kK));
+  Matrix<xax::bfloat16> c;
+  xax::matmul(a, b, c);
+  EXPECT_LE(std::abs(static_cast<float>(c(0, 0)) - reference), element_bound<xax::bfloat16>(reference, kK));
+}
+
+TEST(Matmul, ShapeMismatchThrowsWithBothShapes) {
+  const Eigen::MatrixXf a(3, 4), b(5, 6);
+  Eigen::MatrixXf c;
+  try {
+    xax::matmul(a, b, c);
+    FAIL() << "no exception";
+  } catch (const xax::ShapeError& error) {
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("3x4"));
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("5x6"));
+  }
+  EXPECT_THROW(xax::matmul(a, b, c, {.transpose_a = true}), xax::ShapeError);
+  EXPECT_NO_THROW(xax::matmul(a, Eigen::MatrixXf(6, 4), c, {.transpose_b = true}));
+
+  Eigen::MatrixXf fixed_shape(2, 2);
+  Eigen::Map<Eigen::MatrixXf> wrong_output(fixed_shape.data(), 2, 2);
+  try {
+    xax::matmul(a, Eigen::MatrixXf(4, 6), wrong_output);
+    FAIL() << "no exception";
+  } catch (const xax::ShapeError& error) {
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("2x2"));
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("3x6"));
+  }
+  Eigen::MatrixXf accumulated(3, 5);
+  EXPECT_THROW(xax::matmul(a, Eigen::MatrixXf(4, 6), accumulated, {.accumulate = true}), xax::ShapeError);
+  EXPECT_THROW(xax::matmul(a, Eigen::MatrixXf(4, 6), Eigen::VectorXf(4), c), xax::ShapeError);
+  EXPECT_THROW(xax::matmul(a, Eigen::MatrixXf(4, 6), Eigen::MatrixXf(3, 2), c), xax::ShapeError);
+}
+
+TEST(Matmul, OutputOverlappingAnInputThrows) {
+  Eigen::MatrixXf a = Eigen::MatrixXf::Ones(4, 4);
+  EXPECT_THROW(xax::matmul(a, Eigen::MatrixXf::Ones(4, 4).eval(), a), xax::Error);
+}
+
+TEST(Matmul, BackendQueries) {
+  EXPECT_TRUE(xax::matmul_backend_available(xax::MatmulBackend::eigen));
+  EXPECT_TRUE(xax::matmul_backend_available(xax::MatmulBackend::automatic));
+  Eigen::MatrixXf c;
+  xax::matmul(Eigen::MatrixXf::Ones(8, 8).eval(), Eigen::MatrixXf::Ones(8, 8).eval(), c);
+  EXPECT_THAT(
+      xax::last_matmul_implementation(),
+      ::testing::StartsWith(std::string(xax::matmul_backend_name(xax::default_matmul_backend())) + ":"));
+  if (!xax::matmul_backend_available(xax::MatmulBackend::onednn)) {
+    EXPECT_THROW(xax::matmul(Eigen::MatrixXf::Ones(2, 2).eval(), Eigen::MatrixXf::Ones(2, 2).eval(), c,
+                             {.backend = xax::MatmulBackend::onednn}),
+                 xax::ConfigError);
+  }
+}
+
+}  // namespace

@@ -1,0 +1,376 @@
+// The train mixins end to end (issue 5): convergence under each policy, loss scaling against fp16 underflow,
+// skipped steps that leave state bit-identical, the LossScaleError floor, accumulation, clipping, checkpoints and
+// config errors.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "train_test_task.hpp"
+
+namespace {
+
+using ::testing::HasSubstr;
+using xax_test::ClassifierTask;
+using xax_test::TaskConfig;
+
+// Bitwise equality of two trees of the same type.
+template <class Tree>
+bool bitwise_equal(const Tree& a, const Tree& b) {
+  bool equal = true;
+  xax::for_each_leaf(
+      [&](const auto& x, const auto& y) {
+        const auto s = xax::leaf_span(x);
+        const auto t = xax::leaf_span(y);
+        equal = equal && s.size_bytes() == t.size_bytes() && std::memcmp(s.data(), t.data(), s.size_bytes()) == 0;
+      },
+      a, b);
+  return equal;
+}
+
+struct RunOutcome {
+  double final_loss;
+  double accuracy;
+  std::int64_t skipped;
+};
+
+RunOutcome train(TaskConfig config, std::int64_t examples = 1024) {
+  ClassifierTask task(config, xax_test::make_data(examples));
+  task.fit();
+  // The mean loss of the last epoch's steps is steadier than the last step's.
+  const auto& r = task.results;
+  const std::size_t tail = std::min<std::size_t>(r.size(), 32);
+  double loss = 0;
+  for (std::size_t i = r.size() - tail; i < r.size(); ++i) loss += r[i].loss;
+  const auto all = task.make_batch([&] {
+    std::vector<std::int64_t> indices(static_cast<std::size_t>(examples));
+    for (std::size_t i = 0; i < indices.size(); ++i) indices[i] = static_cast<std::int64_t>(i);
+    return indices;
+  }());
+  return {loss / static_cast<double>(tail), task.evaluate_batch(all), task.skipped_steps()};
+}
+
+TEST(MixedPrecisionTrain, ConvergesUnderEveryPolicyCloseToFloat32) {
+  TaskConfig base = xax_test::default_config();
+  base.enable_mixed_precision = false;
+  const RunOutcome fp32 = train(base);
+  EXPECT_LT(fp32.final_loss, 0.1) << "the float32 baseline must learn the task";
+  EXPECT_GT(fp32.accuracy, 0.97);
+
+  for (const char* policy : {"mixed", "float16", "params=float32,compute=float16,output=float32", "c=bf16,o=f16"}) {
+    TaskConfig config = base;
+    config.enable_mixed_precision = true;
+    config.precision_policy = policy;
+    config.loss_scaling = "dynamic";
+    config.loss_scale_growth_interval = 50;
+    const RunOutcome run = train(config);
+    // Tolerance: half-precision rounding of params/grads; the stated bound is 0.05 in mean loss and 2 pp accuracy.
+    EXPECT_NEAR(run.final_loss, fp32.final_loss, 0.05) << policy;
+    EXPECT_GT(run.accuracy, fp32.accuracy - 0.02) << policy;
+  }
+}
+
+TEST(MixedPrecisionTrain, Float16GradientsUnderflowWithoutScalingAndTrainWithDynamicScaling) {
+  // A loss weighted by 1e-9 (as tiny losses are) has gradients under half of float16's smallest subnormal
+  // (6e-8). SGD with the learning rate scaled up by 1e9 trains it in float32 like an ordinary loss.
+  TaskConfig config = xax_test::default_config();
+  config.loss_weight = 1e-9;
+  config.optimizer = "sgd";
+  config.momentum = 0.9;
+  config.learning_rate = 0.05 / config.loss_weight;
+  config.epochs = 4;
+  config.loss_scale_growth_interval = 8;  // let the scale climb to where float16 resolves the gradients well
+
+  config.enable_mixed_precision = false;
+  ClassifierTask reference(config, xax_test::make_data(512));
+  reference.fit();
+  const double trained = reference.results.back().loss;
+  const double untrained = reference.results.front().loss;
+  ASSERT_LT(trained, 1e-3 * untrained) << "the float32 reference must train";
+
+  config.enable_mixed_precision = true;
+  config.precision_policy = "params=float32,compute=float16,output=float32";
+  config.loss_scaling = "none";
+  ClassifierTask unscaled(config, xax_test::make_data(512));
+  const auto initial = unscaled.params();
+  unscaled.fit();
+  EXPECT_TRUE(bitwise_equal(initial, unscaled.params())) << "every float16 gradient underflows to zero";
+  EXPECT_EQ(unscaled.results.back().grad_norm, 0.0);
+
+  config.loss_scaling = "dynamic";
+  ClassifierTask scaled(config, xax_test::make_data(512));
+  scaled.fit();
+  EXPECT_EQ(scaled.skipped_steps(), 0);
+  EXPECT_GT(scaled.loss_scale(), 32768.0f) << "the scale grew every 8 finite steps";
+  EXPECT_LT(scaled.results.back().loss, 1e-3 * untrained) << "with dynamic scaling the model trains";
+  EXPECT_NEAR(scaled.results.back().loss, trained, 0.1 * trained) << "and lands where float32 does";
+}
+
+class InjectedNonFinite : public ::testing::TestWithParam<float> {};
+
+TEST_P(InjectedNonFinite, SkipsTheStepLeavingStateBitIdenticalAndNamesTheTensor) {
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = true;
+  config.precision_policy = "mixed";
+  config.loss_scaling = "dynamic";
+  config.loss_scale_value = 1024;
+  ClassifierTask task(config, xax_test::make_data(256));
+  task.inject_at_call = 5;
+  task.inject_value = GetParam();
+  const auto batch = task.make_batch(std::vector<std::int64_t>{0, 1, 2, 3, 4, 5, 6, 7});
+
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(task.train_step(batch).finite);
+  const auto params_before = task.params();
+  const std::string path = (std::filesystem::temp_directory_path() / "xax_inject_before.xax").string();
+  xax::CheckpointWriter before;
+  task.save_train_state(before);
+
+  const xax::StepResult skipped = task.train_step(batch);
+  EXPECT_FALSE(skipped.finite);
+  EXPECT_EQ(skipped.skipped_steps, 1);
+  EXPECT_EQ(skipped.loss_scale, 1024.0f) << "the step reports the scale it used";
+  EXPECT_EQ(task.loss_scale(), 512.0f) << "then the scale backs off";
+  EXPECT_THAT(skipped.non_finite, HasSubstr("1 of 4 tensors non-finite: w2"));
+  EXPECT_TRUE(bitwise_equal(params_before, task.params())) << "masters untouched";
+
+  // Optimizer state and masters are bit-identical: compare the serialised train state minus the loss scale and
+  // the counters, which are the only things a skipped step may change.
+  xax::CheckpointWriter after;
+  task.save_train_state(after);
+  before.write(path);
+  const xax::CheckpointReader reader_before(path);
+  after.write(path);
+  const xax::CheckpointReader reader_after(path);
+  auto adam_before = task.params();
+  auto adam_after = task.params();
+  using State = xax::optim::AdamW<xax_test::Net<float>>::State;
+  State state_before{0, adam_before, adam_before}, state_after{0, adam_after, adam_after};
+  reader_before.read_tree("train.optimizer_state", state_before);
+  reader_after.read_tree("train.optimizer_state", state_after);
+  EXPECT_EQ(state_before.step, state_after.step);
+  EXPECT_TRUE(bitwise_equal(state_before.m, state_after.m));
+  EXPECT_TRUE(bitwise_equal(state_before.v, state_after.v));
+  std::filesystem::remove(path);
+
+  EXPECT_TRUE(task.train_step(batch).finite) << "training resumes on the next step";
+  EXPECT_FALSE(bitwise_equal(params_before, task.params()));
+}
+
+INSTANTIATE_TEST_SUITE_P(Values, InjectedNonFinite,
+                         ::testing::Values(std::numeric_limits<float>::infinity(),
+                                           -std::numeric_limits<float>::infinity(),
+                                           std::numeric_limits<float>::quiet_NaN()));
+
+TEST(MixedPrecisionTrain, OverflowAtTheMinimumScaleRaisesLossScaleError) {
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = true;
+  config.loss_scaling = "dynamic";
+  config.loss_scale_value = 4;
+  config.loss_scale_min = 1;
+  config.max_overflows_at_min_scale = 3;
+  ClassifierTask task(config, xax_test::make_data(64));
+  const auto batch = task.make_batch(std::vector<std::int64_t>{0, 1, 2, 3});
+  task.inject_value = std::numeric_limits<float>::quiet_NaN();
+  // Overflows at scales 4 and 2 back off to the floor of 1; the overflows at 1 are counted, and the third throws.
+  for (int call = 0; call < 4; ++call) {
+    task.inject_at_call = call;
+    EXPECT_FALSE(task.train_step(batch).finite);
+  }
+  task.inject_at_call = 4;
+  EXPECT_THAT([&] { (void)task.train_step(batch); },
+              ::testing::ThrowsMessage<xax::LossScaleError>(HasSubstr("3 consecutive steps overflowed")));
+  EXPECT_EQ(task.loss_scale(), 1.0f);
+}
+
+TEST(MixedPrecisionTrain, AccumulationEqualsOneLargeBatchWithinRounding) {
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = false;
+  config.optimizer = "sgd";
+  config.momentum = 0;
+  config.learning_rate = 0.1;
+  ClassifierTask large(config, xax_test::make_data(64));
+  ClassifierTask accumulated(config, xax_test::make_data(64));
+  std::vector<std::int64_t> all(16), first(8), second(8);
+  for (std::int64_t i = 0; i < 16; ++i) all[static_cast<std::size_t>(i)] = i;
+  std::copy(all.begin(), all.begin() + 8, first.begin());
+  std::copy(all.begin() + 8, all.end(), second.begin());
+  const xax::StepResult one = large.train_step(large.make_batch(all));
+  const std::vector<xax_test::Batch> micro{accumulated.make_batch(first), accumulated.make_batch(second)};
+  const xax::StepResult two = accumulated.train_step(std::span<const xax_test::Batch>(micro));
+  EXPECT_NEAR(one.loss, two.loss, 1e-6);
+  EXPECT_NEAR(one.grad_norm, two.grad_norm, 1e-5 * one.grad_norm);
+  EXPECT_TRUE(large.params().w1.isApprox(accumulated.params().w1, 1e-5f));
+}
+
+TEST(MixedPrecisionTrain, ClippingActsOnUnscaledGradients) {
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = true;
+  config.precision_policy = "params=float32,compute=float32";
+  config.loss_scaling = "static";
+  config.loss_scale_value = 65536;  // if clipping saw scaled gradients, their norm would be 65536x larger
+  config.optimizer = "sgd";
+  config.momentum = 0;
+  config.learning_rate = 1.0;
+  config.max_grad_norm = 1e-3;
+  ClassifierTask task(config, xax_test::make_data(64));
+  const auto batch = task.make_batch(std::vector<std::int64_t>{0, 1, 2, 3, 4, 5, 6, 7});
+  const auto before = task.params();
+  const xax::StepResult result = task.train_step(batch);
+  ASSERT_TRUE(result.finite);
+  EXPECT_GT(result.grad_norm, 1e-3);
+  EXPECT_LT(result.grad_norm, 100.0) << "grad_norm reports the unscaled norm";
+  // With SGD at lr 1 the update is the clipped gradient: its global norm is max_grad_norm.
+  double moved = 0;
+  const auto after = task.params();
+  xax::for_each_leaf(
+      [&](const auto& a, const auto& b) {
+        const auto x = xax::leaf_span(a);
+        const auto y = xax::leaf_span(b);
+        for (std::size_t i = 0; i < x.size(); ++i) moved += std::pow(static_cast<double>(x[i] - y[i]), 2);
+      },
+      before, after);
+  EXPECT_NEAR(std::sqrt(moved), 1e-3, 1e-6);
+}
+
+class CheckpointResume : public ::testing::Test {
+ protected:
+  void TearDown() override {
+    std::filesystem::remove(path_);
+    std::filesystem::remove(path_ + ".tmp");
+  }
+  std::string path_ = (std::filesystem::temp_directory_path() / "xax_resume_test.xax").string();
+};
+
+TEST_F(CheckpointResume, ResumedRunIsBitIdenticalToAnUninterruptedOne) {
+  for (const char* policy : {"default", "mixed", "float16"}) {
+    TaskConfig config = xax_test::default_config();
+    config.enable_mixed_precision = std::string(policy) != "default";
+    config.precision_policy = policy;
+    config.loss_scale_growth_interval = 7;  // growth events and the counter must survive the resume
+    config.epochs = 3;
+
+    ClassifierTask uninterrupted(config, xax_test::make_data(256));
+    uninterrupted.fit();
+
+    TaskConfig first_half = config;
+    first_half.max_steps = 11;  // mid-epoch: 256 / 32 = 8 steps per epoch
+    ClassifierTask interrupted(first_half, xax_test::make_data(256));
+    interrupted.fit();
+    interrupted.save_checkpoint(path_);
+
+    ClassifierTask resumed(config, xax_test::make_data(256));
+    resumed.load_checkpoint(path_);
+    EXPECT_EQ(resumed.global_step(), 11);
+    resumed.fit();
+    EXPECT_EQ(resumed.global_step(), uninterrupted.global_step()) << policy;
+    EXPECT_TRUE(bitwise_equal(resumed.params(), uninterrupted.params())) << policy;
+    EXPECT_EQ(resumed.loss_scale(), uninterrupted.loss_scale()) << policy;
+    ASSERT_FALSE(resumed.results.empty());
+    EXPECT_EQ(resumed.results.back().loss, uninterrupted.results.back().loss) << policy;
+  }
+}
+
+TEST_F(CheckpointResume, CorruptCheckpointIsRefusedAndTheOldOneSurvives) {
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = true;
+  config.max_steps = 3;
+  ClassifierTask task(config, xax_test::make_data(128));
+  task.fit();
+  task.save_checkpoint(path_);
+  const auto saved = task.params();
+
+  std::string bytes;
+  {
+    std::ifstream in(path_, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  const std::string corrupt_path = path_ + ".corrupt";
+  std::ofstream(corrupt_path, std::ios::binary) << bytes.substr(0, bytes.size() / 2);
+  ClassifierTask other(config, xax_test::make_data(128));
+  const auto untouched = other.params();
+  EXPECT_THROW(other.load_checkpoint(corrupt_path), xax::CheckpointError);
+  EXPECT_TRUE(bitwise_equal(untouched, other.params())) << "a refused checkpoint changes nothing";
+  std::filesystem::remove(corrupt_path);
+
+  other.load_checkpoint(path_);
+  EXPECT_TRUE(bitwise_equal(saved, other.params())) << "the previous checkpoint still loads";
+
+  TaskConfig other_policy = config;
+  other_policy.precision_policy = "float16";
+  ClassifierTask mismatched(other_policy, xax_test::make_data(128));
+  EXPECT_THAT([&] { mismatched.load_checkpoint(path_); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr("written under policy")));
+}
+
+struct BadField {
+  const char* key;
+  const char* value;
+  const char* message;
+};
+
+class ConfigErrors : public ::testing::TestWithParam<BadField> {};
+
+TEST_P(ConfigErrors, NameTheFieldAndWhatItAccepts) {
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = true;
+  const BadField bad = GetParam();
+  const std::string arg = std::string(bad.key) + "=" + bad.value;
+  const std::array<std::string_view, 1> args{arg};
+  EXPECT_THAT([&] { xax::apply_config_args(config, args); },
+              ::testing::ThrowsMessage<xax::ConfigError>(HasSubstr(bad.message)));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Fields, ConfigErrors,
+    ::testing::Values(BadField{"learning_rate", "0", "'learning_rate'"}, BadField{"learning_rate", "-1", "> 0"},
+                      BadField{"batch_size", "0", "'batch_size'"}, BadField{"epochs", "0", "'epochs'"},
+                      BadField{"max_steps", "-1", "'max_steps'"}, BadField{"optimizer", "adam", "adamw or sgd"},
+                      BadField{"weight_decay", "-0.1", "'weight_decay'"}, BadField{"momentum", "1", "[0, 1)"},
+                      BadField{"log_interval", "-5", "'log_interval'"},
+                      BadField{"checkpoint_interval", "-1", "'checkpoint_interval'"},
+                      BadField{"precision_policy", "fp8", "'precision_policy'"},
+                      BadField{"precision_policy", "p=f64", "float64"},
+                      BadField{"loss_scaling", "auto", "none, static or dynamic"},
+                      BadField{"loss_scale_value", "0", "'loss_scale_value'"},
+                      BadField{"loss_scale_value", "1e39", "'loss_scale_value'"},
+                      BadField{"loss_scale_growth_interval", "0", "'loss_scale_growth_interval'"},
+                      BadField{"loss_scale_growth_factor", "1", "> 1"},
+                      BadField{"loss_scale_backoff_factor", "1", "(0, 1)"},
+                      BadField{"loss_scale_backoff_factor", "0", "(0, 1)"},
+                      BadField{"loss_scale_min", "65536", "<= loss_scale_value"},
+                      BadField{"loss_scale_max", "2", ">= loss_scale_value"},
+                      BadField{"loss_scale_hysteresis", "0", "'loss_scale_hysteresis'"},
+                      BadField{"max_grad_norm", "-1", "'max_grad_norm'"},
+                      BadField{"accumulation_steps", "0", "'accumulation_steps'"},
+                      BadField{"max_overflows_at_min_scale", "-1", "'max_overflows_at_min_scale'"},
+                      BadField{"enable_mixed_precision", "maybe", "true, false, 1 or 0"},
+                      BadField{"hidden", "0", "'hidden'"}, BadField{"no_such_field", "1", "unknown config field"}));
+
+TEST(MixedPrecisionConfig, SeedDefaults) {
+  const xax::MixedPrecisionConfig config;
+  EXPECT_EQ(config.precision_policy, "mixed");
+  EXPECT_EQ(config.loss_scaling, "dynamic");
+  EXPECT_EQ(config.loss_scale_value, 32768.0);
+  EXPECT_EQ(config.loss_scale_growth_interval, 2000);
+  EXPECT_EQ(config.loss_scale_growth_factor, 2.0);
+  EXPECT_EQ(config.loss_scale_backoff_factor, 0.5);
+}
+
+TEST(MixedPrecisionConfig, DisabledMeansFloat32WithoutScaling) {
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = false;
+  config.precision_policy = "float16";
+  config.loss_scaling = "static";
+  EXPECT_EQ(config.policy_spec(), xax::get_policy("default"));
+  EXPECT_TRUE(std::holds_alternative<xax::NoOpLossScale>(config.make_loss_scale()));
+  ClassifierTask task(config, xax_test::make_data(64));
+  EXPECT_EQ(task.loss_scale(), 1.0f);
+}
+
+}  // namespace

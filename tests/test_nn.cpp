@@ -1,0 +1,329 @@
+// xax::nn: finite-difference gradient checks in float for Linear, ReLU, GELU, softmax cross-entropy and the
+// MLP; the same model under bfloat16 and float16; initialisation; buffer reuse; errors.
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <random>
+#include <vector>
+#include <xax/nn/activation.hpp>
+#include <xax/nn/linear.hpp>
+#include <xax/nn/loss.hpp>
+#include <xax/nn/mlp.hpp>
+#include <xax/utils/error.hpp>
+#include <xax/utils/tree.hpp>
+
+namespace {
+
+using xax::nn::Matrix;
+using xax::nn::Vector;
+
+Eigen::MatrixXf random_matrix(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed, float low = -1.0f,
+                              float high = 1.0f) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> uniform(low, high);
+  Eigen::MatrixXf m(rows, cols);
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = uniform(rng);
+  return m;
+}
+
+/// Central difference of `loss` with respect to every element of `x`, compared with `analytic`.
+void expect_gradient(Eigen::Ref<Eigen::MatrixXf> x, const Eigen::MatrixXf& analytic,
+                     const std::function<double()>& loss, const char* what, float h = 1e-2f,
+                     double tolerance = 2e-3) {
+  ASSERT_EQ(x.rows(), analytic.rows()) << what;
+  ASSERT_EQ(x.cols(), analytic.cols()) << what;
+  for (Eigen::Index j = 0; j < x.cols(); ++j) {
+    for (Eigen::Index i = 0; i < x.rows(); ++i) {
+      const float saved = x(i, j);
+      x(i, j) = saved + h;
+      const double up = loss();
+      x(i, j) = saved - h;
+      const double down = loss();
+      x(i, j) = saved;
+      const double numeric = (up - down) / (2.0 * h);
+      EXPECT_NEAR(analytic(i, j), numeric, tolerance * (1.0 + std::abs(numeric)))
+          << what << " element (" << i << ", " << j << ")";
+    }
+  }
+}
+
+/// sum(weights .* y): a loss whose gradient with respect to y is `weights`.
+double weighted_sum(const Eigen::MatrixXf& y, const Eigen::MatrixXf& weights) {
+  return (y.cast<double>().array() * weights.cast<double>().array()).sum();
+}
+
+TEST(Linear, GradientsMatchFiniteDifferences) {
+  xax::nn::LinearParams<float> params = xax::nn::linear_init(7, 5, 1);
+  Eigen::MatrixXf x = random_matrix(7, 4, 2);
+  const Eigen::MatrixXf upstream = random_matrix(5, 4, 3);  // dL/dz
+  const auto loss = [&] {
+    Eigen::MatrixXf z;
+    xax::nn::linear_forward(params, x, z);
+    return weighted_sum(z, upstream);
+  };
+  xax::nn::LinearParams<float> grads;
+  xax::nn::linear_backward_params(x, upstream, grads);
+  Eigen::MatrixXf dx;
+  xax::nn::linear_backward_input(params, upstream, dx);
+  expect_gradient(params.w, grads.w, loss, "w");
+  expect_gradient(params.b, grads.b, loss, "b");
+  expect_gradient(x, dx, loss, "x");
+
+  // Accumulation adds a second batch's gradients.
+  xax::nn::LinearParams<float> twice = grads;
+  xax::nn::linear_backward_params(x, upstream, twice, /*accumulate=*/true);
+  EXPECT_TRUE(twice.w.isApprox(2 * grads.w));
+  EXPECT_TRUE(twice.b.isApprox(2 * grads.b));
+}
+
+TEST(Linear, FusedActivationEqualsSeparateLayers) {
+  const xax::nn::LinearParams<float> params = xax::nn::linear_init(9, 6, 4);
+  const Eigen::MatrixXf x = random_matrix(9, 5, 5);
+  Eigen::MatrixXf z, relu_fused, relu_separate, gelu_fused, gelu_separate;
+  xax::nn::linear_forward(params, x, z);
+  xax::nn::linear_forward(params, x, relu_fused, xax::Activation::relu);
+  xax::nn::relu(z, relu_separate);
+  xax::nn::linear_forward(params, x, gelu_fused, xax::Activation::gelu);
+  xax::nn::gelu(z, gelu_separate);
+  EXPECT_TRUE(relu_fused.isApprox(relu_separate, 1e-6f));
+  EXPECT_LT((gelu_fused - gelu_separate).cwiseAbs().maxCoeff(), 1e-5f);
+}
+
+TEST(Activations, ReluGradientMatchesFiniteDifferences) {
+  // Keep inputs away from the kink, where the central difference is not the derivative.
+  Eigen::MatrixXf x = random_matrix(6, 4, 6).unaryExpr([](float v) { return v < 0 ? v - 0.1f : v + 0.1f; });
+  const Eigen::MatrixXf upstream = random_matrix(6, 4, 7);
+  const auto loss = [&] {
+    Eigen::MatrixXf y;
+    xax::nn::relu(x, y);
+    return weighted_sum(y, upstream);
+  };
+  Eigen::MatrixXf y, dx;
+  xax::nn::relu(x, y);
+  xax::nn::relu_backward(y, upstream, dx);
+  expect_gradient(x, dx, loss, "relu");
+  EXPECT_EQ((y.array() == 0).count(), (x.array() < 0).count());
+}
+
+TEST(Activations, GeluGradientMatchesFiniteDifferences) {
+  Eigen::MatrixXf x = random_matrix(6, 4, 8, -3.0f, 3.0f);
+  const Eigen::MatrixXf upstream = random_matrix(6, 4, 9);
+  const auto loss = [&] {
+    Eigen::MatrixXf y;
+    xax::nn::gelu(x, y);
+    return weighted_sum(y, upstream);
+  };
+  Eigen::MatrixXf dx;
+  xax::nn::gelu_backward(x, upstream, dx);
+  expect_gradient(x, dx, loss, "gelu", 1e-2f, 3e-3);
+  Eigen::MatrixXf y;
+  xax::nn::gelu(x, y);
+  for (Eigen::Index i = 0; i < x.size(); ++i) {
+    const double v = x.data()[i];
+    EXPECT_NEAR(y.data()[i], 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0))), 2e-6);
+  }
+}
+
+TEST(Activations, ShapeMismatchThrows) {
+  Eigen::MatrixXf dx;
+  EXPECT_THROW(xax::nn::relu_backward(Eigen::MatrixXf(2, 3), Eigen::MatrixXf(3, 2), dx), xax::ShapeError);
+  Eigen::MatrixXf storage(2, 2);
+  Eigen::Map<Eigen::MatrixXf> fixed(storage.data(), 2, 2);
+  EXPECT_THROW(xax::nn::gelu(Eigen::MatrixXf(3, 3), fixed), xax::ShapeError);
+}
+
+TEST(Loss, CrossEntropyGradientMatchesFiniteDifferences) {
+  Eigen::MatrixXf logits = random_matrix(4, 6, 10, -2.0f, 2.0f);
+  const std::vector<std::int32_t> labels{0, 3, 2, 1, 1, 3};
+  Eigen::MatrixXf dlogits;
+  xax::nn::softmax_cross_entropy(logits, labels, dlogits);
+  expect_gradient(
+      logits, dlogits, [&] { return static_cast<double>(xax::nn::softmax_cross_entropy(logits, labels)); },
+      "logits");
+}
+
+TEST(Loss, CountCorrect) {
+  Eigen::MatrixXf logits(3, 4);
+  logits << 1, 0, 0, 5,  //
+      2, 0, 3, 5,        //
+      0, 1, 0, 1;
+  EXPECT_EQ(xax::nn::count_correct(logits, std::vector<std::int32_t>{1, 2, 1, 0}), 4);
+  EXPECT_EQ(xax::nn::count_correct(logits, std::vector<std::int32_t>{0, 0, 0, 1}), 0);
+}
+
+// --------------------------------------------------------------------------------------------------------------
+// MLP
+
+struct SmallProblem {
+  Eigen::MatrixXf x = random_matrix(6, 7, 11);
+  std::vector<std::int32_t> labels{0, 1, 2, 0, 1, 2, 2};
+};
+
+double mlp_loss(const xax::nn::MlpParams<float>& params, const SmallProblem& problem,
+                xax::Activation hidden) {
+  xax::nn::MlpWorkspace<float> workspace;
+  return xax::nn::softmax_cross_entropy(xax::nn::mlp_forward(params, problem.x, workspace, hidden),
+                                        problem.labels);
+}
+
+TEST(Mlp, GradientsMatchFiniteDifferences) {
+  const SmallProblem problem;
+  for (const auto hidden : {xax::Activation::relu, xax::Activation::gelu}) {
+    xax::nn::MlpParams<float> params = xax::nn::mlp_init({6, 5, 4, 3}, 12);
+    xax::nn::MlpParams<float> grads;
+    xax::nn::MlpWorkspace<float> workspace;
+    const float loss = xax::nn::mlp_loss_and_gradients(params, problem.x, problem.labels, grads, workspace,
+                                                       {.hidden_activation = hidden});
+    EXPECT_NEAR(loss, mlp_loss(params, problem, hidden), 1e-6);
+    ASSERT_EQ(grads.layers.size(), 3u);
+    const auto objective = [&] { return mlp_loss(params, problem, hidden); };
+    for (std::size_t i = 0; i < 3; ++i) {
+      // ReLU's kinks make a few central differences straddle a corner; 1e-3 keeps the steps small.
+      expect_gradient(params.layers[i].w, grads.layers[i].w, objective, "w", 1e-3f, 5e-3);
+      expect_gradient(params.layers[i].b, grads.layers[i].b, objective, "b", 1e-3f, 5e-3);
+    }
+  }
+}
+
+TEST(Mlp, LossScaleMultipliesEveryGradientAndAccumulationAdds) {
+  const SmallProblem problem;
+  const xax::nn::MlpParams<float> params = xax::nn::mlp_init({6, 5, 3}, 13);
+  xax::nn::MlpParams<float> plain, scaled;
+  xax::nn::MlpWorkspace<float> workspace;
+  const float loss = xax::nn::mlp_loss_and_gradients(params, problem.x, problem.labels, plain, workspace);
+  const float same_loss = xax::nn::mlp_loss_and_gradients(params, problem.x, problem.labels, scaled,
+                                                          workspace, {.loss_scale = 1024.0f});
+  EXPECT_EQ(loss, same_loss);  // the returned loss is unscaled
+  for (std::size_t i = 0; i < 2; ++i) {
+    EXPECT_TRUE(scaled.layers[i].w.isApprox(1024.0f * plain.layers[i].w, 1e-5f));
+    EXPECT_TRUE(scaled.layers[i].b.isApprox(1024.0f * plain.layers[i].b, 1e-5f));
+  }
+  xax::nn::mlp_loss_and_gradients(params, problem.x, problem.labels, plain, workspace, {.accumulate = true});
+  EXPECT_TRUE(scaled.layers[0].w.isApprox(512.0f * plain.layers[0].w, 1e-5f));
+}
+
+TEST(Mlp, InitIsDeterministicAndBoundedLikePyTorch) {
+  const auto a = xax::nn::mlp_init({784, 512, 10}, 5);
+  const auto b = xax::nn::mlp_init({784, 512, 10}, 5);
+  const auto c = xax::nn::mlp_init({784, 512, 10}, 6);
+  EXPECT_EQ(a.layers[0].w, b.layers[0].w);
+  EXPECT_EQ(a.layers[1].b, b.layers[1].b);
+  EXPECT_NE(a.layers[0].w, c.layers[0].w);
+  ASSERT_EQ(a.layers[0].w.rows(), 512);
+  ASSERT_EQ(a.layers[0].w.cols(), 784);
+  const float bound = 1.0f / std::sqrt(784.0f);
+  EXPECT_LE(a.layers[0].w.cwiseAbs().maxCoeff(), bound);
+  EXPECT_GT(a.layers[0].w.cwiseAbs().maxCoeff(), 0.99f * bound);
+  EXPECT_NEAR(a.layers[0].w.mean(), 0.0f, 1e-3f);
+  // U(-k, k) has variance k^2 / 3.
+  EXPECT_NEAR(a.layers[0].w.array().square().mean(), bound * bound / 3.0f, 0.02f * bound * bound);
+  EXPECT_EQ(xax::leaf_paths(a),
+            (std::vector<std::string>{"layers[0].w", "layers[0].b", "layers[1].w", "layers[1].b"}));
+}
+
+template <class T>
+class MlpTyped : public ::testing::Test {};
+using Scalars = ::testing::Types<float, xax::bfloat16, xax::float16>;
+TYPED_TEST_SUITE(MlpTyped, Scalars);
+
+TYPED_TEST(MlpTyped, OneModelDefinitionRunsUnderEveryComputeType) {
+  using T = TypeParam;
+  const auto master = xax::nn::mlp_init({64, 32, 32, 10}, 14);
+  const Eigen::MatrixXf x = random_matrix(64, 48, 15);
+  std::vector<std::int32_t> labels(48);
+  for (std::size_t j = 0; j < labels.size(); ++j) labels[j] = static_cast<std::int32_t>(j % 10);
+
+  xax::nn::MlpParams<float> reference_grads;
+  xax::nn::MlpWorkspace<float> reference_workspace;
+  const float reference_loss =
+      xax::nn::mlp_loss_and_gradients(master, x, labels, reference_grads, reference_workspace);
+
+  const xax::nn::MlpParams<T> params = xax::tree_cast<T>(master);
+  xax::nn::MlpParams<T> grads;
+  xax::nn::MlpWorkspace<T> workspace;
+  const float loss =
+      xax::nn::mlp_loss_and_gradients(params, x, labels, grads, workspace, {.loss_scale = 256.0f});
+  EXPECT_NEAR(loss, reference_loss, 2e-2 * reference_loss);
+  const auto grads32 = xax::tree_cast<float>(grads);
+  for (std::size_t i = 0; i < 3; ++i) {
+    const Eigen::MatrixXf expected = 256.0f * reference_grads.layers[i].w;
+    EXPECT_LT((grads32.layers[i].w - expected).norm(), 5e-2f * expected.norm()) << "layer " << i;
+  }
+  EXPECT_EQ(xax::nn::count_correct(workspace.logits(), labels),
+            xax::nn::count_correct(reference_workspace.logits(), labels));
+}
+
+TYPED_TEST(MlpTyped, Fp32GradientsOfHalfParamsAreTheUnroundedAccumulators) {
+  using T = TypeParam;
+  const auto params = xax::tree_cast<T>(xax::nn::mlp_init({32, 16, 10}, 19));
+  const Eigen::MatrixXf x = random_matrix(32, 20, 20);
+  std::vector<std::int32_t> labels(20);
+  for (std::size_t j = 0; j < labels.size(); ++j) labels[j] = static_cast<std::int32_t>(j % 10);
+  xax::nn::MlpParams<T> half_grads;
+  xax::nn::MlpParams<float> float_grads;
+  xax::nn::MlpWorkspace<T> workspace;
+  const float loss =
+      xax::nn::mlp_loss_and_gradients(params, x, labels, half_grads, workspace, {.loss_scale = 64.0f});
+  EXPECT_EQ(xax::nn::mlp_loss_and_gradients(params, x, labels, float_grads, workspace, {.loss_scale = 64.0f}),
+            loss);
+  // The same fp32 sums, once rounded to T and once not: they differ by at most half an ulp of T.
+  const double half_ulp =
+      std::is_same_v<T, float> ? 0.0 : (std::is_same_v<T, xax::bfloat16> ? 0x1p-8 : 0x1p-11);
+  for (std::size_t i = 0; i < 2; ++i) {
+    const Eigen::MatrixXf rounded = xax::tree_cast<float>(half_grads).layers[i].w;
+    const Eigen::MatrixXf exact = float_grads.layers[i].w;
+    for (Eigen::Index k = 0; k < exact.size(); ++k) {
+      EXPECT_NEAR(rounded.data()[k], exact.data()[k], half_ulp * std::abs(exact.data()[k]) + 1e-30)
+          << "layer " << i << " element " << k;
+    }
+  }
+}
+
+TYPED_TEST(MlpTyped, RepeatedStepsReuseEveryBuffer) {
+  using T = TypeParam;
+  const auto params = xax::tree_cast<T>(xax::nn::mlp_init({16, 8, 4}, 16));
+  const Eigen::MatrixXf x = random_matrix(16, 12, 17);
+  const std::vector<std::int32_t> labels(12, 1);
+  xax::nn::MlpParams<T> grads;
+  xax::nn::MlpWorkspace<T> workspace;
+  xax::nn::mlp_loss_and_gradients(params, x, labels, grads, workspace);
+  const auto* w_grad = grads.layers[0].w.data();
+  const auto* hidden = workspace.outputs[0].data();
+  const auto* logits = workspace.logits().data();
+  for (int i = 0; i < 3; ++i) xax::nn::mlp_loss_and_gradients(params, x, labels, grads, workspace);
+  EXPECT_EQ(grads.layers[0].w.data(), w_grad);
+  EXPECT_EQ(workspace.outputs[0].data(), hidden);
+  EXPECT_EQ(workspace.logits().data(), logits);
+}
+
+TEST(Mlp, BadInputsThrow) {
+  const auto params = xax::nn::mlp_init({6, 5, 3}, 18);
+  xax::nn::MlpParams<float> grads;
+  xax::nn::MlpWorkspace<float> workspace;
+  const std::vector<std::int32_t> labels{0, 1};
+  try {
+    xax::nn::mlp_loss_and_gradients(params, Eigen::MatrixXf(5, 2), labels, grads, workspace);
+    FAIL() << "no exception";
+  } catch (const xax::ShapeError& error) {
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("takes 6 features"));
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("5x2"));
+  }
+  EXPECT_THROW(
+      xax::nn::mlp_loss_and_gradients(params, Eigen::MatrixXf::Zero(6, 3).eval(), labels, grads, workspace),
+      xax::ShapeError);
+  EXPECT_THROW(xax::nn::mlp_loss_and_gradients(params, Eigen::MatrixXf::Zero(6, 2).eval(), labels, grads,
+                                               workspace, {.loss_scale = 0.0f}),
+               xax::ConfigError);
+  EXPECT_THROW(xax::nn::mlp_init({6}, 1), xax::ConfigError);
+  EXPECT_THROW(xax::nn::mlp_init({6, 0, 3}, 1), xax::ConfigError);
+  xax::nn::MlpParams<float> wrong_grads;
+  EXPECT_THROW(xax::nn::mlp_loss_and_gradients(params, Eigen::MatrixXf::Zero(6, 2).eval(), labels,
+                                               wrong_grads, workspace, {.accumulate = true}),
+               xax::ShapeError);
+}
+
+}  // namespace

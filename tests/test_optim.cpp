@@ -1,0 +1,361 @@
+// xax::optim::AdamW and Sgd: trajectories against torch.optim (values computed with PyTorch 1.13.1) and
+// against a double-precision transcription of PyTorch's update rules; option validation; the pure-bf16 update
+// with stochastic rounding (unbiased over many steps) and Kahan compensation.
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+#include <xax/optim/adamw.hpp>
+#include <xax/optim/sgd.hpp>
+#include <xax/utils/error.hpp>
+#include <xax/utils/threads.hpp>
+#include <xax/utils/tree.hpp>
+
+namespace {
+
+template <class T>
+struct Params {
+  Eigen::Matrix<T, Eigen::Dynamic, 1> head;  // the first 2 elements
+  Eigen::Matrix<T, Eigen::Dynamic, 1> tail;  // the last 3
+  XAX_FIELDS(head, tail);
+};
+
+using Params32 = Params<float>;
+
+static_assert(xax::optim::master_params<Params32>);
+static_assert(xax::optim::master_params<Params<double>>);
+static_assert(xax::optim::bf16_params<Params<xax::bfloat16>>);
+static_assert(!xax::optim::optimizer_params<Params<xax::float16>>);
+static_assert(!xax::optim::optimizer_params<int*>);
+static_assert(xax::optim::optimizer_for<xax::optim::AdamW<Params32>, Params32>);
+static_assert(xax::optim::optimizer_for<xax::optim::Sgd<Params32>, Params32>);
+static_assert(xax::optim::optimizer_for<xax::optim::AdamW<Params<xax::bfloat16>>, Params<xax::bfloat16>>);
+static_assert(!xax::optim::optimizer_for<xax::optim::AdamW<Params32>, Params<double>>);
+static_assert(xax::tree<xax::optim::AdamW<Params32>::State>);
+static_assert(xax::tree<xax::optim::Sgd<Params<xax::bfloat16>>::State>);
+static_assert(std::is_same_v<decltype(xax::optim::AdamW<Params<xax::bfloat16>>::State::m), Params<float>>);
+
+constexpr std::array<double, 5> initial{0.5, -1.0, 2.0, 0.25, -3.0};
+
+Params32 initial_params() {
+  Params32 p{Eigen::VectorXf(2), Eigen::VectorXf(3)};
+  p.head << 0.5f, -1.0f;
+  p.tail << 2.0f, 0.25f, -3.0f;
+  return p;
+}
+
+// The gradients of the PyTorch reference: sin(0.7 t (i + 1)) (0.5 + i), computed in double, rounded to float.
+double gradient(int step, std::size_t i) {
+  return static_cast<double>(
+      static_cast<float>(std::sin(0.7 * step * static_cast<double>(i + 1)) * (0.5 + static_cast<double>(i))));
+}
+
+Params32 gradients(int step) {
+  Params32 g{Eigen::VectorXf(2), Eigen::VectorXf(3)};
+  for (std::size_t i = 0; i < 5; ++i) {
+    const auto value = static_cast<float>(gradient(step, i));
+    if (i < 2) {
+      g.head(static_cast<Eigen::Index>(i)) = value;
+    } else {
+      g.tail(static_cast<Eigen::Index>(i - 2)) = value;
+    }
+  }
+  return g;
+}
+
+std::array<float, 5> flatten(const Params32& p) {
+  return {p.head(0), p.head(1), p.tail(0), p.tail(1), p.tail(2)};
+}
+
+template <class Optimizer>
+std::array<float, 5> run(Optimizer& optimizer, int steps) {
+  Params32 p = initial_params();
+  for (int t = 1; t <= steps; ++t) optimizer.step(p, gradients(t));
+  return flatten(p);
+}
+
+void expect_close(const std::array<float, 5>& actual, const std::array<double, 5>& expected,
+                  double relative) {
+  for (std::size_t i = 0; i < 5; ++i) {
+    EXPECT_NEAR(actual[i], expected[i], relative * std::abs(expected[i]) + 1e-7) << "element " << i;
+  }
+}
+
+// --------------------------------------------------------------------------------------------------------------
+// Double-precision transcriptions of torch.optim's single-tensor update rules.
+
+std::array<double, 5> adamw_reference(const xax::optim::AdamWOptions& o, int steps) {
+  std::array<double, 5> p = initial, m{}, v{};
+  for (int t = 1; t <= steps; ++t) {
+    const double bias1 = 1 - std::pow(o.beta1, t), bias2 = 1 - std::pow(o.beta2, t);
+    for (std::size_t i = 0; i < 5; ++i) {
+      const double g = gradient(t, i);
+      p[i] *= 1 - o.learning_rate * o.weight_decay;
+      m[i] = o.beta1 * m[i] + (1 - o.beta1) * g;
+      v[i] = o.beta2 * v[i] + (1 - o.beta2) * g * g;
+      p[i] -= o.learning_rate / bias1 * m[i] / (std::sqrt(v[i]) / std::sqrt(bias2) + o.eps);
+    }
+  }
+  return p;
+}
+
+std::array<double, 5> sgd_reference(const xax::optim::SgdOptions& o, int steps) {
+  std::array<double, 5> p = initial, b{};
+  for (int t = 1; t <= steps; ++t) {
+    for (std::size_t i = 0; i < 5; ++i) {
+      double d = gradient(t, i) + o.weight_decay * p[i];
+      if (o.momentum != 0) {
+        b[i] = t == 1 ? d : o.momentum * b[i] + d;
+        d = o.nesterov ? d + o.momentum * b[i] : b[i];
+      }
+      p[i] -= o.learning_rate * d;
+    }
+  }
+  return p;
+}
+
+// --------------------------------------------------------------------------------------------------------------
+// AdamW
+
+TEST(AdamW, MatchesPyTorchTrajectory) {
+  // torch.optim.AdamW([p], lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1), 10 steps.
+  xax::optim::AdamW<Params32> adamw(initial_params(), {.learning_rate = 0.01, .weight_decay = 0.1});
+  expect_close(run(adamw, 10), {0.452676684, -1.01339471, 1.9663192, 0.23785086, -2.96033001}, 2e-6);
+  EXPECT_EQ(adamw.state().step, 10);
+
+  // torch.optim.AdamW([p]) with its defaults, which are xax's.
+  xax::optim::AdamW<Params32> defaults(initial_params());
+  expect_close(run(defaults, 10), {0.495683193, -1.00225234, 1.99841249, 0.249001056, -2.99871111}, 2e-6);
+}
+
+TEST(AdamW, MatchesDoubleReferenceOverManySteps) {
+  const xax::optim::AdamWOptions options{
+      .learning_rate = 3e-3, .beta1 = 0.8, .beta2 = 0.99, .eps = 1e-6, .weight_decay = 0.05};
+  xax::optim::AdamW<Params32> adamw(initial_params(), options);
+  expect_close(run(adamw, 200), adamw_reference(options, 200), 1e-5);
+}
+
+TEST(AdamW, FirstStepIsSignOfGradientTimesLearningRate) {
+  // m_hat = g and v_hat = g^2 after one step, so the step is lr * g / (|g| + eps) after the decay.
+  xax::optim::AdamW<Params32> adamw(initial_params(), {.learning_rate = 0.1, .weight_decay = 0.5});
+  Params32 p = initial_params();
+  adamw.step(p, gradients(1));
+  const auto after = flatten(p);
+  for (std::size_t i = 0; i < 5; ++i) {
+    const double g = gradient(1, i);
+    EXPECT_NEAR(after[i], initial[i] * 0.95 - 0.1 * g / (std::abs(g) + 1e-8), 1e-6) << "element " << i;
+  }
+}
+
+TEST(AdamW, DoubleMastersAndLearningRateChanges) {
+  Params<double> p{Eigen::VectorXd::Constant(2, 1.0), Eigen::VectorXd::Constant(3, -1.0)};
+  const Params<double> g{Eigen::VectorXd::Constant(2, 0.5), Eigen::VectorXd::Constant(3, -0.5)};
+  xax::optim::AdamW<Params<double>> adamw(p, {.learning_rate = 0.1, .weight_decay = 0});
+  adamw.step(p, g);
+  const double first_step = 0.1 * 0.5 / (0.5 + 1e-8);
+  EXPECT_NEAR(p.head(0), 1.0 - first_step, 1e-15);
+  EXPECT_NEAR(p.tail(0), -1.0 + first_step, 1e-15);
+  adamw.set_learning_rate(0.0);
+  adamw.step(p, g);
+  EXPECT_NEAR(p.head(0), 1.0 - first_step, 1e-15);
+  EXPECT_EQ(adamw.options().learning_rate, 0.0);
+}
+
+TEST(AdamW, InvalidOptionsThrow) {
+  const Params32 p = initial_params();
+  using Options = xax::optim::AdamWOptions;
+  EXPECT_THROW(xax::optim::AdamW<Params32>(p, Options{.learning_rate = -1}), xax::ConfigError);
+  EXPECT_THROW(xax::optim::AdamW<Params32>(p, Options{.learning_rate = NAN}), xax::ConfigError);
+  EXPECT_THROW(xax::optim::AdamW<Params32>(p, Options{.beta1 = 1.0}), xax::ConfigError);
+  EXPECT_THROW(xax::optim::AdamW<Params32>(p, Options{.beta2 = -0.1}), xax::ConfigError);
+  EXPECT_THROW(xax::optim::AdamW<Params32>(p, Options{.eps = -1e-8}), xax::ConfigError);
+  EXPECT_THROW(xax::optim::AdamW<Params32>(p, Options{.weight_decay = INFINITY}), xax::ConfigError);
+  try {
+    xax::optim::AdamW<Params32>(p, Options{.beta1 = 1.5});
+    FAIL() << "no exception";
+  } catch (const xax::ConfigError& error) {
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("beta1"));
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("1.5"));
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("[0, 1)"));
+  }
+  xax::optim::AdamW<Params32> adamw(p);
+  EXPECT_THROW(adamw.set_learning_rate(-0.5), xax::ConfigError);
+  EXPECT_EQ(adamw.options().learning_rate, 1e-3);
+}
+
+TEST(AdamW, MismatchedGradientsThrowShapeErrorNamingTheLeaf) {
+  Params32 p = initial_params();
+  xax::optim::AdamW<Params32> adamw(p);
+  Params32 g = gradients(1);
+  g.tail.resize(4);
+  try {
+    adamw.step(p, g);
+    FAIL() << "no exception";
+  } catch (const xax::ShapeError& error) {
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("tail"));
+  }
+}
+
+TEST(AdamW, LargeLeavesGiveTheSameResultOnAnyThreadCount) {
+  const Eigen::Index n = 1 << 18;
+  Params32 p{Eigen::VectorXf::LinSpaced(n, -1.0f, 1.0f), Eigen::VectorXf::Constant(3, 0.5f)};
+  Params32 g{Eigen::VectorXf::LinSpaced(n, 0.3f, -0.2f), Eigen::VectorXf::Constant(3, 0.1f)};
+  const int threads = xax::num_threads();
+  Params32 p1 = p, p2 = p;
+  xax::optim::AdamW<Params32> one(p), two(p);
+  xax::set_num_threads(1);
+  for (int i = 0; i < 3; ++i) one.step(p1, g);
+  if (xax::num_threads() == 1) {
+    try {
+      xax::set_num_threads(2);
+    } catch (const xax::ConfigError&) {
+      // No OpenMP: only one thread exists.
+    }
+  }
+  for (int i = 0; i < 3; ++i) two.step(p2, g);
+  xax::set_num_threads(threads);
+  EXPECT_EQ(p1.head, p2.head);
+  EXPECT_EQ(one.state().v.head, two.state().v.head);
+}
+
+// --------------------------------------------------------------------------------------------------------------
+// SGD
+
+TEST(Sgd, MatchesPyTorchTrajectories) {
+  xax::optim::Sgd<Params32> plain(initial_params(), {.learning_rate = 0.05});
+  expect_close(run(plain, 10), {0.48336032, -1.07558143, 1.89222085, 0.196676672, -2.91303372}, 2e-6);
+  xax::optim::Sgd<Params32> momentum(initial_params(),
+                                     {.learning_rate = 0.05, .momentum = 0.9, .weight_decay = 0.01});
+  expect_close(run(momentum, 10), {0.309954405, -1.27120197, 1.67518783, 0.11516688, -2.75610161}, 2e-6);
+  xax::optim::Sgd<Params32> nesterov(
+      initial_params(), {.learning_rate = 0.05, .momentum = 0.9, .weight_decay = 0.01, .nesterov = true});
+  expect_close(run(nesterov, 10), {0.311064661, -1.31318772, 1.59125352, 0.0746146888, -2.67941451}, 2e-6);
+}
+
+TEST(Sgd, MatchesDoubleReferenceOverManySteps) {
+  for (const bool nesterov : {false, true}) {
+    const xax::optim::SgdOptions options{
+        .learning_rate = 0.01, .momentum = 0.5, .weight_decay = 1e-3, .nesterov = nesterov};
+    xax::optim::Sgd<Params32> sgd(initial_params(), options);
+    expect_close(run(sgd, 200), sgd_reference(options, 200), 1e-5);
+  }
+}
+
+TEST(Sgd, NoMomentumKeepsNoBuffer) {
+  xax::optim::Sgd<Params32> sgd(initial_params());
+  EXPECT_EQ(xax::floating_element_count(sgd.state().momentum_buffer), 0u);
+  xax::optim::Sgd<Params32> with_momentum(initial_params(), {.momentum = 0.9});
+  EXPECT_EQ(xax::floating_element_count(with_momentum.state().momentum_buffer), 5u);
+}
+
+TEST(Sgd, InvalidOptionsThrow) {
+  const Params32 p = initial_params();
+  using Options = xax::optim::SgdOptions;
+  EXPECT_THROW(xax::optim::Sgd<Params32>(p, Options{.learning_rate = -0.1}), xax::ConfigError);
+  EXPECT_THROW(xax::optim::Sgd<Params32>(p, Options{.momentum = -0.9}), xax::ConfigError);
+  EXPECT_THROW(xax::optim::Sgd<Params32>(p, Options{.weight_decay = NAN}), xax::ConfigError);
+  try {
+    xax::optim::Sgd<Params32>(p, Options{.nesterov = true});
+    FAIL() << "no exception";
+  } catch (const xax::ConfigError& error) {
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("nesterov"));
+  }
+  xax::optim::Sgd<Params32> sgd(p);
+  EXPECT_THROW(sgd.set_learning_rate(INFINITY), xax::ConfigError);
+}
+
+// --------------------------------------------------------------------------------------------------------------
+// Pure-bf16 updates
+
+using ParamsBF16 = Params<xax::bfloat16>;
+
+ParamsBF16 constant_bf16(Eigen::Index n, float value) {
+  return {Eigen::Matrix<xax::bfloat16, Eigen::Dynamic, 1>::Constant(n, xax::bfloat16(value)),
+          Eigen::Matrix<xax::bfloat16, Eigen::Dynamic, 1>::Constant(3, xax::bfloat16(value))};
+}
+
+double mean(const Eigen::Matrix<xax::bfloat16, Eigen::Dynamic, 1>& v) {
+  double sum = 0;
+  for (Eigen::Index i = 0; i < v.size(); ++i) sum += static_cast<float>(v(i));
+  return sum / static_cast<double>(v.size());
+}
+
+// A constant gradient of -1 makes every AdamW step +lr (m_hat = g, v_hat = g^2). With lr = 1e-3, a quarter
+// of half a bf16 ulp at 1.0 (2^-8 = 3.9e-3), round-to-nearest never moves the parameter; the fp32 trajectory
+// reaches 1 + steps * lr.
+constexpr int bf16_steps = 500;
+constexpr double bf16_lr = 1e-3;
+constexpr double bf16_expected = 1.0 + bf16_steps * bf16_lr;
+
+template <class Optimizer>
+ParamsBF16 run_bf16(Optimizer& optimizer, ParamsBF16 p) {
+  const ParamsBF16 g = constant_bf16(p.head.size(), -1.0f);
+  for (int t = 0; t < bf16_steps; ++t) optimizer.step(p, g);
+  return p;
+}
+
+TEST(BF16Update, RoundToNearestLosesSmallUpdates) {
+  const ParamsBF16 p = constant_bf16(1024, 1.0f);
+  xax::optim::AdamW<ParamsBF16> adamw(p, {.learning_rate = bf16_lr, .weight_decay = 0},
+                                      {.rounding = xax::optim::BF16Update::round_to_nearest});
+  EXPECT_EQ(mean(run_bf16(adamw, p).head), 1.0);
+}
+
+TEST(BF16Update, StochasticRoundingIsUnbiasedOverManySteps) {
+  const Eigen::Index n = 4096;
+  const ParamsBF16 p = constant_bf16(n, 1.0f);
+  xax::optim::AdamW<ParamsBF16> adamw(p, {.learning_rate = bf16_lr, .weight_decay = 0},
+                                      {.rounding = xax::optim::BF16Update::stochastic_rounding, .seed = 42});
+  const ParamsBF16 result = run_bf16(adamw, p);
+  // Each element's error is a sum of independent zero-mean roundings, each at most one ulp (2^-7 here): its
+  // standard deviation is below sqrt(steps) * ulp / 2 = 0.09, so the mean of 4096 is within 0.007 at 5 sigma.
+  EXPECT_NEAR(mean(result.head), bf16_expected, 0.007);
+  // And the elements really spread: no systematic rounding in either direction.
+  int below = 0, above = 0;
+  for (Eigen::Index i = 0; i < n; ++i) {
+    const double value = static_cast<float>(result.head(i));
+    below += value < bf16_expected ? 1 : 0;
+    above += value > bf16_expected ? 1 : 0;
+  }
+  EXPECT_GT(below, n / 4);
+  EXPECT_GT(above, n / 4);
+}
+
+TEST(BF16Update, StochasticRoundingOfSgdIsUnbiasedAndReproducible) {
+  const ParamsBF16 p = constant_bf16(4096, 1.0f);
+  const auto train = [&p](std::uint64_t seed) {
+    xax::optim::Sgd<ParamsBF16> sgd(p, {.learning_rate = bf16_lr}, {.seed = seed});
+    return run_bf16(sgd, p);
+  };
+  const ParamsBF16 first = train(7), again = train(7), other = train(8);
+  EXPECT_NEAR(mean(first.head), bf16_expected, 0.007);
+  EXPECT_EQ(first.head, again.head);
+  EXPECT_NE(first.head, other.head);
+}
+
+TEST(BF16Update, KahanCompensationTracksTheFp32Trajectory) {
+  const ParamsBF16 p = constant_bf16(256, 1.0f);
+  xax::optim::AdamW<ParamsBF16> adamw(p, {.learning_rate = bf16_lr, .weight_decay = 0},
+                                      {.rounding = xax::optim::BF16Update::kahan});
+  EXPECT_EQ(xax::floating_element_count(adamw.state().compensation), 256u + 3u);
+  const ParamsBF16 result = run_bf16(adamw, p);
+  // Deterministic: every element is within one bf16 ulp (2^-7 in [1, 2)) of the fp32 trajectory.
+  for (Eigen::Index i = 0; i < result.head.size(); ++i) {
+    EXPECT_NEAR(static_cast<float>(result.head(i)), bf16_expected, 0x1p-7) << "element " << i;
+  }
+}
+
+TEST(BF16Update, MomentsAreFp32) {
+  const ParamsBF16 p = constant_bf16(8, 1.0f);
+  xax::optim::AdamW<ParamsBF16> adamw(p);
+  ParamsBF16 q = p;
+  adamw.step(q, constant_bf16(8, 1e-3f));
+  // (1 - beta2) g^2 = 1e-9 is far below bf16's resolution near any v worth storing, but exact enough in fp32.
+  EXPECT_NEAR(adamw.state().v.head(0), 1e-9, 1e-11);
+}
+
+}  // namespace

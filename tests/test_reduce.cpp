@@ -1,0 +1,207 @@
+// The fp32 reductions: softmax, log-softmax, log-sum-exp, softmax cross-entropy and its gradient, row sums,
+// from float, bfloat16 and float16 inputs, against double references of the same (rounded) inputs.
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <vector>
+#include <xax/ops/reduce.hpp>
+#include <xax/utils/error.hpp>
+
+namespace {
+
+template <class T>
+using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+template <class T>
+using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+
+template <class T>
+Matrix<T> random_matrix(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed, float low, float high) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> uniform(low, high);
+  Matrix<T> m(rows, cols);
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(uniform(rng));
+  return m;
+}
+
+template <class M>
+Eigen::MatrixXd to_double(const M& m) {
+  Eigen::MatrixXd out(m.rows(), m.cols());
+  for (Eigen::Index j = 0; j < m.cols(); ++j) {
+    for (Eigen::Index i = 0; i < m.rows(); ++i) out(i, j) = static_cast<double>(static_cast<float>(m(i, j)));
+  }
+  return out;
+}
+
+Eigen::VectorXd logsumexp_reference(const Eigen::MatrixXd& x) {
+  Eigen::VectorXd out(x.cols());
+  for (Eigen::Index j = 0; j < x.cols(); ++j) {
+    const double max = x.col(j).maxCoeff();
+    out(j) = max + std::log((x.col(j).array() - max).exp().sum());
+  }
+  return out;
+}
+
+template <class T>
+double half_ulp() {
+  if constexpr (std::is_same_v<T, xax::bfloat16>) return std::ldexp(1.0, -8);
+  if constexpr (std::is_same_v<T, xax::float16>) return std::ldexp(1.0, -11);
+  return std::ldexp(1.0, -24);
+}
+
+template <class T>
+class ReduceTyped : public ::testing::Test {};
+using Scalars = ::testing::Types<float, xax::bfloat16, xax::float16>;
+TYPED_TEST_SUITE(ReduceTyped, Scalars);
+
+TYPED_TEST(ReduceTyped, SoftmaxAndLogSoftmaxMatchReference) {
+  using T = TypeParam;
+  const Matrix<T> logits = random_matrix<T>(37, 19, 1, -8.0f, 8.0f);
+  const Eigen::MatrixXd x = to_double(logits);
+  const Eigen::VectorXd lse = logsumexp_reference(x);
+  const Eigen::MatrixXd log_probabilities = x.rowwise() - lse.transpose();
+
+  Eigen::MatrixXf probabilities;
+  xax::softmax(logits, probabilities);
+  EXPECT_LT((probabilities.cast<double>() - log_probabilities.array().exp().matrix()).cwiseAbs().maxCoeff(),
+            1e-6);
+  for (Eigen::Index j = 0; j < probabilities.cols(); ++j) EXPECT_NEAR(probabilities.col(j).sum(), 1.0, 1e-5);
+
+  Matrix<T> probabilities_t;
+  xax::softmax(logits, probabilities_t);
+  const Eigen::MatrixXd expected = log_probabilities.array().exp();
+  for (Eigen::Index i = 0; i < expected.size(); ++i) {
+    EXPECT_NEAR(static_cast<float>(probabilities_t.data()[i]), expected.data()[i],
+                half_ulp<T>() * expected.data()[i] + 1e-7);
+  }
+
+  Eigen::MatrixXf log_softmax;
+  xax::log_softmax(logits, log_softmax);
+  EXPECT_LT((log_softmax.cast<double>() - log_probabilities).cwiseAbs().maxCoeff(), 1e-5);
+
+  Eigen::VectorXf lse_out;
+  xax::logsumexp(logits, lse_out);
+  ASSERT_EQ(lse_out.size(), 19);
+  EXPECT_LT((lse_out.cast<double>() - lse).cwiseAbs().maxCoeff(), 1e-5);
+}
+
+TYPED_TEST(ReduceTyped, LogSumExpAccumulatesInFloat) {
+  using T = TypeParam;
+  // 4096 equal logits: a 16-bit running sum of exp(0) = 1 would stall at 256 (bf16) or 2048 (f16).
+  const Matrix<T> logits = Matrix<T>::Constant(4096, 2, static_cast<T>(3.0f));
+  Eigen::VectorXf lse;
+  xax::logsumexp(logits, lse);
+  EXPECT_NEAR(lse(0), 3.0 + std::log(4096.0), 1e-5);
+  EXPECT_NEAR(lse(1), 3.0 + std::log(4096.0), 1e-5);
+}
+
+TYPED_TEST(ReduceTyped, LargeAndMaskedLogitsStayFinite) {
+  using T = TypeParam;
+  Matrix<T> logits(3, 2);
+  logits << static_cast<T>(60000.0f), static_cast<T>(-std::numeric_limits<float>::infinity()),
+      static_cast<T>(59000.0f), static_cast<T>(1.0f), static_cast<T>(-60000.0f), static_cast<T>(2.0f);
+  Eigen::MatrixXf probabilities;
+  xax::softmax(logits, probabilities);
+  EXPECT_TRUE(probabilities.allFinite());
+  EXPECT_FLOAT_EQ(probabilities(0, 0), 1.0f);
+  EXPECT_EQ(probabilities(0, 1), 0.0f);  // exp(-inf) = 0: a masked logit
+  EXPECT_NEAR(probabilities(2, 1), std::exp(1.0) / (1.0 + std::exp(1.0)), 1e-6);
+}
+
+TYPED_TEST(ReduceTyped, SoftmaxCrossEntropyLossAndGradient) {
+  using T = TypeParam;
+  const Matrix<T> logits = random_matrix<T>(10, 64, 2, -4.0f, 4.0f);
+  std::vector<std::int32_t> labels(64);
+  for (std::size_t j = 0; j < labels.size(); ++j) labels[j] = static_cast<std::int32_t>((j * 7) % 10);
+  const Eigen::MatrixXd x = to_double(logits);
+  const Eigen::VectorXd lse = logsumexp_reference(x);
+  double expected_loss = 0;
+  Eigen::MatrixXd expected_gradient = (x.rowwise() - lse.transpose()).array().exp();
+  for (Eigen::Index j = 0; j < 64; ++j) {
+    const auto label = labels[static_cast<std::size_t>(j)];
+    expected_loss += lse(j) - x(label, j);
+    expected_gradient(label, j) -= 1.0;
+  }
+  expected_loss /= 64;
+  const float scale = 1024.0f;
+  expected_gradient *= scale / 64.0;
+
+  EXPECT_NEAR(xax::softmax_cross_entropy(logits, labels), expected_loss, 1e-6);
+  Eigen::MatrixXf gradient;
+  EXPECT_NEAR(xax::softmax_cross_entropy(logits, labels, gradient, scale), expected_loss, 1e-6);
+  EXPECT_LT((gradient.cast<double>() - expected_gradient).cwiseAbs().maxCoeff(), 1e-5);
+
+  Matrix<T> gradient_t;
+  xax::softmax_cross_entropy(logits, labels, gradient_t, scale);
+  for (Eigen::Index i = 0; i < expected_gradient.size(); ++i) {
+    EXPECT_NEAR(static_cast<float>(gradient_t.data()[i]), expected_gradient.data()[i],
+                half_ulp<T>() * std::abs(expected_gradient.data()[i]) + 1e-6);
+  }
+}
+
+TYPED_TEST(ReduceTyped, RowSums) {
+  using T = TypeParam;
+  const Matrix<T> x = random_matrix<T>(33, 300, 3, 0.0f, 1.0f);
+  const Eigen::VectorXd expected = to_double(x).rowwise().sum();
+  Eigen::VectorXf sums;
+  xax::row_sums(x, sums);
+  // 300 float additions of values in [0, 1): a few ulps of the ~150 total.
+  EXPECT_LT((sums.cast<double>() - expected).cwiseAbs().maxCoeff(), 2e-6 * expected.maxCoeff());
+  Vector<T> accumulated = Vector<T>::Constant(33, static_cast<T>(2.0f));
+  xax::row_sums(x, accumulated, /*accumulate=*/true);
+  for (Eigen::Index i = 0; i < 33; ++i) {
+    EXPECT_NEAR(static_cast<float>(accumulated(i)), expected(i) + 2.0,
+                half_ulp<T>() * (expected(i) + 2.0) + 1e-4);
+  }
+}
+
+TEST(Reduce, CrossEntropyGradientMatchesFiniteDifferences) {
+  Eigen::MatrixXf logits = random_matrix<float>(5, 3, 4, -2.0f, 2.0f);
+  const std::array<std::int32_t, 3> labels{4, 0, 2};
+  Eigen::MatrixXf gradient;
+  xax::softmax_cross_entropy(logits, labels, gradient);
+  const float h = 1e-2f;
+  for (Eigen::Index i = 0; i < logits.size(); ++i) {
+    const float saved = logits.data()[i];
+    logits.data()[i] = saved + h;
+    const double up = xax::softmax_cross_entropy(logits, labels);
+    logits.data()[i] = saved - h;
+    const double down = xax::softmax_cross_entropy(logits, labels);
+    logits.data()[i] = saved;
+    EXPECT_NEAR(gradient.data()[i], (up - down) / (2 * h), 2e-4) << "element " << i;
+  }
+}
+
+TEST(Reduce, LabelsFromEigenVectorsAndSpans) {
+  const Eigen::MatrixXf logits = random_matrix<float>(4, 3, 5, -1.0f, 1.0f);
+  Eigen::VectorXi eigen_labels(3);
+  eigen_labels << 1, 3, 0;
+  const std::vector<std::int32_t> vector_labels{1, 3, 0};
+  EXPECT_EQ(xax::softmax_cross_entropy(logits, eigen_labels),
+            xax::softmax_cross_entropy(logits, vector_labels));
+  EXPECT_EQ(xax::softmax_cross_entropy(logits, std::span<const std::int32_t>(vector_labels)),
+            xax::softmax_cross_entropy(logits, vector_labels));
+}
+
+TEST(Reduce, BadLabelsThrow) {
+  const Eigen::MatrixXf logits = Eigen::MatrixXf::Zero(4, 3);
+  EXPECT_THROW(xax::softmax_cross_entropy(logits, std::vector<std::int32_t>{0, 1}), xax::ShapeError);
+  try {
+    xax::softmax_cross_entropy(logits, std::vector<std::int32_t>{0, 4, 1});
+    FAIL() << "no exception";
+  } catch (const xax::ShapeError& error) {
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("label 4 of sample 1"));
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("[0, 4)"));
+  }
+  EXPECT_THROW(xax::softmax_cross_entropy(logits, std::vector<std::int32_t>{0, -1, 1}), xax::ShapeError);
+  Eigen::MatrixXf wrong(2, 2);
+  Eigen::Map<Eigen::MatrixXf> fixed(wrong.data(), 2, 2);
+  EXPECT_THROW(xax::softmax(logits, fixed), xax::ShapeError);
+}
+
+}  // namespace
