@@ -24,6 +24,7 @@
 #include <xax/utils/threads.hpp>
 
 #include "report/csv.hpp"
+#include "report/format.hpp"
 #include "report/gnuplot.hpp"
 #include "report/json_report.hpp"
 #include "report/markdown.hpp"
@@ -125,7 +126,7 @@ void add_accuracy_checks(BenchmarkReport& report, const Options& options) {
 }
 
 std::string mib(std::size_t bytes) {
-  return xax_bench::detail::fixed(static_cast<double>(bytes) / 1048576.0, 1) + " MiB";
+  return xax_bench::fixed(static_cast<double>(bytes) / 1048576.0, 1) + " MiB";
 }
 
 void add_memory_checks(BenchmarkReport& report) {
@@ -160,7 +161,7 @@ void add_memory_checks(BenchmarkReport& report) {
           "are "
           "lifetime peaks and cannot be compared.";
     } else if (!check.pass && check.tensor_ratio >= check.required_ratio) {
-      text += " The tensors xax accounts for shrink " + xax_bench::detail::fixed(check.tensor_ratio, 2) +
+      text += " The tensors xax accounts for shrink " + xax_bench::fixed(check.tensor_ratio, 2) +
               "x, but the peak also holds memory outside them (backend scratch, allocator slack)";
       text += run.matmul_implementation.find("widened") != std::string::npos
                   ? ": this run's matmuls ran on '" + run.matmul_implementation +
@@ -169,10 +170,10 @@ void add_memory_checks(BenchmarkReport& report) {
                         "memory as fp32's."
                   : ".";
     } else if (!check.pass) {
-      text += " Activations are only " +
-              xax_bench::detail::fixed(
-                  100.0 * static_cast<double>(f.activations) / static_cast<double>(f.total()), 0) +
-              " % of the fp32 tensor bytes here; raise --memory-batch-size so they dominate.";
+      text +=
+          " Activations are only " +
+          xax_bench::fixed(100.0 * static_cast<double>(f.activations) / static_cast<double>(f.total()), 0) +
+          " % of the fp32 tensor bytes here; raise --memory-batch-size so they dominate.";
     }
     check.explanation = text;
     report.memory_checks.push_back(check);
@@ -237,8 +238,8 @@ void run_peers(BenchmarkReport& report, const Options& options, std::ostream& sa
         // PERFORMANCE.md: xax's bf16-mixed step at most 0.85x PyTorch autocast-bf16's.
         const double target = policy == "mixed" ? 0.85 : 0.0;
         report.peers.push_back({policy, threads, step->median_step_ms, xax_ms, source, target});
-        say << " " << xax_bench::detail::fixed(step->median_step_ms, 2) << " ms per step (xax "
-            << xax_bench::detail::fixed(xax_ms, 2) << " ms)\n";
+        say << " " << xax_bench::fixed(step->median_step_ms, 2) << " ms per step (xax "
+            << xax_bench::fixed(xax_ms, 2) << " ms)\n";
       } else {
         failures.push_back(policy + "/" + std::to_string(threads) + ": " + std::get<std::string>(outcome));
         say << " failed: " << std::get<std::string>(outcome) << '\n';
@@ -252,12 +253,12 @@ void run_peers(BenchmarkReport& report, const Options& options, std::ostream& sa
 }
 
 void print_training_line(std::ostream& say, const TrainingRun& run) {
-  using xax_bench::detail::fixed;
+  using xax_bench::fixed;
   say << "  " << run.label() << ": test accuracy " << fixed(100.0 * run.test_accuracy, 2)
       << " %, final train loss " << fixed(run.final_train_loss, 4) << ", step " << fixed(run.step_time_ms, 2)
       << " ms (" << fixed(run.throughput_samples_per_s, 0) << " samples/s), peak RSS "
       << mib(run.peak_rss_bytes) << " (+" << mib(run.peak_rss_growth_bytes()) << "), skipped "
-      << run.skipped_steps << ", final scale " << xax_bench::detail::scale_text(run.final_loss_scale) << '\n';
+      << run.skipped_steps << ", final scale " << xax_bench::scale_text(run.final_loss_scale) << '\n';
   if (!run.error.empty()) say << "    stopped early: " << run.error << '\n';
   say << std::flush;
 }
@@ -301,7 +302,7 @@ int run(int argc, char** argv) {
   report.load_average_start = xax_bench::load_average();
   if (report.load_average_start > 0.5 * xax_bench::available_cpus()) {
     report.notes.push_back("the machine was already busy when the benchmark started (load average " +
-                           xax_bench::detail::fixed(report.load_average_start, 2) + " on " +
+                           xax_bench::fixed(report.load_average_start, 2) + " on " +
                            std::to_string(xax_bench::available_cpus()) +
                            " CPUs): timings, multi-threaded ones most, are noisy; re-run on an idle machine");
   }
@@ -377,16 +378,15 @@ int run(int argc, char** argv) {
   say << '\n';
   for (const xax_bench::AccuracyCheck& check : report.accuracy_checks) {
     say << (check.pass ? "PASS" : "FAIL") << " accuracy: " << check.policy << " "
-        << xax_bench::detail::fixed(100.0 * check.accuracy, 2) << " % vs fp32 "
-        << xax_bench::detail::fixed(100.0 * check.reference_accuracy, 2) << " % ("
-        << xax_bench::detail::fixed(check.difference_pp, 2) << " pp, tolerance "
-        << xax_bench::detail::fixed(check.tolerance_pp, 2) << " pp)\n";
+        << xax_bench::fixed(100.0 * check.accuracy, 2) << " % vs fp32 "
+        << xax_bench::fixed(100.0 * check.reference_accuracy, 2) << " % ("
+        << xax_bench::fixed(check.difference_pp, 2) << " pp, tolerance "
+        << xax_bench::fixed(check.tolerance_pp, 2) << " pp)\n";
   }
   for (const xax_bench::MemoryCheck& check : report.memory_checks) {
     say << (check.pass ? "PASS" : "FAIL") << " memory: " << check.policy << " needs "
-        << xax_bench::detail::fixed(check.rss_growth_ratio, 2)
-        << "x less peak RSS growth than fp32 (required " << xax_bench::detail::fixed(check.required_ratio, 2)
-        << "x); " << check.explanation << '\n';
+        << xax_bench::fixed(check.rss_growth_ratio, 2) << "x less peak RSS growth than fp32 (required "
+        << xax_bench::fixed(check.required_ratio, 2) << "x); " << check.explanation << '\n';
   }
   for (const std::string& note : report.notes) say << "note: " << note << '\n';
   say << "\nReport written to " << options.out.string() << "/: report.json, summary.md, " << csv_files.size()

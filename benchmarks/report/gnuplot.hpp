@@ -2,6 +2,7 @@
 // The plots: a gnuplot script per figure, written next to the CSVs it reads, then rendered to PNG and SVG.
 // The scripts stay in the report directory so a reader can restyle a figure and re-run `gnuplot NAME.gp`.
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <optional>
@@ -93,12 +94,19 @@ inline std::string step_time_script(const BenchmarkReport& report) {
 
 inline std::string memory_script(const BenchmarkReport& report) {
   if (report.training.empty()) return {};
+  // Headroom above the tallest stack keeps the key clear of the bars.
+  std::size_t tallest = 1;
+  for (const TrainingRun& run : report.training) tallest = std::max(tallest, run.tensor_bytes.total());
+  const std::string tensor_top = std::to_string(1.4 * static_cast<double>(tallest) / 1048576.0);
   return "set multiplot layout 1,2 title 'Memory per run'\n"
          "set style fill solid 0.7 border -1\nset boxwidth 0.6\nset xtics rotate by -40 left font ',9'\n"
          "set yrange [0:*]\nset bmargin 10\n"
          "set title 'Peak RSS growth during the run'\nset ylabel 'MiB'\nunset key\n"
          "plot 'training.csv' skip 1 using 0:($16/1048576):xtic(1) with boxes lc rgb '#aa3377'\n"
          "set title 'Tensor bytes by kind'\nset key at graph 0.03,0.97 left top Left reverse font ',9'\n"
+         "set yrange [0:" +
+         tensor_top +
+         "]\n"
          "set style data histograms\nset style histogram rowstacked\n"
          "plot 'training.csv' skip 1 using ($17/1048576):xtic(1) title 'master params', \\\n"
          "     '' skip 1 using ($18/1048576) title 'compute copy, grads, optimizer', \\\n"

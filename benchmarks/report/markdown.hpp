@@ -1,43 +1,19 @@
 #pragma once
 // summary.md: the result table and the verdicts, short enough to paste into a README or an issue.
 
-#include <cmath>
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
 
+#include "report/format.hpp"
 #include "report/results.hpp"
 
 namespace xax_bench {
 
-namespace detail {
-
-inline std::string fixed(double value, int decimals) {
-  if (!std::isfinite(value)) return "n/a";
-  std::vector<char> text(64);
-  std::snprintf(text.data(), text.size(), "%.*f", decimals, value);
-  return text.data();
-}
-
-inline std::string mebibytes(std::size_t bytes) {
-  return fixed(static_cast<double>(bytes) / 1048576.0, 1);
-}
-
-inline std::string scale_text(float scale) {
-  std::vector<char> text(32);
-  std::snprintf(text.data(), text.size(), "%g", static_cast<double>(scale));
-  return text.data();
-}
-
-}  // namespace detail
-
 /// The Markdown summary as a string.
 inline std::string markdown_summary(const BenchmarkReport& report,
                                     const std::vector<std::string>& image_names) {
-  using detail::fixed;
-  using detail::mebibytes;
   std::string md = "# mixed_precision_benchmark\n\n";
   md += "- data set: **" + report.dataset + "** (" + report.dataset_note + ")\n";
   md += "- CPU: `" + report.cpu_features + "`; half type: **" + report.half_dtype + "**\n";
@@ -61,7 +37,7 @@ inline std::string markdown_summary(const BenchmarkReport& report,
             fixed(run.step_time_ms, 2) + " | " + fixed(run.throughput_samples_per_s, 0) + " | " +
             mebibytes(run.peak_rss_bytes) + " | " + mebibytes(run.peak_rss_growth_bytes()) + " | " +
             mebibytes(run.tensor_bytes.total()) + " | " + std::to_string(run.skipped_steps) + " | " +
-            detail::scale_text(run.final_loss_scale) + " |\n";
+            scale_text(run.final_loss_scale) + " |\n";
     }
     for (const TrainingRun& run : report.training) {
       if (!run.error.empty()) md += "\n**" + run.label() + " stopped early:** " + run.error + "\n";

@@ -289,7 +289,6 @@ XAX_TARGET_AVX512 inline void bfloat16_to_float_masked_avx512(const bfloat16* sr
   _mm512_mask_storeu_epi32(dst, lanes, bfloat16_widen_avx512(halves, bfloat16_low_words_index()));
 }
 
-template <bool Streaming>
 XAX_TARGET_AVX512 inline void bfloat16_to_float_avx512(const bfloat16* src, float* dst, std::size_t n) {
   std::size_t i = 0;
   for (const std::size_t head = elements_to_cache_line(dst, n); i < head;) {
@@ -301,11 +300,10 @@ XAX_TARGET_AVX512 inline void bfloat16_to_float_avx512(const bfloat16* src, floa
   const __m512i high_words = _mm512_add_epi16(low_words, _mm512_set1_epi32(0x0010'0000));
   for (; i + 32 <= n; i += 32) {
     const __m512i halves = _mm512_loadu_si512(src + i);
-    store_line<Streaming>(dst + i, bfloat16_widen_avx512(halves, low_words));
-    store_line<Streaming>(dst + i + 16, bfloat16_widen_avx512(halves, high_words));
+    store_line<false>(dst + i, bfloat16_widen_avx512(halves, low_words));
+    store_line<false>(dst + i + 16, bfloat16_widen_avx512(halves, high_words));
   }
   for (; i < n; i += 16) bfloat16_to_float_masked_avx512(src + i, dst + i, std::min<std::size_t>(16, n - i));
-  finish_stores<Streaming>();
 }
 
 XAX_TARGET_AVX2 inline void bfloat16_to_float_avx2(const bfloat16* src, float* dst, std::size_t n) {
@@ -323,21 +321,26 @@ XAX_TARGET_AVX2 inline void bfloat16_to_float_avx2(const bfloat16* src, float* d
 
 // --- float -> f16 ---
 
-// vcvtps2ph rounds like the reference but keeps the top 9 payload bits of a NaN; the reference keeps none
-// (0x7e00 | sign).
-XAX_TARGET_AVX512 inline __m256i float_to_half_avx512_lanes(__m512 values) {
+XAX_TARGET_AVX512 inline __m256i float_to_half_instruction_avx512(__m512 values) {
   // The all-lanes mask form: GCC's unmasked _mm512_cvtps_ph macro trips -Wsign-conversion without
   // optimisation.
-  const __m256i halves = _mm512_mask_cvtps_ph(_mm256_setzero_si256(), static_cast<__mmask16>(0xffff), values,
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __mmask16 nan = _mm512_fpclass_ps_mask(values, fpclass_nan);
+  return _mm512_mask_cvtps_ph(_mm256_setzero_si256(), static_cast<__mmask16>(0xffff), values,
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+// vcvtps2ph rounds like the reference but keeps the top 9 payload bits of a NaN, where the reference keeps
+// none (0x7e00 | sign): clears them in the `nan` lanes.
+XAX_TARGET_AVX512 inline __m256i half_canonical_nans_avx512(__m256i halves, __mmask16 nan) {
   return _mm256_mask_blend_epi16(nan, halves,
                                  _mm256_and_si256(halves, _mm256_set1_epi16(INT16_MIN | 0x7e00)));
 }
 
 XAX_TARGET_AVX512 inline void float_to_half_masked_avx512(const float* src, float16* dst, std::size_t count) {
   const __mmask16 lanes = low_lanes16(count);
-  _mm256_mask_storeu_epi16(dst, lanes, float_to_half_avx512_lanes(_mm512_maskz_loadu_ps(lanes, src)));
+  const __m512 values = _mm512_maskz_loadu_ps(lanes, src);
+  const __m256i halves = half_canonical_nans_avx512(float_to_half_instruction_avx512(values),
+                                                    _mm512_fpclass_ps_mask(values, fpclass_nan));
+  _mm256_mask_storeu_epi16(dst, lanes, halves);
 }
 
 template <bool Streaming>
@@ -349,9 +352,18 @@ XAX_TARGET_AVX512 inline void float_to_half_avx512(const float* src, float16* ds
     i += count;
   }
   for (; i + 32 <= n; i += 32) {
-    const __m256i low = float_to_half_avx512_lanes(_mm512_loadu_ps(src + i));
-    const __m256i high = float_to_half_avx512_lanes(_mm512_loadu_ps(src + i + 16));
-    store_line<Streaming>(dst + i, _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1));
+    const __m512 low = _mm512_loadu_ps(src + i);
+    const __m512 high = _mm512_loadu_ps(src + i + 16);
+    const __mmask16 low_nan = _mm512_fpclass_ps_mask(low, fpclass_nan);
+    const __mmask16 high_nan = _mm512_fpclass_ps_mask(high, fpclass_nan);
+    __m256i low_halves = float_to_half_instruction_avx512(low);
+    __m256i high_halves = float_to_half_instruction_avx512(high);
+    // NaNs are rare: only a block holding one pays for the correction.
+    if (_kortestz_mask16_u8(low_nan, high_nan) == 0) {
+      low_halves = half_canonical_nans_avx512(low_halves, low_nan);
+      high_halves = half_canonical_nans_avx512(high_halves, high_nan);
+    }
+    store_line<Streaming>(dst + i, _mm512_inserti64x4(_mm512_castsi256_si512(low_halves), high_halves, 1));
   }
   for (; i < n; i += 16) float_to_half_masked_avx512(src + i, dst + i, std::min<std::size_t>(16, n - i));
   finish_stores<Streaming>();
@@ -376,12 +388,11 @@ XAX_TARGET_AVX2 inline void float_to_half_avx2(const float* src, float16* dst, s
 
 // --- f16 -> float ---
 
-// vcvtph2ps widens exactly but quiets signalling NaNs (sets bit 22); the reference keeps them signalling.
-// `signalling` marks the lanes to correct.
-XAX_TARGET_AVX512 inline __m512 half_to_float_avx512_lanes(__m256i halves, __mmask16 signalling) {
-  const __m512i widened = _mm512_castps_si512(_mm512_cvtph_ps(halves));
-  return _mm512_castsi512_ps(
-      _mm512_mask_and_epi32(widened, signalling, widened, _mm512_set1_epi32(~0x0040'0000)));
+// vcvtph2ps widens exactly but quiets signalling NaNs (sets bit 22), where the reference keeps them
+// signalling: clears the bit again in the `signalling` lanes.
+XAX_TARGET_AVX512 inline __m512 keep_signalling_nans_avx512(__m512 widened, __mmask16 signalling) {
+  const __m512i bits = _mm512_castps_si512(widened);
+  return _mm512_castsi512_ps(_mm512_mask_and_epi32(bits, signalling, bits, _mm512_set1_epi32(~0x0040'0000)));
 }
 
 // The f16 signalling NaNs among 32 halves: magnitudes 0x7c01..0x7dff.
@@ -395,10 +406,9 @@ XAX_TARGET_AVX512 inline void half_to_float_masked_avx512(const float16* src, fl
   const __mmask16 lanes = low_lanes16(count);
   const __m256i halves = _mm256_maskz_loadu_epi16(lanes, src);
   const auto signalling = static_cast<__mmask16>(half_signalling_nans_avx512(_mm512_castsi256_si512(halves)));
-  _mm512_mask_storeu_ps(dst, lanes, half_to_float_avx512_lanes(halves, signalling));
+  _mm512_mask_storeu_ps(dst, lanes, keep_signalling_nans_avx512(_mm512_cvtph_ps(halves), signalling));
 }
 
-template <bool Streaming>
 XAX_TARGET_AVX512 inline void half_to_float_avx512(const float16* src, float* dst, std::size_t n) {
   std::size_t i = 0;
   for (const std::size_t head = elements_to_cache_line(dst, n); i < head;) {
@@ -409,15 +419,17 @@ XAX_TARGET_AVX512 inline void half_to_float_avx512(const float16* src, float* ds
   for (; i + 32 <= n; i += 32) {
     const __m512i halves = _mm512_loadu_si512(src + i);
     const __mmask32 signalling = half_signalling_nans_avx512(halves);
-    const auto low_signalling = static_cast<__mmask16>(signalling);
-    const auto high_signalling = static_cast<__mmask16>(signalling >> 16);
-    store_line<Streaming>(dst + i, _mm512_castps_si512(half_to_float_avx512_lanes(
-                                       _mm512_castsi512_si256(halves), low_signalling)));
-    store_line<Streaming>(dst + i + 16, _mm512_castps_si512(half_to_float_avx512_lanes(
-                                            _mm512_extracti64x4_epi64(halves, 1), high_signalling)));
+    __m512 low = _mm512_cvtph_ps(_mm512_castsi512_si256(halves));
+    __m512 high = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(halves, 1));
+    // Signalling NaNs are rare: only a block holding one pays for the correction.
+    if (_kortestz_mask32_u8(signalling, 0) == 0) {
+      low = keep_signalling_nans_avx512(low, static_cast<__mmask16>(signalling));
+      high = keep_signalling_nans_avx512(high, static_cast<__mmask16>(signalling >> 16));
+    }
+    store_line<false>(dst + i, _mm512_castps_si512(low));
+    store_line<false>(dst + i + 16, _mm512_castps_si512(high));
   }
   for (; i < n; i += 16) half_to_float_masked_avx512(src + i, dst + i, std::min<std::size_t>(16, n - i));
-  finish_stores<Streaming>();
 }
 
 XAX_TARGET_AVX2 inline __m256 half_to_float_avx2_lanes(__m128i halves) {
@@ -455,8 +467,10 @@ template <class From, class To>
 inline constexpr bool has_direct_kernels = (std::is_same_v<From, float> && half_scalar<To>) ||
                                            (half_scalar<From> && std::is_same_v<To, float>);
 
-/// Every kernel converting From to To, best first; the last is convert_portable. The AVX-512 kernels also
-/// come in a streaming-store form for destinations far larger than the caches.
+/// Every kernel converting From to To, best first; the last is convert_portable. The AVX-512 narrowing
+/// kernels also come in a streaming-store form for destinations far larger than the caches: over 64 Mi floats
+/// on Zen 5 it measured 15-20 % faster than regular stores (and faster than a plain copy with regular
+/// stores). Widening measured no faster with streaming stores, so it has none.
 template <class From, class To>
 std::span<const Kernel<ConvertFunction<From, To>>> convert_kernels() {
   using K = Kernel<ConvertFunction<From, To>>;
@@ -470,10 +484,9 @@ std::span<const Kernel<ConvertFunction<From, To>>> convert_kernels() {
         {"portable", supports_portable_kernels, convert_portable<From, To>}};
     return kernels;
   } else if constexpr (std::is_same_v<From, bfloat16> && std::is_same_v<To, float>) {
-    static constexpr K kernels[] = {
-        {"avx512", supports_avx512_kernels, bfloat16_to_float_avx512<false>, bfloat16_to_float_avx512<true>},
-        {"avx2", supports_avx2_kernels, bfloat16_to_float_avx2},
-        {"portable", supports_portable_kernels, convert_portable<From, To>}};
+    static constexpr K kernels[] = {{"avx512", supports_avx512_kernels, bfloat16_to_float_avx512},
+                                    {"avx2", supports_avx2_kernels, bfloat16_to_float_avx2},
+                                    {"portable", supports_portable_kernels, convert_portable<From, To>}};
     return kernels;
   } else if constexpr (std::is_same_v<From, float> && std::is_same_v<To, float16>) {
     static constexpr K kernels[] = {
@@ -482,10 +495,9 @@ std::span<const Kernel<ConvertFunction<From, To>>> convert_kernels() {
         {"portable", supports_portable_kernels, convert_portable<From, To>}};
     return kernels;
   } else if constexpr (std::is_same_v<From, float16> && std::is_same_v<To, float>) {
-    static constexpr K kernels[] = {
-        {"avx512", supports_avx512_kernels, half_to_float_avx512<false>, half_to_float_avx512<true>},
-        {"avx2", supports_avx2_kernels, half_to_float_avx2},
-        {"portable", supports_portable_kernels, convert_portable<From, To>}};
+    static constexpr K kernels[] = {{"avx512", supports_avx512_kernels, half_to_float_avx512},
+                                    {"avx2", supports_avx2_kernels, half_to_float_avx2},
+                                    {"portable", supports_portable_kernels, convert_portable<From, To>}};
     return kernels;
   }
 #endif

@@ -102,10 +102,15 @@ decltype(auto) inputs_in(const Input& inputs, MlpWorkspace<T>& workspace) {
     return (inputs);
   } else {
     workspace.input.resize(inputs.rows(), inputs.cols());
-    for (Eigen::Index j = 0; j < inputs.cols(); ++j) {
-      xax::detail::convert_n(inputs.data() + j * xax::detail::leading_dimension(inputs),
-                             workspace.input.data() + j * inputs.rows(),
-                             static_cast<std::size_t>(inputs.rows()));
+    const Eigen::Index ld = xax::detail::leading_dimension(inputs);
+    if (ld == inputs.rows()) {
+      // One conversion over the whole batch, split across xax's threads.
+      xax::detail::convert_n(inputs.data(), workspace.input.data(), static_cast<std::size_t>(inputs.size()));
+    } else {
+      for (Eigen::Index j = 0; j < inputs.cols(); ++j) {
+        xax::detail::convert_n(inputs.data() + j * ld, workspace.input.data() + j * inputs.rows(),
+                               static_cast<std::size_t>(inputs.rows()));
+      }
     }
     return static_cast<const Matrix<T>&>(workspace.input);
   }

@@ -163,6 +163,52 @@ inline void check_labels(std::span<const std::int32_t> labels, Eigen::Index clas
   }
 }
 
+/// Logits with at most this many rows (classes) are processed whole columns at a time, so that exp() is
+/// vectorised across columns; a 10-class column alone is shorter than one AVX-512 register.
+inline constexpr std::size_t few_classes = 128;
+
+/// Loss and gradient of `count` consecutive columns with `rows <= few_classes` (rows * count <=
+/// elementwise_block): widen them into one block, exponentiate the block at once, write dlogits.
+template <class T, class O>
+void cross_entropy_columns(const T* x, Eigen::Index ldx, O* dx, Eigen::Index ldd, const std::int32_t* labels,
+                           std::size_t rows, std::size_t count, float scale, double* losses) noexcept {
+  alignas(64) float block[elementwise_block];
+  alignas(64) float shifts[elementwise_block];
+  alignas(64) float sums[elementwise_block];
+  for (std::size_t j = 0; j < count; ++j) {
+    const T* column = x + static_cast<Eigen::Index>(j) * ldx;
+    float* widened = block + j * rows;
+    if constexpr (std::is_same_v<T, float>) {
+      std::copy(column, column + rows, widened);
+    } else {
+      convert_serial(column, widened, rows);
+    }
+    float max = -std::numeric_limits<float>::infinity();
+    for (std::size_t i = 0; i < rows; ++i) max = widened[i] > max ? widened[i] : max;
+    shifts[j] = std::isfinite(max) ? max : 0.0f;
+  }
+  const auto r = static_cast<Eigen::Index>(rows), c = static_cast<Eigen::Index>(count);
+  Eigen::Map<Eigen::ArrayXXf> values(block, r, c);
+  const Eigen::Map<const Eigen::Array<float, 1, Eigen::Dynamic>> shift(shifts, c);
+  Eigen::Map<Eigen::Array<float, 1, Eigen::Dynamic>> sum(sums, c);
+  for (Eigen::Index j = 0; j < c; ++j) {
+    const auto target = static_cast<Eigen::Index>(labels[j]);
+    losses[j] = -static_cast<double>(values(target, j) - shift(j));
+  }
+  values = (values.rowwise() - shift).exp();
+  sum = values.colwise().sum();
+  for (Eigen::Index j = 0; j < c; ++j) {
+    losses[j] += std::log(static_cast<double>(sum(j)));
+    values.col(j) *= scale / sum(j);
+    values(static_cast<Eigen::Index>(labels[j]), j) -= scale;
+    if constexpr (std::is_same_v<O, float>) {
+      std::copy(values.col(j).data(), values.col(j).data() + rows, dx + j * ldd);
+    } else {
+      convert_serial(static_cast<const float*>(values.col(j).data()), dx + j * ldd, rows);
+    }
+  }
+}
+
 /// Per-thread room for one value per column (the per-sample losses), reused from call to call.
 inline double* per_column_scratch(std::size_t columns) {
   thread_local ScratchBuffer<double> scratch;
@@ -286,6 +332,16 @@ float softmax_cross_entropy(const Logits& logits, const Labels& labels, DLogits&
   const std::int32_t* label_data = label.data();
   detail::parallel_blocks(
       columns, rows * (sizeof(T) + sizeof(O)), 1, [=](std::size_t begin, std::size_t end) noexcept {
+        if (rows <= detail::few_classes) {
+          for (std::size_t j = begin; j < end;) {
+            const std::size_t count = std::min(end - j, detail::elementwise_block / rows);
+            detail::cross_entropy_columns(x + static_cast<Eigen::Index>(j) * ldx, ldx,
+                                          dx + static_cast<Eigen::Index>(j) * ldd, ldd, label_data + j, rows,
+                                          count, scale, losses + j);
+            j += count;
+          }
+          return;
+        }
         for (std::size_t j = begin; j < end; ++j) {
           const T* column = x + static_cast<Eigen::Index>(j) * ldx;
           const detail::LogSumExp lse = detail::column_log_sum_exp(column, rows);
@@ -299,8 +355,9 @@ float softmax_cross_entropy(const Logits& logits, const Labels& labels, DLogits&
                 const Eigen::Map<const Eigen::ArrayXf> v(in, static_cast<Eigen::Index>(n));
                 Eigen::Map<Eigen::ArrayXf> out(result, static_cast<Eigen::Index>(n));
                 out = (v - shift - log_sum).exp();
-                if (target >= offset && target < offset + n)
+                if (target >= offset && target < offset + n) {
                   out[static_cast<Eigen::Index>(target - offset)] -= 1.0f;
+                }
                 out *= scale;
                 offset += n;
               });

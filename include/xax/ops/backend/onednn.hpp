@@ -38,7 +38,37 @@
 #include <xax/utils/error.hpp>
 #include <xax/utils/threads.hpp>
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 namespace xax::detail::onednn_backend {
+
+/// Products below this many flops run on one thread: waking a second costs more than it saves (the 10-class
+/// output layer of an MLP takes ~20 us alone and ~30 us on two threads).
+inline constexpr double small_product_flops = 16.0 * 1024 * 1024;
+
+/// Caps the OpenMP threads oneDNN sees while a primitive is created and run. oneDNN sizes its parallel
+/// decomposition from omp_get_max_threads() when the primitive is created, and a primitive decomposed for one
+/// thread runs inline, without a fork.
+class ThreadCap {
+ public:
+  explicit ThreadCap([[maybe_unused]] int threads) {
+#if defined(_OPENMP)
+    if (threads != previous_) omp_set_num_threads(threads);
+#endif
+  }
+  ~ThreadCap() {
+#if defined(_OPENMP)
+    if (omp_get_max_threads() != previous_) omp_set_num_threads(previous_);
+#endif
+  }
+  ThreadCap(const ThreadCap&) = delete;
+  ThreadCap& operator=(const ThreadCap&) = delete;
+
+ private:
+  int previous_ = num_threads();
+};
 
 inline dnnl::memory::data_type data_type_of(DType dtype) {
   switch (dtype) {
@@ -105,6 +135,7 @@ struct CachedPrimitive {
   std::size_t scratchpad_bytes = 0;
   std::unordered_map<int, dnnl::memory> arguments;
   std::string implementation;  ///< "onednn:" + oneDNN's kernel name, e.g. "onednn:brg:avx512_core_bf16"
+  int threads = 1;             ///< the threads the primitive was created for
 };
 
 /// One thread's engine, stream, primitives and buffers.
@@ -131,6 +162,7 @@ class ThreadContext {
     if (cached.scratchpad_bytes != 0) {
       cached.scratchpad.set_data_handle(scratchpad_.get(cached.scratchpad_bytes));
     }
+    const ThreadCap cap(cached.threads);
     try {
       cached.primitive.execute(stream_, cached.arguments);
       stream_.wait();
@@ -169,6 +201,7 @@ class ThreadContext {
     }
     attributes.set_post_ops(post_ops);
 
+    const ThreadCap cap(key.threads);
     dnnl::matmul::primitive_desc descriptor;
     try {
       const auto operation = key.has_bias ? dnnl::matmul::desc(src_desc, weights_desc, bias_desc, dst_desc)
@@ -180,6 +213,7 @@ class ThreadContext {
       return cached;
     }
     cached->supported = true;
+    cached->threads = key.threads;
     cached->implementation = std::string("onednn:") + descriptor.impl_info_str();
     cached->primitive = dnnl::matmul(descriptor);
     // Memory objects are created on a placeholder and re-pointed at every call's data.
@@ -232,7 +266,8 @@ inline PrimitiveKey key_of(const MatmulProblem& p) {
   key.lda = p.a.ld;
   key.ldb = p.b.ld;
   key.ldc = p.ldc;
-  key.threads = num_threads();
+  const double flops = 2.0 * static_cast<double>(p.m) * static_cast<double>(p.n) * static_cast<double>(p.k);
+  key.threads = flops < small_product_flops ? 1 : num_threads();
   return key;
 }
 

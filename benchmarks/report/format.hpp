@@ -1,0 +1,31 @@
+#pragma once
+// Numbers as the console and summary.md show them.
+
+#include <cmath>
+#include <cstddef>
+#include <cstdio>
+#include <string>
+
+namespace xax_bench {
+
+/// `value` with `decimals` digits after the point; "n/a" for NaN or infinity.
+inline std::string fixed(double value, int decimals) {
+  if (!std::isfinite(value)) return "n/a";
+  char text[64];
+  std::snprintf(text, sizeof text, "%.*f", decimals, value);
+  return text;
+}
+
+/// Bytes as MiB with one decimal, without the unit.
+inline std::string mebibytes(std::size_t bytes) {
+  return fixed(static_cast<double>(bytes) / 1048576.0, 1);
+}
+
+/// A loss scale in its shortest exact-looking form: 1, 32768, 0.5.
+inline std::string scale_text(float scale) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%g", static_cast<double>(scale));
+  return text;
+}
+
+}  // namespace xax_bench
