@@ -20,6 +20,16 @@ using ::testing::HasSubstr;
 using xax_test::ClassifierTask;
 using xax_test::TaskConfig;
 
+// ctest runs tests in parallel processes, so every test writes its files under a name of its own.
+std::string unique_temp_path(const std::string& stem) {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  std::string name = stem + "_" + info->test_suite_name() + "_" + info->name();
+  for (char& c : name) {
+    if (c == '/') c = '_';
+  }
+  return (std::filesystem::temp_directory_path() / (name + ".xax")).string();
+}
+
 // Bitwise equality of two trees of the same type.
 template <class Tree>
 bool bitwise_equal(const Tree& a, const Tree& b) {
@@ -127,7 +137,7 @@ TEST_P(InjectedNonFinite, SkipsTheStepLeavingStateBitIdenticalAndNamesTheTensor)
 
   for (int i = 0; i < 5; ++i) ASSERT_TRUE(task.train_step(batch).finite);
   const auto params_before = task.params();
-  const std::string path = (std::filesystem::temp_directory_path() / "xax_inject_before.xax").string();
+  const std::string path = unique_temp_path("xax_inject");
   xax::CheckpointWriter before;
   task.save_train_state(before);
 
@@ -244,7 +254,8 @@ class CheckpointResume : public ::testing::Test {
     std::filesystem::remove(path_);
     std::filesystem::remove(path_ + ".tmp");
   }
-  std::string path_ = (std::filesystem::temp_directory_path() / "xax_resume_test.xax").string();
+  void SetUp() override { path_ = unique_temp_path("xax_resume"); }
+  std::string path_;
 };
 
 TEST_F(CheckpointResume, ResumedRunIsBitIdenticalToAnUninterruptedOne) {
