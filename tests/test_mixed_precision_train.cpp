@@ -1,6 +1,6 @@
 // The train mixins end to end (issue 5): convergence under each policy, loss scaling against fp16 underflow,
-// skipped steps that leave state bit-identical, the LossScaleError floor, accumulation, clipping, checkpoints and
-// config errors.
+// skipped steps that leave state bit-identical, the LossScaleError floor, accumulation, clipping, checkpoints
+// and config errors.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -38,7 +38,8 @@ bool bitwise_equal(const Tree& a, const Tree& b) {
       [&](const auto& x, const auto& y) {
         const auto s = xax::leaf_span(x);
         const auto t = xax::leaf_span(y);
-        equal = equal && s.size_bytes() == t.size_bytes() && std::memcmp(s.data(), t.data(), s.size_bytes()) == 0;
+        equal =
+            equal && s.size_bytes() == t.size_bytes() && std::memcmp(s.data(), t.data(), s.size_bytes()) == 0;
       },
       a, b);
   return equal;
@@ -73,14 +74,16 @@ TEST(MixedPrecisionTrain, ConvergesUnderEveryPolicyCloseToFloat32) {
   EXPECT_LT(fp32.final_loss, 0.1) << "the float32 baseline must learn the task";
   EXPECT_GT(fp32.accuracy, 0.97);
 
-  for (const char* policy : {"mixed", "float16", "params=float32,compute=float16,output=float32", "c=bf16,o=f16"}) {
+  for (const char* policy :
+       {"mixed", "float16", "params=float32,compute=float16,output=float32", "c=bf16,o=f16"}) {
     TaskConfig config = base;
     config.enable_mixed_precision = true;
     config.precision_policy = policy;
     config.loss_scaling = "dynamic";
     config.loss_scale_growth_interval = 50;
     const RunOutcome run = train(config);
-    // Tolerance: half-precision rounding of params/grads; the stated bound is 0.05 in mean loss and 2 pp accuracy.
+    // Tolerance: half-precision rounding of params/grads; the stated bound is 0.05 in mean loss and 2 pp
+    // accuracy.
     EXPECT_NEAR(run.final_loss, fp32.final_loss, 0.05) << policy;
     EXPECT_GT(run.accuracy, fp32.accuracy - 0.02) << policy;
   }
@@ -149,8 +152,8 @@ TEST_P(InjectedNonFinite, SkipsTheStepLeavingStateBitIdenticalAndNamesTheTensor)
   EXPECT_THAT(skipped.non_finite, HasSubstr("1 of 4 tensors non-finite: w2"));
   EXPECT_TRUE(bitwise_equal(params_before, task.params())) << "masters untouched";
 
-  // Optimizer state and masters are bit-identical: compare the serialised train state minus the loss scale and
-  // the counters, which are the only things a skipped step may change.
+  // Optimizer state and masters are bit-identical: compare the serialised train state minus the loss scale
+  // and the counters, which are the only things a skipped step may change.
   xax::CheckpointWriter after;
   task.save_train_state(after);
   before.write(path);
@@ -187,7 +190,8 @@ TEST(MixedPrecisionTrain, OverflowAtTheMinimumScaleRaisesLossScaleError) {
   ClassifierTask task(config, xax_test::make_data(64));
   const auto batch = task.make_batch(std::vector<std::int64_t>{0, 1, 2, 3});
   task.inject_value = std::numeric_limits<float>::quiet_NaN();
-  // Overflows at scales 4 and 2 back off to the floor of 1; the overflows at 1 are counted, and the third throws.
+  // Overflows at scales 4 and 2 back off to the floor of 1; the overflows at 1 are counted, and the third
+  // throws.
   for (int call = 0; call < 4; ++call) {
     task.inject_at_call = call;
     EXPECT_FALSE(task.train_step(batch).finite);
@@ -339,9 +343,10 @@ TEST_P(ConfigErrors, NameTheFieldAndWhatItAccepts) {
 
 INSTANTIATE_TEST_SUITE_P(
     Fields, ConfigErrors,
-    ::testing::Values(BadField{"learning_rate", "0", "'learning_rate'"}, BadField{"learning_rate", "-1", "> 0"},
-                      BadField{"batch_size", "0", "'batch_size'"}, BadField{"epochs", "0", "'epochs'"},
-                      BadField{"max_steps", "-1", "'max_steps'"}, BadField{"optimizer", "adam", "adamw or sgd"},
+    ::testing::Values(BadField{"learning_rate", "0", "'learning_rate'"},
+                      BadField{"learning_rate", "-1", "> 0"}, BadField{"batch_size", "0", "'batch_size'"},
+                      BadField{"epochs", "0", "'epochs'"}, BadField{"max_steps", "-1", "'max_steps'"},
+                      BadField{"optimizer", "adam", "adamw or sgd"},
                       BadField{"weight_decay", "-0.1", "'weight_decay'"}, BadField{"momentum", "1", "[0, 1)"},
                       BadField{"log_interval", "-5", "'log_interval'"},
                       BadField{"checkpoint_interval", "-1", "'checkpoint_interval'"},
@@ -361,7 +366,8 @@ INSTANTIATE_TEST_SUITE_P(
                       BadField{"accumulation_steps", "0", "'accumulation_steps'"},
                       BadField{"max_overflows_at_min_scale", "-1", "'max_overflows_at_min_scale'"},
                       BadField{"enable_mixed_precision", "maybe", "true, false, 1 or 0"},
-                      BadField{"hidden", "0", "'hidden'"}, BadField{"no_such_field", "1", "unknown config field"}));
+                      BadField{"hidden", "0", "'hidden'"},
+                      BadField{"no_such_field", "1", "unknown config field"}));
 
 TEST(MixedPrecisionConfig, SeedDefaults) {
   const xax::MixedPrecisionConfig config;

@@ -1,8 +1,8 @@
 #pragma once
-// A small user task for the train-step and mixin tests: a 2-layer MLP classifier on a deterministic synthetic data
-// set, written the way a user would, as a template over the compute scalar. Arithmetic runs in float on float
-// copies of the compute-precision params; parameters and gradients are stored (and rounded) in T, which is where
-// half-precision underflow happens and what loss scaling is for.
+// A small user task for the train-step and mixin tests: a 2-layer MLP classifier on a deterministic synthetic
+// data set, written the way a user would, as a template over the compute scalar. Arithmetic runs in float on
+// float copies of the compute-precision params; parameters and gradients are stored (and rounded) in T, which
+// is where half-precision underflow happens and what loss scaling is for.
 
 #include <cmath>
 #include <cstdint>
@@ -88,8 +88,9 @@ class ClassifierTask : public xax::TrainMixin<ClassifierTask, TaskConfig>,
       for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = u(rng);
       return m;
     };
-    return {uniform(hidden, features, 1.0f / std::sqrt(static_cast<float>(features))), Eigen::VectorXf::Zero(hidden),
-            uniform(4, hidden, 1.0f / std::sqrt(static_cast<float>(hidden))), Eigen::VectorXf::Zero(4)};
+    return {uniform(hidden, features, 1.0f / std::sqrt(static_cast<float>(features))),
+            Eigen::VectorXf::Zero(hidden), uniform(4, hidden, 1.0f / std::sqrt(static_cast<float>(hidden))),
+            Eigen::VectorXf::Zero(4)};
   }
 
   std::int64_t num_examples() const { return data_.x.cols(); }
@@ -125,7 +126,8 @@ class ClassifierTask : public xax::TrainMixin<ClassifierTask, TaskConfig>,
     const double weight = config().loss_weight;
     loss *= weight / static_cast<double>(n);
     const Eigen::MatrixXf dlogits = logits * static_cast<float>(static_cast<double>(loss_scale) * weight / n);
-    const Eigen::MatrixXf dh = (w2.transpose() * dlogits).cwiseProduct((pre.array() > 0.0f).cast<float>().matrix());
+    const Eigen::MatrixXf dh =
+        (w2.transpose() * dlogits).cwiseProduct((pre.array() > 0.0f).cast<float>().matrix());
     g.w2 = (dlogits * h.transpose()).template cast<T>();
     g.b2 = dlogits.rowwise().sum().template cast<T>();
     g.w1 = (dh * batch.x.transpose()).template cast<T>();
@@ -136,8 +138,8 @@ class ClassifierTask : public xax::TrainMixin<ClassifierTask, TaskConfig>,
 
   template <class T>
   double evaluate(const Net<T>& p, const Batch& batch) {
-    const Eigen::MatrixXf h = ((p.w1.template cast<float>() * batch.x).colwise() + p.b1.template cast<float>())
-                                  .cwiseMax(0.0f);
+    const Eigen::MatrixXf h =
+        ((p.w1.template cast<float>() * batch.x).colwise() + p.b1.template cast<float>()).cwiseMax(0.0f);
     const Eigen::MatrixXf logits = (p.w2.template cast<float>() * h).colwise() + p.b2.template cast<float>();
     Eigen::Index correct = 0;
     for (Eigen::Index c = 0; c < logits.cols(); ++c) {

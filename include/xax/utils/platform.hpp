@@ -22,7 +22,7 @@ struct CpuFeatures {
   bool avx512f = false;
   bool avx512bw = false;
   bool avx512vl = false;
-  bool avx512dq = false;  ///< vfpclassps: classifies NaN/subnormal lanes in one instruction
+  bool avx512dq = false;     ///< vfpclassps: classifies NaN/subnormal lanes in one instruction
   bool avx512_bf16 = false;  ///< vdpbf16ps: bf16 dot products accumulated in fp32
   bool avx512_fp16 = false;  ///< native fp16 arithmetic
   bool amx_bf16 = false;
