@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+#include <xax/detail/concurrent.hpp>
 #include <xax/detail/convert.hpp>
 #include <xax/nn/activation.hpp>
 #include <xax/nn/linear.hpp>
@@ -201,13 +202,20 @@ float mlp_loss_and_gradients(const MlpParams<T>& params, const Input& inputs, co
       linear_backward_params(x, workspace.grad, grads.layers[i], options.accumulate);
       break;
     }
-    linear_backward_params(workspace.outputs[i - 1], workspace.grad, grads.layers[i], options.accumulate);
-    linear_backward_input(params.layers[i], workspace.grad, workspace.grad_below);
-    if (hidden == Activation::relu) {
-      relu_backward(workspace.outputs[i - 1], workspace.grad_below, workspace.grad_below);
-    } else if (hidden == Activation::gelu) {
-      gelu_backward(workspace.pre_activations[i - 1], workspace.grad_below, workspace.grad_below);
-    }
+    // The parameter gradients and the gradient passed down are independent (see run_side_by_side).
+    xax::detail::run_side_by_side(
+        [&] {
+          linear_backward_params(workspace.outputs[i - 1], workspace.grad, grads.layers[i],
+                                 options.accumulate);
+        },
+        [&] {
+          linear_backward_input(params.layers[i], workspace.grad, workspace.grad_below);
+          if (hidden == Activation::relu) {
+            relu_backward(workspace.outputs[i - 1], workspace.grad_below, workspace.grad_below);
+          } else if (hidden == Activation::gelu) {
+            gelu_backward(workspace.pre_activations[i - 1], workspace.grad_below, workspace.grad_below);
+          }
+        });
     std::swap(workspace.grad, workspace.grad_below);
   }
   return loss;

@@ -267,7 +267,13 @@ inline PrimitiveKey key_of(const MatmulProblem& p) {
   key.ldb = p.b.ld;
   key.ldc = p.ldc;
   const double flops = 2.0 * static_cast<double>(p.m) * static_cast<double>(p.n) * static_cast<double>(p.k);
-  key.threads = flops < small_product_flops ? 1 : num_threads();
+  // Inside an enclosing parallel region oneDNN runs on the calling thread alone, so the primitive must be
+  // decomposed for one thread.
+  bool nested = false;
+#if defined(_OPENMP)
+  nested = omp_in_parallel() != 0;
+#endif
+  key.threads = flops < small_product_flops || nested ? 1 : num_threads();
   return key;
 }
 
