@@ -223,6 +223,62 @@ TEST(AdamW, LargeLeavesGiveTheSameResultOnAnyThreadCount) {
 }
 
 // --------------------------------------------------------------------------------------------------------------
+// step(params, grads, copy): the update also rounds the new parameters into a copy of another type
+
+template <class Copy>
+class StepWithCopy : public ::testing::Test {};
+using CopyScalars = ::testing::Types<xax::bfloat16, xax::float16, double>;
+TYPED_TEST_SUITE(StepWithCopy, CopyScalars);
+
+// Runs `steps` updates twice, with and without a copy, over leaves long enough to be split across threads.
+template <class Copy, class MakeOptimizer>
+void expect_copy_is_the_rounded_update(MakeOptimizer make_optimizer) {
+  const Eigen::Index n = (1 << 17) + 5;  // not a multiple of any chunk
+  const Params32 start{Eigen::VectorXf::LinSpaced(n, -1.0f, 1.0f), Eigen::VectorXf::Constant(3, 0.5f)};
+  const Params32 g{Eigen::VectorXf::LinSpaced(n, 0.3f, -0.2f), Eigen::VectorXf::Constant(3, 0.1f)};
+  Params32 plain = start, fused = start;
+  auto plain_optimizer = make_optimizer(start);
+  auto fused_optimizer = make_optimizer(start);
+  auto copy = xax::tree_cast<Copy>(start);
+  for (int t = 0; t < 3; ++t) {
+    plain_optimizer.step(plain, g);
+    fused_optimizer.step(fused, g, copy);
+  }
+  EXPECT_EQ(plain.head, fused.head) << "writing the copy changes nothing else";
+  EXPECT_EQ(plain.tail, fused.tail);
+  EXPECT_EQ(plain_optimizer.state().step, fused_optimizer.state().step);
+  const auto expected = xax::tree_cast<Copy>(fused);
+  EXPECT_TRUE(expected.head == copy.head) << "the copy is the updated parameters rounded to nearest";
+  EXPECT_TRUE(expected.tail == copy.tail);
+}
+
+TYPED_TEST(StepWithCopy, AdamWCopyIsTheRoundedUpdate) {
+  expect_copy_is_the_rounded_update<TypeParam>(
+      [](const Params32& like) { return xax::optim::AdamW<Params32>(like, {.weight_decay = 0.1}); });
+}
+
+TYPED_TEST(StepWithCopy, SgdWithAndWithoutMomentumCopiesTheRoundedUpdate) {
+  expect_copy_is_the_rounded_update<TypeParam>([](const Params32& like) {
+    return xax::optim::Sgd<Params32>(like, {.learning_rate = 0.1, .momentum = 0.9});
+  });
+  expect_copy_is_the_rounded_update<TypeParam>(
+      [](const Params32& like) { return xax::optim::Sgd<Params32>(like, {.learning_rate = 0.1}); });
+}
+
+TEST(StepWithCopy, MismatchedCopyThrowsShapeErrorNamingTheLeaf) {
+  Params32 p = initial_params();
+  xax::optim::AdamW<Params32> adamw(p);
+  auto copy = xax::tree_cast<xax::bfloat16>(p);
+  copy.tail.resize(2);
+  try {
+    adamw.step(p, gradients(1), copy);
+    FAIL() << "no exception";
+  } catch (const xax::ShapeError& error) {
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("tail"));
+  }
+}
+
+// --------------------------------------------------------------------------------------------------------------
 // SGD
 
 TEST(Sgd, MatchesPyTorchTrajectories) {

@@ -167,9 +167,11 @@ class MlpTask : public xax::TrainMixin<MlpTask, MlpConfig>,
     return batch;
   }
 
-  template <class T>
+  /// G is T or float: TrainStep asks for fp32 gradients of half parameters, which the backward's matmuls
+  /// write straight from their fp32 accumulators.
+  template <class T, class G>
   double loss_and_grads(const xax::nn::MlpParams<T>& params, const MlpBatch& batch, float loss_scale,
-                        xax::nn::MlpParams<T>& grads) {
+                        xax::nn::MlpParams<G>& grads) {
     auto& workspace = std::get<xax::nn::MlpWorkspace<T>>(workspaces_);
     const float loss = batch.has<T>()
                            ? xax::nn::mlp_loss_and_gradients(params, batch.features<T>(), batch.y, grads,

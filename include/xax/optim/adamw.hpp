@@ -125,8 +125,10 @@ class AdamW {
   /// for; ShapeError naming the leaf otherwise).
   void step(Params& params, const Params& grads) {
     const std::int64_t step = state_.step + 1;
+    detail::require_matching_trees(params, grads, state_.m);
     if constexpr (master_params<Params>) {
-      for_each_leaf([&]<class L>(L& p, const L& g, L& m, L& v) { update_master_leaf(p, g, m, v, step); },
+      for_each_leaf([&]<class L>(L& p, const L& g, L& m,
+                                 L& v) { update_master_leaf(p, g, m, v, detail::no_copy(p), step); },
                     params, grads, state_.m, state_.v);
     } else {
       std::size_t leaf = 0;
@@ -144,6 +146,23 @@ class AdamW {
                       params, grads, state_.m, state_.v);
       }
     }
+    state_.step = step;
+  }
+
+  /// step() that also writes the updated parameters, rounded to nearest, into `copy`: a tree of the same
+  /// structure and shapes in another floating type, such as a train step's bf16 compute copy of its fp32
+  /// masters. Each chunk is rounded while it is still in L1, so the copy costs its stores and not a second
+  /// pass over the parameters. Non-floating leaves of `copy` are left alone. ShapeError naming the leaf when
+  /// the trees differ.
+  template <tree Copy>
+  void step(Params& params, const Params& grads, Copy& copy) requires master_params<Params> {
+    const std::int64_t step = state_.step + 1;
+    detail::require_matching_trees(params, grads, state_.m, copy);
+    for_each_leaf(
+        [&]<class L, class C>(L& p, const L& g, L& m, L& v, C& c) {
+          update_master_leaf(p, g, m, v, detail::copy_target(p, c), step);
+        },
+        params, grads, state_.m, state_.v, copy);
     state_.step = step;
   }
 
@@ -171,8 +190,8 @@ class AdamW {
                            o.weight_decay, "a finite value >= 0");
   }
 
-  template <class L>
-  void update_master_leaf(L& p, const L& g, L& m, L& v, std::int64_t step) const {
+  template <class L, class Copy>
+  void update_master_leaf(L& p, const L& g, L& m, L& v, Copy* copy, std::int64_t step) const {
     if constexpr (floating_leaf<L>) {
       using S = leaf_scalar_t<L>;
       const auto constants = detail::AdamWConstants<S>::make(options_, step);
@@ -180,13 +199,15 @@ class AdamW {
       const S* grad = leaf_span(g).data();
       S* first = leaf_span(m).data();
       S* second = leaf_span(v).data();
-      detail::update_in_blocks(
-          leaf_span(p).size(), 7 * sizeof(S), [=](std::size_t begin, std::size_t end) noexcept {
-            for (std::size_t i = begin; i < end; i += detail::update_chunk) {
-              const std::size_t count = std::min(detail::update_chunk, end - i);
-              constants.update(param + i, grad + i, first + i, second + i, param + i, count);
-            }
-          });
+      detail::update_in_blocks(leaf_span(p).size(), 7 * sizeof(S) + detail::copy_bytes<Copy>,
+                               [=](std::size_t begin, std::size_t end) noexcept {
+                                 for (std::size_t i = begin; i < end; i += detail::update_chunk) {
+                                   const std::size_t count = std::min(detail::update_chunk, end - i);
+                                   constants.update(param + i, grad + i, first + i, second + i, param + i,
+                                                    count);
+                                   detail::write_copy(param + i, copy, i, count);
+                                 }
+                               });
     }
   }
 

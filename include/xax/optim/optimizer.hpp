@@ -143,6 +143,41 @@ void update_in_blocks(std::size_t n, std::size_t bytes_per_element, F&& f) {
   xax::detail::parallel_blocks(n, bytes_per_element, 16, std::forward<F>(f));
 }
 
+/// Throws ShapeError, naming the path, unless the trees match in structure and leaf shapes. Checked before an
+/// update touches anything, so a mismatch leaves parameters and optimizer state as they were.
+template <class... Trees>
+void require_matching_trees(const Trees&... trees) {
+  for_each_leaf([](const auto&...) {}, trees...);
+}
+
+/// The scalar pointer an update writes a rounded copy of its parameters through: `no_copy` for a plain step,
+/// `copy_target` for a floating leaf of the copy tree (nullptr-typed `void` for any other leaf).
+template <class L>
+constexpr void* no_copy(const L&) noexcept {
+  return nullptr;
+}
+template <class L, class C>
+auto* copy_target(const L&, C& copy) noexcept {
+  if constexpr (floating_leaf<L> && floating_leaf<C>) {
+    return leaf_span(copy).data();
+  } else {
+    return static_cast<void*>(nullptr);
+  }
+}
+
+/// Memory traffic per element of writing the copy (zero without one).
+template <class Copy>
+inline constexpr std::size_t copy_bytes = sizeof(Copy);
+template <>
+inline constexpr std::size_t copy_bytes<void> = 0;
+
+/// Rounds `count` updated parameters into the copy at offset `index` (nothing without a copy). Called on a
+/// chunk just written, which is still in L1.
+template <class S, class Copy>
+void write_copy(const S* updated, Copy* copy, std::size_t index, std::size_t count) noexcept {
+  if constexpr (!std::is_void_v<Copy>) xax::detail::convert_serial(updated, copy + index, count);
+}
+
 /// SplitMix64's finaliser: a 64-bit bijection with full avalanche, for deriving keys.
 constexpr std::uint64_t mix64(std::uint64_t z) noexcept {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;

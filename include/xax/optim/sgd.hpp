@@ -124,17 +124,43 @@ class Sgd {
   void step(Params& params, const Params& grads) {
     const std::int64_t step = state_.step + 1;
     const bool momentum = options_.momentum != 0;
+    detail::require_matching_trees(params, grads);
     if constexpr (master_params<Params>) {
       if (momentum) {
-        for_each_leaf([&]<class L>(L& p, const L& g, L& b) { update_master_leaf(p, g, &b, step); }, params,
-                      grads, state_.momentum_buffer);
+        for_each_leaf(
+            [&]<class L>(L& p, const L& g, L& b) { update_master_leaf(p, g, &b, detail::no_copy(p), step); },
+            params, grads, state_.momentum_buffer);
       } else {
         for_each_leaf(
-            [&]<class L>(L& p, const L& g) { update_master_leaf(p, g, static_cast<L*>(nullptr), step); },
+            [&]<class L>(L& p, const L& g) {
+              update_master_leaf(p, g, static_cast<L*>(nullptr), detail::no_copy(p), step);
+            },
             params, grads);
       }
     } else {
       update_bf16(params, grads, step, momentum);
+    }
+    state_.step = step;
+  }
+
+  /// step() that also writes the updated parameters, rounded to nearest, into `copy`: a tree of the same
+  /// structure and shapes in another floating type (see AdamW::step with a copy).
+  template <tree Copy>
+  void step(Params& params, const Params& grads, Copy& copy) requires master_params<Params> {
+    const std::int64_t step = state_.step + 1;
+    detail::require_matching_trees(params, grads, copy);
+    if (options_.momentum != 0) {
+      for_each_leaf(
+          [&]<class L, class C>(L& p, const L& g, L& b, C& c) {
+            update_master_leaf(p, g, &b, detail::copy_target(p, c), step);
+          },
+          params, grads, state_.momentum_buffer, copy);
+    } else {
+      for_each_leaf(
+          [&]<class L, class C>(L& p, const L& g, C& c) {
+            update_master_leaf(p, g, static_cast<L*>(nullptr), detail::copy_target(p, c), step);
+          },
+          params, grads, copy);
     }
     state_.step = step;
   }
@@ -169,21 +195,23 @@ class Sgd {
             static_cast<S>(options_.weight_decay), options_.nesterov, step == 1};
   }
 
-  template <class L>
-  void update_master_leaf(L& p, const L& g, L* b, std::int64_t step) const {
+  template <class L, class Copy>
+  void update_master_leaf(L& p, const L& g, L* b, Copy* copy, std::int64_t step) const {
     if constexpr (floating_leaf<L>) {
       using S = leaf_scalar_t<L>;
       const auto c = constants<S>(step);
       S* param = leaf_span(p).data();
       const S* grad = leaf_span(g).data();
       S* buffer = b != nullptr ? leaf_span(*b).data() : nullptr;
-      detail::update_in_blocks(
-          leaf_span(p).size(), 5 * sizeof(S), [=](std::size_t begin, std::size_t end) noexcept {
-            for (std::size_t i = begin; i < end; i += detail::update_chunk) {
-              const std::size_t count = std::min(detail::update_chunk, end - i);
-              c.update(param + i, grad + i, buffer != nullptr ? buffer + i : nullptr, param + i, count);
-            }
-          });
+      detail::update_in_blocks(leaf_span(p).size(), 5 * sizeof(S) + detail::copy_bytes<Copy>,
+                               [=](std::size_t begin, std::size_t end) noexcept {
+                                 for (std::size_t i = begin; i < end; i += detail::update_chunk) {
+                                   const std::size_t count = std::min(detail::update_chunk, end - i);
+                                   c.update(param + i, grad + i, buffer != nullptr ? buffer + i : nullptr,
+                                            param + i, count);
+                                   detail::write_copy(param + i, copy, i, count);
+                                 }
+                               });
     }
   }
 

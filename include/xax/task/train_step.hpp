@@ -17,11 +17,19 @@
 ///       MlpParams<T>& grads);
 ///     };
 ///
-/// One `train_step(batch)` casts the fp32 masters to the compute type, runs the trainer's forward/backward
-/// with the loss scaled, casts the gradients to fp32, unscales and checks them in one pass, clips
-/// (optionally) and updates the masters, or skips the step leaving masters and optimizer state bit-identical,
-/// and adjusts the loss scale.
+/// One `train_step(batch)` runs the trainer's forward/backward in the compute type with the loss scaled,
+/// casts the gradients to fp32, unscales and checks them in one pass, clips (optionally) and updates the
+/// masters, or skips the step leaving masters and optimizer state bit-identical, and adjusts the loss scale.
+///
+/// Two fusions keep the step to the passes over memory it needs:
+/// - The compute copy of the masters is written by the optimizer, in the same pass as the update (and once
+///   when the state is reset or loaded), instead of by a separate cast at the start of every step.
+/// - A trainer whose `loss_and_grads` also accepts gradients of `update_type` (a second template parameter,
+///   `template <class T, class G> ... params_type<G>& grads`) receives the fp32 gradients directly: its
+///   matmuls then write them from their fp32 accumulators, which skips the cast and never rounds a gradient
+///   to 16 bits. A trainer that only takes `params_type<T>& grads` gets the cast.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -68,6 +76,19 @@ using OptimizerOptions = std::variant<optim::AdamWOptions, optim::SgdOptions>;
 template <class T>
 concept train_loss_scale = std::same_as<T, NoOpLossScale> || std::same_as<T, StaticLossScale> ||
     std::same_as<T, DynamicLossScale> || std::same_as<T, LossScale>;
+
+/// What TrainStep requires of its derived trainer for compute scalar `T`: gradients written as `G` (by
+/// default T; a trainer that can also write TrainStep's update_type gets its gradients without a cast).
+template <class D, class T, class G = T>
+concept trainer_for = requires {
+  typename D::batch_type;
+  typename D::template params_type<T>;
+  typename D::template params_type<G>;
+}
+&&requires(D& trainer, const typename D::template params_type<T>& params, const typename D::batch_type& batch,
+           float loss_scale, typename D::template params_type<G>& grads) {
+  { trainer.loss_and_grads(params, batch, loss_scale, grads) } -> std::convertible_to<double>;
+};
 
 namespace detail {
 
@@ -156,26 +177,45 @@ inline LossScale from_record(const LossScaleRecord& r) {
   }
 }
 
+template <class S>
+using ArrayMap = Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>;
+template <class S>
+using ConstArrayMap = Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>;
+
+// The global L2 norm of a tree of float/double leaves. Squares are summed in the leaf's type over blocks
+// short enough that the vectorised sum loses nothing visible, and the block sums in double; a block whose
+// float sum overflows is summed again in double, so any finite gradient has a finite norm.
 template <class Tree>
 double global_l2_norm(const Tree& tree) {
   double sum = 0;
   for_each_leaf(
       [&sum]<class L>(const L& leaf) {
         if constexpr (floating_leaf<L>) {
-          for (const auto x : leaf_span(leaf)) sum += static_cast<double>(x) * static_cast<double>(x);
+          constexpr std::size_t block = 1024;
+          using S = leaf_scalar_t<L>;
+          static_assert(std::is_same_v<S, float> || std::is_same_v<S, double>);
+          const auto x = leaf_span(leaf);
+          for (std::size_t i = 0; i < x.size(); i += block) {
+            const ConstArrayMap<S> values(x.data() + i,
+                                          static_cast<Eigen::Index>(std::min(block, x.size() - i)));
+            const auto partial = static_cast<double>(values.square().sum());
+            sum += std::isfinite(partial) ? partial : values.template cast<double>().square().sum();
+          }
         }
       },
       tree);
   return std::sqrt(sum);
 }
 
+// Multiplies every gradient by `factor` rounded to the leaf's type, as torch.nn.utils.clip_grad_norm_ does.
 template <class Tree>
 void scale_in_place(Tree& tree, double factor) {
   for_each_leaf(
       [factor]<class L>(L& leaf) {
         if constexpr (floating_leaf<L>) {
           using S = leaf_scalar_t<L>;
-          for (auto& x : leaf_span(leaf)) x = static_cast<S>(static_cast<double>(x) * factor);
+          const auto x = leaf_span(leaf);
+          ArrayMap<S>(x.data(), static_cast<Eigen::Index>(x.size())) *= static_cast<S>(factor);
         }
       },
       tree);
@@ -228,14 +268,8 @@ class TrainStep {
   /// Calls `f(compute_params)` with the masters cast to the compute type (for evaluation in the policy's
   /// precision).
   template <class F, class D = Derived>
-  decltype(auto) with_compute_params(F&& f) {
-    auto& s = state<D>();
-    if constexpr (std::is_same_v<compute_type, param_type>) {
-      return f(std::as_const(s.masters));
-    } else {
-      tree_cast_into(s.masters, s.compute);
-      return f(std::as_const(s.compute));
-    }
+  decltype(auto) with_compute_params(F&& f) const {
+    return f(state<D>().compute_params());
   }
 
   [[nodiscard]] const LossScaleT& loss_scale() const { return storage().loss_scale; }
@@ -323,6 +357,7 @@ class TrainStep {
     reader.read_tree(prefix + ".counters", counters);
 
     s.masters = std::move(masters);
+    s.refresh_compute_copy();
     s.restore_optimizer_state(std::move(optimizer_state));
     s.loss_scale = std::move(loss_scale);
     s.steps = counters[0];
@@ -347,8 +382,8 @@ class TrainStep {
                          LossScaleT loss_scale, TrainStepOptions options = {}) {
     auto fresh = std::make_unique<State<D>>();
     tree_cast_into(initial, fresh->masters);
-    fresh->compute = tree_cast<compute_type>(fresh->masters);
-    fresh->compute_grads = zeros_like(fresh->compute);
+    fresh->refresh_compute_copy();
+    if constexpr (!writes_update_grads<D>) fresh->compute_grads = zeros_like(fresh->compute);
     fresh->grads = tree_cast<update_type>(fresh->masters);
     fill_floating(fresh->grads, 0.0);
     if constexpr (!std::is_same_v<update_type, param_type>) fresh->work = fresh->grads;
@@ -392,6 +427,11 @@ class TrainStep {
   template <class D>
   struct State;
 
+  // Whether the trainer's gradients already have the optimizer's type, so that no cast is needed.
+  template <class D>
+  static constexpr bool writes_update_grads =
+      std::is_same_v<compute_type, update_type> || trainer_for<D, compute_type, update_type>;
+
   std::unique_ptr<StorageBase> storage_;
 
   StorageBase& storage() {
@@ -419,7 +459,7 @@ struct TrainStep<Derived, Policy, LossScaleT>::State final : StorageBase {
   using Sgd = optim::Sgd<Params<update_type>>;
 
   Params<param_type> masters;
-  Params<compute_type> compute;        // the masters cast to compute; unused when the types agree
+  Params<compute_type> compute;        // always the masters cast to compute; unused when the types agree
   Params<compute_type> compute_grads;  // the trainer's gradients, before the cast to update_type
   Params<update_type> grads;           // unscaled fp32 gradients the optimizer reads
   Params<update_type> grads_micro;     // one micro-batch's gradients under accumulation
@@ -427,6 +467,36 @@ struct TrainStep<Derived, Policy, LossScaleT>::State final : StorageBase {
   std::variant<std::monostate, AdamW, Sgd> optimizer;
 
   std::unique_ptr<StorageBase> clone() const override { return std::make_unique<State>(*this); }
+
+  [[nodiscard]] const auto& compute_params() const {
+    if constexpr (std::is_same_v<compute_type, param_type>) {
+      return masters;
+    } else {
+      return compute;
+    }
+  }
+  // Re-establishes `compute` == masters cast to compute_type, after the masters were replaced wholesale.
+  void refresh_compute_copy() {
+    if constexpr (!std::is_same_v<compute_type, param_type>) tree_cast_into(masters, compute);
+  }
+
+  // The optimizer step on the masters, which also keeps the compute copy current. Half-precision masters
+  // are updated through the fp32 `work` copy, and the update rounds straight back into them.
+  void update_masters() {
+    visit_optimizer([&](auto& active) {
+      if constexpr (std::is_same_v<update_type, param_type>) {
+        if constexpr (std::is_same_v<compute_type, param_type>) {
+          active.step(masters, grads);
+        } else {
+          active.step(masters, grads, compute);
+        }
+      } else {
+        tree_cast_into(masters, work);
+        active.step(work, grads, masters);
+        refresh_compute_copy();
+      }
+    });
+  }
 
   template <class F>
   decltype(auto) visit_optimizer(F&& f) {
@@ -460,23 +530,12 @@ struct TrainStep<Derived, Policy, LossScaleT>::State final : StorageBase {
   }
 };
 
-/// What TrainStep requires of its derived trainer for compute scalar `T`.
-template <class D, class T>
-concept trainer_for = requires {
-  typename D::batch_type;
-  typename D::template params_type<T>;
-}
-&&requires(D& trainer, const typename D::template params_type<T>& params, const typename D::batch_type& batch,
-           float loss_scale, typename D::template params_type<T>& grads) {
-  { trainer.loss_and_grads(params, batch, loss_scale, grads) } -> std::convertible_to<double>;
-};
-
 template <class Derived, precision_policy Policy, train_loss_scale LossScaleT>
 template <class D>
 StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
     std::span<const typename D::batch_type> micro_batches) {
   static_assert(
-      trainer_for<D, compute_type>,
+      trainer_for<D, compute_type> || trainer_for<D, compute_type, update_type>,
       "xax::TrainStep: the derived trainer must define `template <class T> using params_type = ...;`, "
       "`using batch_type = ...;` and `template <class T> double loss_and_grads(const params_type<T>& "
       "params, const batch_type& batch, float loss_scale, params_type<T>& grads)` (public), returning "
@@ -485,21 +544,12 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
   if (micro_batches.empty()) throw ConfigError("train_step needs at least one batch; got an empty span");
   const float scale = current_loss_scale();
   const double micro_count = static_cast<double>(micro_batches.size());
-
-  const auto& compute_params = [&]() -> const auto& {
-    if constexpr (std::is_same_v<compute_type, param_type>) {
-      return s.masters;
-    } else {
-      tree_cast_into(s.masters, s.compute);
-      return s.compute;
-    }
-  }
-  ();
+  const auto& compute_params = s.compute_params();
 
   double loss_sum = 0;
   for (std::size_t i = 0; i < micro_batches.size(); ++i) {
-    if constexpr (std::is_same_v<compute_type, update_type>) {
-      // The trainer's gradients already have the optimizer's type: write them in place, no cast.
+    if constexpr (writes_update_grads<D>) {
+      // The trainer writes gradients of the optimizer's type: in place, no cast.
       auto& target = i == 0 ? s.grads : s.grads_micro;
       if (i == 1) s.grads_micro = s.grads;  // shape the accumulation buffer once
       loss_sum +=
@@ -539,13 +589,7 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
       detail::scale_in_place(s.grads,
                              max_norm / (result.grad_norm + 1e-6));  // torch.nn.utils.clip_grad_norm_
     }
-    if constexpr (std::is_same_v<update_type, param_type>) {
-      s.visit_optimizer([&](auto& optimizer) { optimizer.step(s.masters, s.grads); });
-    } else {
-      tree_cast_into(s.masters, s.work);
-      s.visit_optimizer([&](auto& optimizer) { optimizer.step(s.work, s.grads); });
-      tree_cast_into(s.work, s.masters);
-    }
+    s.update_masters();
     s.overflows_at_floor = 0;
   } else {
     ++s.skipped;

@@ -6,13 +6,17 @@
 /// The mixin is the config-driven face of TrainStep: it reads `precision_policy` and `loss_scaling` at run
 /// time and runs the matching compile-time TrainStep. The task supplies, besides what TrainMixin needs:
 ///
-///     template <class T> using params_type = MyParams<T>;     // the model's tree, a template over its
-///     scalar using batch_type = MyBatch; params_type<float> init_params() const;                  // fp32
-///     initial parameters template <class T>                                       // public double
-///     loss_and_grads(const params_type<T>&, const batch_type&, float loss_scale, params_type<T>& grads);
+///     template <class T> using params_type = MyParams<T>;  // the model's tree, over its scalar
+///     using batch_type = MyBatch;
+///     params_type<float> init_params() const;               // the fp32 initial parameters
+///     template <class T>
+///     double loss_and_grads(const params_type<T>&, const batch_type&, float loss_scale,
+///                           params_type<T>& grads);
 ///
-/// and optionally `template <class T> double evaluate(const params_type<T>&, const batch_type&)` for
-/// MixedPrecisionMixin::evaluate_batch, which runs it in the policy's compute type.
+/// `loss_and_grads` may also take the gradients as `params_type<G>&` for a second template parameter G: the
+/// step then asks for fp32 gradients of half-precision parameters and skips their cast (see TrainStep).
+/// Optionally the task defines `template <class T> double evaluate(const params_type<T>&, const
+/// batch_type&)` for MixedPrecisionMixin::evaluate_batch, which runs it in the policy's compute type.
 
 #include <cfloat>
 #include <cmath>
@@ -193,9 +197,15 @@ class PolicyStepEngine final : public StepEngine<Task>,
     this->reset_train_state(initial, optimizer, std::move(loss_scale), options);
   }
 
-  template <class T>
+  // Forwards gradients of any scalar the task accepts, so a task that writes fp32 gradients of half
+  // parameters gets TrainStep's cast-free path.
+  template <class T, class G>
+  requires requires(Task& task, const params_type<T>& params, const batch_type& batch, float scale,
+                    params_type<G>& grads) {
+    task.loss_and_grads(params, batch, scale, grads);
+  }
   double loss_and_grads(const params_type<T>& params, const batch_type& batch, float loss_scale,
-                        params_type<T>& grads) {
+                        params_type<G>& grads) {
     return static_cast<double>(task_->loss_and_grads(params, batch, loss_scale, grads));
   }
 
