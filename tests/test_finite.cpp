@@ -238,6 +238,79 @@ TYPED_TEST(FiniteTyped, LargeMixedTreesGiveTheSameAnswerOnEveryThreadCount) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// unscale_check_and_norm: the unscale and check of unscale_and_check, plus the global L2 norm of the results.
+
+TYPED_TEST(FiniteTyped, NormIsTheL2NormOfTheUnscaledGradientsOnEveryThreadCount) {
+  using T = TypeParam;
+  std::vector<Vec<T>> base;
+  std::mt19937 rng(11);
+  for (const int size : {3, 200'001, 1024, 150'000}) {
+    Vec<T> leaf(size);
+    for (auto& x : xax::leaf_span(leaf)) x = value_of<T>(std::uniform_real_distribution<float>(-4, 4)(rng));
+    base.push_back(leaf);
+  }
+  // The reference: the same unscale, then the norm in double.
+  std::vector<Vec<T>> expected_grads = base;
+  ASSERT_TRUE(xax::unscale_and_check(expected_grads, 0.25f));
+  double sum = 0;
+  for (const auto& leaf : expected_grads) {
+    for (const T x : xax::leaf_span(leaf)) sum += static_cast<double>(x) * static_cast<double>(x);
+  }
+  const double expected_norm = std::sqrt(sum);
+
+  const int previous = xax::num_threads();
+  std::vector<double> norms;
+  for (const int threads : {1, 2, 3}) {
+    try {
+      xax::set_num_threads(threads);
+    } catch (const xax::ConfigError&) {
+      continue;  // a build without OpenMP runs on one thread only
+    }
+    std::vector<Vec<T>> grads = base;
+    const xax::UnscaledGradients result = xax::unscale_check_and_norm(grads, 0.25f);
+    EXPECT_TRUE(result.finite);
+    for (std::size_t leaf = 0; leaf < base.size(); ++leaf) {
+      EXPECT_TRUE(grads[leaf] == expected_grads[leaf]) << "the unscale is unscale_and_check's, leaf " << leaf;
+    }
+    // Block sums in float: within a few float roundings of the exact norm.
+    EXPECT_NEAR(result.norm, expected_norm, 1e-6 * expected_norm) << threads << " threads";
+    norms.push_back(result.norm);
+  }
+  xax::set_num_threads(previous);
+  for (const double norm : norms) EXPECT_EQ(norm, norms.front()) << "the norm does not depend on threads";
+}
+
+TYPED_TEST(FiniteTyped, NormOfNonFiniteGradientsIsInfinite) {
+  using T = TypeParam;
+  for (const T poison : poisons<T>()) {
+    Net<T> grads = make_net<T>();
+    grads.layers[1].w(2, 1) = poison;
+    const xax::UnscaledGradients result = xax::unscale_check_and_norm(grads, 0.5f);
+    EXPECT_FALSE(result.finite);
+    EXPECT_EQ(result.norm, std::numeric_limits<double>::infinity());
+  }
+}
+
+TEST(UnscaleCheckAndNorm, HugeFiniteValuesGiveAFiniteNorm) {
+  // Every square (1e30^2) overflows float; the norm, 1e30 sqrt(3000), does not.
+  Vec<float> grads = Vec<float>::Constant(3000, 1e30f);
+  const xax::UnscaledGradients result = xax::unscale_check_and_norm(grads, 1.0f);
+  EXPECT_TRUE(result.finite);
+  EXPECT_NEAR(result.norm, 1e30 * std::sqrt(3000.0), 1e-6 * 1e30 * std::sqrt(3000.0));
+}
+
+TEST(UnscaleCheckAndNorm, ExactValuesGiveTheExactNormAndIntegerLeavesAreIgnored) {
+  Net<float> grads;
+  grads.layers.push_back({Mat<float>::Constant(3, 4, 2.0f), Vec<float>::Constant(4, 4.0f)});
+  grads.step = 1'000'000;
+  // Unscaled by 1/2: twelve 1s and four 2s, a sum of squares of 28.
+  const xax::UnscaledGradients result = xax::unscale_check_and_norm(grads, 0.5f);
+  EXPECT_TRUE(result.finite);
+  EXPECT_EQ(result.norm, std::sqrt(28.0));
+  EXPECT_THROW(static_cast<void>(xax::unscale_check_and_norm(grads, 0.0f)), xax::ConfigError);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Rounding of 16-bit leaves: computed in float, rounded once, and the rounded value is what is checked.
 
 TEST(UnscaleAndCheck, HalfLeavesAreComputedInFloatAndRoundedOnce) {

@@ -9,6 +9,8 @@
 // for page faults.
 #include <benchmark/benchmark.h>
 
+#include "micro/common.hpp"
+
 #include <bit>
 #include <cstddef>
 #include <cstdint>
@@ -61,17 +63,7 @@ Tensors<T>& destination() {
   return tensors < T, sizeof(T) == 4 ? 1 : 0 > ();
 }
 
-// Sets xax's thread count for one benchmark and restores the previous one afterwards.
-class ThreadScope {
- public:
-  explicit ThreadScope(int threads) : previous_(xax::num_threads()) { xax::set_num_threads(threads); }
-  ~ThreadScope() { xax::set_num_threads(previous_); }
-  ThreadScope(const ThreadScope&) = delete;
-  ThreadScope& operator=(const ThreadScope&) = delete;
-
- private:
-  int previous_;
-};
+using xax_bench::ThreadScope;
 
 // --------------------------------------------------------------------------------------------------------------
 // Unscale and check

@@ -17,6 +17,8 @@
 // AVX512_BF16 CPUs; eigen_fallback_bfloat16 within 1.1x of eigen_float32.
 #include <benchmark/benchmark.h>
 
+#include "micro/common.hpp"
+
 #include <cstdint>
 #include <random>
 #include <string>
@@ -29,16 +31,7 @@ namespace {
 template <class T>
 using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
 
-class ThreadScope {
- public:
-  explicit ThreadScope(int threads) : previous_(xax::num_threads()) { xax::set_num_threads(threads); }
-  ~ThreadScope() { xax::set_num_threads(previous_); }
-  ThreadScope(const ThreadScope&) = delete;
-  ThreadScope& operator=(const ThreadScope&) = delete;
-
- private:
-  int previous_;
-};
+using xax_bench::ThreadScope;
 
 template <class T>
 Matrix<T> normal_matrix(Eigen::Index n, std::uint64_t seed) {

@@ -179,33 +179,6 @@ inline LossScale from_record(const LossScaleRecord& r) {
 
 template <class S>
 using ArrayMap = Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>;
-template <class S>
-using ConstArrayMap = Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>;
-
-// The global L2 norm of a tree of float/double leaves. Squares are summed in the leaf's type over blocks
-// short enough that the vectorised sum loses nothing visible, and the block sums in double; a block whose
-// float sum overflows is summed again in double, so any finite gradient has a finite norm.
-template <class Tree>
-double global_l2_norm(const Tree& tree) {
-  double sum = 0;
-  for_each_leaf(
-      [&sum]<class L>(const L& leaf) {
-        if constexpr (floating_leaf<L>) {
-          constexpr std::size_t block = 1024;
-          using S = leaf_scalar_t<L>;
-          static_assert(std::is_same_v<S, float> || std::is_same_v<S, double>);
-          const auto x = leaf_span(leaf);
-          for (std::size_t i = 0; i < x.size(); i += block) {
-            const ConstArrayMap<S> values(x.data() + i,
-                                          static_cast<Eigen::Index>(std::min(block, x.size() - i)));
-            const auto partial = static_cast<double>(values.square().sum());
-            sum += std::isfinite(partial) ? partial : values.template cast<double>().square().sum();
-          }
-        }
-      },
-      tree);
-  return std::sqrt(sum);
-}
 
 // Multiplies every gradient by `factor` rounded to the leaf's type, as torch.nn.utils.clip_grad_norm_ does.
 template <class Tree>
@@ -568,10 +541,12 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
   }
   const double loss = loss_sum / micro_count;
 
-  // One pass unscales, averages over micro-batches and checks the results. The reciprocal is computed in
-  // double and rounded to float once (PyTorch), so k = 1 multiplies by exactly inverse_scale().
+  // One pass unscales, averages over micro-batches, checks the results and takes their norm. The reciprocal
+  // is computed in double and rounded to float once (PyTorch), so k = 1 multiplies by exactly
+  // inverse_scale().
   const auto inverse = static_cast<float>(1.0 / (static_cast<double>(scale) * micro_count));
-  const bool grads_finite = unscale_and_check(s.grads, inverse);
+  const UnscaledGradients unscaled = unscale_check_and_norm(s.grads, inverse);
+  const bool grads_finite = unscaled.finite;
   const bool finite = grads_finite && std::isfinite(loss);
 
   StepResult result;
@@ -583,7 +558,7 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
   }
   ++s.steps;
   if (finite) {
-    result.grad_norm = detail::global_l2_norm(s.grads);
+    result.grad_norm = unscaled.norm;
     const double max_norm = s.options.max_grad_norm;
     if (max_norm > 0 && result.grad_norm > max_norm) {
       detail::scale_in_place(s.grads,

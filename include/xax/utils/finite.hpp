@@ -13,7 +13,10 @@
 #include <xax/detail/finite_kernels.hpp>
 #include <xax/detail/format.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
+#include <limits>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -68,6 +71,35 @@ bool scale_and_check_tree(Tree& tree, float factor) {
   });
 }
 
+/// Elements per partial sum of the gradient norm: every partial is a sum over one such block of one leaf,
+/// so the blocks, and the order the partials are added in, do not depend on the thread count.
+inline constexpr std::size_t norm_block = 1024;
+
+/// The sum of squares of x[0, n) (n <= norm_block), vectorised in T (float for 16-bit types) and redone in
+/// double when that overflows, so that finite values always give a finite sum.
+template <floating_scalar T>
+double sum_of_squares(const T* x, std::size_t n) noexcept {
+  if constexpr (half_scalar<T>) {
+    float buffer[norm_block];
+    convert_serial(x, buffer, n);
+    return sum_of_squares<float>(buffer, n);
+  } else {
+    const Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>> values(x, static_cast<Eigen::Index>(n));
+    const auto sum = static_cast<double>(values.square().sum());
+    return is_finite_bits(sum) ? sum : values.template cast<double>().square().sum();
+  }
+}
+
+/// Per-thread storage for the norm's partial sums and each leaf's first partial.
+struct NormScratch {
+  std::vector<double> partials;
+  std::vector<std::size_t> first_block;
+};
+inline NormScratch& norm_scratch() {
+  thread_local NormScratch scratch;
+  return scratch;
+}
+
 /// A floating factor an unscale may use: finite and greater than zero.
 inline void require_usable_factor(float factor, const char* function) {
   if (!is_finite_bits(factor) || !(factor > 0.0f)) {
@@ -100,6 +132,56 @@ template <class Tree>
                 "xax::unscale_and_check writes the gradients in place; pass them non-const");
   detail::require_usable_factor(inv_scale, "unscale_and_check");
   return detail::scale_and_check_tree(grads, inv_scale);
+}
+
+/// What unscale_check_and_norm found.
+struct UnscaledGradients {
+  bool finite = true;  ///< every unscaled element is finite
+  double norm = 0;     ///< the global L2 norm of the unscaled gradients; +inf unless finite
+};
+
+/// unscale_and_check that also computes the global L2 norm of the results (what gradient clipping and
+/// logging need) in the same pass over memory: each block of 1024 elements is squared and summed while it
+/// is still in L1 after its unscale. Partial sums are taken in float per block (float for 16-bit leaves,
+/// double for double leaves) and added in double in a fixed order, so the norm is identical on every
+/// thread count, and finite values never overflow it. Throws ConfigError unless `inv_scale` is finite and
+/// positive.
+template <class Tree>
+[[nodiscard]] UnscaledGradients unscale_check_and_norm(Tree& grads, float inv_scale) {
+  static_assert(!std::is_const_v<Tree>,
+                "xax::unscale_check_and_norm writes the gradients in place; pass them non-const");
+  detail::require_usable_factor(inv_scale, "unscale_check_and_norm");
+  using Leaf = detail::ErasedLeaf<void>;
+  const std::span<const Leaf> leaves = detail::erased_floating_leaves(grads);
+  detail::NormScratch& scratch = detail::norm_scratch();
+  scratch.first_block.clear();
+  std::size_t blocks = 0;
+  for (const Leaf& leaf : leaves) {
+    scratch.first_block.push_back(blocks);
+    blocks += (leaf.size + detail::norm_block - 1) / detail::norm_block;
+  }
+  scratch.partials.assign(blocks, 0.0);
+  double* const partials = scratch.partials.data();
+  const std::size_t* const first_block = scratch.first_block.data();
+  const auto extent = [](const Leaf& leaf) { return detail::ArrayExtent{leaf.size, dtype_size(leaf.dtype)}; };
+  // Pieces are cut on block boundaries, so every block is summed whole by one thread.
+  const bool finite = detail::parallel_pieces_all(
+      leaves, extent, detail::norm_block, [&](const Leaf& leaf, std::size_t begin, std::size_t end) noexcept {
+        double* const leaf_partials = partials + first_block[&leaf - leaves.data()];
+        bool all = true;
+        for (std::size_t i = begin; i < end; i += detail::norm_block) {
+          const std::size_t stop = std::min(i + detail::norm_block, end);
+          detail::visit_erased(leaf, i, stop, [&]<class T>(T* x, std::size_t n) noexcept {
+            all = detail::scale_and_check_n(x, n, inv_scale) && all;
+            leaf_partials[i / detail::norm_block] = detail::sum_of_squares(x, n);
+          });
+        }
+        return all;
+      });
+  if (!finite) return {false, std::numeric_limits<double>::infinity()};
+  double sum = 0;
+  for (const double partial : scratch.partials) sum += partial;
+  return {true, std::sqrt(sum)};
 }
 
 /// `a` when `pred` is true, else `b` (jmp's select_tree), e.g. to keep the old parameters on a skipped step.
