@@ -391,3 +391,23 @@ TEST(MixedPrecisionConfig, DisabledMeansFloat32WithoutScaling) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(MixedPrecisionTrain, TrainStateBytesAreReportedByKind) {
+  // The test task's net: w1 16x8, b1 16, w2 4x16, b2 4, so 212 parameters. It writes its gradients in the
+  // compute type, so a mixed step keeps them in bf16 and in fp32.
+  constexpr std::size_t n = 16 * 8 + 16 + 4 * 16 + 4;
+  TaskConfig config;
+  config.enable_mixed_precision = true;
+  config.precision_policy = "mixed";
+  ClassifierTask task(config, xax_test::make_data(64));
+  const xax::TrainStateBytes bytes = task.train_state_bytes();
+  EXPECT_EQ(bytes.params, n * 4);
+  EXPECT_EQ(bytes.compute_params, n * 2);
+  EXPECT_EQ(bytes.grads, n * (4 + 2));
+  EXPECT_EQ(bytes.optimizer, n * 8 + sizeof(std::int64_t)) << "AdamW's m, v and step count";
+  EXPECT_EQ(bytes.total(), bytes.params + bytes.compute_params + bytes.grads + bytes.optimizer);
+}
+
+}  // namespace

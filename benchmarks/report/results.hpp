@@ -31,8 +31,7 @@ struct EpochRecord {
 struct TensorBytes {
   std::size_t params = 0;  ///< the master weights
   /// The rest of the train state: the masters' compute-type copy, the gradients and the optimizer moments
-  /// (MixedPrecisionMixin reports them as one sum, train_state_bytes(), of which this is all but the
-  /// masters).
+  /// (MixedPrecisionMixin::train_state_bytes() less the masters).
   std::size_t train_state = 0;
   std::size_t activations = 0;  ///< the MLP's workspace: activations kept for backward, and their gradients
   [[nodiscard]] std::size_t total() const { return params + train_state + activations; }

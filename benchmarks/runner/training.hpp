@@ -351,11 +351,9 @@ inline TrainingRun run_training(const TrainingSetup& setup, const xax::Classific
     progress.finish();
     run.peak_rss_bytes = peak_rss_bytes();
 
-    // The masters are stored in the policy's param type; params() returns them cast to float32.
-    const xax::PolicySpec spec = xax::get_policy(setup.policy);
-    run.tensor_bytes.params = xax::floating_element_count(task.params()) * xax::dtype_size(spec.param);
-    const std::size_t state = task.train_state_bytes();
-    run.tensor_bytes.train_state = state > run.tensor_bytes.params ? state - run.tensor_bytes.params : 0;
+    const xax::TrainStateBytes state = task.train_state_bytes();
+    run.tensor_bytes.params = state.params;
+    run.tensor_bytes.train_state = state.total() - state.params;
     run.tensor_bytes.activations = recorder.activation_bytes;
     run.skipped_steps = task.skipped_steps();
     run.final_loss_scale = task.loss_scale();

@@ -17,6 +17,7 @@
 #include <numbers>
 #include <string>
 #include <xax/data/dataset.hpp>
+#include <xax/detail/random.hpp>
 #include <xax/utils/error.hpp>
 
 namespace xax {
@@ -34,30 +35,6 @@ struct SyntheticClassificationOptions {
 };
 
 namespace detail {
-
-/// SplitMix64 (Steele, Lea, Flood 2014): tiny, fast, and the same sequence everywhere.
-class SplitMix64 {
- public:
-  explicit SplitMix64(std::uint64_t seed) : state_(seed) {}
-
-  std::uint64_t next() {
-    std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  /// Uniform in (0, 1]: never 0, so log() in Box-Muller stays finite.
-  double uniform() { return (static_cast<double>(next() >> 11) + 1.0) * 0x1.0p-53; }
-  /// Standard normal (Box-Muller, one value per call).
-  double normal() {
-    const double radius = std::sqrt(-2.0 * std::log(uniform()));
-    return radius * std::cos(2.0 * std::numbers::pi * uniform());
-  }
-  int below(int bound) { return static_cast<int>(next() % static_cast<std::uint64_t>(bound)); }
-
- private:
-  std::uint64_t state_;
-};
 
 inline ClassificationDataset synthetic_split(const SyntheticClassificationOptions& options,
                                              const Eigen::MatrixXf& prototypes,

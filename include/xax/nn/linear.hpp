@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <xax/detail/random.hpp>
 #include <xax/ops/activation.hpp>
 #include <xax/ops/matmul.hpp>
 #include <xax/ops/reduce.hpp>
@@ -42,26 +43,7 @@ struct LinearParams {
 
 namespace detail {
 
-/// SplitMix64: a tiny generator whose output is fixed by its definition, unlike std::uniform_*_distribution,
-/// whose results differ between standard libraries; initial weights must not depend on the toolchain.
-class SplitMix64 {
- public:
-  explicit SplitMix64(std::uint64_t seed) : state_(seed) {}
-  std::uint64_t next() {
-    std::uint64_t z = (state_ += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  /// Uniform on [-bound, bound), from the top 24 bits (every value exact in float).
-  float uniform(float bound) {
-    const auto unit = static_cast<float>(next() >> 40) * 0x1p-24f;
-    return (2.0f * unit - 1.0f) * bound;
-  }
-
- private:
-  std::uint64_t state_;
-};
+using xax::detail::SplitMix64;
 
 template <floating_scalar T>
 LinearParams<T> linear_init_from(Eigen::Index inputs, Eigen::Index outputs, SplitMix64& rng) {
@@ -73,8 +55,10 @@ LinearParams<T> linear_init_from(Eigen::Index inputs, Eigen::Index outputs, Spli
   // and the same bound for b.
   const float bound = 1.0f / std::sqrt(static_cast<float>(inputs));
   LinearParams<T> params{Matrix<T>(outputs, inputs), Vector<T>(outputs)};
-  for (Eigen::Index i = 0; i < params.w.size(); ++i) params.w.data()[i] = static_cast<T>(rng.uniform(bound));
-  for (Eigen::Index i = 0; i < params.b.size(); ++i) params.b.data()[i] = static_cast<T>(rng.uniform(bound));
+  for (Eigen::Index i = 0; i < params.w.size(); ++i)
+    params.w.data()[i] = static_cast<T>(rng.uniform_symmetric(bound));
+  for (Eigen::Index i = 0; i < params.b.size(); ++i)
+    params.b.data()[i] = static_cast<T>(rng.uniform_symmetric(bound));
   return params;
 }
 

@@ -21,6 +21,7 @@
 #include <utility>
 #include <xax/detail/convert.hpp>
 #include <xax/detail/parallel.hpp>
+#include <xax/detail/random.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
 #include <xax/utils/tree.hpp>
@@ -178,12 +179,7 @@ void write_copy(const S* updated, Copy* copy, std::size_t index, std::size_t cou
   if constexpr (!std::is_void_v<Copy>) xax::detail::convert_serial(updated, copy + index, count);
 }
 
-/// SplitMix64's finaliser: a 64-bit bijection with full avalanche, for deriving keys.
-constexpr std::uint64_t mix64(std::uint64_t z) noexcept {
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
+using xax::detail::mix64;
 
 /// The key of one leaf's random stream at one step.
 constexpr std::uint32_t rounding_key(std::uint64_t seed, std::int64_t step, std::size_t leaf) noexcept {

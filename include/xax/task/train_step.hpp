@@ -69,6 +69,15 @@ struct TrainStepOptions {
   std::int64_t max_overflows_at_min_scale = 100;
 };
 
+/// Bytes held by a train state, by kind (payload only, no allocator overhead).
+struct TrainStateBytes {
+  std::size_t params = 0;          ///< the master weights
+  std::size_t compute_params = 0;  ///< their compute-type copy (0 when the types agree)
+  std::size_t grads = 0;           ///< gradient buffers
+  std::size_t optimizer = 0;       ///< optimizer state (moments, momentum)
+  [[nodiscard]] std::size_t total() const { return params + compute_params + grads + optimizer; }
+};
+
 /// The optimizers a train step can run on its masters.
 using OptimizerOptions = std::variant<optim::AdamWOptions, optim::SgdOptions>;
 
@@ -262,14 +271,10 @@ class TrainStep {
   }
 
   /// Bytes held by the train state, by kind: masters, their compute copy, gradients, optimizer state.
-  struct StateBytes {
-    std::size_t params = 0, compute_params = 0, grads = 0, optimizer = 0;
-    [[nodiscard]] std::size_t total() const { return params + compute_params + grads + optimizer; }
-  };
   template <class D = Derived>
-  [[nodiscard]] StateBytes state_bytes() const {
+  [[nodiscard]] TrainStateBytes state_bytes() const {
     const auto& s = state<D>();
-    StateBytes bytes;
+    TrainStateBytes bytes;
     bytes.params = payload_bytes(s.masters);
     bytes.compute_params = std::is_same_v<compute_type, param_type> ? 0 : payload_bytes(s.compute);
     bytes.grads = payload_bytes(s.grads) + payload_bytes(s.grads_micro) +

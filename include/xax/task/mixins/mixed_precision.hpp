@@ -176,7 +176,7 @@ class StepEngine {
   virtual float loss_scale() const = 0;
   virtual std::int64_t skipped_steps() const = 0;
   virtual void set_learning_rate(double learning_rate) = 0;
-  virtual std::size_t state_bytes_total() const = 0;
+  virtual TrainStateBytes state_bytes() const = 0;
   virtual void save(CheckpointWriter& writer) const = 0;
   virtual void load(const CheckpointReader& reader) = 0;
 };
@@ -228,7 +228,7 @@ class PolicyStepEngine final : public StepEngine<Task>,
   float loss_scale() const override { return Step::current_loss_scale(); }
   std::int64_t skipped_steps() const override { return Step::skipped_steps(); }
   void set_learning_rate(double learning_rate) override { Step::set_learning_rate(learning_rate); }
-  std::size_t state_bytes_total() const override { return Step::state_bytes().total(); }
+  TrainStateBytes state_bytes() const override { return Step::state_bytes(); }
   void save(CheckpointWriter& writer) const override { Step::save_train_state(writer); }
   void load(const CheckpointReader& reader) override { Step::load_train_state(reader); }
 
@@ -282,8 +282,8 @@ class MixedPrecisionMixin {
   }
   /// Bytes of masters, compute copy, gradients and optimizer state.
   template <class D = Derived>
-  std::size_t train_state_bytes() {
-    return engine<D>().state_bytes_total();
+  TrainStateBytes train_state_bytes() {
+    return engine<D>().state_bytes();
   }
 
   /// Checkpoint hooks (TrainMixin::save_checkpoint and load_checkpoint call these).
