@@ -79,10 +79,11 @@ class MyTask : public xax::TrainMixin<MyTask, MyConfig>, public xax::MixedPrecis
   }
 
   // The model, written once for every compute scalar: the unscaled loss, and the gradients of loss *
-  // loss_scale.
-  template <class T>
+  // loss_scale. G is T, or float when the step asks for fp32 gradients of half-precision parameters, which
+  // the backward's matmuls then write from their fp32 accumulators (no cast, nothing rounded to 16 bits).
+  template <class T, class G>
   double loss_and_grads(const params_type<T>& params, const Batch& batch, float loss_scale,
-                        params_type<T>& grads) {
+                        params_type<G>& grads) {
     return xax::nn::mlp_loss_and_gradients(params, batch.x, batch.labels, grads, workspace<T>(),
                                            {.loss_scale = loss_scale});
   }
