@@ -153,8 +153,8 @@ void add_memory_checks(BenchmarkReport& report) {
         mib(m.activations) + "; params, grads and optimizer state " + mib(f_state) + " vs " + mib(m_state) +
         (half_params ? " (16-bit params still get fp32 gradients, an fp32 copy for the update and fp32 "
                        "AdamW moments)."
-                     : " (fp32 masters, fp32 gradients for the update and fp32 AdamW moments stay; a "
-                       "16-bit compute copy and 16-bit gradients are added).");
+                     : " (fp32 masters, fp32 gradients and fp32 AdamW moments stay, and a 16-bit compute "
+                       "copy of the masters is added).");
     if (!run.peak_rss_reset) {
       text +=
           " The peak RSS could not be reset between runs (/proc/self/clear_refs not writable), so the peaks "

@@ -18,8 +18,9 @@
 ///     };
 ///
 /// One `train_step(batch)` runs the trainer's forward/backward in the compute type with the loss scaled,
-/// casts the gradients to fp32, unscales and checks them in one pass, clips (optionally) and updates the
-/// masters, or skips the step leaving masters and optimizer state bit-identical, and adjusts the loss scale.
+/// gets the gradients in fp32, unscales, checks and measures them in one pass, clips (optionally) and updates
+/// the masters, or skips the step leaving masters and optimizer state bit-identical, and adjusts the loss
+/// scale.
 ///
 /// Two fusions keep the step to the passes over memory it needs:
 /// - The compute copy of the masters is written by the optimizer, in the same pass as the update (and once
@@ -517,7 +518,8 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
       "xax::TrainStep: the derived trainer must define `template <class T> using params_type = ...;`, "
       "`using batch_type = ...;` and `template <class T> double loss_and_grads(const params_type<T>& "
       "params, const batch_type& batch, float loss_scale, params_type<T>& grads)` (public), returning "
-      "the unscaled loss and writing the gradients of loss * loss_scale");
+      "the unscaled loss and writing the gradients of loss * loss_scale; the grads may also be "
+      "`params_type<G>&` for a second template parameter G, to receive fp32 gradients directly");
   auto& s = state<D>();
   if (micro_batches.empty()) throw ConfigError("train_step needs at least one batch; got an empty span");
   const float scale = current_loss_scale();
