@@ -5,7 +5,9 @@
 
 #include <array>
 #include <bit>
+#include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <iostream>
 #include <limits>
 #include <map>
@@ -196,23 +198,39 @@ TYPED_TEST(FiniteTyped, MultiplyingByOneLeavesEveryBitUnchanged) {
   }
 }
 
-TYPED_TEST(FiniteTyped, LargeMixedTreesGiveTheSameAnswerOnEveryThreadCount) {
-  using T = TypeParam;
-  std::vector<Vec<T>> base;
-  std::mt19937 rng(5);
-  for (const int size : {1, 300'000, 17, 250'001, 64, 120'000}) {
-    Vec<T> leaf(size);
-    for (auto& x : xax::leaf_span(leaf)) x = value_of<T>(std::uniform_real_distribution<float>(-4, 4)(rng));
-    base.push_back(leaf);
-  }
+// Calls f(threads) with xax set to 1, 2 and 3 threads (those the build supports), then restores the count.
+template <class F>
+void on_every_thread_count(F&& f) {
   const int previous = xax::num_threads();
-  std::vector<std::vector<Vec<T>>> results;
   for (const int threads : {1, 2, 3}) {
     try {
       xax::set_num_threads(threads);
     } catch (const xax::ConfigError&) {
       continue;  // a build without OpenMP runs on one thread only
     }
+    f(threads);
+  }
+  xax::set_num_threads(previous);
+}
+
+// Leaves of the given sizes with values uniform in [-4, 4), rounded to T.
+template <class T>
+std::vector<Vec<T>> random_leaves(std::initializer_list<int> sizes, unsigned seed) {
+  std::vector<Vec<T>> leaves;
+  std::mt19937 rng(seed);
+  for (const int size : sizes) {
+    Vec<T> leaf(size);
+    for (auto& x : xax::leaf_span(leaf)) x = value_of<T>(std::uniform_real_distribution<float>(-4, 4)(rng));
+    leaves.push_back(leaf);
+  }
+  return leaves;
+}
+
+TYPED_TEST(FiniteTyped, LargeMixedTreesGiveTheSameAnswerOnEveryThreadCount) {
+  using T = TypeParam;
+  const std::vector<Vec<T>> base = random_leaves<T>({1, 300'000, 17, 250'001, 64, 120'000}, 5);
+  std::vector<std::vector<Vec<T>>> results;
+  on_every_thread_count([&](int threads) {
     std::vector<Vec<T>> grads = base;
     EXPECT_TRUE(xax::unscale_and_check(grads, 0.125f));
     results.push_back(grads);
@@ -226,8 +244,7 @@ TYPED_TEST(FiniteTyped, LargeMixedTreesGiveTheSameAnswerOnEveryThreadCount) {
             << threads << " threads, leaf " << leaf << " at " << at;
       }
     }
-  }
-  xax::set_num_threads(previous);
+  });
   for (std::size_t r = 1; r < results.size(); ++r) {
     for (std::size_t leaf = 0; leaf < base.size(); ++leaf) {
       for (Eigen::Index i = 0; i < base[leaf].size(); ++i) {
@@ -242,13 +259,7 @@ TYPED_TEST(FiniteTyped, LargeMixedTreesGiveTheSameAnswerOnEveryThreadCount) {
 
 TYPED_TEST(FiniteTyped, NormIsTheL2NormOfTheUnscaledGradientsOnEveryThreadCount) {
   using T = TypeParam;
-  std::vector<Vec<T>> base;
-  std::mt19937 rng(11);
-  for (const int size : {3, 200'001, 1024, 150'000}) {
-    Vec<T> leaf(size);
-    for (auto& x : xax::leaf_span(leaf)) x = value_of<T>(std::uniform_real_distribution<float>(-4, 4)(rng));
-    base.push_back(leaf);
-  }
+  const std::vector<Vec<T>> base = random_leaves<T>({3, 200'001, 1024, 150'000}, 11);
   // The reference: the same unscale, then the norm in double.
   std::vector<Vec<T>> expected_grads = base;
   ASSERT_TRUE(xax::unscale_and_check(expected_grads, 0.25f));
@@ -258,14 +269,8 @@ TYPED_TEST(FiniteTyped, NormIsTheL2NormOfTheUnscaledGradientsOnEveryThreadCount)
   }
   const double expected_norm = std::sqrt(sum);
 
-  const int previous = xax::num_threads();
   std::vector<double> norms;
-  for (const int threads : {1, 2, 3}) {
-    try {
-      xax::set_num_threads(threads);
-    } catch (const xax::ConfigError&) {
-      continue;  // a build without OpenMP runs on one thread only
-    }
+  on_every_thread_count([&](int threads) {
     std::vector<Vec<T>> grads = base;
     const xax::UnscaledGradients result = xax::unscale_check_and_norm(grads, 0.25f);
     EXPECT_TRUE(result.finite);
@@ -275,8 +280,7 @@ TYPED_TEST(FiniteTyped, NormIsTheL2NormOfTheUnscaledGradientsOnEveryThreadCount)
     // Block sums in float: within a few float roundings of the exact norm.
     EXPECT_NEAR(result.norm, expected_norm, 1e-6 * expected_norm) << threads << " threads";
     norms.push_back(result.norm);
-  }
-  xax::set_num_threads(previous);
+  });
   for (const double norm : norms) EXPECT_EQ(norm, norms.front()) << "the norm does not depend on threads";
 }
 
