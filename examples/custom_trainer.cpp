@@ -13,6 +13,7 @@
 #include <xax/task/mixins/mixed_precision.hpp>
 #include <xax/task/mixins/train.hpp>
 
+#include <concepts>
 #include <cstdio>
 #include <exception>
 #include <span>
@@ -82,8 +83,9 @@ class MyTask : public xax::TrainMixin<MyTask, MyConfig>, public xax::MixedPrecis
   // loss_scale. G is T, or float when the step asks for fp32 gradients of half-precision parameters, which
   // the backward's matmuls then write from their fp32 accumulators (no cast, nothing rounded to 16 bits).
   template <class T, class G>
-  double loss_and_grads(const params_type<T>& params, const Batch& batch, float loss_scale,
-                        params_type<G>& grads) {
+  requires(std::same_as<G, T> ||
+           std::same_as<G, float>) double loss_and_grads(const params_type<T>& params, const Batch& batch,
+                                                         float loss_scale, params_type<G>& grads) {
     return xax::nn::mlp_loss_and_gradients(params, batch.x, batch.labels, grads, workspace<T>(),
                                            {.loss_scale = loss_scale});
   }

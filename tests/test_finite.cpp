@@ -303,6 +303,15 @@ TEST(UnscaleCheckAndNorm, HugeFiniteValuesGiveAFiniteNorm) {
   EXPECT_NEAR(result.norm, 1e30 * std::sqrt(3000.0), 1e-6 * 1e30 * std::sqrt(3000.0));
 }
 
+TEST(UnscaleCheckAndNorm, TinyFiniteValuesGiveTheirNormNotZero) {
+  // Every square (1e-25^2) underflows to 0 in float; in double it does not.
+  Vec<float> grads = Vec<float>::Constant(3000, 1e-25f);
+  const xax::UnscaledGradients result = xax::unscale_check_and_norm(grads, 1.0f);
+  EXPECT_TRUE(result.finite);
+  const double expected = static_cast<double>(1e-25f) * std::sqrt(3000.0);
+  EXPECT_NEAR(result.norm, expected, 1e-9 * expected);
+}
+
 TEST(UnscaleCheckAndNorm, ExactValuesGiveTheExactNormAndIntegerLeavesAreIgnored) {
   Net<float> grads;
   grads.layers.push_back({Mat<float>::Constant(3, 4, 2.0f), Vec<float>::Constant(4, 4.0f)});

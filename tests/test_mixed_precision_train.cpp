@@ -3,6 +3,7 @@
 // and config errors.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
@@ -20,10 +21,12 @@ using ::testing::HasSubstr;
 using xax_test::ClassifierTask;
 using xax_test::TaskConfig;
 
-// ctest runs tests in parallel processes, so every test writes its files under a name of its own.
+// ctest runs tests in parallel processes (and several builds' suites may run at once), so every test
+// writes its files under a name of its own.
 std::string unique_temp_path(const std::string& stem) {
   const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  std::string name = stem + "_" + info->test_suite_name() + "_" + info->name();
+  std::string name = stem + "_" + info->test_suite_name() + "_" + info->name() + "_" +
+                     std::to_string(static_cast<long long>(::getpid()));
   for (char& c : name) {
     if (c == '/') c = '_';
   }

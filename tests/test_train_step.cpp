@@ -5,11 +5,16 @@
 
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <cmath>
 #include <concepts>
+#include <cstring>
 #include <filesystem>
 #include <limits>
+#include <span>
 #include <string>
+#include <vector>
 #include <xax/task/train_step.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/policy.hpp>
@@ -42,13 +47,18 @@ class Regression : public xax::TrainStep<Regression<Policy, WritesFloatGrads>, P
     this->reset_train_state(initial, optimizer, std::move(loss_scale));
   }
 
+  // Writes through the gradients' existing storage, as a trainer with preallocated buffers does: TrainStep
+  // must hand over gradients already shaped like the params.
   template <class T, class G>
   requires(WritesFloatGrads || std::same_as<T, G>) double loss_and_grads(const Weights<T>& params,
                                                                          const Target& target, float scale,
                                                                          Weights<G>& grads) {
     grads_dtype = xax::dtype_of<G>;
+    if (grads.w.size() != params.w.size())
+      throw xax::ShapeError("gradient buffer not shaped like the params");
     const Eigen::VectorXf difference = params.w.template cast<float>() - target.value;
-    grads.w = (difference * scale).template cast<G>();
+    Eigen::Map<Eigen::Matrix<G, Eigen::Dynamic, 1>>(grads.w.data(), grads.w.size()) =
+        (difference * scale).template cast<G>();
     return 0.5 * difference.template cast<double>().squaredNorm();
   }
 
@@ -67,6 +77,23 @@ const xax::optim::SgdOptions plain_sgd{.learning_rate = 1.0, .momentum = 0.0, .w
 
 Weights<float> ones(Eigen::Index n) {
   return {Eigen::VectorXf::Ones(n)};
+}
+
+// A temporary file name of this test's own: ctest runs the tests of several builds at once.
+std::filesystem::path unique_temp_path(const std::string& stem) {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  std::string name = "xax_" + stem + "_" + info->test_suite_name() + "_" + info->name() + "_" +
+                     std::to_string(static_cast<long long>(::getpid()));
+  for (char& c : name) {
+    if (c == '/') c = '_';
+  }
+  return std::filesystem::temp_directory_path() / (name + ".ckpt");
+}
+
+template <class A, class B>
+bool bitwise_equal(const A& a, const B& b) {
+  return a.size() == b.size() &&
+         std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(*a.data())) == 0;
 }
 
 template <class Trainer>
@@ -109,17 +136,36 @@ TYPED_TEST(TrainStepCompute, ComputeCopyFollowsTheMastersThroughStepsSkipsAndLoa
   for (int i = 0; i < 3; ++i) trainer.train_step(target);
   expect_compute_copy_is_cast_of_masters(trainer, "after updates");
 
-  const std::filesystem::path path =
-      std::filesystem::temp_directory_path() /
-      ("xax_train_step_" + std::string(xax::dtype_name(xax::dtype_of<TypeParam>)) + ".ckpt");
+  const std::filesystem::path path = unique_temp_path("compute_copy");
   xax::CheckpointWriter writer;
   trainer.save_train_state(writer);
   writer.write(path);
   const auto saved = trainer.params();
 
   target.value(7) = std::numeric_limits<float>::infinity();
+  const auto masters_before = trainer.params();
+  Weights<TypeParam> compute_before;
+  trainer.with_compute_params([&](const auto& compute) { compute_before = compute; });
+  const auto adamw_state = [&] {
+    return trainer.visit_optimizer([](const auto& optimizer) {
+      if constexpr (requires { optimizer.state().m; }) {
+        return optimizer.state();
+      } else {
+        ADD_FAILURE() << "expected AdamW";
+        return typename xax::optim::AdamW<Weights<float>>::State{};
+      }
+    });
+  };
+  const auto moments_before = adamw_state();
   EXPECT_FALSE(trainer.train_step(target).finite);
-  expect_compute_copy_is_cast_of_masters(trainer, "after a skipped step");
+  EXPECT_TRUE(bitwise_equal(trainer.params().w, masters_before.w)) << "a skipped step changes no master";
+  trainer.with_compute_params([&](const auto& compute) {
+    EXPECT_TRUE(bitwise_equal(compute.w, compute_before.w)) << "nor the copy";
+  });
+  const auto moments_after = adamw_state();
+  EXPECT_EQ(moments_after.step, moments_before.step);
+  EXPECT_TRUE(bitwise_equal(moments_after.m.w, moments_before.m.w));
+  EXPECT_TRUE(bitwise_equal(moments_after.v.w, moments_before.v.w));
   target.value(7) = 0.5f;
   trainer.train_step(target);
 
@@ -127,6 +173,38 @@ TYPED_TEST(TrainStepCompute, ComputeCopyFollowsTheMastersThroughStepsSkipsAndLoa
   std::filesystem::remove(path);
   EXPECT_TRUE(trainer.params().w == saved.w);
   expect_compute_copy_is_cast_of_masters(trainer, "after load_train_state");
+}
+
+TYPED_TEST(TrainStepCompute, AllHalfPoliciesHandOverShapedGradientsOnBothPaths) {
+  // Params, compute and output all in the half type: the compute copy is the masters themselves, and a
+  // trainer writing half gradients still gets a buffer shaped like them (it throws otherwise).
+  using AllHalf = xax::Policy<TypeParam, TypeParam, TypeParam>;
+  Regression<AllHalf, false> cast(ones(5), plain_sgd);
+  Regression<AllHalf, true> direct(ones(5), plain_sgd);
+  const Target target{Eigen::VectorXf::Constant(5, 0.5f)};
+  EXPECT_TRUE(cast.train_step(target).finite);
+  EXPECT_TRUE(direct.train_step(target).finite);
+  EXPECT_EQ(cast.grads_dtype, xax::dtype_of<TypeParam>);
+  EXPECT_EQ(direct.grads_dtype, xax::DType::float32);
+  // SGD at lr 1 with gradient 1 - 0.5: both land on 0.5, exact in every type.
+  EXPECT_EQ(cast.params().w(4), TypeParam(0.5f));
+  EXPECT_EQ(direct.params().w(4), TypeParam(0.5f));
+}
+
+TYPED_TEST(TrainStepCompute, AccumulationAveragesMicroBatchesOnBothPaths) {
+  // Gradients 1 - 0.5 and 1 - 0.25 average to 0.625 (exact in every type): SGD at lr 1 gives 0.375. Two
+  // steps, so the accumulation buffer is also reused.
+  const std::vector<Target> micro_batches{Target{Eigen::VectorXf::Constant(3, 0.5f)},
+                                          Target{Eigen::VectorXf::Constant(3, 0.25f)}};
+  HalfRegression<TypeParam, true> direct(ones(3), plain_sgd);
+  HalfRegression<TypeParam, false> cast(ones(3), plain_sgd);
+  direct.train_step(std::span<const Target>(micro_batches));
+  cast.train_step(std::span<const Target>(micro_batches));
+  EXPECT_EQ(direct.params().w(2), 0.375f);
+  EXPECT_EQ(cast.params().w(2), 0.375f);
+  // From 0.375 (0.375 in the compute type too): gradients -0.125 and 0.125 average to 0, so w stays.
+  direct.train_step(std::span<const Target>(micro_batches));
+  EXPECT_EQ(direct.params().w(2), 0.375f);
 }
 
 TEST(TrainStep, HalfParametersAreUpdatedInFloatAndRoundedOnce) {

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <numbers>
 #include <span>
@@ -170,8 +171,10 @@ class MlpTask : public xax::TrainMixin<MlpTask, MlpConfig>,
   /// G is T or float: TrainStep asks for fp32 gradients of half parameters, which the backward's matmuls
   /// write straight from their fp32 accumulators.
   template <class T, class G>
-  double loss_and_grads(const xax::nn::MlpParams<T>& params, const MlpBatch& batch, float loss_scale,
-                        xax::nn::MlpParams<G>& grads) {
+  requires(std::same_as<G, T> ||
+           std::same_as<G, float>) double loss_and_grads(const xax::nn::MlpParams<T>& params,
+                                                         const MlpBatch& batch, float loss_scale,
+                                                         xax::nn::MlpParams<G>& grads) {
     auto& workspace = std::get<xax::nn::MlpWorkspace<T>>(workspaces_);
     const float loss = batch.has<T>()
                            ? xax::nn::mlp_loss_and_gradients(params, batch.features<T>(), batch.y, grads,

@@ -125,7 +125,7 @@ class AdamW {
   /// for; ShapeError naming the leaf otherwise).
   void step(Params& params, const Params& grads) {
     const std::int64_t step = state_.step + 1;
-    detail::require_matching_trees(params, grads, state_.m);
+    detail::require_matching_trees(params, grads, state_.m, state_.v);
     if constexpr (master_params<Params>) {
       for_each_leaf([&]<class L>(L& p, const L& g, L& m,
                                  L& v) { update_master_leaf(p, g, m, v, detail::no_copy(p), step); },
@@ -157,7 +157,7 @@ class AdamW {
   template <tree Copy>
   void step(Params& params, const Params& grads, Copy& copy) requires master_params<Params> {
     const std::int64_t step = state_.step + 1;
-    detail::require_matching_trees(params, grads, state_.m, copy);
+    detail::require_matching_trees(params, grads, state_.m, state_.v, copy);
     for_each_leaf(
         [&]<class L, class C>(L& p, const L& g, L& m, L& v, C& c) {
           update_master_leaf(p, g, m, v, detail::copy_target(p, c), step);

@@ -124,7 +124,11 @@ class Sgd {
   void step(Params& params, const Params& grads) {
     const std::int64_t step = state_.step + 1;
     const bool momentum = options_.momentum != 0;
-    detail::require_matching_trees(params, grads);
+    if (momentum) {
+      detail::require_matching_trees(params, grads, state_.momentum_buffer);
+    } else {
+      detail::require_matching_trees(params, grads);
+    }
     if constexpr (master_params<Params>) {
       if (momentum) {
         for_each_leaf(
@@ -148,14 +152,15 @@ class Sgd {
   template <tree Copy>
   void step(Params& params, const Params& grads, Copy& copy) requires master_params<Params> {
     const std::int64_t step = state_.step + 1;
-    detail::require_matching_trees(params, grads, copy);
     if (options_.momentum != 0) {
+      detail::require_matching_trees(params, grads, state_.momentum_buffer, copy);
       for_each_leaf(
           [&]<class L, class C>(L& p, const L& g, L& b, C& c) {
             update_master_leaf(p, g, &b, detail::copy_target(p, c), step);
           },
           params, grads, state_.momentum_buffer, copy);
     } else {
+      detail::require_matching_trees(params, grads, copy);
       for_each_leaf(
           [&]<class L, class C>(L& p, const L& g, C& c) {
             update_master_leaf(p, g, static_cast<L*>(nullptr), detail::copy_target(p, c), step);

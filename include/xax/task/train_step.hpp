@@ -23,12 +23,14 @@
 /// scale.
 ///
 /// Two fusions keep the step to the passes over memory it needs:
-/// - The compute copy of the masters is written by the optimizer, in the same pass as the update (and once
+/// - The compute copy of fp32 masters is written by the optimizer, in the same pass as the update (and once
 ///   when the state is reset or loaded), instead of by a separate cast at the start of every step.
-/// - A trainer whose `loss_and_grads` also accepts gradients of `update_type` (a second template parameter,
-///   `template <class T, class G> ... params_type<G>& grads`) receives the fp32 gradients directly: its
-///   matmuls then write them from their fp32 accumulators, which skips the cast and never rounds a gradient
-///   to 16 bits. A trainer that only takes `params_type<T>& grads` gets the cast.
+///   (Half-precision masters with a different compute type still take one cast after the update.)
+/// - A trainer whose `loss_and_grads` also accepts gradients of `update_type` (float unless the params are
+///   double) through a second template parameter, `template <class T, class G> requires(std::same_as<G, T>
+///   || std::same_as<G, float>) ... params_type<G>& grads`, receives them directly: its matmuls then write
+///   them from their fp32 accumulators, which skips the cast and never rounds a gradient to 16 bits. A
+///   trainer that only takes `params_type<T>& grads` gets the cast.
 
 #include <algorithm>
 #include <cmath>
@@ -57,7 +59,7 @@ struct StepResult {
   bool finite = true;    ///< whether every unscaled gradient (and the loss) was finite
   float loss_scale = 1;  ///< the scale this step's backward used
   std::int64_t skipped_steps = 0;  ///< skipped steps so far, this one included
-  double grad_norm = 0;    ///< global L2 norm of the unscaled gradients before clipping; inf/NaN if skipped
+  double grad_norm = 0;    ///< global L2 norm of the unscaled gradients before clipping; +inf if skipped
   std::string non_finite;  ///< which tensors were non-finite ("2 of 6 tensors non-finite: ..."), or empty
 };
 
@@ -265,6 +267,13 @@ class TrainStep {
   [[nodiscard]] const TrainStepOptions& train_step_options() const { return storage().options; }
   [[nodiscard]] static PolicySpec policy() { return Policy::spec(); }
 
+  /// Calls `f(optimizer)` with the active optimizer, read-only: an optim::AdamW or optim::Sgd over
+  /// `params_type<update_type>`, whose `state()` holds the step count and moments.
+  template <class F, class D = Derived>
+  decltype(auto) visit_optimizer(F&& f) const {
+    return state<D>().visit_optimizer(std::forward<F>(f));
+  }
+
   /// Sets the learning rate of the optimizer (schedules call this between steps).
   template <class D = Derived>
   void set_learning_rate(double learning_rate) {
@@ -272,6 +281,7 @@ class TrainStep {
   }
 
   /// Bytes held by the train state, by kind: masters, their compute copy, gradients, optimizer state.
+  using StateBytes = TrainStateBytes;
   template <class D = Derived>
   [[nodiscard]] TrainStateBytes state_bytes() const {
     const auto& s = state<D>();
@@ -362,7 +372,7 @@ class TrainStep {
     auto fresh = std::make_unique<State<D>>();
     tree_cast_into(initial, fresh->masters);
     fresh->refresh_compute_copy();
-    if constexpr (!writes_update_grads<D>) fresh->compute_grads = zeros_like(fresh->compute);
+    if constexpr (!writes_update_grads<D>) fresh->compute_grads = zeros_like(fresh->compute_params());
     fresh->grads = tree_cast<update_type>(fresh->masters);
     fill_floating(fresh->grads, 0.0);
     if constexpr (!std::is_same_v<update_type, param_type>) fresh->work = fresh->grads;
@@ -442,6 +452,7 @@ struct TrainStep<Derived, Policy, LossScaleT>::State final : StorageBase {
   Params<compute_type> compute_grads;  // the trainer's gradients, before the cast to update_type
   Params<update_type> grads;           // unscaled fp32 gradients the optimizer reads
   Params<update_type> grads_micro;     // one micro-batch's gradients under accumulation
+  bool micro_shaped = false;           // whether grads_micro has the gradients' shapes yet
   Params<update_type> work;            // fp32 copy of half-precision masters during the update
   std::variant<std::monostate, AdamW, Sgd> optimizer;
 
@@ -531,7 +542,10 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
     if constexpr (writes_update_grads<D>) {
       // The trainer writes gradients of the optimizer's type: in place, no cast.
       auto& target = i == 0 ? s.grads : s.grads_micro;
-      if (i == 1) s.grads_micro = s.grads;  // shape the accumulation buffer once
+      if (i == 1 && !s.micro_shaped) {
+        s.grads_micro = s.grads;  // shaped on the first accumulating step, reused after
+        s.micro_shaped = true;
+      }
       loss_sum +=
           static_cast<double>(derived().loss_and_grads(compute_params, micro_batches[i], scale, target));
       if (i > 0) detail::add_in_place(s.grads, s.grads_micro);

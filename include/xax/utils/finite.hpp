@@ -75,18 +75,19 @@ bool scale_and_check_tree(Tree& tree, float factor) {
 /// so the blocks, and the order the partials are added in, do not depend on the thread count.
 inline constexpr std::size_t norm_block = 1024;
 
-/// The sum of squares of x[0, n) (n <= norm_block), vectorised in T (float for 16-bit types) and redone in
-/// double when that overflows, so that finite values always give a finite sum.
+/// The sum of squares of x[0, n) (n <= norm_block), vectorised, in double: the square of any float (or
+/// widened 16-bit value) neither overflows nor underflows there. The order of the additions depends only on
+/// n and on the data's address modulo the vector size, and a block of a leaf sits at the same address
+/// whichever thread sums it; 16-bit values are widened into a cache-line-aligned buffer for the same reason.
 template <floating_scalar T>
 double sum_of_squares(const T* x, std::size_t n) noexcept {
   if constexpr (half_scalar<T>) {
-    float buffer[norm_block];
+    alignas(64) float buffer[norm_block];
     convert_serial(x, buffer, n);
     return sum_of_squares<float>(buffer, n);
   } else {
     const Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>> values(x, static_cast<Eigen::Index>(n));
-    const auto sum = static_cast<double>(values.square().sum());
-    return is_finite_bits(sum) ? sum : values.template cast<double>().square().sum();
+    return values.template cast<double>().square().sum();
   }
 }
 
@@ -141,11 +142,11 @@ struct UnscaledGradients {
 };
 
 /// unscale_and_check that also computes the global L2 norm of the results (what gradient clipping and
-/// logging need) in the same pass over memory: each block of 1024 elements is squared and summed while it
-/// is still in L1 after its unscale. Partial sums are taken in float per block (float for 16-bit leaves,
-/// double for double leaves) and added in double in a fixed order, so the norm is identical on every
-/// thread count, and finite values never overflow it. Throws ConfigError unless `inv_scale` is finite and
-/// positive.
+/// logging need) in the same pass over memory: each block of 1024 elements is squared and summed in double
+/// while it is still in L1 after its unscale, and the block sums are added in a fixed order, so the norm is
+/// identical on every thread count. Float and 16-bit gradients always give a finite norm when they are
+/// finite; double leaves with values beyond about 1e154 give +inf. Throws ConfigError unless `inv_scale` is
+/// finite and positive.
 template <class Tree>
 [[nodiscard]] UnscaledGradients unscale_check_and_norm(Tree& grads, float inv_scale) {
   static_assert(!std::is_const_v<Tree>,
