@@ -75,19 +75,41 @@ bool scale_and_check_tree(Tree& tree, float factor) {
 /// so the blocks, and the order the partials are added in, do not depend on the thread count.
 inline constexpr std::size_t norm_block = 1024;
 
-/// The sum of squares of x[0, n) (n <= norm_block), vectorised, in double: the square of any float (or
-/// widened 16-bit value) neither overflows nor underflows there. The order of the additions depends only on
-/// n and on the data's address modulo the vector size, and a block of a leaf sits at the same address
-/// whichever thread sums it; 16-bit values are widened into a cache-line-aligned buffer for the same reason.
+/// The sum of squares of x[0, n) (n <= norm_block), in double: added lane by lane in eight accumulators
+/// and then pairwise, an order fixed by n alone.
+template <class T>
+double sum_of_squares_in_double(const T* x, std::size_t n) noexcept {
+  double lanes[8] = {};
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (std::size_t k = 0; k < 8; ++k)
+      lanes[k] += static_cast<double>(x[i + k]) * static_cast<double>(x[i + k]);
+  }
+  double tail = 0;
+  for (; i < n; ++i) tail += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])) +
+         tail;
+}
+
+/// The sum of squares of x[0, n) (n <= norm_block). Floats (and widened 16-bit values) are summed by Eigen's
+/// vectorised float reduction, which is accurate to a few float roundings whenever no square overflows and
+/// the sum lies far above the subnormal range, where a square that underflowed could have mattered. A block
+/// outside that (huge, tiny or all-zero values) is summed again in double, three times slower. The order
+/// of the additions depends only on n and on the data's address modulo the vector size; a block of a leaf
+/// sits at the same address whichever thread sums it, and 16-bit values are widened into a
+/// cache-line-aligned buffer, so the result does not depend on the thread count.
 template <floating_scalar T>
 double sum_of_squares(const T* x, std::size_t n) noexcept {
   if constexpr (half_scalar<T>) {
     alignas(64) float buffer[norm_block];
     convert_serial(x, buffer, n);
     return sum_of_squares<float>(buffer, n);
+  } else if constexpr (std::is_same_v<T, float>) {
+    const float sum = Eigen::Map<const Eigen::ArrayXf>(x, static_cast<Eigen::Index>(n)).square().sum();
+    if (is_finite_bits(sum) && sum >= 0x1p-60f) return static_cast<double>(sum);
+    return sum_of_squares_in_double(x, n);
   } else {
-    const Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>> values(x, static_cast<Eigen::Index>(n));
-    return values.template cast<double>().square().sum();
+    return sum_of_squares_in_double(x, n);
   }
 }
 
@@ -142,11 +164,11 @@ struct UnscaledGradients {
 };
 
 /// unscale_and_check that also computes the global L2 norm of the results (what gradient clipping and
-/// logging need) in the same pass over memory: each block of 1024 elements is squared and summed in double
-/// while it is still in L1 after its unscale, and the block sums are added in a fixed order, so the norm is
-/// identical on every thread count. Float and 16-bit gradients always give a finite norm when they are
-/// finite; double leaves with values beyond about 1e154 give +inf. Throws ConfigError unless `inv_scale` is
-/// finite and positive.
+/// logging need) in the same pass over memory: each block of 1024 elements is squared and summed while it
+/// is still in L1 after its unscale (see detail::sum_of_squares), and the block sums are added in double in
+/// a fixed order, so the norm is identical on every thread count and within about 1e-6 relative of the
+/// exact one. Float and 16-bit gradients always give a finite norm when they are finite; double leaves with
+/// values beyond about 1e154 give +inf. Throws ConfigError unless `inv_scale` is finite and positive.
 template <class Tree>
 [[nodiscard]] UnscaledGradients unscale_check_and_norm(Tree& grads, float inv_scale) {
   static_assert(!std::is_const_v<Tree>,
