@@ -32,7 +32,6 @@
 ///   them from their fp32 accumulators, which skips the cast and never rounds a gradient to 16 bits. A
 ///   trainer that only takes `params_type<T>& grads` gets the cast.
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
