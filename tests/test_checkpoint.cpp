@@ -179,7 +179,9 @@ TEST_F(CheckpointTest, ExactShapesAreRequiredOfDynamicLeavesAndARefusedReadChang
           const auto x = xax::leaf_span(a);
           const auto y = xax::leaf_span(b);
           ASSERT_EQ(x.size_bytes(), y.size_bytes());
-          EXPECT_EQ(std::memcmp(x.data(), y.data(), x.size_bytes()), 0);
+          if (x.size_bytes() != 0) {
+            EXPECT_EQ(std::memcmp(x.data(), y.data(), x.size_bytes()), 0);
+          }
         },
         live, before);
   };
@@ -318,6 +320,24 @@ TEST(CheckpointCrafted, AnEntryRunningIntoTheChecksumIsRefused) {
     const std::string file = with_crc(checkpoint_header(1) + full.substr(0, cut));
     EXPECT_THAT(parse_error(file).what(), HasSubstr("runs past the end of the data")) << "cut at " << cut;
   }
+  // The file that crashed the reader: a payload size whose last byte is the checksum's first, so that reading
+  // it moved past the data's end, `end - offset` wrapped, and the 1 MiB "payload" was copied from beyond the
+  // buffer. The name is varied until the checksum's first byte is 0, which makes the size exactly 1 MiB.
+  bool found = false;
+  for (int attempt = 0; attempt < 100000 && !found; ++attempt) {
+    std::string body = checkpoint_header(1);
+    std::string name(1, 'x');
+    name.append(std::to_string(attempt));
+    xax::detail::append_pod(body, static_cast<std::uint32_t>(name.size()));
+    body += name;
+    body += std::string{'\0', '\2', '\0'};                             // tensor, float32, rank 0
+    body += xax_test::pod_bytes(std::uint64_t{1} << 20).substr(0, 7);  // the size's high byte is the CRC's
+    const std::string file = with_crc(body);
+    if (file[body.size()] != '\0') continue;
+    found = true;
+    EXPECT_THAT(parse_error(file).what(), HasSubstr("the payload size of entry 0 '" + name + "'"));
+  }
+  EXPECT_TRUE(found);
   // The entry count itself may not reach into the checksum either.
   EXPECT_THAT(parse_error(with_crc(checkpoint_header(0).substr(0, 20))).what(),
               HasSubstr("truncated or empty"));

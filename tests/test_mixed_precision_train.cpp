@@ -387,6 +387,10 @@ struct CorruptEntry {
   const char* message;
 };
 
+void PrintTo(const CorruptEntry& corrupt, std::ostream* out) {
+  *out << "corrupt '" << corrupt.entry << "'";
+}
+
 class CorruptTrainState : public ::testing::TestWithParam<CorruptEntry> {
  protected:
   void TearDown() override { std::filesystem::remove(path_); }
