@@ -4,8 +4,12 @@
 ///
 /// A write goes to a temporary file beside the target, is flushed to disk, and is renamed over the target, so
 /// a crash or a failed write leaves the previous checkpoint intact. A read verifies the magic, the format
-/// version and the checksum before it parses anything, and every mismatch between the file and the tree being
-/// restored (missing entry, dtype, rank, shape, entry count) is a CheckpointError that names the entry.
+/// version and the checksum before it parses anything. A valid checksum proves nothing about who wrote the
+/// file, so the parser then trusts no field: each is bounded by the end of the data, and each entry must have
+/// a known kind and element type and non-negative dimensions whose element count fits in 64 bits and matches
+/// its payload size. Every mismatch between the file and the tree being restored (missing entry, dtype, rank,
+/// shape, dynamic sizes included, entry count) is a CheckpointError that names the entry, and leaves the tree
+/// unchanged.
 ///
 /// Layout (little-endian): "XAXCKPT\0", u32 byte-order mark 0x01020304, u32 format version, u64 entry count,
 /// entries, u32 CRC-32 of all preceding bytes. An entry: u32 name length, name, u8 kind (0 tensor, 1 string),
