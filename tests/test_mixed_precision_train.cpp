@@ -9,10 +9,13 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
+#include <random>
 #include <string>
 #include <vector>
 
+#include "checkpoint_bytes.hpp"
 #include "train_test_task.hpp"
 
 namespace {
@@ -325,6 +328,150 @@ TEST_F(CheckpointResume, CorruptCheckpointIsRefusedAndTheOldOneSurvives) {
   EXPECT_THAT([&] { mismatched.load_checkpoint(path_); },
               ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr("written under policy")));
 }
+
+// Regression: the train state's dynamic leaves took whatever shape the file held, so a checkpoint of a
+// 4-wide hidden layer loaded into an 8-wide trainer.
+TEST_F(CheckpointResume, ACheckpointOfAnotherWidthIsRefusedNamingTheLeafAndBothShapes) {
+  TaskConfig narrow = xax_test::default_config();
+  narrow.hidden = 4;
+  narrow.max_steps = 2;
+  ClassifierTask written(narrow, xax_test::make_data(64));
+  written.fit();
+  written.save_checkpoint(path_);
+
+  TaskConfig wide = narrow;
+  wide.hidden = 8;
+  ClassifierTask live(wide, xax_test::make_data(64));
+  live.fit();
+  const auto params = live.params();
+  EXPECT_THAT([&] { live.load_checkpoint(path_); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(
+                  HasSubstr("entry 'train.params.w1' has shape 4x8 but the live leaf has 8x8")));
+  EXPECT_TRUE(bitwise_equal(params, live.params()));
+  EXPECT_EQ(live.global_step(), 2);
+  EXPECT_EQ(live.params().w1.rows(), 8);
+}
+
+// Regression: the mixin compiles every policy with float32 outputs and recorded that, so a checkpoint of an
+// output=float16 run loaded under output=float32. The configured policy is recorded and checked whole.
+TEST_F(CheckpointResume, TheWholePolicyIsRecordedAndCheckedOutputIncluded) {
+  const std::string half_output = "params=float32,compute=float16,output=float16";
+  const std::string float_output = "params=float32,compute=float16,output=float32";
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = true;
+  config.precision_policy = half_output;
+  config.max_steps = 2;
+  ClassifierTask written(config, xax_test::make_data(64));
+  written.fit();
+  written.save_checkpoint(path_);
+  EXPECT_EQ(xax::CheckpointReader(path_).read_string("train.policy"), half_output);
+
+  TaskConfig other = config;
+  other.precision_policy = float_output;
+  ClassifierTask live(other, xax_test::make_data(64));
+  const auto params = live.params();
+  EXPECT_THAT([&] { live.load_checkpoint(path_); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(
+                  HasSubstr("written under policy " + half_output + ", not " + float_output)));
+  EXPECT_TRUE(bitwise_equal(params, live.params()));
+  EXPECT_EQ(live.global_step(), 0);
+
+  ClassifierTask same(config, xax_test::make_data(64));
+  same.load_checkpoint(path_);
+  EXPECT_TRUE(bitwise_equal(written.params(), same.params()));
+}
+
+struct CorruptEntry {
+  const char* entry;
+  std::function<std::string(const std::string& payload)> replace;
+  const char* message;
+};
+
+void PrintTo(const CorruptEntry& corrupt, std::ostream* out) {
+  *out << "corrupt '" << corrupt.entry << "'";
+}
+
+class CorruptTrainState : public ::testing::TestWithParam<CorruptEntry> {
+ protected:
+  void TearDown() override { std::filesystem::remove(path_); }
+  std::string path_ = unique_temp_path("xax_corrupt_state");
+};
+
+template <class T>
+std::string bytes_of(T value) {
+  return xax_test::pod_bytes(value);
+}
+
+// Regression: loop counters and RNG text were taken as stored (a negative position in the epoch indexes
+// before the shuffled order; RNG text that does not parse left a default generator), and an impossible
+// loss-scale record surfaced as a ConfigError. Each is now a CheckpointError that names the entry, and the
+// trainer is unchanged. Every file here has a valid checksum, so these checks are what refuse it.
+TEST_P(CorruptTrainState, IsACheckpointErrorThatChangesNothing) {
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = true;
+  config.precision_policy = "mixed";
+  config.loss_scaling = "dynamic";
+  config.loss_scale_growth_interval = 100;
+  config.max_steps = 3;
+  ClassifierTask written(config, xax_test::make_data(128));
+  written.fit();
+  written.save_checkpoint(path_);
+  const CorruptEntry corrupt = GetParam();
+  xax_test::edit_checkpoint(path_, [&](std::vector<xax_test::RawEntry>& entries) {
+    auto& entry = xax_test::entry_named(entries, corrupt.entry);
+    entry.payload = corrupt.replace(entry.payload);
+  });
+
+  config.max_steps = 1;
+  ClassifierTask live(config, xax_test::make_data(128));
+  live.rng().discard(5);
+  live.fit();
+  const auto params = live.params();
+  const std::mt19937_64 rng = live.rng();
+  const float scale = live.loss_scale();
+  EXPECT_THAT([&] { live.load_checkpoint(path_); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr(corrupt.message)));
+  EXPECT_TRUE(bitwise_equal(params, live.params()));
+  EXPECT_EQ(live.global_step(), 1);
+  EXPECT_TRUE(live.rng() == rng);
+  EXPECT_EQ(live.loss_scale(), scale);
+  EXPECT_EQ(live.skipped_steps(), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Entries, CorruptTrainState,
+    ::testing::Values(
+        CorruptEntry{"loop[0]", [](const std::string&) { return bytes_of(std::int64_t{-1}); },
+                     "entry 'loop' holds step -1, epoch 0, batch in epoch 3; each must be >= 0"},
+        CorruptEntry{"loop[2]", [](const std::string&) { return bytes_of(std::int64_t{-3}); },
+                     "batch in epoch -3; each must be >= 0"},
+        CorruptEntry{"loop.rng", [](const std::string&) { return std::string("not a generator"); },
+                     "entry 'loop.rng' is not the state of a std::mt19937_64"},
+        CorruptEntry{"loop.rng", [](const std::string& text) { return text.substr(0, text.size() / 2); },
+                     "entry 'loop.rng' is not the state of a std::mt19937_64"},
+        CorruptEntry{"loop.epoch_rng", [](const std::string& text) { return text + " 17"; },
+                     "entry 'loop.epoch_rng' is not the state of a std::mt19937_64"},
+        CorruptEntry{"train.counters[0]", [](const std::string&) { return bytes_of(std::int64_t{-1}); },
+                     "entry 'train.counters' holds steps -1, skipped 0"},
+        CorruptEntry{"train.counters[1]", [](const std::string&) { return bytes_of(std::int64_t{4}); },
+                     "holds steps 3, skipped 4, overflows at the minimum scale 0; expected 0 <="},
+        CorruptEntry{
+            "train.counters[2]", [](const std::string&) { return bytes_of(std::int64_t{1}); },
+            "overflows at the minimum scale 1; expected 0 <= overflows at the minimum scale <= skipped"},
+        CorruptEntry{"train.optimizer_state.step",
+                     [](const std::string&) { return bytes_of(std::int64_t{-2}); },
+                     "entry 'train.optimizer_state.step' is -2; an optimizer's step count is >= 0"},
+        CorruptEntry{"train.loss_scale.counter",
+                     [](const std::string&) { return bytes_of(std::int64_t{-5}); },
+                     "entry 'train.loss_scale' holds a loss scale no run can reach: DynamicLossScaleState: "
+                     "counter = -5"},
+        CorruptEntry{"train.loss_scale.scale",
+                     [](const std::string&) { return bytes_of(std::numeric_limits<float>::quiet_NaN()); },
+                     "holds a loss scale no run can reach: DynamicLossScaleState: scale = nan"},
+        CorruptEntry{"train.loss_scale.growth_factor", [](const std::string&) { return bytes_of(0.5f); },
+                     "holds a loss scale no run can reach: DynamicLossScaleOptions: growth_factor = 0.5"},
+        CorruptEntry{"train.loss_scale.kind", [](const std::string&) { return bytes_of(std::int32_t{7}); },
+                     "unknown loss-scale kind 7"}));
 
 struct BadField {
   const char* key;

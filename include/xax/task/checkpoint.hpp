@@ -4,8 +4,12 @@
 ///
 /// A write goes to a temporary file beside the target, is flushed to disk, and is renamed over the target, so
 /// a crash or a failed write leaves the previous checkpoint intact. A read verifies the magic, the format
-/// version and the checksum before it parses anything, and every mismatch between the file and the tree being
-/// restored (missing entry, dtype, rank, shape, entry count) is a CheckpointError that names the entry.
+/// version and the checksum before it parses anything. A valid checksum proves nothing about who wrote the
+/// file, so the parser then trusts no field: each is bounded by the end of the data, and each entry must have
+/// a known kind and element type and non-negative dimensions whose element count fits in 64 bits and matches
+/// its payload size. Every mismatch between the file and the tree being restored (missing entry, dtype, rank,
+/// shape, dynamic sizes included, entry count) is a CheckpointError that names the entry, and leaves the tree
+/// unchanged.
 ///
 /// Layout (little-endian): "XAXCKPT\0", u32 byte-order mark 0x01020304, u32 format version, u64 entry count,
 /// entries, u32 CRC-32 of all preceding bytes. An entry: u32 name length, name, u8 kind (0 tensor, 1 string),
@@ -20,7 +24,11 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <limits>
 #include <map>
+#include <new>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -105,7 +113,47 @@ inline std::string element_name(std::uint8_t code) {
   return "element code " + std::to_string(code);
 }
 
+/// The entry name of the leaf at `path` in a tree added under `prefix`.
+inline std::string checkpoint_entry_name(std::string_view prefix, const TreePath& path) {
+  std::string name(prefix);
+  if (!path.str().empty()) {
+    if (!name.empty() && path.str().front() != '[') name += '.';
+    name += path.str();
+  }
+  return name;
+}
+
+/// Bytes per element of a known element code; 0 for a code no writer produces.
+inline std::size_t element_size(std::uint8_t code) {
+  if (code < 4) return dtype_size(static_cast<DType>(code));
+  if (code == 16) return sizeof(bool);
+  for (const std::uint8_t base : {std::uint8_t{32}, std::uint8_t{48}}) {
+    for (const std::uint8_t width : {std::uint8_t{1}, std::uint8_t{2}, std::uint8_t{4}, std::uint8_t{8}}) {
+      if (code == base + width) return width;
+    }
+  }
+  return 0;
+}
+
+/// A shape as shape_string writes it ("4x8", "scalar").
+template <class Dims>
+std::string dims_text(const Dims& dims) {
+  if (std::size(dims) == 0) return "scalar";
+  std::string out;
+  for (const auto d : dims) {
+    if (!out.empty()) out += 'x';
+    out += std::to_string(d);
+  }
+  return out;
+}
+
 }  // namespace detail
+
+/// How CheckpointReader::read_tree treats the shapes of dynamic-size leaves.
+enum class LeafShapes {
+  exact,            ///< every leaf must already have the stored shape (restoring a live state)
+  from_checkpoint,  ///< dynamic dimensions take the stored size (reading into an empty tree)
+};
 
 /// Collects named trees and strings, then writes them atomically.
 class CheckpointWriter {
@@ -125,7 +173,7 @@ class CheckpointWriter {
           const auto span = leaf_span(leaf);
           const auto* first = reinterpret_cast<const char*>(span.data());
           entry.payload.assign(first, first + span.size_bytes());
-          add_entry(entry_name(prefix, path), std::move(entry));
+          add_entry(detail::checkpoint_entry_name(prefix, path), std::move(entry));
         },
         tree);
   }
@@ -164,15 +212,18 @@ class CheckpointWriter {
     const std::string data = bytes();
     std::filesystem::path temporary = path;
     temporary += ".tmp";
+    // Only a temporary file this call created is removed: whatever else stands at that name is not ours.
+    bool created = false;
     const auto fail = [&](const std::string& what) {
       std::error_code ignored;
-      std::filesystem::remove(temporary, ignored);
+      if (created) std::filesystem::remove(temporary, ignored);
       return CheckpointError("cannot write checkpoint '" + path.string() + "': " + what +
                              "; the previous checkpoint, if any, is unchanged");
     };
 #if defined(XAX_CHECKPOINT_HAS_POSIX)
     const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) throw fail(std::strerror(errno));
+    created = true;
     std::size_t written = 0;
     while (written < data.size()) {
       const ::ssize_t n = ::write(fd, data.data() + written, data.size() - written);
@@ -193,6 +244,7 @@ class CheckpointWriter {
 #else
     {
       std::ofstream file(temporary, std::ios::binary | std::ios::trunc);
+      created = file.is_open();
       file.write(data.data(), static_cast<std::streamsize>(data.size()));
       file.flush();
       if (!file) throw fail("write failed");
@@ -204,15 +256,6 @@ class CheckpointWriter {
   }
 
  private:
-  static std::string entry_name(std::string_view prefix, const TreePath& path) {
-    std::string name(prefix);
-    if (!path.str().empty()) {
-      if (!name.empty() && path.str().front() != '[') name += '.';
-      name += path.str();
-    }
-    return name;
-  }
-
   void add_entry(std::string name, detail::CheckpointEntry entry) {
     if (!entries_.emplace(name, std::move(entry)).second) {
       throw CheckpointError("checkpoint entry '" + name + "' was added twice; give each tree its own prefix");
@@ -226,68 +269,80 @@ class CheckpointWriter {
 class CheckpointReader {
  public:
   explicit CheckpointReader(const std::filesystem::path& path) : path_(path.string()) {
-    std::ifstream file(path, std::ios::binary | std::ios::ate);
-    if (!file) throw CheckpointError("cannot open checkpoint '" + path_ + "': " + std::strerror(errno));
-    std::string data(static_cast<std::size_t>(file.tellg()), '\0');
-    file.seekg(0);
-    if (!file.read(data.data(), static_cast<std::streamsize>(data.size()))) {
-      throw CheckpointError("cannot read checkpoint '" + path_ + "'");
+    if (path.empty())
+      throw CheckpointError("cannot open checkpoint: the path is empty; give a checkpoint file");
+    std::error_code status_error;
+    const auto status = std::filesystem::status(path, status_error);
+    if (!std::filesystem::exists(status)) {
+      throw CheckpointError("cannot open checkpoint '" + path_ +
+                            "': " + (status_error ? status_error.message() : std::string("no such file")));
+    }
+    if (std::filesystem::is_directory(status)) throw error("is a directory, not a checkpoint file");
+    if (!std::filesystem::is_regular_file(status)) throw error("is not a regular file");
+    std::string data;
+    try {
+      std::ifstream file(path, std::ios::binary);
+      if (!file) throw CheckpointError("cannot open checkpoint '" + path_ + "': " + std::strerror(errno));
+      // Read in chunks to the end rather than trusting a size taken before the read.
+      std::vector<char> chunk(std::size_t{1} << 20);
+      while (file) {
+        file.read(chunk.data(), static_cast<std::streamsize>(chunk.size()));
+        data.append(chunk.data(), static_cast<std::size_t>(file.gcount()));
+      }
+      if (file.bad()) throw CheckpointError("cannot read checkpoint '" + path_ + "'");
+    } catch (const std::bad_alloc&) {
+      throw error("is too large to read into memory");
+    } catch (const std::length_error&) {
+      throw error("is too large to read into memory");
     }
     parse(data);
   }
 
-  /// Restores every leaf of `tree` from the entries named `prefix.path`. Dynamic leaves are resized; the
-  /// entry count under the prefix, each dtype, rank and fixed shape must match.
+  /// A checkpoint held in memory (the bytes of a file, checksum included), verified and parsed as a file is;
+  /// `name` stands for the path in messages.
+  [[nodiscard]] static CheckpointReader from_bytes(const std::string& bytes, std::string name = "<memory>") {
+    CheckpointReader reader;
+    reader.path_ = std::move(name);
+    reader.parse(bytes);
+    return reader;
+  }
+
+  /// Restores every leaf of `tree` from the entries named `prefix.path`. Each entry's dtype and shape must
+  /// match the leaf (with LeafShapes::from_checkpoint, dynamic dimensions take the stored size instead), and
+  /// the entries under the prefix must be exactly the tree's leaves. Everything is checked before any leaf is
+  /// written, so on CheckpointError the tree is unchanged.
   template <class Tree>
-  void read_tree(std::string_view prefix, Tree& tree) const {
-    std::size_t consumed = 0;
+  void read_tree(std::string_view prefix, Tree& tree, LeafShapes shapes = LeafShapes::exact) const {
+    std::vector<const detail::CheckpointEntry*> matched;
     for_each_leaf_with_path(
-        [&]<class L>(const TreePath& path, L& leaf) {
-          using Scalar = leaf_scalar_t<L>;
-          std::string name(prefix);
-          if (!path.str().empty()) {
-            if (!name.empty() && path.str().front() != '[') name += '.';
-            name += path.str();
-          }
+        [&]<class L>(const TreePath& path, const L& leaf) {
+          const std::string name = detail::checkpoint_entry_name(prefix, path);
           const detail::CheckpointEntry& entry = find(name, detail::EntryKind::tensor);
-          if (entry.element != detail::element_code<Scalar>()) {
-            throw error("entry '" + name + "' holds " + detail::element_name(entry.element) +
-                        " but the tree has " + detail::element_name(detail::element_code<Scalar>()));
-          }
+          check_leaf(name, entry, leaf, shapes);
+          matched.push_back(&entry);
+        },
+        std::as_const(tree));
+    const std::size_t stored = count_under(prefix);
+    if (stored != matched.size()) {
+      throw error(std::to_string(stored) + " tensors are stored under '" + std::string(prefix) +
+                  "' but the tree has " + std::to_string(matched.size()) +
+                  " leaves; the checkpoint was written for another model structure");
+    }
+    std::size_t next = 0;
+    for_each_leaf(
+        [&]<class L>(L& leaf) {
+          const detail::CheckpointEntry& entry = *matched[next++];
           if constexpr (eigen_plain_object<L>) {
-            if (entry.dims.size() != 2) throw error("entry '" + name + "' is not a matrix");
-            const Eigen::Index rows = entry.dims[0], cols = entry.dims[1];
-            if ((L::RowsAtCompileTime != Eigen::Dynamic && L::RowsAtCompileTime != rows) ||
-                (L::ColsAtCompileTime != Eigen::Dynamic && L::ColsAtCompileTime != cols) || rows < 0 ||
-                cols < 0) {
-              throw error("entry '" + name + "' has shape " + std::to_string(rows) + "x" +
-                          std::to_string(cols) + ", which the tree's fixed-size leaf cannot take");
-            }
-            leaf.resize(rows, cols);
+            leaf.resize(entry.dims[0], entry.dims[1]);
           } else if constexpr (eigen_tensor_leaf<L> && requires { leaf.resize(leaf.dimensions()); }) {
-            if (entry.dims.size() != static_cast<std::size_t>(L::NumDimensions)) {
-              throw error("entry '" + name + "' has rank " + std::to_string(entry.dims.size()) +
-                          " but the tree's tensor has rank " + std::to_string(L::NumDimensions));
-            }
             typename L::Dimensions dims;
             for (std::size_t i = 0; i < entry.dims.size(); ++i) dims[i] = entry.dims[i];
             leaf.resize(dims);
           }
           const auto span = leaf_span(leaf);
-          if (span.size_bytes() != entry.payload.size()) {
-            throw error("entry '" + name + "' holds " + std::to_string(entry.payload.size()) +
-                        " bytes but the tree's leaf takes " + std::to_string(span.size_bytes()));
-          }
           if (!entry.payload.empty()) std::memcpy(span.data(), entry.payload.data(), entry.payload.size());
-          ++consumed;
         },
         tree);
-    const std::size_t stored = count_under(prefix);
-    if (stored != consumed) {
-      throw error(std::to_string(stored) + " tensors are stored under '" + std::string(prefix) +
-                  "' but the tree has " + std::to_string(consumed) +
-                  " leaves; the checkpoint was written for another model structure");
-    }
   }
 
   /// The string entry `name`.
@@ -299,8 +354,52 @@ class CheckpointReader {
   [[nodiscard]] bool contains(std::string_view name) const { return entries_.contains(std::string(name)); }
 
  private:
+  CheckpointReader() = default;
+
   CheckpointError error(const std::string& what) const {
     return CheckpointError("checkpoint '" + path_ + "': " + what);
+  }
+
+  // Whether `entry` can be copied into `leaf`: same element type and shape, where with
+  // LeafShapes::from_checkpoint a dimension the leaf can resize may differ.
+  template <class L>
+  void check_leaf(const std::string& name, const detail::CheckpointEntry& entry, const L& leaf,
+                  LeafShapes shapes) const {
+    using Scalar = leaf_scalar_t<L>;
+    if (entry.element != detail::element_code<Scalar>()) {
+      throw error("entry '" + name + "' holds " + detail::element_name(entry.element) + " but the tree has " +
+                  detail::element_name(detail::element_code<Scalar>()));
+    }
+    const auto live = detail::leaf_shape(leaf);
+    const auto mismatch = [&](const char* why) {
+      return error("entry '" + name + "' has shape " + detail::dims_text(entry.dims) +
+                   " but the live leaf has " + detail::dims_text(live) + why);
+    };
+    if (entry.dims.size() != live.size()) throw mismatch(" (another rank)");
+    for (std::size_t i = 0; i < live.size(); ++i) {
+      if (entry.dims[i] == static_cast<std::int64_t>(live[i])) continue;
+      if (shapes == LeafShapes::exact) {
+        throw mismatch(
+            resizable_dimension<L>(i)
+                ? "; the checkpoint was written for another model shape (to take the stored shapes "
+                  "into an empty tree, read it with LeafShapes::from_checkpoint)"
+                : "; the checkpoint was written for another model shape");
+      }
+      if (!resizable_dimension<L>(i)) throw mismatch(", a size the tree's fixed-size leaf cannot take");
+    }
+  }
+
+  template <class L>
+  static constexpr bool resizable_dimension(std::size_t i) {
+    if constexpr (eigen_plain_object<L>) {
+      return (i == 0 ? L::RowsAtCompileTime : L::ColsAtCompileTime) == Eigen::Dynamic;
+    } else if constexpr (eigen_tensor_leaf<L>) {
+      return requires(L & leaf) {
+        leaf.resize(leaf.dimensions());
+      };
+    } else {
+      return false;
+    }
   }
 
   const detail::CheckpointEntry& find(const std::string& name, detail::EntryKind kind) const {
@@ -321,59 +420,124 @@ class CheckpointReader {
   }
 
   void parse(const std::string& data) {
-    std::size_t offset = 0;
-    const auto take = [&](void* out, std::size_t size, const char* what) {
-      if (data.size() - offset < size) throw error(std::string("is truncated (while reading ") + what + ")");
-      std::memcpy(out, data.data() + offset, size);
-      offset += size;
-    };
-    char magic[sizeof(detail::checkpoint_magic)];
-    if (data.size() < sizeof(magic) + 4 * sizeof(std::uint32_t) + sizeof(std::uint64_t)) {
-      throw error("is truncated or empty (" + std::to_string(data.size()) + " bytes)");
+    constexpr std::size_t header = sizeof(detail::checkpoint_magic) + 2 * sizeof(std::uint32_t);
+    constexpr std::size_t smallest = header + sizeof(std::uint64_t) + sizeof(std::uint32_t);
+    if (data.size() < smallest) {
+      throw error("is truncated or empty (" + std::to_string(data.size()) +
+                  " bytes; a checkpoint has at least " + std::to_string(smallest) + ")");
     }
-    take(magic, sizeof(magic), "magic");
-    if (std::memcmp(magic, detail::checkpoint_magic, sizeof(magic)) != 0)
+    if (std::memcmp(data.data(), detail::checkpoint_magic, sizeof(detail::checkpoint_magic)) != 0)
       throw error("is not an xax checkpoint");
     std::uint32_t mark = 0, version = 0, stored_crc = 0;
-    take(&mark, sizeof(mark), "byte-order mark");
+    std::memcpy(&mark, data.data() + sizeof(detail::checkpoint_magic), sizeof(mark));
     if (mark != detail::checkpoint_byte_order_mark)
       throw error("was written on a machine of another byte order");
-    take(&version, sizeof(version), "version");
+    std::memcpy(&version, data.data() + sizeof(detail::checkpoint_magic) + sizeof(mark), sizeof(version));
     if (version != checkpoint_format_version) {
       throw error("has format version " + std::to_string(version) + "; this xax reads version " +
                   std::to_string(checkpoint_format_version));
     }
-    std::memcpy(&stored_crc, data.data() + data.size() - sizeof(stored_crc), sizeof(stored_crc));
-    if (detail::crc32_of(data, data.size() - sizeof(stored_crc)) != stored_crc) {
+    const std::size_t end = data.size() - sizeof(stored_crc);
+    std::memcpy(&stored_crc, data.data() + end, sizeof(stored_crc));
+    if (detail::crc32_of(data, end) != stored_crc) {
       throw error("fails its checksum: the file is corrupt or was cut short");
     }
-    const std::size_t end = data.size() - sizeof(stored_crc);
+
+    // From here on `offset <= end` holds: every read is bounded by the data's end, before the checksum.
+    std::size_t offset = header;
+    const auto require = [&](std::size_t size, const std::string& what) {
+      if (end - offset < size) {
+        throw error("is malformed: " + what + " (" + std::to_string(size) + " bytes at offset " +
+                    std::to_string(offset) + ") runs past the end of the data (" + std::to_string(end) +
+                    " bytes)");
+      }
+    };
+    const auto take = [&](void* out, std::size_t size, const std::string& what) {
+      require(size, what);
+      std::memcpy(out, data.data() + offset, size);
+      offset += size;
+    };
     std::uint64_t count = 0;
-    take(&count, sizeof(count), "entry count");
+    take(&count, sizeof(count), "the entry count");
     for (std::uint64_t i = 0; i < count; ++i) {
+      const std::string ordinal = "entry " + std::to_string(i);
       std::uint32_t name_size = 0;
-      take(&name_size, sizeof(name_size), "entry name length");
-      if (end - offset < name_size) throw error("is truncated (entry name)");
-      std::string name = data.substr(offset, name_size);
-      offset += name_size;
+      take(&name_size, sizeof(name_size), "the name length of " + ordinal);
+      // Checked before the name is allocated: the length is untrusted and may claim up to 4 GiB.
+      require(name_size, "the name of " + ordinal);
+      std::string name(name_size, '\0');
+      take(name.data(), name_size, "the name of " + ordinal);
+      const std::string what = ordinal + " '" + name + "'";
       detail::CheckpointEntry entry;
       std::uint8_t kind = 0, rank = 0;
-      take(&kind, 1, "entry kind");
-      take(&entry.element, 1, "element code");
-      take(&rank, 1, "rank");
-      if (kind > 1) throw error("entry '" + name + "' has an unknown kind");
+      take(&kind, 1, "the kind of " + what);
+      take(&entry.element, 1, "the element code of " + what);
+      take(&rank, 1, "the rank of " + what);
+      if (kind > 1)
+        throw error(what + " has kind " + std::to_string(kind) +
+                    "; known kinds are 0 (tensor) and 1 (string)");
       entry.kind = static_cast<detail::EntryKind>(kind);
       entry.dims.resize(rank);
-      for (std::int64_t& d : entry.dims) take(&d, sizeof(d), "dimension");
+      for (std::int64_t& d : entry.dims) take(&d, sizeof(d), "a dimension of " + what);
       std::uint64_t size = 0;
-      take(&size, sizeof(size), "payload size");
-      if (end - offset < size) throw error("is truncated (payload of '" + name + "')");
+      take(&size, sizeof(size), "the payload size of " + what);
+      if (end - offset < size) {
+        throw error("is malformed: the payload of " + what + " (" + std::to_string(size) +
+                    " bytes) runs past the end of the data (" + std::to_string(end - offset) +
+                    " bytes left)");
+      }
+      check_layout(what, entry, size);
       entry.payload.assign(data.begin() + static_cast<std::ptrdiff_t>(offset),
                            data.begin() + static_cast<std::ptrdiff_t>(offset + size));
       offset += size;
-      entries_.emplace(std::move(name), std::move(entry));
+      if (!entries_.emplace(name, std::move(entry)).second) throw error("holds entry '" + name + "' twice");
     }
     if (offset != end) throw error("has " + std::to_string(end - offset) + " unexpected trailing bytes");
+  }
+
+  // An entry's header must describe its payload: strings have no element type or shape; a tensor has a known
+  // element type and non-negative dimensions whose product, times the element size, is the payload size.
+  void check_layout(const std::string& what, const detail::CheckpointEntry& entry, std::uint64_t size) const {
+    if (entry.kind == detail::EntryKind::string) {
+      if (entry.element != 0 || !entry.dims.empty()) {
+        throw error(what + " is a string but has element code " + std::to_string(entry.element) +
+                    " and rank " + std::to_string(entry.dims.size()) + "; a string has 0 and 0");
+      }
+      return;
+    }
+    const std::size_t element_bytes = detail::element_size(entry.element);
+    if (element_bytes == 0) {
+      throw error(what + " has unknown element code " + std::to_string(entry.element) +
+                  "; known codes are 0-3 (float16, bfloat16, float32, float64), 16 (bool), 33-40 and 49-56 "
+                  "(integers)");
+    }
+    // Dimensions are Eigen::Index values. The product of the non-zero ones must fit too, so that no order of
+    // multiplying them (Eigen's included) overflows.
+    std::int64_t nonzero_product = 1;
+    bool empty = false;
+    for (std::size_t k = 0; k < entry.dims.size(); ++k) {
+      const std::int64_t d = entry.dims[k];
+      if (d < 0) {
+        throw error(what + " has dimension " + std::to_string(k) + " = " + std::to_string(d) +
+                    "; dimensions are >= 0");
+      }
+      if (d == 0) {
+        empty = true;
+      } else if (nonzero_product > std::numeric_limits<std::int64_t>::max() / d) {
+        throw error(what + " has shape " + detail::dims_text(entry.dims) +
+                    ", whose element count overflows a 64-bit integer");
+      }
+      if (d != 0) nonzero_product *= d;
+    }
+    const auto elements = static_cast<std::uint64_t>(empty ? 0 : nonzero_product);
+    if (elements > size / element_bytes || elements * element_bytes != size) {
+      throw error(what + " has shape " + detail::dims_text(entry.dims) + " of " +
+                  detail::element_name(entry.element) + ", which takes " +
+                  (elements > std::numeric_limits<std::uint64_t>::max() / element_bytes
+                       ? std::string("more than 2^64")
+                       : std::to_string(elements * element_bytes)) +
+                  " bytes, but its payload holds " + std::to_string(size));
+    }
   }
 
   std::string path_;

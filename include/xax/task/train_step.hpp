@@ -298,7 +298,7 @@ class TrainStep {
   template <class D = Derived>
   void save_train_state(CheckpointWriter& writer, const std::string& prefix = "train") const {
     const auto& s = state<D>();
-    writer.add_string(prefix + ".policy", Policy::spec().str());
+    writer.add_string(prefix + ".policy", recorded_policy<D>().str());
     writer.add_string(prefix + ".optimizer", s.optimizer_name());
     writer.add_tree(prefix + ".params", s.masters);
     s.visit_optimizer(
@@ -311,27 +311,42 @@ class TrainStep {
   }
 
   /// Restores what save_train_state wrote. Throws CheckpointError if it was written under another policy or
-  /// optimizer, or for another model structure; the current state is unchanged then.
+  /// optimizer, for another model structure or shape, or holds counters or a loss scale no run can reach; the
+  /// current state is unchanged then.
   template <class D = Derived>
   void load_train_state(const CheckpointReader& reader, const std::string& prefix = "train") {
     auto& s = state<D>();
-    const std::string& saved_policy = reader.read_string(prefix + ".policy");
-    if (saved_policy != Policy::spec().str()) {
+    const std::string expected_policy = recorded_policy<D>().str();
+    const std::string saved_policy = reader.read_string(prefix + ".policy");
+    if (saved_policy != expected_policy) {
       throw CheckpointError("checkpoint was written under policy " + saved_policy + ", not " +
-                            Policy::spec().str());
+                            expected_policy);
     }
-    const std::string& saved_optimizer = reader.read_string(prefix + ".optimizer");
+    const std::string saved_optimizer = reader.read_string(prefix + ".optimizer");
     if (saved_optimizer != s.optimizer_name()) {
-      throw CheckpointError("checkpoint was written with optimizer " + saved_optimizer + ", not this one");
+      throw CheckpointError("checkpoint was written with optimizer " + saved_optimizer + ", not " +
+                            s.optimizer_name());
     }
-    // Read everything into copies first, so that a failure halfway leaves the live state untouched.
+    // Read everything into copies first, so that a failure halfway leaves the live state untouched. Shapes
+    // must match the live state exactly: a checkpoint of another model width is refused, not adopted.
     auto masters = s.masters;
     reader.read_tree(prefix + ".params", masters);
     auto optimizer_state = s.optimizer_state_copy();
     std::visit([&](auto& o) { reader.read_tree(prefix + ".optimizer_state", o); }, optimizer_state);
+    const std::int64_t optimizer_steps = std::visit([](const auto& o) { return o.step; }, optimizer_state);
+    if (optimizer_steps < 0) {
+      throw CheckpointError("checkpoint entry '" + prefix + ".optimizer_state.step' is " +
+                            std::to_string(optimizer_steps) + "; an optimizer's step count is >= 0");
+    }
     detail::LossScaleRecord record;
     reader.read_tree(prefix + ".loss_scale", record);
-    LossScale restored = detail::from_record(record);
+    LossScale restored;
+    try {
+      restored = detail::from_record(record);
+    } catch (const ConfigError& invalid) {
+      throw CheckpointError("checkpoint entry '" + prefix +
+                            ".loss_scale' holds a loss scale no run can reach: " + invalid.what());
+    }
     LossScaleT loss_scale = s.loss_scale;
     if constexpr (std::same_as<LossScaleT, LossScale>) {
       loss_scale = std::move(restored);
@@ -343,14 +358,23 @@ class TrainStep {
     }
     std::array<std::int64_t, 3> counters{};
     reader.read_tree(prefix + ".counters", counters);
+    const auto [steps, skipped, overflows_at_floor] = counters;
+    // Skipped steps are among the steps, and the overflows at the scale's floor are consecutive skipped ones.
+    if (steps < 0 || skipped < 0 || skipped > steps || overflows_at_floor < 0 ||
+        overflows_at_floor > skipped) {
+      throw CheckpointError("checkpoint entry '" + prefix + ".counters' holds steps " +
+                            std::to_string(steps) + ", skipped " + std::to_string(skipped) +
+                            ", overflows at the minimum scale " + std::to_string(overflows_at_floor) +
+                            "; expected 0 <= overflows at the minimum scale <= skipped <= steps");
+    }
 
     s.masters = std::move(masters);
     s.refresh_compute_copy();
     s.restore_optimizer_state(std::move(optimizer_state));
     s.loss_scale = std::move(loss_scale);
-    s.steps = counters[0];
-    s.skipped = counters[1];
-    s.overflows_at_floor = counters[2];
+    s.steps = steps;
+    s.skipped = skipped;
+    s.overflows_at_floor = overflows_at_floor;
   }
 
  protected:
@@ -421,6 +445,19 @@ class TrainStep {
       std::is_same_v<compute_type, update_type> || trainer_for<D, compute_type, update_type>;
 
   std::unique_ptr<StorageBase> storage_;
+
+  // The policy a checkpoint records and must match on load: Policy, unless the derived trainer runs under a
+  // policy of its own (MixedPrecisionMixin's engine compiles float outputs and rounds to the configured one).
+  template <class D>
+  PolicySpec recorded_policy() const {
+    if constexpr (requires(const D& trainer) {
+                    { trainer.checkpoint_policy() } -> std::same_as<PolicySpec>;
+                  }) {
+      return static_cast<const D&>(*this).checkpoint_policy();
+    } else {
+      return Policy::spec();
+    }
+  }
 
   StorageBase& storage() {
     if (!storage_)

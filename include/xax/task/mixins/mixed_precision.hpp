@@ -232,6 +232,14 @@ class PolicyStepEngine final : public StepEngine<Task>,
   void save(CheckpointWriter& writer) const override { Step::save_train_state(writer); }
   void load(const CheckpointReader& reader) override { Step::load_train_state(reader); }
 
+  // What TrainStep records in and demands of a checkpoint: the configured policy, output type included,
+  // rather than the float output this engine is compiled with.
+  [[nodiscard]] PolicySpec checkpoint_policy() const {
+    PolicySpec spec = StepPolicy::spec();
+    spec.output = output_;
+    return spec;
+  }
+
  private:
   // The output type only rounds the reported loss, so it is applied at run time rather than compiled 4 times
   // over.

@@ -310,18 +310,39 @@ void TrainMixin<Derived, Config>::save_checkpoint(const std::filesystem::path& p
   writer.write(path);
 }
 
+namespace detail {
+// The generator whose state `text` holds, as operator<< wrote it; CheckpointError naming `entry` otherwise.
+inline std::mt19937_64 parse_rng_state(const std::string& text, const std::string& entry) {
+  std::istringstream stream(text);
+  std::mt19937_64 rng;
+  stream >> rng;
+  if (stream.fail() || !(stream >> std::ws).eof()) {
+    throw CheckpointError("checkpoint entry '" + entry +
+                          "' is not the state of a std::mt19937_64 (the unsigned 64-bit numbers its "
+                          "operator<< writes, separated by spaces, and nothing else)");
+  }
+  return rng;
+}
+}  // namespace detail
+
 template <class Derived, class Config>
 void TrainMixin<Derived, Config>::load_checkpoint(const std::filesystem::path& path) {
   const CheckpointReader reader(path);
   std::array<std::int64_t, 3> loop{};
   reader.read_tree("loop", loop);
-  std::mt19937_64 rng, epoch_rng;
-  std::istringstream(reader.read_string("loop.rng")) >> rng;
-  std::istringstream(reader.read_string("loop.epoch_rng")) >> epoch_rng;
-  derived().load_train_state(reader);  // validates before it changes anything
-  global_step_ = loop[0];
-  epoch_ = loop[1];
-  batch_in_epoch_ = loop[2];
+  const auto [global_step, epoch, batch_in_epoch] = loop;
+  if (global_step < 0 || epoch < 0 || batch_in_epoch < 0) {
+    throw CheckpointError("checkpoint '" + path.string() + "': entry 'loop' holds step " +
+                          std::to_string(global_step) + ", epoch " + std::to_string(epoch) +
+                          ", batch in epoch " + std::to_string(batch_in_epoch) + "; each must be >= 0");
+  }
+  const std::mt19937_64 rng = detail::parse_rng_state(reader.read_string("loop.rng"), "loop.rng");
+  const std::mt19937_64 epoch_rng =
+      detail::parse_rng_state(reader.read_string("loop.epoch_rng"), "loop.epoch_rng");
+  derived().load_train_state(reader);  // validates everything before it changes anything
+  global_step_ = global_step;
+  epoch_ = epoch;
+  batch_in_epoch_ = batch_in_epoch;
   rng_ = rng;
   epoch_rng_ = epoch_rng;
   resumed_ = batch_in_epoch_ > 0;
