@@ -8,11 +8,11 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
-#include <iostream>
 #include <limits>
 #include <map>
 #include <random>
 #include <span>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -386,7 +386,44 @@ TEST(UnscaleAndCheck, IntegerOnlyAndEmptyTreesAreFinite) {
 
 constexpr std::uint32_t float_non_finite = 0x7f80'0000u;
 
-TEST(ScaleMagnitudeKernels, EveryKernelMatchesThePortableOneOnEveryTailAndAlignment) {
+// Each kernel is its own test, named after it, so that a kernel this CPU cannot run is reported as skipped,
+// with the reason, instead of being left out of a test that passes. The fused (scale and check) and the
+// read-only kernel lists have the same names and CPU requirements.
+std::vector<std::string> magnitude_kernel_names() {
+  std::vector<std::string> names;
+  for (const auto& kernel : xax::detail::scale_magnitude_kernels()) names.emplace_back(kernel.name);
+  return names;
+}
+
+template <class Function>
+const xax::detail::Kernel<Function>& kernel_named(std::span<const xax::detail::Kernel<Function>> kernels,
+                                                  const std::string& name) {
+  for (const auto& kernel : kernels) {
+    if (kernel.name == name) return kernel;
+  }
+  throw std::logic_error("no kernel named " + name);
+}
+
+class MagnitudeKernel : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (!fused().supported(xax::cpu_features()) || !check().supported(xax::cpu_features())) {
+      GTEST_SKIP() << "kernel " << GetParam() << " is not supported by this CPU ("
+                   << xax::cpu_features().str() << ")";
+    }
+  }
+  const xax::detail::Kernel<xax::detail::ScaleMagnitudeFunction>& fused() const {
+    return kernel_named(xax::detail::scale_magnitude_kernels(), GetParam());
+  }
+  const xax::detail::Kernel<xax::detail::MagnitudeFunction>& check() const {
+    return kernel_named(xax::detail::magnitude_kernels(), GetParam());
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(Kernels, MagnitudeKernel, ::testing::ValuesIn(magnitude_kernel_names()),
+                         [](const ::testing::TestParamInfo<std::string>& kernel) { return kernel.param; });
+
+TEST_P(MagnitudeKernel, ScalingMatchesThePortableKernelOnEveryTailAndAlignment) {
   std::mt19937 rng(13);
   std::vector<float> input(200);
   for (std::size_t i = 0; i < input.size(); ++i) {
@@ -395,60 +432,53 @@ TEST(ScaleMagnitudeKernels, EveryKernelMatchesThePortableOneOnEveryTailAndAlignm
     input[i] = i % 7 == 0 ? unit * 2e38f : unit * 100.0f;
   }
   const float factor = 3.0f;
-  for (const auto& kernel : xax::detail::scale_magnitude_kernels()) {
-    if (!kernel.supported(xax::cpu_features())) {
-      std::cout << "[ SKIPPED  ] kernel " << kernel.name << ": not supported by this CPU\n";
-      continue;
-    }
-    for (std::size_t offset = 0; offset < 17; ++offset) {
-      for (std::size_t n = 0; n <= 70; ++n) {
-        std::vector<float> actual(input.begin(),
-                                  input.begin() + static_cast<std::ptrdiff_t>(offset + n + 20));
-        std::vector<float> expected = actual;
-        const std::uint32_t got = kernel.run(actual.data() + offset, n, factor);
-        const std::uint32_t want = xax::detail::scale_magnitude_portable(expected.data() + offset, n, factor);
-        ASSERT_EQ(got, want) << kernel.name << " n " << n << " offset " << offset;
-        for (std::size_t i = 0; i < actual.size(); ++i) {
-          ASSERT_EQ(std::bit_cast<std::uint32_t>(actual[i]), std::bit_cast<std::uint32_t>(expected[i]))
-              << kernel.name << " n " << n << " offset " << offset << " index " << i;
-        }
+  const auto& kernel = fused();
+  for (std::size_t offset = 0; offset < 17; ++offset) {
+    for (std::size_t n = 0; n <= 70; ++n) {
+      std::vector<float> actual(input.begin(), input.begin() + static_cast<std::ptrdiff_t>(offset + n + 20));
+      std::vector<float> expected = actual;
+      const std::uint32_t got = kernel.run(actual.data() + offset, n, factor);
+      const std::uint32_t want = xax::detail::scale_magnitude_portable(expected.data() + offset, n, factor);
+      ASSERT_EQ(got, want) << kernel.name << " n " << n << " offset " << offset;
+      for (std::size_t i = 0; i < actual.size(); ++i) {
+        ASSERT_EQ(std::bit_cast<std::uint32_t>(actual[i]), std::bit_cast<std::uint32_t>(expected[i]))
+            << kernel.name << " n " << n << " offset " << offset << " index " << i;
       }
     }
   }
 }
 
-TEST(ScaleMagnitudeKernels, EveryKernelFindsANonFiniteValueAtEveryPosition) {
+TEST_P(MagnitudeKernel, ScalingFindsANonFiniteValueAtEveryPosition) {
+  const auto& fused = this->fused();
   const float poisons[] = {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
                            std::numeric_limits<float>::quiet_NaN(), std::bit_cast<float>(0xffa0'0001u)};
-  for (const auto& fused : xax::detail::scale_magnitude_kernels()) {
-    if (!fused.supported(xax::cpu_features())) continue;
-    for (std::size_t n = 1; n <= 70; ++n) {
-      for (std::size_t at = 0; at < n; ++at) {
-        for (const float poison : poisons) {
-          std::vector<float> values(n + 3, 1.0f);
-          values[1 + at] = poison;
-          ASSERT_GE(fused.run(values.data() + 1, n, 0.5f), float_non_finite)
-              << fused.name << " n " << n << " at " << at;
-          ASSERT_EQ(values[0], 1.0f);
-          ASSERT_EQ(values[n + 1], 1.0f) << "wrote past the end";
-        }
-        // The largest finite float passes; times 2 it does not.
-        std::vector<float> edge(n, 1.0f);
-        edge[at] = std::numeric_limits<float>::max();
-        ASSERT_EQ(fused.run(edge.data(), n, 1.0f), 0x7f7f'ffffu) << fused.name;
-        ASSERT_GE(fused.run(edge.data(), n, 2.0f), float_non_finite) << fused.name;
+  for (std::size_t n = 1; n <= 70; ++n) {
+    for (std::size_t at = 0; at < n; ++at) {
+      for (const float poison : poisons) {
+        std::vector<float> values(n + 3, 1.0f);
+        values[1 + at] = poison;
+        ASSERT_GE(fused.run(values.data() + 1, n, 0.5f), float_non_finite)
+            << fused.name << " n " << n << " at " << at;
+        ASSERT_EQ(values[0], 1.0f);
+        ASSERT_EQ(values[n + 1], 1.0f) << "wrote past the end";
       }
+      // The largest finite float passes; times 2 it does not.
+      std::vector<float> edge(n, 1.0f);
+      edge[at] = std::numeric_limits<float>::max();
+      ASSERT_EQ(fused.run(edge.data(), n, 1.0f), 0x7f7f'ffffu) << fused.name;
+      ASSERT_GE(fused.run(edge.data(), n, 2.0f), float_non_finite) << fused.name;
     }
   }
-  for (const auto& check : xax::detail::magnitude_kernels()) {
-    if (!check.supported(xax::cpu_features())) continue;
-    for (std::size_t n = 1; n <= 70; ++n) {
-      for (std::size_t at = 0; at < n; ++at) {
-        std::vector<float> values(n, -2.0f);
-        ASSERT_EQ(check.run(values.data(), n), 0x4000'0000u) << check.name;
-        values[at] = std::numeric_limits<float>::infinity();
-        ASSERT_EQ(check.run(values.data(), n), float_non_finite) << check.name << " n " << n << " at " << at;
-      }
+}
+
+TEST_P(MagnitudeKernel, ReadOnlyCheckFindsANonFiniteValueAtEveryPosition) {
+  const auto& check = this->check();
+  for (std::size_t n = 1; n <= 70; ++n) {
+    for (std::size_t at = 0; at < n; ++at) {
+      std::vector<float> values(n, -2.0f);
+      ASSERT_EQ(check.run(values.data(), n), 0x4000'0000u) << check.name;
+      values[at] = std::numeric_limits<float>::infinity();
+      ASSERT_EQ(check.run(values.data(), n), float_non_finite) << check.name << " n " << n << " at " << at;
     }
   }
 }

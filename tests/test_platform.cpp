@@ -3,10 +3,58 @@
 #include <string>
 #include <xax/utils/platform.hpp>
 
+#include "cpu_flags.hpp"
+
 namespace {
 
-TEST(CpuFeatures, DetectionIsStable) {
-  EXPECT_EQ(&xax::cpu_features(), &xax::cpu_features());
+// Every feature xax detects with cpuid/xgetbv (or hwcaps) against what the kernel reports in /proc/cpuinfo,
+// which it derives from cpuid and the register state it enabled: a wrong bit, leaf or XCR0 mask in
+// detect_cpu_features() shows up as a disagreement on any machine that has (or lacks) the feature.
+TEST(CpuFeatures, AgreeWithTheFlagsTheOperatingSystemReports) {
+  const auto flags = xax_test::os_cpu_flags();
+  if (!flags) GTEST_SKIP() << "no flags line in /proc/cpuinfo to compare with";
+  const auto has = [&](const char* flag) { return flags->contains(flag); };
+  const xax::CpuFeatures& f = xax::cpu_features();
+  SCOPED_TRACE("detected " + f.str());
+#if defined(__x86_64__) || defined(__i386__)
+  EXPECT_EQ(f.avx2, has("avx2"));
+  EXPECT_EQ(f.fma, has("fma"));
+  EXPECT_EQ(f.f16c, has("f16c"));
+  EXPECT_EQ(f.avx512f, has("avx512f"));
+  EXPECT_EQ(f.avx512bw, has("avx512bw"));
+  EXPECT_EQ(f.avx512vl, has("avx512vl"));
+  EXPECT_EQ(f.avx512dq, has("avx512dq"));
+  EXPECT_EQ(f.avx512_bf16, has("avx512_bf16"));
+  EXPECT_EQ(f.avx512_fp16, has("avx512_fp16"));
+  EXPECT_EQ(f.amx_bf16, has("amx_bf16"));
+  // Kernels before Linux 6.4 do not know amx_fp16 and never list it, so only a listed flag is conclusive.
+  if (has("amx_fp16")) {
+    EXPECT_TRUE(f.amx_fp16);
+  }
+#elif defined(__aarch64__)
+  EXPECT_EQ(f.arm_fp16, has("fphp") && has("asimdhp"));
+  EXPECT_EQ(f.arm_bf16, has("bf16"));
+#endif
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The compiler runtime's own detection (libgcc/compiler-rt, which also checks the OS-enabled XSAVE state),
+// for platforms without /proc/cpuinfo.
+TEST(CpuFeatures, AgreeWithTheCompilerRuntime) {
+  __builtin_cpu_init();
+  const xax::CpuFeatures& f = xax::cpu_features();
+  SCOPED_TRACE("detected " + f.str());
+  EXPECT_EQ(f.avx2, __builtin_cpu_supports("avx2") != 0);
+  EXPECT_EQ(f.fma, __builtin_cpu_supports("fma") != 0);
+  EXPECT_EQ(f.avx512f, __builtin_cpu_supports("avx512f") != 0);
+  EXPECT_EQ(f.avx512bw, __builtin_cpu_supports("avx512bw") != 0);
+  EXPECT_EQ(f.avx512vl, __builtin_cpu_supports("avx512vl") != 0);
+  EXPECT_EQ(f.avx512dq, __builtin_cpu_supports("avx512dq") != 0);
+}
+#endif
+
+TEST(CpuFeatures, DetectedOnceAndTheSameWhenDetectedAgain) {
+  EXPECT_EQ(xax::cpu_features(), xax::detail::detect_cpu_features());
 }
 
 TEST(CpuFeatures, DescriptionNamesTheArchitectureAndEveryFeatureFound) {

@@ -1,4 +1,4 @@
-// expected-error: must be a class template whose first parameter is its scalar
+// expected-error: static.assert[a-z]* failed.*casting this struct .* must be a class template whose first
 // Casting a struct whose floating fields would change type needs the struct to be a template over its scalar.
 #include <xax/utils/tree.hpp>
 

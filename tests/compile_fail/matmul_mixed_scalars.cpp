@@ -1,4 +1,4 @@
-// expected-error: A and B must have the same scalar
+// expected-error: static.assert[a-z]* failed.*xax::matmul: A and B must have the same scalar; convert one
 // xax::matmul multiplies operands of one scalar type; mixing float and bfloat16 must not compile silently
 // into a conversion of one operand.
 #include <xax/ops/matmul.hpp>

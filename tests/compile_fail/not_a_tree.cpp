@@ -1,4 +1,4 @@
-// expected-error: XAX_FIELDS
+// expected-error: static.assert[a-z]* failed.*xax: this type is not a tree\. .*opts in .* XAX_FIELDS\(w, b\);
 // A struct that did not opt in cannot be walked; the error tells the user the line to add.
 #include <xax/utils/tree.hpp>
 

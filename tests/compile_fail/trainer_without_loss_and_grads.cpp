@@ -1,4 +1,4 @@
-// expected-error: the derived trainer must define
+// expected-error: static.assert[a-z]* failed.*xax::TrainStep: the derived trainer must define .*loss_scale
 // A trainer whose loss_and_grads has the wrong signature (no loss scale) is refused with a message naming
 // what TrainStep needs, not with an error from deep inside the step.
 #include <xax/task/train_step.hpp>
