@@ -5,11 +5,13 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -203,6 +205,7 @@ TEST(MixedPrecisionTrain, OverflowAtTheMinimumScaleRaisesLossScaleError) {
   EXPECT_THAT([&] { (void)task.train_step(batch); },
               ::testing::ThrowsMessage<xax::LossScaleError>(HasSubstr("3 consecutive steps overflowed")));
   EXPECT_EQ(task.loss_scale(), 1.0f);
+  EXPECT_EQ(task.skipped_steps(), 4) << "the step that throws is not taken";
 }
 
 TEST(MixedPrecisionTrain, AccumulationEqualsOneLargeBatchWithinRounding) {
@@ -410,7 +413,98 @@ TEST(MixedPrecisionTrain, TrainStateBytesAreReportedByKind) {
   EXPECT_EQ(bytes.compute_params, n * 2);
   EXPECT_EQ(bytes.grads, n * (4 + 2));
   EXPECT_EQ(bytes.optimizer, n * 8 + sizeof(std::int64_t)) << "AdamW's m, v and step count";
-  EXPECT_EQ(bytes.total(), bytes.params + bytes.compute_params + bytes.grads + bytes.optimizer);
+  // 212 * (4 + 2 + 6 + 8) + 8 bytes.
+  EXPECT_EQ(bytes.total(), std::size_t{4248});
+}
+
+// A task moved after its first step trains on in its new place: the step engine calls the task it now
+// belongs to (the moved-from one is freed here, which ASan reports if the engine kept a pointer to it), and
+// the results are those of a task that never moved.
+TEST(MixedPrecisionTrain, ATaskMovedAfterItsFirstStepKeepsTraining) {
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = true;
+  config.precision_policy = "mixed";
+  config.loss_scale_growth_interval = 2;
+  ClassifierTask unmoved(config, xax_test::make_data(64));
+  const auto batch = unmoved.make_batch(std::vector<std::int64_t>{0, 1, 2, 3, 4, 5, 6, 7});
+  for (int i = 0; i < 3; ++i) unmoved.train_step(batch);
+
+  auto original = std::make_unique<ClassifierTask>(config, xax_test::make_data(64));
+  original->train_step(batch);
+  ClassifierTask moved(std::move(*original));
+  original.reset();
+  moved.train_step(batch);
+
+  auto assigned_from = std::make_unique<ClassifierTask>(config, xax_test::make_data(64));
+  assigned_from->train_step(batch);
+  ClassifierTask assigned(config, xax_test::make_data(64));
+  assigned = std::move(*assigned_from);
+  assigned_from.reset();
+  assigned.train_step(batch);
+  moved.train_step(batch);
+  assigned.train_step(batch);
+
+  EXPECT_TRUE(bitwise_equal(moved.params(), unmoved.params()));
+  EXPECT_TRUE(bitwise_equal(assigned.params(), unmoved.params()));
+  EXPECT_EQ(moved.loss_scale(), unmoved.loss_scale());
+  EXPECT_EQ(moved.evaluate_batch(batch), unmoved.evaluate_batch(batch));
+}
+
+TEST(MixedPrecisionTrain, LossScaleErrorLeavesTheTrainerAndTheStepCountsAgreeing) {
+  // Every example holds a NaN feature, so every step overflows at the static scale's floor; the third
+  // throws. It is not taken: the trainer's step count and the step's skipped-step count agree.
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = true;
+  config.loss_scaling = "static";
+  config.loss_scale_value = 1;
+  config.max_overflows_at_min_scale = 3;
+  xax_test::Data data = xax_test::make_data(128);
+  data.x.row(0).setConstant(std::numeric_limits<float>::quiet_NaN());
+  ClassifierTask task(config, std::move(data));
+  task.set_log_stream(nullptr);
+  EXPECT_THROW(task.fit(), xax::LossScaleError);
+  EXPECT_EQ(task.global_step(), 2);
+  EXPECT_EQ(task.skipped_steps(), 2);
+  EXPECT_EQ(task.results.size(), 2u);
+}
+
+TEST(MixedPrecisionTrain, FitRefusesABatchLargerThanTheDataSet) {
+  TaskConfig config = xax_test::default_config();
+  config.batch_size = 100;
+  ClassifierTask task(config, xax_test::make_data(64));
+  EXPECT_THAT([&] { task.fit(); }, ::testing::ThrowsMessage<xax::ConfigError>(::testing::AllOf(
+                                       HasSubstr("'batch_size': 100 is larger than the 64 training examples"),
+                                       HasSubstr("[1, 64]"))));
+  EXPECT_EQ(task.global_step(), 0);
+  EXPECT_TRUE(task.results.empty());
+}
+
+TEST(MixedPrecisionTrain, FitRefusesMoreMicroBatchesPerStepThanAnEpochHolds) {
+  TaskConfig config = xax_test::default_config();
+  config.batch_size = 32;
+  config.accumulation_steps = 3;  // 64 / 32 = 2 batches per epoch
+  ClassifierTask task(config, xax_test::make_data(64));
+  EXPECT_THAT([&] { task.fit(); }, ::testing::ThrowsMessage<xax::ConfigError>(::testing::AllOf(
+                                       HasSubstr("'accumulation_steps': 3 micro-batches per step, but an "
+                                                 "epoch has only 2 batches"),
+                                       HasSubstr("accumulation_steps <= 2 or a batch_size <= 21"))));
+  EXPECT_EQ(task.global_step(), 0);
+  EXPECT_TRUE(task.results.empty());
+
+  config.accumulation_steps = 2;  // exactly one step per epoch is accepted
+  ClassifierTask fits(config, xax_test::make_data(64));
+  EXPECT_EQ(fits.fit().steps, config.epochs);
+}
+
+TEST(MixedPrecisionConfig, SmallValuesAreQuotedExactly) {
+  TaskConfig config = xax_test::default_config();
+  for (const char* arg : {"learning_rate=-1e-9", "loss_scale_min=-1e-9", "max_grad_norm=-1e-9"}) {
+    const std::array<std::string_view, 1> args{arg};
+    EXPECT_THAT([&] { xax::apply_config_args(config, args); },
+                ::testing::ThrowsMessage<xax::ConfigError>(::testing::AllOf(
+                    HasSubstr("-1e-09 is not accepted"), ::testing::Not(HasSubstr("0.000000")))))
+        << arg;
+  }
 }
 
 }  // namespace
