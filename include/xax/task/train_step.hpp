@@ -67,8 +67,10 @@ struct StepResult {
 struct TrainStepOptions {
   /// Clip the unscaled gradients to this global L2 norm; 0 disables clipping.
   double max_grad_norm = 0;
-  /// Throw LossScaleError after this many consecutive non-finite steps at which the scale cannot go lower (a
-  /// dynamic scale at its minimum, or a static/no-op scale); 0 never throws.
+  /// Throw LossScaleError on the step that makes this many consecutive steps with non-finite gradients at a
+  /// scale that cannot go lower (a dynamic scale at its minimum, or a static/no-op scale); 0 never throws.
+  /// That step is not taken: it changes no counter, scale or parameter. A non-finite loss with finite
+  /// gradients is skipped but not counted here (the scale did not cause it).
   std::int64_t max_overflows_at_min_scale = 100;
 };
 
@@ -581,8 +583,8 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
     result.grad_norm = std::numeric_limits<double>::infinity();
     result.non_finite = grads_finite ? std::string() : describe_non_finite(s.grads);
     if (!std::isfinite(loss)) {
-      result.non_finite = "loss is " + detail::shortest_text(static_cast<float>(loss)) +
-                          (result.non_finite.empty() ? "" : "; ") + result.non_finite;
+      result.non_finite = "loss is " + detail::shortest_text(loss) + (result.non_finite.empty() ? "" : "; ") +
+                          result.non_finite;
     }
   }
 

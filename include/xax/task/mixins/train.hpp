@@ -145,7 +145,10 @@ class TrainMixin {
   /// The task's random generator, for augmentation or dropout; its state is checkpointed.
   std::mt19937_64& rng() { return rng_; }
 
-  /// Trains for the configured epochs (or max_steps), resuming where a loaded checkpoint left off.
+  /// Trains for the configured epochs (or max_steps), resuming where a loaded checkpoint left off. Throws
+  /// ConfigError before the first step if batch_size exceeds num_examples() or accumulation_steps exceeds
+  /// the full batches in an epoch. If a step throws (LossScaleError), global_step() counts only the steps
+  /// that returned, as the step's own counters do.
   TrainSummary fit();
 
   /// Writes the whole train state (the step's state, loop position, RNG) to `path` atomically.
