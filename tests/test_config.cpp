@@ -1,5 +1,6 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <array>
 #include <cstdint>
@@ -112,7 +113,68 @@ TEST(Config, ToStringRoundTripsThroughArgs) {
   EXPECT_TRUE(copy.flag);
 }
 
+TEST(Config, FailedArgsLeaveTheConfigUnchanged) {
+  ToyConfig config;
+  // The first argument is fine; the second fails validation, the third is unknown, the fourth has no '='.
+  for (const auto& args : {std::array<std::string_view, 2>{"count=9", "rate=2"},
+                           std::array<std::string_view, 2>{"count=9", "rat=1"},
+                           std::array<std::string_view, 2>{"count=9", "rate"}}) {
+    EXPECT_THROW(xax::apply_config_args(config, args), xax::ConfigError) << args[1];
+    EXPECT_EQ(config.count, 3) << "no argument is applied when one fails: " << args[1];
+    EXPECT_EQ(config.rate, 0.5) << args[1];
+  }
+}
+
+TEST(Config, SetFieldValidatesAndKeepsTheOldValueOnFailure) {
+  ToyConfig config;
+  EXPECT_THAT([&] { xax::set_config_field(config, "rate", "2"); },
+              ::testing::ThrowsMessage<xax::ConfigError>(HasSubstr("'rate': out of (0, 1]")));
+  EXPECT_EQ(config.rate, 0.5);
+  EXPECT_THROW(xax::set_config_field(config, "name", ""), xax::ConfigError);
+  EXPECT_EQ(config.name, "toy");
+  xax::set_config_field(config, "rate", "1");
+  EXPECT_EQ(config.rate, 1.0);
+}
+
+// Fields whose valid values depend on each other: one set_config_field at a time cannot cross an
+// invalid state, apply_config_args can.
+struct BoundedConfig {
+  double value = 4;
+  double min = 1;
+  template <class Self, class Visit>
+  static void visit_fields(Self& self, Visit&& visit) {
+    visit("value", self.value, "a number >= min");
+    visit("min", self.min, "a number <= value");
+  }
+  void validate() const {
+    if (min > value) throw xax::ConfigError("config field 'min': must be <= value");
+  }
+};
+
+TEST(Config, ArgsValidateOnlyOnceAllAreApplied) {
+  BoundedConfig config;
+  const std::array<std::string_view, 2> args{"value=0.5", "min=0.25"};
+  xax::apply_config_args(config, args);
+  EXPECT_EQ(config.value, 0.5);
+  EXPECT_EQ(config.min, 0.25);
+}
+
 #if defined(XAX_HAS_NLOHMANN_JSON)
+TEST(Config, FailedJsonLeavesTheConfigUnchanged) {
+  const auto path =
+      std::filesystem::temp_directory_path() /
+      ("xax_test_config_unchanged_" + std::to_string(static_cast<long long>(::getpid())) + ".json");
+  ToyConfig config;
+  std::ofstream(path) << R"({"count": 8, "rate": 3})";
+  EXPECT_THROW(xax::load_config_json(config, path.string()), xax::ConfigError);
+  EXPECT_EQ(config.count, 3);
+  std::ofstream(path) << R"({"value": 0.5, "min": 0.25})";
+  BoundedConfig bounded;
+  xax::load_config_json(bounded, path.string());
+  EXPECT_EQ(bounded.min, 0.25) << "fields are validated together, after all of them are set";
+  std::filesystem::remove(path);
+}
+
 TEST(Config, LoadsJson) {
   const auto path = std::filesystem::temp_directory_path() / "xax_test_config.json";
   std::ofstream(path) << R"({"rate": 0.75, "count": 4, "flag": true, "name": "from json"})";

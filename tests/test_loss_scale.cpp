@@ -397,16 +397,41 @@ TEST(LossScale, HalfScalarsRoundOnceFromFloat) {
   EXPECT_EQ(fixed.scale(2.0), 6.0) << "double scalars are scaled in double";
 }
 
-TEST(LossScale, InverseScaleIsTheReciprocalComputedInDoubleRoundedOnce) {
-  for (const float value : {3.0f, 7.0f, 1e-5f, 65536.0f, 0.1f, 12345.678f, FLT_MAX, FLT_MIN}) {
-    const float expected = static_cast<float>(1.0 / static_cast<double>(value));
-    EXPECT_EQ(StaticLossScale(value).inverse_scale(), expected) << value;
-    DynamicLossScaleOptions options;
-    options.min_scale = value;
-    options.initial_scale = value;
-    EXPECT_EQ(DynamicLossScale(options).inverse_scale(), expected) << value;
-  }
+TEST(LossScale, InverseScaleIsTheReciprocalOfTheScale) {
+  // For a single float the double-then-round reciprocal equals float division (both are correctly
+  // rounded), so these pin the value, not how it is computed; that matters under accumulation, below.
   EXPECT_EQ(StaticLossScale(32768).inverse_scale(), 0x1p-15f);
+  EXPECT_EQ(StaticLossScale(3).inverse_scale(), 0x1.555556p-2f);
+  DynamicLossScaleOptions options;
+  options.min_scale = 3;
+  options.initial_scale = 3;
+  EXPECT_EQ(DynamicLossScale(options).inverse_scale(), 0x1.555556p-2f);
+  EXPECT_EQ(NoOpLossScale{}.inverse_scale(), 1.0f);
+}
+
+TEST(LossScale, AccumulatedInverseIsOneOverScaleTimesKRoundedOnce) {
+  // Gradients summed over k micro-batches are unscaled and averaged by one factor 1 / (scale * k), computed
+  // in double and rounded once. These scales and counts are ones where every float route, (1/s)/k,
+  // (1/s)*(1/k) and 1/(s*k), rounds twice and lands one ulp off.
+  struct Case {
+    float scale;
+    std::int64_t k;
+    float expected;
+  };
+  for (const Case c : {Case{1000.37f, 3, 0x1.5d6564p-12f}, Case{1014.8f, 3, 0x1.586d84p-12f},
+                       Case{1025.16f, 3, 0x1.54f274p-12f}}) {
+    EXPECT_EQ(xax::detail::reciprocal(c.scale, c.k), c.expected) << c.scale;
+    volatile float k = static_cast<float>(c.k);  // no folding of the float routes in higher precision
+    EXPECT_NE((1.0f / c.scale) / k, c.expected) << c.scale;
+    EXPECT_NE((1.0f / c.scale) * (1.0f / k), c.expected) << c.scale;
+    EXPECT_NE(1.0f / (c.scale * k), c.expected) << c.scale;
+    EXPECT_NE(StaticLossScale(c.scale).inverse_scale() / k, c.expected) << c.scale;
+  }
+  EXPECT_EQ(xax::detail::reciprocal(1000.37f, 1), StaticLossScale(1000.37f).inverse_scale())
+      << "one micro-batch is exactly the plain reciprocal";
+  EXPECT_EQ(xax::detail::reciprocal(32768, 4), 0x1p-17f);
+  // TrainStep uses this factor: test_train_step.cpp's AccumulatedGradientsAreUnscaledByOneOverScaleTimesK
+  // trains with scale 1000.37 and k = 3 and checks the update is exactly 0x1.5d6564p-12.
 }
 
 TEST(LossScale, UnscaleByADynamicScaleAfterGrowth) {

@@ -3,15 +3,18 @@
 // gradient norm. The end-to-end behaviour (convergence, skipping, loss scaling, resume) is in
 // test_mixed_precision_train.cpp.
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <unistd.h>
 
+#include <cfloat>
 #include <cmath>
 #include <concepts>
 #include <cstring>
 #include <filesystem>
 #include <limits>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -43,8 +46,8 @@ class Regression : public xax::TrainStep<Regression<Policy, WritesFloatGrads>, P
   using batch_type = Target;
 
   Regression(const Weights<float>& initial, const xax::OptimizerOptions& optimizer,
-             xax::LossScale loss_scale = xax::NoOpLossScale{}) {
-    this->reset_train_state(initial, optimizer, std::move(loss_scale));
+             xax::LossScale loss_scale = xax::NoOpLossScale{}, xax::TrainStepOptions options = {}) {
+    this->reset_train_state(initial, optimizer, std::move(loss_scale), options);
   }
 
   // Writes through the gradients' existing storage, as a trainer with preallocated buffers does: TrainStep
@@ -59,10 +62,12 @@ class Regression : public xax::TrainStep<Regression<Policy, WritesFloatGrads>, P
     const Eigen::VectorXf difference = params.w.template cast<float>() - target.value;
     Eigen::Map<Eigen::Matrix<G, Eigen::Dynamic, 1>>(grads.w.data(), grads.w.size()) =
         (difference * scale).template cast<G>();
-    return 0.5 * difference.template cast<double>().squaredNorm();
+    return reported_loss ? *reported_loss : 0.5 * difference.template cast<double>().squaredNorm();
   }
 
   xax::DType grads_dtype = xax::DType::float64;  // none seen yet
+  // Replaces the loss the trainer reports (not its gradients): a non-finite loss with finite gradients.
+  std::optional<double> reported_loss;
 };
 
 template <class Compute>
@@ -235,6 +240,132 @@ TEST(TrainStep, GradNormIsTheGlobalL2NormOverLongLeaves) {
   const xax::StepResult result = trainer.train_step(Target{Eigen::VectorXf::Constant(n, 0.25f)});
   EXPECT_NEAR(result.grad_norm, 0.75 * std::sqrt(static_cast<double>(n)),
               1e-9 * std::sqrt(static_cast<double>(n)));
+}
+
+using FloatRegression = Regression<xax::Policy<float, float, float>, false>;
+
+template <class Trainer>
+auto adamw_state(const Trainer& trainer) {
+  return trainer.visit_optimizer([](const auto& optimizer) {
+    if constexpr (requires { optimizer.state().m; }) {
+      return optimizer.state();
+    } else {
+      ADD_FAILURE() << "expected AdamW";
+      return typename xax::optim::AdamW<Weights<float>>::State{};
+    }
+  });
+}
+
+TEST(TrainStep, NonFiniteLossWithFiniteGradientsSkipsButLeavesTheScaleAlone) {
+  // DESIGN §4: the scale follows the gradients alone. A NaN loss with finite gradients skips the step and
+  // reports it, but neither backs the scale off nor counts towards LossScaleError.
+  const xax::DynamicLossScaleOptions options{.initial_scale = 1024, .growth_interval = 2};
+  FloatRegression trainer(ones(6), xax::optim::AdamWOptions{.learning_rate = 0.01},
+                          xax::DynamicLossScale(options), {.max_overflows_at_min_scale = 1});
+  const Target target{Eigen::VectorXf::Constant(6, 0.5f)};
+  ASSERT_TRUE(trainer.train_step(target).finite);
+  const auto masters_before = trainer.params();
+  const auto moments_before = adamw_state(trainer);
+
+  trainer.reported_loss = std::numeric_limits<double>::quiet_NaN();
+  const xax::StepResult skipped = trainer.train_step(target);
+  EXPECT_FALSE(skipped.finite);
+  EXPECT_EQ(skipped.skipped_steps, 1);
+  EXPECT_EQ(trainer.skipped_steps(), 1);
+  EXPECT_EQ(trainer.steps(), 2);
+  EXPECT_THAT(skipped.non_finite, ::testing::HasSubstr("loss is nan"));
+  EXPECT_EQ(skipped.grad_norm, std::numeric_limits<double>::infinity());
+  EXPECT_EQ(trainer.current_loss_scale(), 2048.0f)
+      << "finite gradients count as a finite step for the scale: the 2nd of growth_interval 2 grows it";
+  EXPECT_TRUE(bitwise_equal(trainer.params().w, masters_before.w)) << "the step is skipped";
+  const auto moments_after = adamw_state(trainer);
+  EXPECT_EQ(moments_after.step, moments_before.step);
+  EXPECT_TRUE(bitwise_equal(moments_after.m.w, moments_before.m.w));
+  EXPECT_TRUE(bitwise_equal(moments_after.v.w, moments_before.v.w));
+
+  // At a static scale (always at its floor) with max_overflows_at_min_scale = 1, one overflow would throw:
+  // non-finite losses alone never do.
+  FloatRegression fixed(ones(2), plain_sgd, xax::StaticLossScale(1), {.max_overflows_at_min_scale = 1});
+  fixed.reported_loss = std::numeric_limits<double>::infinity();
+  for (int i = 0; i < 3; ++i) EXPECT_FALSE(fixed.train_step(Target{Eigen::VectorXf::Zero(2)}).finite);
+  EXPECT_EQ(fixed.skipped_steps(), 3);
+  EXPECT_TRUE(fixed.params().w == ones(2).w);
+}
+
+TEST(TrainStep, NonFiniteGradientsStillBackTheScaleOff) {
+  const xax::DynamicLossScaleOptions options{.initial_scale = 1024, .growth_interval = 2};
+  FloatRegression trainer(ones(2), plain_sgd, xax::DynamicLossScale(options));
+  const xax::StepResult result =
+      trainer.train_step(Target{Eigen::VectorXf::Constant(2, std::numeric_limits<float>::infinity())});
+  EXPECT_FALSE(result.finite);
+  EXPECT_EQ(result.loss_scale, 1024.0f);
+  EXPECT_EQ(trainer.current_loss_scale(), 512.0f);
+}
+
+TEST(TrainStep, LossScaleErrorLeavesTheStepUntakenAndTheCountsConsistent) {
+  // The step that reaches max_overflows_at_min_scale throws before it changes anything, so a caller that
+  // counts only returned steps agrees with steps() afterwards.
+  const xax::DynamicLossScaleOptions options{.initial_scale = 2, .min_scale = 1, .hysteresis = 2};
+  FloatRegression trainer(ones(2), plain_sgd, xax::DynamicLossScale(options),
+                          {.max_overflows_at_min_scale = 2});
+  const Target overflowing{Eigen::VectorXf::Constant(2, std::numeric_limits<float>::infinity())};
+  std::int64_t returned = 0;
+  // Scale 2, hysteresis 2: the first overflow is absorbed, the second backs off to the floor of 1; the
+  // overflows at 1 count, and the second of them throws.
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_FALSE(trainer.train_step(overflowing).finite);
+    ++returned;
+  }
+  EXPECT_EQ(trainer.current_loss_scale(), 1.0f);
+  const xax::DynamicLossScaleState state_before =
+      std::get<xax::DynamicLossScale>(trainer.loss_scale()).state();
+  EXPECT_THAT([&] { (void)trainer.train_step(overflowing); },
+              ::testing::ThrowsMessage<xax::LossScaleError>(
+                  ::testing::HasSubstr("2 consecutive steps overflowed with the loss scale at 1,")));
+  EXPECT_EQ(trainer.steps(), returned);
+  EXPECT_EQ(trainer.skipped_steps(), 3);
+  const xax::DynamicLossScaleState state_after =
+      std::get<xax::DynamicLossScale>(trainer.loss_scale()).state();
+  EXPECT_EQ(state_after.counter, state_before.counter);
+  EXPECT_EQ(state_after.hysteresis_left, state_before.hysteresis_left);
+  EXPECT_TRUE(trainer.params().w == ones(2).w);
+  // Retrying throws again (nothing moved); a finite step then trains and resets the overflow count.
+  EXPECT_THROW((void)trainer.train_step(overflowing), xax::LossScaleError);
+  EXPECT_EQ(trainer.steps(), 3);
+  EXPECT_TRUE(trainer.train_step(Target{Eigen::VectorXf::Zero(2)}).finite);
+  EXPECT_EQ(trainer.steps(), 4);
+  EXPECT_FALSE(trainer.train_step(overflowing).finite) << "the overflow count started again from 0";
+}
+
+TEST(TrainStep, AccumulatedGradientsAreUnscaledByOneOverScaleTimesKRoundedOnce) {
+  // scale 1000.37 (as a float) and k = 3: 1 / (scale * 3) computed in double and rounded once is
+  // 0x1.5d6564p-12; every way of computing it in float is one ulp above.
+  const float scale = 1000.37f;
+  const float expected = 0x1.5d6564p-12f;
+  ASSERT_EQ(xax::detail::reciprocal(scale, 3), expected);
+  volatile float k = 3.0f;  // keeps the compiler from folding the float alternatives in higher precision
+  EXPECT_NE(expected, (1.0f / scale) / k);
+  EXPECT_NE(expected, xax::detail::reciprocal(scale) / k);
+  EXPECT_NE(expected, (1.0f / scale) * (1.0f / k));
+  EXPECT_NE(expected, 1.0f / (scale * k));
+
+  // w = 0 and SGD at lr 1, so w becomes minus the unscaled gradient, exactly. The first micro-batch's target
+  // 1/scale makes its scaled gradient -(1/scale) * scale = -1 in float; the other two contribute 0. The
+  // summed gradient -1 times the unscale factor is minus the factor itself.
+  const float first_target = 1.0f / scale;
+  ASSERT_EQ(first_target * scale, 1.0f);
+  const std::vector<Target> micro_batches{Target{Eigen::VectorXf::Constant(1, first_target)},
+                                          Target{Eigen::VectorXf::Zero(1)}, Target{Eigen::VectorXf::Zero(1)}};
+  FloatRegression trainer(Weights<float>{Eigen::VectorXf::Zero(1)}, plain_sgd, xax::StaticLossScale(scale));
+  ASSERT_TRUE(trainer.train_step(std::span<const Target>(micro_batches)).finite);
+  EXPECT_EQ(trainer.params().w(0), expected);
+}
+
+TEST(TrainStep, InvalidOptionsAreReportedWithTheirExactValue) {
+  EXPECT_THAT(
+      [] { FloatRegression trainer(ones(1), plain_sgd, xax::NoOpLossScale{}, {.max_grad_norm = -1e-9}); },
+      ::testing::ThrowsMessage<xax::ConfigError>(
+          ::testing::HasSubstr("max_grad_norm -1e-09 is not accepted")));
 }
 
 }  // namespace

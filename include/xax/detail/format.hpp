@@ -15,4 +15,11 @@ inline std::string shortest_text(float value) {
   return error == std::errc{} ? std::string(buffer, end) : std::to_string(value);
 }
 
+/// The same for a double (config fields are doubles; rounding them to float first would print 1e-50 as 0).
+inline std::string shortest_text(double value) {
+  char buffer[32];
+  const auto [end, error] = std::to_chars(buffer, buffer + sizeof buffer, value);
+  return error == std::errc{} ? std::string(buffer, end) : std::to_string(value);
+}
+
 }  // namespace xax::detail

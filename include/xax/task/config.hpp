@@ -14,7 +14,7 @@
 ///
 /// `set_config_field(config, "learning_rate", "0.01")` then finds the field in TrainConfig,
 /// MixedPrecisionConfig or the user's own section, parses the text by the field's type and validates the
-/// whole config.
+/// whole config, changing nothing if either fails.
 
 #include <charconv>
 #include <cmath>
@@ -27,6 +27,7 @@
 #include <string_view>
 #include <system_error>
 #include <type_traits>
+#include <utility>
 #include <vector>
 #include <xax/utils/error.hpp>
 
@@ -134,17 +135,18 @@ void validate_config(const Config& config) {
   if constexpr (requires { config.validate(); }) config.validate();
 }
 
-/// Sets one field from its text. Throws ConfigError for an unknown key (listing the accepted ones), a value
-/// that does not parse as the field's type, or a value the config's validation rejects.
+namespace detail {
+
+// Parses `text` into the field named `key` without validating the config: a set of several fields may pass
+// through states that are invalid only until the last of them is set (loss_scale_value and loss_scale_min).
 template <config_struct Config>
-void set_config_field(Config& config, std::string_view key, std::string_view text) {
+void assign_config_field(Config& config, std::string_view key, std::string_view text) {
   bool found = false;
-  detail::visit_config_sections(config,
-                                [&]<class T>(std::string_view name, T& field, std::string_view accepted) {
-                                  if (name != key) return;
-                                  field = detail::parse_config_value<T>(name, text, accepted);
-                                  found = true;
-                                });
+  visit_config_sections(config, [&]<class T>(std::string_view name, T& field, std::string_view accepted) {
+    if (name != key) return;
+    field = parse_config_value<T>(name, text, accepted);
+    found = true;
+  });
   if (!found) {
     std::string accepted;
     for (const std::string& name : config_field_names(config))
@@ -153,18 +155,36 @@ void set_config_field(Config& config, std::string_view key, std::string_view tex
   }
 }
 
+}  // namespace detail
+
+/// Sets one field from its text, then validates the whole config. Throws ConfigError for an unknown key
+/// (listing the accepted ones), a value that does not parse as the field's type, or a value the config's
+/// validation rejects; `config` is unchanged then. To change fields that depend on each other (a value and
+/// its bounds) together, use apply_config_args, which validates once after all of them.
+template <config_struct Config>
+void set_config_field(Config& config, std::string_view key, std::string_view text) {
+  Config candidate = config;
+  detail::assign_config_field(candidate, key, text);
+  validate_config(candidate);
+  config = std::move(candidate);
+}
+
 /// Applies `key=value` arguments in order, then validates. Throws ConfigError for an argument without '='.
+/// The arguments are applied to a copy that replaces `config` only once it is valid: on any error `config`
+/// is unchanged.
 template <config_struct Config>
 void apply_config_args(Config& config, std::span<const std::string_view> args) {
+  Config candidate = config;
   for (const std::string_view arg : args) {
     const std::size_t equals = arg.find('=');
     if (equals == std::string_view::npos || equals == 0) {
       throw ConfigError("config argument '" + std::string(arg) +
                         "' is not of the form key=value, e.g. learning_rate=0.01");
     }
-    set_config_field(config, arg.substr(0, equals), arg.substr(equals + 1));
+    detail::assign_config_field(candidate, arg.substr(0, equals), arg.substr(equals + 1));
   }
-  validate_config(config);
+  validate_config(candidate);
+  config = std::move(candidate);
 }
 
 /// Applies a JSON object of field values (numbers, booleans or strings by the field's type), then validates.
@@ -182,13 +202,15 @@ void load_config_json(Config& config, const std::string& path) {
   }
   if (!json.is_object())
     throw ConfigError("config file '" + path + "' must hold a JSON object of field values");
+  Config candidate = config;  // committed only once every field parsed and the whole config is valid
   for (const auto& [key, value] : json.items()) {
     // Each value goes through the same text parser as the command line, so both accept exactly the same
     // values.
     const std::string text = value.is_string() ? value.template get<std::string>() : value.dump();
-    set_config_field(config, key, text);
+    detail::assign_config_field(candidate, key, text);
   }
-  validate_config(config);
+  validate_config(candidate);
+  config = std::move(candidate);
 #else
   static_assert(sizeof(Config) == 0,
                 "xax::load_config_json needs nlohmann-json (Debian: nlohmann-json3-dev)");

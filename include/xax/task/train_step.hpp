@@ -41,6 +41,7 @@
 #include <type_traits>
 #include <utility>
 #include <variant>
+#include <xax/detail/format.hpp>
 #include <xax/optim/adamw.hpp>
 #include <xax/optim/sgd.hpp>
 #include <xax/task/checkpoint.hpp>
@@ -66,8 +67,10 @@ struct StepResult {
 struct TrainStepOptions {
   /// Clip the unscaled gradients to this global L2 norm; 0 disables clipping.
   double max_grad_norm = 0;
-  /// Throw LossScaleError after this many consecutive non-finite steps at which the scale cannot go lower (a
-  /// dynamic scale at its minimum, or a static/no-op scale); 0 never throws.
+  /// Throw LossScaleError on the step that makes this many consecutive steps with non-finite gradients at a
+  /// scale that cannot go lower (a dynamic scale at its minimum, or a static/no-op scale); 0 never throws.
+  /// That step is not taken: it changes no counter, scale or parameter. A non-finite loss with finite
+  /// gradients is skipped but not counted here (the scale did not cause it).
   std::int64_t max_overflows_at_min_scale = 100;
 };
 
@@ -406,7 +409,7 @@ class TrainStep {
                                                                 std::get<optim::SgdOptions>(optimizer));
     }
     if (options.max_grad_norm < 0 || !std::isfinite(options.max_grad_norm)) {
-      throw ConfigError("max_grad_norm " + std::to_string(options.max_grad_norm) +
+      throw ConfigError("max_grad_norm " + detail::shortest_text(options.max_grad_norm) +
                         " is not accepted; give a finite value >= 0 (0 disables clipping)");
     }
     if (options.max_overflows_at_min_scale < 0) {
@@ -598,10 +601,10 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
   }
   const double loss = loss_sum / micro_count;
 
-  // One pass unscales, averages over micro-batches, checks the results and takes their norm. The reciprocal
-  // is computed in double and rounded to float once (PyTorch), so k = 1 multiplies by exactly
-  // inverse_scale().
-  const auto inverse = static_cast<float>(1.0 / (static_cast<double>(scale) * micro_count));
+  // One pass unscales, averages over micro-batches, checks the results and takes their norm. The factor
+  // 1 / (scale * k) is computed in double and rounded to float once (PyTorch), so k = 1 multiplies by
+  // exactly inverse_scale().
+  const float inverse = detail::reciprocal(scale, static_cast<std::int64_t>(micro_batches.size()));
   const UnscaledGradients unscaled = unscale_check_and_norm(s.grads, inverse);
   const bool grads_finite = unscaled.finite;
   const bool finite = grads_finite && std::isfinite(loss);
@@ -613,6 +616,33 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
   } else {
     result.loss = static_cast<double>(static_cast<float>(static_cast<output_type>(static_cast<float>(loss))));
   }
+  if (!finite) {
+    result.grad_norm = std::numeric_limits<double>::infinity();
+    result.non_finite = grads_finite ? std::string() : describe_non_finite(s.grads);
+    if (!std::isfinite(loss)) {
+      result.non_finite = "loss is " + detail::shortest_text(loss) + (result.non_finite.empty() ? "" : "; ") +
+                          result.non_finite;
+    }
+  }
+
+  // Only non-finite gradients count towards LossScaleError: a non-finite loss with finite gradients was not
+  // caused by the scale (DESIGN §4). The step that reaches the limit throws before it changes anything
+  // (counters, loss scale, masters), so it is not counted as a step: the caller's step count, which the
+  // throw also leaves alone, agrees with steps() afterwards.
+  const std::int64_t overflows_at_floor =
+      grads_finite ? (finite ? 0 : s.overflows_at_floor)
+                   : (detail::scale_at_floor(s.loss_scale) ? s.overflows_at_floor + 1 : 0);
+  const std::int64_t limit = s.options.max_overflows_at_min_scale;
+  if (!grads_finite && limit > 0 && overflows_at_floor >= limit) {
+    throw LossScaleError(
+        std::to_string(overflows_at_floor) + " consecutive steps overflowed with the loss scale at " +
+        detail::shortest_text(scale) +
+        ", which cannot go lower; training would only skip steps from here. This step was not taken: " +
+        result.non_finite +
+        ". Lower the learning rate, lower min_scale, check the data for inf/NaN, or use a wider "
+        "compute type (bfloat16 or float32)");
+  }
+
   ++s.steps;
   if (finite) {
     result.grad_norm = unscaled.norm;
@@ -622,30 +652,14 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
                              max_norm / (result.grad_norm + 1e-6));  // torch.nn.utils.clip_grad_norm_
     }
     s.update_masters();
-    s.overflows_at_floor = 0;
   } else {
     ++s.skipped;
-    result.grad_norm = std::numeric_limits<double>::infinity();
-    result.non_finite = grads_finite ? std::string() : describe_non_finite(s.grads);
-    if (!std::isfinite(loss)) {
-      result.non_finite =
-          "loss is " + std::to_string(loss) + (result.non_finite.empty() ? "" : "; ") + result.non_finite;
-    }
-    s.overflows_at_floor = detail::scale_at_floor(s.loss_scale) ? s.overflows_at_floor + 1 : 0;
   }
-  detail::visit_loss_scale(s.loss_scale, [&](auto& l) { l.adjust(finite); });
+  s.overflows_at_floor = overflows_at_floor;
+  // The scale follows the gradients alone (DESIGN §4).
+  detail::visit_loss_scale(s.loss_scale, [&](auto& l) { l.adjust(grads_finite); });
   result.finite = finite;
   result.skipped_steps = s.skipped;
-
-  const std::int64_t limit = s.options.max_overflows_at_min_scale;
-  if (!finite && limit > 0 && s.overflows_at_floor >= limit) {
-    throw LossScaleError(
-        std::to_string(s.overflows_at_floor) + " consecutive steps overflowed with the loss scale at " +
-        std::to_string(current_loss_scale()) +
-        ", which cannot go lower; training would only skip steps from here. Last step: " + result.non_finite +
-        ". Lower the learning rate, lower min_scale, check the data for inf/NaN, or use a wider "
-        "compute type (bfloat16 or float32)");
-  }
   return result;
 }
 

@@ -131,6 +131,13 @@ inline float reciprocal(float scale) {
   return static_cast<float>(1.0 / static_cast<double>(scale));
 }
 
+/// 1 / (scale * micro_batches), the factor that unscales and averages gradients summed over micro-batches:
+/// the product is exact in double (for k < 2^29) and the reciprocal rounds to float once, as for one batch.
+/// Computing it in float, as reciprocal(scale) / k, rounds twice and can be one ulp off.
+inline float reciprocal(float scale, std::int64_t micro_batches) {
+  return static_cast<float>(1.0 / (static_cast<double>(scale) * static_cast<double>(micro_batches)));
+}
+
 }  // namespace detail
 
 /// No loss scaling: a scale of 1. scale() and unscale() return their input unchanged.

@@ -26,6 +26,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <xax/detail/format.hpp>
 #include <xax/task/checkpoint.hpp>
 #include <xax/task/config.hpp>
 #include <xax/task/train_step.hpp>
@@ -115,7 +116,7 @@ struct MixedPrecisionConfig {
     }
     const auto finite_positive = [](double x) { return std::isfinite(x) && x > 0 && x <= FLT_MAX; };
     if (!finite_positive(loss_scale_value)) {
-      throw reject("loss_scale_value", std::to_string(loss_scale_value),
+      throw reject("loss_scale_value", detail::shortest_text(loss_scale_value),
                    "a finite number > 0 (at most FLT_MAX)");
     }
     if (loss_scale_growth_interval < 1) {
@@ -123,19 +124,19 @@ struct MixedPrecisionConfig {
                    "an integer >= 1");
     }
     if (!(std::isfinite(loss_scale_growth_factor) && loss_scale_growth_factor > 1)) {
-      throw reject("loss_scale_growth_factor", std::to_string(loss_scale_growth_factor),
+      throw reject("loss_scale_growth_factor", detail::shortest_text(loss_scale_growth_factor),
                    "a finite number > 1");
     }
     if (!(loss_scale_backoff_factor > 0 && loss_scale_backoff_factor < 1)) {
-      throw reject("loss_scale_backoff_factor", std::to_string(loss_scale_backoff_factor),
+      throw reject("loss_scale_backoff_factor", detail::shortest_text(loss_scale_backoff_factor),
                    "a number in (0, 1)");
     }
     if (!finite_positive(loss_scale_min) || loss_scale_min > loss_scale_value) {
-      throw reject("loss_scale_min", std::to_string(loss_scale_min),
+      throw reject("loss_scale_min", detail::shortest_text(loss_scale_min),
                    "a finite number > 0 and <= loss_scale_value");
     }
     if (!finite_positive(loss_scale_max) || loss_scale_max < loss_scale_value) {
-      throw reject("loss_scale_max", std::to_string(loss_scale_max),
+      throw reject("loss_scale_max", detail::shortest_text(loss_scale_max),
                    "a finite number >= loss_scale_value, at most FLT_MAX");
     }
     if (loss_scale_hysteresis < 1 || loss_scale_hysteresis > 1'000'000) {
@@ -143,7 +144,7 @@ struct MixedPrecisionConfig {
                    "an integer in [1, 1000000]");
     }
     if (!(std::isfinite(max_grad_norm) && max_grad_norm >= 0)) {
-      throw reject("max_grad_norm", std::to_string(max_grad_norm), "a finite number >= 0");
+      throw reject("max_grad_norm", detail::shortest_text(max_grad_norm), "a finite number >= 0");
     }
     if (accumulation_steps < 1)
       throw reject("accumulation_steps", std::to_string(accumulation_steps), "an integer >= 1");
@@ -170,9 +171,11 @@ class StepEngine {
   using batch_type = typename Task::batch_type;
 
   virtual ~StepEngine() = default;
-  virtual StepResult train_step(std::span<const batch_type> micro_batches) = 0;
+  // The task is passed on every call rather than kept: a task that is moved takes its engine along, and
+  // the engine must then call the task it now belongs to, not the moved-from one.
+  virtual StepResult train_step(Task& task, std::span<const batch_type> micro_batches) = 0;
   virtual params_type<float> params_float32() const = 0;
-  virtual double evaluate(const batch_type& batch) = 0;
+  virtual double evaluate(Task& task, const batch_type& batch) = 0;
   virtual float loss_scale() const = 0;
   virtual std::int64_t skipped_steps() const = 0;
   virtual void set_learning_rate(double learning_rate) = 0;
@@ -191,9 +194,9 @@ class PolicyStepEngine final : public StepEngine<Task>,
   using params_type = typename Task::template params_type<T>;
   using batch_type = typename Task::batch_type;
 
-  PolicyStepEngine(Task& task, DType output, const params_type<float>& initial,
-                   const OptimizerOptions& optimizer, LossScale loss_scale, TrainStepOptions options)
-      : task_(&task), output_(output) {
+  PolicyStepEngine(DType output, const params_type<float>& initial, const OptimizerOptions& optimizer,
+                   LossScale loss_scale, TrainStepOptions options)
+      : output_(output) {
     this->reset_train_state(initial, optimizer, std::move(loss_scale), options);
   }
 
@@ -209,16 +212,17 @@ class PolicyStepEngine final : public StepEngine<Task>,
     return static_cast<double>(task_->loss_and_grads(params, batch, loss_scale, grads));
   }
 
-  StepResult train_step(std::span<const batch_type> micro_batches) override {
+  StepResult train_step(Task& task, std::span<const batch_type> micro_batches) override {
+    const BoundTask bound(*this, task);
     StepResult result = Step::train_step(micro_batches);
     result.loss = round_to_output(result.loss);
     return result;
   }
   params_type<float> params_float32() const override { return tree_cast<float>(Step::params()); }
-  double evaluate(const batch_type& batch) override {
-    if constexpr (requires { task_->evaluate(Step::params(), batch); }) {
+  double evaluate(Task& task, const batch_type& batch) override {
+    if constexpr (requires { task.evaluate(Step::params(), batch); }) {
       return this->with_compute_params(
-          [&](const auto& params) { return static_cast<double>(task_->evaluate(params, batch)); });
+          [&](const auto& params) { return static_cast<double>(task.evaluate(params, batch)); });
     } else {
       throw Error(
           "MixedPrecisionMixin::evaluate: the task defines no `template <class T> double evaluate(const "
@@ -248,7 +252,17 @@ class PolicyStepEngine final : public StepEngine<Task>,
         output_, [&]<class O>(std::type_identity<O>) { return static_cast<double>(static_cast<O>(loss)); });
   }
 
-  Task* task_;
+  // Points task_ at the calling task for the duration of one step only, so that no pointer to a task
+  // outlives the call that supplied it.
+  struct BoundTask {
+    PolicyStepEngine& engine;
+    BoundTask(PolicyStepEngine& e, Task& task) : engine(e) { engine.task_ = &task; }
+    ~BoundTask() { engine.task_ = nullptr; }
+    BoundTask(const BoundTask&) = delete;
+    BoundTask& operator=(const BoundTask&) = delete;
+  };
+
+  Task* task_ = nullptr;  // the task of the step in progress; null between steps
   DType output_;
 };
 
@@ -261,12 +275,13 @@ class MixedPrecisionMixin {
   /// One optimizer step (built on first use from `derived().init_params()` and the config).
   template <class D = Derived>
   StepResult train_step(const typename D::batch_type& batch) {
-    return engine<D>().train_step(std::span<const typename D::batch_type>(&batch, 1));
+    return engine<D>().train_step(static_cast<D&>(derived()),
+                                  std::span<const typename D::batch_type>(&batch, 1));
   }
   /// One optimizer step averaged over micro-batches (gradient accumulation).
   template <class D = Derived>
   StepResult train_step(std::span<const typename D::batch_type> micro_batches) {
-    return engine<D>().train_step(micro_batches);
+    return engine<D>().train_step(static_cast<D&>(derived()), micro_batches);
   }
 
   /// The policy the config selects (float32 throughout when mixed precision is disabled).
@@ -282,7 +297,7 @@ class MixedPrecisionMixin {
   /// Runs the task's `evaluate(params, batch)` on the masters cast to the compute type.
   template <class D = Derived>
   double evaluate_batch(const typename D::batch_type& batch) {
-    return engine<D>().evaluate(batch);
+    return engine<D>().evaluate(static_cast<D&>(derived()), batch);
   }
   template <class D = Derived>
   void set_learning_rate(double learning_rate) {
@@ -309,7 +324,8 @@ class MixedPrecisionMixin {
   ~MixedPrecisionMixin() = default;
   MixedPrecisionMixin(MixedPrecisionMixin&&) noexcept = default;
   MixedPrecisionMixin& operator=(MixedPrecisionMixin&&) noexcept = default;
-  // The engine points back at its task, so a copy would train the original: copying a task is not supported.
+  // Moving is supported: the engine keeps no pointer to its task (each call passes the task in). Copying
+  // is not: the type-erased engine has no clone.
   MixedPrecisionMixin(const MixedPrecisionMixin&) = delete;
   MixedPrecisionMixin& operator=(const MixedPrecisionMixin&) = delete;
 
@@ -373,8 +389,7 @@ class MixedPrecisionMixin {
       using Compute = typename P::compute_type;
       if constexpr (!std::is_same_v<Param, double> && !std::is_same_v<Compute, double>) {
         holder->engine = std::make_unique<detail::PolicyStepEngine<D, Policy<Param, Compute, float>>>(
-            static_cast<D&>(derived()), spec.output, initial, optimizer, mp.make_loss_scale(),
-            mp.train_step_options());
+            spec.output, initial, optimizer, mp.make_loss_scale(), mp.train_step_options());
       }
     });
     return holder;

@@ -27,6 +27,7 @@
 #include <sstream>
 #include <string>
 #include <vector>
+#include <xax/detail/format.hpp>
 #include <xax/task/checkpoint.hpp>
 #include <xax/task/config.hpp>
 #include <xax/task/train_step.hpp>
@@ -75,7 +76,7 @@ struct TrainConfig {
                          " is not accepted; expected " + accepted);
     };
     if (!(learning_rate > 0) || !std::isfinite(learning_rate)) {
-      throw reject("learning_rate", std::to_string(learning_rate), "a finite number > 0");
+      throw reject("learning_rate", detail::shortest_text(learning_rate), "a finite number > 0");
     }
     if (batch_size < 1) throw reject("batch_size", std::to_string(batch_size), "an integer >= 1");
     if (epochs < 1) throw reject("epochs", std::to_string(epochs), "an integer >= 1");
@@ -83,10 +84,10 @@ struct TrainConfig {
     if (optimizer != "adamw" && optimizer != "sgd")
       throw reject("optimizer", "'" + optimizer + "'", "adamw or sgd");
     if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) {
-      throw reject("weight_decay", std::to_string(weight_decay), "a finite number >= 0");
+      throw reject("weight_decay", detail::shortest_text(weight_decay), "a finite number >= 0");
     }
     if (!(momentum >= 0 && momentum < 1))
-      throw reject("momentum", std::to_string(momentum), "a number in [0, 1)");
+      throw reject("momentum", detail::shortest_text(momentum), "a number in [0, 1)");
     if (log_interval < 0) throw reject("log_interval", std::to_string(log_interval), "an integer >= 0");
     if (checkpoint_interval < 0) {
       throw reject("checkpoint_interval", std::to_string(checkpoint_interval), "an integer >= 0");
@@ -144,7 +145,10 @@ class TrainMixin {
   /// The task's random generator, for augmentation or dropout; its state is checkpointed.
   std::mt19937_64& rng() { return rng_; }
 
-  /// Trains for the configured epochs (or max_steps), resuming where a loaded checkpoint left off.
+  /// Trains for the configured epochs (or max_steps), resuming where a loaded checkpoint left off. Throws
+  /// ConfigError before the first step if batch_size exceeds num_examples() or accumulation_steps exceeds
+  /// the full batches in an epoch. If a step throws (LossScaleError), global_step() counts only the steps
+  /// that returned, as the step's own counters do.
   TrainSummary fit();
 
   /// Writes the whole train state (the step's state, loop position, RNG) to `path` atomically.
@@ -223,7 +227,15 @@ TrainSummary TrainMixin<Derived, Config>::fit() {
   using Batch = typename Derived::batch_type;
   const std::int64_t examples = derived().num_examples();
   if (examples < 1) throw ConfigError("the task has no training examples (num_examples() returned 0)");
-  const std::int64_t batch = std::min(config_.batch_size, examples);
+  // Both checks run before the first step: a config that cannot make one full step per epoch would
+  // otherwise train nothing and return normally, and a clamped batch would train with another batch size
+  // than the one configured.
+  const std::int64_t batch = config_.batch_size;
+  if (batch > examples) {
+    throw ConfigError("config field 'batch_size': " + std::to_string(batch) + " is larger than the " +
+                      std::to_string(examples) + " training examples; expected an integer in [1, " +
+                      std::to_string(examples) + "]");
+  }
   const std::int64_t micro_per_step = [&] {
     if constexpr (requires { config_.accumulation_steps; }) {
       return static_cast<std::int64_t>(config_.accumulation_steps);
@@ -232,6 +244,16 @@ TrainSummary TrainMixin<Derived, Config>::fit() {
     }
   }();
   const std::int64_t batches_per_epoch = examples / batch;  // the ragged tail is dropped, as drop_last=True
+  if (micro_per_step > batches_per_epoch) {
+    throw ConfigError("config field 'accumulation_steps': " + std::to_string(micro_per_step) +
+                      " micro-batches per step, but an epoch has only " + std::to_string(batches_per_epoch) +
+                      " batches (" + std::to_string(examples) + " examples / batch_size " +
+                      std::to_string(batch) + ", the ragged tail dropped), so no step would run; expected " +
+                      "accumulation_steps <= " + std::to_string(batches_per_epoch) +
+                      (examples >= micro_per_step
+                           ? " or a batch_size <= " + std::to_string(examples / micro_per_step)
+                           : std::string()));
+  }
 
   TrainSummary summary;
   const auto start = std::chrono::steady_clock::now();
