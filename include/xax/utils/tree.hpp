@@ -19,6 +19,7 @@
 
 #include <xax/detail/eigen_tensor.hpp>
 
+#include <algorithm>
 #include <array>
 #include <concepts>
 #include <cstddef>
@@ -616,6 +617,50 @@ using rebind_scalar_t = detail::rebind_t<std::remove_cvref_t<T>, S>;
 
 namespace detail {
 
+/// Whether a leaf stores its elements row-major (the last index fastest). Scalars count as column-major.
+template <class L>
+constexpr bool leaf_row_major() {
+  if constexpr (eigen_dense_leaf<L>) {
+    return L::IsRowMajor;
+  } else if constexpr (eigen_tensor_leaf<L>) {
+    return static_cast<int>(L::Layout) == static_cast<int>(Eigen::RowMajor);
+  } else {
+    return false;
+  }
+}
+
+/// Converts between leaves of the same shape whose layouts differ, element (i, j, ...) to (i, j, ...): walks
+/// `dst` in its memory order and reads `src` through its own strides.
+template <class SrcScalar, class DstScalar, std::size_t N>
+void convert_reordered(const SrcScalar* src, bool src_row_major, DstScalar* dst, bool dst_row_major,
+                       const std::array<Eigen::Index, N>& dims) {
+  std::size_t total = 1;
+  for (const Eigen::Index dim : dims) total *= static_cast<std::size_t>(dim);
+  if (total == 0) return;
+  std::array<std::size_t, N> src_stride{};
+  std::size_t stride = 1;
+  for (std::size_t step = 0; step < N; ++step) {
+    const std::size_t axis = src_row_major ? N - 1 - step : step;
+    src_stride[axis] = stride;
+    stride *= static_cast<std::size_t>(dims[axis]);
+  }
+  std::array<std::size_t, N> index{};
+  std::size_t src_offset = 0;
+  for (std::size_t k = 0; k < total; ++k) {
+    dst[k] = convert_scalar<DstScalar>(src[src_offset]);
+    // Advance the multi-index by one in dst's memory order, keeping src_offset in step.
+    for (std::size_t step = 0; step < N; ++step) {
+      const std::size_t axis = dst_row_major ? N - 1 - step : step;
+      if (++index[axis] < static_cast<std::size_t>(dims[axis])) {
+        src_offset += src_stride[axis];
+        break;
+      }
+      src_offset -= (index[axis] - 1) * src_stride[axis];
+      index[axis] = 0;
+    }
+  }
+}
+
 // Leaves are resized during the walk and converted afterwards, all in one pass (ConversionBatch): a tree of
 // many leaves then costs one fork/join rather than one per leaf.
 template <class Src, class Dst>
@@ -636,6 +681,16 @@ void cast_leaf_into(const TreePath& path, const Src& src, Dst& dst, ConversionBa
       if constexpr (!requires { Dst::Dimensions::total_size; }) dst.resize(src.dimensions());
     }
     check_same_shape(path, src, dst);
+    if constexpr (leaf_row_major<Src>() != leaf_row_major<Dst>()) {
+      // Another layout puts the elements in another order (unless at most one dimension exceeds 1): a
+      // straight copy of the storage would transpose the leaf.
+      const auto shape = leaf_shape(src);
+      const auto long_dims = std::count_if(shape.begin(), shape.end(), [](Eigen::Index d) { return d > 1; });
+      if (long_dims > 1) {
+        convert_reordered(src.data(), leaf_row_major<Src>(), dst.data(), leaf_row_major<Dst>(), shape);
+        return;
+      }
+    }
     batch.add(src.data(), dst.data(), static_cast<std::size_t>(src.size()));
   }
 }
