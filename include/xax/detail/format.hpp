@@ -15,4 +15,11 @@ inline std::string shortest_text(float value) {
   return error == std::errc{} ? std::string(buffer, end) : std::to_string(value);
 }
 
+/// The same for a double: "1e-09" rather than std::to_string's "0.000000".
+inline std::string shortest_text(double value) {
+  char buffer[32];
+  const auto [end, error] = std::to_chars(buffer, buffer + sizeof buffer, value);
+  return error == std::errc{} ? std::string(buffer, end) : std::to_string(value);
+}
+
 }  // namespace xax::detail
