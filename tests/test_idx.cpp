@@ -177,11 +177,28 @@ TEST_F(IdxFiles, WideElementSizesCountInTheSizeCheck) {
 }
 
 TEST_F(IdxFiles, HugeHeaderGivesDataErrorNotBadAlloc) {
-  const auto path = write_plain("huge", idx_bytes(0x08, {0xFFFFFFFFu, 0xFFFFFFFFu}, iota_bytes(64)));
+  const auto path = write_plain("huge", idx_bytes(0x08, {0x7FFFFFFFu, 0xFFFFFFFFu}, iota_bytes(64)));
   EXPECT_THAT(read_error(path), HasSubstr("truncated"));
   const auto overflow =
       write_plain("overflow", idx_bytes(0x0E, {0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu}, iota_bytes(8)));
   EXPECT_THAT(read_error(overflow), HasSubstr("overflow"));
+}
+
+// With N = 0 the payload is empty whatever the other dimensions say, but readers still multiply them
+// (rows x cols of read_idx_images): their product is bounded as for a non-empty array.
+TEST_F(IdxFiles, EmptyArrayWithOverflowingDimensionsIsRejected) {
+  const auto images = write_plain("no-images", idx_bytes(0x08, {0, 0xFFFFFFFFu, 0xFFFFFFFFu}, {}));
+  EXPECT_THAT(read_error(images), HasSubstr("overflow"));
+  EXPECT_THROW((void)xax::read_idx_images(images), xax::DataError);
+  const auto wide = write_plain("wide", idx_bytes(0x0E, {0xFFFFFFFFu, 0, 0xFFFFFFFFu, 0xFFFFFFFFu}, {}));
+  EXPECT_THAT(read_error(wide), HasSubstr("overflow"));
+
+  // A genuinely empty set of 28x28 images reads as 784 pixels x 0 images.
+  const auto empty = write_plain("empty", idx_bytes(0x08, {0, 28, 28}, {}));
+  const Eigen::MatrixXf pixels = xax::read_idx_images(empty);
+  EXPECT_EQ(pixels.rows(), 784);
+  EXPECT_EQ(pixels.cols(), 0);
+  EXPECT_EQ(xax::read_idx(empty).element_count(), 0u);
 }
 
 TEST_F(IdxFiles, LabelOutOfRangeIsRejected) {
