@@ -253,6 +253,24 @@ TEST(Tree, CastIntoAnotherLayoutKeepsEveryElementInPlace) {
   }
 }
 
+// Zipped leaves are combined element by element in storage order (optimizers, copies): leaves of the same
+// shape in another layout would be combined transposed, so the zip refuses them.
+TEST(Tree, ZipRefusesLeavesOfAnotherLayout) {
+  Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> row_major(2, 3);
+  Eigen::MatrixXf col_major(2, 3);
+  try {
+    xax::for_each_leaf([](auto&, auto&) {}, row_major, col_major);
+    FAIL() << "no exception";
+  } catch (const xax::ShapeError& error) {
+    EXPECT_THAT(error.what(), HasSubstr("2x3 row-major vs column-major"));
+  }
+  // Where at most one dimension exceeds 1 both layouts store the same order.
+  Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> row_vector(1, 3);
+  Eigen::MatrixXf col_vector(1, 3);
+  EXPECT_NO_THROW(xax::for_each_leaf([](auto&, auto&) {}, row_vector, col_vector));
+  EXPECT_NO_THROW(xax::for_each_leaf([](auto&, auto&) {}, col_major, col_major));
+}
+
 TEST(Tree, ZerosLikeKeepsShapesAndIntegers) {
   const Model<float> src = make_model();
   const Model<float> zeros = xax::zeros_like(src);

@@ -334,6 +334,25 @@ std::string shape_string(const std::array<Eigen::Index, N>& shape) {
   }
 }
 
+/// Whether a leaf stores its elements row-major (the last index fastest). Scalars count as column-major.
+template <class L>
+constexpr bool leaf_row_major() {
+  if constexpr (eigen_dense_leaf<L>) {
+    return L::IsRowMajor;
+  } else if constexpr (eigen_tensor_leaf<L>) {
+    return static_cast<int>(L::Layout) == static_cast<int>(Eigen::RowMajor);
+  } else {
+    return false;
+  }
+}
+
+/// Whether the layout of a leaf of this shape decides the order of its elements in storage: more than one
+/// dimension above 1.
+template <std::size_t N>
+bool layout_matters(const std::array<Eigen::Index, N>& shape) {
+  return std::count_if(shape.begin(), shape.end(), [](Eigen::Index d) { return d > 1; }) > 1;
+}
+
 template <class L0, class L>
 void check_same_shape(const TreePath& path, const L0& first, const L& other) {
   const auto a = leaf_shape(first);
@@ -349,11 +368,27 @@ void check_same_shape(const TreePath& path, const L0& first, const L& other) {
   }
 }
 
+/// Throws ShapeError unless two leaves of the same shape also store their elements in the same order.
+template <class L0, class L>
+void check_same_layout([[maybe_unused]] const TreePath& path, [[maybe_unused]] const L0& first, const L&) {
+  if constexpr (leaf_row_major<L0>() != leaf_row_major<L>()) {
+    const auto a = leaf_shape(first);
+    if (layout_matters(a)) {
+      throw ShapeError("tree leaves do not match at '" + path.display() + "': shape " + shape_string(a) +
+                       " " + (leaf_row_major<L0>() ? "row-major" : "column-major") + " vs " +
+                       (leaf_row_major<L>() ? "row-major" : "column-major") +
+                       "; zipped leaves are combined element by element in storage order, so they must share "
+                       "a layout (tree_cast_into converts between layouts)");
+    }
+  }
+}
+
 template <class F, class T0, class... Ts>
 void walk(F& f, TreePath& path, T0& first, Ts&... rest) {
   using U = std::remove_const_t<T0>;
   if constexpr (tree_leaf<U>) {
     (check_same_shape(path, first, rest), ...);
+    (check_same_layout(path, first, rest), ...);
     f(std::as_const(path), first, rest...);
   } else if constexpr (is_std_vector<U>::value) {
     [[maybe_unused]] const auto check_size = [&](std::size_t size) {
@@ -617,18 +652,6 @@ using rebind_scalar_t = detail::rebind_t<std::remove_cvref_t<T>, S>;
 
 namespace detail {
 
-/// Whether a leaf stores its elements row-major (the last index fastest). Scalars count as column-major.
-template <class L>
-constexpr bool leaf_row_major() {
-  if constexpr (eigen_dense_leaf<L>) {
-    return L::IsRowMajor;
-  } else if constexpr (eigen_tensor_leaf<L>) {
-    return static_cast<int>(L::Layout) == static_cast<int>(Eigen::RowMajor);
-  } else {
-    return false;
-  }
-}
-
 /// Converts between leaves of the same shape whose layouts differ, element (i, j, ...) to (i, j, ...): walks
 /// `dst` in its memory order and reads `src` through its own strides.
 template <class SrcScalar, class DstScalar, std::size_t N>
@@ -685,8 +708,7 @@ void cast_leaf_into(const TreePath& path, const Src& src, Dst& dst, ConversionBa
       // Another layout puts the elements in another order (unless at most one dimension exceeds 1): a
       // straight copy of the storage would transpose the leaf.
       const auto shape = leaf_shape(src);
-      const auto long_dims = std::count_if(shape.begin(), shape.end(), [](Eigen::Index d) { return d > 1; });
-      if (long_dims > 1) {
+      if (layout_matters(shape)) {
         convert_reordered(src.data(), leaf_row_major<Src>(), dst.data(), leaf_row_major<Dst>(), shape);
         return;
       }
