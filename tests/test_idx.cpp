@@ -239,6 +239,22 @@ TEST_F(IdxFiles, ReadsGzippedFilesLikePlainOnes) {
   EXPECT_EQ(gzipped.bytes, plain.bytes);
 }
 
+// Data is read in chunks that start at 64 KiB and double, and a gzipped file over 32 KiB gets large zlib
+// buffers: a payload across several chunks, plain and gzipped, reads back byte for byte, and one byte short
+// or over is still found.
+TEST_F(IdxFiles, PayloadAcrossSeveralReadChunks) {
+  const Bytes pixels = iota_bytes(25 * 100 * 100, 253);  // 250,000 bytes: chunks of 64, 128 and 64 KiB
+  const Bytes file = idx_bytes(0x08, {25, 100, 100}, pixels);
+  EXPECT_EQ(xax::read_idx(write_plain("plain", file)).bytes, pixels);
+  EXPECT_EQ(xax::read_idx(write_gzip("gzipped.gz", file)).bytes, pixels);
+  Bytes short_file = file;
+  short_file.pop_back();
+  EXPECT_THAT(read_error(write_gzip("short.gz", short_file)), HasSubstr("holds only 249999"));
+  Bytes long_file = file;
+  long_file.push_back(0);
+  EXPECT_THAT(read_error(write_plain("long", long_file)), HasSubstr("more data"));
+}
+
 TEST_F(IdxFiles, TruncatedGzipIsRejected) {
   const Bytes file = idx_bytes(0x08, {10, 28, 28}, iota_bytes(10 * 28 * 28, 7));
   Bytes compressed = read_all(write_gzip("whole.gz", file));
