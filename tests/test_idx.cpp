@@ -247,8 +247,7 @@ TEST_F(IdxFiles, PayloadAcrossSeveralReadChunks) {
   const Bytes file = idx_bytes(0x08, {25, 100, 100}, pixels);
   EXPECT_EQ(xax::read_idx(write_plain("plain", file)).bytes, pixels);
   EXPECT_EQ(xax::read_idx(write_gzip("gzipped.gz", file)).bytes, pixels);
-  Bytes short_file = file;
-  short_file.pop_back();
+  const Bytes short_file(file.begin(), file.end() - 1);
   EXPECT_THAT(read_error(write_gzip("short.gz", short_file)), HasSubstr("holds only 249999"));
   Bytes long_file = file;
   long_file.push_back(0);
