@@ -177,11 +177,28 @@ TEST_F(IdxFiles, WideElementSizesCountInTheSizeCheck) {
 }
 
 TEST_F(IdxFiles, HugeHeaderGivesDataErrorNotBadAlloc) {
-  const auto path = write_plain("huge", idx_bytes(0x08, {0xFFFFFFFFu, 0xFFFFFFFFu}, iota_bytes(64)));
+  const auto path = write_plain("huge", idx_bytes(0x08, {0x7FFFFFFFu, 0xFFFFFFFFu}, iota_bytes(64)));
   EXPECT_THAT(read_error(path), HasSubstr("truncated"));
   const auto overflow =
       write_plain("overflow", idx_bytes(0x0E, {0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu}, iota_bytes(8)));
   EXPECT_THAT(read_error(overflow), HasSubstr("overflow"));
+}
+
+// With N = 0 the payload is empty whatever the other dimensions say, but readers still multiply them
+// (rows x cols of read_idx_images): their product is bounded as for a non-empty array.
+TEST_F(IdxFiles, EmptyArrayWithOverflowingDimensionsIsRejected) {
+  const auto images = write_plain("no-images", idx_bytes(0x08, {0, 0xFFFFFFFFu, 0xFFFFFFFFu}, {}));
+  EXPECT_THAT(read_error(images), HasSubstr("overflow"));
+  EXPECT_THROW((void)xax::read_idx_images(images), xax::DataError);
+  const auto wide = write_plain("wide", idx_bytes(0x0E, {0xFFFFFFFFu, 0, 0xFFFFFFFFu, 0xFFFFFFFFu}, {}));
+  EXPECT_THAT(read_error(wide), HasSubstr("overflow"));
+
+  // A genuinely empty set of 28x28 images reads as 784 pixels x 0 images.
+  const auto empty = write_plain("empty", idx_bytes(0x08, {0, 28, 28}, {}));
+  const Eigen::MatrixXf pixels = xax::read_idx_images(empty);
+  EXPECT_EQ(pixels.rows(), 784);
+  EXPECT_EQ(pixels.cols(), 0);
+  EXPECT_EQ(xax::read_idx(empty).element_count(), 0u);
 }
 
 TEST_F(IdxFiles, LabelOutOfRangeIsRejected) {
@@ -220,6 +237,21 @@ TEST_F(IdxFiles, ReadsGzippedFilesLikePlainOnes) {
   const xax::IdxArray gzipped = xax::read_idx(write_gzip("images.gz", file));
   EXPECT_EQ(gzipped.shape, plain.shape);
   EXPECT_EQ(gzipped.bytes, plain.bytes);
+}
+
+// Data is read in chunks that start at 64 KiB and double, and a gzipped file over 32 KiB gets large zlib
+// buffers: a payload across several chunks, plain and gzipped, reads back byte for byte, and one byte short
+// or over is still found.
+TEST_F(IdxFiles, PayloadAcrossSeveralReadChunks) {
+  const Bytes pixels = iota_bytes(25 * 100 * 100, 253);  // 250,000 bytes: chunks of 64, 128 and 64 KiB
+  const Bytes file = idx_bytes(0x08, {25, 100, 100}, pixels);
+  EXPECT_EQ(xax::read_idx(write_plain("plain", file)).bytes, pixels);
+  EXPECT_EQ(xax::read_idx(write_gzip("gzipped.gz", file)).bytes, pixels);
+  const Bytes short_file(file.begin(), file.end() - 1);
+  EXPECT_THAT(read_error(write_gzip("short.gz", short_file)), HasSubstr("holds only 249999"));
+  Bytes long_file = file;
+  long_file.push_back(0);
+  EXPECT_THAT(read_error(write_plain("long", long_file)), HasSubstr("more data"));
 }
 
 TEST_F(IdxFiles, TruncatedGzipIsRejected) {

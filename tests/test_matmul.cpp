@@ -314,9 +314,71 @@ TEST(Matmul, ShapeMismatchThrowsWithBothShapes) {
   EXPECT_THROW(xax::matmul(a, Eigen::MatrixXf(4, 6), Eigen::MatrixXf(3, 2), c), xax::ShapeError);
 }
 
-TEST(Matmul, OutputOverlappingAnInputThrows) {
+TEST(Matmul, OutputViewOverlappingAnInputThrows) {
   Eigen::MatrixXf a = Eigen::MatrixXf::Ones(4, 4);
-  EXPECT_THROW(xax::matmul(a, Eigen::MatrixXf::Ones(4, 4).eval(), a), xax::Error);
+  Eigen::Map<Eigen::MatrixXf> view(a.data(), 4, 4);
+  EXPECT_THROW(xax::matmul(a, Eigen::MatrixXf::Ones(4, 4).eval(), view), xax::Error);
+  EXPECT_THROW(xax::matmul(a, Eigen::MatrixXf::Ones(4, 4).eval(), view, {.accumulate = true}), xax::Error);
+  EXPECT_EQ(a, Eigen::MatrixXf::Ones(4, 4));
+}
+
+// A plain output that is also an input takes the product through a temporary, as Eigen's `a = a * b` does,
+// whatever the product's shape: resizing it first would free the storage the input is read from.
+TEST(Matmul, PlainOutputAliasingAnInputOfAnotherShape) {
+  Eigen::MatrixXf a(2, 3);
+  a << 1, 2, 3, 4, 5, 6;
+  Eigen::MatrixXf b(3, 4);
+  b << 1, 0, 2, -1, 0, 1, 1, 2, -1, 3, 0, 1;
+  Eigen::MatrixXf expected_ab(2, 4);
+  expected_ab << -2, 11, 4, 6, -2, 23, 13, 12;
+
+  Eigen::MatrixXf expected_gram(2, 2);
+  expected_gram << 14, 32, 32, 77;
+  // The Eigen backend reads the operands in instrumented code, where ASan reports a read of freed storage.
+  for (const auto backend : {xax::MatmulBackend::eigen, xax::MatmulBackend::automatic}) {
+    SCOPED_TRACE(std::string(xax::matmul_backend_name(backend)));
+    Eigen::MatrixXf out_a = a;
+    xax::matmul(out_a, b, out_a, {.backend = backend});  // 2x3 becomes 2x4
+    EXPECT_EQ(out_a, expected_ab);
+
+    Eigen::MatrixXf out_b = b;
+    xax::matmul(a, out_b, out_b, {.backend = backend});  // 3x4 becomes 2x4
+    EXPECT_EQ(out_b, expected_ab);
+
+    // a a^T through the transposition flag: 2x3 becomes 2x2.
+    Eigen::MatrixXf gram = a;
+    xax::matmul(gram, gram, gram, {.transpose_b = true, .backend = backend});
+    EXPECT_EQ(gram, expected_gram);
+  }
+
+  // Accumulating into an output that is also an input adds the product of the old values.
+  Eigen::MatrixXf square(2, 2);
+  square << 1, 2, 3, 4;
+  xax::matmul(square, square, square, {.accumulate = true});
+  Eigen::MatrixXf expected_square(2, 2);
+  expected_square << 8, 12, 18, 26;
+  EXPECT_EQ(square, expected_square);
+
+  // The bias may alias the output as well.
+  Eigen::MatrixXf column(2, 1);
+  column << 1, 2;
+  Eigen::MatrixXf ones = Eigen::MatrixXf::Ones(1, 1);
+  xax::matmul(column, ones, column.col(0), column);
+  Eigen::MatrixXf expected_column(2, 1);
+  expected_column << 2, 4;
+  EXPECT_EQ(column, expected_column);
+}
+
+TEST(Matmul, HalfPlainOutputAliasingAnInputOfAnotherShape) {
+  using xax::bfloat16;
+  for (const auto backend : {xax::MatmulBackend::eigen, xax::MatmulBackend::automatic}) {
+    Matrix<bfloat16> a = Matrix<float>::Constant(3, 5, 2.0f).cast<bfloat16>();
+    Matrix<bfloat16> b = Matrix<float>::Constant(5, 7, 0.5f).cast<bfloat16>();
+    xax::matmul(a, b, a, {.backend = backend});
+    ASSERT_EQ(a.rows(), 3);
+    ASSERT_EQ(a.cols(), 7);
+    for (Eigen::Index i = 0; i < a.size(); ++i) EXPECT_EQ(static_cast<float>(a.data()[i]), 5.0f);
+  }
 }
 
 TEST(Matmul, BackendQueries) {

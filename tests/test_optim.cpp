@@ -405,6 +405,63 @@ TEST(BF16Update, KahanCompensationTracksTheFp32Trajectory) {
   }
 }
 
+// A compensation tree that does not match the params is found before the update writes anything: params,
+// moments, compensation and step count stay bit-identical.
+template <class Optimizer>
+void expect_mismatched_compensation_changes_nothing(Optimizer& optimizer, const ParamsBF16& p) {
+  optimizer.state().compensation.tail.resize(4);
+  optimizer.state().compensation.tail.setZero();
+  const auto state_before = optimizer.state();
+  ParamsBF16 q = p;
+  try {
+    optimizer.step(q, constant_bf16(p.head.size(), -1.0f));
+    FAIL() << "no exception";
+  } catch (const xax::ShapeError& error) {
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("tail"));
+  }
+  const auto bits = [](const auto& tree) {
+    std::vector<std::uint8_t> out;
+    xax::for_each_leaf(
+        [&out](const auto& leaf) {
+          const auto span = xax::leaf_span(leaf);
+          const auto* bytes = reinterpret_cast<const std::uint8_t*>(span.data());
+          out.insert(out.end(), bytes, bytes + span.size_bytes());
+        },
+        tree);
+    return out;
+  };
+  EXPECT_EQ(bits(q), bits(p));
+  EXPECT_EQ(bits(optimizer.state()), bits(state_before));
+}
+
+TEST(BF16Update, MismatchedKahanCompensationThrowsBeforeAnyUpdate) {
+  const ParamsBF16 p = constant_bf16(8, 1.0f);
+  const xax::optim::BF16UpdateOptions kahan{.rounding = xax::optim::BF16Update::kahan};
+  {
+    xax::optim::AdamW<ParamsBF16> adamw(p, {}, kahan);
+    expect_mismatched_compensation_changes_nothing(adamw, p);
+  }
+  {
+    xax::optim::Sgd<ParamsBF16> sgd(p, {.momentum = 0.9}, kahan);
+    expect_mismatched_compensation_changes_nothing(sgd, p);
+  }
+  {
+    xax::optim::Sgd<ParamsBF16> sgd(p, {}, kahan);
+    expect_mismatched_compensation_changes_nothing(sgd, p);
+  }
+}
+
+// Rejected values are printed exactly: std::to_string would show -1e-9 as "-0.000000".
+TEST(AdamW, InvalidOptionMessageShowsTheExactValue) {
+  const Params32 p = initial_params();
+  try {
+    xax::optim::AdamW<Params32> adamw(p, {.learning_rate = -1e-9});
+    FAIL() << "no exception";
+  } catch (const xax::ConfigError& error) {
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("learning_rate = -1e-09 is not accepted"));
+  }
+}
+
 TEST(BF16Update, MomentsAreFp32) {
   const ParamsBF16 p = constant_bf16(8, 1.0f);
   xax::optim::AdamW<ParamsBF16> adamw(p);

@@ -207,6 +207,70 @@ TEST(Tree, CastIntoAFixedMapOfAnotherShapeThrows) {
   EXPECT_THROW(xax::tree_cast_into(src, dst), xax::ShapeError);
 }
 
+// A leaf of another layout holds the same elements in another order: element (i, j) must land on (i, j).
+TEST(Tree, CastIntoAnotherLayoutKeepsEveryElementInPlace) {
+  Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> row_major(2, 3);
+  row_major << 1, 2, 3, 4, 5, 6;
+  Eigen::Matrix<xax::bfloat16, Eigen::Dynamic, Eigen::Dynamic> col_major;
+  xax::tree_cast_into(row_major, col_major);
+  ASSERT_EQ(col_major.rows(), 2);
+  ASSERT_EQ(col_major.cols(), 3);
+  for (Eigen::Index i = 0; i < 2; ++i) {
+    for (Eigen::Index j = 0; j < 3; ++j) EXPECT_EQ(static_cast<float>(col_major(i, j)), row_major(i, j));
+  }
+
+  Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> back;
+  xax::tree_cast_into(col_major, back);
+  EXPECT_EQ(back.cast<float>(), row_major);
+
+  // Into a Map of the right shape, and inside a tree next to leaves of the same layout.
+  float storage[6];
+  Eigen::Map<Eigen::MatrixXf> map(storage, 2, 3);
+  xax::tree_cast_into(row_major, map);
+  EXPECT_THAT(storage, ElementsAre(1, 4, 2, 5, 3, 6));
+
+  std::pair<Eigen::Matrix<float, 2, 2, Eigen::RowMajor>, Eigen::Matrix2f> mixed;
+  mixed.first << 1, 2, 3, 4;
+  mixed.second << 5, 6, 7, 8;
+  std::pair<Eigen::Matrix<double, 2, 2>, Eigen::Matrix<double, 2, 2, Eigen::RowMajor>> converted;
+  xax::tree_cast_into(mixed, converted);
+  EXPECT_EQ(converted.first.cast<float>(), mixed.first);
+  EXPECT_EQ(converted.second.cast<float>(), mixed.second);
+
+  // Tensors: element (i, j, k) of a row-major tensor lands on (i, j, k) of a column-major one.
+  Eigen::Tensor<float, 3, Eigen::RowMajor> row_tensor(2, 3, 4);
+  for (Eigen::Index i = 0; i < row_tensor.size(); ++i) row_tensor.data()[i] = static_cast<float>(i);
+  Eigen::Tensor<xax::float16, 3> col_tensor;
+  xax::tree_cast_into(row_tensor, col_tensor);
+  ASSERT_EQ(col_tensor.dimension(0), 2);
+  ASSERT_EQ(col_tensor.dimension(2), 4);
+  for (Eigen::Index i = 0; i < 2; ++i) {
+    for (Eigen::Index j = 0; j < 3; ++j) {
+      for (Eigen::Index k = 0; k < 4; ++k) {
+        EXPECT_EQ(static_cast<float>(col_tensor(i, j, k)), row_tensor(i, j, k)) << i << "," << j << "," << k;
+      }
+    }
+  }
+}
+
+// Zipped leaves are combined element by element in storage order (optimizers, copies): leaves of the same
+// shape in another layout would be combined transposed, so the zip refuses them.
+TEST(Tree, ZipRefusesLeavesOfAnotherLayout) {
+  Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> row_major(2, 3);
+  Eigen::MatrixXf col_major(2, 3);
+  try {
+    xax::for_each_leaf([](auto&, auto&) {}, row_major, col_major);
+    FAIL() << "no exception";
+  } catch (const xax::ShapeError& error) {
+    EXPECT_THAT(error.what(), HasSubstr("2x3 row-major vs column-major"));
+  }
+  // Where at most one dimension exceeds 1 both layouts store the same order.
+  Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> row_vector(1, 3);
+  Eigen::MatrixXf col_vector(1, 3);
+  EXPECT_NO_THROW(xax::for_each_leaf([](auto&, auto&) {}, row_vector, col_vector));
+  EXPECT_NO_THROW(xax::for_each_leaf([](auto&, auto&) {}, col_major, col_major));
+}
+
 TEST(Tree, ZerosLikeKeepsShapesAndIntegers) {
   const Model<float> src = make_model();
   const Model<float> zeros = xax::zeros_like(src);

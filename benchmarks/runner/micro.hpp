@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "report/benchmark_json.hpp"
 #include "runner/options.hpp"
 
 namespace xax_bench {
@@ -81,7 +82,7 @@ class TeeReporter final : public benchmark::BenchmarkReporter {
   [[nodiscard]] nlohmann::json results() const {
     const std::string text = json_text_.str();
     if (text.empty()) return nullptr;
-    nlohmann::json parsed = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+    nlohmann::json parsed = parse_benchmark_json(text);
     if (parsed.is_discarded()) {
       throw std::runtime_error(
           "Google Benchmark's JSON output could not be parsed; run with --skip-micro, or "

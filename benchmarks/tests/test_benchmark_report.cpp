@@ -9,6 +9,7 @@
 #include <sstream>
 #include <string>
 
+#include "report/benchmark_json.hpp"
 #include "report/csv.hpp"
 #include "report/json_report.hpp"
 #include "report/markdown.hpp"
@@ -168,6 +169,28 @@ TEST_F(ReportFiles, MarkdownSummaryHasTheTablesAndVerdicts) {
   EXPECT_THAT(md, HasSubstr("parameters dominate"));
   EXPECT_THAT(md, HasSubstr("![loss_curves.png](loss_curves.png)"));
   EXPECT_THAT(md, ::testing::Not(HasSubstr("loss_curves.svg)")));
+}
+
+// Google Benchmark writes a non-finite double as a bare NaN or Infinity (the coefficient of variation of a
+// counter that is zero in every repetition); the report reads those as null, and leaves strings alone.
+TEST(BenchmarkJson, NonFiniteNumbersReadAsNull) {
+  const std::string text = R"({"benchmarks": [{"name": "Cast/NaN \"Infinity\"", "aggregate_name": "cv",
+    "real_time": 0.25, "bytes_per_second": NaN, "items": -NaN, "max": Infinity, "min": -Infinity,
+    "old_style": [nan, -inf, INF], "ok": true, "missing": null, "flag": false}]})";
+  EXPECT_TRUE(nlohmann::json::parse(text, nullptr, false).is_discarded()) << "plain JSON rejects NaN";
+  const nlohmann::json parsed = xax_bench::parse_benchmark_json(text);
+  ASSERT_FALSE(parsed.is_discarded());
+  const nlohmann::json& run = parsed.at("benchmarks").at(0);
+  EXPECT_EQ(run.at("name"), "Cast/NaN \"Infinity\"");
+  EXPECT_EQ(run.at("real_time"), 0.25);
+  for (const char* key : {"bytes_per_second", "items", "max", "min", "missing"}) {
+    EXPECT_TRUE(run.at(key).is_null()) << key;
+  }
+  EXPECT_EQ(run.at("old_style"), nlohmann::json::parse("[null, null, null]"));
+  EXPECT_EQ(run.at("ok"), true);
+  EXPECT_EQ(run.at("flag"), false);
+  EXPECT_TRUE(xax_bench::parse_benchmark_json(R"({"a": NaNa})").is_discarded());
+  EXPECT_TRUE(xax_bench::parse_benchmark_json("not json").is_discarded());
 }
 
 }  // namespace

@@ -133,8 +133,11 @@ class IdxByteSource {
 #if XAX_IDX_GZIP
     handle_.reset(gzopen(file.c_str(), "rb"));
     if (!handle_) throw_idx_error(file, "cannot be opened for reading (permissions?)");
-    // The default 8 KiB buffer makes reading Fashion-MNIST's 47 MB of pixels several times slower.
-    gzbuffer(handle_.get(), 1u << 18);
+    // The default 8 KiB buffer makes reading Fashion-MNIST's 47 MB of pixels several times slower; a small
+    // file keeps it rather than allocating 768 KiB of buffers (which dominated reading many small files).
+    constexpr std::uintmax_t large_buffer = 1u << 18;
+    const std::uintmax_t size = std::filesystem::file_size(file, error);
+    if (!error && size > large_buffer / 8) gzbuffer(handle_.get(), static_cast<unsigned>(large_buffer));
 #else
     handle_.reset(std::fopen(file.c_str(), "rb"));
     if (!handle_) throw_idx_error(file, "cannot be opened for reading (permissions?)");
@@ -262,26 +265,42 @@ inline IdxArray read_idx(const std::filesystem::path& file) {
                                       " dimensions; the file is truncated");
   }
   const std::size_t element_size = idx_type_size(array.type);
-  std::size_t payload = element_size;
+  // The product of the non-zero dimensions is bounded even when another dimension is 0 (an empty array):
+  // readers multiply sub-shapes such as rows x cols of N = 0 images, which must not overflow either. The
+  // bound is what an Eigen index and a std::vector of bytes can hold.
+  constexpr auto max_bytes = static_cast<std::size_t>(std::numeric_limits<std::ptrdiff_t>::max());
+  std::size_t nonzero_bytes = element_size;
+  bool empty = false;
   std::string shape_text;
   for (std::size_t i = 0; i < rank; ++i) {
     const std::size_t dim = detail::read_big_endian_u32(dims.data() + 4 * i);
     array.shape.push_back(dim);
     if (i != 0) shape_text += 'x';
     shape_text += std::to_string(dim);
-    if (dim != 0 && payload > std::numeric_limits<std::size_t>::max() / dim) {
-      detail::throw_idx_error(file, "the dimensions " + shape_text + "... overflow the address space");
+    if (dim == 0) {
+      empty = true;
+      continue;
     }
-    payload *= dim;
+    if (nonzero_bytes > max_bytes / dim) {
+      detail::throw_idx_error(file, "the dimensions " + shape_text +
+                                        "... overflow the address space (the non-zero dimensions must "
+                                        "multiply to at most " +
+                                        std::to_string(max_bytes) + " bytes)");
+    }
+    nonzero_bytes *= dim;
   }
+  const std::size_t payload = empty ? 0 : nonzero_bytes;
 
   // Grow the buffer as the data arrives rather than trusting the header with one allocation: a corrupt header
   // claiming terabytes must give a DataError, not std::bad_alloc.
-  constexpr std::size_t chunk = std::size_t{1} << 24;
+  // Reads start small and double up to 16 MiB, so that a short or corrupt file costs little.
+  constexpr std::size_t max_chunk = std::size_t{1} << 24;
+  std::size_t chunk = std::size_t{1} << 16;
   array.bytes.reserve(std::min(payload, chunk));
   while (array.bytes.size() < payload) {
     const std::size_t before = array.bytes.size();
     const std::size_t want = std::min(chunk, payload - before);
+    chunk = std::min(2 * chunk, max_chunk);
     array.bytes.resize(before + want);
     const std::size_t got = source.read(array.bytes.data() + before, want);
     if (got < want) {

@@ -17,6 +17,7 @@
 #include <numbers>
 #include <string>
 #include <xax/data/dataset.hpp>
+#include <xax/detail/format.hpp>
 #include <xax/detail/random.hpp>
 #include <xax/utils/error.hpp>
 
@@ -84,7 +85,8 @@ inline ClassificationSplits make_synthetic_classification(
   if (!(options.latent_noise >= 0.0f) || !(options.pixel_noise >= 0.0f) ||
       !std::isfinite(options.latent_noise) || !std::isfinite(options.pixel_noise)) {
     throw ConfigError("synthetic data set: latent_noise and pixel_noise must be finite and >= 0, got " +
-                      std::to_string(options.latent_noise) + " and " + std::to_string(options.pixel_noise));
+                      detail::shortest_text(options.latent_noise) + " and " +
+                      detail::shortest_text(options.pixel_noise));
   }
 
   detail::SplitMix64 rng(options.seed);

@@ -26,6 +26,7 @@
 #include <vector>
 #include <xax/detail/concurrent.hpp>
 #include <xax/detail/convert.hpp>
+#include <xax/detail/format.hpp>
 #include <xax/nn/activation.hpp>
 #include <xax/nn/linear.hpp>
 #include <xax/nn/loss.hpp>
@@ -177,7 +178,8 @@ float mlp_loss_and_gradients(const MlpParams<T>& params, const Input& inputs, co
   static_assert(!Input::IsRowMajor,
                 "xax::nn::mlp_loss_and_gradients: the inputs must be column-major (features x batch)");
   if (!(options.loss_scale > 0.0f) || !std::isfinite(options.loss_scale)) {
-    throw ConfigError("xax::nn::mlp_loss_and_gradients: loss_scale " + std::to_string(options.loss_scale) +
+    throw ConfigError("xax::nn::mlp_loss_and_gradients: loss_scale " +
+                      xax::detail::shortest_text(options.loss_scale) +
                       " is not accepted; give a finite value > 0 (1 for no scaling)");
   }
   detail::check_mlp_inputs(params, inputs);

@@ -202,20 +202,68 @@ void matmul_impl(const A& a, const B& b, const Bias* bias, C& c, const MatmulOpt
                      (options.transpose_b ? ", transposed" : "") +
                      "); the columns of op(A) must equal the rows of op(B)");
   }
-  if constexpr (std::is_same_v<typename C::PlainObject, C>) {
-    if (!options.accumulate) c.resize(m, n);
-  }
-  if (c.rows() != m || c.cols() != n) {
-    throw ShapeError("xax::matmul: the output is " + shape_string(c.rows(), c.cols()) +
-                     " but op(A) op(B) is " + shape_string(m, n) + " (op(A) " + shape_string(m, k) +
-                     ", op(B) " + shape_string(k, n) + ")" +
-                     (options.accumulate ? "; an accumulating output must already have that shape"
-                                         : "; pass a resizable matrix or one of that shape"));
-  }
   if (bias != nullptr && ((bias->rows() != 1 && bias->cols() != 1) || bias->size() != m)) {
     throw ShapeError("xax::matmul: the bias is " + shape_string(bias->rows(), bias->cols()) +
                      " but must be a vector of length " + std::to_string(m) + " (the rows of the output)");
   }
+  constexpr bool resizable = std::is_same_v<typename C::PlainObject, C>;
+  const auto require_output_shape = [&] {
+    if (c.rows() != m || c.cols() != n) {
+      throw ShapeError("xax::matmul: the output is " + shape_string(c.rows(), c.cols()) +
+                       " but op(A) op(B) is " + shape_string(m, n) + " (op(A) " + shape_string(m, k) +
+                       ", op(B) " + shape_string(k, n) + ")" +
+                       (options.accumulate ? "; an accumulating output must already have that shape"
+                                           : "; pass a resizable matrix or one of that shape"));
+    }
+  };
+  // Resizes a plain output that can take an m x n shape; a fixed-size or vector one keeps its shape and is
+  // checked instead.
+  const auto resize_to_product = [m, n](auto& plain) {
+    using P = std::remove_reference_t<decltype(plain)>;
+    if ((P::RowsAtCompileTime == Eigen::Dynamic || P::RowsAtCompileTime == m) &&
+        (P::ColsAtCompileTime == Eigen::Dynamic || P::ColsAtCompileTime == n) &&
+        (plain.rows() != m || plain.cols() != n)) {
+      plain.resize(m, n);
+    }
+  };
+  if (!resizable || options.accumulate) require_output_shape();
+
+  // The backends read the inputs while writing C, as Eigen's noalias() products do, so C must not share
+  // memory with an input. This is decided on C's storage before any resize: resizing first would free the
+  // storage an aliased input still points to.
+  const auto a_range = address_range(a_stored.data, a_stored.rows, a_stored.cols, a_stored.ld, sizeof(In));
+  const auto b_range = address_range(b_stored.data, b_stored.rows, b_stored.cols, b_stored.ld, sizeof(In));
+  const auto bias_range = bias != nullptr ? address_range(bias->data(), bias->size(), 1, bias->size(),
+                                                          sizeof(typename Bias::Scalar))
+                                          : std::pair<std::uintptr_t, std::uintptr_t>{0, 0};
+  const auto c_range = address_range(c.data(), c.rows(), c.cols(),
+                                     std::max<Eigen::Index>({c.outerStride(), c.rows(), 1}), sizeof(Out));
+  const auto overlaps = [&c_range](std::pair<std::uintptr_t, std::uintptr_t> range) {
+    return range.first < c_range.second && c_range.first < range.second;
+  };
+  if (overlaps(a_range) || overlaps(b_range) || overlaps(bias_range)) {
+    if constexpr (resizable) {
+      // A matrix that owns its storage can take the product like Eigen's `c = a * c`: computed into a
+      // temporary, then moved in.
+      C product;
+      if (options.accumulate) {
+        product = c;
+      } else {
+        resize_to_product(product);
+      }
+      matmul_impl(a, b, bias, product, options);
+      c = std::move(product);
+      return;
+    } else {
+      throw Error(
+          "xax::matmul: the output overlaps an input; write the product into a separate matrix (or pass a "
+          "plain Matrix as the output, which then takes the product through a temporary)");
+    }
+  }
+  if constexpr (resizable) {
+    if (!options.accumulate) resize_to_product(c);
+  }
+  require_output_shape();
 
   MatmulProblem problem;
   problem.input = dtype_of<In>;
@@ -235,19 +283,6 @@ void matmul_impl(const A& a, const B& b, const Bias* bias, C& c, const MatmulOpt
   problem.k = k;
   problem.accumulate = options.accumulate;
   problem.activation = options.activation;
-
-  // The backends read the inputs while writing C, as Eigen's noalias() products do; an overlap would give
-  // silently wrong results, so it is refused.
-  const auto c_range = address_range(problem.c, m, n, problem.ldc, sizeof(Out));
-  const auto overlaps = [&c_range](std::pair<std::uintptr_t, std::uintptr_t> range) {
-    return range.first < c_range.second && c_range.first < range.second;
-  };
-  if (overlaps(address_range(a_stored.data, a_stored.rows, a_stored.cols, a_stored.ld, sizeof(In))) ||
-      overlaps(address_range(b_stored.data, b_stored.rows, b_stored.cols, b_stored.ld, sizeof(In))) ||
-      (bias != nullptr &&
-       overlaps(address_range(bias->data(), bias->size(), 1, bias->size(), sizeof(typename Bias::Scalar))))) {
-    throw Error("xax::matmul: the output overlaps an input; write the product into a separate matrix");
-  }
   run_matmul(problem, options.backend);
 }
 

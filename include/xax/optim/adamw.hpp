@@ -125,7 +125,16 @@ class AdamW {
   /// for; ShapeError naming the leaf otherwise).
   void step(Params& params, const Params& grads) {
     const std::int64_t step = state_.step + 1;
-    detail::require_matching_trees(params, grads, state_.m, state_.v);
+    // Every tree the update walks is checked before anything is written, the Kahan compensation included.
+    if constexpr (bf16_params<Params>) {
+      if (bf16_.rounding == BF16Update::kahan) {
+        detail::require_matching_trees(params, grads, state_.m, state_.v, state_.compensation);
+      } else {
+        detail::require_matching_trees(params, grads, state_.m, state_.v);
+      }
+    } else {
+      detail::require_matching_trees(params, grads, state_.m, state_.v);
+    }
     if constexpr (master_params<Params>) {
       for_each_leaf([&]<class L>(L& p, const L& g, L& m,
                                  L& v) { update_master_leaf(p, g, m, v, detail::no_copy(p), step); },

@@ -20,6 +20,7 @@
 #include <type_traits>
 #include <utility>
 #include <xax/detail/convert.hpp>
+#include <xax/detail/format.hpp>
 #include <xax/detail/parallel.hpp>
 #include <xax/detail/random.hpp>
 #include <xax/utils/dtype.hpp>
@@ -124,7 +125,7 @@ inline void require_option(bool accepted, const char* optimizer, const char* opt
                            const char* expected) {
   if (!accepted) {
     throw ConfigError(std::string("xax::optim::") + optimizer + ": " + option + " = " +
-                      std::to_string(value) + " is not accepted; give " + expected);
+                      xax::detail::shortest_text(value) + " is not accepted; give " + expected);
   }
 }
 

@@ -124,7 +124,19 @@ class Sgd {
   void step(Params& params, const Params& grads) {
     const std::int64_t step = state_.step + 1;
     const bool momentum = options_.momentum != 0;
-    if (momentum) {
+    // Every tree the update walks is checked before anything is written, the Kahan compensation included.
+    if constexpr (bf16_params<Params>) {
+      const bool kahan = bf16_.rounding == BF16Update::kahan;
+      if (momentum && kahan) {
+        detail::require_matching_trees(params, grads, state_.momentum_buffer, state_.compensation);
+      } else if (momentum) {
+        detail::require_matching_trees(params, grads, state_.momentum_buffer);
+      } else if (kahan) {
+        detail::require_matching_trees(params, grads, state_.compensation);
+      } else {
+        detail::require_matching_trees(params, grads);
+      }
+    } else if (momentum) {
       detail::require_matching_trees(params, grads, state_.momentum_buffer);
     } else {
       detail::require_matching_trees(params, grads);

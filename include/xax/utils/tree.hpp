@@ -19,6 +19,7 @@
 
 #include <xax/detail/eigen_tensor.hpp>
 
+#include <algorithm>
 #include <array>
 #include <concepts>
 #include <cstddef>
@@ -333,6 +334,25 @@ std::string shape_string(const std::array<Eigen::Index, N>& shape) {
   }
 }
 
+/// Whether a leaf stores its elements row-major (the last index fastest). Scalars count as column-major.
+template <class L>
+constexpr bool leaf_row_major() {
+  if constexpr (eigen_dense_leaf<L>) {
+    return L::IsRowMajor;
+  } else if constexpr (eigen_tensor_leaf<L>) {
+    return static_cast<int>(L::Layout) == static_cast<int>(Eigen::RowMajor);
+  } else {
+    return false;
+  }
+}
+
+/// Whether the layout of a leaf of this shape decides the order of its elements in storage: more than one
+/// dimension above 1.
+template <std::size_t N>
+bool layout_matters(const std::array<Eigen::Index, N>& shape) {
+  return std::count_if(shape.begin(), shape.end(), [](Eigen::Index d) { return d > 1; }) > 1;
+}
+
 template <class L0, class L>
 void check_same_shape(const TreePath& path, const L0& first, const L& other) {
   const auto a = leaf_shape(first);
@@ -348,11 +368,27 @@ void check_same_shape(const TreePath& path, const L0& first, const L& other) {
   }
 }
 
+/// Throws ShapeError unless two leaves of the same shape also store their elements in the same order.
+template <class L0, class L>
+void check_same_layout([[maybe_unused]] const TreePath& path, [[maybe_unused]] const L0& first, const L&) {
+  if constexpr (leaf_row_major<L0>() != leaf_row_major<L>()) {
+    const auto a = leaf_shape(first);
+    if (layout_matters(a)) {
+      throw ShapeError("tree leaves do not match at '" + path.display() + "': shape " + shape_string(a) +
+                       " " + (leaf_row_major<L0>() ? "row-major" : "column-major") + " vs " +
+                       (leaf_row_major<L>() ? "row-major" : "column-major") +
+                       "; zipped leaves are combined element by element in storage order, so they must share "
+                       "a layout (tree_cast_into converts between layouts)");
+    }
+  }
+}
+
 template <class F, class T0, class... Ts>
 void walk(F& f, TreePath& path, T0& first, Ts&... rest) {
   using U = std::remove_const_t<T0>;
   if constexpr (tree_leaf<U>) {
     (check_same_shape(path, first, rest), ...);
+    (check_same_layout(path, first, rest), ...);
     f(std::as_const(path), first, rest...);
   } else if constexpr (is_std_vector<U>::value) {
     [[maybe_unused]] const auto check_size = [&](std::size_t size) {
@@ -616,6 +652,38 @@ using rebind_scalar_t = detail::rebind_t<std::remove_cvref_t<T>, S>;
 
 namespace detail {
 
+/// Converts between leaves of the same shape whose layouts differ, element (i, j, ...) to (i, j, ...): walks
+/// `dst` in its memory order and reads `src` through its own strides.
+template <class SrcScalar, class DstScalar, std::size_t N>
+void convert_reordered(const SrcScalar* src, bool src_row_major, DstScalar* dst, bool dst_row_major,
+                       const std::array<Eigen::Index, N>& dims) {
+  std::size_t total = 1;
+  for (const Eigen::Index dim : dims) total *= static_cast<std::size_t>(dim);
+  if (total == 0) return;
+  std::array<std::size_t, N> src_stride{};
+  std::size_t stride = 1;
+  for (std::size_t step = 0; step < N; ++step) {
+    const std::size_t axis = src_row_major ? N - 1 - step : step;
+    src_stride[axis] = stride;
+    stride *= static_cast<std::size_t>(dims[axis]);
+  }
+  std::array<std::size_t, N> index{};
+  std::size_t src_offset = 0;
+  for (std::size_t k = 0; k < total; ++k) {
+    dst[k] = convert_scalar<DstScalar>(src[src_offset]);
+    // Advance the multi-index by one in dst's memory order, keeping src_offset in step.
+    for (std::size_t step = 0; step < N; ++step) {
+      const std::size_t axis = dst_row_major ? N - 1 - step : step;
+      if (++index[axis] < static_cast<std::size_t>(dims[axis])) {
+        src_offset += src_stride[axis];
+        break;
+      }
+      src_offset -= (index[axis] - 1) * src_stride[axis];
+      index[axis] = 0;
+    }
+  }
+}
+
 // Leaves are resized during the walk and converted afterwards, all in one pass (ConversionBatch): a tree of
 // many leaves then costs one fork/join rather than one per leaf.
 template <class Src, class Dst>
@@ -636,6 +704,15 @@ void cast_leaf_into(const TreePath& path, const Src& src, Dst& dst, ConversionBa
       if constexpr (!requires { Dst::Dimensions::total_size; }) dst.resize(src.dimensions());
     }
     check_same_shape(path, src, dst);
+    if constexpr (leaf_row_major<Src>() != leaf_row_major<Dst>()) {
+      // Another layout puts the elements in another order (unless at most one dimension exceeds 1): a
+      // straight copy of the storage would transpose the leaf.
+      const auto shape = leaf_shape(src);
+      if (layout_matters(shape)) {
+        convert_reordered(src.data(), leaf_row_major<Src>(), dst.data(), leaf_row_major<Dst>(), shape);
+        return;
+      }
+    }
     batch.add(src.data(), dst.data(), static_cast<std::size_t>(src.size()));
   }
 }

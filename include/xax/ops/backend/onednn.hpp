@@ -48,13 +48,15 @@ namespace xax::detail::onednn_backend {
 /// output layer of an MLP takes ~20 us alone and ~30 us on two threads).
 inline constexpr double small_product_flops = 16.0 * 1024 * 1024;
 
-/// Caps the OpenMP threads oneDNN sees while a primitive is created and run. oneDNN sizes its parallel
-/// decomposition from omp_get_max_threads() when the primitive is created, and a primitive decomposed for one
-/// thread runs inline, without a fork.
+/// Sets the OpenMP threads oneDNN sees while a primitive is created and run, and restores the calling
+/// thread's own default afterwards. oneDNN sizes its parallel decomposition from the calling thread's
+/// omp_get_max_threads() when the primitive is created (a per-thread setting, which xax's process-wide count
+/// does not change on other threads), and a primitive decomposed for one thread runs inline, without a fork.
 class ThreadCap {
  public:
   explicit ThreadCap([[maybe_unused]] int threads) {
 #if defined(_OPENMP)
+    previous_ = omp_get_max_threads();
     if (threads != previous_) omp_set_num_threads(threads);
 #endif
   }
@@ -67,7 +69,7 @@ class ThreadCap {
   ThreadCap& operator=(const ThreadCap&) = delete;
 
  private:
-  int previous_ = num_threads();
+  int previous_ = 1;
 };
 
 inline dnnl::memory::data_type data_type_of(DType dtype) {
