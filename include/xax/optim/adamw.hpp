@@ -166,6 +166,8 @@ class AdamW {
     state_.step = step;
   }
 
+  /// The name train-state checkpoints record (and check on load).
+  [[nodiscard]] static constexpr const char* name() { return "adamw"; }
   [[nodiscard]] const State& state() const { return state_; }
   [[nodiscard]] State& state() { return state_; }
   [[nodiscard]] const AdamWOptions& options() const { return options_; }

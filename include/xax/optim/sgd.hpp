@@ -170,6 +170,8 @@ class Sgd {
     state_.step = step;
   }
 
+  /// The name train-state checkpoints record (and check on load).
+  [[nodiscard]] static constexpr const char* name() { return "sgd"; }
   [[nodiscard]] const State& state() const { return state_; }
   [[nodiscard]] State& state() { return state_; }
   [[nodiscard]] const SgdOptions& options() const { return options_; }

@@ -15,8 +15,11 @@
 ///
 /// `loss_and_grads` may also take the gradients as `params_type<G>&` for a second template parameter G: the
 /// step then asks for fp32 gradients of half-precision parameters and skips their cast (see TrainStep).
-/// Optionally the task defines `template <class T> double evaluate(const params_type<T>&, const
-/// batch_type&)` for MixedPrecisionMixin::evaluate_batch, which runs it in the policy's compute type.
+/// A task that defines `make_optimizer(const params_type<float>& like)`, returning any optimizer TrainStep
+/// accepts (xax::train_optimizer over params_type<float>), trains with it instead of the config's
+/// `optimizer`; the config's learning-rate schedule still drives it through `set_learning_rate`. Optionally
+/// the task defines `template <class T> double evaluate(const params_type<T>&, const batch_type&)` for
+/// MixedPrecisionMixin::evaluate_batch, which runs it in the policy's compute type.
 
 #include <cfloat>
 #include <cmath>
@@ -194,10 +197,15 @@ class PolicyStepEngine final : public StepEngine<Task>,
   using params_type = typename Task::template params_type<T>;
   using batch_type = typename Task::batch_type;
 
-  PolicyStepEngine(DType output, const params_type<float>& initial, const OptimizerOptions& optimizer,
+  // `optimizer`: the config's OptimizerOptions, or a factory over params_type<float> (every compiled policy
+  // updates in float).
+  template <class OptimizerSource>
+  PolicyStepEngine(DType output, const params_type<float>& initial, OptimizerSource&& optimizer,
                    LossScale loss_scale, TrainStepOptions options)
       : output_(output) {
-    this->reset_train_state(initial, optimizer, std::move(loss_scale), options);
+    static_assert(std::is_same_v<typename Step::update_type, float>);
+    this->reset_train_state(initial, std::forward<OptimizerSource>(optimizer), std::move(loss_scale),
+                            options);
   }
 
   // Forwards gradients of any scalar the task accepts, so a task that writes fp32 gradients of half
@@ -379,19 +387,30 @@ class MixedPrecisionMixin {
     validate_config(config);
     const MixedPrecisionConfig& mp = config;
     const PolicySpec spec = mp.policy_spec();
-    const OptimizerOptions optimizer = config.optimizer_options();
     const auto initial = derived().init_params();
     auto holder = std::make_unique<Holder<D>>();
-    // Only float16/bfloat16/float32 params and compute are compiled (validate_mixed_precision rejects
-    // float64): nine TrainStep instantiations rather than visit_policy's 64.
-    visit_policy(spec, [&]<class P>(P) {
-      using Param = typename P::param_type;
-      using Compute = typename P::compute_type;
-      if constexpr (!std::is_same_v<Param, double> && !std::is_same_v<Compute, double>) {
-        holder->engine = std::make_unique<detail::PolicyStepEngine<D, Policy<Param, Compute, float>>>(
-            spec.output, initial, optimizer, mp.make_loss_scale(), mp.train_step_options());
-      }
-    });
+    const auto build_engine = [&](auto&& optimizer) {
+      // Only float16/bfloat16/float32 params and compute are compiled (validate_mixed_precision rejects
+      // float64): nine TrainStep instantiations rather than visit_policy's 64.
+      visit_policy(spec, [&]<class P>(P) {
+        using Param = typename P::param_type;
+        using Compute = typename P::compute_type;
+        if constexpr (!std::is_same_v<Param, double> && !std::is_same_v<Compute, double>) {
+          holder->engine = std::make_unique<detail::PolicyStepEngine<D, Policy<Param, Compute, float>>>(
+              spec.output, initial, optimizer, mp.make_loss_scale(), mp.train_step_options());
+        }
+      });
+    };
+    if constexpr (requires(D & task, const typename D::template params_type<float>& like) {
+                    task.make_optimizer(like);
+                  }) {
+      // The task's own optimizer replaces the config's `optimizer` choice.
+      build_engine([this](const typename D::template params_type<float>& like) {
+        return static_cast<D&>(derived()).make_optimizer(like);
+      });
+    } else {
+      build_engine(config.optimizer_options());
+    }
     return holder;
   }
 

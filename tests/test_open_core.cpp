@@ -1,0 +1,313 @@
+// The open core of the train step (DESIGN §11): a user-written optimizer plugs into TrainStep and
+// MixedPrecisionMixin through the same door as AdamW and SGD, with its state checkpointed and left alone by
+// skipped steps. Every expected value is exact (powers of two).
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <xax/task/mixins/mixed_precision.hpp>
+#include <xax/task/train_step.hpp>
+#include <xax/utils/tree.hpp>
+
+namespace {
+
+template <class T>
+struct Weights {
+  Eigen::Matrix<T, Eigen::Dynamic, 1> w;
+  Eigen::Matrix<T, Eigen::Dynamic, 1> b;
+  XAX_FIELDS(w, b);
+};
+
+struct Target {
+  Eigen::VectorXf w;
+  Eigen::VectorXf b;
+};
+
+struct LionOptions {
+  double learning_rate = 0.125;
+  double beta1 = 0.5;
+  double beta2 = 0.75;
+  double weight_decay = 0.5;
+};
+
+template <class Params>
+struct LionState {
+  std::int64_t step = 0;
+  Params m;
+  XAX_FIELDS(step, m);
+};
+
+// Lion (Chen et al. 2023), as a user would write it against xax's tree API: c = b1 m + (1 - b1) g;
+// p = p (1 - lr wd) - lr sign(c); m = b2 m + (1 - b2) g.
+template <class Params>
+class Lion {
+ public:
+  explicit Lion(const Params& like, LionOptions options = {}) : options_(options) {
+    state_.m = xax::zeros_like(like);
+  }
+
+  void step(Params& params, const Params& grads) {
+    xax::for_each_leaf(
+        [&]<class L>(L& p, const L& g, L& m) {
+          if constexpr (xax::floating_leaf<L>) {
+            using S = xax::leaf_scalar_t<L>;
+            const auto decay = static_cast<S>(1.0 - options_.learning_rate * options_.weight_decay);
+            const auto lr = static_cast<S>(options_.learning_rate);
+            const auto b1 = static_cast<S>(options_.beta1), b2 = static_cast<S>(options_.beta2);
+            auto ps = xax::leaf_span(p);
+            const auto gs = xax::leaf_span(g);
+            auto ms = xax::leaf_span(m);
+            for (std::size_t i = 0; i < ps.size(); ++i) {
+              const S c = b1 * ms[i] + (S(1) - b1) * gs[i];
+              const S sign = c > S(0) ? S(1) : (c < S(0) ? S(-1) : S(0));
+              ps[i] = ps[i] * decay - lr * sign;
+              ms[i] = b2 * ms[i] + (S(1) - b2) * gs[i];
+            }
+          }
+        },
+        params, grads, state_.m);
+    ++state_.step;
+  }
+
+  [[nodiscard]] const LionState<Params>& state() const { return state_; }
+  [[nodiscard]] LionState<Params>& state() { return state_; }
+  void set_learning_rate(double learning_rate) { options_.learning_rate = learning_rate; }
+  [[nodiscard]] double learning_rate() const { return options_.learning_rate; }
+  [[nodiscard]] static const char* name() { return "lion"; }
+
+ private:
+  LionOptions options_;
+  LionState<Params> state_;
+};
+
+// loss = 0.5 |p - target|^2 over both leaves, so d(loss * scale)/dp = (p - target) * scale.
+template <class Policy>
+class Regression : public xax::TrainStep<Regression<Policy>, Policy, xax::LossScale> {
+ public:
+  template <class T>
+  using params_type = Weights<T>;
+  using batch_type = Target;
+
+  template <class OptimizerSource>
+  Regression(const Weights<float>& initial, OptimizerSource&& optimizer) {
+    this->reset_train_state(initial, std::forward<OptimizerSource>(optimizer), xax::NoOpLossScale{});
+  }
+
+  template <class T>
+  double loss_and_grads(const Weights<T>& params, const Target& target, float scale, Weights<T>& grads) {
+    const Eigen::VectorXf dw = params.w.template cast<float>() - target.w;
+    const Eigen::VectorXf db = params.b.template cast<float>() - target.b;
+    grads.w = (dw * scale).template cast<T>();
+    grads.b = (db * scale).template cast<T>();
+    return 0.5 * static_cast<double>(dw.squaredNorm() + db.squaredNorm());
+  }
+};
+
+Weights<float> initial_weights() {
+  return {Eigen::Vector2f(1.0f, -2.0f), Eigen::Vector2f(0.5f, 0.0f)};
+}
+Target zero_target() {
+  return {Eigen::Vector2f::Zero(), Eigen::Vector2f::Zero()};
+}
+
+template <class A, class B>
+bool bitwise_equal(const A& a, const B& b) {
+  return a.size() == b.size() &&
+         std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(*a.data())) == 0;
+}
+
+template <class Policy>
+class UserOptimizer : public ::testing::Test {};
+using Policies =
+    ::testing::Types<xax::Policy<float, float, float>, xax::Policy<float, xax::bfloat16, float>,
+                     xax::Policy<xax::bfloat16, xax::bfloat16, float>, xax::Policy<double, float, double>>;
+TYPED_TEST_SUITE(UserOptimizer, Policies);
+
+template <class Policy>
+using UpdateParams = Weights<typename Regression<Policy>::update_type>;
+
+// Lion with lr 1/8, wd 1/2 (decay 15/16), b1 1/2, b2 3/4, from w = (1, -2), b = (1/2, 0), target 0:
+//   step 1: g = (1, -2 | 1/2, 0), c = g / 2 -> sign (1, -1 | 1, 0); p = (13/16, -7/4 | 11/32, 0);
+//           m = g / 4 = (1/4, -1/2 | 1/8, 0)
+//   step 2: g = p, c = (17/32, -9/8 | 15/64, 0) -> sign (1, -1 | 1, 0); p = (163/256, -97/64 | 101/512, 0)
+TYPED_TEST(UserOptimizer, LionTrainsThroughTrainStepWithExactValues) {
+  using Params = UpdateParams<TypeParam>;
+  Regression<TypeParam> trainer(initial_weights(), [](const Params& like) { return Lion<Params>(like); });
+  using Param = typename Regression<TypeParam>::param_type;
+  using Compute = typename Regression<TypeParam>::compute_type;
+  EXPECT_TRUE(trainer.train_step(zero_target()).finite);
+  EXPECT_EQ(trainer.params().w, (Eigen::Matrix<Param, 2, 1>(Param(0.8125), Param(-1.75))));
+  EXPECT_EQ(trainer.params().b, (Eigen::Matrix<Param, 2, 1>(Param(0.34375), Param(0))));
+  const auto& lion = trainer.template optimizer<Lion<Params>>();
+  EXPECT_EQ(lion.state().step, 1);
+  EXPECT_EQ(lion.state().m.w, (Eigen::Matrix<typename Regression<TypeParam>::update_type, 2, 1>(0.25, -0.5)));
+
+  trainer.train_step(zero_target());
+  EXPECT_EQ(trainer.params().w, (Eigen::Matrix<Param, 2, 1>(Param(163.0 / 256), Param(-97.0 / 64))));
+  EXPECT_EQ(trainer.params().b, (Eigen::Matrix<Param, 2, 1>(Param(101.0 / 512), Param(0))));
+  // Lion writes no compute copy itself; TrainStep casts the masters after its step.
+  trainer.with_compute_params([&](const auto& compute) {
+    EXPECT_EQ(compute.w, trainer.params().w.template cast<Compute>());
+    EXPECT_EQ(compute.b, trainer.params().b.template cast<Compute>());
+  });
+  EXPECT_EQ(trainer.learning_rate(), 0.125);
+  trainer.set_learning_rate(0.25);
+  EXPECT_EQ(trainer.learning_rate(), 0.25);
+}
+
+TYPED_TEST(UserOptimizer, AnOptimizerObjectPlugsInAsWellAsAFactory) {
+  using Params = UpdateParams<TypeParam>;
+  Params like = xax::tree_cast<typename Regression<TypeParam>::update_type>(initial_weights());
+  Regression<TypeParam> trainer(initial_weights(), Lion<Params>(like));
+  trainer.train_step(zero_target());
+  EXPECT_EQ(trainer.params().w(0), typename Regression<TypeParam>::param_type(0.8125));
+}
+
+}  // namespace
+
+namespace {
+using Params = Weights<float>;
+using FloatRegression = Regression<xax::Policy<float, float, float>>;
+FloatRegression lion_trainer() {
+  return FloatRegression(initial_weights(), [](const Params& like) { return Lion<Params>(like); });
+}
+
+TEST(UserOptimizer, LionStateIsCheckpointedAndRestoredBitIdentically) {
+  FloatRegression trainer = lion_trainer();
+  trainer.train_step(zero_target());
+  xax::CheckpointWriter writer;
+  trainer.save_train_state(writer);
+  const auto reader = xax::CheckpointReader::from_bytes(writer.bytes());
+  EXPECT_EQ(reader.read_string("train.optimizer"), "lion");
+
+  FloatRegression restored = lion_trainer();
+  restored.load_train_state(reader);
+  const auto& saved_state = trainer.optimizer<Lion<Params>>().state();
+  const auto& loaded_state = restored.optimizer<Lion<Params>>().state();
+  EXPECT_EQ(loaded_state.step, 1);
+  EXPECT_TRUE(bitwise_equal(loaded_state.m.w, saved_state.m.w));
+  EXPECT_TRUE(bitwise_equal(loaded_state.m.b, saved_state.m.b));
+  // Both continue identically.
+  trainer.train_step(zero_target());
+  restored.train_step(zero_target());
+  EXPECT_TRUE(bitwise_equal(restored.params().w, trainer.params().w));
+  EXPECT_TRUE(bitwise_equal(restored.optimizer<Lion<Params>>().state().m.w,
+                            trainer.optimizer<Lion<Params>>().state().m.w));
+
+  // A Lion checkpoint is refused by an AdamW run, which is left as it was.
+  FloatRegression adamw(initial_weights(), xax::optim::AdamWOptions{});
+  try {
+    adamw.load_train_state(reader);
+    FAIL() << "expected CheckpointError";
+  } catch (const xax::CheckpointError& error) {
+    EXPECT_STREQ(error.what(), "checkpoint was written with optimizer lion, not adamw");
+  }
+  EXPECT_EQ(adamw.params().w, initial_weights().w);
+}
+
+TEST(UserOptimizer, ANegativeStepCountInTheCheckpointIsRefused) {
+  FloatRegression trainer = lion_trainer();
+  trainer.train_step(zero_target());
+  xax::CheckpointWriter writer;
+  LionState<Params> corrupt = trainer.optimizer<Lion<Params>>().state();
+  corrupt.step = -3;
+  writer.add_string("train.policy", trainer.policy().str());
+  writer.add_string("train.optimizer", "lion");
+  writer.add_tree("train.params", trainer.params());
+  writer.add_tree("train.optimizer_state", corrupt);
+  FloatRegression other = lion_trainer();
+  try {
+    other.load_train_state(xax::CheckpointReader::from_bytes(writer.bytes()));
+    FAIL() << "expected CheckpointError";
+  } catch (const xax::CheckpointError& error) {
+    EXPECT_STREQ(error.what(),
+                 "checkpoint entry 'train.optimizer_state.step' is -3; an optimizer's step count is >= 0");
+  }
+  EXPECT_EQ(other.optimizer<Lion<Params>>().state().step, 0);
+}
+
+TEST(UserOptimizer, ASkippedStepLeavesLionStateBitIdentical) {
+  FloatRegression trainer = lion_trainer();
+  trainer.train_step(zero_target());
+  const LionState<Params> before = trainer.optimizer<Lion<Params>>().state();
+  const Weights<float> masters_before = trainer.params();
+  Target poisoned = zero_target();
+  poisoned.b(1) = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_FALSE(trainer.train_step(poisoned).finite);
+  const LionState<Params>& after = trainer.optimizer<Lion<Params>>().state();
+  EXPECT_EQ(after.step, before.step);
+  EXPECT_TRUE(bitwise_equal(after.m.w, before.m.w));
+  EXPECT_TRUE(bitwise_equal(after.m.b, before.m.b));
+  EXPECT_TRUE(bitwise_equal(trainer.params().w, masters_before.w));
+}
+
+TEST(UserOptimizer, VisitOptimizerNamesTheUserOptimizerItCannotVisit) {
+  FloatRegression trainer = lion_trainer();
+  EXPECT_THROW(trainer.visit_optimizer([](const auto& optimizer) { return optimizer.state().step; }),
+               xax::Error);
+  EXPECT_THROW((void)trainer.optimizer<xax::optim::AdamW<Params>>(), xax::Error);
+  FloatRegression adamw(initial_weights(), xax::optim::AdamWOptions{});
+  EXPECT_EQ(adamw.visit_optimizer([](const auto& optimizer) { return optimizer.state().step; }), 0);
+  EXPECT_EQ(adamw.learning_rate(), 1e-3);
+}
+
+// The built-in optimizers still record their names, so that existing checkpoints stay loadable.
+TEST(UserOptimizer, BuiltInOptimizersKeepTheirCheckpointNames) {
+  FloatRegression adamw(initial_weights(), xax::optim::AdamWOptions{});
+  FloatRegression sgd(initial_weights(), xax::optim::SgdOptions{});
+  xax::CheckpointWriter a, s;
+  adamw.save_train_state(a);
+  sgd.save_train_state(s);
+  EXPECT_EQ(xax::CheckpointReader::from_bytes(a.bytes()).read_string("train.optimizer"), "adamw");
+  EXPECT_EQ(xax::CheckpointReader::from_bytes(s.bytes()).read_string("train.optimizer"), "sgd");
+}
+
+// MixedPrecisionMixin: a task's make_optimizer replaces the config's optimizer, under every policy.
+struct MixinConfig : xax::MixedPrecisionConfig {
+  [[nodiscard]] xax::OptimizerOptions optimizer_options() const { return xax::optim::AdamWOptions{}; }
+};
+
+class LionTask : public xax::MixedPrecisionMixin<LionTask, MixinConfig> {
+ public:
+  template <class T>
+  using params_type = Weights<T>;
+  using batch_type = Target;
+
+  explicit LionTask(MixinConfig config) : config_(std::move(config)) {}
+  const MixinConfig& config() const { return config_; }
+  Weights<float> init_params() const { return initial_weights(); }
+  Lion<Weights<float>> make_optimizer(const Weights<float>& like) const { return Lion<Weights<float>>(like); }
+
+  template <class T>
+  double loss_and_grads(const Weights<T>& params, const Target& target, float scale, Weights<T>& grads) {
+    grads.w = ((params.w.template cast<float>() - target.w) * scale).template cast<T>();
+    grads.b = ((params.b.template cast<float>() - target.b) * scale).template cast<T>();
+    return 0;
+  }
+
+ private:
+  MixinConfig config_;
+};
+
+TEST(UserOptimizer, MixedPrecisionTaskTrainsWithItsOwnOptimizer) {
+  for (const char* policy : {"float32", "mixed", "float16"}) {
+    MixinConfig config;
+    config.enable_mixed_precision = true;
+    config.precision_policy = policy;
+    config.loss_scaling = "static";
+    config.loss_scale_value = 1024;
+    LionTask task(config);
+    task.train_step(zero_target());
+    task.train_step(zero_target());
+    EXPECT_EQ(task.params().w, Eigen::Vector2f(163.0f / 256, -97.0f / 64)) << policy;
+    EXPECT_EQ(task.params().b, Eigen::Vector2f(101.0f / 512, 0.0f)) << policy;
+    xax::CheckpointWriter writer;
+    task.save_train_state(writer);
+    EXPECT_EQ(xax::CheckpointReader::from_bytes(writer.bytes()).read_string("train.optimizer"), "lion");
+  }
+}
+
+}  // namespace
