@@ -310,4 +310,23 @@ TEST(UserOptimizer, MixedPrecisionTaskTrainsWithItsOwnOptimizer) {
   }
 }
 
+// Parameter groups through TrainStep: with zero gradients (target = params) AdamW only decays, p * (1 - 1/8 *
+// 1/2) = p * 15/16, and the bias is left alone; the fused bf16 compute copy follows.
+TEST(ParamGroupsInTrainStep, TheBiasIsNotDecayedWhileTheWeightIs) {
+  using MixedRegression = Regression<xax::Policy<float, xax::bfloat16, float>>;
+  MixedRegression trainer(initial_weights(),
+                          xax::optim::AdamWOptions{.learning_rate = 0.125,
+                                                   .weight_decay = 0.5,
+                                                   .groups = xax::optim::ParamGroups{}.no_weight_decay_if(
+                                                       xax::optim::is_bias_or_norm)});
+  const Weights<float> start = initial_weights();
+  EXPECT_TRUE(trainer.train_step(Target{start.w, start.b}).finite);
+  EXPECT_EQ(trainer.params().w, Eigen::Vector2f(0.9375f, -1.875f));
+  EXPECT_EQ(trainer.params().b, Eigen::Vector2f(0.5f, 0.0f));
+  trainer.with_compute_params([](const auto& compute) {
+    EXPECT_EQ(compute.w(1), xax::bfloat16(-1.875f));
+    EXPECT_EQ(compute.b(0), xax::bfloat16(0.5f));
+  });
+}
+
 }  // namespace
