@@ -329,4 +329,102 @@ TEST(ParamGroupsInTrainStep, TheBiasIsNotDecayedWhileTheWeightIs) {
   });
 }
 
+// on_unscaled_gradients: sees the unscaled fp32 gradients and their norm on finite steps, before the update.
+class HookedRegression
+    : public xax::TrainStep<HookedRegression, xax::Policy<float, xax::bfloat16, float>, xax::LossScale> {
+ public:
+  template <class T>
+  using params_type = Weights<T>;
+  using batch_type = Target;
+  static constexpr bool writes_fp32_gradients = true;
+
+  explicit HookedRegression(xax::OptimizerOptions optimizer) {
+    reset_train_state(initial_weights(), optimizer, xax::StaticLossScale(1024.0f));
+  }
+
+  template <class T, class G>
+  requires(std::same_as<G, T> ||
+           std::same_as<G, float>) double loss_and_grads(const Weights<T>& params, const Target& target,
+                                                         float scale, Weights<G>& grads) {
+    grads_are_float = std::same_as<G, float>;
+    grads.w = ((params.w.template cast<float>() - target.w) * scale).template cast<G>();
+    grads.b = ((params.b.template cast<float>() - target.b) * scale).template cast<G>();
+    return 0;
+  }
+
+  void on_unscaled_gradients(Weights<float>& grads, const xax::UnscaledGradients& info) {
+    ++hook_calls;
+    seen = grads;
+    seen_norm = info.norm;
+    if (double_the_bias) grads.b *= 2.0f;
+  }
+
+  bool grads_are_float = false;
+  bool double_the_bias = false;
+  int hook_calls = 0;
+  Weights<float> seen;
+  double seen_norm = 0;
+};
+
+// From w = (1, -2), b = (1/2, 0) towards 0 with the loss scaled by 1024: the hook sees (1, -2 | 1/2, 0)
+// unscaled, norm sqrt(1 + 4 + 1/4) = sqrt(21) / 2.
+TEST(UnscaledGradientsHook, SeesTheUnscaledGradientsAndTheirNormOnFiniteStepsOnly) {
+  HookedRegression trainer(xax::optim::SgdOptions{.learning_rate = 0.5});
+  const xax::StepResult result = trainer.train_step(zero_target());
+  EXPECT_TRUE(trainer.grads_are_float) << "the declared fp32-gradient path";
+  EXPECT_EQ(trainer.hook_calls, 1);
+  EXPECT_EQ(trainer.seen.w, Eigen::Vector2f(1.0f, -2.0f));
+  EXPECT_EQ(trainer.seen.b, Eigen::Vector2f(0.5f, 0.0f));
+  EXPECT_NEAR(trainer.seen_norm, std::sqrt(21.0) / 2, 1e-12);
+  EXPECT_EQ(result.grad_norm, trainer.seen_norm);
+
+  Target poisoned = zero_target();
+  poisoned.w(0) = std::numeric_limits<float>::infinity();
+  EXPECT_FALSE(trainer.train_step(poisoned).finite);
+  EXPECT_EQ(trainer.hook_calls, 1) << "a skipped step does not reach the hook";
+}
+
+// What the hook leaves is what the optimizer sees: SGD with lr 1/2 and the bias gradient doubled moves
+// b = 1/2 by 1/2 * 2 * 1/2 = 1/2, to 0, and w by half its gradient, to (1/2, -1).
+TEST(UnscaledGradientsHook, GradientsChangedInTheHookChangeTheUpdate) {
+  HookedRegression trainer(xax::optim::SgdOptions{.learning_rate = 0.5});
+  trainer.double_the_bias = true;
+  trainer.train_step(zero_target());
+  EXPECT_EQ(trainer.params().w, Eigen::Vector2f(0.5f, -1.0f));
+  EXPECT_EQ(trainer.params().b, Eigen::Vector2f(0.0f, 0.0f));
+}
+
+// The mixin forwards the task's hook.
+class HookedLionTask : public xax::MixedPrecisionMixin<HookedLionTask, MixinConfig> {
+ public:
+  template <class T>
+  using params_type = Weights<T>;
+  using batch_type = Target;
+
+  const MixinConfig& config() const { return config_; }
+  Weights<float> init_params() const { return initial_weights(); }
+
+  template <class T>
+  double loss_and_grads(const Weights<T>& params, const Target& target, float scale, Weights<T>& grads) {
+    grads.w = ((params.w.template cast<float>() - target.w) * scale).template cast<T>();
+    grads.b = ((params.b.template cast<float>() - target.b) * scale).template cast<T>();
+    return 0;
+  }
+  void on_unscaled_gradients(Weights<float>& grads, const xax::UnscaledGradients&) { seen = grads; }
+
+  MixinConfig config_;
+  Weights<float> seen;
+};
+
+TEST(UnscaledGradientsHook, MixedPrecisionMixinForwardsTheTaskHook) {
+  HookedLionTask task;
+  task.config_.enable_mixed_precision = true;
+  task.config_.precision_policy = "mixed";
+  task.config_.loss_scaling = "static";
+  task.config_.loss_scale_value = 256;
+  task.train_step(zero_target());
+  EXPECT_EQ(task.seen.w, Eigen::Vector2f(1.0f, -2.0f));
+  EXPECT_EQ(task.seen.b, Eigen::Vector2f(0.5f, 0.0f));
+}
+
 }  // namespace

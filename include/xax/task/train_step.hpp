@@ -30,7 +30,14 @@
 ///   double) through a second template parameter, `template <class T, class G> requires(std::same_as<G, T>
 ///   || std::same_as<G, float>) ... params_type<G>& grads`, receives them directly: its matmuls then write
 ///   them from their fp32 accumulators, which skips the cast and never rounds a gradient to 16 bits. A
-///   trainer that only takes `params_type<T>& grads` gets the cast.
+///   trainer that only takes `params_type<T>& grads` gets the cast. Declare the path with `static constexpr
+///   bool writes_fp32_gradients = true;` in the trainer, so that a loss_and_grads that does not accept fp32
+///   gradients is a compile error rather than a silent fallback to the cast (trainers without the
+///   declaration are still probed, which is kept for existing code).
+///
+/// Open points (DESIGN §11): any optimizer meeting xax::train_optimizer plugs in through reset_train_state
+/// (an optimizer object or a factory; AdamW and SGD go through the same door), and `on_unscaled_gradients`
+/// (see xax::unscaled_gradients_hook) sees the unscaled gradients before clipping and the update.
 
 #include <cmath>
 #include <cstdint>
@@ -105,6 +112,26 @@ concept trainer_for = requires {
 &&requires(D& trainer, const typename D::template params_type<T>& params, const typename D::batch_type& batch,
            float loss_scale, typename D::template params_type<G>& grads) {
   { trainer.loss_and_grads(params, batch, loss_scale, grads) } -> std::convertible_to<double>;
+};
+
+/// Whether trainer `D` opts in to writing its gradients in TrainStep's update_type (fp32) straight from
+/// compute-type params: `static constexpr bool writes_fp32_gradients = true;`. TrainStep then checks, with
+/// a static_assert naming what is missing, that its loss_and_grads accepts them.
+template <class D>
+concept declares_fp32_gradients = requires {
+  { D::writes_fp32_gradients } -> std::convertible_to<bool>;
+}
+&&static_cast<bool>(D::writes_fp32_gradients);
+
+/// The customization point between unscale-and-check and the update (PyTorch's `scaler.unscale_(opt)`
+/// followed by clipping or logging): a trainer that defines `void on_unscaled_gradients(params_type<
+/// update_type>& grads, const UnscaledGradients& info)` is called with the unscaled, averaged gradients and
+/// their global norm, on finite steps only (a skipped step never reaches the optimizer), before clipping and
+/// the update. It may read, log or change the gradients; what it leaves is what clipping and the optimizer
+/// see. The reported grad_norm, and the norm clipping compares against, is the one measured before the hook.
+template <class D, class Grads>
+concept unscaled_gradients_hook = requires(D& trainer, Grads& grads, const UnscaledGradients& info) {
+  trainer.on_unscaled_gradients(grads, info);
 };
 
 namespace detail {
@@ -477,6 +504,7 @@ class TrainStep {
     auto fresh = std::make_unique<State<D>>();
     tree_cast_into(initial, fresh->masters);
     fresh->refresh_compute_copy();
+    check_declared_fp32_gradients<D>();
     if constexpr (!writes_update_grads<D>) fresh->compute_grads = zeros_like(fresh->compute_params());
     fresh->grads = tree_cast<update_type>(fresh->masters);
     fill_floating(fresh->grads, 0.0);
@@ -512,10 +540,35 @@ class TrainStep {
   template <class D>
   struct State;
 
-  // Whether the trainer's gradients already have the optimizer's type, so that no cast is needed.
+  // Whether the trainer's gradients already have the optimizer's type, so that no cast is needed: declared
+  // by `writes_fp32_gradients = true` (checked), or, for trainers written before that opt-in, probed (a
+  // probe that fails, say from a wrong requires clause, silently falls back to the cast; prefer declaring).
   template <class D>
   static constexpr bool writes_update_grads =
-      std::is_same_v<compute_type, update_type> || trainer_for<D, compute_type, update_type>;
+      std::is_same_v<compute_type, update_type> || declares_fp32_gradients<D> ||
+      trainer_for<D, compute_type, update_type>;
+
+  template <class D>
+  static constexpr void check_declared_fp32_gradients() {
+    if constexpr (declares_fp32_gradients<D>) {
+      static_assert(trainer_for<D, compute_type, update_type>,
+                    "xax::TrainStep: the trainer declares `writes_fp32_gradients = true`, but its "
+                    "loss_and_grads does not accept `params_type<update_type>& grads` with compute-type "
+                    "params; write it as `template <class T, class G> requires(std::same_as<G, T> || "
+                    "std::same_as<G, float>) double loss_and_grads(const params_type<T>&, const batch_type&, "
+                    "float loss_scale, params_type<G>& grads)`, or drop the declaration");
+    }
+  }
+
+  template <class D, class Grads>
+  static constexpr void check_unscaled_gradients_hook() {
+    if constexpr (requires { &D::on_unscaled_gradients; }) {
+      static_assert(unscaled_gradients_hook<D, Grads>,
+                    "xax::TrainStep: the trainer's on_unscaled_gradients must be callable as "
+                    "`void on_unscaled_gradients(params_type<update_type>& grads, const "
+                    "xax::UnscaledGradients& info)` (public)");
+    }
+  }
 
   std::unique_ptr<StorageBase> storage_;
 
@@ -613,6 +666,8 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
       "params, const batch_type& batch, float loss_scale, params_type<T>& grads)` (public), returning "
       "the unscaled loss and writing the gradients of loss * loss_scale; the grads may also be "
       "`params_type<G>&` for a second template parameter G, to receive fp32 gradients directly");
+  check_declared_fp32_gradients<D>();
+  check_unscaled_gradients_hook<D, typename State<D>::template Params<update_type>>();
   auto& s = state<D>();
   if (micro_batches.empty()) throw ConfigError("train_step needs at least one batch; got an empty span");
   const float scale = current_loss_scale();
@@ -689,6 +744,9 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
   ++s.steps;
   if (finite) {
     result.grad_norm = unscaled.norm;
+    if constexpr (unscaled_gradients_hook<D, typename State<D>::template Params<update_type>>) {
+      derived().on_unscaled_gradients(s.grads, unscaled);
+    }
     const double max_norm = s.options.max_grad_norm;
     if (max_norm > 0 && result.grad_norm > max_norm) {
       detail::scale_in_place(s.grads,

@@ -17,7 +17,9 @@
 /// step then asks for fp32 gradients of half-precision parameters and skips their cast (see TrainStep).
 /// A task that defines `make_optimizer(const params_type<float>& like)`, returning any optimizer TrainStep
 /// accepts (xax::train_optimizer over params_type<float>), trains with it instead of the config's
-/// `optimizer`; the config's learning-rate schedule still drives it through `set_learning_rate`. Optionally
+/// `optimizer`; the config's learning-rate schedule still drives it through `set_learning_rate`. A task may
+/// declare `static constexpr bool writes_fp32_gradients = true;` and define `on_unscaled_gradients(
+/// params_type<float>& grads, const UnscaledGradients&)`, with TrainStep's meaning. Optionally
 /// the task defines `template <class T> double evaluate(const params_type<T>&, const batch_type&)` for
 /// MixedPrecisionMixin::evaluate_batch, which runs it in the policy's compute type.
 
@@ -204,6 +206,12 @@ class PolicyStepEngine final : public StepEngine<Task>,
                    LossScale loss_scale, TrainStepOptions options)
       : output_(output) {
     static_assert(std::is_same_v<typename Step::update_type, float>);
+    if constexpr (requires { &Task::on_unscaled_gradients; }) {
+      static_assert(unscaled_gradients_hook<Task, params_type<float>>,
+                    "xax::MixedPrecisionMixin: the task's on_unscaled_gradients must be callable as `void "
+                    "on_unscaled_gradients(params_type<float>& grads, const xax::UnscaledGradients& info)` "
+                    "(public)");
+    }
     this->reset_train_state(initial, std::forward<OptimizerSource>(optimizer), std::move(loss_scale),
                             options);
   }
@@ -218,6 +226,13 @@ class PolicyStepEngine final : public StepEngine<Task>,
   double loss_and_grads(const params_type<T>& params, const batch_type& batch, float loss_scale,
                         params_type<G>& grads) {
     return static_cast<double>(task_->loss_and_grads(params, batch, loss_scale, grads));
+  }
+
+  // Forwards the task's opt-in to fp32 gradients, so that TrainStep checks it, and its gradient hook.
+  static constexpr bool writes_fp32_gradients = declares_fp32_gradients<Task>;
+  void on_unscaled_gradients(params_type<float>& grads, const UnscaledGradients& info) requires
+      unscaled_gradients_hook<Task, params_type<float>> {
+    task_->on_unscaled_gradients(grads, info);
   }
 
   StepResult train_step(Task& task, std::span<const batch_type> micro_batches) override {
