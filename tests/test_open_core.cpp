@@ -427,4 +427,108 @@ TEST(UnscaledGradientsHook, MixedPrecisionMixinForwardsTheTaskHook) {
   EXPECT_EQ(task.seen.b, Eigen::Vector2f(0.5f, 0.0f));
 }
 
+// Half-precision masters: a constant gradient of 2^-13 at lr 1 moves a master of 1 by an eighth of the ulp
+// below 1 (2^-11), which round-to-nearest loses every time.
+struct Vector {
+  Eigen::VectorXf v;
+};
+
+template <class Half>
+class ConstantGradient
+    : public xax::TrainStep<ConstantGradient<Half>, xax::Policy<Half, Half, float>, xax::NoOpLossScale> {
+ public:
+  template <class T>
+  using params_type = Weights<T>;
+  using batch_type = Vector;
+
+  ConstantGradient(xax::optim::MasterRounding rounding, Eigen::Index n, std::uint64_t seed = 0) {
+    this->reset_train_state(Weights<float>{Eigen::VectorXf::Ones(n), Eigen::VectorXf::Ones(1)},
+                            xax::optim::SgdOptions{.learning_rate = 1.0}, xax::NoOpLossScale{},
+                            {.master_rounding = rounding, .rounding_seed = seed});
+  }
+  template <class T>
+  double loss_and_grads(const Weights<T>&, const Vector& gradient, float, Weights<T>& grads) {
+    grads.w = gradient.v.template cast<T>();
+    grads.b = gradient.v.head(1).template cast<T>();
+    return 0;
+  }
+};
+
+template <class Half>
+class MasterRounding : public ::testing::Test {};
+using HalfScalars = ::testing::Types<xax::float16, xax::bfloat16>;
+TYPED_TEST_SUITE(MasterRounding, HalfScalars);
+
+// The ulp just below 1: 2^-11 for float16, 2^-8 for bfloat16; the gradient is an eighth of it.
+template <class Half>
+constexpr float ulp_below_one = std::is_same_v<Half, xax::float16> ? 0x1p-11f : 0x1p-8f;
+
+TYPED_TEST(MasterRounding, NearestLosesTheSmallUpdates) {
+  constexpr float step = ulp_below_one<TypeParam> / 8;
+  ConstantGradient<TypeParam> trainer(xax::optim::MasterRounding::round_to_nearest, 4);
+  for (int i = 0; i < 16; ++i) trainer.train_step(Vector{Eigen::VectorXf::Constant(4, step)});
+  EXPECT_EQ(trainer.params().w(0), TypeParam(1.0f));
+}
+
+// Kahan: master + compensation holds the exact sum of the updates, and the master is its nearest half value
+// (ties to even): after 16 steps of 1/8 ulp, 1 - 2 ulp exactly; 5 steps later 1 - 2 5/8 ulp, so 1 - 3 ulp.
+TYPED_TEST(MasterRounding, KahanMovesTheMasterByTheSumOfTheUpdates) {
+  constexpr float u = ulp_below_one<TypeParam>;
+  ConstantGradient<TypeParam> trainer(xax::optim::MasterRounding::kahan, 4);
+  for (int i = 0; i < 16; ++i) trainer.train_step(Vector{Eigen::VectorXf::Constant(4, u / 8)});
+  EXPECT_EQ(trainer.params().w(0), TypeParam(1.0f - 2 * u));
+
+  // The compensation is checkpointed: a restored run continues bit-identically.
+  xax::CheckpointWriter writer;
+  trainer.save_train_state(writer);
+  ConstantGradient<TypeParam> restored(xax::optim::MasterRounding::kahan, 4);
+  restored.load_train_state(xax::CheckpointReader::from_bytes(writer.bytes()));
+  for (int i = 0; i < 5; ++i) {
+    trainer.train_step(Vector{Eigen::VectorXf::Constant(4, u / 8)});
+    restored.train_step(Vector{Eigen::VectorXf::Constant(4, u / 8)});
+  }
+  EXPECT_EQ(restored.params().w(0), trainer.params().w(0));
+  EXPECT_EQ(trainer.params().w(0), TypeParam(1.0f - 3 * u));
+}
+
+// Stochastic rounding is unbiased: one step of 1/8 ulp moves each of 4096 masters by a whole ulp with
+// probability 1/8, and is reproducible from the seed.
+TYPED_TEST(MasterRounding, StochasticIsUnbiasedAndReproducible) {
+  constexpr float u = ulp_below_one<TypeParam>;
+  constexpr Eigen::Index n = 4096;
+  ConstantGradient<TypeParam> trainer(xax::optim::MasterRounding::stochastic_rounding, n, 7);
+  trainer.train_step(Vector{Eigen::VectorXf::Constant(n, u / 8)});
+  Eigen::Index moved = 0;
+  for (Eigen::Index i = 0; i < n; ++i) {
+    const TypeParam w = trainer.params().w(i);
+    EXPECT_TRUE(w == TypeParam(1.0f) || w == TypeParam(1.0f - u)) << i;
+    moved += w == TypeParam(1.0f - u) ? 1 : 0;
+  }
+  // Binomial(4096, 1/8): mean 512, standard deviation 21.
+  EXPECT_NEAR(static_cast<double>(moved), 512.0, 5 * 21.2);
+
+  ConstantGradient<TypeParam> same_seed(xax::optim::MasterRounding::stochastic_rounding, n, 7);
+  same_seed.train_step(Vector{Eigen::VectorXf::Constant(n, u / 8)});
+  EXPECT_TRUE(bitwise_equal(same_seed.params().w, trainer.params().w));
+}
+
+TEST(MasterRounding, ConfigChoosesItAndRefusesOtherNames) {
+  MixinConfig config;
+  EXPECT_EQ(config.master_rounding, "stochastic");
+  EXPECT_EQ(config.train_step_options().master_rounding, xax::optim::MasterRounding::stochastic_rounding);
+  config.master_rounding = "kahan";
+  EXPECT_EQ(config.train_step_options().master_rounding, xax::optim::MasterRounding::kahan);
+  config.master_rounding = "nearest";
+  EXPECT_EQ(config.train_step_options().master_rounding, xax::optim::MasterRounding::round_to_nearest);
+  config.master_rounding = "up";
+  try {
+    config.validate_mixed_precision();
+    FAIL() << "expected ConfigError";
+  } catch (const xax::ConfigError& error) {
+    EXPECT_STREQ(
+        error.what(),
+        "config field 'master_rounding': 'up' is not accepted; expected stochastic, nearest or kahan");
+  }
+}
+
 }  // namespace

@@ -80,6 +80,12 @@ struct TrainStepOptions {
   /// That step is not taken: it changes no counter, scale or parameter. A non-finite loss with finite
   /// gradients is skipped but not counted here (the scale did not cause it).
   std::int64_t max_overflows_at_min_scale = 100;
+  /// How half-precision masters (float16 or bfloat16 params) take their fp32 update: round to nearest (small
+  /// updates are lost), stochastic rounding (unbiased; its random stream is keyed by rounding_seed, the step
+  /// count, the leaf and the element, so a resumed run rounds identically), or Kahan compensation (a
+  /// half-precision compensation tree, checkpointed). fp32 masters ignore it.
+  optim::MasterRounding master_rounding = optim::MasterRounding::round_to_nearest;
+  std::uint64_t rounding_seed = 0;
 };
 
 /// Bytes held by a train state, by kind (payload only, no allocator overhead).
@@ -344,7 +350,7 @@ class TrainStep {
     bytes.grads = payload_bytes(s.grads) + payload_bytes(s.grads_micro) +
                   (std::is_same_v<compute_type, update_type> ? 0 : payload_bytes(s.compute_grads)) +
                   payload_bytes(s.work);
-    bytes.optimizer = s.optimizer->state_bytes();
+    bytes.optimizer = s.optimizer->state_bytes() + payload_bytes(s.compensation);
     return bytes;
   }
 
@@ -356,6 +362,7 @@ class TrainStep {
     writer.add_string(prefix + ".optimizer", s.optimizer->name());
     writer.add_tree(prefix + ".params", s.masters);
     s.optimizer->save_state(writer, prefix + ".optimizer_state");
+    if (uses_master_compensation(s)) writer.add_tree(prefix + ".master_compensation", s.compensation);
     writer.add_tree(prefix + ".loss_scale", detail::visit_loss_scale(s.loss_scale, [](const auto& l) {
                       return detail::to_record(l);
                     }));
@@ -385,6 +392,8 @@ class TrainStep {
     auto masters = s.masters;
     reader.read_tree(prefix + ".params", masters);
     auto optimizer = s.optimizer->with_loaded_state(reader, prefix + ".optimizer_state");
+    auto compensation = s.compensation;
+    if (uses_master_compensation(s)) reader.read_tree(prefix + ".master_compensation", compensation);
     detail::LossScaleRecord record;
     reader.read_tree(prefix + ".loss_scale", record);
     LossScale restored;
@@ -418,6 +427,7 @@ class TrainStep {
     s.masters = std::move(masters);
     s.refresh_compute_copy();
     s.optimizer = typename State<D>::Optimizer(std::move(optimizer));
+    s.compensation = std::move(compensation);
     s.loss_scale = std::move(loss_scale);
     s.steps = steps;
     s.skipped = skipped;
@@ -488,6 +498,13 @@ class TrainStep {
   const Derived& derived() const { return static_cast<const Derived&>(*this); }
 
  private:
+  // Whether half-precision masters carry a Kahan compensation, which checkpoints then hold.
+  template <class S>
+  static bool uses_master_compensation(const S& s) {
+    return !std::is_same_v<update_type, param_type> &&
+           s.options.master_rounding == optim::MasterRounding::kahan;
+  }
+
   template <class O, class Params>
   static constexpr void require_train_optimizer() {
     static_assert(train_optimizer<O, Params>,
@@ -508,11 +525,21 @@ class TrainStep {
     if constexpr (!writes_update_grads<D>) fresh->compute_grads = zeros_like(fresh->compute_params());
     fresh->grads = tree_cast<update_type>(fresh->masters);
     fill_floating(fresh->grads, 0.0);
-    if constexpr (!std::is_same_v<update_type, param_type>) fresh->work = fresh->grads;
+    if constexpr (!std::is_same_v<update_type, param_type>) {
+      fresh->work = fresh->grads;
+      if (options.master_rounding == optim::MasterRounding::kahan)
+        fresh->compensation = zeros_like(fresh->masters);
+    }
     fresh->optimizer = make_optimizer(std::as_const(fresh->grads));
     if (options.max_grad_norm < 0 || !std::isfinite(options.max_grad_norm)) {
       throw ConfigError("max_grad_norm " + detail::shortest_text(options.max_grad_norm) +
                         " is not accepted; give a finite value >= 0 (0 disables clipping)");
+    }
+    if (options.master_rounding != optim::MasterRounding::round_to_nearest &&
+        options.master_rounding != optim::MasterRounding::stochastic_rounding &&
+        options.master_rounding != optim::MasterRounding::kahan) {
+      throw ConfigError("master_rounding " + std::to_string(static_cast<int>(options.master_rounding)) +
+                        " is not accepted; give round_to_nearest, stochastic_rounding or kahan");
     }
     if (options.max_overflows_at_min_scale < 0) {
       throw ConfigError("max_overflows_at_min_scale " + std::to_string(options.max_overflows_at_min_scale) +
@@ -621,6 +648,7 @@ struct TrainStep<Derived, Policy, LossScaleT>::State final : StorageBase {
   Params<update_type> grads_micro;     // one micro-batch's gradients under accumulation
   bool micro_shaped = false;           // whether grads_micro has the gradients' shapes yet
   Params<update_type> work;            // fp32 copy of half-precision masters during the update
+  Params<param_type> compensation;     // Kahan compensation of half-precision masters; empty otherwise
   Optimizer optimizer;
 
   std::unique_ptr<StorageBase> clone() const override { return std::make_unique<State>(*this); }
@@ -649,8 +677,52 @@ struct TrainStep<Derived, Policy, LossScaleT>::State final : StorageBase {
       }
     } else {
       tree_cast_into(masters, work);
-      if (!optimizer->step(work, grads, &masters)) tree_cast_into(work, masters);
+      const optim::MasterRounding rounding = this->options.master_rounding;
+      if (rounding == optim::MasterRounding::round_to_nearest) {
+        if (!optimizer->step(work, grads, &masters)) tree_cast_into(work, masters);
+      } else {
+        optimizer->step(work, grads, nullptr);
+        round_work_into_masters(rounding);
+      }
       refresh_compute_copy();
+    }
+  }
+
+  // Rounds the updated `work` into the half-precision masters, which still hold the values before the update.
+  void round_work_into_masters(optim::MasterRounding rounding) {
+    std::size_t leaf = 0;
+    const auto round_leaf = [&]<class W, class M>(const W& updated_leaf, M& master_leaf,
+                                                  M* compensation_leaf) {
+      if constexpr (floating_leaf<W> && floating_leaf<M>) {
+        using H = leaf_scalar_t<M>;
+        const auto updated = leaf_span(updated_leaf);
+        auto param = leaf_span(master_leaf);
+        if (compensation_leaf == nullptr) {
+          const std::uint32_t key =
+              optim::detail::rounding_key(this->options.rounding_seed, this->steps, leaf);
+          for (std::size_t i = 0; i < param.size(); ++i) {
+            param[i] = optim::detail::round_stochastic<H>(updated[i], optim::detail::random_bits(key, i));
+          }
+        } else {
+          // As BF16Store's Kahan branch: small updates gather in the compensation until they move the master.
+          auto carried = leaf_span(*compensation_leaf);
+          for (std::size_t i = 0; i < param.size(); ++i) {
+            const auto old = static_cast<float>(param[i]);
+            const float corrected = (updated[i] - old) + static_cast<float>(carried[i]);
+            const auto sum = static_cast<H>(old + corrected);
+            carried[i] = static_cast<H>(corrected - (static_cast<float>(sum) - old));
+            param[i] = sum;
+          }
+        }
+        ++leaf;
+      }
+    };
+    if (rounding == optim::MasterRounding::kahan) {
+      for_each_leaf([&]<class W, class M>(const W& w, M& m, M& c) { round_leaf(w, m, &c); }, work, masters,
+                    compensation);
+    } else {
+      for_each_leaf([&]<class W, class M>(const W& w, M& m) { round_leaf(w, m, static_cast<M*>(nullptr)); },
+                    work, masters);
     }
   }
 };

@@ -57,6 +57,9 @@ struct MixedPrecisionConfig {
   double max_grad_norm = 0;  ///< clip unscaled gradients to this global L2 norm; 0 disables
   std::int64_t accumulation_steps = 1;
   std::int64_t max_overflows_at_min_scale = 100;  ///< LossScaleError after this many; 0 never
+  /// How half-precision masters (params float16 or bfloat16, as in the float16 preset) take their fp32
+  /// update: stochastic (unbiased), nearest (updates under half an ulp are lost) or kahan (compensated).
+  std::string master_rounding = "stochastic";
 
   template <class Self, class Visit>
   static void visit_mixed_precision_fields(Self& self, Visit&& visit) {
@@ -75,6 +78,7 @@ struct MixedPrecisionConfig {
     visit("max_grad_norm", self.max_grad_norm, "a finite number >= 0; 0 disables clipping");
     visit("accumulation_steps", self.accumulation_steps, "an integer >= 1");
     visit("max_overflows_at_min_scale", self.max_overflows_at_min_scale, "an integer >= 0; 0 never stops");
+    visit("master_rounding", self.master_rounding, "stochastic, nearest or kahan");
   }
 
   /// The policy this config runs: float32 throughout when mixed precision is disabled.
@@ -157,10 +161,19 @@ struct MixedPrecisionConfig {
       throw reject("max_overflows_at_min_scale", std::to_string(max_overflows_at_min_scale),
                    "an integer >= 0");
     }
+    if (master_rounding != "stochastic" && master_rounding != "nearest" && master_rounding != "kahan") {
+      throw reject("master_rounding", "'" + master_rounding + "'", "stochastic, nearest or kahan");
+    }
   }
 
   [[nodiscard]] TrainStepOptions train_step_options() const {
-    return {.max_grad_norm = max_grad_norm, .max_overflows_at_min_scale = max_overflows_at_min_scale};
+    const optim::MasterRounding rounding =
+        master_rounding == "nearest" ? optim::MasterRounding::round_to_nearest
+        : master_rounding == "kahan" ? optim::MasterRounding::kahan
+                                     : optim::MasterRounding::stochastic_rounding;
+    return {.max_grad_norm = max_grad_norm,
+            .max_overflows_at_min_scale = max_overflows_at_min_scale,
+            .master_rounding = rounding};
   }
 };
 
