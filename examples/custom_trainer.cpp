@@ -79,6 +79,10 @@ class MyTask : public xax::TrainMixin<MyTask, MyConfig>, public xax::MixedPrecis
     return batch;
   }
 
+  // Declares that loss_and_grads below accepts fp32 gradients of half-precision params (checked at compile
+  // time).
+  static constexpr bool writes_fp32_gradients = true;
+
   // The model, written once for every compute scalar: the unscaled loss, and the gradients of loss *
   // loss_scale. G is T, or float when the step asks for fp32 gradients of half-precision parameters, which
   // the backward's matmuls then write from their fp32 accumulators (no cast, nothing rounded to 16 bits).

@@ -471,4 +471,124 @@ TEST(BF16Update, MomentsAreFp32) {
   EXPECT_NEAR(adamw.state().v.head(0), 1e-9, 1e-11);
 }
 
+// Parameter groups: a layer's weight and bias, and a norm gain, by leaf path.
+template <class T>
+struct Layer {
+  Eigen::Matrix<T, Eigen::Dynamic, 1> w;
+  Eigen::Matrix<T, Eigen::Dynamic, 1> b;
+  Eigen::Matrix<T, Eigen::Dynamic, 1> norm_gain;
+  XAX_FIELDS(w, b, norm_gain);
+};
+
+template <class T>
+Layer<T> layer_of(T w, T b, T gain) {
+  return {Eigen::Matrix<T, 2, 1>::Constant(w), Eigen::Matrix<T, 2, 1>::Constant(b),
+          Eigen::Matrix<T, 2, 1>::Constant(gain)};
+}
+
+TEST(ParamGroups, BiasAndNormPredicatesMatchTheUsualNames) {
+  using xax::optim::is_bias_or_norm;
+  for (const char* path : {"b", "layers[1].b", "attn.bias", "rnn.bias_hh", "proj_bias", "ln_f.ln_gain",
+                           "gain", "blocks[0].norm1.w", "final_norm.scale", "LayerNorm.weight", "gamma",
+                           "layers[\"out\"].b", "biases[3]"}) {
+    EXPECT_TRUE(is_bias_or_norm(path)) << path;
+  }
+  for (const char* path : {"w", "layers[1].w", "embed", "attn.qkv", "layers[\"b\"].w", "bw", "abnormal_w"}) {
+    EXPECT_FALSE(is_bias_or_norm(path)) << path;
+  }
+}
+
+// With zero gradients AdamW's update is weight decay alone: p (1 - lr wd) = p (1 - 1/8 * 1/2) = p * 15/16.
+TEST(ParamGroups, AdamWDecaysTheWeightButNotTheBiasOrNormGain) {
+  using Tree = Layer<float>;
+  Tree params = layer_of(2.0f, 4.0f, 8.0f);
+  const Tree grads = layer_of(0.0f, 0.0f, 0.0f);
+  xax::optim::AdamW<Tree> adamw(
+      params, {.learning_rate = 0.125,
+               .weight_decay = 0.5,
+               .groups = xax::optim::ParamGroups{}.no_weight_decay_if(xax::optim::is_bias_or_norm)});
+  adamw.step(params, grads);
+  EXPECT_EQ(params.w, Eigen::Vector2f::Constant(1.875f));
+  EXPECT_EQ(params.b, Eigen::Vector2f::Constant(4.0f));
+  EXPECT_EQ(params.norm_gain, Eigen::Vector2f::Constant(8.0f));
+}
+
+// The fused step that writes a bf16 copy (TrainStep's compute copy) applies the groups too.
+TEST(ParamGroups, AdamWStepWithACopyAppliesTheGroups) {
+  Layer<float> params = layer_of(2.0f, 4.0f, 8.0f);
+  Layer<xax::bfloat16> copy = xax::tree_cast<xax::bfloat16>(params);
+  xax::optim::AdamW<Layer<float>> adamw(
+      params, {.learning_rate = 0.125,
+               .weight_decay = 0.5,
+               .groups = xax::optim::ParamGroups{}.weight_decay_if(xax::optim::field_is("b"), 1.0)});
+  adamw.step(params, layer_of(0.0f, 0.0f, 0.0f), copy);
+  EXPECT_EQ(params.w, Eigen::Vector2f::Constant(1.875f));
+  EXPECT_EQ(params.b, Eigen::Vector2f::Constant(3.5f)) << "1 - 1/8 * 1";
+  EXPECT_EQ(params.norm_gain, Eigen::Vector2f::Constant(7.5f));
+  EXPECT_EQ(copy.b(0), xax::bfloat16(3.5f));
+}
+
+// SGD: d = g + wd p, p -= lr d. With g = 1, lr 1/2, wd 1/4 and the bias at a quarter of the learning rate
+// and no decay: w = 2 - 1/2 (1 + 1/2) = 5/4; b = 4 - 1/8 * 1 = 31/8; the gain is decayed (rules after the
+// first do not touch it): 8 - 1/2 (1 + 2) = 13/2.
+TEST(ParamGroups, SgdGivesEachLeafItsLearningRateAndDecay) {
+  for (const double momentum : {0.0, 0.5}) {
+    Layer<float> params = layer_of(2.0f, 4.0f, 8.0f);
+    xax::optim::Sgd<Layer<float>> sgd(params,
+                                      {.learning_rate = 0.5,
+                                       .momentum = momentum,
+                                       .weight_decay = 0.25,
+                                       .groups = xax::optim::ParamGroups{}
+                                                     .no_weight_decay_if(xax::optim::is_bias)
+                                                     .learning_rate_scale_if(xax::optim::is_bias, 0.25)});
+    sgd.step(params, layer_of(1.0f, 1.0f, 1.0f));
+    EXPECT_EQ(params.w, Eigen::Vector2f::Constant(1.25f)) << momentum;
+    EXPECT_EQ(params.b, Eigen::Vector2f::Constant(3.875f)) << momentum;
+    EXPECT_EQ(params.norm_gain, Eigen::Vector2f::Constant(6.5f)) << momentum;
+  }
+}
+
+TEST(ParamGroups, BF16ParamsUseTheGroupsToo) {
+  using Tree = Layer<xax::bfloat16>;
+  Tree params = layer_of(xax::bfloat16(2.0f), xax::bfloat16(4.0f), xax::bfloat16(8.0f));
+  xax::optim::Sgd<Tree> sgd(params,
+                            {.learning_rate = 0.5,
+                             .weight_decay = 0.25,
+                             .groups = xax::optim::ParamGroups{}.no_weight_decay_if(xax::optim::is_bias)},
+                            {.rounding = xax::optim::BF16Update::round_to_nearest});
+  sgd.step(params, layer_of(xax::bfloat16(1.0f), xax::bfloat16(1.0f), xax::bfloat16(1.0f)));
+  EXPECT_EQ(params.w(0), xax::bfloat16(1.25f));
+  EXPECT_EQ(params.b(0), xax::bfloat16(3.5f));
+}
+
+TEST(ParamGroups, LaterRulesOverrideEarlierOnesAndBadValuesAreRefused) {
+  const auto groups = xax::optim::ParamGroups{}
+                          .weight_decay_if([](std::string_view) { return true; }, 0.25)
+                          .no_weight_decay_if(xax::optim::is_bias)
+                          .learning_rate_scale_if(xax::optim::path_contains("layers[1]"), 2.0);
+  EXPECT_EQ(groups.settings_for("layers[1].w", 0.5).weight_decay, 0.25);
+  EXPECT_EQ(groups.settings_for("layers[1].w", 0.5).learning_rate_scale, 2.0);
+  EXPECT_EQ(groups.settings_for("layers[0].b", 0.5).weight_decay, 0.0);
+  EXPECT_EQ(groups.settings_for("layers[0].b", 0.5).learning_rate_scale, 1.0);
+  try {
+    (void)xax::optim::ParamGroups{}.weight_decay_if(xax::optim::is_bias, -1.0);
+    FAIL() << "expected ConfigError";
+  } catch (const xax::ConfigError& error) {
+    EXPECT_STREQ(error.what(),
+                 "xax::optim::ParamGroups: weight_decay -1 is not accepted; give a finite value >= 0");
+  }
+  EXPECT_THROW((void)xax::optim::ParamGroups{}.learning_rate_scale_if(nullptr, 1.0), xax::ConfigError);
+}
+
+TEST(ParamGroups, SgdWithoutMomentumRefusesParamsWithOtherLeaves) {
+  using Tree = std::vector<Eigen::VectorXf>;
+  Tree like{Eigen::VectorXf::Ones(2), Eigen::VectorXf::Ones(2)};
+  xax::optim::Sgd<Tree> sgd(like, {.learning_rate = 0.5});
+  Tree params{Eigen::VectorXf::Ones(2), Eigen::VectorXf::Ones(2), Eigen::VectorXf::Ones(2)};
+  const Tree before = params;
+  EXPECT_THROW(sgd.step(params, params), xax::ShapeError);
+  EXPECT_EQ(params[0], before[0]);
+  EXPECT_EQ(sgd.state().step, 0);
+}
+
 }  // namespace

@@ -72,6 +72,8 @@ class MlpTrainer
                             xax::optim::AdamWOptions{.learning_rate = 1e-3}, std::move(loss_scale));
   }
 
+  static constexpr bool writes_fp32_gradients = WritesFloatGrads;
+
   template <class T, class G>
   requires(WritesFloatGrads || std::same_as<T, G>) double loss_and_grads(const xax::nn::MlpParams<T>& params,
                                                                          const Batch& batch, float loss_scale,

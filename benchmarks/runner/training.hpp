@@ -168,6 +168,9 @@ class MlpTask : public xax::TrainMixin<MlpTask, MlpConfig>,
     return batch;
   }
 
+  /// Declares the fp32-gradient path of loss_and_grads below (checked at compile time).
+  static constexpr bool writes_fp32_gradients = true;
+
   /// G is T or float: TrainStep asks for fp32 gradients of half parameters, which the backward's matmuls
   /// write straight from their fp32 accumulators.
   template <class T, class G>

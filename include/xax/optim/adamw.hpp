@@ -17,8 +17,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 #include <xax/detail/convert.hpp>
 #include <xax/optim/optimizer.hpp>
+#include <xax/optim/param_groups.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
 #include <xax/utils/tree.hpp>
@@ -32,6 +34,9 @@ struct AdamWOptions {
   double beta2 = 0.999;
   double eps = 1e-8;
   double weight_decay = 1e-2;
+  /// Per-leaf learning-rate multipliers and weight decay by leaf path, e.g.
+  /// `ParamGroups{}.no_weight_decay_if(is_bias_or_norm)`; empty: every leaf uses the values above.
+  ParamGroups groups{};
 };
 
 /// AdamW's state over master weights: the step count and both moments, shaped like the params.
@@ -61,14 +66,15 @@ template <class S>
 struct AdamWConstants {
   S decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps;
 
-  static AdamWConstants make(const AdamWOptions& o, std::int64_t step) {
+  static AdamWConstants make(const AdamWOptions& o, std::int64_t step, const LeafSettings& leaf) {
     const auto t = static_cast<double>(step);
-    return {static_cast<S>(1.0 - o.learning_rate * o.weight_decay),
+    const double learning_rate = o.learning_rate * leaf.learning_rate_scale;
+    return {static_cast<S>(1.0 - learning_rate * leaf.weight_decay),
             static_cast<S>(o.beta1),
             static_cast<S>(1.0 - o.beta1),
             static_cast<S>(o.beta2),
             static_cast<S>(1.0 - o.beta2),
-            static_cast<S>(o.learning_rate / (1.0 - std::pow(o.beta1, t))),
+            static_cast<S>(learning_rate / (1.0 - std::pow(o.beta1, t))),
             static_cast<S>(std::sqrt(1.0 - std::pow(o.beta2, t))),
             static_cast<S>(o.eps)};
   }
@@ -106,6 +112,7 @@ class AdamW {
   explicit AdamW(const Params& like, AdamWOptions options = {}) requires master_params<Params>
       : options_(options) {
     validate(options_);
+    leaves_ = options_.groups.resolve(like, options_.weight_decay);
     state_.m = zeros_like(like);
     state_.v = zeros_like(like);
   }
@@ -115,6 +122,7 @@ class AdamW {
                  BF16UpdateOptions bf16 = {}) requires bf16_params<Params> : options_(options),
                                                                              bf16_(bf16) {
     validate(options_);
+    leaves_ = options_.groups.resolve(like, options_.weight_decay);
     state_.m = tree_cast<float>(like);
     fill_floating(state_.m, 0.0);
     state_.v = state_.m;
@@ -136,8 +144,9 @@ class AdamW {
       detail::require_matching_trees(params, grads, state_.m, state_.v);
     }
     if constexpr (master_params<Params>) {
+      std::size_t leaf = 0;
       for_each_leaf([&]<class L>(L& p, const L& g, L& m,
-                                 L& v) { update_master_leaf(p, g, m, v, detail::no_copy(p), step); },
+                                 L& v) { update_master_leaf(p, g, m, v, detail::no_copy(p), step, leaf); },
                     params, grads, state_.m, state_.v);
     } else {
       std::size_t leaf = 0;
@@ -167,14 +176,17 @@ class AdamW {
   void step(Params& params, const Params& grads, Copy& copy) requires master_params<Params> {
     const std::int64_t step = state_.step + 1;
     detail::require_matching_trees(params, grads, state_.m, state_.v, copy);
+    std::size_t leaf = 0;
     for_each_leaf(
         [&]<class L, class C>(L& p, const L& g, L& m, L& v, C& c) {
-          update_master_leaf(p, g, m, v, detail::copy_target(p, c), step);
+          update_master_leaf(p, g, m, v, detail::copy_target(p, c), step, leaf);
         },
         params, grads, state_.m, state_.v, copy);
     state_.step = step;
   }
 
+  /// The name train-state checkpoints record (and check on load).
+  [[nodiscard]] static constexpr const char* name() { return "adamw"; }
   [[nodiscard]] const State& state() const { return state_; }
   [[nodiscard]] State& state() { return state_; }
   [[nodiscard]] const AdamWOptions& options() const { return options_; }
@@ -200,10 +212,12 @@ class AdamW {
   }
 
   template <class L, class Copy>
-  void update_master_leaf(L& p, const L& g, L& m, L& v, Copy* copy, std::int64_t step) const {
+  // `leaf` numbers the floating leaves, for their parameter-group settings.
+  void update_master_leaf(L& p, const L& g, L& m, L& v, Copy* copy, std::int64_t step,
+                          std::size_t& leaf) const {
     if constexpr (floating_leaf<L>) {
       using S = leaf_scalar_t<L>;
-      const auto constants = detail::AdamWConstants<S>::make(options_, step);
+      const auto constants = detail::AdamWConstants<S>::make(options_, step, leaves_[leaf++]);
       S* param = leaf_span(p).data();
       const S* grad = leaf_span(g).data();
       S* first = leaf_span(m).data();
@@ -223,7 +237,7 @@ class AdamW {
   template <class L, class M>
   void update_bf16_leaf(L& p, const L& g, M& m, M& v, L* compensation_leaf, std::int64_t step,
                         std::size_t leaf) const {
-    const auto constants = detail::AdamWConstants<float>::make(options_, step);
+    const auto constants = detail::AdamWConstants<float>::make(options_, step, leaves_[leaf]);
     const detail::BF16Store store{bf16_.rounding, detail::rounding_key(bf16_.seed, step, leaf)};
     bfloat16* param = leaf_span(p).data();
     const bfloat16* grad = leaf_span(g).data();
@@ -245,6 +259,7 @@ class AdamW {
   }
 
   AdamWOptions options_;
+  std::vector<LeafSettings> leaves_;  // per floating leaf, in for_each_leaf order, from options_.groups
   BF16UpdateOptions bf16_{};
   State state_;
 };

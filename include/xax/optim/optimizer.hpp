@@ -48,6 +48,10 @@ enum class BF16Update {
   kahan,
 };
 
+/// How TrainStep rounds the fp32 update of half-precision masters (float16 or bfloat16 params) back into
+/// them: the same three choices as a pure-bf16 update.
+using MasterRounding = BF16Update;
+
 /// The rounding of a pure-bf16 update and the seed of its random stream (stochastic rounding draws its bits
 /// from a counter-based hash of seed, step and element index, so a run is reproducible at any thread count
 /// and resumes bit-identically from (seed, step)).
@@ -209,6 +213,36 @@ constexpr std::uint16_t float_to_bfloat16_stochastic(float value, std::uint32_t 
   if ((bits & 0x7fff'ffffu) > 0x7f80'0000u)
     return static_cast<std::uint16_t>(((bits >> 16) & 0x8000u) | 0x7fc0u);
   return static_cast<std::uint16_t>((bits + (random & 0xffffu)) >> 16);
+}
+
+/// float -> H (float16 or bfloat16) rounded to one of the two neighbours of `value` with probabilities that
+/// make it unbiased, E[result] = value, from 32 random bits. Exact values, NaN, and values whose nearest
+/// rounding overflows round to nearest.
+template <class H>
+H round_stochastic(float value, std::uint32_t random) noexcept {
+  if constexpr (std::is_same_v<H, bfloat16>) {
+    return std::bit_cast<bfloat16>(float_to_bfloat16_stochastic(value, random));
+  } else {
+    const H nearest = static_cast<H>(value);
+    const auto n = static_cast<float>(nearest);
+    if (n == value || !std::isfinite(n) || std::isnan(value)) return nearest;
+    const auto bits = std::bit_cast<std::uint16_t>(nearest);
+    const bool negative = (bits & 0x8000u) != 0;
+    // The other neighbour of `value`: one ulp further from zero when value lies beyond `nearest`, or nearer.
+    std::uint16_t other_bits = 0;
+    if ((bits & 0x7fffu) == 0) {
+      other_bits = value > n ? std::uint16_t{0x0001} : std::uint16_t{0x8001};
+    } else {
+      other_bits = static_cast<std::uint16_t>((value > n) != negative ? bits + 1u : bits - 1u);
+    }
+    const H other = std::bit_cast<H>(other_bits);
+    const auto o = static_cast<float>(other);
+    if (!std::isfinite(o)) return nearest;
+    // value - n and o - n are exact (Sterbenz), so the probability is the rounded ratio of exact distances.
+    const float probability = std::abs(value - n) / std::abs(o - n);
+    const float uniform = static_cast<float>(random >> 8) * 0x1p-24f;
+    return uniform < probability ? other : nearest;
+  }
 }
 
 inline bfloat16 round_nearest(float value) noexcept {

@@ -14,9 +14,12 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <type_traits>
+#include <vector>
 #include <xax/detail/convert.hpp>
 #include <xax/optim/optimizer.hpp>
+#include <xax/optim/param_groups.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
 #include <xax/utils/tree.hpp>
@@ -29,6 +32,9 @@ struct SgdOptions {
   double momentum = 0.0;
   double weight_decay = 0.0;
   bool nesterov = false;
+  /// Per-leaf learning-rate multipliers and weight decay by leaf path, e.g.
+  /// `ParamGroups{}.no_weight_decay_if(is_bias_or_norm)`; empty: every leaf uses the values above.
+  ParamGroups groups{};
 };
 
 /// SGD's state over master weights: the step count and the momentum buffer (an empty tree when momentum is
@@ -105,6 +111,7 @@ class Sgd {
   explicit Sgd(const Params& like, SgdOptions options = {}) requires master_params<Params>
       : options_(options) {
     validate(options_);
+    leaves_ = options_.groups.resolve(like, options_.weight_decay);
     if (options_.momentum != 0) state_.momentum_buffer = zeros_like(like);
   }
 
@@ -113,6 +120,7 @@ class Sgd {
                BF16UpdateOptions bf16 = {}) requires bf16_params<Params> : options_(options),
                                                                            bf16_(bf16) {
     validate(options_);
+    leaves_ = options_.groups.resolve(like, options_.weight_decay);
     if (options_.momentum != 0) {
       state_.momentum_buffer = tree_cast<float>(like);
       fill_floating(state_.momentum_buffer, 0.0);
@@ -141,15 +149,17 @@ class Sgd {
     } else {
       detail::require_matching_trees(params, grads);
     }
+    require_leaf_count(params);
     if constexpr (master_params<Params>) {
+      std::size_t leaf = 0;
       if (momentum) {
-        for_each_leaf(
-            [&]<class L>(L& p, const L& g, L& b) { update_master_leaf(p, g, &b, detail::no_copy(p), step); },
-            params, grads, state_.momentum_buffer);
+        for_each_leaf([&]<class L>(L& p, const L& g,
+                                   L& b) { update_master_leaf(p, g, &b, detail::no_copy(p), step, leaf); },
+                      params, grads, state_.momentum_buffer);
       } else {
         for_each_leaf(
             [&]<class L>(L& p, const L& g) {
-              update_master_leaf(p, g, static_cast<L*>(nullptr), detail::no_copy(p), step);
+              update_master_leaf(p, g, static_cast<L*>(nullptr), detail::no_copy(p), step, leaf);
             },
             params, grads);
       }
@@ -164,24 +174,28 @@ class Sgd {
   template <tree Copy>
   void step(Params& params, const Params& grads, Copy& copy) requires master_params<Params> {
     const std::int64_t step = state_.step + 1;
+    std::size_t leaf = 0;
     if (options_.momentum != 0) {
       detail::require_matching_trees(params, grads, state_.momentum_buffer, copy);
       for_each_leaf(
           [&]<class L, class C>(L& p, const L& g, L& b, C& c) {
-            update_master_leaf(p, g, &b, detail::copy_target(p, c), step);
+            update_master_leaf(p, g, &b, detail::copy_target(p, c), step, leaf);
           },
           params, grads, state_.momentum_buffer, copy);
     } else {
       detail::require_matching_trees(params, grads, copy);
+      require_leaf_count(params);
       for_each_leaf(
           [&]<class L, class C>(L& p, const L& g, C& c) {
-            update_master_leaf(p, g, static_cast<L*>(nullptr), detail::copy_target(p, c), step);
+            update_master_leaf(p, g, static_cast<L*>(nullptr), detail::copy_target(p, c), step, leaf);
           },
           params, grads, copy);
     }
     state_.step = step;
   }
 
+  /// The name train-state checkpoints record (and check on load).
+  [[nodiscard]] static constexpr const char* name() { return "sgd"; }
   [[nodiscard]] const State& state() const { return state_; }
   [[nodiscard]] State& state() { return state_; }
   [[nodiscard]] const SgdOptions& options() const { return options_; }
@@ -206,17 +220,30 @@ class Sgd {
                            o.momentum, "a value > 0: Nesterov momentum needs momentum");
   }
 
+  // The constants of floating leaf number `leaf`, with its parameter-group settings.
   template <class S>
-  detail::SgdConstants<S> constants(std::int64_t step) const {
-    return {static_cast<S>(options_.learning_rate), static_cast<S>(options_.momentum),
-            static_cast<S>(options_.weight_decay), options_.nesterov, step == 1};
+  detail::SgdConstants<S> constants(std::int64_t step, std::size_t leaf) const {
+    const LeafSettings& settings = leaves_[leaf];
+    return {static_cast<S>(options_.learning_rate * settings.learning_rate_scale),
+            static_cast<S>(options_.momentum), static_cast<S>(settings.weight_decay), options_.nesterov,
+            step == 1};
+  }
+
+  // Without momentum no state tree pins the structure, so the group settings are checked to fit the params.
+  void require_leaf_count(const Params& params) const {
+    std::size_t count = 0;
+    for_each_leaf([&]<class L>(const L&) { count += floating_leaf<L> ? 1 : 0; }, params);
+    if (count != leaves_.size()) {
+      throw ShapeError("xax::optim::Sgd: the params have " + std::to_string(count) +
+                       " floating leaves; the optimizer was built for " + std::to_string(leaves_.size()));
+    }
   }
 
   template <class L, class Copy>
-  void update_master_leaf(L& p, const L& g, L* b, Copy* copy, std::int64_t step) const {
+  void update_master_leaf(L& p, const L& g, L* b, Copy* copy, std::int64_t step, std::size_t& leaf) const {
     if constexpr (floating_leaf<L>) {
       using S = leaf_scalar_t<L>;
-      const auto c = constants<S>(step);
+      const auto c = constants<S>(step, leaf++);
       S* param = leaf_span(p).data();
       const S* grad = leaf_span(g).data();
       S* buffer = b != nullptr ? leaf_span(*b).data() : nullptr;
@@ -236,7 +263,7 @@ class Sgd {
     std::size_t leaf = 0;
     const auto update = [&]<class L, class M>(L& p, const L& g, M* b, L* compensation_leaf) {
       if constexpr (floating_leaf<L>) {
-        const auto c = constants<float>(step);
+        const auto c = constants<float>(step, leaf);
         const detail::BF16Store store{bf16_.rounding, detail::rounding_key(bf16_.seed, step, leaf++)};
         bfloat16* param = leaf_span(p).data();
         const bfloat16* grad = leaf_span(g).data();
@@ -281,6 +308,7 @@ class Sgd {
   }
 
   SgdOptions options_;
+  std::vector<LeafSettings> leaves_;  // per floating leaf, in for_each_leaf order, from options_.groups
   BF16UpdateOptions bf16_{};
   State state_;
 };

@@ -30,7 +30,14 @@
 ///   double) through a second template parameter, `template <class T, class G> requires(std::same_as<G, T>
 ///   || std::same_as<G, float>) ... params_type<G>& grads`, receives them directly: its matmuls then write
 ///   them from their fp32 accumulators, which skips the cast and never rounds a gradient to 16 bits. A
-///   trainer that only takes `params_type<T>& grads` gets the cast.
+///   trainer that only takes `params_type<T>& grads` gets the cast. Declare the path with `static constexpr
+///   bool writes_fp32_gradients = true;` in the trainer, so that a loss_and_grads that does not accept fp32
+///   gradients is a compile error rather than a silent fallback to the cast (trainers without the
+///   declaration are still probed, which is kept for existing code).
+///
+/// Open points (DESIGN §11): any optimizer meeting xax::train_optimizer plugs in through reset_train_state
+/// (an optimizer object or a factory; AdamW and SGD go through the same door), and `on_unscaled_gradients`
+/// (see xax::unscaled_gradients_hook) sees the unscaled gradients before clipping and the update.
 
 #include <cmath>
 #include <cstdint>
@@ -44,6 +51,7 @@
 #include <xax/detail/format.hpp>
 #include <xax/optim/adamw.hpp>
 #include <xax/optim/sgd.hpp>
+#include <xax/task/any_optimizer.hpp>
 #include <xax/task/checkpoint.hpp>
 #include <xax/utils/error.hpp>
 #include <xax/utils/finite.hpp>
@@ -72,6 +80,12 @@ struct TrainStepOptions {
   /// That step is not taken: it changes no counter, scale or parameter. A non-finite loss with finite
   /// gradients is skipped but not counted here (the scale did not cause it).
   std::int64_t max_overflows_at_min_scale = 100;
+  /// How half-precision masters (float16 or bfloat16 params) take their fp32 update: round to nearest (small
+  /// updates are lost), stochastic rounding (unbiased; its random stream is keyed by rounding_seed, the step
+  /// count, the leaf and the element, so a resumed run rounds identically), or Kahan compensation (a
+  /// half-precision compensation tree, checkpointed). fp32 masters ignore it.
+  optim::MasterRounding master_rounding = optim::MasterRounding::round_to_nearest;
+  std::uint64_t rounding_seed = 0;
 };
 
 /// Bytes held by a train state, by kind (payload only, no allocator overhead).
@@ -83,7 +97,9 @@ struct TrainStateBytes {
   [[nodiscard]] std::size_t total() const { return params + compute_params + grads + optimizer; }
 };
 
-/// The optimizers a train step can run on its masters.
+/// The built-in optimizers a train step can run on its masters, by their options. Any other optimizer plugs
+/// in through the reset_train_state overload that takes an optimizer or a factory (see
+/// xax/task/any_optimizer.hpp).
 using OptimizerOptions = std::variant<optim::AdamWOptions, optim::SgdOptions>;
 
 /// A loss scale TrainStep can drive: one of the three kinds, or the LossScale variant of them.
@@ -102,6 +118,26 @@ concept trainer_for = requires {
 &&requires(D& trainer, const typename D::template params_type<T>& params, const typename D::batch_type& batch,
            float loss_scale, typename D::template params_type<G>& grads) {
   { trainer.loss_and_grads(params, batch, loss_scale, grads) } -> std::convertible_to<double>;
+};
+
+/// Whether trainer `D` opts in to writing its gradients in TrainStep's update_type (fp32) straight from
+/// compute-type params: `static constexpr bool writes_fp32_gradients = true;`. TrainStep then checks, with
+/// a static_assert naming what is missing, that its loss_and_grads accepts them.
+template <class D>
+concept declares_fp32_gradients = requires {
+  { D::writes_fp32_gradients } -> std::convertible_to<bool>;
+}
+&&static_cast<bool>(D::writes_fp32_gradients);
+
+/// The customization point between unscale-and-check and the update (PyTorch's `scaler.unscale_(opt)`
+/// followed by clipping or logging): a trainer that defines `void on_unscaled_gradients(params_type<
+/// update_type>& grads, const UnscaledGradients& info)` is called with the unscaled, averaged gradients and
+/// their global norm, on finite steps only (a skipped step never reaches the optimizer), before clipping and
+/// the update. It may read, log or change the gradients; what it leaves is what clipping and the optimizer
+/// see. The reported grad_norm, and the norm clipping compares against, is the one measured before the hook.
+template <class D, class Grads>
+concept unscaled_gradients_hook = requires(D& trainer, Grads& grads, const UnscaledGradients& info) {
+  trainer.on_unscaled_gradients(grads, info);
 };
 
 namespace detail {
@@ -269,17 +305,38 @@ class TrainStep {
   [[nodiscard]] const TrainStepOptions& train_step_options() const { return storage().options; }
   [[nodiscard]] static PolicySpec policy() { return Policy::spec(); }
 
-  /// Calls `f(optimizer)` with the active optimizer, read-only: an optim::AdamW or optim::Sgd over
-  /// `params_type<update_type>`, whose `state()` holds the step count and moments.
+  /// Calls `f(optimizer)` with the active built-in optimizer, read-only: an optim::AdamW or optim::Sgd over
+  /// `params_type<update_type>`, whose `state()` holds the step count and moments. Throws Error when the step
+  /// runs a user optimizer (reach that one with `optimizer<O>()`).
   template <class F, class D = Derived>
   decltype(auto) visit_optimizer(F&& f) const {
-    return state<D>().visit_optimizer(std::forward<F>(f));
+    const auto& s = state<D>();
+    if (const auto* adamw = s.optimizer.template get_if<typename State<D>::AdamW>()) return f(*adamw);
+    if (const auto* sgd = s.optimizer.template get_if<typename State<D>::Sgd>()) return f(*sgd);
+    throw Error(
+        "xax::TrainStep::visit_optimizer visits the built-in AdamW and Sgd; this step runs optimizer '" +
+        s.optimizer->name() + "': reach it with optimizer<YourOptimizer>()");
+  }
+
+  /// The active optimizer, read-only, as the type `O` it was given as (optim::AdamW<params_type<update_type>>
+  /// for AdamWOptions). Throws Error when the step runs an optimizer of another type.
+  template <class O, class D = Derived>
+  const O& optimizer() const {
+    const auto& s = state<D>();
+    if (const O* active = s.optimizer.template get_if<O>()) return *active;
+    throw Error("xax::TrainStep::optimizer<O>(): this step runs optimizer '" + s.optimizer->name() +
+                "', which is not of the type asked for");
   }
 
   /// Sets the learning rate of the optimizer (schedules call this between steps).
   template <class D = Derived>
   void set_learning_rate(double learning_rate) {
-    state<D>().visit_optimizer([&](auto& optimizer) { optimizer.set_learning_rate(learning_rate); });
+    state<D>().optimizer->set_learning_rate(learning_rate);
+  }
+  /// The optimizer's learning rate, when it reports one (`learning_rate()` or `options().learning_rate`).
+  template <class D = Derived>
+  [[nodiscard]] std::optional<double> learning_rate() const {
+    return state<D>().optimizer->learning_rate();
   }
 
   /// Bytes held by the train state, by kind: masters, their compute copy, gradients, optimizer state.
@@ -293,7 +350,7 @@ class TrainStep {
     bytes.grads = payload_bytes(s.grads) + payload_bytes(s.grads_micro) +
                   (std::is_same_v<compute_type, update_type> ? 0 : payload_bytes(s.compute_grads)) +
                   payload_bytes(s.work);
-    s.visit_optimizer([&](const auto& optimizer) { bytes.optimizer = payload_bytes(optimizer.state()); });
+    bytes.optimizer = s.optimizer->state_bytes() + payload_bytes(s.compensation);
     return bytes;
   }
 
@@ -302,10 +359,10 @@ class TrainStep {
   void save_train_state(CheckpointWriter& writer, const std::string& prefix = "train") const {
     const auto& s = state<D>();
     writer.add_string(prefix + ".policy", recorded_policy<D>().str());
-    writer.add_string(prefix + ".optimizer", s.optimizer_name());
+    writer.add_string(prefix + ".optimizer", s.optimizer->name());
     writer.add_tree(prefix + ".params", s.masters);
-    s.visit_optimizer(
-        [&](const auto& optimizer) { writer.add_tree(prefix + ".optimizer_state", optimizer.state()); });
+    s.optimizer->save_state(writer, prefix + ".optimizer_state");
+    if (uses_master_compensation(s)) writer.add_tree(prefix + ".master_compensation", s.compensation);
     writer.add_tree(prefix + ".loss_scale", detail::visit_loss_scale(s.loss_scale, [](const auto& l) {
                       return detail::to_record(l);
                     }));
@@ -326,21 +383,17 @@ class TrainStep {
                             expected_policy);
     }
     const std::string saved_optimizer = reader.read_string(prefix + ".optimizer");
-    if (saved_optimizer != s.optimizer_name()) {
+    if (saved_optimizer != s.optimizer->name()) {
       throw CheckpointError("checkpoint was written with optimizer " + saved_optimizer + ", not " +
-                            s.optimizer_name());
+                            s.optimizer->name());
     }
     // Read everything into copies first, so that a failure halfway leaves the live state untouched. Shapes
     // must match the live state exactly: a checkpoint of another model width is refused, not adopted.
     auto masters = s.masters;
     reader.read_tree(prefix + ".params", masters);
-    auto optimizer_state = s.optimizer_state_copy();
-    std::visit([&](auto& o) { reader.read_tree(prefix + ".optimizer_state", o); }, optimizer_state);
-    const std::int64_t optimizer_steps = std::visit([](const auto& o) { return o.step; }, optimizer_state);
-    if (optimizer_steps < 0) {
-      throw CheckpointError("checkpoint entry '" + prefix + ".optimizer_state.step' is " +
-                            std::to_string(optimizer_steps) + "; an optimizer's step count is >= 0");
-    }
+    auto optimizer = s.optimizer->with_loaded_state(reader, prefix + ".optimizer_state");
+    auto compensation = s.compensation;
+    if (uses_master_compensation(s)) reader.read_tree(prefix + ".master_compensation", compensation);
     detail::LossScaleRecord record;
     reader.read_tree(prefix + ".loss_scale", record);
     LossScale restored;
@@ -373,7 +426,8 @@ class TrainStep {
 
     s.masters = std::move(masters);
     s.refresh_compute_copy();
-    s.restore_optimizer_state(std::move(optimizer_state));
+    s.optimizer = typename State<D>::Optimizer(std::move(optimizer));
+    s.compensation = std::move(compensation);
     s.loss_scale = std::move(loss_scale);
     s.steps = steps;
     s.skipped = skipped;
@@ -391,26 +445,101 @@ class TrainStep {
     return *this;
   }
 
-  /// (Re)starts training from `initial` params (any floating scalar; cast to the param type).
+  /// (Re)starts training from `initial` params (any floating scalar; cast to the param type) with one of the
+  /// built-in optimizers (checkpoints name it "adamw" or "sgd").
   template <class InitialParams, class D = Derived>
   void reset_train_state(const InitialParams& initial, const OptimizerOptions& optimizer,
                          LossScaleT loss_scale, TrainStepOptions options = {}) {
+    using Params = typename State<D>::template Params<update_type>;
+    reset_with<InitialParams, D>(
+        initial,
+        [&optimizer](const Params& like) {
+          return std::visit(
+              [&]<class O>(const O& chosen) {
+                if constexpr (std::same_as<O, optim::AdamWOptions>) {
+                  return State<D>::Optimizer::hold(typename State<D>::AdamW(like, chosen));
+                } else {
+                  return State<D>::Optimizer::hold(typename State<D>::Sgd(like, chosen));
+                }
+              },
+              optimizer);
+        },
+        std::move(loss_scale), options);
+  }
+
+  /// (Re)starts training from `initial` params with any optimizer over `params_type<update_type>` (see
+  /// xax::train_optimizer): the optimizer object itself, or a factory `f(const params_type<update_type>&
+  /// like) -> optimizer` called with zeros shaped like the params (the built-ins are made this way).
+  template <class InitialParams, class OptimizerOrFactory, class D = Derived>
+  requires(!std::convertible_to<const OptimizerOrFactory&, OptimizerOptions>) void reset_train_state(
+      const InitialParams& initial, OptimizerOrFactory&& optimizer, LossScaleT loss_scale,
+      TrainStepOptions options = {}) {
+    using Params = typename State<D>::template Params<update_type>;
+    using Box = typename State<D>::Optimizer;
+    reset_with<InitialParams, D>(
+        initial,
+        [&optimizer](const Params& like) -> Box {
+          if constexpr (std::same_as<std::remove_cvref_t<OptimizerOrFactory>, Box>) {
+            return optimizer;
+          } else if constexpr (std::invocable<OptimizerOrFactory&, const Params&>) {
+            using O = std::remove_cvref_t<std::invoke_result_t<OptimizerOrFactory&, const Params&>>;
+            require_train_optimizer<O, Params>();
+            return Box::hold(O(std::invoke(optimizer, like)));
+          } else {
+            using O = std::remove_cvref_t<OptimizerOrFactory>;
+            require_train_optimizer<O, Params>();
+            return Box::hold(O(std::forward<OptimizerOrFactory>(optimizer)));
+          }
+        },
+        std::move(loss_scale), options);
+  }
+
+  Derived& derived() { return static_cast<Derived&>(*this); }
+  const Derived& derived() const { return static_cast<const Derived&>(*this); }
+
+ private:
+  // Whether half-precision masters carry a Kahan compensation, which checkpoints then hold.
+  template <class S>
+  static bool uses_master_compensation(const S& s) {
+    return !std::is_same_v<update_type, param_type> &&
+           s.options.master_rounding == optim::MasterRounding::kahan;
+  }
+
+  template <class O, class Params>
+  static constexpr void require_train_optimizer() {
+    static_assert(train_optimizer<O, Params>,
+                  "xax::TrainStep::reset_train_state: the optimizer (or what the factory returns) must be "
+                  "copyable and provide `step(params, grads)` over params_type<update_type>, "
+                  "`set_learning_rate(double)`, and `state()` (const and non-const) returning a tree by "
+                  "reference, which checkpoints save and restore; see xax/task/any_optimizer.hpp");
+  }
+
+  // Every reset goes through here: `make_optimizer(like)` returns the type-erased optimizer.
+  template <class InitialParams, class D, class MakeOptimizer>
+  void reset_with(const InitialParams& initial, MakeOptimizer&& make_optimizer, LossScaleT loss_scale,
+                  TrainStepOptions options) {
     auto fresh = std::make_unique<State<D>>();
     tree_cast_into(initial, fresh->masters);
     fresh->refresh_compute_copy();
+    check_declared_fp32_gradients<D>();
     if constexpr (!writes_update_grads<D>) fresh->compute_grads = zeros_like(fresh->compute_params());
     fresh->grads = tree_cast<update_type>(fresh->masters);
     fill_floating(fresh->grads, 0.0);
-    if constexpr (!std::is_same_v<update_type, param_type>) fresh->work = fresh->grads;
-    if (const auto* adamw = std::get_if<optim::AdamWOptions>(&optimizer)) {
-      fresh->optimizer.template emplace<typename State<D>::AdamW>(fresh->grads, *adamw);
-    } else {
-      fresh->optimizer.template emplace<typename State<D>::Sgd>(fresh->grads,
-                                                                std::get<optim::SgdOptions>(optimizer));
+    if constexpr (!std::is_same_v<update_type, param_type>) {
+      fresh->work = fresh->grads;
+      if (options.master_rounding == optim::MasterRounding::kahan)
+        fresh->compensation = zeros_like(fresh->masters);
     }
+    fresh->optimizer = make_optimizer(std::as_const(fresh->grads));
     if (options.max_grad_norm < 0 || !std::isfinite(options.max_grad_norm)) {
       throw ConfigError("max_grad_norm " + detail::shortest_text(options.max_grad_norm) +
                         " is not accepted; give a finite value >= 0 (0 disables clipping)");
+    }
+    if (options.master_rounding != optim::MasterRounding::round_to_nearest &&
+        options.master_rounding != optim::MasterRounding::stochastic_rounding &&
+        options.master_rounding != optim::MasterRounding::kahan) {
+      throw ConfigError("master_rounding " + std::to_string(static_cast<int>(options.master_rounding)) +
+                        " is not accepted; give round_to_nearest, stochastic_rounding or kahan");
     }
     if (options.max_overflows_at_min_scale < 0) {
       throw ConfigError("max_overflows_at_min_scale " + std::to_string(options.max_overflows_at_min_scale) +
@@ -421,10 +550,6 @@ class TrainStep {
     storage_ = std::move(fresh);
   }
 
-  Derived& derived() { return static_cast<Derived&>(*this); }
-  const Derived& derived() const { return static_cast<const Derived&>(*this); }
-
- private:
   // The state's types name Derived's params_type, which is incomplete while Derived's base list (this class)
   // is instantiated; a member class is only defined when first used, inside member functions, by which time
   // Derived is complete. The type-erased base lets the non-template members reach what does not depend on
@@ -442,10 +567,35 @@ class TrainStep {
   template <class D>
   struct State;
 
-  // Whether the trainer's gradients already have the optimizer's type, so that no cast is needed.
+  // Whether the trainer's gradients already have the optimizer's type, so that no cast is needed: declared
+  // by `writes_fp32_gradients = true` (checked), or, for trainers written before that opt-in, probed (a
+  // probe that fails, say from a wrong requires clause, silently falls back to the cast; prefer declaring).
   template <class D>
   static constexpr bool writes_update_grads =
-      std::is_same_v<compute_type, update_type> || trainer_for<D, compute_type, update_type>;
+      std::is_same_v<compute_type, update_type> || declares_fp32_gradients<D> ||
+      trainer_for<D, compute_type, update_type>;
+
+  template <class D>
+  static constexpr void check_declared_fp32_gradients() {
+    if constexpr (declares_fp32_gradients<D>) {
+      static_assert(trainer_for<D, compute_type, update_type>,
+                    "xax::TrainStep: the trainer declares `writes_fp32_gradients = true`, but its "
+                    "loss_and_grads does not accept `params_type<update_type>& grads` with compute-type "
+                    "params; write it as `template <class T, class G> requires(std::same_as<G, T> || "
+                    "std::same_as<G, float>) double loss_and_grads(const params_type<T>&, const batch_type&, "
+                    "float loss_scale, params_type<G>& grads)`, or drop the declaration");
+    }
+  }
+
+  template <class D, class Grads>
+  static constexpr void check_unscaled_gradients_hook() {
+    if constexpr (requires { &D::on_unscaled_gradients; }) {
+      static_assert(unscaled_gradients_hook<D, Grads>,
+                    "xax::TrainStep: the trainer's on_unscaled_gradients must be callable as "
+                    "`void on_unscaled_gradients(params_type<update_type>& grads, const "
+                    "xax::UnscaledGradients& info)` (public)");
+    }
+  }
 
   std::unique_ptr<StorageBase> storage_;
 
@@ -485,6 +635,11 @@ struct TrainStep<Derived, Policy, LossScaleT>::State final : StorageBase {
   using Params = typename D::template params_type<T>;
   using AdamW = optim::AdamW<Params<update_type>>;
   using Sgd = optim::Sgd<Params<update_type>>;
+  // The tree a fused optimizer step also writes: the compute copy of masters kept in update_type, or the
+  // half-precision masters themselves, updated through the fp32 `work` copy.
+  using FusedCopy =
+      std::conditional_t<std::is_same_v<update_type, param_type>, Params<compute_type>, Params<param_type>>;
+  using Optimizer = detail::OptimizerBox<Params<update_type>, FusedCopy>;
 
   Params<param_type> masters;
   Params<compute_type> compute;        // always the masters cast to compute; unused when the types agree
@@ -493,7 +648,8 @@ struct TrainStep<Derived, Policy, LossScaleT>::State final : StorageBase {
   Params<update_type> grads_micro;     // one micro-batch's gradients under accumulation
   bool micro_shaped = false;           // whether grads_micro has the gradients' shapes yet
   Params<update_type> work;            // fp32 copy of half-precision masters during the update
-  std::variant<std::monostate, AdamW, Sgd> optimizer;
+  Params<param_type> compensation;     // Kahan compensation of half-precision masters; empty otherwise
+  Optimizer optimizer;
 
   std::unique_ptr<StorageBase> clone() const override { return std::make_unique<State>(*this); }
 
@@ -509,53 +665,65 @@ struct TrainStep<Derived, Policy, LossScaleT>::State final : StorageBase {
     if constexpr (!std::is_same_v<compute_type, param_type>) tree_cast_into(masters, compute);
   }
 
-  // The optimizer step on the masters, which also keeps the compute copy current. Half-precision masters
-  // are updated through the fp32 `work` copy, and the update rounds straight back into them.
+  // The optimizer step on the masters, which also keeps the compute copy current: in the same pass when the
+  // optimizer fuses it (AdamW, Sgd), by a cast afterwards otherwise. Half-precision masters are updated
+  // through the fp32 `work` copy, and the update rounds straight back into them.
   void update_masters() {
-    visit_optimizer([&](auto& active) {
-      if constexpr (std::is_same_v<update_type, param_type>) {
-        if constexpr (std::is_same_v<compute_type, param_type>) {
-          active.step(masters, grads);
-        } else {
-          active.step(masters, grads, compute);
-        }
+    if constexpr (std::is_same_v<update_type, param_type>) {
+      if constexpr (std::is_same_v<compute_type, param_type>) {
+        optimizer->step(masters, grads, nullptr);
       } else {
-        tree_cast_into(masters, work);
-        active.step(work, grads, masters);
-        refresh_compute_copy();
+        if (!optimizer->step(masters, grads, &compute)) tree_cast_into(masters, compute);
       }
-    });
+    } else {
+      tree_cast_into(masters, work);
+      const optim::MasterRounding rounding = this->options.master_rounding;
+      if (rounding == optim::MasterRounding::round_to_nearest) {
+        if (!optimizer->step(work, grads, &masters)) tree_cast_into(work, masters);
+      } else {
+        optimizer->step(work, grads, nullptr);
+        round_work_into_masters(rounding);
+      }
+      refresh_compute_copy();
+    }
   }
 
-  template <class F>
-  decltype(auto) visit_optimizer(F&& f) {
-    if (auto* adamw = std::get_if<AdamW>(&optimizer)) return f(*adamw);
-    return f(std::get<Sgd>(optimizer));
-  }
-  template <class F>
-  decltype(auto) visit_optimizer(F&& f) const {
-    if (const auto* adamw = std::get_if<AdamW>(&optimizer)) return f(*adamw);
-    return f(std::get<Sgd>(optimizer));
-  }
-  [[nodiscard]] std::string optimizer_name() const {
-    return std::holds_alternative<AdamW>(optimizer) ? "adamw" : "sgd";
-  }
-
-  using OptimizerState = std::variant<typename AdamW::State, typename Sgd::State>;
-  OptimizerState optimizer_state_copy() const {
-    if (const auto* adamw = std::get_if<AdamW>(&optimizer))
-      return OptimizerState(std::in_place_index<0>, adamw->state());
-    return OptimizerState(std::in_place_index<1>, std::get<Sgd>(optimizer).state());
-  }
-  void restore_optimizer_state(OptimizerState&& saved) {
-    std::visit(
-        [&]<class S>(S&& value) {
-          visit_optimizer([&]<class O>(O& o) {
-            if constexpr (std::is_same_v<std::remove_cvref_t<S>, typename O::State>)
-              o.state() = std::move(value);
-          });
-        },
-        std::move(saved));
+  // Rounds the updated `work` into the half-precision masters, which still hold the values before the update.
+  void round_work_into_masters(optim::MasterRounding rounding) {
+    std::size_t leaf = 0;
+    const auto round_leaf = [&]<class W, class M>(const W& updated_leaf, M& master_leaf,
+                                                  M* compensation_leaf) {
+      if constexpr (floating_leaf<W> && floating_leaf<M>) {
+        using H = leaf_scalar_t<M>;
+        const auto updated = leaf_span(updated_leaf);
+        auto param = leaf_span(master_leaf);
+        if (compensation_leaf == nullptr) {
+          const std::uint32_t key =
+              optim::detail::rounding_key(this->options.rounding_seed, this->steps, leaf);
+          for (std::size_t i = 0; i < param.size(); ++i) {
+            param[i] = optim::detail::round_stochastic<H>(updated[i], optim::detail::random_bits(key, i));
+          }
+        } else {
+          // As BF16Store's Kahan branch: small updates gather in the compensation until they move the master.
+          auto carried = leaf_span(*compensation_leaf);
+          for (std::size_t i = 0; i < param.size(); ++i) {
+            const auto old = static_cast<float>(param[i]);
+            const float corrected = (updated[i] - old) + static_cast<float>(carried[i]);
+            const auto sum = static_cast<H>(old + corrected);
+            carried[i] = static_cast<H>(corrected - (static_cast<float>(sum) - old));
+            param[i] = sum;
+          }
+        }
+        ++leaf;
+      }
+    };
+    if (rounding == optim::MasterRounding::kahan) {
+      for_each_leaf([&]<class W, class M>(const W& w, M& m, M& c) { round_leaf(w, m, &c); }, work, masters,
+                    compensation);
+    } else {
+      for_each_leaf([&]<class W, class M>(const W& w, M& m) { round_leaf(w, m, static_cast<M*>(nullptr)); },
+                    work, masters);
+    }
   }
 };
 
@@ -570,6 +738,8 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
       "params, const batch_type& batch, float loss_scale, params_type<T>& grads)` (public), returning "
       "the unscaled loss and writing the gradients of loss * loss_scale; the grads may also be "
       "`params_type<G>&` for a second template parameter G, to receive fp32 gradients directly");
+  check_declared_fp32_gradients<D>();
+  check_unscaled_gradients_hook<D, typename State<D>::template Params<update_type>>();
   auto& s = state<D>();
   if (micro_batches.empty()) throw ConfigError("train_step needs at least one batch; got an empty span");
   const float scale = current_loss_scale();
@@ -646,6 +816,9 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
   ++s.steps;
   if (finite) {
     result.grad_norm = unscaled.norm;
+    if constexpr (unscaled_gradients_hook<D, typename State<D>::template Params<update_type>>) {
+      derived().on_unscaled_gradients(s.grads, unscaled);
+    }
     const double max_norm = s.options.max_grad_norm;
     if (max_norm > 0 && result.grad_norm > max_norm) {
       detail::scale_in_place(s.grads,

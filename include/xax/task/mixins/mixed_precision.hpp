@@ -15,8 +15,13 @@
 ///
 /// `loss_and_grads` may also take the gradients as `params_type<G>&` for a second template parameter G: the
 /// step then asks for fp32 gradients of half-precision parameters and skips their cast (see TrainStep).
-/// Optionally the task defines `template <class T> double evaluate(const params_type<T>&, const
-/// batch_type&)` for MixedPrecisionMixin::evaluate_batch, which runs it in the policy's compute type.
+/// A task that defines `make_optimizer(const params_type<float>& like)`, returning any optimizer TrainStep
+/// accepts (xax::train_optimizer over params_type<float>), trains with it instead of the config's
+/// `optimizer`; the config's learning-rate schedule still drives it through `set_learning_rate`. A task may
+/// declare `static constexpr bool writes_fp32_gradients = true;` and define `on_unscaled_gradients(
+/// params_type<float>& grads, const UnscaledGradients&)`, with TrainStep's meaning. Optionally
+/// the task defines `template <class T> double evaluate(const params_type<T>&, const batch_type&)` for
+/// MixedPrecisionMixin::evaluate_batch, which runs it in the policy's compute type.
 
 #include <cfloat>
 #include <cmath>
@@ -52,6 +57,9 @@ struct MixedPrecisionConfig {
   double max_grad_norm = 0;  ///< clip unscaled gradients to this global L2 norm; 0 disables
   std::int64_t accumulation_steps = 1;
   std::int64_t max_overflows_at_min_scale = 100;  ///< LossScaleError after this many; 0 never
+  /// How half-precision masters (params float16 or bfloat16, as in the float16 preset) take their fp32
+  /// update: stochastic (unbiased), nearest (updates under half an ulp are lost) or kahan (compensated).
+  std::string master_rounding = "stochastic";
 
   template <class Self, class Visit>
   static void visit_mixed_precision_fields(Self& self, Visit&& visit) {
@@ -70,6 +78,7 @@ struct MixedPrecisionConfig {
     visit("max_grad_norm", self.max_grad_norm, "a finite number >= 0; 0 disables clipping");
     visit("accumulation_steps", self.accumulation_steps, "an integer >= 1");
     visit("max_overflows_at_min_scale", self.max_overflows_at_min_scale, "an integer >= 0; 0 never stops");
+    visit("master_rounding", self.master_rounding, "stochastic, nearest or kahan");
   }
 
   /// The policy this config runs: float32 throughout when mixed precision is disabled.
@@ -152,10 +161,19 @@ struct MixedPrecisionConfig {
       throw reject("max_overflows_at_min_scale", std::to_string(max_overflows_at_min_scale),
                    "an integer >= 0");
     }
+    if (master_rounding != "stochastic" && master_rounding != "nearest" && master_rounding != "kahan") {
+      throw reject("master_rounding", "'" + master_rounding + "'", "stochastic, nearest or kahan");
+    }
   }
 
   [[nodiscard]] TrainStepOptions train_step_options() const {
-    return {.max_grad_norm = max_grad_norm, .max_overflows_at_min_scale = max_overflows_at_min_scale};
+    const optim::MasterRounding rounding =
+        master_rounding == "nearest" ? optim::MasterRounding::round_to_nearest
+        : master_rounding == "kahan" ? optim::MasterRounding::kahan
+                                     : optim::MasterRounding::stochastic_rounding;
+    return {.max_grad_norm = max_grad_norm,
+            .max_overflows_at_min_scale = max_overflows_at_min_scale,
+            .master_rounding = rounding};
   }
 };
 
@@ -194,10 +212,21 @@ class PolicyStepEngine final : public StepEngine<Task>,
   using params_type = typename Task::template params_type<T>;
   using batch_type = typename Task::batch_type;
 
-  PolicyStepEngine(DType output, const params_type<float>& initial, const OptimizerOptions& optimizer,
+  // `optimizer`: the config's OptimizerOptions, or a factory over params_type<float> (every compiled policy
+  // updates in float).
+  template <class OptimizerSource>
+  PolicyStepEngine(DType output, const params_type<float>& initial, OptimizerSource&& optimizer,
                    LossScale loss_scale, TrainStepOptions options)
       : output_(output) {
-    this->reset_train_state(initial, optimizer, std::move(loss_scale), options);
+    static_assert(std::is_same_v<typename Step::update_type, float>);
+    if constexpr (requires { &Task::on_unscaled_gradients; }) {
+      static_assert(unscaled_gradients_hook<Task, params_type<float>>,
+                    "xax::MixedPrecisionMixin: the task's on_unscaled_gradients must be callable as `void "
+                    "on_unscaled_gradients(params_type<float>& grads, const xax::UnscaledGradients& info)` "
+                    "(public)");
+    }
+    this->reset_train_state(initial, std::forward<OptimizerSource>(optimizer), std::move(loss_scale),
+                            options);
   }
 
   // Forwards gradients of any scalar the task accepts, so a task that writes fp32 gradients of half
@@ -210,6 +239,13 @@ class PolicyStepEngine final : public StepEngine<Task>,
   double loss_and_grads(const params_type<T>& params, const batch_type& batch, float loss_scale,
                         params_type<G>& grads) {
     return static_cast<double>(task_->loss_and_grads(params, batch, loss_scale, grads));
+  }
+
+  // Forwards the task's opt-in to fp32 gradients, so that TrainStep checks it, and its gradient hook.
+  static constexpr bool writes_fp32_gradients = declares_fp32_gradients<Task>;
+  void on_unscaled_gradients(params_type<float>& grads, const UnscaledGradients& info) requires
+      unscaled_gradients_hook<Task, params_type<float>> {
+    task_->on_unscaled_gradients(grads, info);
   }
 
   StepResult train_step(Task& task, std::span<const batch_type> micro_batches) override {
@@ -379,19 +415,30 @@ class MixedPrecisionMixin {
     validate_config(config);
     const MixedPrecisionConfig& mp = config;
     const PolicySpec spec = mp.policy_spec();
-    const OptimizerOptions optimizer = config.optimizer_options();
     const auto initial = derived().init_params();
     auto holder = std::make_unique<Holder<D>>();
-    // Only float16/bfloat16/float32 params and compute are compiled (validate_mixed_precision rejects
-    // float64): nine TrainStep instantiations rather than visit_policy's 64.
-    visit_policy(spec, [&]<class P>(P) {
-      using Param = typename P::param_type;
-      using Compute = typename P::compute_type;
-      if constexpr (!std::is_same_v<Param, double> && !std::is_same_v<Compute, double>) {
-        holder->engine = std::make_unique<detail::PolicyStepEngine<D, Policy<Param, Compute, float>>>(
-            spec.output, initial, optimizer, mp.make_loss_scale(), mp.train_step_options());
-      }
-    });
+    const auto build_engine = [&](auto&& optimizer) {
+      // Only float16/bfloat16/float32 params and compute are compiled (validate_mixed_precision rejects
+      // float64): nine TrainStep instantiations rather than visit_policy's 64.
+      visit_policy(spec, [&]<class P>(P) {
+        using Param = typename P::param_type;
+        using Compute = typename P::compute_type;
+        if constexpr (!std::is_same_v<Param, double> && !std::is_same_v<Compute, double>) {
+          holder->engine = std::make_unique<detail::PolicyStepEngine<D, Policy<Param, Compute, float>>>(
+              spec.output, initial, optimizer, mp.make_loss_scale(), mp.train_step_options());
+        }
+      });
+    };
+    if constexpr (requires(D & task, const typename D::template params_type<float>& like) {
+                    task.make_optimizer(like);
+                  }) {
+      // The task's own optimizer replaces the config's `optimizer` choice.
+      build_engine([this](const typename D::template params_type<float>& like) {
+        return static_cast<D&>(derived()).make_optimizer(like);
+      });
+    } else {
+      build_engine(config.optimizer_options());
+    }
     return holder;
   }
 

@@ -1,0 +1,170 @@
+#pragma once
+/// \file
+/// The door through which TrainStep drives its optimizer: any type meeting `xax::optim::optimizer_for`
+/// (the built-in AdamW and Sgd included) behind one small virtual interface.
+///
+/// What TrainStep needs of an optimizer `O` over the update tree `Params` (params_type<update_type>):
+/// - `o.step(params, grads)`: one update of the fp32 (or double) params from the unscaled gradients;
+/// - `o.state()`, const and non-const, returning a tree by reference: checkpoints save it as
+///   `<prefix>.optimizer_state` and restore it in place (an integral `state().step`, if there is one, is
+///   checked to be >= 0 on load);
+/// - `o.set_learning_rate(double)`, which schedules call between steps.
+/// Optionally:
+/// - `o.step(params, grads, copy)` that also writes the updated params rounded into `copy` (another floating
+///   type, same shapes) in the same pass; without it TrainStep casts the params into the copy afterwards;
+/// - `o.name()`, recorded in checkpoints and checked on load ("custom" when absent);
+/// - `o.learning_rate()` or `o.options().learning_rate`, which TrainStep::learning_rate() reports.
+
+#include <concepts>
+#include <cstddef>
+#include <memory>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <xax/optim/optimizer.hpp>
+#include <xax/task/checkpoint.hpp>
+#include <xax/utils/error.hpp>
+#include <xax/utils/tree.hpp>
+
+namespace xax {
+
+/// An optimizer TrainStep can run over `Params` and checkpoint: optim::optimizer_for, with a state tree that
+/// can be read back in place.
+template <class O, class Params>
+concept train_optimizer = optim::optimizer_for<O, Params> && std::move_constructible<O> &&
+    std::copy_constructible<O> && requires(O& o, const O& c) {
+  requires std::is_lvalue_reference_v<decltype(o.state())>;
+  requires !std::is_const_v<std::remove_reference_t<decltype(o.state())>>;
+  requires tree<std::remove_cvref_t<decltype(c.state())>>;
+};
+
+namespace detail {
+
+/// A type-erased optimizer over the update tree `Params`; `Copy` is the tree a fused step may also write
+/// (the compute copy of fp32 masters, or half-precision masters updated through an fp32 work copy).
+template <class Params, class Copy>
+class AnyOptimizer {
+ public:
+  virtual ~AnyOptimizer() = default;
+  [[nodiscard]] virtual std::unique_ptr<AnyOptimizer> clone() const = 0;
+  /// One update. Writes `copy` too when it is not null and the optimizer fuses it; returns whether it did.
+  virtual bool step(Params& params, const Params& grads, Copy* copy) = 0;
+  virtual void set_learning_rate(double learning_rate) = 0;
+  [[nodiscard]] virtual std::optional<double> learning_rate() const = 0;
+  [[nodiscard]] virtual std::string name() const = 0;
+  [[nodiscard]] virtual std::size_t state_bytes() const = 0;
+  virtual void save_state(CheckpointWriter& writer, const std::string& entry) const = 0;
+  /// A copy of this optimizer whose state is read from `entry`; this one is unchanged (CheckpointError when
+  /// the entry does not fit).
+  [[nodiscard]] virtual std::unique_ptr<AnyOptimizer> with_loaded_state(const CheckpointReader& reader,
+                                                                        const std::string& entry) const = 0;
+
+ protected:
+  AnyOptimizer() = default;
+  AnyOptimizer(const AnyOptimizer&) = default;
+  AnyOptimizer& operator=(const AnyOptimizer&) = default;
+};
+
+template <class Params, class Copy, class O>
+class OptimizerModel final : public AnyOptimizer<Params, Copy> {
+ public:
+  explicit OptimizerModel(O optimizer) : optimizer_(std::move(optimizer)) {}
+
+  [[nodiscard]] std::unique_ptr<AnyOptimizer<Params, Copy>> clone() const override {
+    return std::make_unique<OptimizerModel>(*this);
+  }
+  bool step(Params& params, const Params& grads, Copy* copy) override {
+    if constexpr (requires { optimizer_.step(params, grads, *copy); }) {
+      if (copy != nullptr) {
+        optimizer_.step(params, grads, *copy);
+        return true;
+      }
+    }
+    optimizer_.step(params, grads);
+    return false;
+  }
+  void set_learning_rate(double learning_rate) override { optimizer_.set_learning_rate(learning_rate); }
+  [[nodiscard]] std::optional<double> learning_rate() const override {
+    if constexpr (requires {
+                    { optimizer_.learning_rate() } -> std::convertible_to<double>;
+                  }) {
+      return static_cast<double>(optimizer_.learning_rate());
+    } else if constexpr (requires {
+                           { optimizer_.options().learning_rate } -> std::convertible_to<double>;
+                         }) {
+      return static_cast<double>(optimizer_.options().learning_rate);
+    } else {
+      return std::nullopt;
+    }
+  }
+  [[nodiscard]] std::string name() const override {
+    if constexpr (requires {
+                    { optimizer_.name() } -> std::convertible_to<std::string>;
+                  }) {
+      return std::string(optimizer_.name());
+    } else {
+      return "custom";
+    }
+  }
+  [[nodiscard]] std::size_t state_bytes() const override { return payload_bytes(optimizer_.state()); }
+  void save_state(CheckpointWriter& writer, const std::string& entry) const override {
+    writer.add_tree(entry, optimizer_.state());
+  }
+  [[nodiscard]] std::unique_ptr<AnyOptimizer<Params, Copy>> with_loaded_state(
+      const CheckpointReader& reader, const std::string& entry) const override {
+    auto loaded = std::make_unique<OptimizerModel>(*this);
+    auto& state = loaded->optimizer_.state();
+    reader.read_tree(entry, state);
+    if constexpr (requires { requires std::integral<std::remove_cvref_t<decltype(state.step)>>; }) {
+      if (state.step < 0) {
+        throw CheckpointError("checkpoint entry '" + entry + ".step' is " + std::to_string(state.step) +
+                              "; an optimizer's step count is >= 0");
+      }
+    }
+    return loaded;
+  }
+
+  [[nodiscard]] O& get() { return optimizer_; }
+  [[nodiscard]] const O& get() const { return optimizer_; }
+
+ private:
+  O optimizer_;
+};
+
+/// An AnyOptimizer that copies by cloning, so that a train state holding one stays copyable.
+template <class Params, class Copy>
+class OptimizerBox {
+ public:
+  OptimizerBox() = default;
+  explicit OptimizerBox(std::unique_ptr<AnyOptimizer<Params, Copy>> held) : held_(std::move(held)) {}
+  OptimizerBox(const OptimizerBox& other) : held_(other.held_ ? other.held_->clone() : nullptr) {}
+  OptimizerBox& operator=(const OptimizerBox& other) {
+    if (this != &other) held_ = other.held_ ? other.held_->clone() : nullptr;
+    return *this;
+  }
+  OptimizerBox(OptimizerBox&&) noexcept = default;
+  OptimizerBox& operator=(OptimizerBox&&) noexcept = default;
+  ~OptimizerBox() = default;
+
+  template <class O>
+  static OptimizerBox hold(O optimizer) {
+    return OptimizerBox(std::make_unique<OptimizerModel<Params, Copy, O>>(std::move(optimizer)));
+  }
+
+  AnyOptimizer<Params, Copy>* operator->() { return held_.get(); }
+  const AnyOptimizer<Params, Copy>* operator->() const { return held_.get(); }
+
+  /// The held optimizer if it is an `O`, else null.
+  template <class O>
+  [[nodiscard]] const O* get_if() const {
+    const auto* model = dynamic_cast<const OptimizerModel<Params, Copy, O>*>(held_.get());
+    return model != nullptr ? &model->get() : nullptr;
+  }
+
+ private:
+  std::unique_ptr<AnyOptimizer<Params, Copy>> held_;
+};
+
+}  // namespace detail
+}  // namespace xax

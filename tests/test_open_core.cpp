@@ -1,0 +1,534 @@
+// The open core of the train step (DESIGN §11): a user-written optimizer plugs into TrainStep and
+// MixedPrecisionMixin through the same door as AdamW and SGD, with its state checkpointed and left alone by
+// skipped steps. Every expected value is exact (powers of two).
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <xax/task/mixins/mixed_precision.hpp>
+#include <xax/task/train_step.hpp>
+#include <xax/utils/tree.hpp>
+
+namespace {
+
+template <class T>
+struct Weights {
+  Eigen::Matrix<T, Eigen::Dynamic, 1> w;
+  Eigen::Matrix<T, Eigen::Dynamic, 1> b;
+  XAX_FIELDS(w, b);
+};
+
+struct Target {
+  Eigen::VectorXf w;
+  Eigen::VectorXf b;
+};
+
+struct LionOptions {
+  double learning_rate = 0.125;
+  double beta1 = 0.5;
+  double beta2 = 0.75;
+  double weight_decay = 0.5;
+};
+
+template <class Params>
+struct LionState {
+  std::int64_t step = 0;
+  Params m;
+  XAX_FIELDS(step, m);
+};
+
+// Lion (Chen et al. 2023), as a user would write it against xax's tree API: c = b1 m + (1 - b1) g;
+// p = p (1 - lr wd) - lr sign(c); m = b2 m + (1 - b2) g.
+template <class Params>
+class Lion {
+ public:
+  explicit Lion(const Params& like, LionOptions options = {}) : options_(options) {
+    state_.m = xax::zeros_like(like);
+  }
+
+  void step(Params& params, const Params& grads) {
+    xax::for_each_leaf(
+        [&]<class L>(L& p, const L& g, L& m) {
+          if constexpr (xax::floating_leaf<L>) {
+            using S = xax::leaf_scalar_t<L>;
+            const auto decay = static_cast<S>(1.0 - options_.learning_rate * options_.weight_decay);
+            const auto lr = static_cast<S>(options_.learning_rate);
+            const auto b1 = static_cast<S>(options_.beta1), b2 = static_cast<S>(options_.beta2);
+            auto ps = xax::leaf_span(p);
+            const auto gs = xax::leaf_span(g);
+            auto ms = xax::leaf_span(m);
+            for (std::size_t i = 0; i < ps.size(); ++i) {
+              const S c = b1 * ms[i] + (S(1) - b1) * gs[i];
+              const S sign = c > S(0) ? S(1) : (c < S(0) ? S(-1) : S(0));
+              ps[i] = ps[i] * decay - lr * sign;
+              ms[i] = b2 * ms[i] + (S(1) - b2) * gs[i];
+            }
+          }
+        },
+        params, grads, state_.m);
+    ++state_.step;
+  }
+
+  [[nodiscard]] const LionState<Params>& state() const { return state_; }
+  [[nodiscard]] LionState<Params>& state() { return state_; }
+  void set_learning_rate(double learning_rate) { options_.learning_rate = learning_rate; }
+  [[nodiscard]] double learning_rate() const { return options_.learning_rate; }
+  [[nodiscard]] static const char* name() { return "lion"; }
+
+ private:
+  LionOptions options_;
+  LionState<Params> state_;
+};
+
+// loss = 0.5 |p - target|^2 over both leaves, so d(loss * scale)/dp = (p - target) * scale.
+template <class Policy>
+class Regression : public xax::TrainStep<Regression<Policy>, Policy, xax::LossScale> {
+ public:
+  template <class T>
+  using params_type = Weights<T>;
+  using batch_type = Target;
+
+  template <class OptimizerSource>
+  Regression(const Weights<float>& initial, OptimizerSource&& optimizer) {
+    this->reset_train_state(initial, std::forward<OptimizerSource>(optimizer), xax::NoOpLossScale{});
+  }
+
+  template <class T>
+  double loss_and_grads(const Weights<T>& params, const Target& target, float scale, Weights<T>& grads) {
+    const Eigen::VectorXf dw = params.w.template cast<float>() - target.w;
+    const Eigen::VectorXf db = params.b.template cast<float>() - target.b;
+    grads.w = (dw * scale).template cast<T>();
+    grads.b = (db * scale).template cast<T>();
+    return 0.5 * static_cast<double>(dw.squaredNorm() + db.squaredNorm());
+  }
+};
+
+Weights<float> initial_weights() {
+  return {Eigen::Vector2f(1.0f, -2.0f), Eigen::Vector2f(0.5f, 0.0f)};
+}
+Target zero_target() {
+  return {Eigen::Vector2f::Zero(), Eigen::Vector2f::Zero()};
+}
+
+template <class A, class B>
+bool bitwise_equal(const A& a, const B& b) {
+  return a.size() == b.size() &&
+         std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(*a.data())) == 0;
+}
+
+template <class Policy>
+class UserOptimizer : public ::testing::Test {};
+using Policies =
+    ::testing::Types<xax::Policy<float, float, float>, xax::Policy<float, xax::bfloat16, float>,
+                     xax::Policy<xax::bfloat16, xax::bfloat16, float>, xax::Policy<double, float, double>>;
+TYPED_TEST_SUITE(UserOptimizer, Policies);
+
+template <class Policy>
+using UpdateParams = Weights<typename Regression<Policy>::update_type>;
+
+// Lion with lr 1/8, wd 1/2 (decay 15/16), b1 1/2, b2 3/4, from w = (1, -2), b = (1/2, 0), target 0:
+//   step 1: g = (1, -2 | 1/2, 0), c = g / 2 -> sign (1, -1 | 1, 0); p = (13/16, -7/4 | 11/32, 0);
+//           m = g / 4 = (1/4, -1/2 | 1/8, 0)
+//   step 2: g = p, c = (17/32, -9/8 | 15/64, 0) -> sign (1, -1 | 1, 0); p = (163/256, -97/64 | 101/512, 0)
+TYPED_TEST(UserOptimizer, LionTrainsThroughTrainStepWithExactValues) {
+  using Params = UpdateParams<TypeParam>;
+  Regression<TypeParam> trainer(initial_weights(), [](const Params& like) { return Lion<Params>(like); });
+  using Param = typename Regression<TypeParam>::param_type;
+  using Compute = typename Regression<TypeParam>::compute_type;
+  EXPECT_TRUE(trainer.train_step(zero_target()).finite);
+  EXPECT_EQ(trainer.params().w, (Eigen::Matrix<Param, 2, 1>(Param(0.8125), Param(-1.75))));
+  EXPECT_EQ(trainer.params().b, (Eigen::Matrix<Param, 2, 1>(Param(0.34375), Param(0))));
+  const auto& lion = trainer.template optimizer<Lion<Params>>();
+  EXPECT_EQ(lion.state().step, 1);
+  EXPECT_EQ(lion.state().m.w, (Eigen::Matrix<typename Regression<TypeParam>::update_type, 2, 1>(0.25, -0.5)));
+
+  trainer.train_step(zero_target());
+  EXPECT_EQ(trainer.params().w, (Eigen::Matrix<Param, 2, 1>(Param(163.0 / 256), Param(-97.0 / 64))));
+  EXPECT_EQ(trainer.params().b, (Eigen::Matrix<Param, 2, 1>(Param(101.0 / 512), Param(0))));
+  // Lion writes no compute copy itself; TrainStep casts the masters after its step.
+  trainer.with_compute_params([&](const auto& compute) {
+    EXPECT_EQ(compute.w, trainer.params().w.template cast<Compute>());
+    EXPECT_EQ(compute.b, trainer.params().b.template cast<Compute>());
+  });
+  EXPECT_EQ(trainer.learning_rate(), 0.125);
+  trainer.set_learning_rate(0.25);
+  EXPECT_EQ(trainer.learning_rate(), 0.25);
+}
+
+TYPED_TEST(UserOptimizer, AnOptimizerObjectPlugsInAsWellAsAFactory) {
+  using Params = UpdateParams<TypeParam>;
+  Params like = xax::tree_cast<typename Regression<TypeParam>::update_type>(initial_weights());
+  Regression<TypeParam> trainer(initial_weights(), Lion<Params>(like));
+  trainer.train_step(zero_target());
+  EXPECT_EQ(trainer.params().w(0), typename Regression<TypeParam>::param_type(0.8125));
+}
+
+}  // namespace
+
+namespace {
+using Params = Weights<float>;
+using FloatRegression = Regression<xax::Policy<float, float, float>>;
+FloatRegression lion_trainer() {
+  return FloatRegression(initial_weights(), [](const Params& like) { return Lion<Params>(like); });
+}
+
+TEST(UserOptimizer, LionStateIsCheckpointedAndRestoredBitIdentically) {
+  FloatRegression trainer = lion_trainer();
+  trainer.train_step(zero_target());
+  xax::CheckpointWriter writer;
+  trainer.save_train_state(writer);
+  const auto reader = xax::CheckpointReader::from_bytes(writer.bytes());
+  EXPECT_EQ(reader.read_string("train.optimizer"), "lion");
+
+  FloatRegression restored = lion_trainer();
+  restored.load_train_state(reader);
+  const auto& saved_state = trainer.optimizer<Lion<Params>>().state();
+  const auto& loaded_state = restored.optimizer<Lion<Params>>().state();
+  EXPECT_EQ(loaded_state.step, 1);
+  EXPECT_TRUE(bitwise_equal(loaded_state.m.w, saved_state.m.w));
+  EXPECT_TRUE(bitwise_equal(loaded_state.m.b, saved_state.m.b));
+  // Both continue identically.
+  trainer.train_step(zero_target());
+  restored.train_step(zero_target());
+  EXPECT_TRUE(bitwise_equal(restored.params().w, trainer.params().w));
+  EXPECT_TRUE(bitwise_equal(restored.optimizer<Lion<Params>>().state().m.w,
+                            trainer.optimizer<Lion<Params>>().state().m.w));
+
+  // A Lion checkpoint is refused by an AdamW run, which is left as it was.
+  FloatRegression adamw(initial_weights(), xax::optim::AdamWOptions{});
+  try {
+    adamw.load_train_state(reader);
+    FAIL() << "expected CheckpointError";
+  } catch (const xax::CheckpointError& error) {
+    EXPECT_STREQ(error.what(), "checkpoint was written with optimizer lion, not adamw");
+  }
+  EXPECT_EQ(adamw.params().w, initial_weights().w);
+}
+
+TEST(UserOptimizer, ANegativeStepCountInTheCheckpointIsRefused) {
+  FloatRegression trainer = lion_trainer();
+  trainer.train_step(zero_target());
+  xax::CheckpointWriter writer;
+  LionState<Params> corrupt = trainer.optimizer<Lion<Params>>().state();
+  corrupt.step = -3;
+  writer.add_string("train.policy", trainer.policy().str());
+  writer.add_string("train.optimizer", "lion");
+  writer.add_tree("train.params", trainer.params());
+  writer.add_tree("train.optimizer_state", corrupt);
+  FloatRegression other = lion_trainer();
+  try {
+    other.load_train_state(xax::CheckpointReader::from_bytes(writer.bytes()));
+    FAIL() << "expected CheckpointError";
+  } catch (const xax::CheckpointError& error) {
+    EXPECT_STREQ(error.what(),
+                 "checkpoint entry 'train.optimizer_state.step' is -3; an optimizer's step count is >= 0");
+  }
+  EXPECT_EQ(other.optimizer<Lion<Params>>().state().step, 0);
+}
+
+TEST(UserOptimizer, ASkippedStepLeavesLionStateBitIdentical) {
+  FloatRegression trainer = lion_trainer();
+  trainer.train_step(zero_target());
+  const LionState<Params> before = trainer.optimizer<Lion<Params>>().state();
+  const Weights<float> masters_before = trainer.params();
+  Target poisoned = zero_target();
+  poisoned.b(1) = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_FALSE(trainer.train_step(poisoned).finite);
+  const LionState<Params>& after = trainer.optimizer<Lion<Params>>().state();
+  EXPECT_EQ(after.step, before.step);
+  EXPECT_TRUE(bitwise_equal(after.m.w, before.m.w));
+  EXPECT_TRUE(bitwise_equal(after.m.b, before.m.b));
+  EXPECT_TRUE(bitwise_equal(trainer.params().w, masters_before.w));
+}
+
+TEST(UserOptimizer, VisitOptimizerNamesTheUserOptimizerItCannotVisit) {
+  FloatRegression trainer = lion_trainer();
+  EXPECT_THROW(trainer.visit_optimizer([](const auto& optimizer) { return optimizer.state().step; }),
+               xax::Error);
+  EXPECT_THROW((void)trainer.optimizer<xax::optim::AdamW<Params>>(), xax::Error);
+  FloatRegression adamw(initial_weights(), xax::optim::AdamWOptions{});
+  EXPECT_EQ(adamw.visit_optimizer([](const auto& optimizer) { return optimizer.state().step; }), 0);
+  EXPECT_EQ(adamw.learning_rate(), 1e-3);
+}
+
+// The built-in optimizers still record their names, so that existing checkpoints stay loadable.
+TEST(UserOptimizer, BuiltInOptimizersKeepTheirCheckpointNames) {
+  FloatRegression adamw(initial_weights(), xax::optim::AdamWOptions{});
+  FloatRegression sgd(initial_weights(), xax::optim::SgdOptions{});
+  xax::CheckpointWriter a, s;
+  adamw.save_train_state(a);
+  sgd.save_train_state(s);
+  EXPECT_EQ(xax::CheckpointReader::from_bytes(a.bytes()).read_string("train.optimizer"), "adamw");
+  EXPECT_EQ(xax::CheckpointReader::from_bytes(s.bytes()).read_string("train.optimizer"), "sgd");
+}
+
+// MixedPrecisionMixin: a task's make_optimizer replaces the config's optimizer, under every policy.
+struct MixinConfig : xax::MixedPrecisionConfig {
+  [[nodiscard]] xax::OptimizerOptions optimizer_options() const { return xax::optim::AdamWOptions{}; }
+};
+
+class LionTask : public xax::MixedPrecisionMixin<LionTask, MixinConfig> {
+ public:
+  template <class T>
+  using params_type = Weights<T>;
+  using batch_type = Target;
+
+  explicit LionTask(MixinConfig config) : config_(std::move(config)) {}
+  const MixinConfig& config() const { return config_; }
+  Weights<float> init_params() const { return initial_weights(); }
+  Lion<Weights<float>> make_optimizer(const Weights<float>& like) const { return Lion<Weights<float>>(like); }
+
+  template <class T>
+  double loss_and_grads(const Weights<T>& params, const Target& target, float scale, Weights<T>& grads) {
+    grads.w = ((params.w.template cast<float>() - target.w) * scale).template cast<T>();
+    grads.b = ((params.b.template cast<float>() - target.b) * scale).template cast<T>();
+    return 0;
+  }
+
+ private:
+  MixinConfig config_;
+};
+
+TEST(UserOptimizer, MixedPrecisionTaskTrainsWithItsOwnOptimizer) {
+  for (const char* policy : {"float32", "mixed", "float16"}) {
+    MixinConfig config;
+    config.enable_mixed_precision = true;
+    config.precision_policy = policy;
+    config.loss_scaling = "static";
+    config.loss_scale_value = 1024;
+    LionTask task(config);
+    task.train_step(zero_target());
+    task.train_step(zero_target());
+    EXPECT_EQ(task.params().w, Eigen::Vector2f(163.0f / 256, -97.0f / 64)) << policy;
+    EXPECT_EQ(task.params().b, Eigen::Vector2f(101.0f / 512, 0.0f)) << policy;
+    xax::CheckpointWriter writer;
+    task.save_train_state(writer);
+    EXPECT_EQ(xax::CheckpointReader::from_bytes(writer.bytes()).read_string("train.optimizer"), "lion");
+  }
+}
+
+// Parameter groups through TrainStep: with zero gradients (target = params) AdamW only decays, p * (1 - 1/8 *
+// 1/2) = p * 15/16, and the bias is left alone; the fused bf16 compute copy follows.
+TEST(ParamGroupsInTrainStep, TheBiasIsNotDecayedWhileTheWeightIs) {
+  using MixedRegression = Regression<xax::Policy<float, xax::bfloat16, float>>;
+  MixedRegression trainer(initial_weights(),
+                          xax::optim::AdamWOptions{.learning_rate = 0.125,
+                                                   .weight_decay = 0.5,
+                                                   .groups = xax::optim::ParamGroups{}.no_weight_decay_if(
+                                                       xax::optim::is_bias_or_norm)});
+  const Weights<float> start = initial_weights();
+  EXPECT_TRUE(trainer.train_step(Target{start.w, start.b}).finite);
+  EXPECT_EQ(trainer.params().w, Eigen::Vector2f(0.9375f, -1.875f));
+  EXPECT_EQ(trainer.params().b, Eigen::Vector2f(0.5f, 0.0f));
+  trainer.with_compute_params([](const auto& compute) {
+    EXPECT_EQ(compute.w(1), xax::bfloat16(-1.875f));
+    EXPECT_EQ(compute.b(0), xax::bfloat16(0.5f));
+  });
+}
+
+// on_unscaled_gradients: sees the unscaled fp32 gradients and their norm on finite steps, before the update.
+class HookedRegression
+    : public xax::TrainStep<HookedRegression, xax::Policy<float, xax::bfloat16, float>, xax::LossScale> {
+ public:
+  template <class T>
+  using params_type = Weights<T>;
+  using batch_type = Target;
+  static constexpr bool writes_fp32_gradients = true;
+
+  explicit HookedRegression(xax::OptimizerOptions optimizer) {
+    reset_train_state(initial_weights(), optimizer, xax::StaticLossScale(1024.0f));
+  }
+
+  template <class T, class G>
+  requires(std::same_as<G, T> ||
+           std::same_as<G, float>) double loss_and_grads(const Weights<T>& params, const Target& target,
+                                                         float scale, Weights<G>& grads) {
+    grads_are_float = std::same_as<G, float>;
+    grads.w = ((params.w.template cast<float>() - target.w) * scale).template cast<G>();
+    grads.b = ((params.b.template cast<float>() - target.b) * scale).template cast<G>();
+    return 0;
+  }
+
+  void on_unscaled_gradients(Weights<float>& grads, const xax::UnscaledGradients& info) {
+    ++hook_calls;
+    seen = grads;
+    seen_norm = info.norm;
+    if (double_the_bias) grads.b *= 2.0f;
+  }
+
+  bool grads_are_float = false;
+  bool double_the_bias = false;
+  int hook_calls = 0;
+  Weights<float> seen;
+  double seen_norm = 0;
+};
+
+// From w = (1, -2), b = (1/2, 0) towards 0 with the loss scaled by 1024: the hook sees (1, -2 | 1/2, 0)
+// unscaled, norm sqrt(1 + 4 + 1/4) = sqrt(21) / 2.
+TEST(UnscaledGradientsHook, SeesTheUnscaledGradientsAndTheirNormOnFiniteStepsOnly) {
+  HookedRegression trainer(xax::optim::SgdOptions{.learning_rate = 0.5});
+  const xax::StepResult result = trainer.train_step(zero_target());
+  EXPECT_TRUE(trainer.grads_are_float) << "the declared fp32-gradient path";
+  EXPECT_EQ(trainer.hook_calls, 1);
+  EXPECT_EQ(trainer.seen.w, Eigen::Vector2f(1.0f, -2.0f));
+  EXPECT_EQ(trainer.seen.b, Eigen::Vector2f(0.5f, 0.0f));
+  EXPECT_NEAR(trainer.seen_norm, std::sqrt(21.0) / 2, 1e-12);
+  EXPECT_EQ(result.grad_norm, trainer.seen_norm);
+
+  Target poisoned = zero_target();
+  poisoned.w(0) = std::numeric_limits<float>::infinity();
+  EXPECT_FALSE(trainer.train_step(poisoned).finite);
+  EXPECT_EQ(trainer.hook_calls, 1) << "a skipped step does not reach the hook";
+}
+
+// What the hook leaves is what the optimizer sees: SGD with lr 1/2 and the bias gradient doubled moves
+// b = 1/2 by 1/2 * 2 * 1/2 = 1/2, to 0, and w by half its gradient, to (1/2, -1).
+TEST(UnscaledGradientsHook, GradientsChangedInTheHookChangeTheUpdate) {
+  HookedRegression trainer(xax::optim::SgdOptions{.learning_rate = 0.5});
+  trainer.double_the_bias = true;
+  trainer.train_step(zero_target());
+  EXPECT_EQ(trainer.params().w, Eigen::Vector2f(0.5f, -1.0f));
+  EXPECT_EQ(trainer.params().b, Eigen::Vector2f(0.0f, 0.0f));
+}
+
+// The mixin forwards the task's hook.
+class HookedLionTask : public xax::MixedPrecisionMixin<HookedLionTask, MixinConfig> {
+ public:
+  template <class T>
+  using params_type = Weights<T>;
+  using batch_type = Target;
+
+  const MixinConfig& config() const { return config_; }
+  Weights<float> init_params() const { return initial_weights(); }
+
+  template <class T>
+  double loss_and_grads(const Weights<T>& params, const Target& target, float scale, Weights<T>& grads) {
+    grads.w = ((params.w.template cast<float>() - target.w) * scale).template cast<T>();
+    grads.b = ((params.b.template cast<float>() - target.b) * scale).template cast<T>();
+    return 0;
+  }
+  void on_unscaled_gradients(Weights<float>& grads, const xax::UnscaledGradients&) { seen = grads; }
+
+  MixinConfig config_;
+  Weights<float> seen;
+};
+
+TEST(UnscaledGradientsHook, MixedPrecisionMixinForwardsTheTaskHook) {
+  HookedLionTask task;
+  task.config_.enable_mixed_precision = true;
+  task.config_.precision_policy = "mixed";
+  task.config_.loss_scaling = "static";
+  task.config_.loss_scale_value = 256;
+  task.train_step(zero_target());
+  EXPECT_EQ(task.seen.w, Eigen::Vector2f(1.0f, -2.0f));
+  EXPECT_EQ(task.seen.b, Eigen::Vector2f(0.5f, 0.0f));
+}
+
+// Half-precision masters: a constant gradient of 2^-13 at lr 1 moves a master of 1 by an eighth of the ulp
+// below 1 (2^-11), which round-to-nearest loses every time.
+struct Vector {
+  Eigen::VectorXf v;
+};
+
+template <class Half>
+class ConstantGradient
+    : public xax::TrainStep<ConstantGradient<Half>, xax::Policy<Half, Half, float>, xax::NoOpLossScale> {
+ public:
+  template <class T>
+  using params_type = Weights<T>;
+  using batch_type = Vector;
+
+  ConstantGradient(xax::optim::MasterRounding rounding, Eigen::Index n, std::uint64_t seed = 0) {
+    this->reset_train_state(Weights<float>{Eigen::VectorXf::Ones(n), Eigen::VectorXf::Ones(1)},
+                            xax::optim::SgdOptions{.learning_rate = 1.0}, xax::NoOpLossScale{},
+                            {.master_rounding = rounding, .rounding_seed = seed});
+  }
+  template <class T>
+  double loss_and_grads(const Weights<T>&, const Vector& gradient, float, Weights<T>& grads) {
+    grads.w = gradient.v.template cast<T>();
+    grads.b = gradient.v.head(1).template cast<T>();
+    return 0;
+  }
+};
+
+template <class Half>
+class MasterRounding : public ::testing::Test {};
+using HalfScalars = ::testing::Types<xax::float16, xax::bfloat16>;
+TYPED_TEST_SUITE(MasterRounding, HalfScalars);
+
+// The ulp just below 1: 2^-11 for float16, 2^-8 for bfloat16; the gradient is an eighth of it.
+template <class Half>
+constexpr float ulp_below_one = std::is_same_v<Half, xax::float16> ? 0x1p-11f : 0x1p-8f;
+
+TYPED_TEST(MasterRounding, NearestLosesTheSmallUpdates) {
+  constexpr float step = ulp_below_one<TypeParam> / 8;
+  ConstantGradient<TypeParam> trainer(xax::optim::MasterRounding::round_to_nearest, 4);
+  for (int i = 0; i < 16; ++i) trainer.train_step(Vector{Eigen::VectorXf::Constant(4, step)});
+  EXPECT_EQ(trainer.params().w(0), TypeParam(1.0f));
+}
+
+// Kahan: master + compensation holds the exact sum of the updates, and the master is its nearest half value
+// (ties to even): after 16 steps of 1/8 ulp, 1 - 2 ulp exactly; 5 steps later 1 - 2 5/8 ulp, so 1 - 3 ulp.
+TYPED_TEST(MasterRounding, KahanMovesTheMasterByTheSumOfTheUpdates) {
+  constexpr float u = ulp_below_one<TypeParam>;
+  ConstantGradient<TypeParam> trainer(xax::optim::MasterRounding::kahan, 4);
+  for (int i = 0; i < 16; ++i) trainer.train_step(Vector{Eigen::VectorXf::Constant(4, u / 8)});
+  EXPECT_EQ(trainer.params().w(0), TypeParam(1.0f - 2 * u));
+
+  // The compensation is checkpointed: a restored run continues bit-identically.
+  xax::CheckpointWriter writer;
+  trainer.save_train_state(writer);
+  ConstantGradient<TypeParam> restored(xax::optim::MasterRounding::kahan, 4);
+  restored.load_train_state(xax::CheckpointReader::from_bytes(writer.bytes()));
+  for (int i = 0; i < 5; ++i) {
+    trainer.train_step(Vector{Eigen::VectorXf::Constant(4, u / 8)});
+    restored.train_step(Vector{Eigen::VectorXf::Constant(4, u / 8)});
+  }
+  EXPECT_EQ(restored.params().w(0), trainer.params().w(0));
+  EXPECT_EQ(trainer.params().w(0), TypeParam(1.0f - 3 * u));
+}
+
+// Stochastic rounding is unbiased: one step of 1/8 ulp moves each of 4096 masters by a whole ulp with
+// probability 1/8, and is reproducible from the seed.
+TYPED_TEST(MasterRounding, StochasticIsUnbiasedAndReproducible) {
+  constexpr float u = ulp_below_one<TypeParam>;
+  constexpr Eigen::Index n = 4096;
+  ConstantGradient<TypeParam> trainer(xax::optim::MasterRounding::stochastic_rounding, n, 7);
+  trainer.train_step(Vector{Eigen::VectorXf::Constant(n, u / 8)});
+  Eigen::Index moved = 0;
+  for (Eigen::Index i = 0; i < n; ++i) {
+    const TypeParam w = trainer.params().w(i);
+    EXPECT_TRUE(w == TypeParam(1.0f) || w == TypeParam(1.0f - u)) << i;
+    moved += w == TypeParam(1.0f - u) ? 1 : 0;
+  }
+  // Binomial(4096, 1/8): mean 512, standard deviation 21.
+  EXPECT_NEAR(static_cast<double>(moved), 512.0, 5 * 21.2);
+
+  ConstantGradient<TypeParam> same_seed(xax::optim::MasterRounding::stochastic_rounding, n, 7);
+  same_seed.train_step(Vector{Eigen::VectorXf::Constant(n, u / 8)});
+  EXPECT_TRUE(bitwise_equal(same_seed.params().w, trainer.params().w));
+}
+
+TEST(MasterRounding, ConfigChoosesItAndRefusesOtherNames) {
+  MixinConfig config;
+  EXPECT_EQ(config.master_rounding, "stochastic");
+  EXPECT_EQ(config.train_step_options().master_rounding, xax::optim::MasterRounding::stochastic_rounding);
+  config.master_rounding = "kahan";
+  EXPECT_EQ(config.train_step_options().master_rounding, xax::optim::MasterRounding::kahan);
+  config.master_rounding = "nearest";
+  EXPECT_EQ(config.train_step_options().master_rounding, xax::optim::MasterRounding::round_to_nearest);
+  config.master_rounding = "up";
+  try {
+    config.validate_mixed_precision();
+    FAIL() << "expected ConfigError";
+  } catch (const xax::ConfigError& error) {
+    EXPECT_STREQ(
+        error.what(),
+        "config field 'master_rounding': 'up' is not accepted; expected stochastic, nearest or kahan");
+  }
+}
+
+}  // namespace
