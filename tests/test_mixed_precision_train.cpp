@@ -852,4 +852,19 @@ TEST(MixedPrecisionConfig, ConfigErrorsAboutTheLossScaleNameTheConfigField) {
                   HasSubstr("config field 'loss_scale_backoff_factor' = 0.99999999 is not accepted")));
 }
 
+// The float accessor was renamed current_loss_scale() (TrainStep::loss_scale() is the scaler object); the old
+// spelling still compiles, with a deprecation warning that this test silences.
+TEST(MixedPrecisionTrain, TheDeprecatedLossScaleSpellingStillWorks) {
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = true;
+  config.loss_scaling = "static";
+  config.loss_scale_value = 64;
+  ClassifierTask task(config, xax_test::make_data(64));
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  EXPECT_EQ(task.loss_scale(), 64.0f);
+#pragma GCC diagnostic pop
+  EXPECT_EQ(task.current_loss_scale(), 64.0f);
+}
+
 }  // namespace

@@ -110,8 +110,10 @@ struct MixedPrecisionConfig {
     return DynamicLossScale(dynamic_loss_scale_options());
   }
 
-  /// The loss_scale_* fields as DynamicLossScaleOptions; call validate_loss_scaling first.
+  /// The loss_scale_* fields as DynamicLossScaleOptions. Throws ConfigError naming the field for a bad value
+  /// (validate_loss_scaling).
   [[nodiscard]] DynamicLossScaleOptions dynamic_loss_scale_options() const {
+    validate_loss_scaling();  // the casts to float below are then in range
     DynamicLossScaleOptions options;
     options.initial_scale = static_cast<float>(loss_scale_value);
     options.growth_interval = loss_scale_growth_interval;
