@@ -106,7 +106,7 @@ class MyTask : public xax::TrainMixin<MyTask, MyConfig>, public xax::MixedPrecis
     const Batch test{data_.test.features, data_.test.labels};
     std::printf("epoch %lld: test accuracy %.2f%% (policy %s, loss scale %g, %lld skipped steps)\n",
                 static_cast<long long>(epoch + 1), 100.0 * evaluate_batch(test), policy().str().c_str(),
-                static_cast<double>(loss_scale()), static_cast<long long>(skipped_steps()));
+                static_cast<double>(current_loss_scale()), static_cast<long long>(skipped_steps()));
   }
 
  private:

@@ -3,6 +3,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cfloat>
 #include <cstdint>
@@ -11,6 +12,7 @@
 #include <string>
 #include <variant>
 #include <vector>
+#include <xax/task/checkpoint.hpp>
 #include <xax/utils/loss_scale.hpp>
 
 namespace {
@@ -451,6 +453,197 @@ TEST(LossScale, VariantHoldsAnyKind) {
   EXPECT_EQ(xax::loss_scale_name(scale), "dynamic");
   std::visit([](auto& held) { held.adjust(true); }, scale);
   EXPECT_EQ(std::visit([](const auto& held) { return held.loss_scale(); }, scale), 32.0f);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// State trees through a checkpoint, without TrainStep
+
+// `state` written under "ls" and read back into a default state of its type, through checkpoint bytes.
+template <class State>
+State through_checkpoint(const State& state) {
+  xax::CheckpointWriter writer;
+  writer.add_tree("ls", state);
+  const xax::CheckpointReader reader = xax::CheckpointReader::from_bytes(writer.bytes());
+  State read{};
+  reader.read_tree("ls", read);
+  return read;
+}
+
+TEST(LossScaleState, EveryKindRoundTripsThroughACheckpoint) {
+  const NoOpLossScale none;
+  EXPECT_EQ(NoOpLossScale::from_state(through_checkpoint(none.state())), none);
+
+  const StaticLossScale fixed(1000.37f);
+  const xax::StaticLossScaleState fixed_state = through_checkpoint(fixed.state());
+  EXPECT_EQ(std::bit_cast<std::uint32_t>(fixed_state.scale), std::bit_cast<std::uint32_t>(1000.37f));
+  EXPECT_EQ(StaticLossScale::from_state(fixed_state), fixed);
+
+  DynamicLossScaleOptions options = options_with(512, 3, /*hysteresis=*/3);
+  options.min_scale = 0.25f;
+  options.max_scale = 8192;
+  options.growth_factor = 4;
+  options.backoff_factor = 0.25f;
+  DynamicLossScale dynamic(options);
+  trajectory(dynamic, "FFxFFFFxF");
+  const DynamicLossScaleState read = through_checkpoint(dynamic.state());
+  EXPECT_EQ(read, dynamic.state());
+  EXPECT_EQ(read.options.min_scale, 0.25f);
+  DynamicLossScale restored = DynamicLossScale::from_state(read);
+  EXPECT_EQ(restored, dynamic);
+  const std::string_view rest = "FFxxxxFFFFFFFFFFxFF";
+  EXPECT_EQ(trajectory(restored, rest), trajectory(dynamic, rest));
+}
+
+TEST(LossScaleState, TheTreesNameTheirEntries) {
+  xax::CheckpointWriter writer;
+  writer.add_tree("none", NoOpLossScale().state());
+  writer.add_tree("static", StaticLossScale(8).state());
+  writer.add_tree("dynamic", DynamicLossScale().state());
+  const xax::CheckpointReader reader = xax::CheckpointReader::from_bytes(writer.bytes());
+  EXPECT_FALSE(reader.contains("none"));
+  EXPECT_TRUE(reader.contains("static.scale"));
+  for (const char* name :
+       {"dynamic.scale", "dynamic.counter", "dynamic.hysteresis_left", "dynamic.options.initial_scale",
+        "dynamic.options.growth_interval", "dynamic.options.growth_factor", "dynamic.options.backoff_factor",
+        "dynamic.options.min_scale", "dynamic.options.max_scale", "dynamic.options.hysteresis"}) {
+    EXPECT_TRUE(reader.contains(name)) << name;
+  }
+}
+
+TEST(LossScaleState, CorruptValuesAreRejected) {
+  // Values that no scale could hold pass through the checkpoint (it stores what it is given) and are refused
+  // by from_state with ConfigError.
+  EXPECT_THAT([] { (void)StaticLossScale::from_state(through_checkpoint(xax::StaticLossScaleState{-2.0f})); },
+              ::testing::ThrowsMessage<xax::ConfigError>(HasSubstr("StaticLossScale: scale = -2")));
+  EXPECT_THROW((void)StaticLossScale::from_state(through_checkpoint(xax::StaticLossScaleState{nan})),
+               xax::ConfigError);
+
+  const DynamicLossScaleState good = DynamicLossScale(options_with(64, 10, 2)).state();
+  const auto expect_rejected = [](const DynamicLossScaleState& bad, const std::string& part) {
+    EXPECT_THAT([&] { (void)DynamicLossScale::from_state(through_checkpoint(bad)); },
+                ::testing::ThrowsMessage<xax::ConfigError>(HasSubstr(part)));
+  };
+  DynamicLossScaleState bad = good;
+  bad.counter = 10;
+  expect_rejected(bad, "DynamicLossScaleState: counter = 10");
+  bad = good;
+  bad.scale = inf;
+  expect_rejected(bad, "DynamicLossScaleState: scale = inf");
+  bad = good;
+  bad.hysteresis_left = 3;
+  expect_rejected(bad, "DynamicLossScaleState: hysteresis_left = 3");
+  bad = good;
+  bad.options.growth_factor = 0.5f;
+  expect_rejected(bad, "DynamicLossScaleOptions: growth_factor = 0.5");
+  bad = good;
+  bad.options.min_scale = 0;
+  expect_rejected(bad, "DynamicLossScaleOptions: min_scale = 0");
+}
+
+TEST(LossScaleState, ATreeOfAnotherKindIsACheckpointError) {
+  // The entries of one kind do not fit the tree of another: the reader refuses, naming what is missing.
+  xax::CheckpointWriter writer;
+  writer.add_tree("ls", StaticLossScale(8).state());
+  const xax::CheckpointReader reader = xax::CheckpointReader::from_bytes(writer.bytes());
+  DynamicLossScaleState state;
+  const DynamicLossScaleState before = state;
+  EXPECT_THROW(reader.read_tree("ls", state), xax::CheckpointError);
+  EXPECT_EQ(state, before) << "a failed read leaves the tree unchanged";
+  NoOpLossScale::state_type empty;
+  EXPECT_THAT([&] { reader.read_tree("ls", empty); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr("1 tensors are stored under 'ls'")));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Setting the scale by hand
+
+TEST(LossScaleSet, StaticTakesAnyValidScale) {
+  StaticLossScale scale(8);
+  scale.set_loss_scale(1000.37f);
+  EXPECT_EQ(scale.loss_scale(), 1000.37f);
+  EXPECT_EQ(scale.inverse_scale(), static_cast<float>(1.0 / 1000.37f));
+  scale.set_loss_scale(FLT_MIN);
+  EXPECT_EQ(scale.loss_scale(), FLT_MIN);
+  for (const float bad : {0.0f, -1.0f, inf, nan, 1e-39f}) {
+    EXPECT_THAT(
+        [&] { scale.set_loss_scale(bad); },
+        ::testing::ThrowsMessage<xax::ConfigError>(HasSubstr("StaticLossScale::set_loss_scale: scale = ")))
+        << bad;
+    EXPECT_EQ(scale.loss_scale(), FLT_MIN) << "a refused value changes nothing";
+  }
+}
+
+TEST(LossScaleSet, DynamicRestartsItsCounterAndHysteresis) {
+  DynamicLossScaleOptions options = options_with(64, 3, /*hysteresis=*/2);
+  options.min_scale = 2;
+  options.max_scale = 1024;
+  DynamicLossScale scale(options);
+  trajectory(scale, "FFxF");  // counter 1, one overflow absorbed
+  ASSERT_EQ(scale.counter(), 1);
+  ASSERT_EQ(scale.hysteresis_left(), 1);
+  ASSERT_EQ(scale.loss_scale(), 64.0f);
+
+  scale.set_loss_scale(100.5f);
+  EXPECT_EQ(scale.loss_scale(), 100.5f);
+  EXPECT_EQ(scale.counter(), 0);
+  EXPECT_EQ(scale.hysteresis_left(), 2);
+  EXPECT_EQ(scale.options(), options) << "initial_scale and the bounds stay";
+  // A full growth interval from the new scale, and a full hysteresis.
+  EXPECT_EQ(trajectory(scale, "FFFxx"), (std::vector<float>{100.5f, 100.5f, 201.0f, 201.0f, 100.5f}));
+
+  scale.set_loss_scale(2);  // the bounds themselves are accepted
+  scale.set_loss_scale(1024);
+  const DynamicLossScaleState before = scale.state();
+  for (const float bad : {1.5f, 1025.0f, 0.0f, -4.0f, inf, nan}) {
+    EXPECT_THAT([&] { scale.set_loss_scale(bad); },
+                ::testing::ThrowsMessage<xax::ConfigError>(
+                    AllOf(HasSubstr("DynamicLossScale::set_loss_scale: scale = "), HasSubstr("[2, 1024]"))))
+        << bad;
+    EXPECT_EQ(scale.state(), before) << "a refused value changes nothing";
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// What TrainStep asks of a scale it does not know
+
+// Halves on overflow down to 1; no at_min_scale(), so loss_scale_at_min asks a copy.
+struct HalvingScale {
+  static constexpr std::string_view kind = "halving";
+  float value = 8;
+  [[nodiscard]] float loss_scale() const { return value; }
+  [[nodiscard]] float inverse_scale() const { return 1.0f / value; }
+  template <class T>
+  [[nodiscard]] T scale(const T& x) const {
+    return xax::detail::scaled_copy(x, value);
+  }
+  template <class T>
+  [[nodiscard]] T unscale(const T& x) const {
+    return xax::detail::scaled_copy(x, inverse_scale());
+  }
+  void adjust(bool finite) {
+    if (!finite) value = std::max(1.0f, value / 2);
+  }
+};
+static_assert(xax::loss_scale<HalvingScale> && !xax::checkpointable_loss_scale<HalvingScale>);
+
+TEST(LossScaleAtMin, UsesTheScalesOwnAnswerOrAsksACopy) {
+  EXPECT_TRUE(xax::loss_scale_at_min(NoOpLossScale()));
+  EXPECT_TRUE(xax::loss_scale_at_min(StaticLossScale(4)));
+  DynamicLossScaleOptions options = options_with(4, 100, /*hysteresis=*/2);
+  options.min_scale = 2;
+  DynamicLossScale dynamic(options);
+  EXPECT_FALSE(xax::loss_scale_at_min(dynamic));
+  dynamic.adjust(false);  // absorbed by the hysteresis: the scale can still go lower
+  EXPECT_FALSE(xax::loss_scale_at_min(dynamic));
+  dynamic.adjust(false);
+  EXPECT_EQ(dynamic.loss_scale(), 2.0f);
+  EXPECT_TRUE(xax::loss_scale_at_min(dynamic));
+
+  HalvingScale halving;
+  EXPECT_FALSE(xax::loss_scale_at_min(halving));
+  EXPECT_EQ(halving.loss_scale(), 8.0f) << "the probe adjusts a copy";
+  halving.value = 1;
+  EXPECT_TRUE(xax::loss_scale_at_min(halving));
 }
 
 }  // namespace

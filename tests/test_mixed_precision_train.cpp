@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -162,7 +163,7 @@ TEST(MixedPrecisionTrain, Float16GradientsUnderflowWithoutScalingAndTrainWithDyn
   ClassifierTask scaled(config, xax_test::make_data(512));
   scaled.fit();
   EXPECT_EQ(scaled.skipped_steps(), 0);
-  EXPECT_GT(scaled.loss_scale(), 32768.0f) << "the scale grew every 8 finite steps";
+  EXPECT_GT(scaled.current_loss_scale(), 32768.0f) << "the scale grew every 8 finite steps";
   EXPECT_LT(scaled.results.back().loss, 1e-3 * untrained) << "with dynamic scaling the model trains";
   EXPECT_NEAR(scaled.results.back().loss, trained, 0.1 * trained) << "and lands where float32 does";
 }
@@ -190,7 +191,7 @@ TEST_P(InjectedNonFinite, SkipsTheStepLeavingStateBitIdenticalAndNamesTheTensor)
   EXPECT_FALSE(skipped.finite);
   EXPECT_EQ(skipped.skipped_steps, 1);
   EXPECT_EQ(skipped.loss_scale, 1024.0f) << "the step reports the scale it used";
-  EXPECT_EQ(task.loss_scale(), 512.0f) << "then the scale backs off";
+  EXPECT_EQ(task.current_loss_scale(), 512.0f) << "then the scale backs off";
   EXPECT_THAT(skipped.non_finite, HasSubstr("1 of 4 tensors non-finite: w2"));
   EXPECT_TRUE(bitwise_equal(params_before, task.params())) << "masters untouched";
 
@@ -241,7 +242,7 @@ TEST(MixedPrecisionTrain, OverflowAtTheMinimumScaleRaisesLossScaleError) {
   task.inject_at_call = 4;
   EXPECT_THAT([&] { (void)task.train_step(batch); },
               ::testing::ThrowsMessage<xax::LossScaleError>(HasSubstr("3 consecutive steps overflowed")));
-  EXPECT_EQ(task.loss_scale(), 1.0f);
+  EXPECT_EQ(task.current_loss_scale(), 1.0f);
   EXPECT_EQ(task.skipped_steps(), 4) << "the step that throws is not taken";
 }
 
@@ -328,7 +329,7 @@ TEST_F(CheckpointResume, ResumedRunIsBitIdenticalToAnUninterruptedOne) {
     resumed.fit();
     EXPECT_EQ(resumed.global_step(), uninterrupted.global_step()) << policy;
     EXPECT_TRUE(bitwise_equal(resumed.params(), uninterrupted.params())) << policy;
-    EXPECT_EQ(resumed.loss_scale(), uninterrupted.loss_scale()) << policy;
+    EXPECT_EQ(resumed.current_loss_scale(), uninterrupted.current_loss_scale()) << policy;
     ASSERT_FALSE(resumed.results.empty());
     EXPECT_EQ(resumed.results.back().loss, uninterrupted.results.back().loss) << policy;
   }
@@ -465,13 +466,13 @@ TEST_P(CorruptTrainState, IsACheckpointErrorThatChangesNothing) {
   live.fit();
   const auto params = live.params();
   const std::mt19937_64 rng = live.rng();
-  const float scale = live.loss_scale();
+  const float scale = live.current_loss_scale();
   EXPECT_THAT([&] { live.load_checkpoint(path_); },
               ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr(corrupt.message)));
   EXPECT_TRUE(bitwise_equal(params, live.params()));
   EXPECT_EQ(live.global_step(), 1);
   EXPECT_TRUE(live.rng() == rng);
-  EXPECT_EQ(live.loss_scale(), scale);
+  EXPECT_EQ(live.current_loss_scale(), scale);
   EXPECT_EQ(live.skipped_steps(), 0);
 }
 
@@ -505,10 +506,16 @@ INSTANTIATE_TEST_SUITE_P(
         CorruptEntry{"train.loss_scale.scale",
                      [](const std::string&) { return bytes_of(std::numeric_limits<float>::quiet_NaN()); },
                      "holds a loss scale no run can reach: DynamicLossScaleState: scale = nan"},
-        CorruptEntry{"train.loss_scale.growth_factor", [](const std::string&) { return bytes_of(0.5f); },
+        CorruptEntry{"train.loss_scale.options.growth_factor",
+                     [](const std::string&) { return bytes_of(0.5f); },
                      "holds a loss scale no run can reach: DynamicLossScaleOptions: growth_factor = 0.5"},
-        CorruptEntry{"train.loss_scale.kind", [](const std::string&) { return bytes_of(std::int32_t{7}); },
-                     "unknown loss-scale kind 7"}));
+        CorruptEntry{"train.loss_scale.hysteresis_left",
+                     [](const std::string&) { return bytes_of(std::int32_t{0}); },
+                     "DynamicLossScaleState: hysteresis_left = 0"},
+        CorruptEntry{"train.loss_scale_kind", [](const std::string&) { return std::string("bogus"); },
+                     "a loss scale of kind 'bogus', which the LossScale variant does not hold"},
+        CorruptEntry{"train.loss_scale_kind", [](const std::string&) { return std::string("static"); },
+                     "tensors are stored under 'train.loss_scale' but the tree has 1 leaves"}));
 
 struct BadField {
   const char* key;
@@ -530,31 +537,37 @@ TEST_P(ConfigErrors, NameTheFieldAndWhatItAccepts) {
 
 INSTANTIATE_TEST_SUITE_P(
     Fields, ConfigErrors,
-    ::testing::Values(BadField{"learning_rate", "0", "'learning_rate'"},
-                      BadField{"learning_rate", "-1", "> 0"}, BadField{"batch_size", "0", "'batch_size'"},
-                      BadField{"epochs", "0", "'epochs'"}, BadField{"max_steps", "-1", "'max_steps'"},
-                      BadField{"optimizer", "adam", "adamw or sgd"},
-                      BadField{"weight_decay", "-0.1", "'weight_decay'"}, BadField{"momentum", "1", "[0, 1)"},
-                      BadField{"log_interval", "-5", "'log_interval'"},
-                      BadField{"checkpoint_interval", "-1", "'checkpoint_interval'"},
-                      BadField{"precision_policy", "fp8", "'precision_policy'"},
-                      BadField{"precision_policy", "p=f64", "float64"},
-                      BadField{"loss_scaling", "auto", "none, static or dynamic"},
-                      BadField{"loss_scale_value", "0", "'loss_scale_value'"},
-                      BadField{"loss_scale_value", "1e39", "'loss_scale_value'"},
-                      BadField{"loss_scale_growth_interval", "0", "'loss_scale_growth_interval'"},
-                      BadField{"loss_scale_growth_factor", "1", "> 1"},
-                      BadField{"loss_scale_backoff_factor", "1", "(0, 1)"},
-                      BadField{"loss_scale_backoff_factor", "0", "(0, 1)"},
-                      BadField{"loss_scale_min", "65536", "<= loss_scale_value"},
-                      BadField{"loss_scale_max", "2", ">= loss_scale_value"},
-                      BadField{"loss_scale_hysteresis", "0", "'loss_scale_hysteresis'"},
-                      BadField{"max_grad_norm", "-1", "'max_grad_norm'"},
-                      BadField{"accumulation_steps", "0", "'accumulation_steps'"},
-                      BadField{"max_overflows_at_min_scale", "-1", "'max_overflows_at_min_scale'"},
-                      BadField{"enable_mixed_precision", "maybe", "true, false, 1 or 0"},
-                      BadField{"hidden", "0", "'hidden'"},
-                      BadField{"no_such_field", "1", "unknown config field"}));
+    ::testing::Values(
+        BadField{"learning_rate", "0", "'learning_rate'"}, BadField{"learning_rate", "-1", "> 0"},
+        BadField{"batch_size", "0", "'batch_size'"}, BadField{"epochs", "0", "'epochs'"},
+        BadField{"max_steps", "-1", "'max_steps'"}, BadField{"optimizer", "adam", "adamw or sgd"},
+        BadField{"weight_decay", "-0.1", "'weight_decay'"}, BadField{"momentum", "1", "[0, 1)"},
+        BadField{"log_interval", "-5", "'log_interval'"},
+        BadField{"checkpoint_interval", "-1", "'checkpoint_interval'"},
+        BadField{"precision_policy", "fp8", "'precision_policy'"},
+        BadField{"precision_policy", "p=f64", "float64"},
+        BadField{"loss_scaling", "automatic", "none, static, dynamic or auto"},
+        BadField{"loss_scaling", "Dynamic", "none, static, dynamic or auto"},
+        BadField{"loss_scale_value", "0", "'loss_scale_value'"},
+        BadField{"loss_scale_value", "1e39", "'loss_scale_value'"},
+        BadField{"loss_scale_growth_interval", "0", "'loss_scale_growth_interval'"},
+        BadField{"loss_scale_growth_factor", "1", "greater than 1"},
+        BadField{"loss_scale_growth_factor", "1.00000001", "'loss_scale_growth_factor' = 1.00000001"},
+        BadField{"loss_scale_backoff_factor", "1", "(0, 1)"},
+        BadField{"loss_scale_backoff_factor", "0", "(0, 1)"},
+        BadField{"loss_scale_min", "65536",
+                 "'loss_scale_value' = 32768 is not accepted: it must be finite and within "
+                 "['loss_scale_min', 'loss_scale_max'] = [65536, 3.4028234663852886e+38]"},
+        BadField{"loss_scale_min", "1e-40", "'loss_scale_min' = 1e-40"},
+        BadField{"loss_scale_max", "2", "['loss_scale_min', 'loss_scale_max'] = [1, 2]"},
+        BadField{"loss_scale_max", "1e39", "'loss_scale_max' = 1e+39"},
+        BadField{"loss_scale_hysteresis", "0", "'loss_scale_hysteresis'"},
+        BadField{"loss_scale_hysteresis", "2147483648", "'loss_scale_hysteresis' = 2147483648"},
+        BadField{"max_grad_norm", "-1", "'max_grad_norm'"},
+        BadField{"accumulation_steps", "0", "'accumulation_steps'"},
+        BadField{"max_overflows_at_min_scale", "-1", "'max_overflows_at_min_scale'"},
+        BadField{"enable_mixed_precision", "maybe", "true, false, 1 or 0"},
+        BadField{"hidden", "0", "'hidden'"}, BadField{"no_such_field", "1", "unknown config field"}));
 
 TEST(MixedPrecisionConfig, SeedDefaults) {
   const xax::MixedPrecisionConfig config;
@@ -574,7 +587,7 @@ TEST(MixedPrecisionConfig, DisabledMeansFloat32WithoutScaling) {
   EXPECT_EQ(config.policy_spec(), xax::get_policy("default"));
   EXPECT_TRUE(std::holds_alternative<xax::NoOpLossScale>(config.make_loss_scale()));
   ClassifierTask task(config, xax_test::make_data(64));
-  EXPECT_EQ(task.loss_scale(), 1.0f);
+  EXPECT_EQ(task.current_loss_scale(), 1.0f);
 }
 
 }  // namespace
@@ -627,7 +640,7 @@ TEST(MixedPrecisionTrain, ATaskMovedAfterItsFirstStepKeepsTraining) {
 
   EXPECT_TRUE(bitwise_equal(moved.params(), unmoved.params()));
   EXPECT_TRUE(bitwise_equal(assigned.params(), unmoved.params()));
-  EXPECT_EQ(moved.loss_scale(), unmoved.loss_scale());
+  EXPECT_EQ(moved.current_loss_scale(), unmoved.current_loss_scale());
   EXPECT_EQ(moved.evaluate_batch(batch), unmoved.evaluate_batch(batch));
 }
 
@@ -686,6 +699,172 @@ TEST(MixedPrecisionConfig, SmallValuesAreQuotedExactly) {
                     HasSubstr("-1e-09 is not accepted"), ::testing::Not(HasSubstr("0.000000")))))
         << arg;
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// loss_scaling = "auto", setting the scale by hand, and one validator for config and loss scale
+
+TEST(MixedPrecisionConfig, AutoLossScalingIsDynamicExactlyWhereComputeIsFloat16) {
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = true;
+  config.loss_scaling = "auto";
+  config.loss_scale_value = 1024;
+  const struct {
+    const char* policy;
+    const char* kind;
+  } cases[] = {{"float16", "dynamic"},
+               {"params=float32,compute=float16,output=float32", "dynamic"},
+               {"params=float16,compute=float16", "dynamic"},
+               {"params=float32,compute=bfloat16,output=float16", "none"},
+               {"bfloat16", "none"},
+               {"default", "none"},
+               {"float32", "none"}};
+  for (const auto& c : cases) {
+    config.precision_policy = c.policy;
+    EXPECT_EQ(config.resolved_loss_scaling(), c.kind) << c.policy;
+    EXPECT_EQ(xax::loss_scale_name(config.make_loss_scale()), c.kind) << c.policy;
+    ClassifierTask task(config, xax_test::make_data(64));
+    EXPECT_EQ(task.current_loss_scale(), std::string_view(c.kind) == "dynamic" ? 1024.0f : 1.0f) << c.policy;
+  }
+  config.enable_mixed_precision = false;
+  config.precision_policy = "float16";
+  EXPECT_EQ(config.resolved_loss_scaling(), "none") << "disabled mixed precision never scales";
+  EXPECT_EQ(xax::MixedPrecisionConfig().loss_scaling, "dynamic") << "the seed's default stays";
+
+  const std::array<std::string_view, 1> args{"loss_scaling=auto"};
+  TaskConfig parsed = xax_test::default_config();
+  xax::apply_config_args(parsed, args);
+  EXPECT_EQ(parsed.loss_scaling, "auto");
+}
+
+TEST(MixedPrecisionConfig, AutoLossScalingTrainsFloat16LikeDynamic) {
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = true;
+  config.precision_policy = "params=float32,compute=float16,output=float32";
+  config.max_steps = 6;
+  config.loss_scaling = "dynamic";
+  ClassifierTask dynamic(config, xax_test::make_data(128));
+  dynamic.fit();
+  config.loss_scaling = "auto";
+  ClassifierTask automatic(config, xax_test::make_data(128));
+  automatic.fit();
+  EXPECT_TRUE(bitwise_equal(dynamic.params(), automatic.params()));
+  EXPECT_EQ(dynamic.current_loss_scale(), automatic.current_loss_scale());
+}
+
+TEST(MixedPrecisionTrain, SetLossScaleByHand) {
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = true;
+  config.precision_policy = "mixed";
+  config.loss_scaling = "dynamic";
+  config.loss_scale_min = 4;
+  config.loss_scale_max = 65536;
+  ClassifierTask task(config, xax_test::make_data(64));
+  const auto batch = task.make_batch(std::vector<std::int64_t>{0, 1, 2, 3});
+  task.train_step(batch);
+  task.set_loss_scale(300.25f);
+  EXPECT_EQ(task.current_loss_scale(), 300.25f);
+  EXPECT_EQ(task.train_step(batch).loss_scale, 300.25f) << "the next step's backward uses it";
+  for (const float bad : {2.0f, 70000.0f, 0.0f, std::numeric_limits<float>::quiet_NaN()}) {
+    EXPECT_THAT([&] { task.set_loss_scale(bad); },
+                ::testing::ThrowsMessage<xax::ConfigError>(HasSubstr("[4, 65536]")))
+        << bad;
+    EXPECT_EQ(task.current_loss_scale(), 300.25f);
+  }
+
+  config.loss_scaling = "static";
+  config.loss_scale_value = 8;
+  ClassifierTask fixed(config, xax_test::make_data(64));
+  fixed.set_loss_scale(0.5f);  // a static scale has no bounds but FLT_MIN
+  EXPECT_EQ(fixed.current_loss_scale(), 0.5f);
+  EXPECT_EQ(fixed.train_step(batch).loss_scale, 0.5f);
+
+  config.loss_scaling = "none";
+  ClassifierTask none(config, xax_test::make_data(64));
+  EXPECT_THAT([&] { none.set_loss_scale(2); }, ::testing::ThrowsMessage<xax::ConfigError>(
+                                                   HasSubstr("a loss scale of kind 'none' cannot be set")));
+  EXPECT_EQ(none.current_loss_scale(), 1.0f);
+}
+
+// The config's loss_scale_* fields and DynamicLossScaleOptions go through one validator: each value is
+// accepted by both or refused by both.
+TEST(MixedPrecisionConfig, ConfigAndLossScaleRejectTheSameValues) {
+  const auto agree = [](const std::function<void(TaskConfig&)>& set_config,
+                        const std::function<void(xax::DynamicLossScaleOptions&)>& set_options,
+                        const char* what) {
+    TaskConfig config = xax_test::default_config();
+    config.enable_mixed_precision = true;
+    set_config(config);
+    bool config_refuses = false;
+    try {
+      config.validate_mixed_precision();
+    } catch (const xax::ConfigError&) {
+      config_refuses = true;
+    }
+    xax::DynamicLossScaleOptions options;
+    set_options(options);
+    bool options_refuse = false;
+    try {
+      xax::DynamicLossScale scale(options);
+    } catch (const xax::ConfigError&) {
+      options_refuse = true;
+    }
+    EXPECT_EQ(config_refuses, options_refuse) << what;
+    return config_refuses;
+  };
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  int refused = 0;
+  for (const float v : {0.0f, -1.0f, 1e-39f, FLT_MIN, 0.5f, 1.0f, 2.0f, 65536.0f, FLT_MAX, inf, nan}) {
+    const std::string at = " = " + xax::detail::shortest_text(v);
+    refused += agree([&](TaskConfig& c) { c.loss_scale_value = v; }, [&](auto& o) { o.initial_scale = v; },
+                     ("initial_scale" + at).c_str());
+    refused += agree([&](TaskConfig& c) { c.loss_scale_growth_factor = v; },
+                     [&](auto& o) { o.growth_factor = v; }, ("growth_factor" + at).c_str());
+    refused += agree([&](TaskConfig& c) { c.loss_scale_backoff_factor = v; },
+                     [&](auto& o) { o.backoff_factor = v; }, ("backoff_factor" + at).c_str());
+    refused += agree([&](TaskConfig& c) { c.loss_scale_min = v; }, [&](auto& o) { o.min_scale = v; },
+                     ("min_scale" + at).c_str());
+    refused += agree([&](TaskConfig& c) { c.loss_scale_max = v; }, [&](auto& o) { o.max_scale = v; },
+                     ("max_scale" + at).c_str());
+  }
+  for (const int v : {-1, 0, 1, 3, std::numeric_limits<int>::max()}) {
+    refused += agree([&](TaskConfig& c) { c.loss_scale_growth_interval = v; },
+                     [&](auto& o) { o.growth_interval = v; }, "growth_interval");
+    refused += agree([&](TaskConfig& c) { c.loss_scale_hysteresis = v; }, [&](auto& o) { o.hysteresis = v; },
+                     "hysteresis");
+  }
+  EXPECT_EQ(refused, 7 + 8 + 8 + 7 + 9 + 2 + 2)
+      << "the values above include both accepted and refused ones for every field";
+}
+
+TEST(MixedPrecisionConfig, ConfigErrorsAboutTheLossScaleNameTheConfigField) {
+  TaskConfig config = xax_test::default_config();
+  config.loss_scale_backoff_factor = 1;
+  EXPECT_THAT([&] { config.validate_mixed_precision(); },
+              ::testing::ThrowsMessage<xax::ConfigError>(::testing::AllOf(
+                  HasSubstr("config field 'loss_scale_backoff_factor' = 1 is not accepted"),
+                  HasSubstr("(0, 1)"), ::testing::Not(HasSubstr("DynamicLossScaleOptions")))));
+  // Values that round to an invalid float are refused as the config field, not later by the loss scale.
+  config.loss_scale_backoff_factor = 0.99999999;
+  EXPECT_THAT([&] { config.validate_mixed_precision(); },
+              ::testing::ThrowsMessage<xax::ConfigError>(
+                  HasSubstr("config field 'loss_scale_backoff_factor' = 0.99999999 is not accepted")));
+}
+
+// The float accessor was renamed current_loss_scale() (TrainStep::loss_scale() is the scaler object); the old
+// spelling still compiles, with a deprecation warning that this test silences.
+TEST(MixedPrecisionTrain, TheDeprecatedLossScaleSpellingStillWorks) {
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = true;
+  config.loss_scaling = "static";
+  config.loss_scale_value = 64;
+  ClassifierTask task(config, xax_test::make_data(64));
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  EXPECT_EQ(task.loss_scale(), 64.0f);
+#pragma GCC diagnostic pop
+  EXPECT_EQ(task.current_loss_scale(), 64.0f);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <concepts>
@@ -22,6 +23,8 @@
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/policy.hpp>
 #include <xax/utils/tree.hpp>
+
+#include "checkpoint_bytes.hpp"
 
 namespace {
 
@@ -366,6 +369,268 @@ TEST(TrainStep, InvalidOptionsAreReportedWithTheirExactValue) {
       [] { FloatRegression trainer(ones(1), plain_sgd, xax::NoOpLossScale{}, {.max_grad_norm = -1e-9}); },
       ::testing::ThrowsMessage<xax::ConfigError>(
           ::testing::HasSubstr("max_grad_norm -1e-09 is not accepted")));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Any loss scale plugs in
+
+// A user's loss scale: halves on overflow down to 1, doubles after `every` consecutive finite steps up to
+// `cap`. It has no default constructor and no at_min_scale() (TrainStep asks a copy), and checkpoints through
+// its own state tree.
+class CappedGrowthScale {
+ public:
+  static constexpr std::string_view kind = "capped";
+  struct State {
+    float scale = 1;
+    std::int64_t finite_run = 0;
+    std::int64_t every = 1;
+    float cap = 1;
+    XAX_FIELDS(scale, finite_run, every, cap);
+    friend bool operator==(const State&, const State&) = default;
+  };
+  using state_type = State;
+
+  CappedGrowthScale(float scale, std::int64_t every, float cap) : state_{scale, 0, every, cap} {}
+  static CappedGrowthScale from_state(const State& state) {
+    if (!(state.every >= 1 && state.cap >= 1 && state.scale >= 1 && state.scale <= state.cap &&
+          state.finite_run >= 0 && state.finite_run < state.every)) {
+      throw xax::ConfigError("CappedGrowthScale: impossible state, scale " +
+                             xax::detail::shortest_text(state.scale));
+    }
+    CappedGrowthScale restored(state.scale, state.every, state.cap);
+    restored.state_ = state;
+    return restored;
+  }
+  [[nodiscard]] State state() const { return state_; }
+
+  [[nodiscard]] float loss_scale() const { return state_.scale; }
+  [[nodiscard]] float inverse_scale() const { return xax::detail::reciprocal(state_.scale); }
+  template <class T>
+  [[nodiscard]] T scale(const T& x) const {
+    return xax::detail::scaled_copy(x, state_.scale);
+  }
+  template <class T>
+  [[nodiscard]] T unscale(const T& x) const {
+    return xax::detail::scaled_copy(x, inverse_scale());
+  }
+  void adjust(bool finite) {
+    if (!finite) {
+      state_.finite_run = 0;
+      state_.scale = std::max(1.0f, state_.scale / 2);
+    } else if (++state_.finite_run == state_.every) {
+      state_.finite_run = 0;
+      state_.scale = std::min(state_.cap, state_.scale * 2);
+    }
+  }
+
+ private:
+  State state_;
+};
+static_assert(xax::checkpointable_loss_scale<CappedGrowthScale>);
+static_assert(!std::default_initializable<CappedGrowthScale>);
+
+template <class L>
+class ScaledRegression : public xax::TrainStep<ScaledRegression<L>, xax::Policy<float>, L> {
+ public:
+  template <class T>
+  using params_type = Weights<T>;
+  using batch_type = Target;
+
+  ScaledRegression(const Weights<float>& initial, L loss_scale, xax::TrainStepOptions options = {}) {
+    this->reset_train_state(initial, xax::optim::SgdOptions{.learning_rate = 0.25, .momentum = 0.5},
+                            std::move(loss_scale), options);
+  }
+
+  template <class T>
+  double loss_and_grads(const Weights<T>& params, const Target& target, float scale, Weights<T>& grads) {
+    const Eigen::VectorXf difference = params.w.template cast<float>() - target.value;
+    grads.w = (difference * scale).template cast<T>();
+    return 0.5 * difference.template cast<double>().squaredNorm();
+  }
+};
+
+const Target finite_target{Eigen::VectorXf::Constant(3, 0.5f)};
+const Target overflowing_target{Eigen::VectorXf::Constant(3, std::numeric_limits<float>::infinity())};
+
+// Runs `steps` ("F" finite, "x" overflow) and returns the scale after each.
+template <class Trainer>
+std::vector<float> run(Trainer& trainer, std::string_view steps) {
+  std::vector<float> scales;
+  for (const char step : steps) {
+    const xax::StepResult result = trainer.train_step(step == 'F' ? finite_target : overflowing_target);
+    EXPECT_EQ(result.finite, step == 'F');
+    scales.push_back(trainer.current_loss_scale());
+  }
+  return scales;
+}
+
+TEST(TrainStepUserLossScale, TrainsThroughTrainStep) {
+  ScaledRegression<CappedGrowthScale> trainer(ones(3), CappedGrowthScale(8, 2, 32));
+  EXPECT_EQ(run(trainer, "FFFFFFxxF"), (std::vector<float>{8, 16, 16, 32, 32, 32, 16, 8, 8}));
+  EXPECT_EQ(trainer.steps(), 9);
+  EXPECT_EQ(trainer.skipped_steps(), 2);
+  EXPECT_EQ(trainer.applied_steps(), 7);
+  EXPECT_EQ(trainer.visit_optimizer([](const auto& optimizer) { return optimizer.state().step; }), 7)
+      << "applied_steps() is the optimizer's step count";
+  EXPECT_EQ(trainer.loss_scale().state().finite_run, 1);
+}
+
+TEST(TrainStepUserLossScale, WithoutAtMinScaleAnOverflowThatCannotLowerTheScaleCounts) {
+  ScaledRegression<CappedGrowthScale> trainer(ones(3), CappedGrowthScale(2, 100, 32),
+                                              {.max_overflows_at_min_scale = 2});
+  // At 2 an overflow still halves the scale, so it does not count; at 1 the next two do, and the second
+  // throws.
+  EXPECT_EQ(run(trainer, "xx"), (std::vector<float>{1, 1}));
+  EXPECT_THAT([&] { (void)trainer.train_step(overflowing_target); },
+              ::testing::ThrowsMessage<xax::LossScaleError>(
+                  ::testing::HasSubstr("2 consecutive steps overflowed with the loss scale at 1,")));
+  EXPECT_EQ(trainer.steps(), 2);
+}
+
+class TrainStepLossScaleCheckpoint : public ::testing::Test {
+ protected:
+  void TearDown() override { std::filesystem::remove(path_); }
+  std::filesystem::path path_ = unique_temp_path("loss_scale");
+};
+
+TEST_F(TrainStepLossScaleCheckpoint, AUserLossScaleResumesBitIdentically) {
+  ScaledRegression<CappedGrowthScale> uninterrupted(ones(3), CappedGrowthScale(8, 3, 64));
+  run(uninterrupted, "FFxFF");
+  xax::CheckpointWriter writer;
+  uninterrupted.save_train_state(writer);
+  writer.write(path_);
+  const std::string rest = "FxFFFFFFFxF";
+  const std::vector<float> expected = run(uninterrupted, rest);
+
+  const xax::CheckpointReader reader(path_);
+  EXPECT_EQ(reader.read_string("train.loss_scale_kind"), "capped");
+  EXPECT_TRUE(reader.contains("train.loss_scale.finite_run"));
+  ScaledRegression<CappedGrowthScale> resumed(ones(3), CappedGrowthScale(1, 1, 1));
+  resumed.load_train_state(reader);
+  EXPECT_EQ(resumed.loss_scale().state(), (CappedGrowthScale::State{4, 2, 3, 64}));
+  EXPECT_EQ(run(resumed, rest), expected);
+  EXPECT_TRUE(bitwise_equal(resumed.params().w, uninterrupted.params().w));
+  EXPECT_EQ(resumed.loss_scale().state(), uninterrupted.loss_scale().state());
+  EXPECT_EQ(resumed.steps(), uninterrupted.steps());
+  EXPECT_EQ(resumed.skipped_steps(), uninterrupted.skipped_steps());
+}
+
+TEST_F(TrainStepLossScaleCheckpoint, AnotherKindOrAnImpossibleStateIsACheckpointError) {
+  ScaledRegression<CappedGrowthScale> written(ones(3), CappedGrowthScale(8, 3, 64));
+  run(written, "FF");
+  xax::CheckpointWriter writer;
+  written.save_train_state(writer);
+  writer.write(path_);
+
+  ScaledRegression<xax::DynamicLossScale> dynamic(ones(3), xax::DynamicLossScale());
+  EXPECT_THAT([&] { dynamic.load_train_state(xax::CheckpointReader(path_)); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(
+                  ::testing::HasSubstr("a loss scale of kind 'capped', but this train step uses 'dynamic'")));
+  ScaledRegression<xax::LossScale> variant(ones(3), xax::LossScale(xax::StaticLossScale(4)));
+  EXPECT_THAT([&] { variant.load_train_state(xax::CheckpointReader(path_)); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(
+                  ::testing::HasSubstr("kind 'capped', which the LossScale variant does not hold")));
+  EXPECT_EQ(variant.current_loss_scale(), 4.0f);
+
+  xax_test::edit_checkpoint(path_, [](std::vector<xax_test::RawEntry>& entries) {
+    xax_test::entry_named(entries, "train.loss_scale.scale").payload = xax_test::pod_bytes(128.0f);
+  });
+  ScaledRegression<CappedGrowthScale> live(ones(3), CappedGrowthScale(2, 5, 16));
+  EXPECT_THAT(
+      [&] { live.load_train_state(xax::CheckpointReader(path_)); },
+      ::testing::ThrowsMessage<xax::CheckpointError>(::testing::HasSubstr(
+          "entry 'train.loss_scale' holds a loss scale no run can reach: CappedGrowthScale: impossible "
+          "state, scale 128")));
+  EXPECT_EQ(live.loss_scale().state(), (CappedGrowthScale::State{2, 0, 5, 16}));
+}
+
+// Checkpoints written before the per-kind state trees stored one record for every kind
+// (train.loss_scale.kind, .scale, .counter, ... .hysteresis); they still load, into the variant and into the
+// kind's own TrainStep.
+TEST_F(TrainStepLossScaleCheckpoint, TheOldRecordFormStillLoads) {
+  xax::DynamicLossScaleOptions options{
+      .initial_scale = 64, .growth_interval = 3, .min_scale = 2, .hysteresis = 2};
+  ScaledRegression<xax::LossScale> uninterrupted(ones(3), xax::LossScale(xax::DynamicLossScale(options)));
+  run(uninterrupted, "FFFFxF");
+  const xax::DynamicLossScaleState saved =
+      std::get<xax::DynamicLossScale>(uninterrupted.loss_scale()).state();
+  ASSERT_EQ(saved.hysteresis_left, 1);
+  xax::CheckpointWriter writer;
+  uninterrupted.save_train_state(writer);
+  writer.write(path_);
+  xax_test::edit_checkpoint(path_, [&](std::vector<xax_test::RawEntry>& entries) {
+    std::erase_if(entries,
+                  [](const xax_test::RawEntry& e) { return e.name.starts_with("train.loss_scale"); });
+    const xax::detail::LossScaleRecord record{.kind = 2,
+                                              .scale = saved.scale,
+                                              .counter = saved.counter,
+                                              .hysteresis_left = saved.hysteresis_left,
+                                              .initial_scale = options.initial_scale,
+                                              .growth_interval = options.growth_interval,
+                                              .growth_factor = options.growth_factor,
+                                              .backoff_factor = options.backoff_factor,
+                                              .min_scale = options.min_scale,
+                                              .max_scale = options.max_scale,
+                                              .hysteresis = options.hysteresis};
+    xax::CheckpointWriter legacy;
+    legacy.add_tree("train.loss_scale", record);
+    for (const xax_test::RawEntry& e : xax_test::entries_of(legacy.bytes())) entries.push_back(e);
+  });
+  const xax::CheckpointReader reader(path_);
+  ASSERT_FALSE(reader.contains("train.loss_scale_kind"));
+  ASSERT_TRUE(reader.contains("train.loss_scale.kind"));
+
+  const std::string rest = "xFFFxxF";
+  const std::vector<float> expected = run(uninterrupted, rest);
+  ScaledRegression<xax::LossScale> resumed(ones(3), xax::LossScale());
+  resumed.load_train_state(reader);
+  EXPECT_EQ(std::get<xax::DynamicLossScale>(resumed.loss_scale()).state(), saved);
+  EXPECT_EQ(run(resumed, rest), expected);
+  EXPECT_TRUE(bitwise_equal(resumed.params().w, uninterrupted.params().w));
+
+  ScaledRegression<xax::DynamicLossScale> own_kind(ones(3), xax::DynamicLossScale());
+  own_kind.load_train_state(reader);
+  EXPECT_EQ(own_kind.loss_scale().state(), saved);
+  ScaledRegression<xax::StaticLossScale> other_kind(ones(3), xax::StaticLossScale(4));
+  EXPECT_THAT([&] { other_kind.load_train_state(reader); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(
+                  ::testing::HasSubstr("a loss scale of kind 'dynamic', but this train step uses 'static'")));
+  ScaledRegression<CappedGrowthScale> user(ones(3), CappedGrowthScale(2, 5, 16));
+  EXPECT_THAT([&] { user.load_train_state(reader); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(::testing::HasSubstr(
+                  "has no entry 'train.loss_scale_kind': it was written before loss scales of other kinds")));
+}
+
+TEST(TrainStepSetLossScale, SetsTheScaleTheNextStepUses) {
+  const xax::DynamicLossScaleOptions options{
+      .initial_scale = 1024, .growth_interval = 2, .min_scale = 4, .max_scale = 4096};
+  ScaledRegression<xax::LossScale> trainer(ones(3), xax::LossScale(xax::DynamicLossScale(options)));
+  run(trainer, "F");
+  trainer.set_loss_scale(100);
+  EXPECT_EQ(trainer.current_loss_scale(), 100.0f);
+  EXPECT_EQ(std::get<xax::DynamicLossScale>(trainer.loss_scale()).counter(), 0) << "the counter restarts";
+  EXPECT_EQ(trainer.train_step(finite_target).loss_scale, 100.0f);
+  EXPECT_EQ(run(trainer, "FFF"), (std::vector<float>{200, 200, 400}));
+
+  const xax::DynamicLossScaleState before = std::get<xax::DynamicLossScale>(trainer.loss_scale()).state();
+  for (const float bad : {2.0f, 8192.0f, std::numeric_limits<float>::infinity()}) {
+    EXPECT_THAT([&] { trainer.set_loss_scale(bad); },
+                ::testing::ThrowsMessage<xax::ConfigError>(::testing::HasSubstr("[4, 4096]")));
+    EXPECT_EQ(std::get<xax::DynamicLossScale>(trainer.loss_scale()).state(), before);
+  }
+
+  ScaledRegression<xax::StaticLossScale> fixed(ones(3), xax::StaticLossScale(8));
+  fixed.set_loss_scale(0.125f);
+  EXPECT_EQ(fixed.train_step(finite_target).loss_scale, 0.125f);
+
+  ScaledRegression<xax::NoOpLossScale> none(ones(3), xax::NoOpLossScale());
+  EXPECT_THAT([&] { none.set_loss_scale(2); },
+              ::testing::ThrowsMessage<xax::ConfigError>(::testing::HasSubstr(
+                  "set_loss_scale(2): a loss scale of kind 'none' cannot be set by hand")));
+  ScaledRegression<CappedGrowthScale> user(ones(3), CappedGrowthScale(2, 5, 16));
+  EXPECT_THAT([&] { user.set_loss_scale(4); }, ::testing::ThrowsMessage<xax::ConfigError>(
+                                                   ::testing::HasSubstr("kind 'capped' cannot be set")));
+  EXPECT_EQ(user.current_loss_scale(), 2.0f);
 }
 
 }  // namespace

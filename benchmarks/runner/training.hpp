@@ -236,7 +236,7 @@ class MlpTask : public xax::TrainMixin<MlpTask, MlpConfig>,
     for (std::ptrdiff_t i = first; i < steps_so_far; ++i)
       seconds += recorder_->step_ms[static_cast<std::size_t>(i)];
     record.seconds = seconds / 1000.0;
-    record.loss_scale = loss_scale();
+    record.loss_scale = current_loss_scale();
     record.skipped_steps = skipped_steps();
     if (setup_->evaluate) record.test_accuracy = test_accuracy();
     recorder_->epochs.push_back(record);
@@ -362,7 +362,7 @@ inline TrainingRun run_training(const TrainingSetup& setup, const xax::Classific
     run.tensor_bytes.train_state = state.total() - state.params;
     run.tensor_bytes.activations = recorder.activation_bytes;
     run.skipped_steps = task.skipped_steps();
-    run.final_loss_scale = task.loss_scale();
+    run.final_loss_scale = task.current_loss_scale();
     // The memory probe does not evaluate while its peak is measured; its accuracy after a few steps is taken
     // once, after the peak was read, as a sanity check only.
     if (!setup.evaluate || !run.error.empty()) run.test_accuracy = task.test_accuracy();

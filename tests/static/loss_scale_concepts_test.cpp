@@ -33,6 +33,30 @@ struct NoAdjust {
 };
 static_assert(!xax::loss_scale<NoAdjust>);
 
+// Every built-in kind saves and restores its whole state as a tree; a loss scale without one is still a loss
+// scale (TrainStep trains with it) but not a checkpointable one.
+static_assert(xax::checkpointable_loss_scale<xax::NoOpLossScale>);
+static_assert(xax::checkpointable_loss_scale<xax::StaticLossScale>);
+static_assert(xax::checkpointable_loss_scale<xax::DynamicLossScale>);
+static_assert(xax::tree<xax::NoOpLossScaleState> && xax::tree<xax::StaticLossScaleState> &&
+              xax::tree<xax::DynamicLossScaleState> && xax::tree<xax::DynamicLossScaleOptions>);
+
+struct StatelessScale {
+  static constexpr std::string_view kind = "stateless";
+  float loss_scale() const { return 1; }
+  float inverse_scale() const { return 1; }
+  template <class T>
+  T scale(const T& x) const {
+    return x;
+  }
+  template <class T>
+  T unscale(const T& x) const {
+    return x;
+  }
+  void adjust(bool) {}
+};
+static_assert(xax::loss_scale<StatelessScale> && !xax::checkpointable_loss_scale<StatelessScale>);
+
 static_assert(xax::NoOpLossScale::kind == "none" && xax::StaticLossScale::kind == "static" &&
               xax::DynamicLossScale::kind == "dynamic");
 static_assert(std::is_default_constructible_v<xax::DynamicLossScale>);

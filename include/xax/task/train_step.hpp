@@ -43,6 +43,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -102,10 +103,11 @@ struct TrainStateBytes {
 /// xax/task/any_optimizer.hpp).
 using OptimizerOptions = std::variant<optim::AdamWOptions, optim::SgdOptions>;
 
-/// A loss scale TrainStep can drive: one of the three kinds, or the LossScale variant of them.
+/// A loss scale TrainStep can drive: any type meeting xax::loss_scale (the built-in kinds or a user's own),
+/// or the LossScale variant of the built-in kinds. Checkpointing it also needs
+/// xax::checkpointable_loss_scale.
 template <class T>
-concept train_loss_scale = std::same_as<T, NoOpLossScale> || std::same_as<T, StaticLossScale> ||
-    std::same_as<T, DynamicLossScale> || std::same_as<T, LossScale>;
+concept train_loss_scale = loss_scale<T> || std::same_as<T, LossScale>;
 
 /// What TrainStep requires of its derived trainer for compute scalar `T`: gradients written as `G` (by
 /// default T; a trainer that can also write TrainStep's update_type gets its gradients without a cast).
@@ -151,20 +153,14 @@ decltype(auto) visit_loss_scale(L& scale, auto&& f) {
   }
 }
 
-/// Whether a non-finite step can still lower the scale. Static and no-op scales never move; a dynamic one
-/// stops at its minimum (hysteresis only delays the backoff).
+/// Whether a non-finite step can no longer lower the scale (see xax::loss_scale_at_min).
 template <class L>
 bool scale_at_floor(const L& scale) {
-  return visit_loss_scale(scale, []<class S>(const S& s) {
-    if constexpr (std::same_as<S, DynamicLossScale>) {
-      return s.loss_scale() <= s.options().min_scale;
-    } else {
-      return true;
-    }
-  });
+  return visit_loss_scale(scale, [](const auto& s) { return loss_scale_at_min(s); });
 }
 
-// The loss scale's state as a tree of named scalars, for checkpoints.
+// The loss scale as checkpoints before the per-kind state trees recorded it (one record for every kind, with
+// the kind's index in the LossScale variant); still read, no longer written.
 struct LossScaleRecord {
   std::int32_t kind = 0;  // index in the LossScale variant
   float scale = 1;
@@ -180,27 +176,6 @@ struct LossScaleRecord {
   XAX_FIELDS(kind, scale, counter, hysteresis_left, initial_scale, growth_interval, growth_factor,
              backoff_factor, min_scale, max_scale, hysteresis);
 };
-
-inline LossScaleRecord to_record(const NoOpLossScale&) {
-  return {.kind = 0};
-}
-inline LossScaleRecord to_record(const StaticLossScale& s) {
-  return {.kind = 1, .scale = s.loss_scale()};
-}
-inline LossScaleRecord to_record(const DynamicLossScale& s) {
-  const DynamicLossScaleState state = s.state();
-  return {.kind = 2,
-          .scale = state.scale,
-          .counter = state.counter,
-          .hysteresis_left = state.hysteresis_left,
-          .initial_scale = state.options.initial_scale,
-          .growth_interval = state.options.growth_interval,
-          .growth_factor = state.options.growth_factor,
-          .backoff_factor = state.options.backoff_factor,
-          .min_scale = state.options.min_scale,
-          .max_scale = state.options.max_scale,
-          .hysteresis = state.options.hysteresis};
-}
 
 inline LossScale from_record(const LossScaleRecord& r) {
   switch (r.kind) {
@@ -224,6 +199,50 @@ inline LossScale from_record(const LossScaleRecord& r) {
     }
     default:
       throw CheckpointError("checkpoint holds an unknown loss-scale kind " + std::to_string(r.kind));
+  }
+}
+
+// Reads the state tree of loss-scale type S under `name` and restores the scale from it; a state no run can
+// reach is a CheckpointError that quotes the loss scale's own complaint.
+template <checkpointable_loss_scale S>
+S read_loss_scale(const CheckpointReader& reader, const std::string& name) {
+  typename S::state_type state{};
+  reader.read_tree(name, state);
+  try {
+    return S::from_state(state);
+  } catch (const ConfigError& invalid) {
+    throw CheckpointError("checkpoint entry '" + name +
+                          "' holds a loss scale no run can reach: " + invalid.what());
+  }
+}
+
+// Restores the loss scale TrainStep saved under `name`: the recorded `kind` selects the state tree to read
+// (for the LossScale variant, any of its kinds; otherwise only L's own).
+template <class L>
+L read_loss_scale_of_kind(const CheckpointReader& reader, const std::string& name, const std::string& kind) {
+  if constexpr (std::same_as<L, LossScale>) {
+    std::optional<LossScale> restored;
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+      (
+          [&] {
+            using S = std::variant_alternative_t<I, LossScale>;
+            if (!restored && kind == S::kind)
+              restored.emplace(std::in_place_index<I>, read_loss_scale<S>(reader, name));
+          }(),
+          ...);
+    }
+    (std::make_index_sequence<std::variant_size_v<LossScale>>{});
+    if (!restored) {
+      throw CheckpointError("checkpoint holds a loss scale of kind '" + kind +
+                            "', which the LossScale variant does not hold (none, static or dynamic)");
+    }
+    return std::move(*restored);
+  } else {
+    if (kind != L::kind) {
+      throw CheckpointError("checkpoint holds a loss scale of kind '" + kind +
+                            "', but this train step uses '" + std::string(L::kind) + "'");
+    }
+    return read_loss_scale<L>(reader, name);
   }
 }
 
@@ -295,13 +314,35 @@ class TrainStep {
     return f(state<D>().compute_params());
   }
 
+  /// The loss-scale object (a LossScaleT); current_loss_scale() is its scale as a float.
   [[nodiscard]] const LossScaleT& loss_scale() const { return storage().loss_scale; }
+  /// The scale the next step's backward will use.
   [[nodiscard]] float current_loss_scale() const {
     return detail::visit_loss_scale(storage().loss_scale, [](const auto& s) { return s.loss_scale(); });
   }
-  /// Calls to train_step so far, skipped ones included.
+  /// Sets the scale by hand between steps (PyTorch's `scaler.update(new_scale)`), through the loss scale's
+  /// `set_loss_scale(float)`: a static scale takes any finite value >= FLT_MIN; a dynamic one a value within
+  /// [min_scale, max_scale], and restarts its growth counter and hysteresis. Throws ConfigError, changing
+  /// nothing, for a bad value or a kind that cannot be set (no-op, or a user type without set_loss_scale).
+  void set_loss_scale(float scale) {
+    detail::visit_loss_scale(storage().loss_scale, [&]<class S>(S& held) {
+      if constexpr (requires { held.set_loss_scale(scale); }) {
+        held.set_loss_scale(scale);
+      } else {
+        throw ConfigError("set_loss_scale(" + detail::shortest_text(scale) + "): a loss scale of kind '" +
+                          std::string(S::kind) +
+                          "' cannot be set by hand; use static or dynamic loss scaling to set it");
+      }
+    });
+  }
+  /// Calls to train_step that returned, skipped ones included (one per call, whatever the micro-batches).
+  /// TrainMixin::global_step() counts only the steps its fit() ran.
   [[nodiscard]] std::int64_t steps() const { return storage().steps; }
+  /// Calls to train_step whose update was skipped because gradients or loss were not finite.
   [[nodiscard]] std::int64_t skipped_steps() const { return storage().skipped; }
+  /// Updates applied to the masters: steps() - skipped_steps(), which is the optimizer's own step count (the
+  /// one AdamW's bias correction uses).
+  [[nodiscard]] std::int64_t applied_steps() const { return storage().steps - storage().skipped; }
   [[nodiscard]] const TrainStepOptions& train_step_options() const { return storage().options; }
   [[nodiscard]] static PolicySpec policy() { return Policy::spec(); }
 
@@ -363,9 +404,16 @@ class TrainStep {
     writer.add_tree(prefix + ".params", s.masters);
     s.optimizer->save_state(writer, prefix + ".optimizer_state");
     if (uses_master_compensation(s)) writer.add_tree(prefix + ".master_compensation", s.compensation);
-    writer.add_tree(prefix + ".loss_scale", detail::visit_loss_scale(s.loss_scale, [](const auto& l) {
-                      return detail::to_record(l);
-                    }));
+    // The loss scale's own state tree, and its kind to pick the tree type when reading.
+    detail::visit_loss_scale(s.loss_scale, [&]<class S>(const S& held) {
+      static_assert(
+          checkpointable_loss_scale<S>,
+          "xax::TrainStep::save_train_state: the loss scale must meet xax::checkpointable_loss_scale "
+          "(using state_type = a tree; state_type state() const; static S from_state(const "
+          "state_type&))");
+      writer.add_string(prefix + ".loss_scale_kind", std::string(S::kind));
+      writer.add_tree(prefix + ".loss_scale", held.state());
+    });
     writer.add_tree(prefix + ".counters",
                     std::array<std::int64_t, 3>{s.steps, s.skipped, s.overflows_at_floor});
   }
@@ -394,24 +442,7 @@ class TrainStep {
     auto optimizer = s.optimizer->with_loaded_state(reader, prefix + ".optimizer_state");
     auto compensation = s.compensation;
     if (uses_master_compensation(s)) reader.read_tree(prefix + ".master_compensation", compensation);
-    detail::LossScaleRecord record;
-    reader.read_tree(prefix + ".loss_scale", record);
-    LossScale restored;
-    try {
-      restored = detail::from_record(record);
-    } catch (const ConfigError& invalid) {
-      throw CheckpointError("checkpoint entry '" + prefix +
-                            ".loss_scale' holds a loss scale no run can reach: " + invalid.what());
-    }
-    LossScaleT loss_scale = s.loss_scale;
-    if constexpr (std::same_as<LossScaleT, LossScale>) {
-      loss_scale = std::move(restored);
-    } else {
-      if (!std::holds_alternative<LossScaleT>(restored)) {
-        throw CheckpointError("checkpoint holds another kind of loss scale than this train step uses");
-      }
-      loss_scale = std::get<LossScaleT>(std::move(restored));
-    }
+    LossScaleT loss_scale = read_saved_loss_scale(reader, prefix);
     std::array<std::int64_t, 3> counters{};
     reader.read_tree(prefix + ".counters", counters);
     const auto [steps, skipped, overflows_at_floor] = counters;
@@ -518,7 +549,7 @@ class TrainStep {
   template <class InitialParams, class D, class MakeOptimizer>
   void reset_with(const InitialParams& initial, MakeOptimizer&& make_optimizer, LossScaleT loss_scale,
                   TrainStepOptions options) {
-    auto fresh = std::make_unique<State<D>>();
+    auto fresh = std::make_unique<State<D>>(std::move(loss_scale));
     tree_cast_into(initial, fresh->masters);
     fresh->refresh_compute_copy();
     check_declared_fp32_gradients<D>();
@@ -545,7 +576,6 @@ class TrainStep {
       throw ConfigError("max_overflows_at_min_scale " + std::to_string(options.max_overflows_at_min_scale) +
                         " is not accepted; give 0 (never stop) or more");
     }
-    fresh->loss_scale = std::move(loss_scale);
     fresh->options = options;
     storage_ = std::move(fresh);
   }
@@ -555,7 +585,10 @@ class TrainStep {
   // Derived is complete. The type-erased base lets the non-template members reach what does not depend on
   // Derived.
   struct StorageBase {
-    LossScaleT loss_scale{};
+    // Constructed from the caller's scale: a loss scale need not be default-constructible.
+    explicit StorageBase(LossScaleT initial_loss_scale) : loss_scale(std::move(initial_loss_scale)) {}
+    StorageBase(const StorageBase&) = default;
+    LossScaleT loss_scale;
     TrainStepOptions options{};
     std::int64_t steps = 0;
     std::int64_t skipped = 0;
@@ -612,6 +645,49 @@ class TrainStep {
     }
   }
 
+  // The loss scale save_train_state wrote under `prefix`: a kind and its state tree, or, in checkpoints
+  // written before those, one record for every built-in kind.
+  static LossScaleT read_saved_loss_scale(const CheckpointReader& reader, const std::string& prefix) {
+    static_assert(std::same_as<LossScaleT, LossScale> || checkpointable_loss_scale<LossScaleT>,
+                  "xax::TrainStep::load_train_state: the loss scale must meet xax::checkpointable_loss_scale "
+                  "(using state_type = a tree; state_type state() const; static S from_state(const "
+                  "state_type&))");
+    const std::string name = prefix + ".loss_scale";
+    if (reader.contains(prefix + ".loss_scale_kind")) {
+      return detail::read_loss_scale_of_kind<LossScaleT>(reader, name,
+                                                         reader.read_string(prefix + ".loss_scale_kind"));
+    }
+    constexpr bool built_in =
+        std::same_as<LossScaleT, LossScale> || std::same_as<LossScaleT, NoOpLossScale> ||
+        std::same_as<LossScaleT, StaticLossScale> || std::same_as<LossScaleT, DynamicLossScale>;
+    if constexpr (built_in) {
+      detail::LossScaleRecord record;
+      reader.read_tree(name, record);
+      LossScale restored;
+      try {
+        restored = detail::from_record(record);
+      } catch (const ConfigError& invalid) {
+        throw CheckpointError("checkpoint entry '" + name +
+                              "' holds a loss scale no run can reach: " + invalid.what());
+      }
+      if constexpr (std::same_as<LossScaleT, LossScale>) {
+        return restored;
+      } else {
+        if (!std::holds_alternative<LossScaleT>(restored)) {
+          throw CheckpointError("checkpoint holds a loss scale of kind '" +
+                                std::string(loss_scale_name(restored)) + "', but this train step uses '" +
+                                std::string(LossScaleT::kind) + "'");
+        }
+        return std::get<LossScaleT>(std::move(restored));
+      }
+    } else {
+      throw CheckpointError("checkpoint has no entry '" + prefix +
+                            ".loss_scale_kind': it was written before loss scales of other kinds than none, "
+                            "static and dynamic could be saved, and this train step uses '" +
+                            std::string(LossScaleT::kind) + "'");
+    }
+  }
+
   StorageBase& storage() {
     if (!storage_)
       throw Error("xax::TrainStep used before reset_train_state(); call it from your constructor");
@@ -631,6 +707,7 @@ class TrainStep {
 template <class Derived, precision_policy Policy, train_loss_scale LossScaleT>
 template <class D>
 struct TrainStep<Derived, Policy, LossScaleT>::State final : StorageBase {
+  using StorageBase::StorageBase;
   template <class T>
   using Params = typename D::template params_type<T>;
   using AdamW = optim::AdamW<Params<update_type>>;

@@ -12,13 +12,30 @@
 ///     loss_scale.adjust(finite);
 ///
 /// `LossScale` holds any of the three when the kind is chosen at run time.
+///
+/// Every kind saves and restores its whole state as a tree, without TrainStep:
+///
+///     auto state = scale.state();                  // NoOpLossScaleState, StaticLossScaleState, ...
+///     writer.add_tree("ls", state);
+///     ...
+///     xax::DynamicLossScaleState state;
+///     reader.read_tree("ls", state);
+///     auto restored = xax::DynamicLossScale::from_state(state);  // ConfigError for impossible values
+///
+/// Static and dynamic scales can also be set by hand (`set_loss_scale`, PyTorch's `scaler.update(new_scale)`).
+/// A type of your own plugs into TrainStep when it meets the `loss_scale` concept below (and
+/// `checkpointable_loss_scale` to be saved with the train state).
 
 #include <algorithm>
+#include <array>
 #include <cfloat>
+#include <cmath>
 #include <concepts>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <type_traits>
 #include <variant>
 #include <xax/detail/format.hpp>
@@ -30,7 +47,7 @@
 namespace xax {
 
 /// The options of a DynamicLossScale. Names and defaults follow jmp and PyTorch's GradScaler, plus min/max
-/// bounds and Megatron's hysteresis.
+/// bounds and Megatron's hysteresis. A tree (for checkpoints), as part of DynamicLossScaleState.
 struct DynamicLossScaleOptions {
   float initial_scale = 32768;          ///< the scale before the first step (2^15)
   std::int64_t growth_interval = 2000;  ///< consecutive finite steps after which the scale grows
@@ -41,10 +58,12 @@ struct DynamicLossScaleOptions {
   int hysteresis = 1;  ///< the scale backs off on the hysteresis-th overflow since the last growth
 
   friend bool operator==(const DynamicLossScaleOptions&, const DynamicLossScaleOptions&) = default;
+  XAX_FIELDS(initial_scale, growth_interval, growth_factor, backoff_factor, min_scale, max_scale, hysteresis);
 };
 
-/// Everything a DynamicLossScale is, as plain data for checkpoints: save `state()`, restore with
-/// `DynamicLossScale::from_state`. The options are part of it, so a restored scale keeps its bounds.
+/// Everything a DynamicLossScale is, as a tree for checkpoints: save `state()` (for example with
+/// `CheckpointWriter::add_tree`), restore with `DynamicLossScale::from_state`. The options are part of it, so
+/// a restored scale keeps its bounds.
 struct DynamicLossScaleState {
   float scale = 32768;
   std::int64_t counter = 0;  ///< consecutive finite steps since the last growth or overflow
@@ -52,6 +71,23 @@ struct DynamicLossScaleState {
   DynamicLossScaleOptions options;
 
   friend bool operator==(const DynamicLossScaleState&, const DynamicLossScaleState&) = default;
+  XAX_FIELDS(scale, counter, hysteresis_left, options);
+};
+
+/// A StaticLossScale's state as a tree: its scale.
+struct StaticLossScaleState {
+  float scale = 1;
+
+  friend bool operator==(const StaticLossScaleState&, const StaticLossScaleState&) = default;
+  XAX_FIELDS(scale);
+};
+
+/// A NoOpLossScale's state: an empty tree (it writes no checkpoint entries).
+struct NoOpLossScaleState {
+  friend bool operator==(const NoOpLossScaleState&, const NoOpLossScaleState&) = default;
+  // XAX_FIELDS() needs at least one field; these are what it would define for none.
+  static auto xax_fields() { return std::tuple<>(); }
+  static constexpr std::array<std::string_view, 0> xax_field_names() { return {}; }
 };
 
 namespace detail {
@@ -66,46 +102,93 @@ inline constexpr float smallest_loss_scale = FLT_MIN;
                     " is not accepted: it must be " + std::string(accepted));
 }
 
-inline void require_scale_in_range(std::string_view where, std::string_view field, float value) {
-  if (!is_finite_bits(value) || !(value >= smallest_loss_scale)) {
+/// How loss-scale validation names what it rejects: the owner (message prefix) and each option's name.
+/// DynamicLossScaleOptions uses its member names; MixedPrecisionConfig its config fields.
+struct LossScaleOptionNames {
+  std::string_view where;
+  std::string_view initial_scale;
+  std::string_view growth_interval;
+  std::string_view growth_factor;
+  std::string_view backoff_factor;
+  std::string_view min_scale;
+  std::string_view max_scale;
+  std::string_view hysteresis;
+};
+
+inline constexpr LossScaleOptionNames dynamic_loss_scale_option_names{
+    "DynamicLossScaleOptions:", "initial_scale", "growth_interval", "growth_factor",
+    "backoff_factor",           "min_scale",     "max_scale",       "hysteresis"};
+
+// Whether `value` (a float, or a double that will be rounded to one) is finite as a float.
+template <class Real>
+bool finite_as_float(Real value) {
+  if constexpr (std::is_same_v<Real, float>) {
+    return is_finite_bits(value);
+  } else {
+    return std::isfinite(value) && value >= -static_cast<double>(FLT_MAX) &&
+           value <= static_cast<double>(FLT_MAX);
+  }
+}
+
+/// Throws ConfigError naming `field` of `where` unless `value` is finite and at least smallest_loss_scale
+/// once rounded to float (the rules of every scale, static, dynamic or set by hand).
+template <class Real>
+void require_scale_in_range(std::string_view where, std::string_view field, Real value) {
+  if (!finite_as_float(value) || !(static_cast<float>(value) >= smallest_loss_scale)) {
     reject(where, field, shortest_text(value),
            "a finite number of at least " + shortest_text(smallest_loss_scale) +
                " (the smallest normal float; a smaller scale has no finite reciprocal to unscale with)");
   }
 }
 
-inline void validate(const DynamicLossScaleOptions& options) {
-  constexpr std::string_view where = "DynamicLossScaleOptions:";
-  if (options.growth_interval < 1) {
-    reject(where, "growth_interval", std::to_string(options.growth_interval),
+/// The one validator of a dynamic loss scale's options, for DynamicLossScaleOptions (Real = float) and for
+/// the config fields that make them (Real = double, checked as the floats they round to, quoted as given).
+/// Throws ConfigError, naming the option by `names`, unless growth_interval >= 1, growth_factor > 1,
+/// 0 < backoff_factor < 1, FLT_MIN <= min_scale <= initial_scale <= max_scale, all finite, and
+/// 1 <= hysteresis <= INT_MAX.
+template <class Real>
+void validate_dynamic_loss_scale(Real initial_scale, std::int64_t growth_interval, Real growth_factor,
+                                 Real backoff_factor, Real min_scale, Real max_scale, std::int64_t hysteresis,
+                                 const LossScaleOptionNames& names) {
+  const std::string_view where = names.where;
+  if (growth_interval < 1) {
+    reject(where, names.growth_interval, std::to_string(growth_interval),
            "at least 1 (the number of consecutive finite steps before the scale grows)");
   }
-  if (!is_finite_bits(options.growth_factor) || !(options.growth_factor > 1.0f)) {
-    reject(where, "growth_factor", shortest_text(options.growth_factor),
-           "a finite number greater than 1 (2 doubles the scale on growth)");
+  if (!finite_as_float(growth_factor) || !(static_cast<float>(growth_factor) > 1.0f)) {
+    reject(where, names.growth_factor, shortest_text(growth_factor),
+           "a finite number greater than 1 as a float (2 doubles the scale on growth)");
   }
-  if (!is_finite_bits(options.backoff_factor) ||
-      !(options.backoff_factor > 0.0f && options.backoff_factor < 1.0f)) {
-    reject(where, "backoff_factor", shortest_text(options.backoff_factor),
-           "between 0 and 1, both excluded (0.5 halves the scale on overflow)");
+  if (!finite_as_float(backoff_factor) ||
+      !(static_cast<float>(backoff_factor) > 0.0f && static_cast<float>(backoff_factor) < 1.0f)) {
+    reject(where, names.backoff_factor, shortest_text(backoff_factor),
+           "in (0, 1), between 0 and 1 with both excluded, as a float (0.5 halves the scale on overflow)");
   }
-  require_scale_in_range(where, "min_scale", options.min_scale);
-  require_scale_in_range(where, "max_scale", options.max_scale);
-  if (options.min_scale > options.max_scale) {
-    reject(where, "min_scale", shortest_text(options.min_scale),
-           "at most max_scale = " + shortest_text(options.max_scale));
+  require_scale_in_range(where, names.min_scale, min_scale);
+  require_scale_in_range(where, names.max_scale, max_scale);
+  const float min_float = static_cast<float>(min_scale);
+  const float max_float = static_cast<float>(max_scale);
+  if (min_float > max_float) {
+    reject(where, names.min_scale, shortest_text(min_scale),
+           "at most " + std::string(names.max_scale) + " = " + shortest_text(max_scale));
   }
-  if (!is_finite_bits(options.initial_scale) ||
-      !(options.initial_scale >= options.min_scale && options.initial_scale <= options.max_scale)) {
-    reject(where, "initial_scale", shortest_text(options.initial_scale),
-           "finite and within [min_scale, max_scale] = [" + shortest_text(options.min_scale) + ", " +
-               shortest_text(options.max_scale) + "]");
+  if (!finite_as_float(initial_scale) ||
+      !(static_cast<float>(initial_scale) >= min_float && static_cast<float>(initial_scale) <= max_float)) {
+    reject(where, names.initial_scale, shortest_text(initial_scale),
+           "finite and within [" + std::string(names.min_scale) + ", " + std::string(names.max_scale) +
+               "] = [" + shortest_text(min_scale) + ", " + shortest_text(max_scale) + "]");
   }
-  if (options.hysteresis < 1) {
-    reject(
-        where, "hysteresis", std::to_string(options.hysteresis),
-        "at least 1 (1 backs off on every overflow; h absorbs the first h - 1 overflows after each growth)");
+  if (hysteresis < 1 || hysteresis > std::numeric_limits<int>::max()) {
+    reject(where, names.hysteresis, std::to_string(hysteresis),
+           "at least 1 and at most " + std::to_string(std::numeric_limits<int>::max()) +
+               " (1 backs off on every overflow; h absorbs the first h - 1 overflows after each growth)");
   }
+}
+
+inline void validate(const DynamicLossScaleOptions& options) {
+  validate_dynamic_loss_scale(options.initial_scale, options.growth_interval, options.growth_factor,
+                              options.backoff_factor, options.min_scale, options.max_scale,
+                              options.hysteresis, dynamic_loss_scale_option_names);
 }
 
 /// `x` with every floating element multiplied by `factor`: in float for float, in double for double, and
@@ -145,9 +228,15 @@ class NoOpLossScale {
  public:
   /// The loss_scaling config value that selects this kind.
   static constexpr std::string_view kind = "none";
+  using state_type = NoOpLossScaleState;
 
   [[nodiscard]] float loss_scale() const { return 1.0f; }
   [[nodiscard]] float inverse_scale() const { return 1.0f; }
+  /// Always true: the scale never moves, so an overflow cannot lower it.
+  [[nodiscard]] bool at_min_scale() const { return true; }
+  /// An empty tree: there is nothing to save.
+  [[nodiscard]] state_type state() const { return {}; }
+  [[nodiscard]] static NoOpLossScale from_state(const state_type& /*state*/) { return {}; }
 
   /// `x` unchanged.
   template <class T>
@@ -176,9 +265,24 @@ class StaticLossScale {
     detail::require_scale_in_range("StaticLossScale:", "scale", scale);
   }
 
+  using state_type = StaticLossScaleState;
+  /// The scale saved in `state`. Throws ConfigError as the constructor does (a corrupt checkpoint).
+  [[nodiscard]] static StaticLossScale from_state(const state_type& state) {
+    return StaticLossScale(state.scale);
+  }
+  [[nodiscard]] state_type state() const { return {scale_}; }
+
   [[nodiscard]] float loss_scale() const { return scale_; }
   /// 1 / loss_scale(), computed in double and rounded to float once.
   [[nodiscard]] float inverse_scale() const { return detail::reciprocal(scale_); }
+  /// Always true: adjust() never lowers a static scale.
+  [[nodiscard]] bool at_min_scale() const { return true; }
+  /// Replaces the scale by hand (PyTorch's `scaler.update(new_scale)`). Throws ConfigError, leaving the scale
+  /// unchanged, unless `scale` is finite and at least FLT_MIN.
+  void set_loss_scale(float scale) {
+    detail::require_scale_in_range("StaticLossScale::set_loss_scale:", "scale", scale);
+    scale_ = scale;
+  }
 
   /// `x` (a scalar such as the loss, or a tree) with every floating element multiplied by the scale.
   template <class T>
@@ -257,8 +361,28 @@ class DynamicLossScale {
   /// first. Always in [1, options().hysteresis].
   [[nodiscard]] int hysteresis_left() const { return hysteresis_left_; }
   [[nodiscard]] const DynamicLossScaleOptions& options() const { return options_; }
+  using state_type = DynamicLossScaleState;
   /// Everything needed to continue exactly from here; see from_state().
   [[nodiscard]] DynamicLossScaleState state() const { return {scale_, counter_, hysteresis_left_, options_}; }
+  /// Whether an overflow can no longer lower the scale: it sits at min_scale (hysteresis only delays a
+  /// backoff, so an absorbed overflow above the minimum does not count).
+  [[nodiscard]] bool at_min_scale() const { return scale_ <= options_.min_scale; }
+
+  /// Replaces the scale by hand (PyTorch's `scaler.update(new_scale)`) and starts afresh from it: the counter
+  /// restarts at 0 and the hysteresis refills, as for a scale constructed with initial_scale = `scale`
+  /// (PyTorch keeps its growth tracker instead). The options, initial_scale included, do not change. Throws
+  /// ConfigError, leaving everything unchanged, unless `scale` is finite and within [min_scale, max_scale].
+  void set_loss_scale(float scale) {
+    if (!detail::is_finite_bits(scale) || !(scale >= options_.min_scale && scale <= options_.max_scale)) {
+      detail::reject("DynamicLossScale::set_loss_scale:", "scale", detail::shortest_text(scale),
+                     "finite and within [min_scale, max_scale] = [" +
+                         detail::shortest_text(options_.min_scale) + ", " +
+                         detail::shortest_text(options_.max_scale) + "]");
+    }
+    scale_ = scale;
+    counter_ = 0;
+    hysteresis_left_ = options_.hysteresis;
+  }
 
   /// `x` (a scalar such as the loss, or a tree) with every floating element multiplied by the scale.
   template <class T>
@@ -301,8 +425,16 @@ class DynamicLossScale {
 /// A loss scale of any of the three kinds, for a kind chosen at run time ("none", "static", "dynamic").
 using LossScale = std::variant<NoOpLossScale, StaticLossScale, DynamicLossScale>;
 
-/// What a train step needs from a loss scale: the current scale and its reciprocal, scale() and unscale()
-/// of scalars and trees returning the same type, and adjust() after each step.
+/// What a train step needs from a loss scale: a name for its kind (recorded in checkpoints), the current
+/// scale and its reciprocal, scale() and unscale() of scalars and trees returning the same type, and adjust()
+/// after each step. TrainStep accepts any such type (and the LossScale variant).
+///
+/// Optional members TrainStep uses when present:
+/// - `bool at_min_scale() const`: whether an overflow can no longer lower the scale (for LossScaleError).
+/// Without
+///   it, see loss_scale_at_min().
+/// - `void set_loss_scale(float)`: set the scale by hand (TrainStep::set_loss_scale).
+/// - the state of checkpointable_loss_scale, for save_train_state and load_train_state.
 template <class T>
 concept loss_scale = std::copyable<T> &&
     requires(T& scaler, const T& const_scaler, bool grads_finite, float value, const Eigen::MatrixXf& tree) {
@@ -315,7 +447,39 @@ concept loss_scale = std::copyable<T> &&
   { scaler.adjust(grads_finite) } -> std::same_as<void>;
 };
 
+/// A loss scale whose whole state is a tree that can be saved and restored: `using state_type = ...;` (a
+/// default-constructible tree), `state_type state() const`, and `static T from_state(const state_type&)`,
+/// which throws ConfigError for a state no run could have produced. TrainStep checkpoints such a scale under
+/// `<prefix>.loss_scale` and records `T::kind` beside it.
+template <class T>
+concept checkpointable_loss_scale = loss_scale<T> && tree<typename T::state_type> &&
+    std::default_initializable<typename T::state_type> &&
+    requires(const T& scaler, const typename T::state_type& state) {
+  { scaler.state() } -> std::same_as<typename T::state_type>;
+  { T::from_state(state) } -> std::same_as<T>;
+};
+
 static_assert(loss_scale<NoOpLossScale> && loss_scale<StaticLossScale> && loss_scale<DynamicLossScale>);
+static_assert(checkpointable_loss_scale<NoOpLossScale> && checkpointable_loss_scale<StaticLossScale> &&
+              checkpointable_loss_scale<DynamicLossScale>);
+
+/// Whether an overflow can no longer lower `scale` (TrainStep then counts it towards LossScaleError). Uses
+/// `scale.at_min_scale()` when the type has it. Otherwise it asks a copy: a scale whose `adjust(false)` does
+/// not lower `loss_scale()` is at its floor. That default is exact for a scale that backs off on every
+/// overflow or never moves; a scale that delays its backoff (hysteresis) should define at_min_scale().
+template <loss_scale S>
+[[nodiscard]] bool loss_scale_at_min(const S& scale) {
+  if constexpr (requires {
+                  { scale.at_min_scale() } -> std::convertible_to<bool>;
+                }) {
+    return static_cast<bool>(scale.at_min_scale());
+  } else {
+    S probe = scale;
+    const float before = probe.loss_scale();
+    probe.adjust(false);
+    return !(probe.loss_scale() < before);
+  }
+}
 
 /// The config name of the kind `scale` holds: "none", "static" or "dynamic".
 [[nodiscard]] inline std::string_view loss_scale_name(const LossScale& scale) {

@@ -46,8 +46,9 @@ struct MixedPrecisionConfig {
   bool enable_mixed_precision =
       false;  ///< false: plain float32, no loss scaling, whatever the fields below say
   std::string precision_policy = "mixed";
-  std::string loss_scaling = "dynamic";  ///< none, static or dynamic
-  double loss_scale_value = 32768;       ///< the static scale, or the dynamic scale's initial value (2^15)
+  /// none, static, dynamic, or auto (dynamic where the compute type is float16, none otherwise)
+  std::string loss_scaling = "dynamic";
+  double loss_scale_value = 32768;  ///< the static scale, or the dynamic scale's initial value (2^15)
   std::int64_t loss_scale_growth_interval = 2000;
   double loss_scale_growth_factor = 2.0;
   double loss_scale_backoff_factor = 0.5;
@@ -67,14 +68,16 @@ struct MixedPrecisionConfig {
     visit("precision_policy", self.precision_policy,
           "default, mixed, float16, half, a dtype name, or key=dtype pairs such as "
           "params=float32,compute=bfloat16");
-    visit("loss_scaling", self.loss_scaling, "none, static or dynamic");
-    visit("loss_scale_value", self.loss_scale_value, "a finite number > 0");
+    visit("loss_scaling", self.loss_scaling,
+          "none, static, dynamic, or auto (dynamic where the compute type is float16, none otherwise)");
+    visit("loss_scale_value", self.loss_scale_value,
+          "a finite number within [loss_scale_min, loss_scale_max], at least FLT_MIN");
     visit("loss_scale_growth_interval", self.loss_scale_growth_interval, "an integer >= 1");
     visit("loss_scale_growth_factor", self.loss_scale_growth_factor, "a finite number > 1");
     visit("loss_scale_backoff_factor", self.loss_scale_backoff_factor, "a number in (0, 1)");
-    visit("loss_scale_min", self.loss_scale_min, "a finite number > 0 and <= loss_scale_value");
+    visit("loss_scale_min", self.loss_scale_min, "a finite number >= FLT_MIN and <= loss_scale_value");
     visit("loss_scale_max", self.loss_scale_max, "a finite number >= loss_scale_value, at most FLT_MAX");
-    visit("loss_scale_hysteresis", self.loss_scale_hysteresis, "an integer >= 1");
+    visit("loss_scale_hysteresis", self.loss_scale_hysteresis, "an integer in [1, 2147483647]");
     visit("max_grad_norm", self.max_grad_norm, "a finite number >= 0; 0 disables clipping");
     visit("accumulation_steps", self.accumulation_steps, "an integer >= 1");
     visit("max_overflows_at_min_scale", self.max_overflows_at_min_scale, "an integer >= 0; 0 never stops");
@@ -91,10 +94,35 @@ struct MixedPrecisionConfig {
     }
   }
 
-  /// The loss scale this config runs: none when mixed precision is disabled.
+  /// The loss-scale kind this config runs: "none" when mixed precision is disabled; for "auto", "dynamic"
+  /// when the policy computes in float16 (whose narrow range underflows gradients) and "none" otherwise
+  /// (bfloat16 has float32's range; float32 needs no scaling). Throws ConfigError for an unknown
+  /// loss_scaling, or for a bad precision_policy under "auto".
+  [[nodiscard]] std::string resolved_loss_scaling() const {
+    if (loss_scaling != "none" && loss_scaling != "static" && loss_scaling != "dynamic" &&
+        loss_scaling != "auto") {
+      throw ConfigError("config field 'loss_scaling': '" + loss_scaling +
+                        "' is not accepted; expected none, static, dynamic or auto");
+    }
+    if (!enable_mixed_precision) return "none";
+    if (loss_scaling == "auto") return policy_spec().compute == DType::float16 ? "dynamic" : "none";
+    return loss_scaling;
+  }
+
+  /// The loss scale this config runs: none when mixed precision is disabled. Throws ConfigError for bad
+  /// loss-scale fields (see validate_loss_scaling).
   [[nodiscard]] LossScale make_loss_scale() const {
-    if (!enable_mixed_precision || loss_scaling == "none") return NoOpLossScale{};
-    if (loss_scaling == "static") return StaticLossScale(static_cast<float>(loss_scale_value));
+    const std::string kind = resolved_loss_scaling();
+    if (kind == "none") return NoOpLossScale{};
+    validate_loss_scaling();  // the casts to float below are then in range
+    if (kind == "static") return StaticLossScale(static_cast<float>(loss_scale_value));
+    return DynamicLossScale(dynamic_loss_scale_options());
+  }
+
+  /// The loss_scale_* fields as DynamicLossScaleOptions. Throws ConfigError naming the field for a bad value
+  /// (validate_loss_scaling).
+  [[nodiscard]] DynamicLossScaleOptions dynamic_loss_scale_options() const {
+    validate_loss_scaling();  // the casts to float below are then in range
     DynamicLossScaleOptions options;
     options.initial_scale = static_cast<float>(loss_scale_value);
     options.growth_interval = loss_scale_growth_interval;
@@ -103,7 +131,26 @@ struct MixedPrecisionConfig {
     options.min_scale = static_cast<float>(loss_scale_min);
     options.max_scale = static_cast<float>(loss_scale_max);
     options.hysteresis = static_cast<int>(loss_scale_hysteresis);
-    return DynamicLossScale(options);
+    return options;
+  }
+
+  /// Throws ConfigError naming the config field unless the loss_scale_* fields make valid
+  /// DynamicLossScaleOptions (whose rules also cover a static scale): the loss scale's own validator
+  /// (xax::detail::validate_dynamic_loss_scale) checks them, as the floats they become, so the config accepts
+  /// exactly what DynamicLossScale and StaticLossScale accept. Checked whatever the kind, so that switching
+  /// loss_scaling never uncovers a bad value.
+  void validate_loss_scaling() const {
+    static constexpr detail::LossScaleOptionNames config_names{"config field",
+                                                               "'loss_scale_value'",
+                                                               "'loss_scale_growth_interval'",
+                                                               "'loss_scale_growth_factor'",
+                                                               "'loss_scale_backoff_factor'",
+                                                               "'loss_scale_min'",
+                                                               "'loss_scale_max'",
+                                                               "'loss_scale_hysteresis'"};
+    detail::validate_dynamic_loss_scale(loss_scale_value, loss_scale_growth_interval,
+                                        loss_scale_growth_factor, loss_scale_backoff_factor, loss_scale_min,
+                                        loss_scale_max, loss_scale_hysteresis, config_names);
   }
 
   void validate_mixed_precision() const {
@@ -120,38 +167,8 @@ struct MixedPrecisionConfig {
             "combinations; for float64 inherit xax::TrainStep with your policy directly");
       }
     }
-    if (loss_scaling != "none" && loss_scaling != "static" && loss_scaling != "dynamic") {
-      throw reject("loss_scaling", "'" + loss_scaling + "'", "none, static or dynamic");
-    }
-    const auto finite_positive = [](double x) { return std::isfinite(x) && x > 0 && x <= FLT_MAX; };
-    if (!finite_positive(loss_scale_value)) {
-      throw reject("loss_scale_value", detail::shortest_text(loss_scale_value),
-                   "a finite number > 0 (at most FLT_MAX)");
-    }
-    if (loss_scale_growth_interval < 1) {
-      throw reject("loss_scale_growth_interval", std::to_string(loss_scale_growth_interval),
-                   "an integer >= 1");
-    }
-    if (!(std::isfinite(loss_scale_growth_factor) && loss_scale_growth_factor > 1)) {
-      throw reject("loss_scale_growth_factor", detail::shortest_text(loss_scale_growth_factor),
-                   "a finite number > 1");
-    }
-    if (!(loss_scale_backoff_factor > 0 && loss_scale_backoff_factor < 1)) {
-      throw reject("loss_scale_backoff_factor", detail::shortest_text(loss_scale_backoff_factor),
-                   "a number in (0, 1)");
-    }
-    if (!finite_positive(loss_scale_min) || loss_scale_min > loss_scale_value) {
-      throw reject("loss_scale_min", detail::shortest_text(loss_scale_min),
-                   "a finite number > 0 and <= loss_scale_value");
-    }
-    if (!finite_positive(loss_scale_max) || loss_scale_max < loss_scale_value) {
-      throw reject("loss_scale_max", detail::shortest_text(loss_scale_max),
-                   "a finite number >= loss_scale_value, at most FLT_MAX");
-    }
-    if (loss_scale_hysteresis < 1 || loss_scale_hysteresis > 1'000'000) {
-      throw reject("loss_scale_hysteresis", std::to_string(loss_scale_hysteresis),
-                   "an integer in [1, 1000000]");
-    }
+    static_cast<void>(resolved_loss_scaling());
+    validate_loss_scaling();
     if (!(std::isfinite(max_grad_norm) && max_grad_norm >= 0)) {
       throw reject("max_grad_norm", detail::shortest_text(max_grad_norm), "a finite number >= 0");
     }
@@ -194,7 +211,8 @@ class StepEngine {
   virtual StepResult train_step(Task& task, std::span<const batch_type> micro_batches) = 0;
   virtual params_type<float> params_float32() const = 0;
   virtual double evaluate(Task& task, const batch_type& batch) = 0;
-  virtual float loss_scale() const = 0;
+  virtual float current_loss_scale() const = 0;
+  virtual void set_loss_scale(float scale) = 0;
   virtual std::int64_t skipped_steps() const = 0;
   virtual void set_learning_rate(double learning_rate) = 0;
   virtual TrainStateBytes state_bytes() const = 0;
@@ -265,7 +283,8 @@ class PolicyStepEngine final : public StepEngine<Task>,
           "params_type<T>&, const batch_type&)`");
     }
   }
-  float loss_scale() const override { return Step::current_loss_scale(); }
+  float current_loss_scale() const override { return Step::current_loss_scale(); }
+  void set_loss_scale(float scale) override { Step::set_loss_scale(scale); }
   std::int64_t skipped_steps() const override { return Step::skipped_steps(); }
   void set_learning_rate(double learning_rate) override { Step::set_learning_rate(learning_rate); }
   TrainStateBytes state_bytes() const override { return Step::state_bytes(); }
@@ -322,7 +341,19 @@ class MixedPrecisionMixin {
 
   /// The policy the config selects (float32 throughout when mixed precision is disabled).
   [[nodiscard]] PolicySpec policy() const { return mp_config().policy_spec(); }
-  [[nodiscard]] float loss_scale() const { return engine_ ? engine_view().loss_scale() : initial_scale(); }
+  /// The scale the next step's backward will use (before the first step, the configured initial scale).
+  [[nodiscard]] float current_loss_scale() const {
+    return engine_ ? engine_view().current_loss_scale() : initial_scale();
+  }
+  [[deprecated("use current_loss_scale()")]] [[nodiscard]] float loss_scale() const {
+    return current_loss_scale();
+  }
+  /// Sets the loss scale by hand between steps (see TrainStep::set_loss_scale); builds the train state first
+  /// if no step ran yet. Throws ConfigError, changing nothing, for a bad value or loss_scaling none.
+  template <class D = Derived>
+  void set_loss_scale(float scale) {
+    engine<D>().set_loss_scale(scale);
+  }
   [[nodiscard]] std::int64_t skipped_steps() const { return engine_ ? engine_view().skipped_steps() : 0; }
 
   /// The master parameters as float32.
@@ -378,13 +409,13 @@ class MixedPrecisionMixin {
  private:
   struct EngineHolder {
     virtual ~EngineHolder() = default;
-    virtual float loss_scale() const = 0;
+    virtual float current_loss_scale() const = 0;
     virtual std::int64_t skipped_steps() const = 0;
   };
   template <class D>
   struct Holder final : EngineHolder {
     std::unique_ptr<detail::StepEngine<D>> engine;
-    float loss_scale() const override { return engine->loss_scale(); }
+    float current_loss_scale() const override { return engine->current_loss_scale(); }
     std::int64_t skipped_steps() const override { return engine->skipped_steps(); }
   };
 

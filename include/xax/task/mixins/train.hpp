@@ -135,7 +135,10 @@ class TrainMixin {
  public:
   [[nodiscard]] const Config& config() const { return config_; }
 
-  /// Optimizer steps taken so far (skipped ones included), across resumes.
+  /// Train steps fit() has run so far, across resumes: one per accumulation_steps micro-batches, skipped ones
+  /// included. Steps the task runs itself by calling train_step() are not counted here. (TrainStep::steps()
+  /// counts every train_step call; its applied_steps() and the optimizer's step count only the updates
+  /// applied.)
   [[nodiscard]] std::int64_t global_step() const { return global_step_; }
   [[nodiscard]] std::int64_t epoch() const { return epoch_; }
 
