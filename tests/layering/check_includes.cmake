@@ -6,6 +6,8 @@
 # one of the FORBIDDEN file names appears. Lists come '|'-separated so that add_test does not split them. It
 # passes trivially when the dependency is not installed (its header cannot be found, so it cannot be opened),
 # which is what a build without it needs.
+cmake_minimum_required(VERSION 3.25)
+
 foreach(variable IN ITEMS COMPILER HEADER FORBIDDEN)
   if(NOT DEFINED ${variable} OR "${${variable}}" STREQUAL "")
     message(FATAL_ERROR "check_includes.cmake: pass -D${variable}=...")
