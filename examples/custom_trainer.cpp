@@ -8,10 +8,10 @@
 //   ./custom_trainer --config my_config.json hidden=256
 //
 // Any field of the config can be given as key=value; a bad value is reported with what it accepts.
-#include <xax/data/synthetic.hpp>
 #include <xax/nn/mlp.hpp>
 #include <xax/task/mixins/mixed_precision.hpp>
 #include <xax/task/mixins/train.hpp>
+#include <xax_datasets/synthetic.hpp>
 
 #include <concepts>
 #include <cstdio>

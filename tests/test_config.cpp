@@ -159,7 +159,7 @@ TEST(Config, ArgsValidateOnlyOnceAllAreApplied) {
   EXPECT_EQ(config.min, 0.25);
 }
 
-#if defined(XAX_HAS_NLOHMANN_JSON)
+#if defined(XAX_HAS_NLOHMANN_JSON) && XAX_HAS_NLOHMANN_JSON
 TEST(Config, FailedJsonLeavesTheConfigUnchanged) {
   const auto path =
       std::filesystem::temp_directory_path() /

@@ -9,9 +9,9 @@
 #include <initializer_list>
 #include <string>
 #include <vector>
-#include <xax/data/fashion_mnist.hpp>
-#include <xax/data/idx.hpp>
-#include <xax/data/synthetic.hpp>
+#include <xax_datasets/fashion_mnist.hpp>
+#include <xax_datasets/idx.hpp>
+#include <xax_datasets/synthetic.hpp>
 
 #if defined(XAX_HAS_ZLIB) && XAX_HAS_ZLIB
 #include <zlib.h>

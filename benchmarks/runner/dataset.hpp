@@ -3,10 +3,10 @@
 // provides it, the synthetic stand-in otherwise, and always saying which.
 
 #include <string>
-#include <xax/data/dataset.hpp>
-#include <xax/data/fashion_mnist.hpp>
-#include <xax/data/synthetic.hpp>
 #include <xax/utils/error.hpp>
+#include <xax_datasets/dataset.hpp>
+#include <xax_datasets/fashion_mnist.hpp>
+#include <xax_datasets/synthetic.hpp>
 
 #include "runner/options.hpp"
 

@@ -14,7 +14,6 @@
 #include <string>
 #include <tuple>
 #include <vector>
-#include <xax/data/dataset.hpp>
 #include <xax/nn/loss.hpp>
 #include <xax/nn/mlp.hpp>
 #include <xax/ops/convert.hpp>
@@ -24,6 +23,7 @@
 #include <xax/utils/error.hpp>
 #include <xax/utils/policy.hpp>
 #include <xax/utils/tree.hpp>
+#include <xax_datasets/dataset.hpp>
 
 #include "report/results.hpp"
 #include "runner/memory.hpp"

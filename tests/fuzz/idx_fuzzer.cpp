@@ -3,7 +3,7 @@
 // harness first (with zlib), so that the IDX parser behind the decompressor is explored too. Any file either
 // reads to an array whose bytes match its header, or throws xax::DataError; the image and label readers
 // likewise. Anything else (another exception, a crash, a sanitizer report) is a bug.
-#include <xax/data/idx.hpp>
+#include <xax_datasets/idx.hpp>
 
 #include <unistd.h>
 #include <cstddef>

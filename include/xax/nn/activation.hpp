@@ -15,7 +15,7 @@
 #include <type_traits>
 #include <xax/detail/elementwise.hpp>
 #include <xax/ops/activation.hpp>
-#include <xax/ops/matmul.hpp>
+#include <xax/ops/matmul_concepts.hpp>
 #include <xax/utils/error.hpp>
 #include <xax/utils/tree.hpp>
 

@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <span>
 #include <type_traits>
-#include <xax/ops/matmul.hpp>
+#include <xax/ops/matmul_concepts.hpp>
 #include <xax/ops/reduce.hpp>
 
 namespace xax::nn {

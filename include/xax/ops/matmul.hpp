@@ -35,6 +35,7 @@
 #include <xax/ops/backend/eigen.hpp>
 #include <xax/ops/backend/onednn.hpp>
 #include <xax/ops/backend/problem.hpp>
+#include <xax/ops/matmul_concepts.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
 
@@ -91,24 +92,6 @@ struct MatmulOptions {
   Activation activation = Activation::none;  ///< applied after the bias, before the one rounding
   MatmulBackend backend = MatmulBackend::automatic;
 };
-
-/// An element type matmul multiplies: float, xax::bfloat16 or xax::float16.
-template <class T>
-concept matmul_scalar = std::same_as<T, float> || half_scalar<T>;
-
-/// An Eigen dense object matmul can read in place: a matmul_scalar, direct access, unit inner stride.
-template <class M>
-concept matmul_operand = requires {
-  typename M::PlainObject;
-  typename M::Scalar;
-}
-&&std::derived_from<M, Eigen::DenseBase<M>>&& matmul_scalar<typename M::Scalar> &&
-    (static_cast<unsigned>(M::Flags) & Eigen::DirectAccessBit) != 0 && M::InnerStrideAtCompileTime == 1;
-
-/// A matmul_operand matmul can write: an lvalue (not a const Map), column-major.
-template <class M>
-concept matmul_output = matmul_operand<M> &&(static_cast<unsigned>(M::Flags) & Eigen::LvalueBit) != 0 &&
-                        !M::IsRowMajor;
 
 namespace detail {
 

@@ -30,7 +30,7 @@
 #include <xax/detail/elementwise.hpp>
 #include <xax/detail/parallel.hpp>
 #include <xax/detail/scratch.hpp>
-#include <xax/ops/matmul.hpp>
+#include <xax/ops/matmul_concepts.hpp>
 #include <xax/utils/error.hpp>
 
 namespace xax {

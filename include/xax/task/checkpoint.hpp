@@ -38,9 +38,10 @@
 #include <xax/utils/error.hpp>
 #include <xax/utils/tree.hpp>
 
-#if __has_include(<zlib.h>)
+// zlib is switched on by the xax target (XAX_HAS_ZLIB, defined when it links zlib), not by whether <zlib.h>
+// happens to be on the include path: a header found without the library linked would fail at link time.
+#if defined(XAX_HAS_ZLIB) && XAX_HAS_ZLIB
 #include <zlib.h>
-#define XAX_CHECKPOINT_HAS_ZLIB 1
 #endif
 #if __has_include(<unistd.h>) && __has_include(<fcntl.h>)
 #include <fcntl.h>
@@ -73,7 +74,7 @@ constexpr std::uint8_t element_code() {
 }
 
 inline std::uint32_t crc32_of(const std::string& bytes, std::size_t count) {
-#if defined(XAX_CHECKPOINT_HAS_ZLIB)
+#if defined(XAX_HAS_ZLIB) && XAX_HAS_ZLIB
   uLong crc = ::crc32(0L, Z_NULL, 0);
   std::size_t offset = 0;
   while (offset < count) {  // zlib takes uInt lengths

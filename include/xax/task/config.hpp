@@ -31,9 +31,10 @@
 #include <vector>
 #include <xax/utils/error.hpp>
 
-#if __has_include(<nlohmann/json.hpp>)
+// JSON config files need nlohmann-json, switched on by the xax target (XAX_HAS_NLOHMANN_JSON, defined when it
+// links nlohmann_json), so that the build decides, not whatever headers are on the include path.
+#if defined(XAX_HAS_NLOHMANN_JSON) && XAX_HAS_NLOHMANN_JSON
 #include <nlohmann/json.hpp>
-#define XAX_HAS_NLOHMANN_JSON 1
 #endif
 
 namespace xax {
@@ -191,7 +192,7 @@ void apply_config_args(Config& config, std::span<const std::string_view> args) {
 /// Needs nlohmann-json (Debian nlohmann-json3-dev).
 template <config_struct Config>
 void load_config_json(Config& config, const std::string& path) {
-#if defined(XAX_HAS_NLOHMANN_JSON)
+#if defined(XAX_HAS_NLOHMANN_JSON) && XAX_HAS_NLOHMANN_JSON
   std::ifstream file(path);
   if (!file) throw ConfigError("cannot open config file '" + path + "'");
   nlohmann::json json;

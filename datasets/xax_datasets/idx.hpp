@@ -11,9 +11,9 @@
 /// disagree with that (bad magic, unknown dtype code, fewer or more bytes than the dimensions say, a corrupt
 /// or truncated gzip stream, a missing file) throws xax::DataError naming the file and what was wrong.
 ///
-/// Gzipped files need zlib: with it (the CMake target links it when found and defines XAX_HAS_ZLIB), plain
-/// and gzipped files are both read. Without it, plain files are still read and a gzipped one throws a
-/// DataError saying how to get zlib, so this header compiles everywhere.
+/// Gzipped files need zlib: with it (the xax_datasets CMake target links it when found and defines
+/// XAX_HAS_ZLIB), plain and gzipped files are both read. Without it, plain files are still read and a gzipped
+/// one throws a DataError saying how to get zlib, so this header compiles everywhere.
 
 #include <xax/detail/eigen.hpp>
 

@@ -16,10 +16,10 @@
 #include <cstdint>
 #include <numbers>
 #include <string>
-#include <xax/data/dataset.hpp>
 #include <xax/detail/format.hpp>
 #include <xax/detail/random.hpp>
 #include <xax/utils/error.hpp>
+#include <xax_datasets/dataset.hpp>
 
 namespace xax {
 

@@ -15,9 +15,9 @@
 #include <string>
 #include <string_view>
 #include <system_error>
-#include <xax/data/dataset.hpp>
-#include <xax/data/idx.hpp>
 #include <xax/utils/error.hpp>
+#include <xax_datasets/dataset.hpp>
+#include <xax_datasets/idx.hpp>
 
 namespace xax {
 
