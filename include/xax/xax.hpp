@@ -13,7 +13,9 @@
 #include <xax/ops/reduce.hpp>
 #include <xax/optim/adamw.hpp>
 #include <xax/optim/optimizer.hpp>
+#include <xax/optim/param_groups.hpp>
 #include <xax/optim/sgd.hpp>
+#include <xax/task/any_optimizer.hpp>
 #include <xax/task/checkpoint.hpp>
 #include <xax/task/config.hpp>
 #include <xax/task/mixins/mixed_precision.hpp>
