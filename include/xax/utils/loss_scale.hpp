@@ -22,9 +22,9 @@
 ///     reader.read_tree("ls", state);
 ///     auto restored = xax::DynamicLossScale::from_state(state);  // ConfigError for impossible values
 ///
-/// Static and dynamic scales can also be set by hand (`set_loss_scale`, PyTorch's `scaler.update(new_scale)`).
-/// A type of your own plugs into TrainStep when it meets the `loss_scale` concept below (and
-/// `checkpointable_loss_scale` to be saved with the train state).
+/// Static and dynamic scales can also be set by hand (`set_loss_scale`, PyTorch's
+/// `scaler.update(new_scale)`). A type of your own plugs into TrainStep when it meets the `loss_scale`
+/// concept below (and `checkpointable_loss_scale` to be saved with the train state).
 
 #include <algorithm>
 #include <array>
