@@ -7,7 +7,6 @@
 #include <xax/task/mixins/mixed_precision.hpp>
 #include <xax/task/mixins/train.hpp>
 
-#include <unistd.h>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -17,6 +16,8 @@
 #include <string_view>
 #include <system_error>
 #include <vector>
+
+#include "scratch_file.hpp"
 
 namespace {
 
@@ -72,23 +73,9 @@ void check_round_trip(const FuzzConfig& config) {
   if (xax::config_to_string(again) != text) std::abort();
 }
 
-// One file per fuzzing process, rewritten for every input: in /dev/shm where there is one, because on a
-// disk file system truncating and rewriting a file per input waits for the disk (ext4 flushes a truncated
-// file on close), which made a million inputs take hours.
 const std::filesystem::path& scratch_file() {
-  static const std::filesystem::path path = [] {
-    std::error_code error;
-    const std::filesystem::path dir = std::filesystem::is_directory("/dev/shm", error)
-                                          ? std::filesystem::path("/dev/shm")
-                                          : std::filesystem::temp_directory_path();
-    return dir / ("xax_config_fuzzer_" + std::to_string(::getpid()) + ".json");
-  }();
-  static const bool removed_at_exit = std::atexit([] {
-                                        std::error_code error;
-                                        std::filesystem::remove(scratch_file(), error);
-                                      }) == 0;
-  static_cast<void>(removed_at_exit);
-  return path;
+  static const xax_fuzz::ScratchFile file("xax_config_fuzzer.json");
+  return file.path();
 }
 
 }  // namespace

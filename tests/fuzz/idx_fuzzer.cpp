@@ -5,7 +5,6 @@
 // likewise. Anything else (another exception, a crash, a sanitizer report) is a bug.
 #include <xax_datasets/idx.hpp>
 
-#include <unistd.h>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -14,25 +13,13 @@
 #include <string>
 #include <system_error>
 
+#include "scratch_file.hpp"
+
 namespace {
 
-// One file per fuzzing process, rewritten for every input: in /dev/shm where there is one, because on a
-// disk file system truncating and rewriting a file per input waits for the disk (ext4 flushes a truncated
-// file on close), which made a million inputs take hours.
 const std::filesystem::path& scratch_file() {
-  static const std::filesystem::path path = [] {
-    std::error_code error;
-    const std::filesystem::path dir = std::filesystem::is_directory("/dev/shm", error)
-                                          ? std::filesystem::path("/dev/shm")
-                                          : std::filesystem::temp_directory_path();
-    return dir / ("xax_idx_fuzzer_" + std::to_string(::getpid()) + ".idx");
-  }();
-  static const bool removed_at_exit = std::atexit([] {
-                                        std::error_code error;
-                                        std::filesystem::remove(scratch_file(), error);
-                                      }) == 0;
-  static_cast<void>(removed_at_exit);
-  return path;
+  static const xax_fuzz::ScratchFile file("xax_idx_fuzzer.idx");
+  return file.path();
 }
 
 void write_file(const std::uint8_t* data, std::size_t size, bool gzip) {
