@@ -4,8 +4,9 @@
 //   through
 //     xax's parameter groups;
 //   - a user-written loss scale (halves on overflow, doubles every `interval` finite steps up to a cap);
-//   - a hook that sees the unscaled fp32 gradients before the update (here: a per-leaf clip and a log line).
-// Per-leaf precision (a leaf kept in fp32 under bf16 compute) is not part of xax yet.
+//   - a hook that sees the unscaled fp32 gradients before the update (here: a per-leaf clip and a log line);
+//   - per-leaf precision: a learned input-normalisation gain kept in fp32 (xax::full_precision_t) while the
+//     MLP's weights compute in bf16, as Haiku keeps norm layers in full precision.
 //
 //   ./extending            # exits 0 when the loss fell
 #include <xax/nn/mlp.hpp>
@@ -133,15 +134,25 @@ struct Batch {
   Eigen::VectorX<std::int32_t> labels;
 };
 
+// --- The model: an MLP behind a per-feature input gain. The gain is declared full_precision_t<T>: it is
+// float in the masters, the bf16 compute copy, the gradients and the checkpoint, while the MLP follows the
+// policy.
+template <class T>
+struct GainedMlp {
+  Eigen::VectorX<xax::full_precision_t<T>> input_norm_gain;  // a norm gain: no weight decay either
+  xax::nn::MlpParams<T> mlp;
+  XAX_FIELDS(input_norm_gain, mlp);
+};
+
 // --- The trainer: the model as a template over the compute scalar, and the hook.
 class Trainer : public xax::TrainStep<Trainer, xax::Policy<float, xax::bfloat16, float>, CappedGrowthScale> {
  public:
   template <class T>
-  using params_type = xax::nn::MlpParams<T>;
+  using params_type = GainedMlp<T>;
   using batch_type = Batch;
   static constexpr bool writes_fp32_gradients = true;  // the backward's matmuls write fp32 gradients
 
-  explicit Trainer(const xax::nn::MlpParams<float>& initial) {
+  explicit Trainer(const GainedMlp<float>& initial) {
     LionOptions lion;
     lion.groups = xax::optim::ParamGroups{}.no_weight_decay_if(xax::optim::is_bias_or_norm);
     reset_train_state(
@@ -153,8 +164,21 @@ class Trainer : public xax::TrainStep<Trainer, xax::Policy<float, xax::bfloat16,
   requires(std::same_as<G, T> ||
            std::same_as<G, float>) double loss_and_grads(const params_type<T>& params, const Batch& batch,
                                                          float loss_scale, params_type<G>& grads) {
-    return xax::nn::mlp_loss_and_gradients(params, batch.x, batch.labels, grads, workspace_,
-                                           {.loss_scale = loss_scale});
+    // The MLP sees x' = gain ⊙ x, formed in fp32 from the fp32 gain and rounded once by the first matmul.
+    scaled_inputs_ = params.input_norm_gain.asDiagonal() * batch.x;
+    const float loss = xax::nn::mlp_loss_and_gradients(params.mlp, scaled_inputs_, batch.labels, grads.mlp,
+                                                       workspace_, {.loss_scale = loss_scale});
+    // With z1 = W1 diag(gain) x, the chain rule gives dL/dgain_i = sum_j W1[j,i] dL/dW1[j,i] / gain_i, so the
+    // gain's gradient comes from the first layer's without another pass over the batch (the gain stays
+    // near 1; it is initialised to 1 and never reaches 0 in this run).
+    const auto& w1 = params.mlp.layers.front().w;
+    const auto& dw1 = grads.mlp.layers.front().w;
+    grads.input_norm_gain = (w1.template cast<float>().cwiseProduct(dw1.template cast<float>()))
+                                .colwise()
+                                .sum()
+                                .transpose()
+                                .cwiseQuotient(params.input_norm_gain);
+    return loss;
   }
 
   // Between unscale-and-check and the update, on finite steps: clip each leaf to unit L2 norm and log.
@@ -173,6 +197,7 @@ class Trainer : public xax::TrainStep<Trainer, xax::Policy<float, xax::bfloat16,
 
  private:
   xax::nn::MlpWorkspace<xax::bfloat16> workspace_;
+  Eigen::MatrixXf scaled_inputs_;
 };
 
 int main() {
@@ -183,7 +208,7 @@ int main() {
     const xax::ClassificationSplits data = xax::make_synthetic_classification(data_options);
     const Eigen::Index features = data.train.feature_count();
     const std::vector<Eigen::Index> sizes{features, 64, data.train.num_classes};
-    const auto initial = xax::nn::mlp_init(sizes, 7);
+    const GainedMlp<float> initial{Eigen::VectorXf::Ones(features), xax::nn::mlp_init(sizes, 7)};
     Trainer trainer(initial);
 
     const Eigen::Index batch_size = 128;
@@ -199,7 +224,12 @@ int main() {
     std::printf("loss %.4f -> %.4f after %lld steps (%lld skipped), loss scale %g\n", first_loss, last_loss,
                 static_cast<long long>(trainer.steps()), static_cast<long long>(trainer.skipped_steps()),
                 static_cast<double>(trainer.current_loss_scale()));
-    return last_loss < first_loss ? 0 : 1;
+    // The gain learned in fp32: Lion moves it by lr = 3e-4 per step, far below bf16's ulp at 1 (2^-7). The
+    // forward saw each of those steps; a bf16 compute copy would have seen the gain move in jumps of 2^-7.
+    const Eigen::VectorXf& gain = trainer.params().input_norm_gain;
+    const float gain_moved = (gain.array() - 1.0f).abs().maxCoeff();
+    std::printf("input_norm_gain moved by up to %.5f (bf16's ulp at 1 is %.5f)\n", gain_moved, 1.0 / 128);
+    return last_loss < first_loss && gain_moved > 0 ? 0 : 1;
   } catch (const xax::Error& error) {
     std::fprintf(stderr, "extending: %s\n", error.what());
     return 2;

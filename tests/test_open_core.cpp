@@ -8,6 +8,8 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
+#include <vector>
 #include <xax/task/mixins/mixed_precision.hpp>
 #include <xax/task/train_step.hpp>
 #include <xax/utils/tree.hpp>
@@ -532,3 +534,108 @@ TEST(MasterRounding, ConfigChoosesItAndRefusesOtherNames) {
 }
 
 }  // namespace
+
+// Batches cast with the params (jmp's cast_to_compute((params, batch))): a trainer that declares
+// casts_batch_to_compute receives Batch<T> with the floating leaves rounded to the compute type once and the
+// labels copied, for every micro-batch.
+template <class T>
+struct FeatureBatch {
+  Eigen::Matrix<T, Eigen::Dynamic, 1> x;
+  Eigen::VectorX<std::int32_t> labels;
+  XAX_FIELDS(x, labels);
+};
+
+template <class Policy>
+class CastBatchTrainer : public xax::TrainStep<CastBatchTrainer<Policy>, Policy, xax::NoOpLossScale> {
+ public:
+  using Compute = typename Policy::compute_type;
+  template <class T>
+  using params_type = Weights<T>;
+  using batch_type = FeatureBatch<float>;
+  static constexpr bool casts_batch_to_compute = true;
+  static_assert(std::is_same_v<xax::step_batch_t<CastBatchTrainer, Compute>, FeatureBatch<Compute>>);
+
+  CastBatchTrainer() {
+    this->reset_train_state(initial_weights(), xax::optim::SgdOptions{.learning_rate = 0.5}, {});
+  }
+
+  // Pulls w towards the batch's features; records what it was given.
+  template <class T>
+  double loss_and_grads(const Weights<T>& params, const FeatureBatch<T>& batch, float scale,
+                        Weights<T>& grads) {
+    seen_x.push_back(batch.x.template cast<float>());
+    seen_labels.push_back(batch.labels);
+    grads.w = ((params.w.template cast<float>() - batch.x.template cast<float>()) * scale).template cast<T>();
+    grads.b = Eigen::Matrix<T, Eigen::Dynamic, 1>::Zero(params.b.size());
+    return 0;
+  }
+
+  std::vector<Eigen::VectorXf> seen_x;
+  std::vector<Eigen::VectorX<std::int32_t>> seen_labels;
+};
+
+template <class Policy>
+class BatchCast : public ::testing::Test {};
+using BatchCastPolicies =
+    ::testing::Types<xax::Policy<float, float, float>, xax::Policy<float, xax::bfloat16, float>,
+                     xax::Policy<xax::float16, xax::float16, xax::float16>>;
+TYPED_TEST_SUITE(BatchCast, BatchCastPolicies);
+
+TYPED_TEST(BatchCast, EveryMicroBatchReachesTheTrainerInTheComputeType) {
+  using Compute = typename TypeParam::compute_type;
+  CastBatchTrainer<TypeParam> trainer;
+  // 1 + 2^-12 rounds to 1 in bf16 and stays in float16 and float; -3 is exact in all of them.
+  const float fine = 1.0f + 1.0f / 4096.0f;
+  const std::vector<FeatureBatch<float>> micro{{Eigen::Vector2f(fine, -3.0f), Eigen::Vector2i(7, -1)},
+                                               {Eigen::Vector2f(-3.0f, fine), Eigen::Vector2i(0, 1 << 30)}};
+  trainer.train_step(std::span<const FeatureBatch<float>>(micro));
+  ASSERT_EQ(trainer.seen_x.size(), 2u);
+  const auto rounded = [](float v) { return static_cast<float>(static_cast<Compute>(v)); };
+  EXPECT_EQ(trainer.seen_x[0], Eigen::Vector2f(rounded(fine), -3.0f));
+  EXPECT_EQ(trainer.seen_x[1], Eigen::Vector2f(-3.0f, rounded(fine)));
+  EXPECT_EQ(trainer.seen_labels[0], Eigen::Vector2i(7, -1));
+  EXPECT_EQ(trainer.seen_labels[1], Eigen::Vector2i(0, 1 << 30));
+  if constexpr (std::is_same_v<Compute, xax::bfloat16>) {
+    EXPECT_EQ(trainer.seen_x[0](0), 1.0f);
+  }
+}
+
+// The mixin forwards the declaration: loss_and_grads and evaluate both receive the cast batch.
+class CastBatchTask : public xax::MixedPrecisionMixin<CastBatchTask, MixinConfig> {
+ public:
+  template <class T>
+  using params_type = Weights<T>;
+  using batch_type = FeatureBatch<float>;
+  static constexpr bool casts_batch_to_compute = true;
+
+  explicit CastBatchTask(MixinConfig config) : config_(std::move(config)) {}
+  const MixinConfig& config() const { return config_; }
+  Weights<float> init_params() const { return initial_weights(); }
+
+  template <class T>
+  double loss_and_grads(const Weights<T>& params, const FeatureBatch<T>& batch, float, Weights<T>& grads) {
+    grads.w = Eigen::Matrix<T, Eigen::Dynamic, 1>::Zero(params.w.size());
+    grads.b = Eigen::Matrix<T, Eigen::Dynamic, 1>::Zero(params.b.size());
+    return static_cast<double>(batch.x.template cast<float>().sum());
+  }
+  template <class T>
+  double evaluate(const Weights<T>&, const FeatureBatch<T>& batch) const {
+    return static_cast<double>(batch.x.template cast<float>().sum());
+  }
+
+ private:
+  MixinConfig config_;
+};
+
+TEST(BatchCast, TheMixinCastsTheBatchForTrainingAndEvaluation) {
+  const float fine = 1.0f + 1.0f / 4096.0f;
+  const FeatureBatch<float> batch{Eigen::Vector2f(fine, 0.0f), Eigen::Vector2i(1, 2)};
+  for (const auto& [policy, expected] : {std::pair{"float32", fine}, std::pair{"mixed", 1.0f}}) {
+    MixinConfig config;
+    config.enable_mixed_precision = true;
+    config.precision_policy = policy;
+    CastBatchTask task(config);
+    EXPECT_EQ(task.train_step(batch).loss, static_cast<double>(expected)) << policy;
+    EXPECT_EQ(task.evaluate_batch(batch), static_cast<double>(expected)) << policy;
+  }
+}

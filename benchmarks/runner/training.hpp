@@ -56,37 +56,14 @@ inline std::string matmul_backend_description() {
 
 namespace detail {
 
-/// A mini-batch: features x samples, and one label per column. The features are assembled directly in the
-/// policy's compute type (one of the three matrices is filled), as a mixed-precision input pipeline does: the
-/// model then reads them without a conversion pass, and a half-precision run never holds an fp32 copy of its
-/// batch, which matters when activations dominate memory.
+/// A mini-batch: features x samples, and one label per column, over the features' scalar. The task declares
+/// casts_batch_to_compute, so TrainStep casts the fp32 batch to the policy's compute type with the params (as
+/// jmp casts `(params, batch)`), and the model reads it without a conversion of its own.
+template <class T>
 struct MlpBatch {
-  Eigen::MatrixXf x;
-  xax::nn::Matrix<xax::bfloat16> x_bf16;
-  xax::nn::Matrix<xax::float16> x_f16;
+  xax::nn::Matrix<T> x;
   Eigen::VectorX<std::int32_t> y;
-
-  /// The features in T when the batch holds them so, else the float features (which the MLP converts).
-  template <class T>
-  [[nodiscard]] bool has() const {
-    if constexpr (std::is_same_v<T, xax::bfloat16>) {
-      return x_bf16.size() != 0;
-    } else if constexpr (std::is_same_v<T, xax::float16>) {
-      return x_f16.size() != 0;
-    } else {
-      return x.size() != 0;
-    }
-  }
-  template <class T>
-  [[nodiscard]] const auto& features() const {
-    if constexpr (std::is_same_v<T, xax::bfloat16>) {
-      return x_bf16;
-    } else if constexpr (std::is_same_v<T, xax::float16>) {
-      return x_f16;
-    } else {
-      return x;
-    }
-  }
+  XAX_FIELDS(x, y);
 };
 
 /// The benchmark's config: the seed's `MyConfig(TrainConfig, MixedPrecisionConfig)`.
@@ -117,7 +94,8 @@ class MlpTask : public xax::TrainMixin<MlpTask, MlpConfig>,
  public:
   template <class T>
   using params_type = xax::nn::MlpParams<T>;
-  using batch_type = MlpBatch;
+  using batch_type = MlpBatch<float>;
+  static constexpr bool casts_batch_to_compute = true;
 
   MlpTask(MlpConfig config, const TrainingSetup& setup, const xax::ClassificationSplits& data,
           RunRecorder& recorder, Progress& progress, std::int64_t total_steps)
@@ -126,8 +104,7 @@ class MlpTask : public xax::TrainMixin<MlpTask, MlpConfig>,
         data_(&data),
         recorder_(&recorder),
         progress_(&progress),
-        total_steps_(total_steps),
-        compute_(xax::get_policy(setup.policy).compute) {
+        total_steps_(total_steps) {
     set_log_stream(nullptr);  // the benchmark draws its own progress line and reports skipped steps itself
   }
 
@@ -138,32 +115,15 @@ class MlpTask : public xax::TrainMixin<MlpTask, MlpConfig>,
 
   [[nodiscard]] std::int64_t num_examples() const { return data_->train.size(); }
 
-  [[nodiscard]] MlpBatch make_batch(std::span<const std::int64_t> indices) const {
-    MlpBatch batch;
+  [[nodiscard]] MlpBatch<float> make_batch(std::span<const std::int64_t> indices) const {
+    MlpBatch<float> batch;
     const auto columns = static_cast<Eigen::Index>(indices.size());
+    batch.x.resize(data_->train.feature_count(), columns);
     batch.y.resize(columns);
-    for (Eigen::Index i = 0; i < columns; ++i)
-      batch.y[i] = data_->train.labels[indices[static_cast<std::size_t>(i)]];
-    const auto gather = [&](auto& features) {
-      using Scalar = typename std::remove_reference_t<decltype(features)>::Scalar;
-      const Eigen::Index rows = data_->train.feature_count();
-      features.resize(rows, columns);
-      for (Eigen::Index i = 0; i < columns; ++i) {
-        const float* source = data_->train.features.col(indices[static_cast<std::size_t>(i)]).data();
-        xax::convert(std::span<const float>(source, static_cast<std::size_t>(rows)),
-                     std::span<Scalar>(features.col(i).data(), static_cast<std::size_t>(rows)));
-      }
-    };
-    switch (compute_) {
-      case xax::DType::bfloat16:
-        gather(batch.x_bf16);
-        break;
-      case xax::DType::float16:
-        gather(batch.x_f16);
-        break;
-      default:
-        gather(batch.x);
-        break;
+    for (Eigen::Index i = 0; i < columns; ++i) {
+      const auto example = static_cast<Eigen::Index>(indices[static_cast<std::size_t>(i)]);
+      batch.x.col(i) = data_->train.features.col(example);
+      batch.y[i] = data_->train.labels[example];
     }
     return batch;
   }
@@ -176,14 +136,11 @@ class MlpTask : public xax::TrainMixin<MlpTask, MlpConfig>,
   template <class T, class G>
   requires(std::same_as<G, T> ||
            std::same_as<G, float>) double loss_and_grads(const xax::nn::MlpParams<T>& params,
-                                                         const MlpBatch& batch, float loss_scale,
+                                                         const MlpBatch<T>& batch, float loss_scale,
                                                          xax::nn::MlpParams<G>& grads) {
     auto& workspace = std::get<xax::nn::MlpWorkspace<T>>(workspaces_);
-    const float loss = batch.has<T>()
-                           ? xax::nn::mlp_loss_and_gradients(params, batch.features<T>(), batch.y, grads,
-                                                             workspace, {.loss_scale = loss_scale})
-                           : xax::nn::mlp_loss_and_gradients(params, batch.x, batch.y, grads, workspace,
-                                                             {.loss_scale = loss_scale});
+    const float loss = xax::nn::mlp_loss_and_gradients(params, batch.x, batch.y, grads, workspace,
+                                                       {.loss_scale = loss_scale});
     recorder_->activation_bytes = std::max(recorder_->activation_bytes, workspace_bytes(workspace));
     recorder_->matmul_implementation = xax::last_matmul_implementation();
     return static_cast<double>(loss);
@@ -191,7 +148,7 @@ class MlpTask : public xax::TrainMixin<MlpTask, MlpConfig>,
 
   /// The number of correctly classified samples of the batch, computed in the policy's compute type.
   template <class T>
-  double evaluate(const xax::nn::MlpParams<T>& params, const MlpBatch& batch) {
+  double evaluate(const xax::nn::MlpParams<T>& params, const MlpBatch<T>& batch) {
     auto& workspace = std::get<xax::nn::MlpWorkspace<T>>(eval_workspaces_);
     return static_cast<double>(
         xax::nn::count_correct(xax::nn::mlp_forward(params, batch.x, workspace), batch.y));
@@ -199,7 +156,7 @@ class MlpTask : public xax::TrainMixin<MlpTask, MlpConfig>,
 
   /// TrainMixin calls this for every step; it wraps MixedPrecisionMixin's step to time it alone (batch
   /// assembly and evaluation excluded).
-  xax::StepResult train_step(std::span<const MlpBatch> micro_batches) {
+  xax::StepResult train_step(std::span<const MlpBatch<float>> micro_batches) {
     const auto start = std::chrono::steady_clock::now();
     const xax::StepResult result = MixedPrecisionMixin::train_step(micro_batches);
     recorder_->step_ms.push_back(
@@ -247,7 +204,7 @@ class MlpTask : public xax::TrainMixin<MlpTask, MlpConfig>,
     const xax::ClassificationDataset& test = data_->test;
     constexpr Eigen::Index chunk = 1000;  // bounds the evaluation's memory, whatever the split's size
     double correct = 0;
-    MlpBatch batch;
+    MlpBatch<float> batch;
     for (Eigen::Index start = 0; start < test.size(); start += chunk) {
       const Eigen::Index count = std::min(chunk, test.size() - start);
       batch.x = test.features.middleCols(start, count);
@@ -275,7 +232,6 @@ class MlpTask : public xax::TrainMixin<MlpTask, MlpConfig>,
   RunRecorder* recorder_;
   Progress* progress_;
   std::int64_t total_steps_;
-  xax::DType compute_;
   std::ptrdiff_t epoch_first_step_ = 0;
   std::tuple<xax::nn::MlpWorkspace<float>, xax::nn::MlpWorkspace<xax::bfloat16>,
              xax::nn::MlpWorkspace<xax::float16>>

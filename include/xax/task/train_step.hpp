@@ -35,10 +35,15 @@
 ///   gradients is a compile error rather than a silent fallback to the cast (trainers without the
 ///   declaration are still probed, which is kept for existing code).
 ///
+/// A trainer whose batch is a template over its scalar (`Batch<float>`) may declare `static constexpr bool
+/// casts_batch_to_compute = true;`: each batch is then cast to the compute type with the params, and
+/// loss_and_grads takes `const Batch<T>&` (see xax::declares_batch_cast).
+///
 /// Open points (DESIGN §11): any optimizer meeting xax::train_optimizer plugs in through reset_train_state
 /// (an optimizer object or a factory; AdamW and SGD go through the same door), and `on_unscaled_gradients`
 /// (see xax::unscaled_gradients_hook) sees the unscaled gradients before clipping and the update.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -109,6 +114,34 @@ using OptimizerOptions = std::variant<optim::AdamWOptions, optim::SgdOptions>;
 template <class T>
 concept train_loss_scale = loss_scale<T> || std::same_as<T, LossScale>;
 
+/// Whether trainer `D` has its batches cast to the compute type with the params, as jmp casts `(params,
+/// batch)`: `static constexpr bool casts_batch_to_compute = true;` with a `batch_type` that is a tree over
+/// its scalar (`Batch<float>`, a class template declaring XAX_FIELDS). The caller passes `batch_type`;
+/// TrainStep casts its floating leaves (non-floating ones, such as labels, are copied) into a buffer it
+/// keeps, and loss_and_grads receives `rebind_scalar_t<batch_type, T>` (`Batch<T>`). Without the declaration
+/// the batch is passed as it is.
+template <class D>
+concept declares_batch_cast = requires {
+  { D::casts_batch_to_compute } -> std::convertible_to<bool>;
+}
+&&static_cast<bool>(D::casts_batch_to_compute);
+
+namespace detail {
+template <class D, class T, bool Cast = declares_batch_cast<D>>
+struct step_batch {
+  using type = typename D::batch_type;
+};
+template <class D, class T>
+struct step_batch<D, T, true> {
+  using type = rebind_scalar_t<typename D::batch_type, T>;
+};
+}  // namespace detail
+
+/// The batch type trainer `D`'s loss_and_grads receives for compute scalar `T`: `batch_type`, or, for a
+/// trainer that declares casts_batch_to_compute, `batch_type` rebound to T.
+template <class D, class T>
+using step_batch_t = typename detail::step_batch<D, T>::type;
+
 /// What TrainStep requires of its derived trainer for compute scalar `T`: gradients written as `G` (by
 /// default T; a trainer that can also write TrainStep's update_type gets its gradients without a cast).
 template <class D, class T, class G = T>
@@ -117,7 +150,7 @@ concept trainer_for = requires {
   typename D::template params_type<T>;
   typename D::template params_type<G>;
 }
-&&requires(D& trainer, const typename D::template params_type<T>& params, const typename D::batch_type& batch,
+&&requires(D& trainer, const typename D::template params_type<T>& params, const step_batch_t<D, T>& batch,
            float loss_scale, typename D::template params_type<G>& grads) {
   { trainer.loss_and_grads(params, batch, loss_scale, grads) } -> std::convertible_to<double>;
 };
@@ -620,6 +653,22 @@ class TrainStep {
     }
   }
 
+  template <class D>
+  static constexpr void check_declared_batch_cast() {
+    if constexpr (declares_batch_cast<D>) {
+      static_assert(
+          tree<typename D::batch_type>,
+          "xax::TrainStep: the trainer declares `casts_batch_to_compute = true`, but its batch_type "
+          "is not a tree; declare it as a class template over its scalar with XAX_FIELDS, e.g. "
+          "`template <class T> struct Batch { Eigen::Matrix<T, -1, -1> x; Eigen::VectorXi y; "
+          "XAX_FIELDS(x, y); };` and `using batch_type = Batch<float>;`");
+      static_assert(trainer_for<D, compute_type> || trainer_for<D, compute_type, update_type>,
+                    "xax::TrainStep: the trainer declares `casts_batch_to_compute = true`, but its "
+                    "loss_and_grads does not accept the batch cast to the compute type; take it as `const "
+                    "xax::step_batch_t<Trainer, T>&` (`const Batch<T>&`), or drop the declaration");
+    }
+  }
+
   template <class D, class Grads>
   static constexpr void check_unscaled_gradients_hook() {
     if constexpr (requires { &D::on_unscaled_gradients; }) {
@@ -727,6 +776,11 @@ struct TrainStep<Derived, Policy, LossScaleT>::State final : StorageBase {
   Params<update_type> work;            // fp32 copy of half-precision masters during the update
   Params<param_type> compensation;     // Kahan compensation of half-precision masters; empty otherwise
   Optimizer optimizer;
+  // The micro-batch cast to compute_type, for a trainer that declares casts_batch_to_compute: kept so that a
+  // step after the first allocates nothing.
+  static constexpr bool casts_batch =
+      !std::is_same_v<step_batch_t<D, compute_type>, typename D::batch_type>;  // float compute passes it on
+  std::conditional_t<casts_batch, step_batch_t<D, compute_type>, std::monostate> compute_batch{};
 
   std::unique_ptr<StorageBase> clone() const override { return std::make_unique<State>(*this); }
 
@@ -774,7 +828,10 @@ struct TrainStep<Derived, Policy, LossScaleT>::State final : StorageBase {
         using H = leaf_scalar_t<M>;
         const auto updated = leaf_span(updated_leaf);
         auto param = leaf_span(master_leaf);
-        if (compensation_leaf == nullptr) {
+        if constexpr (!half_scalar<H>) {
+          // A leaf kept in full precision (xax::full_precision_t) takes its fp32 update as it is.
+          std::copy(updated.begin(), updated.end(), param.begin());
+        } else if (compensation_leaf == nullptr) {
           const std::uint32_t key =
               optim::detail::rounding_key(this->options.rounding_seed, this->steps, leaf);
           for (std::size_t i = 0; i < param.size(); ++i) {
@@ -808,8 +865,9 @@ template <class Derived, precision_policy Policy, train_loss_scale LossScaleT>
 template <class D>
 StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
     std::span<const typename D::batch_type> micro_batches) {
+  check_declared_batch_cast<D>();  // first: its message is the more specific one
   static_assert(
-      trainer_for<D, compute_type> || trainer_for<D, compute_type, update_type>,
+      declares_batch_cast<D> || trainer_for<D, compute_type> || trainer_for<D, compute_type, update_type>,
       "xax::TrainStep: the derived trainer must define `template <class T> using params_type = ...;`, "
       "`using batch_type = ...;` and `template <class T> double loss_and_grads(const params_type<T>& "
       "params, const batch_type& batch, float loss_scale, params_type<T>& grads)` (public), returning "
@@ -823,6 +881,16 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
   const double micro_count = static_cast<double>(micro_batches.size());
   const auto& compute_params = s.compute_params();
 
+  // The batch loss_and_grads sees: the caller's, or its cast to compute_type (see declares_batch_cast).
+  const auto step_batch = [&s](const typename D::batch_type& batch) -> const step_batch_t<D, compute_type>& {
+    if constexpr (State<D>::casts_batch) {
+      tree_cast_into(batch, s.compute_batch);
+      return s.compute_batch;
+    } else {
+      return batch;
+    }
+  };
+
   double loss_sum = 0;
   for (std::size_t i = 0; i < micro_batches.size(); ++i) {
     if constexpr (writes_update_grads<D>) {
@@ -832,12 +900,12 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
         s.grads_micro = s.grads;  // shaped on the first accumulating step, reused after
         s.micro_shaped = true;
       }
-      loss_sum +=
-          static_cast<double>(derived().loss_and_grads(compute_params, micro_batches[i], scale, target));
+      loss_sum += static_cast<double>(
+          derived().loss_and_grads(compute_params, step_batch(micro_batches[i]), scale, target));
       if (i > 0) detail::add_in_place(s.grads, s.grads_micro);
     } else {
       loss_sum += static_cast<double>(
-          derived().loss_and_grads(compute_params, micro_batches[i], scale, s.compute_grads));
+          derived().loss_and_grads(compute_params, step_batch(micro_batches[i]), scale, s.compute_grads));
       if (i == 0) {
         tree_cast_into(s.compute_grads, s.grads);
       } else {

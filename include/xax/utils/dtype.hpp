@@ -40,6 +40,22 @@ concept floating_scalar = std::same_as<T, float> || std::same_as<T, double> || s
 template <class T>
 concept half_scalar = std::same_as<T, float16> || std::same_as<T, bfloat16>;
 
+/// The scalar of a leaf kept in full precision when its tree is cast to `T`: float for a 16-bit `T`, `T`
+/// otherwise. Declaring a field with it keeps that leaf wide under a 16-bit policy, in the masters, the
+/// compute copy, the gradients and checkpoints alike, as Haiku's per-module policies keep norm layers in
+/// fp32:
+///
+///     template <class T>
+///     struct Block {
+///       Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> w;            // bf16 under a bf16 compute policy
+///       Eigen::Matrix<xax::full_precision_t<T>, Eigen::Dynamic, 1> gain;  // stays float
+///       XAX_FIELDS(w, gain);
+///     };
+///
+/// The choice is part of the type, so every cast, kernel and checkpoint sees it at compile time.
+template <floating_scalar T>
+using full_precision_t = std::conditional_t<half_scalar<T>, float, T>;
+
 /// The DType of a floating scalar type, e.g. `dtype_of<bfloat16> == DType::bfloat16`.
 template <floating_scalar T>
 inline constexpr DType dtype_of = std::same_as<T, float16>    ? DType::float16

@@ -19,7 +19,10 @@
 /// accepts (xax::train_optimizer over params_type<float>), trains with it instead of the config's
 /// `optimizer`; the config's learning-rate schedule still drives it through `set_learning_rate`. A task may
 /// declare `static constexpr bool writes_fp32_gradients = true;` and define `on_unscaled_gradients(
-/// params_type<float>& grads, const UnscaledGradients&)`, with TrainStep's meaning. Optionally
+/// params_type<float>& grads, const UnscaledGradients&)`, with TrainStep's meaning, and `static constexpr
+/// bool casts_batch_to_compute = true;` with a batch_type that is a tree over its scalar (`MyBatch<float>`):
+/// the step then casts each batch to the policy's compute type and loss_and_grads and evaluate take
+/// `const MyBatch<T>&` (see xax::declares_batch_cast). Optionally
 /// the task defines `template <class T> double evaluate(const params_type<T>&, const batch_type&)` for
 /// MixedPrecisionMixin::evaluate_batch, which runs it in the policy's compute type.
 
@@ -250,17 +253,19 @@ class PolicyStepEngine final : public StepEngine<Task>,
   // Forwards gradients of any scalar the task accepts, so a task that writes fp32 gradients of half
   // parameters gets TrainStep's cast-free path.
   template <class T, class G>
-  requires requires(Task& task, const params_type<T>& params, const batch_type& batch, float scale,
+  requires requires(Task& task, const params_type<T>& params, const step_batch_t<Task, T>& batch, float scale,
                     params_type<G>& grads) {
     task.loss_and_grads(params, batch, scale, grads);
   }
-  double loss_and_grads(const params_type<T>& params, const batch_type& batch, float loss_scale,
+  double loss_and_grads(const params_type<T>& params, const step_batch_t<Task, T>& batch, float loss_scale,
                         params_type<G>& grads) {
     return static_cast<double>(task_->loss_and_grads(params, batch, loss_scale, grads));
   }
 
-  // Forwards the task's opt-in to fp32 gradients, so that TrainStep checks it, and its gradient hook.
+  // Forwards the task's opt-ins to fp32 gradients and to cast batches, so that TrainStep checks them, and its
+  // gradient hook.
   static constexpr bool writes_fp32_gradients = declares_fp32_gradients<Task>;
+  static constexpr bool casts_batch_to_compute = declares_batch_cast<Task>;
   void on_unscaled_gradients(params_type<float>& grads, const UnscaledGradients& info) requires
       unscaled_gradients_hook<Task, params_type<float>> {
     task_->on_unscaled_gradients(grads, info);
@@ -274,9 +279,18 @@ class PolicyStepEngine final : public StepEngine<Task>,
   }
   params_type<float> params_float32() const override { return tree_cast<float>(Step::params()); }
   double evaluate(Task& task, const batch_type& batch) override {
-    if constexpr (requires { task.evaluate(Step::params(), batch); }) {
-      return this->with_compute_params(
-          [&](const auto& params) { return static_cast<double>(task.evaluate(params, batch)); });
+    using Compute = typename StepPolicy::compute_type;
+    if constexpr (requires(const params_type<Compute>& params,
+                           const step_batch_t<Task, Compute>& compute_batch) {
+                    task.evaluate(params, compute_batch);
+                  }) {
+      return this->with_compute_params([&](const auto& params) {
+        if constexpr (!std::is_same_v<step_batch_t<Task, Compute>, batch_type>) {
+          return static_cast<double>(task.evaluate(params, tree_cast<Compute>(batch)));
+        } else {
+          return static_cast<double>(task.evaluate(params, batch));
+        }
+      });
     } else {
       throw Error(
           "MixedPrecisionMixin::evaluate: the task defines no `template <class T> double evaluate(const "
