@@ -1,6 +1,6 @@
 // expected-error: static.assert[a-z]* failed.*declares `writes_fp32_gradients = true`, but its loss_and_grads
-// A trainer that declares the fp32-gradient path but whose loss_and_grads only takes compute-type gradients is
-// refused at compile time, instead of silently falling back to the cast.
+// A trainer that declares the fp32-gradient path but whose loss_and_grads only takes compute-type gradients
+// is refused at compile time, instead of silently falling back to the cast.
 #include <xax/task/train_step.hpp>
 
 namespace {
