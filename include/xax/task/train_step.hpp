@@ -323,7 +323,7 @@ class TrainStep {
   using output_type = typename Policy::output_type;
   using loss_scale_type = LossScaleT;
   /// The scalar the optimizer works in: the param type, or float when params are stored in half precision.
-  using update_type = std::conditional_t<half_scalar<param_type>, float, param_type>;
+  using update_type = full_precision_t<param_type>;
 
   /// One optimizer step from one batch.
   template <class D = Derived>
