@@ -59,7 +59,8 @@ inline std::uint32_t magnitude_portable(const float* x, std::size_t n) noexcept 
 XAX_SIMD_DIAGNOSTICS_BEGIN
 
 // ---------------------------------------------------------------------------------------------------------------
-// AVX-512: 32 floats per iteration, stores aligned to cache lines by a masked head, a masked tail.
+// AVX-512: 32 floats per iteration, stores aligned to cache lines by a masked head, a masked tail
+// (for_each_line_avx512).
 
 template <bool Multiply>
 XAX_TARGET_AVX512 inline __m512i scale_block_avx512(std::conditional_t<Multiply, float*, const float*> x,
@@ -81,28 +82,23 @@ XAX_TARGET_AVX512 inline std::uint32_t scale_magnitude_avx512_impl(
   const __m512i magnitude_mask = _mm512_set1_epi32(0x7fff'ffff);
   __m512i largest0 = _mm512_setzero_si512();
   __m512i largest1 = _mm512_setzero_si512();
-  std::size_t i = 0;
-  for (const std::size_t head = elements_to_cache_line(x, n); i < head;) {
-    const std::size_t count = std::min<std::size_t>(16, head - i);
-    largest0 = scale_block_avx512<Multiply>(x + i, low_lanes16(count), factor, largest0);
-    i += count;
-  }
-  for (; i + 32 <= n; i += 32) {
-    __m512 low = _mm512_loadu_ps(x + i);
-    __m512 high = _mm512_loadu_ps(x + i + 16);
-    if constexpr (Multiply) {
-      low = _mm512_mul_ps(low, factor);
-      high = _mm512_mul_ps(high, factor);
-      _mm512_store_ps(x + i, low);
-      _mm512_store_ps(x + i + 16, high);
-    }
-    largest0 = _mm512_max_epu32(largest0, _mm512_and_si512(_mm512_castps_si512(low), magnitude_mask));
-    largest1 = _mm512_max_epu32(largest1, _mm512_and_si512(_mm512_castps_si512(high), magnitude_mask));
-  }
-  for (; i < n; i += 16) {
-    largest0 =
-        scale_block_avx512<Multiply>(x + i, low_lanes16(std::min<std::size_t>(16, n - i)), factor, largest0);
-  }
+  for_each_line_avx512<false>(
+      x, n,
+      [&](std::size_t i, std::size_t count) XAX_TARGET_AVX512 {
+        largest0 = scale_block_avx512<Multiply>(x + i, low_lanes16(count), factor, largest0);
+      },
+      [&](std::size_t i) XAX_TARGET_AVX512 {
+        __m512 low = _mm512_loadu_ps(x + i);
+        __m512 high = _mm512_loadu_ps(x + i + 16);
+        if constexpr (Multiply) {
+          low = _mm512_mul_ps(low, factor);
+          high = _mm512_mul_ps(high, factor);
+          _mm512_store_ps(x + i, low);
+          _mm512_store_ps(x + i + 16, high);
+        }
+        largest0 = _mm512_max_epu32(largest0, _mm512_and_si512(_mm512_castps_si512(low), magnitude_mask));
+        largest1 = _mm512_max_epu32(largest1, _mm512_and_si512(_mm512_castps_si512(high), magnitude_mask));
+      });
   return _mm512_reduce_max_epu32(_mm512_max_epu32(largest0, largest1));
 }
 
