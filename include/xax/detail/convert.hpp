@@ -132,6 +132,27 @@ void convert_portable(const From* src, To* dst, std::size_t n) noexcept {
 #if XAX_X86_KERNELS
 XAX_SIMD_DIAGNOSTICS_BEGIN
 
+/// for_each_line_avx512 for a conversion src -> dst: `Masked(src, dst, count)` converts count <= 16 elements
+/// with masked loads and stores, `whole(i)` converts the 32 from i, whose stores fill whole cache lines of
+/// dst. `whole` is passed on unwrapped: GCC inlines an operation needing more than this function's target
+/// (the AVX512_BF16 one) only when it is called directly from the loop.
+template <bool Streaming, auto Masked, class From, class To, class Whole>
+[[gnu::always_inline]] XAX_TARGET_AVX512 inline void convert_lines_avx512(const From* src, To* dst,
+                                                                          std::size_t n, Whole&& whole) {
+  for_each_line_avx512<Streaming>(
+      dst, n, [=](std::size_t i, std::size_t count) XAX_TARGET_AVX512 { Masked(src + i, dst + i, count); },
+      whole);
+}
+
+/// for_each_line_avx2 for a conversion src -> dst: `whole(i)` converts the 16 elements from i, the reference
+/// the rest.
+template <class From, class To, class Whole>
+[[gnu::always_inline]] XAX_TARGET_AVX2 inline void convert_lines_avx2(const From* src, To* dst, std::size_t n,
+                                                                      Whole&& whole) {
+  for_each_line_avx2(n, whole,
+                     [=](std::size_t i, std::size_t rest) { convert_portable(src + i, dst + i, rest); });
+}
+
 // vfpclassps categories.
 inline constexpr int fpclass_nan = 0x01 | 0x80;  // quiet | signalling
 inline constexpr int fpclass_subnormal = 0x20;
@@ -168,11 +189,8 @@ XAX_TARGET_AVX512 inline void float_to_bfloat16_masked_avx512(const float* src, 
 
 template <bool Streaming>
 XAX_TARGET_AVX512 inline void float_to_bfloat16_avx512(const float* src, bfloat16* dst, std::size_t n) {
-  for_each_line_avx512<Streaming>(
-      dst, n,
-      [=](std::size_t i, std::size_t count)
-          XAX_TARGET_AVX512 { float_to_bfloat16_masked_avx512(src + i, dst + i, count); },
-      [=](std::size_t i) XAX_TARGET_AVX512 {
+  convert_lines_avx512<Streaming, float_to_bfloat16_masked_avx512>(
+      src, dst, n, [=](std::size_t i) XAX_TARGET_AVX512 {
         const __m512i low = bfloat16_round_avx512(_mm512_loadu_ps(src + i));
         const __m512i high = bfloat16_round_avx512(_mm512_loadu_ps(src + i + 16));
         store_line<Streaming>(dst + i, upper_halves_avx512(low, high));
@@ -188,11 +206,8 @@ XAX_TARGET_AVX512_BF16 inline void float_to_bfloat16_avx512_bf16(const float* sr
                                                                  std::size_t n) {
   constexpr unsigned denormals_are_zero = 0x40;
   if ((_mm_getcsr() & denormals_are_zero) != 0) return float_to_bfloat16_avx512<Streaming>(src, dst, n);
-  for_each_line_avx512<Streaming>(
-      dst, n,
-      [=](std::size_t i, std::size_t count)
-          XAX_TARGET_AVX512 { float_to_bfloat16_masked_avx512(src + i, dst + i, count); },
-      [=](std::size_t i) XAX_TARGET_AVX512_BF16 {
+  convert_lines_avx512<Streaming, float_to_bfloat16_masked_avx512>(
+      src, dst, n, [=](std::size_t i) XAX_TARGET_AVX512_BF16 {
         const __m512 low = _mm512_loadu_ps(src + i);
         const __m512 high = _mm512_loadu_ps(src + i + 16);
         const __mmask16 low_differs = _mm512_fpclass_ps_mask(low, fpclass_nan | fpclass_subnormal);
@@ -221,16 +236,14 @@ XAX_TARGET_AVX2 inline __m256i bfloat16_round_avx2(__m256i bits) {
 }
 
 XAX_TARGET_AVX2 inline void float_to_bfloat16_avx2(const float* src, bfloat16* dst, std::size_t n) {
-  std::size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
+  convert_lines_avx2(src, dst, n, [=](std::size_t i) XAX_TARGET_AVX2 {
     const __m256i low = bfloat16_round_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
     const __m256i high =
         bfloat16_round_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 8)));
     // packus interleaves 128-bit lanes (low0 high0 low1 high1); the permute restores element order.
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(low, high), 0b11'01'10'00);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), packed);
-  }
-  convert_portable(src + i, dst + i, n - i);
+  });
 }
 
 // --- bf16 -> float ---
@@ -256,11 +269,8 @@ XAX_TARGET_AVX512 inline void bfloat16_to_float_masked_avx512(const bfloat16* sr
 XAX_TARGET_AVX512 inline void bfloat16_to_float_avx512(const bfloat16* src, float* dst, std::size_t n) {
   const __m512i low_words = bfloat16_low_words_index();
   const __m512i high_words = _mm512_add_epi16(low_words, _mm512_set1_epi32(0x0010'0000));
-  for_each_line_avx512<false>(
-      dst, n,
-      [=](std::size_t i, std::size_t count)
-          XAX_TARGET_AVX512 { bfloat16_to_float_masked_avx512(src + i, dst + i, count); },
-      [=](std::size_t i) XAX_TARGET_AVX512 {
+  convert_lines_avx512<false, bfloat16_to_float_masked_avx512>(
+      src, dst, n, [=](std::size_t i) XAX_TARGET_AVX512 {
         const __m512i halves = _mm512_loadu_si512(src + i);
         store_line<false>(dst + i, bfloat16_widen_avx512(halves, low_words));
         store_line<false>(dst + i + 16, bfloat16_widen_avx512(halves, high_words));
@@ -268,16 +278,14 @@ XAX_TARGET_AVX512 inline void bfloat16_to_float_avx512(const bfloat16* src, floa
 }
 
 XAX_TARGET_AVX2 inline void bfloat16_to_float_avx2(const bfloat16* src, float* dst, std::size_t n) {
-  std::size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
+  convert_lines_avx2(src, dst, n, [=](std::size_t i) XAX_TARGET_AVX2 {
     const __m128i low = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
     const __m128i high = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 8));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
                         _mm256_slli_epi32(_mm256_cvtepu16_epi32(low), 16));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i + 8),
                         _mm256_slli_epi32(_mm256_cvtepu16_epi32(high), 16));
-  }
-  convert_portable(src + i, dst + i, n - i);
+  });
 }
 
 // --- float -> f16 ---
@@ -306,11 +314,8 @@ XAX_TARGET_AVX512 inline void float_to_half_masked_avx512(const float* src, floa
 
 template <bool Streaming>
 XAX_TARGET_AVX512 inline void float_to_half_avx512(const float* src, float16* dst, std::size_t n) {
-  for_each_line_avx512<Streaming>(
-      dst, n,
-      [=](std::size_t i, std::size_t count)
-          XAX_TARGET_AVX512 { float_to_half_masked_avx512(src + i, dst + i, count); },
-      [=](std::size_t i) XAX_TARGET_AVX512 {
+  convert_lines_avx512<Streaming, float_to_half_masked_avx512>(
+      src, dst, n, [=](std::size_t i) XAX_TARGET_AVX512 {
         const __m512 low = _mm512_loadu_ps(src + i);
         const __m512 high = _mm512_loadu_ps(src + i + 16);
         const __mmask16 low_nan = _mm512_fpclass_ps_mask(low, fpclass_nan);
@@ -335,13 +340,11 @@ XAX_TARGET_AVX2 inline __m128i float_to_half_avx2_lanes(__m256 values) {
 }
 
 XAX_TARGET_AVX2 inline void float_to_half_avx2(const float* src, float16* dst, std::size_t n) {
-  std::size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
+  convert_lines_avx2(src, dst, n, [=](std::size_t i) XAX_TARGET_AVX2 {
     const __m128i low = float_to_half_avx2_lanes(_mm256_loadu_ps(src + i));
     const __m128i high = float_to_half_avx2_lanes(_mm256_loadu_ps(src + i + 8));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_set_m128i(high, low));
-  }
-  convert_portable(src + i, dst + i, n - i);
+  });
 }
 
 // --- f16 -> float ---
@@ -368,23 +371,19 @@ XAX_TARGET_AVX512 inline void half_to_float_masked_avx512(const float16* src, fl
 }
 
 XAX_TARGET_AVX512 inline void half_to_float_avx512(const float16* src, float* dst, std::size_t n) {
-  for_each_line_avx512<false>(
-      dst, n,
-      [=](std::size_t i, std::size_t count)
-          XAX_TARGET_AVX512 { half_to_float_masked_avx512(src + i, dst + i, count); },
-      [=](std::size_t i) XAX_TARGET_AVX512 {
-        const __m512i halves = _mm512_loadu_si512(src + i);
-        const __mmask32 signalling = half_signalling_nans_avx512(halves);
-        __m512 low = _mm512_cvtph_ps(_mm512_castsi512_si256(halves));
-        __m512 high = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(halves, 1));
-        // Signalling NaNs are rare: only a block holding one pays for the correction.
-        if (_kortestz_mask32_u8(signalling, 0) == 0) {
-          low = keep_signalling_nans_avx512(low, static_cast<__mmask16>(signalling));
-          high = keep_signalling_nans_avx512(high, static_cast<__mmask16>(signalling >> 16));
-        }
-        store_line<false>(dst + i, _mm512_castps_si512(low));
-        store_line<false>(dst + i + 16, _mm512_castps_si512(high));
-      });
+  convert_lines_avx512<false, half_to_float_masked_avx512>(src, dst, n, [=](std::size_t i) XAX_TARGET_AVX512 {
+    const __m512i halves = _mm512_loadu_si512(src + i);
+    const __mmask32 signalling = half_signalling_nans_avx512(halves);
+    __m512 low = _mm512_cvtph_ps(_mm512_castsi512_si256(halves));
+    __m512 high = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(halves, 1));
+    // Signalling NaNs are rare: only a block holding one pays for the correction.
+    if (_kortestz_mask32_u8(signalling, 0) == 0) {
+      low = keep_signalling_nans_avx512(low, static_cast<__mmask16>(signalling));
+      high = keep_signalling_nans_avx512(high, static_cast<__mmask16>(signalling >> 16));
+    }
+    store_line<false>(dst + i, _mm512_castps_si512(low));
+    store_line<false>(dst + i + 16, _mm512_castps_si512(high));
+  });
 }
 
 XAX_TARGET_AVX2 inline __m256 half_to_float_avx2_lanes(__m128i halves) {
@@ -398,14 +397,12 @@ XAX_TARGET_AVX2 inline __m256 half_to_float_avx2_lanes(__m128i halves) {
 }
 
 XAX_TARGET_AVX2 inline void half_to_float_avx2(const float16* src, float* dst, std::size_t n) {
-  std::size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
+  convert_lines_avx2(src, dst, n, [=](std::size_t i) XAX_TARGET_AVX2 {
     _mm256_storeu_ps(dst + i,
                      half_to_float_avx2_lanes(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
     _mm256_storeu_ps(dst + i + 8, half_to_float_avx2_lanes(
                                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 8))));
-  }
-  convert_portable(src + i, dst + i, n - i);
+  });
 }
 
 XAX_SIMD_DIAGNOSTICS_END
