@@ -204,6 +204,24 @@ inline MagnitudeFunction* best_magnitude_kernel() {
 /// Elements of a 16-bit array handled per step through a float buffer that stays in L1.
 inline constexpr std::size_t half_chunk = 1024;
 
+/// The largest magnitude `measure(buffer, count)` returns over a 16-bit array x[0, n) widened to float
+/// half_chunk elements at a time (exact, and mapping the 16-bit infinities and NaNs onto float ones). With
+/// WriteBack, each chunk as `measure` left it is rounded back into x: one pass over memory, three over an
+/// L1-resident chunk.
+template <bool WriteBack, half_scalar T, class Measure>
+std::uint32_t largest_through_float(std::conditional_t<WriteBack, T*, const T*> x, std::size_t n,
+                                    const Measure& measure) noexcept {
+  float buffer[half_chunk];
+  std::uint32_t largest = 0;
+  for (std::size_t i = 0; i < n; i += half_chunk) {
+    const std::size_t count = std::min(half_chunk, n - i);
+    convert_serial(x + i, buffer, count);
+    largest = std::max(largest, measure(buffer, count));
+    if constexpr (WriteBack) convert_serial(buffer, x + i, count);
+  }
+  return largest;
+}
+
 /// True when every element of x[0, n) is finite.
 template <floating_scalar T>
 bool all_finite_n(const T* x, std::size_t n) noexcept {
@@ -215,15 +233,7 @@ bool all_finite_n(const T* x, std::size_t n) noexcept {
     for (std::size_t i = 0; i < n; ++i) finite &= (to_bits(x[i]) & exponent) != exponent;
     return finite;
   } else {
-    // Widening is exact and maps the 16-bit infinities and NaNs onto float ones.
-    float buffer[half_chunk];
-    std::uint32_t largest = 0;
-    for (std::size_t i = 0; i < n; i += half_chunk) {
-      const std::size_t count = std::min(half_chunk, n - i);
-      convert_serial(x + i, buffer, count);
-      largest = std::max(largest, best_magnitude_kernel()(buffer, count));
-    }
-    return largest < non_finite_magnitude<float>;
+    return largest_through_float<false, T>(x, n, best_magnitude_kernel()) < non_finite_magnitude<float>;
   }
 }
 
@@ -241,16 +251,11 @@ bool scale_and_check_n(T* x, std::size_t n, float factor) noexcept {
     for (std::size_t i = 0; i < n; ++i) x[i] *= wide_factor;
     return all_finite_n<double>(x, n);
   } else {
-    // One pass over memory, three over an L1-resident chunk.
-    float buffer[half_chunk];
-    std::uint32_t largest = 0;
-    for (std::size_t i = 0; i < n; i += half_chunk) {
-      const std::size_t count = std::min(half_chunk, n - i);
-      convert_serial(x + i, buffer, count);
-      largest = std::max(largest, best_scale_magnitude_kernel()(buffer, count, factor));
-      convert_serial(buffer, x + i, count);
-    }
-    return largest < non_finite_magnitude<T>;
+    ScaleMagnitudeFunction* const kernel = best_scale_magnitude_kernel();
+    const auto scale = [kernel, factor](float* buffer, std::size_t count) {
+      return kernel(buffer, count, factor);
+    };
+    return largest_through_float<true, T>(x, n, scale) < non_finite_magnitude<T>;
   }
 }
 

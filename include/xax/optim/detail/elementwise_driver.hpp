@@ -10,9 +10,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
-#include <tuple>
 #include <type_traits>
-#include <utility>
 #include <xax/detail/convert.hpp>
 #include <xax/detail/parallel.hpp>
 #include <xax/optim/optimizer.hpp>
@@ -28,9 +26,8 @@ namespace xax::optim::detail {
 struct NoTree {};
 inline constexpr NoTree no_tree{};
 
-/// Calls `f(param_leaf, grad_leaf, extra_leaf_pointer, state_leaves...)` on matching leaves, zipped in the
-/// order params, grads, states..., extra, so a ShapeError names the first tree that differs from params. The
-/// extra pointer is a null `void*` when `extra` is no_tree.
+/// Calls `f(param_leaf, grad_leaf, extra_leaf_pointer, state_leaves...)` on matching leaves of trees already
+/// checked to match; the extra pointer is a null `void*` when `extra` is no_tree.
 template <class F, class Params, class Extra, class... States>
 void zip_update_leaves(F&& f, Params& params, const Params& grads, Extra& extra, States&... states) {
   if constexpr (std::is_same_v<std::remove_const_t<Extra>, NoTree>) {
@@ -39,14 +36,8 @@ void zip_update_leaves(F&& f, Params& params, const Params& grads, Extra& extra,
                   params, grads, states...);
   } else {
     for_each_leaf(
-        [&]<class L, class... Rest>(L& p, const L& g, Rest&... rest) {
-          const auto zipped = std::forward_as_tuple(rest...);
-          [&]<std::size_t... I>(std::index_sequence<I...>) {
-            f(p, g, &std::get<sizeof...(States)>(zipped), std::get<I>(zipped)...);
-          }
-          (std::make_index_sequence<sizeof...(States)>{});
-        },
-        params, grads, states..., extra);
+        [&]<class L, class E, class... S>(L& p, const L& g, E& e, S&... state) { f(p, g, &e, state...); },
+        params, grads, extra, states...);
   }
 }
 
@@ -147,7 +138,8 @@ struct ElementwiseDriver {
   }
 
   /// Throws ShapeError unless params, grads, the state trees and the extra tree match in structure and leaf
-  /// shapes, and the params have one floating leaf per settings entry: the settings are indexed by leaf
+  /// shapes (zipped in that order, as the optimizers always have, so the error names the same tree), and the
+  /// params have one floating leaf per settings entry: the settings are indexed by leaf
   /// number, and an optimizer without state trees has nothing else pinning the params' structure.
   template <class Params, class Extra, class... States>
   void require_fit(const Params& params, const Params& grads, const Extra& extra,
