@@ -126,38 +126,31 @@ void convert_portable(const From* src, To* dst, std::size_t n) noexcept {
 
 // ---------------------------------------------------------------------------------------------------------------
 // SIMD kernels. Each converts n elements, any n, any alignment. The AVX-512 ones align their stores to cache
-// lines with a masked head and finish with a masked tail; the AVX2 ones finish with the reference.
+// lines with a masked head and finish with a masked tail (for_each_line_avx512); the AVX2 ones finish with
+// the reference.
 
 #if XAX_X86_KERNELS
 XAX_SIMD_DIAGNOSTICS_BEGIN
 
-/// A mask of the low `count` lanes (count <= 16).
-XAX_TARGET_AVX512 inline __mmask16 low_lanes16(std::size_t count) {
-  return static_cast<__mmask16>((1u << count) - 1u);
+/// for_each_line_avx512 for a conversion src -> dst: `Masked(src, dst, count)` converts count <= 16 elements
+/// with masked loads and stores, `whole(i)` converts the 32 from i, whose stores fill whole cache lines of
+/// dst. `whole` is passed on unwrapped: GCC inlines an operation needing more than this function's target
+/// (the AVX512_BF16 one) only when it is called directly from the loop.
+template <bool Streaming, auto Masked, class From, class To, class Whole>
+[[gnu::always_inline]] XAX_TARGET_AVX512 inline void convert_lines_avx512(const From* src, To* dst,
+                                                                          std::size_t n, Whole&& whole) {
+  for_each_line_avx512<Streaming>(
+      dst, n, [=](std::size_t i, std::size_t count) XAX_TARGET_AVX512 { Masked(src + i, dst + i, count); },
+      whole);
 }
 
-/// Elements before `pointer` reaches a 64-byte boundary (at most n).
-template <class T>
-std::size_t elements_to_cache_line(const T* pointer, std::size_t n) {
-  const auto misalignment = reinterpret_cast<std::uintptr_t>(pointer) % 64;
-  return std::min(n, misalignment == 0 ? std::size_t{0} : (64 - misalignment) / sizeof(T));
-}
-
-/// Stores one cache line at a 64-byte aligned address. A streaming store bypasses the caches: for a
-/// destination much larger than the last-level cache it saves reading every line before writing it.
-template <bool Streaming>
-XAX_TARGET_AVX512 inline void store_line(void* aligned, __m512i value) {
-  if constexpr (Streaming) {
-    _mm512_stream_si512(static_cast<__m512i*>(aligned), value);
-  } else {
-    _mm512_store_si512(aligned, value);
-  }
-}
-
-/// Streaming stores are weakly ordered: fence them before another thread may read what they wrote.
-template <bool Streaming>
-XAX_TARGET_AVX512 inline void finish_stores() {
-  if constexpr (Streaming) _mm_sfence();
+/// for_each_line_avx2 for a conversion src -> dst: `whole(i)` converts the 16 elements from i, the reference
+/// the rest.
+template <class From, class To, class Whole>
+[[gnu::always_inline]] XAX_TARGET_AVX2 inline void convert_lines_avx2(const From* src, To* dst, std::size_t n,
+                                                                      Whole&& whole) {
+  for_each_line_avx2(n, whole,
+                     [=](std::size_t i, std::size_t rest) { convert_portable(src + i, dst + i, rest); });
 }
 
 // vfpclassps categories.
@@ -196,19 +189,12 @@ XAX_TARGET_AVX512 inline void float_to_bfloat16_masked_avx512(const float* src, 
 
 template <bool Streaming>
 XAX_TARGET_AVX512 inline void float_to_bfloat16_avx512(const float* src, bfloat16* dst, std::size_t n) {
-  std::size_t i = 0;
-  for (const std::size_t head = elements_to_cache_line(dst, n); i < head;) {
-    const std::size_t count = std::min<std::size_t>(16, head - i);
-    float_to_bfloat16_masked_avx512(src + i, dst + i, count);
-    i += count;
-  }
-  for (; i + 32 <= n; i += 32) {
-    const __m512i low = bfloat16_round_avx512(_mm512_loadu_ps(src + i));
-    const __m512i high = bfloat16_round_avx512(_mm512_loadu_ps(src + i + 16));
-    store_line<Streaming>(dst + i, upper_halves_avx512(low, high));
-  }
-  for (; i < n; i += 16) float_to_bfloat16_masked_avx512(src + i, dst + i, std::min<std::size_t>(16, n - i));
-  finish_stores<Streaming>();
+  convert_lines_avx512<Streaming, float_to_bfloat16_masked_avx512>(
+      src, dst, n, [=](std::size_t i) XAX_TARGET_AVX512 {
+        const __m512i low = bfloat16_round_avx512(_mm512_loadu_ps(src + i));
+        const __m512i high = bfloat16_round_avx512(_mm512_loadu_ps(src + i + 16));
+        store_line<Streaming>(dst + i, upper_halves_avx512(low, high));
+      });
 }
 
 // The bf16 instruction rounds like the reference except on NaNs (it keeps payload bits) and subnormals (it
@@ -220,28 +206,21 @@ XAX_TARGET_AVX512_BF16 inline void float_to_bfloat16_avx512_bf16(const float* sr
                                                                  std::size_t n) {
   constexpr unsigned denormals_are_zero = 0x40;
   if ((_mm_getcsr() & denormals_are_zero) != 0) return float_to_bfloat16_avx512<Streaming>(src, dst, n);
-  std::size_t i = 0;
-  for (const std::size_t head = elements_to_cache_line(dst, n); i < head;) {
-    const std::size_t count = std::min<std::size_t>(16, head - i);
-    float_to_bfloat16_masked_avx512(src + i, dst + i, count);
-    i += count;
-  }
-  for (; i + 32 <= n; i += 32) {
-    const __m512 low = _mm512_loadu_ps(src + i);
-    const __m512 high = _mm512_loadu_ps(src + i + 16);
-    const __mmask16 low_differs = _mm512_fpclass_ps_mask(low, fpclass_nan | fpclass_subnormal);
-    const __mmask16 high_differs = _mm512_fpclass_ps_mask(high, fpclass_nan | fpclass_subnormal);
-    __m512i converted;
-    if (_kortestz_mask16_u8(low_differs, high_differs) != 0) {
-      const __m512bh instruction = _mm512_cvtne2ps_pbh(high, low);
-      std::memcpy(&converted, &instruction, sizeof converted);
-    } else {
-      converted = upper_halves_avx512(bfloat16_round_avx512(low), bfloat16_round_avx512(high));
-    }
-    store_line<Streaming>(dst + i, converted);
-  }
-  for (; i < n; i += 16) float_to_bfloat16_masked_avx512(src + i, dst + i, std::min<std::size_t>(16, n - i));
-  finish_stores<Streaming>();
+  convert_lines_avx512<Streaming, float_to_bfloat16_masked_avx512>(
+      src, dst, n, [=](std::size_t i) XAX_TARGET_AVX512_BF16 {
+        const __m512 low = _mm512_loadu_ps(src + i);
+        const __m512 high = _mm512_loadu_ps(src + i + 16);
+        const __mmask16 low_differs = _mm512_fpclass_ps_mask(low, fpclass_nan | fpclass_subnormal);
+        const __mmask16 high_differs = _mm512_fpclass_ps_mask(high, fpclass_nan | fpclass_subnormal);
+        __m512i converted;
+        if (_kortestz_mask16_u8(low_differs, high_differs) != 0) {
+          const __m512bh instruction = _mm512_cvtne2ps_pbh(high, low);
+          std::memcpy(&converted, &instruction, sizeof converted);
+        } else {
+          converted = upper_halves_avx512(bfloat16_round_avx512(low), bfloat16_round_avx512(high));
+        }
+        store_line<Streaming>(dst + i, converted);
+      });
 }
 
 XAX_TARGET_AVX2 inline __m256i bfloat16_round_avx2(__m256i bits) {
@@ -257,16 +236,14 @@ XAX_TARGET_AVX2 inline __m256i bfloat16_round_avx2(__m256i bits) {
 }
 
 XAX_TARGET_AVX2 inline void float_to_bfloat16_avx2(const float* src, bfloat16* dst, std::size_t n) {
-  std::size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
+  convert_lines_avx2(src, dst, n, [=](std::size_t i) XAX_TARGET_AVX2 {
     const __m256i low = bfloat16_round_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
     const __m256i high =
         bfloat16_round_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 8)));
     // packus interleaves 128-bit lanes (low0 high0 low1 high1); the permute restores element order.
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(low, high), 0b11'01'10'00);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), packed);
-  }
-  convert_portable(src + i, dst + i, n - i);
+  });
 }
 
 // --- bf16 -> float ---
@@ -290,33 +267,25 @@ XAX_TARGET_AVX512 inline void bfloat16_to_float_masked_avx512(const bfloat16* sr
 }
 
 XAX_TARGET_AVX512 inline void bfloat16_to_float_avx512(const bfloat16* src, float* dst, std::size_t n) {
-  std::size_t i = 0;
-  for (const std::size_t head = elements_to_cache_line(dst, n); i < head;) {
-    const std::size_t count = std::min<std::size_t>(16, head - i);
-    bfloat16_to_float_masked_avx512(src + i, dst + i, count);
-    i += count;
-  }
   const __m512i low_words = bfloat16_low_words_index();
   const __m512i high_words = _mm512_add_epi16(low_words, _mm512_set1_epi32(0x0010'0000));
-  for (; i + 32 <= n; i += 32) {
-    const __m512i halves = _mm512_loadu_si512(src + i);
-    store_line<false>(dst + i, bfloat16_widen_avx512(halves, low_words));
-    store_line<false>(dst + i + 16, bfloat16_widen_avx512(halves, high_words));
-  }
-  for (; i < n; i += 16) bfloat16_to_float_masked_avx512(src + i, dst + i, std::min<std::size_t>(16, n - i));
+  convert_lines_avx512<false, bfloat16_to_float_masked_avx512>(
+      src, dst, n, [=](std::size_t i) XAX_TARGET_AVX512 {
+        const __m512i halves = _mm512_loadu_si512(src + i);
+        store_line<false>(dst + i, bfloat16_widen_avx512(halves, low_words));
+        store_line<false>(dst + i + 16, bfloat16_widen_avx512(halves, high_words));
+      });
 }
 
 XAX_TARGET_AVX2 inline void bfloat16_to_float_avx2(const bfloat16* src, float* dst, std::size_t n) {
-  std::size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
+  convert_lines_avx2(src, dst, n, [=](std::size_t i) XAX_TARGET_AVX2 {
     const __m128i low = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
     const __m128i high = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 8));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
                         _mm256_slli_epi32(_mm256_cvtepu16_epi32(low), 16));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i + 8),
                         _mm256_slli_epi32(_mm256_cvtepu16_epi32(high), 16));
-  }
-  convert_portable(src + i, dst + i, n - i);
+  });
 }
 
 // --- float -> f16 ---
@@ -345,28 +314,22 @@ XAX_TARGET_AVX512 inline void float_to_half_masked_avx512(const float* src, floa
 
 template <bool Streaming>
 XAX_TARGET_AVX512 inline void float_to_half_avx512(const float* src, float16* dst, std::size_t n) {
-  std::size_t i = 0;
-  for (const std::size_t head = elements_to_cache_line(dst, n); i < head;) {
-    const std::size_t count = std::min<std::size_t>(16, head - i);
-    float_to_half_masked_avx512(src + i, dst + i, count);
-    i += count;
-  }
-  for (; i + 32 <= n; i += 32) {
-    const __m512 low = _mm512_loadu_ps(src + i);
-    const __m512 high = _mm512_loadu_ps(src + i + 16);
-    const __mmask16 low_nan = _mm512_fpclass_ps_mask(low, fpclass_nan);
-    const __mmask16 high_nan = _mm512_fpclass_ps_mask(high, fpclass_nan);
-    __m256i low_halves = float_to_half_instruction_avx512(low);
-    __m256i high_halves = float_to_half_instruction_avx512(high);
-    // NaNs are rare: only a block holding one pays for the correction.
-    if (_kortestz_mask16_u8(low_nan, high_nan) == 0) {
-      low_halves = half_canonical_nans_avx512(low_halves, low_nan);
-      high_halves = half_canonical_nans_avx512(high_halves, high_nan);
-    }
-    store_line<Streaming>(dst + i, _mm512_inserti64x4(_mm512_castsi256_si512(low_halves), high_halves, 1));
-  }
-  for (; i < n; i += 16) float_to_half_masked_avx512(src + i, dst + i, std::min<std::size_t>(16, n - i));
-  finish_stores<Streaming>();
+  convert_lines_avx512<Streaming, float_to_half_masked_avx512>(
+      src, dst, n, [=](std::size_t i) XAX_TARGET_AVX512 {
+        const __m512 low = _mm512_loadu_ps(src + i);
+        const __m512 high = _mm512_loadu_ps(src + i + 16);
+        const __mmask16 low_nan = _mm512_fpclass_ps_mask(low, fpclass_nan);
+        const __mmask16 high_nan = _mm512_fpclass_ps_mask(high, fpclass_nan);
+        __m256i low_halves = float_to_half_instruction_avx512(low);
+        __m256i high_halves = float_to_half_instruction_avx512(high);
+        // NaNs are rare: only a block holding one pays for the correction.
+        if (_kortestz_mask16_u8(low_nan, high_nan) == 0) {
+          low_halves = half_canonical_nans_avx512(low_halves, low_nan);
+          high_halves = half_canonical_nans_avx512(high_halves, high_nan);
+        }
+        store_line<Streaming>(dst + i,
+                              _mm512_inserti64x4(_mm512_castsi256_si512(low_halves), high_halves, 1));
+      });
 }
 
 XAX_TARGET_AVX2 inline __m128i float_to_half_avx2_lanes(__m256 values) {
@@ -377,13 +340,11 @@ XAX_TARGET_AVX2 inline __m128i float_to_half_avx2_lanes(__m256 values) {
 }
 
 XAX_TARGET_AVX2 inline void float_to_half_avx2(const float* src, float16* dst, std::size_t n) {
-  std::size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
+  convert_lines_avx2(src, dst, n, [=](std::size_t i) XAX_TARGET_AVX2 {
     const __m128i low = float_to_half_avx2_lanes(_mm256_loadu_ps(src + i));
     const __m128i high = float_to_half_avx2_lanes(_mm256_loadu_ps(src + i + 8));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_set_m128i(high, low));
-  }
-  convert_portable(src + i, dst + i, n - i);
+  });
 }
 
 // --- f16 -> float ---
@@ -410,13 +371,7 @@ XAX_TARGET_AVX512 inline void half_to_float_masked_avx512(const float16* src, fl
 }
 
 XAX_TARGET_AVX512 inline void half_to_float_avx512(const float16* src, float* dst, std::size_t n) {
-  std::size_t i = 0;
-  for (const std::size_t head = elements_to_cache_line(dst, n); i < head;) {
-    const std::size_t count = std::min<std::size_t>(16, head - i);
-    half_to_float_masked_avx512(src + i, dst + i, count);
-    i += count;
-  }
-  for (; i + 32 <= n; i += 32) {
+  convert_lines_avx512<false, half_to_float_masked_avx512>(src, dst, n, [=](std::size_t i) XAX_TARGET_AVX512 {
     const __m512i halves = _mm512_loadu_si512(src + i);
     const __mmask32 signalling = half_signalling_nans_avx512(halves);
     __m512 low = _mm512_cvtph_ps(_mm512_castsi512_si256(halves));
@@ -428,8 +383,7 @@ XAX_TARGET_AVX512 inline void half_to_float_avx512(const float16* src, float* ds
     }
     store_line<false>(dst + i, _mm512_castps_si512(low));
     store_line<false>(dst + i + 16, _mm512_castps_si512(high));
-  }
-  for (; i < n; i += 16) half_to_float_masked_avx512(src + i, dst + i, std::min<std::size_t>(16, n - i));
+  });
 }
 
 XAX_TARGET_AVX2 inline __m256 half_to_float_avx2_lanes(__m128i halves) {
@@ -443,14 +397,12 @@ XAX_TARGET_AVX2 inline __m256 half_to_float_avx2_lanes(__m128i halves) {
 }
 
 XAX_TARGET_AVX2 inline void half_to_float_avx2(const float16* src, float* dst, std::size_t n) {
-  std::size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
+  convert_lines_avx2(src, dst, n, [=](std::size_t i) XAX_TARGET_AVX2 {
     _mm256_storeu_ps(dst + i,
                      half_to_float_avx2_lanes(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
     _mm256_storeu_ps(dst + i + 8, half_to_float_avx2_lanes(
                                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 8))));
-  }
-  convert_portable(src + i, dst + i, n - i);
+  });
 }
 
 XAX_SIMD_DIAGNOSTICS_END

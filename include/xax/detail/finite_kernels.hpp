@@ -59,15 +59,23 @@ inline std::uint32_t magnitude_portable(const float* x, std::size_t n) noexcept 
 XAX_SIMD_DIAGNOSTICS_BEGIN
 
 // ---------------------------------------------------------------------------------------------------------------
-// AVX-512: 32 floats per iteration, stores aligned to cache lines by a masked head, a masked tail.
+// AVX-512: 32 floats per iteration, stores aligned to cache lines by a masked head, a masked tail
+// (for_each_line_avx512).
 
-template <bool Multiply>
+// 16 floats, or the `lanes` of them when Masked, multiplied in place by `factor` when Multiply, and their
+// largest magnitude folded into `largest`. An unmasked block's store is aligned: for_each_line_avx512 calls
+// it on cache lines.
+template <bool Multiply, bool Masked>
 XAX_TARGET_AVX512 inline __m512i scale_block_avx512(std::conditional_t<Multiply, float*, const float*> x,
                                                     __mmask16 lanes, __m512 factor, __m512i largest) {
-  __m512 values = _mm512_maskz_loadu_ps(lanes, x);
+  __m512 values = Masked ? _mm512_maskz_loadu_ps(lanes, x) : _mm512_loadu_ps(x);
   if constexpr (Multiply) {
     values = _mm512_mul_ps(values, factor);
-    _mm512_mask_storeu_ps(x, lanes, values);
+    if constexpr (Masked) {
+      _mm512_mask_storeu_ps(x, lanes, values);
+    } else {
+      _mm512_store_ps(x, values);
+    }
   }
   // Masked-off lanes are zero, the smallest magnitude.
   return _mm512_max_epu32(largest,
@@ -78,31 +86,18 @@ template <bool Multiply>
 XAX_TARGET_AVX512 inline std::uint32_t scale_magnitude_avx512_impl(
     std::conditional_t<Multiply, float*, const float*> x, std::size_t n, float factor_value) {
   const __m512 factor = _mm512_set1_ps(factor_value);
-  const __m512i magnitude_mask = _mm512_set1_epi32(0x7fff'ffff);
+  // Two accumulators, so that the maxima of a line's two halves do not wait on each other.
   __m512i largest0 = _mm512_setzero_si512();
   __m512i largest1 = _mm512_setzero_si512();
-  std::size_t i = 0;
-  for (const std::size_t head = elements_to_cache_line(x, n); i < head;) {
-    const std::size_t count = std::min<std::size_t>(16, head - i);
-    largest0 = scale_block_avx512<Multiply>(x + i, low_lanes16(count), factor, largest0);
-    i += count;
-  }
-  for (; i + 32 <= n; i += 32) {
-    __m512 low = _mm512_loadu_ps(x + i);
-    __m512 high = _mm512_loadu_ps(x + i + 16);
-    if constexpr (Multiply) {
-      low = _mm512_mul_ps(low, factor);
-      high = _mm512_mul_ps(high, factor);
-      _mm512_store_ps(x + i, low);
-      _mm512_store_ps(x + i + 16, high);
-    }
-    largest0 = _mm512_max_epu32(largest0, _mm512_and_si512(_mm512_castps_si512(low), magnitude_mask));
-    largest1 = _mm512_max_epu32(largest1, _mm512_and_si512(_mm512_castps_si512(high), magnitude_mask));
-  }
-  for (; i < n; i += 16) {
-    largest0 =
-        scale_block_avx512<Multiply>(x + i, low_lanes16(std::min<std::size_t>(16, n - i)), factor, largest0);
-  }
+  for_each_line_avx512<false>(
+      x, n,
+      [&](std::size_t i, std::size_t count) XAX_TARGET_AVX512 {
+        largest0 = scale_block_avx512<Multiply, true>(x + i, low_lanes16(count), factor, largest0);
+      },
+      [&](std::size_t i) XAX_TARGET_AVX512 {
+        largest0 = scale_block_avx512<Multiply, false>(x + i, 0xffff, factor, largest0);
+        largest1 = scale_block_avx512<Multiply, false>(x + i + 16, 0xffff, factor, largest1);
+      });
   return _mm512_reduce_max_epu32(_mm512_max_epu32(largest0, largest1));
 }
 
@@ -117,35 +112,42 @@ XAX_TARGET_AVX512 inline std::uint32_t magnitude_avx512(const float* x, std::siz
 // ---------------------------------------------------------------------------------------------------------------
 // AVX2: 16 floats per iteration, the remainder with the portable loop.
 
+// 8 floats multiplied in place by `factor` when Multiply, and their largest magnitude folded into `largest`.
+template <bool Multiply>
+XAX_TARGET_AVX2 inline __m256i scale_block_avx2(std::conditional_t<Multiply, float*, const float*> x,
+                                                __m256 factor, __m256i largest) {
+  __m256 values = _mm256_loadu_ps(x);
+  if constexpr (Multiply) {
+    values = _mm256_mul_ps(values, factor);
+    _mm256_storeu_ps(x, values);
+  }
+  return _mm256_max_epu32(largest,
+                          _mm256_and_si256(_mm256_castps_si256(values), _mm256_set1_epi32(0x7fff'ffff)));
+}
+
 template <bool Multiply>
 XAX_TARGET_AVX2 inline std::uint32_t scale_magnitude_avx2_impl(
     std::conditional_t<Multiply, float*, const float*> x, std::size_t n, float factor_value) {
   const __m256 factor = _mm256_set1_ps(factor_value);
-  const __m256i magnitude_mask = _mm256_set1_epi32(0x7fff'ffff);
   __m256i largest0 = _mm256_setzero_si256();
   __m256i largest1 = _mm256_setzero_si256();
-  std::size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m256 low = _mm256_loadu_ps(x + i);
-    __m256 high = _mm256_loadu_ps(x + i + 8);
-    if constexpr (Multiply) {
-      low = _mm256_mul_ps(low, factor);
-      high = _mm256_mul_ps(high, factor);
-      _mm256_storeu_ps(x + i, low);
-      _mm256_storeu_ps(x + i + 8, high);
-    }
-    largest0 = _mm256_max_epu32(largest0, _mm256_and_si256(_mm256_castps_si256(low), magnitude_mask));
-    largest1 = _mm256_max_epu32(largest1, _mm256_and_si256(_mm256_castps_si256(high), magnitude_mask));
-  }
+  std::uint32_t largest_rest = 0;
+  for_each_line_avx2(
+      n,
+      [&](std::size_t i) XAX_TARGET_AVX2 {
+        largest0 = scale_block_avx2<Multiply>(x + i, factor, largest0);
+        largest1 = scale_block_avx2<Multiply>(x + i + 8, factor, largest1);
+      },
+      [&](std::size_t i, std::size_t rest) {
+        if constexpr (Multiply) {
+          largest_rest = scale_magnitude_portable(x + i, rest, factor_value);
+        } else {
+          largest_rest = magnitude_portable(x + i, rest);
+        }
+      });
   alignas(32) std::uint32_t lanes[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_max_epu32(largest0, largest1));
-  std::uint32_t largest = *std::max_element(lanes, lanes + 8);
-  if constexpr (Multiply) {
-    largest = std::max(largest, scale_magnitude_portable(x + i, n - i, factor_value));
-  } else {
-    largest = std::max(largest, magnitude_portable(x + i, n - i));
-  }
-  return largest;
+  return std::max(*std::max_element(lanes, lanes + 8), largest_rest);
 }
 
 XAX_TARGET_AVX2 inline std::uint32_t scale_magnitude_avx2(float* x, std::size_t n, float factor) {
@@ -202,6 +204,24 @@ inline MagnitudeFunction* best_magnitude_kernel() {
 /// Elements of a 16-bit array handled per step through a float buffer that stays in L1.
 inline constexpr std::size_t half_chunk = 1024;
 
+/// The largest magnitude `measure(buffer, count)` returns over a 16-bit array x[0, n) widened to float
+/// half_chunk elements at a time (exact, and mapping the 16-bit infinities and NaNs onto float ones). With
+/// WriteBack, each chunk as `measure` left it is rounded back into x: one pass over memory, three over an
+/// L1-resident chunk.
+template <bool WriteBack, half_scalar T, class Measure>
+std::uint32_t largest_through_float(std::conditional_t<WriteBack, T*, const T*> x, std::size_t n,
+                                    const Measure& measure) noexcept {
+  float buffer[half_chunk];
+  std::uint32_t largest = 0;
+  for (std::size_t i = 0; i < n; i += half_chunk) {
+    const std::size_t count = std::min(half_chunk, n - i);
+    convert_serial(x + i, buffer, count);
+    largest = std::max(largest, measure(buffer, count));
+    if constexpr (WriteBack) convert_serial(buffer, x + i, count);
+  }
+  return largest;
+}
+
 /// True when every element of x[0, n) is finite.
 template <floating_scalar T>
 bool all_finite_n(const T* x, std::size_t n) noexcept {
@@ -213,15 +233,7 @@ bool all_finite_n(const T* x, std::size_t n) noexcept {
     for (std::size_t i = 0; i < n; ++i) finite &= (to_bits(x[i]) & exponent) != exponent;
     return finite;
   } else {
-    // Widening is exact and maps the 16-bit infinities and NaNs onto float ones.
-    float buffer[half_chunk];
-    std::uint32_t largest = 0;
-    for (std::size_t i = 0; i < n; i += half_chunk) {
-      const std::size_t count = std::min(half_chunk, n - i);
-      convert_serial(x + i, buffer, count);
-      largest = std::max(largest, best_magnitude_kernel()(buffer, count));
-    }
-    return largest < non_finite_magnitude<float>;
+    return largest_through_float<false, T>(x, n, best_magnitude_kernel()) < non_finite_magnitude<float>;
   }
 }
 
@@ -239,16 +251,11 @@ bool scale_and_check_n(T* x, std::size_t n, float factor) noexcept {
     for (std::size_t i = 0; i < n; ++i) x[i] *= wide_factor;
     return all_finite_n<double>(x, n);
   } else {
-    // One pass over memory, three over an L1-resident chunk.
-    float buffer[half_chunk];
-    std::uint32_t largest = 0;
-    for (std::size_t i = 0; i < n; i += half_chunk) {
-      const std::size_t count = std::min(half_chunk, n - i);
-      convert_serial(x + i, buffer, count);
-      largest = std::max(largest, best_scale_magnitude_kernel()(buffer, count, factor));
-      convert_serial(buffer, x + i, count);
-    }
-    return largest < non_finite_magnitude<T>;
+    ScaleMagnitudeFunction* const kernel = best_scale_magnitude_kernel();
+    const auto scale = [kernel, factor](float* buffer, std::size_t count) {
+      return kernel(buffer, count, factor);
+    };
+    return largest_through_float<true, T>(x, n, scale) < non_finite_magnitude<T>;
   }
 }
 

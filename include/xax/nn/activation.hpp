@@ -14,6 +14,7 @@
 #include <string>
 #include <type_traits>
 #include <xax/detail/elementwise.hpp>
+#include <xax/detail/format.hpp>
 #include <xax/ops/activation.hpp>
 #include <xax/ops/matmul_concepts.hpp>
 #include <xax/utils/error.hpp>
@@ -39,9 +40,9 @@ template <class Out, class Like>
 void shape_like(Out& out, const Like& like, const char* function) {
   if constexpr (std::is_same_v<typename Out::PlainObject, Out>) out.resize(like.rows(), like.cols());
   if (out.rows() != like.rows() || out.cols() != like.cols()) {
-    throw ShapeError(std::string("xax::nn::") + function + ": the output is " + std::to_string(out.rows()) +
-                     "x" + std::to_string(out.cols()) + " but the input is " + std::to_string(like.rows()) +
-                     "x" + std::to_string(like.cols()));
+    throw ShapeError(std::string("xax::nn::") + function + ": the output is " +
+                     xax::detail::shape_string(out.rows(), out.cols()) + " but the input is " +
+                     xax::detail::shape_string(like.rows(), like.cols()));
   }
 }
 
@@ -49,9 +50,9 @@ template <class A, class B>
 void require_same_shape(const A& a, const B& b, const char* function, const char* a_name,
                         const char* b_name) {
   if (a.rows() != b.rows() || a.cols() != b.cols()) {
-    throw ShapeError(std::string("xax::nn::") + function + ": " + a_name + " is " + std::to_string(a.rows()) +
-                     "x" + std::to_string(a.cols()) + " but " + b_name + " is " + std::to_string(b.rows()) +
-                     "x" + std::to_string(b.cols()) + "; they must have the same shape");
+    throw ShapeError(std::string("xax::nn::") + function + ": " + a_name + " is " +
+                     xax::detail::shape_string(a.rows(), a.cols()) + " but " + b_name + " is " +
+                     xax::detail::shape_string(b.rows(), b.cols()) + "; they must have the same shape");
   }
 }
 

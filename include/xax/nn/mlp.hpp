@@ -125,8 +125,9 @@ void check_mlp_inputs(const MlpParams<T>& params, const Input& inputs) {
   }
   if (inputs.rows() != params.layers.front().w.cols()) {
     throw ShapeError("xax::nn::mlp: the first layer takes " + std::to_string(params.layers.front().w.cols()) +
-                     " features but the inputs are " + std::to_string(inputs.rows()) + "x" +
-                     std::to_string(inputs.cols()) + "; pass features x batch, one sample per column");
+                     " features but the inputs are " +
+                     xax::detail::shape_string(inputs.rows(), inputs.cols()) +
+                     "; pass features x batch, one sample per column");
   }
 }
 

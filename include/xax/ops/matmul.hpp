@@ -31,6 +31,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <xax/detail/format.hpp>
 #include <xax/ops/activation.hpp>
 #include <xax/ops/backend/eigen.hpp>
 #include <xax/ops/backend/onednn.hpp>
@@ -103,10 +104,6 @@ std::pair<MatmulOperand, bool> stored_operand(const M& x) {
   } else {
     return {{x.data(), x.rows(), x.cols(), std::max<Eigen::Index>({x.outerStride(), x.rows(), 1})}, false};
   }
-}
-
-inline std::string shape_string(Eigen::Index rows, Eigen::Index cols) {
-  return std::to_string(rows) + "x" + std::to_string(cols);
 }
 
 /// The address range [first, last) a stored matrix spans.

@@ -28,6 +28,7 @@
 #include <type_traits>
 #include <xax/detail/convert.hpp>
 #include <xax/detail/elementwise.hpp>
+#include <xax/detail/format.hpp>
 #include <xax/detail/parallel.hpp>
 #include <xax/detail/scratch.hpp>
 #include <xax/ops/matmul_concepts.hpp>
@@ -141,9 +142,8 @@ void prepare_output(Out& out, Eigen::Index rows, Eigen::Index cols, const char* 
   const bool vector_ok =
       (rows == 1 || cols == 1) && (out.rows() == 1 || out.cols() == 1) && out.size() == rows * cols;
   if (!(out.rows() == rows && out.cols() == cols) && !(Out::IsVectorAtCompileTime && vector_ok)) {
-    throw ShapeError(std::string("xax::") + function + ": " + what + " is " + std::to_string(out.rows()) +
-                     "x" + std::to_string(out.cols()) + " but must be " + std::to_string(rows) + "x" +
-                     std::to_string(cols));
+    throw ShapeError(std::string("xax::") + function + ": " + what + " is " +
+                     shape_string(out.rows(), out.cols()) + " but must be " + shape_string(rows, cols));
   }
 }
 
@@ -215,6 +215,28 @@ inline double* per_column_scratch(std::size_t columns) {
   return scratch.get(columns);
 }
 
+/// The pass softmax and log_softmax share: for every column of `logits` (columns split across threads), its
+/// log-sum-exp in fp32, then the column of `out` (prepared as `function`'s output) from map_column with the
+/// block `make_block(log_sum_exp)` returns.
+template <class Logits, class Out, class MakeBlock>
+void map_columns_after_log_sum_exp(const Logits& logits, Out& out, const char* function,
+                                   const MakeBlock& make_block) {
+  prepare_output(out, logits.rows(), logits.cols(), function, "the output");
+  using T = typename Logits::Scalar;
+  using O = typename Out::Scalar;
+  const auto rows = static_cast<std::size_t>(logits.rows());
+  const T* x = logits.data();
+  O* y = out.data();
+  const Eigen::Index ldx = leading_dimension(logits), ldy = leading_dimension(out);
+  parallel_blocks(static_cast<std::size_t>(logits.cols()), rows * (sizeof(T) + sizeof(O)), 1,
+                  [=, &make_block](std::size_t begin, std::size_t end) noexcept {
+                    for (auto j = static_cast<Eigen::Index>(begin); j < static_cast<Eigen::Index>(end); ++j) {
+                      const T* column = x + j * ldx;
+                      map_column(column, y + j * ldy, rows, make_block(column_log_sum_exp(column, rows)));
+                    }
+                  });
+}
+
 }  // namespace detail
 
 /// softmax of every column, in fp32, rounded once into `out` (resized when it is a plain matrix).
@@ -222,28 +244,12 @@ template <matmul_operand Logits, class Out>
 requires matmul_output<std::remove_reference_t<Out>>
 void softmax(const Logits& logits, Out&& out) {
   static_assert(!Logits::IsRowMajor, "xax::softmax: the logits must be column-major (one sample per column)");
-  detail::prepare_output(out, logits.rows(), logits.cols(), "softmax", "the output");
-  using T = typename Logits::Scalar;
-  using O = typename std::remove_reference_t<Out>::Scalar;
-  const auto rows = static_cast<std::size_t>(logits.rows());
-  const T* x = logits.data();
-  O* y = out.data();
-  const Eigen::Index ldx = detail::leading_dimension(logits), ldy = detail::leading_dimension(out);
-  detail::parallel_blocks(
-      static_cast<std::size_t>(logits.cols()), rows * (sizeof(T) + sizeof(O)), 1,
-      [=](std::size_t begin, std::size_t end) noexcept {
-        for (auto j = static_cast<Eigen::Index>(begin); j < static_cast<Eigen::Index>(end); ++j) {
-          const T* column = x + j * ldx;
-          const detail::LogSumExp lse = detail::column_log_sum_exp(column, rows);
-          const float shift = lse.shift, log_sum = lse.log_sum;
-          detail::map_column(column, y + j * ldy, rows,
-                             [shift, log_sum](const float* in, float* result, std::size_t n) {
-                               const Eigen::Map<const Eigen::ArrayXf> v(in, static_cast<Eigen::Index>(n));
-                               Eigen::Map<Eigen::ArrayXf>(result, static_cast<Eigen::Index>(n)) =
-                                   (v - shift - log_sum).exp();
-                             });
-        }
-      });
+  detail::map_columns_after_log_sum_exp(logits, out, "softmax", [](const detail::LogSumExp& lse) {
+    return [shift = lse.shift, log_sum = lse.log_sum](const float* in, float* result, std::size_t n) {
+      const Eigen::Map<const Eigen::ArrayXf> v(in, static_cast<Eigen::Index>(n));
+      Eigen::Map<Eigen::ArrayXf>(result, static_cast<Eigen::Index>(n)) = (v - shift - log_sum).exp();
+    };
+  });
 }
 
 /// log-softmax of every column (x - logsumexp(x)), in fp32, rounded once into `out`.
@@ -252,26 +258,11 @@ requires matmul_output<std::remove_reference_t<Out>>
 void log_softmax(const Logits& logits, Out&& out) {
   static_assert(!Logits::IsRowMajor,
                 "xax::log_softmax: the logits must be column-major (one sample per column)");
-  detail::prepare_output(out, logits.rows(), logits.cols(), "log_softmax", "the output");
-  using T = typename Logits::Scalar;
-  using O = typename std::remove_reference_t<Out>::Scalar;
-  const auto rows = static_cast<std::size_t>(logits.rows());
-  const T* x = logits.data();
-  O* y = out.data();
-  const Eigen::Index ldx = detail::leading_dimension(logits), ldy = detail::leading_dimension(out);
-  detail::parallel_blocks(static_cast<std::size_t>(logits.cols()), rows * (sizeof(T) + sizeof(O)), 1,
-                          [=](std::size_t begin, std::size_t end) noexcept {
-                            for (auto j = static_cast<Eigen::Index>(begin);
-                                 j < static_cast<Eigen::Index>(end); ++j) {
-                              const T* column = x + j * ldx;
-                              const float offset = detail::column_log_sum_exp(column, rows).value();
-                              detail::map_column(column, y + j * ldy, rows,
-                                                 [offset](const float* in, float* result, std::size_t n) {
-                                                   for (std::size_t i = 0; i < n; ++i)
-                                                     result[i] = in[i] - offset;
-                                                 });
-                            }
-                          });
+  detail::map_columns_after_log_sum_exp(logits, out, "log_softmax", [](const detail::LogSumExp& lse) {
+    return [offset = lse.value()](const float* in, float* result, std::size_t n) {
+      for (std::size_t i = 0; i < n; ++i) result[i] = in[i] - offset;
+    };
+  });
 }
 
 /// log(sum(exp(column))) of every column, in fp32, into a vector with one element per column.

@@ -12,13 +12,12 @@
 
 #include <xax/detail/eigen.hpp>
 
-#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
-#include <xax/detail/convert.hpp>
+#include <xax/optim/detail/elementwise_driver.hpp>
 #include <xax/optim/optimizer.hpp>
 #include <xax/optim/param_groups.hpp>
 #include <xax/utils/dtype.hpp>
@@ -133,36 +132,11 @@ class AdamW {
   /// for; ShapeError naming the leaf otherwise).
   void step(Params& params, const Params& grads) {
     const std::int64_t step = state_.step + 1;
-    // Every tree the update walks is checked before anything is written, the Kahan compensation included.
-    if constexpr (bf16_params<Params>) {
-      if (bf16_.rounding == BF16Update::kahan) {
-        detail::require_matching_trees(params, grads, state_.m, state_.v, state_.compensation);
-      } else {
-        detail::require_matching_trees(params, grads, state_.m, state_.v);
-      }
-    } else {
-      detail::require_matching_trees(params, grads, state_.m, state_.v);
-    }
     if constexpr (master_params<Params>) {
-      std::size_t leaf = 0;
-      for_each_leaf([&]<class L>(L& p, const L& g, L& m,
-                                 L& v) { update_master_leaf(p, g, m, v, detail::no_copy(p), step, leaf); },
-                    params, grads, state_.m, state_.v);
+      driver().update_masters(params, grads, detail::no_tree, chunk_update(step), state_.m, state_.v);
     } else {
-      std::size_t leaf = 0;
-      const auto update = [&]<class L, class M>(L& p, const L& g, M& m, M& v, L* compensation) {
-        if constexpr (floating_leaf<L>) {
-          update_bf16_leaf(p, g, m, v, compensation, step, leaf++);
-        }
-      };
-      if (bf16_.rounding == BF16Update::kahan) {
-        for_each_leaf([&]<class L, class M>(L& p, const L& g, M& m, M& v, L& c) { update(p, g, m, v, &c); },
-                      params, grads, state_.m, state_.v, state_.compensation);
-      } else {
-        for_each_leaf([&]<class L, class M>(L& p, const L& g, M& m,
-                                            M& v) { update(p, g, m, v, static_cast<L*>(nullptr)); },
-                      params, grads, state_.m, state_.v);
-      }
+      driver().update_bf16(params, grads, bf16_, step, state_.compensation, chunk_update(step), state_.m,
+                           state_.v);
     }
     state_.step = step;
   }
@@ -175,13 +149,7 @@ class AdamW {
   template <tree Copy>
   void step(Params& params, const Params& grads, Copy& copy) requires master_params<Params> {
     const std::int64_t step = state_.step + 1;
-    detail::require_matching_trees(params, grads, state_.m, state_.v, copy);
-    std::size_t leaf = 0;
-    for_each_leaf(
-        [&]<class L, class C>(L& p, const L& g, L& m, L& v, C& c) {
-          update_master_leaf(p, g, m, v, detail::copy_target(p, c), step, leaf);
-        },
-        params, grads, state_.m, state_.v, copy);
+    driver().update_masters(params, grads, copy, chunk_update(step), state_.m, state_.v);
     state_.step = step;
   }
 
@@ -211,51 +179,19 @@ class AdamW {
                            o.weight_decay, "a finite value >= 0");
   }
 
-  template <class L, class Copy>
-  // `leaf` numbers the floating leaves, for their parameter-group settings.
-  void update_master_leaf(L& p, const L& g, L& m, L& v, Copy* copy, std::int64_t step,
-                          std::size_t& leaf) const {
-    if constexpr (floating_leaf<L>) {
-      using S = leaf_scalar_t<L>;
-      const auto constants = detail::AdamWConstants<S>::make(options_, step, leaves_[leaf++]);
-      S* param = leaf_span(p).data();
-      const S* grad = leaf_span(g).data();
-      S* first = leaf_span(m).data();
-      S* second = leaf_span(v).data();
-      detail::update_in_blocks(leaf_span(p).size(), 7 * sizeof(S) + detail::copy_bytes<Copy>,
-                               [=](std::size_t begin, std::size_t end) noexcept {
-                                 for (std::size_t i = begin; i < end; i += detail::update_chunk) {
-                                   const std::size_t count = std::min(detail::update_chunk, end - i);
-                                   constants.update(param + i, grad + i, first + i, second + i, param + i,
-                                                    count);
-                                   detail::write_copy(param + i, copy, i, count);
-                                 }
-                               });
-    }
-  }
+  // Per element a master-weight update reads and writes the parameter and both moments and reads the
+  // gradient.
+  [[nodiscard]] detail::ElementwiseDriver driver() const { return {"AdamW", leaves_, 7, 14}; }
 
-  template <class L, class M>
-  void update_bf16_leaf(L& p, const L& g, M& m, M& v, L* compensation_leaf, std::int64_t step,
-                        std::size_t leaf) const {
-    const auto constants = detail::AdamWConstants<float>::make(options_, step, leaves_[leaf]);
-    const detail::BF16Store store{bf16_.rounding, detail::rounding_key(bf16_.seed, step, leaf)};
-    bfloat16* param = leaf_span(p).data();
-    const bfloat16* grad = leaf_span(g).data();
-    float* first = leaf_span(m).data();
-    float* second = leaf_span(v).data();
-    bfloat16* compensation = compensation_leaf != nullptr ? leaf_span(*compensation_leaf).data() : nullptr;
-    detail::update_in_blocks(leaf_span(p).size(), 14, [=](std::size_t begin, std::size_t end) noexcept {
-      alignas(64) float old[detail::update_chunk];
-      alignas(64) float gradient[detail::update_chunk];
-      alignas(64) float updated[detail::update_chunk];
-      for (std::size_t i = begin; i < end; i += detail::update_chunk) {
-        const std::size_t count = std::min(detail::update_chunk, end - i);
-        xax::detail::convert_serial(param + i, old, count);
-        xax::detail::convert_serial(grad + i, gradient, count);
-        constants.update(old, gradient, first + i, second + i, updated, count);
-        store(param + i, compensation != nullptr ? compensation + i : nullptr, old, updated, count, i);
-      }
-    });
+  // The update of one chunk of a leaf at `step`, for the driver.
+  [[nodiscard]] auto chunk_update(std::int64_t step) const {
+    return [this, step]<class A>(std::type_identity<A>, const LeafSettings& leaf, A* m, A* v) {
+      const auto constants = detail::AdamWConstants<A>::make(options_, step, leaf);
+      return [constants, m, v](const A* param, const A* grad, A* updated, std::size_t first,
+                               std::size_t count) noexcept {
+        constants.update(param, grad, m + first, v + first, updated, count);
+      };
+    };
   }
 
   AdamWOptions options_;

@@ -10,14 +10,12 @@
 
 #include <xax/detail/eigen.hpp>
 
-#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <string>
 #include <type_traits>
 #include <vector>
-#include <xax/detail/convert.hpp>
+#include <xax/optim/detail/elementwise_driver.hpp>
 #include <xax/optim/optimizer.hpp>
 #include <xax/optim/param_groups.hpp>
 #include <xax/utils/dtype.hpp>
@@ -131,41 +129,14 @@ class Sgd {
   /// One update of `params` from `grads` (same structure and shapes; ShapeError naming the leaf otherwise).
   void step(Params& params, const Params& grads) {
     const std::int64_t step = state_.step + 1;
-    const bool momentum = options_.momentum != 0;
-    // Every tree the update walks is checked before anything is written, the Kahan compensation included.
-    if constexpr (bf16_params<Params>) {
-      const bool kahan = bf16_.rounding == BF16Update::kahan;
-      if (momentum && kahan) {
-        detail::require_matching_trees(params, grads, state_.momentum_buffer, state_.compensation);
-      } else if (momentum) {
-        detail::require_matching_trees(params, grads, state_.momentum_buffer);
-      } else if (kahan) {
-        detail::require_matching_trees(params, grads, state_.compensation);
+    with_momentum_buffer([&](auto&... momentum_buffer) {
+      if constexpr (master_params<Params>) {
+        driver().update_masters(params, grads, detail::no_tree, chunk_update(step), momentum_buffer...);
       } else {
-        detail::require_matching_trees(params, grads);
+        driver().update_bf16(params, grads, bf16_, step, state_.compensation, chunk_update(step),
+                             momentum_buffer...);
       }
-    } else if (momentum) {
-      detail::require_matching_trees(params, grads, state_.momentum_buffer);
-    } else {
-      detail::require_matching_trees(params, grads);
-    }
-    require_leaf_count(params);
-    if constexpr (master_params<Params>) {
-      std::size_t leaf = 0;
-      if (momentum) {
-        for_each_leaf([&]<class L>(L& p, const L& g,
-                                   L& b) { update_master_leaf(p, g, &b, detail::no_copy(p), step, leaf); },
-                      params, grads, state_.momentum_buffer);
-      } else {
-        for_each_leaf(
-            [&]<class L>(L& p, const L& g) {
-              update_master_leaf(p, g, static_cast<L*>(nullptr), detail::no_copy(p), step, leaf);
-            },
-            params, grads);
-      }
-    } else {
-      update_bf16(params, grads, step, momentum);
-    }
+    });
     state_.step = step;
   }
 
@@ -174,23 +145,9 @@ class Sgd {
   template <tree Copy>
   void step(Params& params, const Params& grads, Copy& copy) requires master_params<Params> {
     const std::int64_t step = state_.step + 1;
-    std::size_t leaf = 0;
-    if (options_.momentum != 0) {
-      detail::require_matching_trees(params, grads, state_.momentum_buffer, copy);
-      for_each_leaf(
-          [&]<class L, class C>(L& p, const L& g, L& b, C& c) {
-            update_master_leaf(p, g, &b, detail::copy_target(p, c), step, leaf);
-          },
-          params, grads, state_.momentum_buffer, copy);
-    } else {
-      detail::require_matching_trees(params, grads, copy);
-      require_leaf_count(params);
-      for_each_leaf(
-          [&]<class L, class C>(L& p, const L& g, C& c) {
-            update_master_leaf(p, g, static_cast<L*>(nullptr), detail::copy_target(p, c), step, leaf);
-          },
-          params, grads, copy);
-    }
+    with_momentum_buffer([&](auto&... momentum_buffer) {
+      driver().update_masters(params, grads, copy, chunk_update(step), momentum_buffer...);
+    });
     state_.step = step;
   }
 
@@ -220,91 +177,30 @@ class Sgd {
                            o.momentum, "a value > 0: Nesterov momentum needs momentum");
   }
 
-  // The constants of floating leaf number `leaf`, with its parameter-group settings.
-  template <class S>
-  detail::SgdConstants<S> constants(std::int64_t step, std::size_t leaf) const {
-    const LeafSettings& settings = leaves_[leaf];
-    return {static_cast<S>(options_.learning_rate * settings.learning_rate_scale),
-            static_cast<S>(options_.momentum), static_cast<S>(settings.weight_decay), options_.nesterov,
-            step == 1};
-  }
+  // Per element an update reads and writes the parameter and the momentum buffer and reads the gradient.
+  [[nodiscard]] detail::ElementwiseDriver driver() const { return {"Sgd", leaves_, 5, 12}; }
 
-  // Without momentum no state tree pins the structure, so the group settings are checked to fit the params.
-  void require_leaf_count(const Params& params) const {
-    std::size_t count = 0;
-    for_each_leaf([&]<class L>(const L&) { count += floating_leaf<L> ? 1 : 0; }, params);
-    if (count != leaves_.size()) {
-      throw ShapeError("xax::optim::Sgd: the params have " + std::to_string(count) +
-                       " floating leaves; the optimizer was built for " + std::to_string(leaves_.size()));
-    }
-  }
-
-  template <class L, class Copy>
-  void update_master_leaf(L& p, const L& g, L* b, Copy* copy, std::int64_t step, std::size_t& leaf) const {
-    if constexpr (floating_leaf<L>) {
-      using S = leaf_scalar_t<L>;
-      const auto c = constants<S>(step, leaf++);
-      S* param = leaf_span(p).data();
-      const S* grad = leaf_span(g).data();
-      S* buffer = b != nullptr ? leaf_span(*b).data() : nullptr;
-      detail::update_in_blocks(leaf_span(p).size(), 5 * sizeof(S) + detail::copy_bytes<Copy>,
-                               [=](std::size_t begin, std::size_t end) noexcept {
-                                 for (std::size_t i = begin; i < end; i += detail::update_chunk) {
-                                   const std::size_t count = std::min(detail::update_chunk, end - i);
-                                   c.update(param + i, grad + i, buffer != nullptr ? buffer + i : nullptr,
-                                            param + i, count);
-                                   detail::write_copy(param + i, copy, i, count);
-                                 }
-                               });
-    }
-  }
-
-  void update_bf16(Params& params, const Params& grads, std::int64_t step, bool momentum) {
-    std::size_t leaf = 0;
-    const auto update = [&]<class L, class M>(L& p, const L& g, M* b, L* compensation_leaf) {
-      if constexpr (floating_leaf<L>) {
-        const auto c = constants<float>(step, leaf);
-        const detail::BF16Store store{bf16_.rounding, detail::rounding_key(bf16_.seed, step, leaf++)};
-        bfloat16* param = leaf_span(p).data();
-        const bfloat16* grad = leaf_span(g).data();
-        float* buffer = b != nullptr ? leaf_span(*b).data() : nullptr;
-        bfloat16* compensation =
-            compensation_leaf != nullptr ? leaf_span(*compensation_leaf).data() : nullptr;
-        detail::update_in_blocks(leaf_span(p).size(), 12, [=](std::size_t begin, std::size_t end) noexcept {
-          alignas(64) float old[detail::update_chunk];
-          alignas(64) float gradient[detail::update_chunk];
-          alignas(64) float updated[detail::update_chunk];
-          for (std::size_t i = begin; i < end; i += detail::update_chunk) {
-            const std::size_t count = std::min(detail::update_chunk, end - i);
-            xax::detail::convert_serial(param + i, old, count);
-            xax::detail::convert_serial(grad + i, gradient, count);
-            c.update(old, gradient, buffer != nullptr ? buffer + i : nullptr, updated, count);
-            store(param + i, compensation != nullptr ? compensation + i : nullptr, old, updated, count, i);
-          }
-        });
-      }
-    };
-    const bool kahan = bf16_.rounding == BF16Update::kahan;
-    if (momentum && kahan) {
-      for_each_leaf([&]<class L, class M>(L& p, const L& g, M& b, L& c) { update(p, g, &b, &c); }, params,
-                    grads, state_.momentum_buffer, state_.compensation);
-    } else if (momentum) {
-      for_each_leaf(
-          [&]<class L, class M>(L& p, const L& g, M& b) { update(p, g, &b, static_cast<L*>(nullptr)); },
-          params, grads, state_.momentum_buffer);
-    } else if (kahan) {
-      for_each_leaf(
-          [&]<class L>(L& p, const L& g, L& c) {
-            update(p, g, static_cast<rebind_scalar_t<L, float>*>(nullptr), &c);
-          },
-          params, grads, state_.compensation);
+  // Calls `f(state_.momentum_buffer)`, or `f()` without momentum, which needs no buffer.
+  template <class F>
+  void with_momentum_buffer(F&& f) {
+    if (options_.momentum != 0) {
+      f(state_.momentum_buffer);
     } else {
-      for_each_leaf(
-          [&]<class L>(L& p, const L& g) {
-            update(p, g, static_cast<rebind_scalar_t<L, float>*>(nullptr), static_cast<L*>(nullptr));
-          },
-          params, grads);
+      f();
     }
+  }
+
+  // The update of one chunk of a leaf at `step`, for the driver; `buffer` is null without momentum.
+  [[nodiscard]] auto chunk_update(std::int64_t step) const {
+    return [this, step]<class A>(std::type_identity<A>, const LeafSettings& leaf, A* buffer = nullptr) {
+      const detail::SgdConstants<A> constants{
+          static_cast<A>(options_.learning_rate * leaf.learning_rate_scale),
+          static_cast<A>(options_.momentum), static_cast<A>(leaf.weight_decay), options_.nesterov, step == 1};
+      return [constants, buffer](const A* param, const A* grad, A* updated, std::size_t first,
+                                 std::size_t count) noexcept {
+        constants.update(param, grad, buffer != nullptr ? buffer + first : nullptr, updated, count);
+      };
+    };
   }
 
   SgdOptions options_;

@@ -34,6 +34,7 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+#include <xax/detail/format.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
 #include <xax/utils/tree.hpp>
@@ -134,18 +135,6 @@ inline std::size_t element_size(std::uint8_t code) {
     }
   }
   return 0;
-}
-
-/// A shape as shape_string writes it ("4x8", "scalar").
-template <class Dims>
-std::string dims_text(const Dims& dims) {
-  if (std::size(dims) == 0) return "scalar";
-  std::string out;
-  for (const auto d : dims) {
-    if (!out.empty()) out += 'x';
-    out += std::to_string(d);
-  }
-  return out;
 }
 
 }  // namespace detail
@@ -373,8 +362,8 @@ class CheckpointReader {
     }
     const auto live = detail::leaf_shape(leaf);
     const auto mismatch = [&](const char* why) {
-      return error("entry '" + name + "' has shape " + detail::dims_text(entry.dims) +
-                   " but the live leaf has " + detail::dims_text(live) + why);
+      return error("entry '" + name + "' has shape " + detail::shape_string(entry.dims) +
+                   " but the live leaf has " + detail::shape_string(live) + why);
     };
     if (entry.dims.size() != live.size()) throw mismatch(" (another rank)");
     for (std::size_t i = 0; i < live.size(); ++i) {
@@ -525,14 +514,14 @@ class CheckpointReader {
       if (d == 0) {
         empty = true;
       } else if (nonzero_product > std::numeric_limits<std::int64_t>::max() / d) {
-        throw error(what + " has shape " + detail::dims_text(entry.dims) +
+        throw error(what + " has shape " + detail::shape_string(entry.dims) +
                     ", whose element count overflows a 64-bit integer");
       }
       if (d != 0) nonzero_product *= d;
     }
     const auto elements = static_cast<std::uint64_t>(empty ? 0 : nonzero_product);
     if (elements > size / element_bytes || elements * element_bytes != size) {
-      throw error(what + " has shape " + detail::dims_text(entry.dims) + " of " +
+      throw error(what + " has shape " + detail::shape_string(entry.dims) + " of " +
                   detail::element_name(entry.element) + ", which takes " +
                   (elements > std::numeric_limits<std::uint64_t>::max() / element_bytes
                        ? std::string("more than 2^64")

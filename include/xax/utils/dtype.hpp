@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <type_traits>
 #include <xax/utils/error.hpp>
 #include <xax/utils/platform.hpp>
@@ -63,30 +64,11 @@ inline constexpr DType dtype_of = std::same_as<T, float16>    ? DType::float16
                                   : std::same_as<T, float>    ? DType::float32
                                                               : DType::float64;
 
-namespace detail {
+/// The scalar type of a DType, e.g. `scalar_of<DType::float32>` is `float`: the DType's position in the
+/// enum picks from the scalars in the same order.
 template <DType D>
-struct scalar_of_impl;
-template <>
-struct scalar_of_impl<DType::float16> {
-  using type = float16;
-};
-template <>
-struct scalar_of_impl<DType::bfloat16> {
-  using type = bfloat16;
-};
-template <>
-struct scalar_of_impl<DType::float32> {
-  using type = float;
-};
-template <>
-struct scalar_of_impl<DType::float64> {
-  using type = double;
-};
-}  // namespace detail
-
-/// The scalar type of a DType, e.g. `scalar_of<DType::float32>` is `float`.
-template <DType D>
-using scalar_of = typename detail::scalar_of_impl<D>::type;
+using scalar_of =
+    std::tuple_element_t<static_cast<std::size_t>(D), std::tuple<float16, bfloat16, float, double>>;
 
 /// All dtypes, in enum order.
 inline constexpr std::array<DType, 4> all_dtypes{DType::float16, DType::bfloat16, DType::float32,

@@ -221,6 +221,45 @@ inline float reciprocal(float scale, std::int64_t micro_batches) {
   return static_cast<float>(1.0 / (static_cast<double>(scale) * static_cast<double>(micro_batches)));
 }
 
+/// Throws ConfigError naming `scale` of `where` unless it is finite and within options' [min_scale,
+/// max_scale]: the scales a DynamicLossScale with these options can hold.
+inline void require_scale_within(std::string_view where, float scale,
+                                 const DynamicLossScaleOptions& options) {
+  if (!is_finite_bits(scale) || !(scale >= options.min_scale && scale <= options.max_scale)) {
+    reject(where, "scale", shortest_text(scale),
+           "finite and within [min_scale, max_scale] = [" + shortest_text(options.min_scale) + ", " +
+               shortest_text(options.max_scale) + "]");
+  }
+}
+
+/// The scale() and unscale() of a loss scale that multiplies by Derived's loss_scale() and inverse_scale()
+/// (a CRTP base of StaticLossScale and DynamicLossScale).
+template <class Derived>
+class MultiplyingLossScale {
+ public:
+  /// `x` (a scalar such as the loss, or a tree) with every floating element multiplied by the scale.
+  template <class T>
+  [[nodiscard]] std::remove_cvref_t<T> scale(const T& x) const {
+    return scaled_copy(x, derived().loss_scale());
+  }
+  /// `tree` with every floating element multiplied by inverse_scale().
+  template <class T>
+  [[nodiscard]] std::remove_cvref_t<T> unscale(const T& tree) const {
+    return scaled_copy(tree, derived().inverse_scale());
+  }
+
+  friend bool operator==(const MultiplyingLossScale&, const MultiplyingLossScale&) = default;
+
+ protected:
+  MultiplyingLossScale() = default;
+  MultiplyingLossScale(const MultiplyingLossScale&) = default;
+  MultiplyingLossScale& operator=(const MultiplyingLossScale&) = default;
+  ~MultiplyingLossScale() = default;
+
+ private:
+  [[nodiscard]] const Derived& derived() const { return static_cast<const Derived&>(*this); }
+};
+
 }  // namespace detail
 
 /// No loss scaling: a scale of 1. scale() and unscale() return their input unchanged.
@@ -255,7 +294,7 @@ class NoOpLossScale {
 };
 
 /// A fixed loss scale.
-class StaticLossScale {
+class StaticLossScale : public detail::MultiplyingLossScale<StaticLossScale> {
  public:
   /// The loss_scaling config value that selects this kind.
   static constexpr std::string_view kind = "static";
@@ -284,16 +323,6 @@ class StaticLossScale {
     scale_ = scale;
   }
 
-  /// `x` (a scalar such as the loss, or a tree) with every floating element multiplied by the scale.
-  template <class T>
-  [[nodiscard]] std::remove_cvref_t<T> scale(const T& x) const {
-    return detail::scaled_copy(x, scale_);
-  }
-  /// `tree` with every floating element multiplied by inverse_scale().
-  template <class T>
-  [[nodiscard]] std::remove_cvref_t<T> unscale(const T& tree) const {
-    return detail::scaled_copy(tree, inverse_scale());
-  }
   /// Does nothing: the scale is fixed.
   void adjust(bool /*grads_finite*/) {}
 
@@ -311,7 +340,7 @@ class StaticLossScale {
 /// backoff_factor). With hysteresis h > 1 the first h - 1 overflows since the last growth interval completed
 /// (or since the start) are absorbed without backing off; the tracker refills only when a growth interval
 /// completes (Megatron's rule; Apex refills on every finite step).
-class DynamicLossScale {
+class DynamicLossScale : public detail::MultiplyingLossScale<DynamicLossScale> {
  public:
   /// The loss_scaling config value that selects this kind.
   static constexpr std::string_view kind = "dynamic";
@@ -330,13 +359,7 @@ class DynamicLossScale {
     DynamicLossScale restored(state.options);
     constexpr std::string_view where = "DynamicLossScaleState:";
     const DynamicLossScaleOptions& options = restored.options_;
-    if (!detail::is_finite_bits(state.scale) ||
-        !(state.scale >= options.min_scale && state.scale <= options.max_scale)) {
-      detail::reject(where, "scale", detail::shortest_text(state.scale),
-                     "finite and within [min_scale, max_scale] = [" +
-                         detail::shortest_text(options.min_scale) + ", " +
-                         detail::shortest_text(options.max_scale) + "]");
-    }
+    detail::require_scale_within(where, state.scale, options);
     if (state.counter < 0 || state.counter >= options.growth_interval) {
       detail::reject(
           where, "counter", std::to_string(state.counter),
@@ -373,26 +396,10 @@ class DynamicLossScale {
   /// (PyTorch keeps its growth tracker instead). The options, initial_scale included, do not change. Throws
   /// ConfigError, leaving everything unchanged, unless `scale` is finite and within [min_scale, max_scale].
   void set_loss_scale(float scale) {
-    if (!detail::is_finite_bits(scale) || !(scale >= options_.min_scale && scale <= options_.max_scale)) {
-      detail::reject("DynamicLossScale::set_loss_scale:", "scale", detail::shortest_text(scale),
-                     "finite and within [min_scale, max_scale] = [" +
-                         detail::shortest_text(options_.min_scale) + ", " +
-                         detail::shortest_text(options_.max_scale) + "]");
-    }
+    detail::require_scale_within("DynamicLossScale::set_loss_scale:", scale, options_);
     scale_ = scale;
     counter_ = 0;
     hysteresis_left_ = options_.hysteresis;
-  }
-
-  /// `x` (a scalar such as the loss, or a tree) with every floating element multiplied by the scale.
-  template <class T>
-  [[nodiscard]] std::remove_cvref_t<T> scale(const T& x) const {
-    return detail::scaled_copy(x, scale_);
-  }
-  /// `tree` with every floating element multiplied by inverse_scale().
-  template <class T>
-  [[nodiscard]] std::remove_cvref_t<T> unscale(const T& tree) const {
-    return detail::scaled_copy(tree, inverse_scale());
   }
 
   /// Updates the scale after a step whose gradients were (or were not) all finite.

@@ -32,6 +32,7 @@
 #include <utility>
 #include <vector>
 #include <xax/detail/convert.hpp>
+#include <xax/detail/format.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
 
@@ -317,20 +318,6 @@ auto leaf_shape(const L& leaf) {
     return dims;
   } else {
     return std::array<Eigen::Index, 0>{};
-  }
-}
-
-template <std::size_t N>
-std::string shape_string(const std::array<Eigen::Index, N>& shape) {
-  if constexpr (N == 0) {
-    return "scalar";
-  } else {
-    std::string out;
-    for (std::size_t i = 0; i < N; ++i) {
-      if (i != 0) out += 'x';
-      out += std::to_string(shape[i]);
-    }
-    return out;
   }
 }
 

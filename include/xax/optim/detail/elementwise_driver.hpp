@@ -1,0 +1,196 @@
+#pragma once
+// The walk that xax's element-wise optimizers (AdamW, Sgd) share, written once: checking the trees before
+// anything is written, numbering the floating leaves for their parameter-group settings, splitting each leaf
+// across threads in L1-sized chunks, rounding the updated chunk into a compute copy while it is still in L1
+// (master weights), and widening bf16 params and storing the update back with BF16Store (pure-bf16 training).
+// An optimizer supplies only its arithmetic on one chunk.
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <xax/detail/convert.hpp>
+#include <xax/detail/parallel.hpp>
+#include <xax/optim/optimizer.hpp>
+#include <xax/optim/param_groups.hpp>
+#include <xax/utils/dtype.hpp>
+#include <xax/utils/error.hpp>
+#include <xax/utils/tree.hpp>
+
+namespace xax::optim::detail {
+
+/// Stands for "no tree" where a walk takes an optional extra tree (the copy of a master-weight step, the
+/// compensation of a bf16 step that does not use Kahan summation).
+struct NoTree {};
+inline constexpr NoTree no_tree{};
+
+/// Calls `f(param_leaf, grad_leaf, extra_leaf_pointer, state_leaves...)` on matching leaves of trees already
+/// checked to match; the extra pointer is a null `void*` when `extra` is no_tree.
+template <class F, class Params, class Extra, class... States>
+void zip_update_leaves(F&& f, Params& params, const Params& grads, Extra& extra, States&... states) {
+  if constexpr (std::is_same_v<std::remove_const_t<Extra>, NoTree>) {
+    for_each_leaf([&]<class L, class... S>(L& p, const L& g,
+                                           S&... state) { f(p, g, static_cast<void*>(nullptr), state...); },
+                  params, grads, states...);
+  } else {
+    for_each_leaf(
+        [&]<class L, class E, class... S>(L& p, const L& g, E& e, S&... state) { f(p, g, &e, state...); },
+        params, grads, extra, states...);
+  }
+}
+
+/// Drives an element-wise optimizer over one step.
+///
+/// The optimizer's arithmetic comes as `make_update(std::type_identity<A>{}, settings, state...)`, called
+/// once per floating leaf with the leaf's parameter-group settings and a pointer to element 0 of the matching
+/// leaf of each state tree. It returns the update of one chunk, `update(param, grad, updated, first, count)`,
+/// which reads param[0, count) and grad[0, count), writes updated[0, count) (possibly param itself) and
+/// updates elements [first, first + count) of its state arrays. A is the leaf's scalar for master weights and
+/// float for bf16 params (whose state is fp32).
+struct ElementwiseDriver {
+  /// The optimizer's class name, for errors ("AdamW").
+  const char* optimizer;
+  /// The settings of each floating leaf in for_each_leaf order (the optimizer's ParamGroups, resolved).
+  std::span<const LeafSettings> leaves;
+  /// Memory traffic per element, which decides how many threads share a leaf: in master scalars (a compute
+  /// copy adds its own element size) and in bytes for a bf16 update.
+  std::size_t master_scalars_per_element;
+  std::size_t bf16_bytes_per_element;
+
+  /// One step over master weights (float or double leaves), updated in place. `copy` is no_tree or a tree of
+  /// the params' structure and shapes in another floating type that receives the updated params rounded to
+  /// nearest (a train step's compute copy); its non-floating leaves are left alone. Throws ShapeError, with
+  /// nothing written, unless params, grads, the state trees and the copy match.
+  template <class Params, class Copy, class MakeUpdate, class... States>
+  void update_masters(Params& params, const Params& grads, Copy& copy, MakeUpdate&& make_update,
+                      States&... states) const {
+    require_fit(params, grads, copy, states...);
+    std::size_t leaf = 0;
+    zip_update_leaves(
+        [&]<class L, class C, class... S>(L& p, const L& g, C* copy_leaf, S&... state) {
+          if constexpr (floating_leaf<L>) {
+            using A = leaf_scalar_t<L>;
+            auto* const target = copy_pointer(p, copy_leaf);
+            using Target = std::remove_pointer_t<decltype(target)>;
+            const auto update =
+                make_update(std::type_identity<A>{}, leaves[leaf++], leaf_span(state).data()...);
+            A* const param = leaf_span(p).data();
+            const A* const grad = leaf_span(g).data();
+            parallel_chunks(leaf_span(p).size(),
+                            master_scalars_per_element * sizeof(A) + copy_bytes<Target>(),
+                            [=](std::size_t first, std::size_t count) noexcept {
+                              update(param + first, grad + first, param + first, first, count);
+                              if constexpr (!std::is_void_v<Target>) {
+                                // The chunk was just written and is still in L1.
+                                xax::detail::convert_serial(param + first, target + first, count);
+                              }
+                            });
+          }
+        },
+        params, grads, copy, states...);
+  }
+
+  /// One step over bfloat16 params without masters: each chunk is widened to fp32, updated in fp32 and stored
+  /// back with `rounding` (BF16Store); Kahan summation reads and writes `compensation`, a tree shaped like
+  /// the params, which no other rounding touches. Throws ShapeError, with nothing written, unless the trees
+  /// it uses match.
+  template <class Params, class MakeUpdate, class... States>
+  void update_bf16(Params& params, const Params& grads, const BF16UpdateOptions& rounding, std::int64_t step,
+                   Params& compensation, MakeUpdate&& make_update, States&... states) const {
+    if (rounding.rounding == BF16Update::kahan) {
+      update_bf16_with(params, grads, rounding, step, compensation, make_update, states...);
+    } else {
+      update_bf16_with(params, grads, rounding, step, no_tree, make_update, states...);
+    }
+  }
+
+ private:
+  /// Memory traffic per element of writing the copy (zero without one).
+  template <class Target>
+  static constexpr std::size_t copy_bytes() {
+    if constexpr (std::is_void_v<Target>) {
+      return 0;
+    } else {
+      return sizeof(Target);
+    }
+  }
+
+  /// Where a master-weight step writes the rounded copy of floating leaf `p`: element 0 of the copy's leaf,
+  /// or a null `void*` without a copy or where the copy's leaf is not floating.
+  template <class L, class C>
+  static auto* copy_pointer(const L&, C* copy_leaf) noexcept {
+    if constexpr (!std::is_void_v<C> && floating_leaf<C>) {
+      return leaf_span(*copy_leaf).data();
+    } else {
+      return static_cast<void*>(nullptr);
+    }
+  }
+
+  /// Calls `f(first, count)` on consecutive chunks of at most update_chunk elements covering [0, n), the
+  /// chunks split across xax's threads when n elements of `bytes_per_element` traffic are worth it.
+  template <class F>
+  static void parallel_chunks(std::size_t n, std::size_t bytes_per_element, const F& f) {
+    xax::detail::parallel_blocks(n, bytes_per_element, 16, [&f](std::size_t begin, std::size_t end) noexcept {
+      for (std::size_t i = begin; i < end; i += update_chunk) f(i, std::min(update_chunk, end - i));
+    });
+  }
+
+  /// Throws ShapeError unless params, grads, the state trees and the extra tree match in structure and leaf
+  /// shapes (zipped in that order, as the optimizers always have, so the error names the same tree), and the
+  /// params have one floating leaf per settings entry: the settings are indexed by leaf
+  /// number, and an optimizer without state trees has nothing else pinning the params' structure.
+  template <class Params, class Extra, class... States>
+  void require_fit(const Params& params, const Params& grads, const Extra& extra,
+                   const States&... states) const {
+    if constexpr (std::is_same_v<Extra, NoTree>) {
+      for_each_leaf([](const auto&...) {}, params, grads, states...);
+    } else {
+      for_each_leaf([](const auto&...) {}, params, grads, states..., extra);
+    }
+    std::size_t count = 0;
+    for_each_leaf([&]<class L>(const L&) { count += floating_leaf<L> ? 1 : 0; }, params);
+    if (count != leaves.size()) {
+      throw ShapeError(std::string("xax::optim::") + optimizer + ": the params have " +
+                       std::to_string(count) + " floating leaves; the optimizer was built for " +
+                       std::to_string(leaves.size()));
+    }
+  }
+
+  template <class Params, class Compensation, class MakeUpdate, class... States>
+  void update_bf16_with(Params& params, const Params& grads, const BF16UpdateOptions& rounding,
+                        std::int64_t step, Compensation& compensation, MakeUpdate& make_update,
+                        States&... states) const {
+    require_fit(params, grads, compensation, states...);
+    std::size_t leaf = 0;
+    zip_update_leaves(
+        [&]<class L, class C, class... S>(L& p, const L& g, C* compensation_leaf, S&... state) {
+          if constexpr (floating_leaf<L>) {
+            const std::size_t number = leaf++;
+            const auto update =
+                make_update(std::type_identity<float>{}, leaves[number], leaf_span(state).data()...);
+            const BF16Store store{rounding.rounding, rounding_key(rounding.seed, step, number)};
+            bfloat16* const param = leaf_span(p).data();
+            const bfloat16* const grad = leaf_span(g).data();
+            bfloat16* compensation_data = nullptr;
+            if constexpr (!std::is_void_v<C>) compensation_data = leaf_span(*compensation_leaf).data();
+            parallel_chunks(leaf_span(p).size(), bf16_bytes_per_element,
+                            [=](std::size_t first, std::size_t count) noexcept {
+                              alignas(64) float old[update_chunk];
+                              alignas(64) float gradient[update_chunk];
+                              alignas(64) float updated[update_chunk];
+                              xax::detail::convert_serial(param + first, old, count);
+                              xax::detail::convert_serial(grad + first, gradient, count);
+                              update(old, gradient, updated, first, count);
+                              store(param + first,
+                                    compensation_data != nullptr ? compensation_data + first : nullptr, old,
+                                    updated, count, first);
+                            });
+          }
+        },
+        params, grads, compensation, states...);
+  }
+};
+
+}  // namespace xax::optim::detail
