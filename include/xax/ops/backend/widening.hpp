@@ -5,7 +5,7 @@
 //
 // Why panels. Widening whole operands needs fp32 copies of them, which made the float16 policy use *more*
 // memory than fp32 in an activation-heavy configuration (issue 12: fp32 / f16 peak RSS growth 0.69): the
-// activations are the operands. Here the scratch is bounded by PanelLimits (8 MiB per thread by default)
+// activations are the operands. Here the scratch is bounded by PanelLimits (4 MiB per thread by default)
 // whatever the shape, and reused from call to call.
 //
 // Why that costs nothing measurable. The panels are large (up to 1024 deep and a few hundred wide), so each
@@ -31,12 +31,13 @@
 namespace xax::detail::widening {
 
 /// Upper bounds on the widened panels, in float elements. The defaults keep the scratch at most
-/// (1 Mi + 2 x 512 Ki) floats = 8 MiB per thread.
+/// (512 Ki + 2 x 256 Ki) floats = 4 MiB per thread. Half or twice these sizes gave the same MLP train step
+/// time within noise (Zen 4 capped at AVX512_CORE, 2026-12-01).
 struct PanelLimits {
-  Eigen::Index depth = 1024;                        ///< k of one panel
-  Eigen::Index a_elements = Eigen::Index{1} << 20;  ///< an op(A) panel, mc x kc
-  Eigen::Index b_elements = Eigen::Index{1} << 19;  ///< an op(B) panel, kc x nc
-  Eigen::Index c_elements = Eigen::Index{1} << 19;  ///< an fp32 block of a half output, mc x nc
+  Eigen::Index depth = 512;                         ///< k of one panel
+  Eigen::Index a_elements = Eigen::Index{1} << 19;  ///< an op(A) panel, mc x kc
+  Eigen::Index b_elements = Eigen::Index{1} << 18;  ///< an op(B) panel, kc x nc
+  Eigen::Index c_elements = Eigen::Index{1} << 18;  ///< an fp32 block of a half output, mc x nc
 };
 
 /// The panel sizes for one problem.
@@ -44,13 +45,22 @@ struct Panels {
   Eigen::Index mc = 1, nc = 1, kc = 1;
 };
 
+/// `extent` split into the fewest pieces of at most `limit`, all of (nearly) the same size: a remainder panel
+/// much thinner than the others would run the fp32 GEMM at a fraction of its speed.
+inline Eigen::Index even_split(Eigen::Index extent, Eigen::Index limit) {
+  extent = std::max<Eigen::Index>(extent, 1);
+  limit = std::max<Eigen::Index>(limit, 1);
+  const Eigen::Index pieces = (extent + limit - 1) / limit;
+  return (extent + pieces - 1) / pieces;
+}
+
 inline Panels choose_panels(const MatmulProblem& p, const PanelLimits& limits) {
   Panels panels;
-  panels.kc = std::clamp<Eigen::Index>(std::min(p.k, limits.depth), 1, std::max<Eigen::Index>(p.k, 1));
-  panels.mc = std::clamp<Eigen::Index>(limits.a_elements / panels.kc, 1, std::max<Eigen::Index>(p.m, 1));
-  panels.nc = std::clamp<Eigen::Index>(limits.b_elements / panels.kc, 1, std::max<Eigen::Index>(p.n, 1));
+  panels.kc = even_split(p.k, limits.depth);
+  panels.mc = even_split(p.m, limits.a_elements / panels.kc);
+  panels.nc = even_split(p.n, limits.b_elements / panels.kc);
   if (p.output != DType::float32 && panels.mc * panels.nc > limits.c_elements) {
-    panels.nc = std::max<Eigen::Index>(1, limits.c_elements / panels.mc);
+    panels.nc = even_split(p.n, limits.c_elements / panels.mc);
   }
   return panels;
 }
