@@ -5,7 +5,7 @@
 //
 // Why panels. Widening whole operands needs fp32 copies of them, which made the float16 policy use *more*
 // memory than fp32 in an activation-heavy configuration (issue 12: fp32 / f16 peak RSS growth 0.69): the
-// activations are the operands. Here the scratch is bounded by PanelLimits (4 MiB per thread by default)
+// activations are the operands. Here the scratch is bounded by PanelLimits (10 MiB per thread by default)
 // whatever the shape, and reused from call to call.
 //
 // Why that costs nothing measurable. The panels are large (up to 1024 deep and a few hundred wide), so each
@@ -30,14 +30,16 @@
 
 namespace xax::detail::widening {
 
-/// Upper bounds on the widened panels, in float elements. The defaults keep the scratch at most
-/// (512 Ki + 2 x 256 Ki) floats = 4 MiB per thread. Half or twice these sizes gave the same MLP train step
-/// time within noise (Zen 4 capped at AVX512_CORE, 2026-12-01).
+/// Upper bounds on the widened panels, in float elements: at most (1 Mi + 1 Mi + 512 Ki) floats = 10 MiB per
+/// thread. Not smaller: on two threads oneDNN's fp32 kernel scales worse on thin panels (1024x1024x512 runs
+/// at 1.67x its one-thread speed, 1024^3 at 2x), and a 1024^3 product in 4 panels took 13 ms against 10 ms
+/// whole (Zen 4, AVX512_CORE cap, 2026-12-01). These limits keep the products of an MLP train step in one
+/// panel.
 struct PanelLimits {
-  Eigen::Index depth = 512;                         ///< k of one panel
-  Eigen::Index a_elements = Eigen::Index{1} << 19;  ///< an op(A) panel, mc x kc
-  Eigen::Index b_elements = Eigen::Index{1} << 18;  ///< an op(B) panel, kc x nc
-  Eigen::Index c_elements = Eigen::Index{1} << 18;  ///< an fp32 block of a half output, mc x nc
+  Eigen::Index depth = 1024;                        ///< k of one panel
+  Eigen::Index a_elements = Eigen::Index{1} << 20;  ///< an op(A) panel, mc x kc
+  Eigen::Index b_elements = Eigen::Index{1} << 20;  ///< an op(B) panel, kc x nc
+  Eigen::Index c_elements = Eigen::Index{1} << 19;  ///< an fp32 block of a half output, mc x nc
 };
 
 /// The panel sizes for one problem.
