@@ -18,6 +18,7 @@
 #include <string>
 #include <system_error>
 #include <vector>
+#include <xax/ops/matmul.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
 #include <xax/utils/platform.hpp>
@@ -309,6 +310,11 @@ int run(int argc, char** argv) {
   say << "mixed_precision_benchmark (xax " << report.xax_version << ")\n  CPU: " << report.cpu_features
       << "\n  half type: " << report.half_dtype << "; matmul backend: " << report.matmul_backend
       << "; threads: " << options.threads << "\n";
+  // Where 16-bit products are only widened to fp32, mixed precision cannot be faster than fp32; say so up
+  // front.
+  const xax::HalfMatmulSupport half_support = xax::half_matmul_support(xax::half_dtype());
+  say << "  half matmul: " << half_support.explanation << "\n";
+  if (!half_support.native) report.notes.push_back(half_support.explanation);
 
   if (!options.skip_training) {
     const xax_bench::LoadedData data = xax_bench::load_data(options);

@@ -27,14 +27,18 @@
 
 #include <concepts>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 #include <xax/nn/mlp.hpp>
 #include <xax/ops/matmul.hpp>
 #include <xax/task/train_step.hpp>
 #include <xax/utils/dtype.hpp>
+#include <xax/utils/error.hpp>
 #include <xax/utils/policy.hpp>
 
 namespace {
@@ -99,8 +103,13 @@ void run_train_step(benchmark::State& state, int threads, LossScaleT loss_scale)
   }
   state.counters["loss"] = result.loss;
   state.counters["skipped"] = static_cast<double>(trainer.skipped_steps());
-  state.SetLabel(std::string(xax::dtype_name(xax::dtype_of<typename Trainer::compute>)) + " compute, " +
-                 implementation);
+  using Compute = typename Trainer::compute;
+  std::string note;
+  if constexpr (!std::is_same_v<Compute, float>) {
+    if (!xax::half_matmul_support(xax::dtype_of<Compute>).native)
+      note = " [no native half dot product: saves memory, not time]";
+  }
+  state.SetLabel(std::string(xax::dtype_name(xax::dtype_of<Compute>)) + " compute, " + implementation + note);
 }
 
 template <class Policy, bool WritesFloatGrads = true, class LossScaleT>
@@ -124,9 +133,20 @@ void register_mixed(LossScaleT loss_scale) {
   register_train_step<Mixed, false>("mixed_cast_grads", loss_scale);
 }
 
+// The half type is read while benchmarks register, before main: a bad XAX_MAX_CPU_ISA must end the program
+// with its message rather than std::terminate's.
+xax::DType registration_half_dtype() {
+  try {
+    return xax::half_dtype();
+  } catch (const xax::Error& error) {
+    std::fprintf(stderr, "%s\n", error.what());
+    std::exit(2);  // NOLINT(concurrency-mt-unsafe): before main, single-threaded
+  }
+}
+
 [[maybe_unused]] const bool registered = [] {
   register_train_step<xax::Policy<float, float, float>>("default", xax::NoOpLossScale{});
-  if (xax::half_dtype() == xax::DType::bfloat16) {
+  if (registration_half_dtype() == xax::DType::bfloat16) {
     register_mixed<xax::bfloat16>(xax::NoOpLossScale{});
   } else {
     register_mixed<xax::float16>(xax::DynamicLossScale{});  // f16 needs loss scaling

@@ -295,6 +295,9 @@ inline TrainingRun run_training(const TrainingSetup& setup, const xax::Classific
                                        ? std::min(setup.max_steps, steps_per_epoch * setup.epochs)
                                        : steps_per_epoch * setup.epochs;
 
+  // The matmul scratch an earlier run left on this thread would otherwise count as this run's baseline, and
+  // make one run's peak growth depend on the runs before it.
+  xax::release_matmul_scratch();
   run.peak_rss_reset = reset_peak_rss();
   run.rss_before_bytes = current_rss_bytes();
   detail::RunRecorder recorder;

@@ -467,7 +467,7 @@ inline constexpr std::size_t streaming_store_min_bytes = std::size_t{32} << 20;
 template <class From, class To>
 ConvertFunction<From, To>* best_convert_kernel(bool streaming = false) {
   static const Kernel<ConvertFunction<From, To>>& kernel =
-      best_kernel(convert_kernels<From, To>(), cpu_features());
+      best_kernel(convert_kernels<From, To>(), cpu_features_or_detected());
   return streaming && kernel.run_streaming != nullptr ? kernel.run_streaming : kernel.run;
 }
 

@@ -189,12 +189,13 @@ inline std::span<const Kernel<MagnitudeFunction>> magnitude_kernels() {
 }
 
 inline ScaleMagnitudeFunction* best_scale_magnitude_kernel() {
-  static ScaleMagnitudeFunction* const kernel = best_kernel(scale_magnitude_kernels(), cpu_features()).run;
+  static ScaleMagnitudeFunction* const kernel =
+      best_kernel(scale_magnitude_kernels(), cpu_features_or_detected()).run;
   return kernel;
 }
 
 inline MagnitudeFunction* best_magnitude_kernel() {
-  static MagnitudeFunction* const kernel = best_kernel(magnitude_kernels(), cpu_features()).run;
+  static MagnitudeFunction* const kernel = best_kernel(magnitude_kernels(), cpu_features_or_detected()).run;
   return kernel;
 }
 

@@ -30,6 +30,12 @@ class ScratchBuffer {
 
   [[nodiscard]] std::size_t capacity() const { return capacity_; }
 
+  /// Frees the storage, so that a buffer sized for one workload does not stay resident during the next.
+  void release() {
+    data_.reset();
+    capacity_ = 0;
+  }
+
  private:
   static constexpr std::align_val_t alignment{64};
   struct Free {

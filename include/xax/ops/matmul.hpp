@@ -15,9 +15,13 @@
 /// transpose of a column-major one, without a copy). The output is column-major. A Linear layer stores one
 /// sample per column (features x batch), so `w x` is the forward product.
 ///
-/// Backends: oneDNN when xax is configured with it (XAX_HAS_ONEDNN; native bf16 dot products on AVX512_BF16
-/// and AMX CPUs), and a portable Eigen path that widens half operands to float and runs Eigen's float GEMM.
-/// `last_matmul_implementation()` says which one ran. Both honour xax::set_num_threads().
+/// Backends: oneDNN when xax is configured with it (XAX_HAS_ONEDNN), and a portable Eigen path. Dispatch is
+/// by capability, per product: a bf16 or f16 product goes to a oneDNN kernel only where that kernel runs
+/// native half dot products (AVX512_BF16, AMX, AVX512-FP16) and xax's CPU detection (capped by
+/// XAX_MAX_CPU_ISA) agrees; everywhere else the operands are widened to fp32 in bounded panels and the fp32
+/// GEMM runs, so a half product is never slower than the fp32 one and never needs fp32 copies of whole
+/// operands. `half_matmul_support()` says what this CPU does for each half type,
+/// `last_matmul_implementation()` which kernel ran. Both backends honour xax::set_num_threads().
 ///
 /// Eigen's own `Matrix<bfloat16>` product is what this replaces: it accumulates in bf16 (3.6e-2 relative
 /// error at K=1024, a -21 % bias on positive data) and runs at a sixth of the float speed.
@@ -26,6 +30,7 @@
 
 #include <algorithm>
 #include <concepts>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -36,17 +41,22 @@
 #include <xax/ops/backend/eigen.hpp>
 #include <xax/ops/backend/onednn.hpp>
 #include <xax/ops/backend/problem.hpp>
+#include <xax/ops/backend/widening.hpp>
 #include <xax/ops/matmul_concepts.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
+#include <xax/utils/platform.hpp>
 
 namespace xax {
 
 /// Which implementation runs a matmul.
 enum class MatmulBackend {
-  automatic,  ///< oneDNN where it is built and implements the types, else Eigen
-  eigen,      ///< always available: widen to float, Eigen's float GEMM, round once
-  onednn,     ///< only in builds configured with oneDNN; ConfigError otherwise
+  /// float: oneDNN where built, else Eigen. bf16/f16: a oneDNN kernel where it multiplies them natively, else
+  /// panels widened to float for the fp32 GEMM (oneDNN's where built, else Eigen's).
+  automatic,
+  eigen,   ///< always available: half panels widened to float, Eigen's float GEMM, round once
+  onednn,  ///< only in builds configured with oneDNN (ConfigError otherwise); any oneDNN kernel, emulated
+           ///< half ones included, and widened panels on its fp32 kernel where it has no half kernel
 };
 
 /// "automatic", "eigen" or "onednn".
@@ -94,7 +104,93 @@ struct MatmulOptions {
   MatmulBackend backend = MatmulBackend::automatic;
 };
 
+/// What this CPU (and this build) does with products of one half type.
+struct HalfMatmulSupport {
+  DType dtype = DType::bfloat16;
+  /// Products run on native half dot products with fp32 accumulation; when false they are widened to fp32 in
+  /// panels and run at the fp32 GEMM's speed: 16-bit compute then saves memory, not time.
+  bool native = false;
+  std::string kernel;  ///< the kernel a representative product runs on, e.g. "onednn:brg:avx512_core_bf16"
+  std::string explanation;  ///< one sentence for reports
+};
+
 namespace detail {
+/// The widening path's fp32 GEMM: oneDNN's fp32 kernel where built, else Eigen's.
+inline void run_float_panel(const MatmulProblem& panel) {
+#if defined(XAX_HAS_ONEDNN) && XAX_HAS_ONEDNN
+  if (onednn_backend::try_run(panel)) return;
+#endif
+  eigen_backend::run_float(panel);
+}
+
+inline std::string short_dtype_name(DType dtype) {
+  return dtype == DType::bfloat16  ? "bf16"
+         : dtype == DType::float16 ? "fp16"
+                                   : std::string(dtype_name(dtype));
+}
+}  // namespace detail
+
+/// Whether bf16 or f16 products run natively here, with the kernel and a sentence for reports. Creates (and
+/// caches) one representative oneDNN primitive on the calling thread. Throws ConfigError for a dtype that is
+/// not a half type, or when XAX_MAX_CPU_ISA holds an unknown value.
+inline HalfMatmulSupport half_matmul_support(DType dtype) {
+  if (dtype != DType::bfloat16 && dtype != DType::float16) {
+    throw ConfigError("xax::half_matmul_support: " + std::string(dtype_name(dtype)) +
+                      " is not a half type; pass DType::bfloat16 or DType::float16");
+  }
+  HalfMatmulSupport support;
+  support.dtype = dtype;
+  const CpuFeatures& cpu = cpu_features();
+  const bool cpu_native = dtype == DType::bfloat16 ? cpu.native_bf16_dot() : cpu.avx512_fp16 || cpu.amx_fp16;
+  std::string fp32_kernel = "eigen:sgemm";
+#if defined(XAX_HAS_ONEDNN) && XAX_HAS_ONEDNN
+  const detail::onednn_backend::KernelProbe probe = detail::onednn_backend::probe_kernel(dtype);
+  support.native = probe.native_half;
+  if (support.native) support.kernel = probe.implementation;
+  fp32_kernel = detail::onednn_backend::probe_kernel(DType::float32).implementation;
+#endif
+  const std::string name = detail::short_dtype_name(dtype);
+  if (support.native) {
+    support.explanation = name + " products run natively (" + support.kernel + ", fp32 accumulation)";
+    return support;
+  }
+  support.kernel = fp32_kernel + " (" + std::string(dtype_name(dtype)) + " widened to float32 in panels)";
+  const std::string widened = name + " products are widened to fp32 in panels for " + fp32_kernel;
+  if (!cpu_native) {
+    support.explanation =
+        "this CPU has no native " + name + " dot product: mixed saves memory, not time (" + widened +
+        (cpu_features() == detail::detected_cpu_features()
+             ? ")"
+             : "; XAX_MAX_CPU_ISA caps it at " + std::string(cpu_isa_name(max_cpu_isa())) + ")");
+  } else {
+    support.explanation =
+        "this CPU has native " + name +
+        " dot products, but no kernel in this build uses them: mixed saves memory, not time (" + widened +
+        ")";
+  }
+  return support;
+}
+
+/// Frees the calling thread's matmul scratch (widened panels, oneDNN's scratchpad), which otherwise stays
+/// allocated at its largest size so that repeated steps allocate nothing. Call it between workloads of very
+/// different sizes, or before measuring the next one's peak memory.
+inline void release_matmul_scratch() {
+  detail::widening::workspace().release();
+#if defined(XAX_HAS_ONEDNN) && XAX_HAS_ONEDNN
+  detail::onednn_backend::thread_context().release_scratch();
+#endif
+}
+
+namespace detail {
+
+/// The calling thread's matmul scratch in bytes (for tests of the bound and of release_matmul_scratch()).
+inline std::size_t matmul_scratch_bytes() {
+  std::size_t bytes = widening::workspace().bytes();
+#if defined(XAX_HAS_ONEDNN) && XAX_HAS_ONEDNN
+  bytes += onednn_backend::thread_context().scratch_bytes();
+#endif
+  return bytes;
+}
 
 /// The stored column-major matrix behind `x`, and whether `x` is its transpose (x row-major).
 template <class M>
@@ -122,15 +218,22 @@ inline void run_matmul(const MatmulProblem& problem, MatmulBackend backend) {
     last_matmul_implementation_record() = "none (empty output)";
     return;
   }
-  // An empty reduction (k = 0) only applies the epilogue to zeros or to C; that is not oneDNN's business.
-  if (problem.k == 0) backend = MatmulBackend::eigen;
+  const bool half = problem.input != DType::float32;
   switch (backend) {
     case MatmulBackend::onednn:
 #if defined(XAX_HAS_ONEDNN) && XAX_HAS_ONEDNN
-      if (onednn_backend::try_run(problem)) return;
-      throw Error("xax::matmul: oneDNN has no implementation for " + std::string(dtype_name(problem.input)) +
-                  " inputs with a " + std::string(dtype_name(problem.output)) +
-                  " output on this CPU; use MatmulBackend::automatic to fall back to Eigen");
+      if (onednn_backend::try_run(problem, onednn_backend::HalfKernels::any)) return;
+      if (half) {
+        widening::run(problem, run_float_panel);
+        return;
+      }
+      if (problem.k == 0) {  // only the epilogue on zeros or on C: not oneDNN's business
+        eigen_backend::run(problem);
+        return;
+      }
+      throw Error("xax::matmul: oneDNN has no implementation for a " + std::to_string(problem.m) + "x" +
+                  std::to_string(problem.k) + " by " + std::to_string(problem.k) + "x" +
+                  std::to_string(problem.n) + " float32 product on this CPU; use MatmulBackend::automatic");
 #else
       throw ConfigError(
           "xax::matmul: MatmulBackend::onednn was requested, but this build of xax has no oneDNN; install "
@@ -139,9 +242,13 @@ inline void run_matmul(const MatmulProblem& problem, MatmulBackend backend) {
 #endif
     case MatmulBackend::automatic:
 #if defined(XAX_HAS_ONEDNN) && XAX_HAS_ONEDNN
-      if (onednn_backend::try_run(problem)) return;
+      if (onednn_backend::try_run(problem, onednn_backend::HalfKernels::native_only)) return;
 #endif
-      eigen_backend::run(problem);
+      if (half) {
+        widening::run(problem, run_float_panel);
+      } else {
+        eigen_backend::run(problem);
+      }
       return;
     case MatmulBackend::eigen:
       eigen_backend::run(problem);

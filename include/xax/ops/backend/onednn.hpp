@@ -14,9 +14,15 @@
 // only re-pointed at each call's data, and the scratchpad oneDNN asks for lives in one grow-only buffer per
 // thread, so a repeated call allocates nothing.
 //
-// float16. oneDNN 2.x implements f16 matmul only on CPUs with AVX512-FP16 or AMX-FP16. Elsewhere the f16
-// operands are widened to float and oneDNN's fp32 kernel runs: still fp32 accumulation and one rounding, and
-// faster than Eigen's float GEMM.
+// Dispatch by capability. A bf16 or f16 product runs here only where oneDNN's kernel for it multiplies half
+// pairs natively (native_kernel.hpp reads that off the kernel's name) *and* xax's own CPU detection, capped
+// by XAX_MAX_CPU_ISA, agrees. Elsewhere -- AVX2, AVX-512 without BF16, f16 without AVX512-FP16 -- try_run
+// declines and xax::matmul widens panels to fp32 for oneDNN's fp32 kernel (widening.hpp). The decision is
+// made once per primitive key (types, shape, strides, epilogue, threads) and cached with the primitive.
+//
+// Standing in for another CPU. When XAX_MAX_CPU_ISA is set and ONEDNN_MAX_CPU_ISA is not, the first use caps
+// oneDNN at the same class (dnnl::set_max_cpu_isa), so that one variable makes the whole process behave as
+// that class. oneDNN 2.x has no AVX512_CORE_FP16 cap; for the FP16 classes set ONEDNN_MAX_CPU_ISA as well.
 
 #include <xax/detail/eigen.hpp>
 
@@ -26,6 +32,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <string>
@@ -33,9 +40,11 @@
 #include <xax/detail/convert.hpp>
 #include <xax/detail/scratch.hpp>
 #include <xax/ops/activation.hpp>
+#include <xax/ops/backend/native_kernel.hpp>
 #include <xax/ops/backend/problem.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
+#include <xax/utils/platform.hpp>
 #include <xax/utils/threads.hpp>
 
 #if defined(_OPENMP)
@@ -138,7 +147,65 @@ struct CachedPrimitive {
   std::unordered_map<int, dnnl::memory> arguments;
   std::string implementation;  ///< "onednn:" + oneDNN's kernel name, e.g. "onednn:brg:avx512_core_bf16"
   int threads = 1;             ///< the threads the primitive was created for
+  /// For half inputs: the kernel multiplies half pairs natively and the (capped) CPU detection agrees.
+  bool native_half = false;
 };
+
+/// Whether xax's CPU detection (capped by XAX_MAX_CPU_ISA) grants native products of `input`.
+inline bool cpu_grants_native(DType input) {
+  const CpuFeatures& cpu = cpu_features();
+  if (input == DType::bfloat16) return cpu.native_bf16_dot();
+  if (input == DType::float16) return cpu.avx512_fp16 || cpu.amx_fp16;
+  return false;
+}
+
+/// Caps oneDNN at XAX_MAX_CPU_ISA's class, once per process, unless ONEDNN_MAX_CPU_ISA (or its old name)
+/// already says what oneDNN may use. Classes oneDNN 2.x cannot express (the FP16 ones) leave it alone.
+inline void cap_onednn_isa_once() {
+  static const bool applied = [] {
+    // NOLINTNEXTLINE(concurrency-mt-unsafe): read once, before oneDNN's first primitive
+    if (std::getenv("ONEDNN_MAX_CPU_ISA") != nullptr || std::getenv("DNNL_MAX_CPU_ISA") != nullptr)
+      return false;
+    dnnl::cpu_isa isa = dnnl::cpu_isa::all;
+    switch (max_cpu_isa()) {
+      case CpuIsa::sse41:
+        isa = dnnl::cpu_isa::sse41;
+        break;
+      case CpuIsa::avx:
+        isa = dnnl::cpu_isa::avx;
+        break;
+      case CpuIsa::avx2:
+        isa = dnnl::cpu_isa::avx2;
+        break;
+      case CpuIsa::avx2_vnni:
+        isa = dnnl::cpu_isa::avx2_vnni;
+        break;
+      case CpuIsa::avx512_core:
+        isa = dnnl::cpu_isa::avx512_core;
+        break;
+      case CpuIsa::avx512_core_vnni:
+        isa = dnnl::cpu_isa::avx512_core_vnni;
+        break;
+      case CpuIsa::avx512_core_bf16:
+        isa = dnnl::cpu_isa::avx512_core_bf16;
+        break;
+      case CpuIsa::avx512_core_amx:
+        isa = dnnl::cpu_isa::avx512_core_amx;
+        break;
+      case CpuIsa::avx512_core_fp16:
+      case CpuIsa::avx512_core_amx_fp16:
+      case CpuIsa::all:
+        return false;
+    }
+    try {
+      dnnl::set_max_cpu_isa(isa);
+    } catch (const dnnl::error&) {
+      return false;  // oneDNN already ran a kernel in this process; its ISA is fixed
+    }
+    return true;
+  }();
+  static_cast<void>(applied);
+}
 
 /// One thread's engine, stream, primitives and buffers.
 class ThreadContext {
@@ -147,7 +214,7 @@ class ThreadContext {
   /// it starts over (a training loop uses a handful).
   static constexpr std::size_t max_cached_primitives = 512;
 
-  ThreadContext() : engine_(dnnl::engine::kind::cpu, 0), stream_(engine_) {}
+  ThreadContext() : engine_(make_engine()), stream_(engine_) {}
 
   CachedPrimitive& primitive_for(const PrimitiveKey& key) {
     auto found = cache_.find(key);
@@ -174,12 +241,16 @@ class ThreadContext {
     }
   }
 
-  ScratchBuffer<float>& widened_a() { return widened_a_; }
-  ScratchBuffer<float>& widened_b() { return widened_b_; }
-  ScratchBuffer<float>& widened_c() { return widened_c_; }
-  ScratchBuffer<float>& widened_bias() { return widened_bias_; }
+  /// The scratchpad's bytes, and freeing it (the next call allocates what it needs again).
+  [[nodiscard]] std::size_t scratch_bytes() const { return scratchpad_.capacity(); }
+  void release_scratch() { scratchpad_.release(); }
 
  private:
+  static dnnl::engine make_engine() {
+    cap_onednn_isa_once();  // before oneDNN creates anything
+    return {dnnl::engine::kind::cpu, 0};
+  }
+
   std::unique_ptr<CachedPrimitive> create(const PrimitiveKey& key) {
     using dims = dnnl::memory::dims;
     auto cached = std::make_unique<CachedPrimitive>();
@@ -217,6 +288,8 @@ class ThreadContext {
     cached->supported = true;
     cached->threads = key.threads;
     cached->implementation = std::string("onednn:") + descriptor.impl_info_str();
+    cached->native_half =
+        native_half_kernel(descriptor.impl_info_str(), key.input) && cpu_grants_native(key.input);
     cached->primitive = dnnl::matmul(descriptor);
     // Memory objects are created on a placeholder and re-pointed at every call's data.
     cached->src = dnnl::memory(src_desc, engine_, DNNL_MEMORY_NONE);
@@ -241,10 +314,6 @@ class ThreadContext {
   dnnl::stream stream_;
   std::unordered_map<PrimitiveKey, std::unique_ptr<CachedPrimitive>, PrimitiveKeyHash> cache_;
   ScratchBuffer<std::byte> scratchpad_;
-  ScratchBuffer<float> widened_a_;
-  ScratchBuffer<float> widened_b_;
-  ScratchBuffer<float> widened_c_;
-  ScratchBuffer<float> widened_bias_;
 };
 
 inline ThreadContext& thread_context() {
@@ -279,86 +348,43 @@ inline PrimitiveKey key_of(const MatmulProblem& p) {
   return key;
 }
 
-inline std::size_t elements(Eigen::Index rows, Eigen::Index cols) {
-  return static_cast<std::size_t>(rows) * static_cast<std::size_t>(cols);
-}
+/// Which half-precision kernels try_run accepts.
+enum class HalfKernels {
+  native_only,  ///< MatmulBackend::automatic: only kernels with native half dot products
+  any,          ///< MatmulBackend::onednn: whatever oneDNN implements, emulations included
+};
 
-/// A float16 problem on a CPU without native f16 matmul: widen the operands (and a f16 bias or accumulated
-/// f16 output) to float, run the fp32 primitive, round the result once into C.
-inline void run_widened(const MatmulProblem& p, ThreadContext& context) {
-  const auto widen = [](const MatmulOperand& x, ScratchBuffer<float>& scratch) {
-    float* out = scratch.get(elements(x.rows, x.cols));
-    const auto* in = static_cast<const float16*>(x.data);
-    if (x.ld == x.rows) {
-      convert_n(in, out, elements(x.rows, x.cols));
-    } else {
-      for (Eigen::Index j = 0; j < x.cols; ++j) {
-        convert_n(in + j * x.ld, out + j * x.rows, static_cast<std::size_t>(x.rows));
-      }
-    }
-    return MatmulOperand{out, x.rows, x.cols, x.rows};
-  };
-  MatmulProblem widened = p;
-  widened.input = DType::float32;
-  widened.a = widen(p.a, context.widened_a());
-  widened.b = widen(p.b, context.widened_b());
-  if (p.bias != nullptr && p.bias_type == DType::float16) {
-    float* bias = context.widened_bias().get(static_cast<std::size_t>(p.m));
-    convert_n(static_cast<const float16*>(p.bias), bias, static_cast<std::size_t>(p.m));
-    widened.bias = bias;
-    widened.bias_type = DType::float32;
-  }
-  float16* const c_half = p.output == DType::float16 ? static_cast<float16*>(p.c) : nullptr;
-  if (c_half != nullptr) {
-    float* c = context.widened_c().get(elements(p.m, p.n));
-    if (p.accumulate) {
-      for (Eigen::Index j = 0; j < p.n; ++j) {
-        convert_n(c_half + j * p.ldc, c + j * p.m, static_cast<std::size_t>(p.m));
-      }
-    }
-    widened.output = DType::float32;
-    widened.c = c;
-    widened.ldc = p.m;
-  }
-  CachedPrimitive& cached = context.primitive_for(key_of(widened));
-  if (!cached.supported) {
-    throw Error("xax::matmul: oneDNN has no fp32 matmul for a " + std::to_string(p.m) + "x" +
-                std::to_string(p.k) + " by " + std::to_string(p.k) + "x" + std::to_string(p.n) +
-                " product; use MatmulBackend::eigen");
-  }
-  context.execute(cached, widened.a.data, widened.b.data, widened.c, widened.bias);
-  if (c_half != nullptr) {
-    const auto* c = static_cast<const float*>(widened.c);
-    if (p.ldc == p.m) {
-      convert_n(c, c_half, elements(p.m, p.n));
-    } else {
-      for (Eigen::Index j = 0; j < p.n; ++j) {
-        convert_n(c + j * p.m, c_half + j * p.ldc, static_cast<std::size_t>(p.m));
-      }
-    }
-  }
-  last_matmul_implementation_record() = cached.implementation + " (float16 widened to float32)";
-}
-
-/// Runs `p` on oneDNN. Returns false, having done nothing, when oneDNN has no implementation for it; the
-/// caller then uses the Eigen backend.
-inline bool try_run(const MatmulProblem& p) {
+/// Runs `p` on oneDNN. Returns false, having done nothing, when oneDNN has no kernel for it or (for half
+/// inputs under native_only) only an emulating one; the caller then widens, or uses the Eigen backend.
+inline bool try_run(const MatmulProblem& p, HalfKernels accept = HalfKernels::native_only) {
   if (p.k == 0 || data_type_of(p.input) == dnnl::memory::data_type::undef ||
       data_type_of(p.output) == dnnl::memory::data_type::undef) {
     return false;
   }
   ThreadContext& context = thread_context();
   CachedPrimitive& cached = context.primitive_for(key_of(p));
-  if (cached.supported) {
-    context.execute(cached, p.a.data, p.b.data, p.c, p.bias);
-    last_matmul_implementation_record() = cached.implementation;
-    return true;
-  }
-  if (p.input == DType::float16) {
-    run_widened(p, context);
-    return true;
-  }
-  return false;
+  if (!cached.supported) return false;
+  if (p.input != DType::float32 && !cached.native_half && accept == HalfKernels::native_only) return false;
+  context.execute(cached, p.a.data, p.b.data, p.c, p.bias);
+  last_matmul_implementation_record() = cached.implementation;
+  return true;
+}
+
+/// The kernel oneDNN picks for a representative product of `input` pairs into float (256^3, one thread), and
+/// whether it counts as native; supported is false where oneDNN has none.
+struct KernelProbe {
+  bool supported = false;
+  bool native_half = false;
+  std::string implementation;
+};
+
+inline KernelProbe probe_kernel(DType input) {
+  PrimitiveKey key;
+  key.input = input;
+  key.output = DType::float32;
+  key.m = key.n = key.k = key.lda = key.ldb = key.ldc = 256;
+  const CachedPrimitive& cached = thread_context().primitive_for(key);
+  return {cached.supported, cached.native_half, cached.implementation};
 }
 
 }  // namespace xax::detail::onednn_backend
