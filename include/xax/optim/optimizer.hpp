@@ -220,7 +220,11 @@ constexpr std::uint16_t float_to_bfloat16_stochastic(float value, std::uint32_t 
 /// rounding overflows round to nearest.
 template <class H>
 H round_stochastic(float value, std::uint32_t random) noexcept {
-  if constexpr (std::is_same_v<H, bfloat16>) {
+  if constexpr (std::is_same_v<H, float>) {
+    // An fp32 leaf among 16-bit masters (a norm gain kept in fp32) takes its update exactly.
+    static_cast<void>(random);
+    return value;
+  } else if constexpr (std::is_same_v<H, bfloat16>) {
     return std::bit_cast<bfloat16>(float_to_bfloat16_stochastic(value, random));
   } else {
     const H nearest = static_cast<H>(value);
