@@ -41,7 +41,7 @@ struct Options {
   // The workloads: the MLP, the character-level GPT (runner/char_training.hpp), or both.
   std::string workload = "all";               ///< mlp, char-transformer or all
   std::optional<std::filesystem::path> text;  ///< the GPT's corpus; default: Debian's fortune files
-  std::int64_t gpt_steps = 300;  ///< the main job's budget (nanoGPT's CPU run: 2000; see README)
+  std::int64_t gpt_steps = 300;               ///< the main job's budget (nanoGPT's CPU run: 2000; see README)
   std::int64_t gpt_batch_size = 12;
   std::int64_t gpt_block_size = 64;
   std::int64_t gpt_layers = 4;
