@@ -30,6 +30,7 @@
 #include "report/json_report.hpp"
 #include "report/markdown.hpp"
 #include "report/results.hpp"
+#include "runner/char_workload.hpp"
 #include "runner/dataset.hpp"
 #include "runner/memory.hpp"
 #include "runner/micro.hpp"
@@ -316,7 +317,13 @@ int run(int argc, char** argv) {
   say << "  half matmul: " << half_support.explanation << "\n";
   if (!half_support.native) report.notes.push_back(half_support.explanation);
 
-  if (!options.skip_training) {
+  const bool run_mlp = options.workload != "char-transformer";
+  const bool run_char_transformer = options.workload != "mlp";
+  if (!options.skip_training && !run_mlp) {
+    report.dataset = "none";
+    report.dataset_note = "the MLP was not trained (--workload char-transformer)";
+  }
+  if (!options.skip_training && run_mlp) {
     const xax_bench::LoadedData data = xax_bench::load_data(options);
     report.dataset = data.splits.name;
     report.dataset_note = data.note;
@@ -347,9 +354,12 @@ int run(int argc, char** argv) {
         break;
       }
     }
-  } else {
+  } else if (options.skip_training) {
     report.dataset = "none";
     report.dataset_note = "training skipped (--skip-training)";
+  }
+  if (!options.skip_training && run_char_transformer) {
+    xax_bench::run_char_workload(report, options, say, loss_scaling_for);
   }
 
   if (!options.skip_micro) {
@@ -361,7 +371,7 @@ int run(int argc, char** argv) {
     if (micro.matched == 0) report.notes.push_back("the --benchmark_filter matched no micro-benchmark");
   }
 
-  if (!options.skip_peer && !options.skip_training) {
+  if (!options.skip_peer && !options.skip_training && run_mlp) {
     say << '\n';
     run_peers(report, options, say);
   } else {
@@ -376,9 +386,13 @@ int run(int argc, char** argv) {
   const xax_bench::PlotOutcome plots =
       xax_bench::write_plots(report, options.out, xax_bench::find_program("gnuplot"));
   for (const std::string& problem : plots.problems) report.notes.push_back(problem);
+  std::vector<std::filesystem::path> images = plots.images;
+  for (const auto& image :
+       xax_bench::write_char_plots(report, options.out, xax_bench::find_program("gnuplot"), report.notes))
+    images.push_back(image);
   xax_bench::write_json_report(report, options.out);
   std::vector<std::string> image_names;
-  for (const auto& image : plots.images) image_names.push_back(image.filename().string());
+  for (const auto& image : images) image_names.push_back(image.filename().string());
   xax_bench::write_markdown_summary(report, options.out, image_names);
 
   say << '\n';

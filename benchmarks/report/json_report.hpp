@@ -38,7 +38,14 @@ inline nlohmann::json to_json(const TrainingRun& run) {
   for (const LossPoint& p : run.loss_curve)
     curve.push_back({{"step", p.step}, {"loss", finite_or_null(p.loss)}});
   const TensorBytes& t = run.tensor_bytes;
-  return {
+  nlohmann::json val_curve = nlohmann::json::array();
+  for (const LossPoint& p : run.val_curve)
+    val_curve.push_back({{"step", p.step}, {"loss", finite_or_null(p.loss)}});
+  nlohmann::json scale_curve = nlohmann::json::array();
+  for (const LossPoint& p : run.loss_scale_curve)
+    scale_curve.push_back({{"step", p.step}, {"loss_scale", p.loss}});
+  nlohmann::json out = {
+      {"workload", run.workload},
       {"configuration", run.configuration},
       {"policy", run.policy},
       {"policy_spec", run.policy_spec},
@@ -73,6 +80,13 @@ inline nlohmann::json to_json(const TrainingRun& run) {
       {"epoch_records", std::move(epochs)},
       {"loss_curve", std::move(curve)},
   };
+  if (run.workload == "char-transformer") {
+    out["val_loss"] = run.val_loss ? finite_or_null(*run.val_loss) : nlohmann::json();
+    out["val_curve"] = std::move(val_curve);
+    out["loss_scale_curve"] = std::move(scale_curve);
+    out["tokens_per_s"] = run.tokens_per_s;
+  }
+  return out;
 }
 
 }  // namespace detail
@@ -103,7 +117,8 @@ inline nlohmann::json to_json(const BenchmarkReport& report) {
   nlohmann::json peers = nlohmann::json::array();
   for (const PeerComparison& p : report.peers) {
     peers.push_back(
-        {{"policy", p.policy},
+        {{"workload", p.workload},
+         {"policy", p.policy},
          {"threads", p.threads},
          {"torch_step_ms", p.torch_step_ms},
          {"xax_step_ms", p.xax_step_ms},
@@ -111,6 +126,8 @@ inline nlohmann::json to_json(const BenchmarkReport& report) {
          {"xax_over_torch", p.ratio()},
          {"target_xax_over_torch", p.target_ratio > 0 ? nlohmann::json(p.target_ratio) : nlohmann::json()},
          {"meets_target", p.target_ratio > 0 ? nlohmann::json(p.meets_target()) : nlohmann::json()}});
+    if (p.torch_val_loss) peers.back()["torch_val_loss"] = detail::finite_or_null(*p.torch_val_loss);
+    if (p.xax_val_loss) peers.back()["xax_val_loss"] = detail::finite_or_null(*p.xax_val_loss);
   }
 
   return {
@@ -184,8 +201,13 @@ inline std::vector<std::string> report_schema_problems(const nlohmann::json& rep
     for (std::size_t i = 0; i < training->size(); ++i) {
       const nlohmann::json& run = (*training)[i];
       const std::string where = "report.training[" + std::to_string(i) + "]";
-      for (const char* key : {"policy", "loss_scaling", "configuration", "policy_spec"}) {
+      for (const char* key : {"workload", "policy", "loss_scaling", "configuration", "policy_spec"}) {
         require(run, where, key, is_string, "a string");
+      }
+      if (run.contains("workload") && run.at("workload") == "char-transformer") {
+        require(run, where, "val_loss", is_number_or_null, "a number or null");
+        require(run, where, "val_curve", is_array, "an array");
+        require(run, where, "loss_scale_curve", is_array, "an array");
       }
       if (const auto* accuracy = require(run, where, "test_accuracy", is_number, "a number");
           accuracy != nullptr && (*accuracy < 0.0 || *accuracy > 1.0)) {

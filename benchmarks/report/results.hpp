@@ -39,10 +39,11 @@ struct TensorBytes {
 
 /// One training run: a policy on a configuration.
 struct TrainingRun {
-  std::string configuration;  ///< "standard" (the comparison) or "activation-heavy" (the memory probe)
-  std::string policy;         ///< the preset: default, mixed, float16, ...
-  std::string policy_spec;    ///< "params=float32,compute=bfloat16,output=float32"
-  std::string loss_scaling;   ///< none, static or dynamic
+  std::string workload = "mlp";  ///< "mlp" or "char-transformer" (the character-level GPT)
+  std::string configuration;     ///< "standard" (the comparison) or "activation-heavy" (the memory probe)
+  std::string policy;            ///< the preset: default, mixed, float16, ...
+  std::string policy_spec;       ///< "params=float32,compute=bfloat16,output=float32"
+  std::string loss_scaling;      ///< none, static or dynamic
   std::vector<std::int64_t> layer_sizes;
   std::int64_t batch_size = 0;
   int epochs = 0;
@@ -73,6 +74,12 @@ struct TrainingRun {
   std::string matmul_implementation;
   std::string error;  ///< why the run stopped early (a LossScaleError), or empty when it completed  ///< what
                       ///< ran the run's last matmul (xax::last_matmul_implementation())
+
+  // The character-level GPT's measurements (workload "char-transformer"; see runner/char_training.hpp).
+  std::optional<double> val_loss;    ///< final validation loss (mean over the fixed validation windows)
+  std::vector<LossPoint> val_curve;  ///< validation loss at each evaluation
+  std::vector<LossPoint> loss_scale_curve;  ///< the loss scale after each step, sampled (loss = the scale)
+  double tokens_per_s = 0;                  ///< batch * block / median step time
 
   /// Peak RSS growth during the run: what the run itself needed on top of what the process already held.
   [[nodiscard]] std::size_t peak_rss_growth_bytes() const {
@@ -112,6 +119,10 @@ struct PeerComparison {
   double xax_step_ms = 0;  ///< xax's median step on the same MLP and batch (from TrainStep micro or training)
   std::string xax_source;  ///< where xax_step_ms came from
   double target_ratio = 0;  ///< the xax/PyTorch ratio PERFORMANCE.md asks for (0: none)
+  std::optional<double> torch_val_loss =
+      std::nullopt;  ///< the peer's final validation loss (char-transformer runs that train)
+  std::optional<double> xax_val_loss = std::nullopt;
+  std::string workload = "mlp";  ///< "mlp" or "char-transformer" (last: positional initialisers stay valid)
   [[nodiscard]] bool meets_target() const {
     return target_ratio > 0 && ratio() > 0 && ratio() <= target_ratio;
   }

@@ -38,6 +38,18 @@ struct Options {
   std::int64_t memory_hidden = 1024;
   std::int64_t memory_steps = 4;
 
+  // The workloads: the MLP, the character-level GPT (runner/char_training.hpp), or both.
+  std::string workload = "all";               ///< mlp, char-transformer or all
+  std::optional<std::filesystem::path> text;  ///< the GPT's corpus; default: Debian's fortune files
+  std::int64_t gpt_steps = 300;               ///< the main job's budget (nanoGPT's CPU run: 2000; see README)
+  std::int64_t gpt_batch_size = 12;
+  std::int64_t gpt_block_size = 64;
+  std::int64_t gpt_layers = 4;
+  std::int64_t gpt_heads = 4;
+  std::int64_t gpt_embedding = 128;
+  std::int64_t gpt_eval_interval = 100;
+  std::int64_t gpt_eval_batches = 20;
+
   std::filesystem::path out = "mixed_precision_report";
   bool skip_micro = false;
   bool skip_training = false;
@@ -153,6 +165,37 @@ inline ParsedOptions parse_options(int argc, char** argv) {
          "--python", o.python,
          "python3 for the PyTorch reference: auto (/usr/bin/python3, then python3 on PATH), none, or a path")
       ->capture_default_str();
+  app.add_option("--workload", o.workload,
+                 "what to train: mlp, char-transformer (a character-level GPT) or all")
+      ->check(CLI::IsMember({"mlp", "char-transformer", "all"}))
+      ->capture_default_str();
+  app.add_option("--text", o.text,
+                 "the character-level GPT's corpus (any text file; default: the fortune files of Debian's "
+                 "fortunes package)");
+  app.add_option("--gpt-steps", o.gpt_steps, "training steps of the character-level GPT per policy")
+      ->check(CLI::Range(1, 1000000))
+      ->capture_default_str();
+  app.add_option("--gpt-batch-size", o.gpt_batch_size, "the GPT's batch size (windows per step)")
+      ->check(CLI::Range(1, 1 << 16))
+      ->capture_default_str();
+  app.add_option("--gpt-block-size", o.gpt_block_size, "the GPT's context length (block_size)")
+      ->check(CLI::Range(1, 1 << 14))
+      ->capture_default_str();
+  app.add_option("--gpt-layers", o.gpt_layers, "the GPT's transformer blocks (n_layer)")
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
+  app.add_option("--gpt-heads", o.gpt_heads, "the GPT's attention heads (n_head)")
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
+  app.add_option("--gpt-embd", o.gpt_embedding, "the GPT's width (n_embd, a multiple of n_head)")
+      ->check(CLI::Range(1, 1 << 14))
+      ->capture_default_str();
+  app.add_option("--gpt-eval-interval", o.gpt_eval_interval, "steps between the GPT's validation estimates")
+      ->check(CLI::Range(1, 1000000))
+      ->capture_default_str();
+  app.add_option("--gpt-eval-batches", o.gpt_eval_batches, "batches per validation estimate (fixed windows)")
+      ->check(CLI::Range(1, 100000))
+      ->capture_default_str();
   bool no_progress = false;
   app.add_flag("--no-progress", no_progress, "no progress display");
 
@@ -170,6 +213,10 @@ inline ParsedOptions parse_options(int argc, char** argv) {
   };
   if (o.skip_micro && o.skip_training)
     return fail("--skip-micro and --skip-training together leave nothing to run");
+  if (o.gpt_embedding % o.gpt_heads != 0) {
+    return fail("--gpt-embd " + std::to_string(o.gpt_embedding) + " is not a multiple of --gpt-heads " +
+                std::to_string(o.gpt_heads));
+  }
   if (o.policies.empty()) return fail("--policies is empty; give e.g. default,mixed,float16");
   for (const std::string& policy : o.policies) {
     try {

@@ -7,7 +7,12 @@
 #include <xax/nn/loss.hpp>
 #include <xax/nn/mlp.hpp>
 #include <xax/ops/activation.hpp>
+#include <xax/ops/batched_matmul.hpp>
+#include <xax/ops/causal_softmax.hpp>
 #include <xax/ops/convert.hpp>
+#include <xax/ops/embedding.hpp>
+#include <xax/ops/gelu_tanh.hpp>
+#include <xax/ops/layer_norm.hpp>
 #include <xax/ops/matmul.hpp>
 #include <xax/ops/matmul_concepts.hpp>
 #include <xax/ops/reduce.hpp>

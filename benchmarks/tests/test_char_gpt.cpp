@@ -1,0 +1,216 @@
+// The character-level GPT workload: its gradients against finite differences, its 16-bit compute paths
+// against fp32, its LayerNorm parameters staying fp32 in casts, and the corpus loader (fortune files, 90/10
+// split, clear errors for missing or empty data).
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <xax/utils/error.hpp>
+#include <xax/utils/tree.hpp>
+
+#include "runner/char_training.hpp"
+#include "workloads/char_data.hpp"
+#include "workloads/char_gpt.hpp"
+
+namespace {
+
+using xax_bench::GptParams;
+using xax_bench::GptShape;
+using xax_bench::TokenBatch;
+
+// The norm parameters are float leaves inside the T-templated params: a cast to bf16 leaves them float.
+static_assert(
+    std::is_same_v<xax::rebind_scalar_t<GptParams<float>, xax::bfloat16>, GptParams<xax::bfloat16>>);
+static_assert(std::is_same_v<decltype(GptParams<xax::bfloat16>::ln_f.gain), Eigen::VectorXf>);
+
+GptShape tiny_shape() {
+  return GptShape{.vocabulary = 7, .block_size = 5, .layers = 2, .heads = 2, .embedding = 8};
+}
+
+TokenBatch tiny_batch() {
+  TokenBatch batch;
+  batch.batch = 3;
+  batch.block = 5;
+  batch.tokens = {0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 3, 3, 3, 6};
+  batch.targets = {1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 3, 3, 3, 6, 6};
+  return batch;
+}
+
+// Larger than nanoGPT's 0.02 initialisation, so that every gradient is well above finite-difference noise.
+GptParams<float> tiny_params() {
+  GptParams<float> params = xax_bench::gpt_init(tiny_shape(), 3);
+  std::mt19937_64 rng(5);
+  std::normal_distribution<float> normal(0.0f, 0.3f);
+  xax::for_each_leaf(
+      [&]<class L>(L& leaf) {
+        if constexpr (xax::floating_leaf<L>) {
+          for (auto& x : xax::leaf_span(leaf)) x += normal(rng);
+        }
+      },
+      params);
+  return params;
+}
+
+TEST(CharGpt, GradientsMatchFiniteDifferences) {
+  const GptShape shape = tiny_shape();
+  const TokenBatch batch = tiny_batch();
+  GptParams<float> params = tiny_params();
+  GptParams<float> grads;
+  xax_bench::GptWorkspace<float> ws;
+  const float loss_scale = 4.0f;
+  const double loss = xax_bench::gpt_loss_and_gradients(params, shape, batch, loss_scale, grads, ws);
+  EXPECT_GT(loss, 0.5);
+
+  std::vector<float*> values, gradients;
+  std::vector<std::string> names;
+  xax::for_each_leaf_with_path(
+      [&]<class L>(const xax::TreePath& path, L& p, L& g) {
+        if constexpr (xax::floating_leaf<L>) {
+          auto ps = xax::leaf_span(p);
+          auto gs = xax::leaf_span(g);
+          ASSERT_EQ(ps.size(), gs.size()) << std::string(path.str());
+          for (std::size_t i = 0; i < ps.size(); ++i) {
+            values.push_back(&ps[i]);
+            gradients.push_back(&gs[i]);
+            names.push_back(std::string(path.str()) + "[" + std::to_string(i) + "]");
+          }
+        }
+      },
+      params, grads);
+  std::mt19937_64 rng(11);
+  std::uniform_int_distribution<std::size_t> pick(0, values.size() - 1);
+  int checked = 0;
+  for (int trial = 0; trial < 150; ++trial) {
+    const std::size_t i = pick(rng);
+    const float saved = *values[i];
+    constexpr float h = 1e-2f;
+    *values[i] = saved + h;
+    const double plus = xax_bench::gpt_loss(params, shape, batch, ws);
+    *values[i] = saved - h;
+    const double minus = xax_bench::gpt_loss(params, shape, batch, ws);
+    *values[i] = saved;
+    const double numeric = (plus - minus) / (2 * h);
+    const double analytic = static_cast<double>(*gradients[i]) / loss_scale;
+    EXPECT_NEAR(analytic, numeric, 2e-3 + 0.03 * std::abs(numeric)) << names[i];
+    ++checked;
+  }
+  EXPECT_EQ(checked, 150);
+}
+
+template <class T>
+class CharGptTyped : public ::testing::Test {};
+using HalfScalars = ::testing::Types<xax::bfloat16, xax::float16>;
+TYPED_TEST_SUITE(CharGptTyped, HalfScalars);
+
+TYPED_TEST(CharGptTyped, SixteenBitComputeTracksFp32) {
+  using T = TypeParam;
+  const GptShape shape = tiny_shape();
+  const TokenBatch batch = tiny_batch();
+  const GptParams<float> master = tiny_params();
+  const GptParams<T> params = xax::tree_cast<T>(master);
+  EXPECT_TRUE(params.ln_f.gain == master.ln_f.gain);  // the norm gains were not rounded to 16 bits
+  GptParams<float> reference, fp32_grads;
+  xax_bench::GptWorkspace<float> ws32;
+  xax_bench::GptWorkspace<T> ws;
+  const double loss32 = xax_bench::gpt_loss_and_gradients(master, shape, batch, 1.0f, reference, ws32);
+  const double loss = xax_bench::gpt_loss_and_gradients(params, shape, batch, 1.0f, fp32_grads, ws);
+  EXPECT_NEAR(loss, loss32, 0.03 * loss32);
+  // The gradients as a whole (16-bit activations perturb single elements more than their norm).
+  double difference = 0, norm = 0;
+  xax::for_each_leaf(
+      [&]<class L>(const L& a, const L& b) {
+        if constexpr (xax::floating_leaf<L>) {
+          const auto sa = xax::leaf_span(a);
+          const auto sb = xax::leaf_span(b);
+          for (std::size_t i = 0; i < sa.size(); ++i) {
+            difference += std::pow(static_cast<double>(sa[i]) - static_cast<double>(sb[i]), 2);
+            norm += std::pow(static_cast<double>(sb[i]), 2);
+          }
+        }
+      },
+      fp32_grads, reference);
+  EXPECT_LT(std::sqrt(difference / norm), 0.05);
+}
+
+TEST(CharGpt, RejectsWindowsLongerThanTheBlock) {
+  const GptShape shape = tiny_shape();
+  TokenBatch batch = tiny_batch();
+  batch.block = 6;
+  batch.batch = 2;
+  batch.tokens.resize(12, 0);
+  xax_bench::GptWorkspace<float> ws;
+  EXPECT_THROW(xax_bench::gpt_loss(xax_bench::gpt_init(shape, 1), shape, batch, ws), xax::ShapeError);
+  EXPECT_THROW((GptShape{.heads = 3}.validate()), xax::ConfigError);
+}
+
+TEST(CharGpt, LearningRateScheduleIsNanoGpts) {
+  xax_bench::CharTrainingSetup setup;  // lr 1e-3, min 1e-4, warm-up 100, 2000 steps
+  EXPECT_DOUBLE_EQ(xax_bench::nanogpt_learning_rate(0, setup), 1e-3 / 101);
+  EXPECT_DOUBLE_EQ(xax_bench::nanogpt_learning_rate(99, setup), 1e-3 * 100 / 101);
+  EXPECT_DOUBLE_EQ(xax_bench::nanogpt_learning_rate(100, setup), 1e-3);
+  EXPECT_NEAR(xax_bench::nanogpt_learning_rate(1050, setup), 0.55e-3, 1e-12);
+  EXPECT_DOUBLE_EQ(xax_bench::nanogpt_learning_rate(2000, setup), 1e-4);
+  EXPECT_DOUBLE_EQ(xax_bench::nanogpt_learning_rate(5000, setup), 1e-4);
+}
+
+class CorpusFiles : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("xax_char_corpus_" + std::to_string(::testing::UnitTest::GetInstance()->random_seed()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  void write(const std::string& name, const std::string& text) {
+    std::ofstream(dir_ / name, std::ios::binary) << text;
+  }
+  std::filesystem::path dir_;
+};
+
+TEST_F(CorpusFiles, FortuneFilesSkipIndexesLinksAndSeparators) {
+  write("b", "second\n%\nthird\n");
+  write("a", "first\n%\n");
+  write("a.dat", "binary index");
+  std::filesystem::create_symlink(dir_ / "a", dir_ / "a.u8");
+  std::filesystem::create_symlink(dir_ / "b", dir_ / "c");
+  EXPECT_EQ(xax_bench::load_fortunes(dir_), "first\n\nsecond\n\nthird\n");
+}
+
+TEST_F(CorpusFiles, MissingOrEmptyDataIsAClearError) {
+  try {
+    xax_bench::load_fortunes(dir_ / "absent");
+    FAIL() << "no error";
+  } catch (const xax::DataError& error) {
+    EXPECT_NE(std::string(error.what()).find("apt-get install fortunes"), std::string::npos);
+  }
+  write("x.dat", "index only");
+  EXPECT_THROW(xax_bench::load_fortunes(dir_), xax::DataError);
+  write("empty.txt", "");
+  EXPECT_THROW(xax_bench::load_char_corpus(dir_ / "empty.txt", 8), xax::DataError);
+  EXPECT_THROW(xax_bench::load_char_corpus(dir_ / "no_such_file.txt", 8), xax::DataError);
+  write("short.txt", "abcdefghij");
+  EXPECT_THROW(xax_bench::load_char_corpus(dir_ / "short.txt", 8), xax::DataError);
+}
+
+TEST_F(CorpusFiles, SplitsNinetyTenWithASortedByteVocabulary) {
+  std::string text;
+  for (int i = 0; i < 100; ++i) text += static_cast<char>(i % 2 == 0 ? 'b' : 'a');
+  text[95] = 'z';
+  write("t.txt", text);
+  const xax_bench::CharCorpus corpus = xax_bench::load_char_corpus(dir_ / "t.txt", 4);
+  EXPECT_EQ(corpus.vocabulary, "abz");
+  ASSERT_EQ(corpus.train.size(), 90u);
+  ASSERT_EQ(corpus.val.size(), 10u);
+  EXPECT_EQ(corpus.train[0], 1);
+  EXPECT_EQ(corpus.train[1], 0);
+  EXPECT_EQ(corpus.val[5], 2);
+  const auto starts = xax_bench::spread_window_starts(corpus.val.size(), 4, 100);
+  EXPECT_EQ(starts, (std::vector<std::int64_t>{0, 4}));
+}
+
+}  // namespace

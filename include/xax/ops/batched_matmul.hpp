@@ -1,0 +1,113 @@
+#pragma once
+/// \file
+/// Batched matrix products over 3-D tensors, for attention: slice `i` of the output is
+/// `op(A_i) op(B_i)`, each computed by xax::matmul (fp32 accumulation, one rounding to the output type, the
+/// same oneDNN / Eigen dispatch), so a 16-bit batch never accumulates in 16 bits.
+///
+/// A 3-D operand is an `Eigen::Tensor<S, 3>` (column-major) or a `TensorMap` of one, with dimensions
+/// (rows, cols, batch): every slice is a contiguous column-major rows x cols matrix. Attention with one
+/// query, key or value vector per column (head_size x tokens slices) needs:
+///
+///     xax::batched_matmul(k, q, scores, {.transpose_a = true});   // scores_i = K_i^T Q_i  (keys x queries)
+///     xax::batched_matmul(v, probs, y);                            // y_i = V_i P_i        (head x queries)
+///     xax::batched_matmul(dy, probs, dv, {.transpose_b = true});   // dV_i = dY_i P_i^T
+///     xax::batched_matmul(v, dy, dprobs, {.transpose_a = true});   // dP_i = V_i^T dY_i
+
+#include <xax/detail/eigen.hpp>
+#include <xax/detail/eigen_tensor.hpp>
+
+#include <concepts>
+#include <string>
+#include <type_traits>
+#include <xax/ops/matmul.hpp>
+#include <xax/ops/matmul_concepts.hpp>
+#include <xax/utils/error.hpp>
+
+namespace xax {
+
+/// A 3-D column-major tensor of a matmul_scalar with direct access (Eigen::Tensor<S, 3> or a TensorMap of
+/// one): (rows, cols, batch), one contiguous column-major matrix per batch index.
+template <class T>
+concept batched_operand = requires(const T& t) {
+  typename T::Scalar;
+  { t.data() } -> std::convertible_to<const typename T::Scalar*>;
+  { t.dimension(0) } -> std::convertible_to<Eigen::Index>;
+}
+&&matmul_scalar<std::remove_const_t<typename T::Scalar>> && (T::NumDimensions == 3) &&
+    (static_cast<int>(T::Layout) == static_cast<int>(Eigen::ColMajor));
+
+/// A batched_operand that can be written.
+template <class T>
+concept batched_output = batched_operand<T> && !std::is_const_v<typename T::Scalar> && requires(T & t) {
+  { t.data() } -> std::convertible_to<typename T::Scalar*>;
+};
+
+namespace detail {
+
+inline std::string shape3_string(Eigen::Index rows, Eigen::Index cols, Eigen::Index batch) {
+  return std::to_string(rows) + "x" + std::to_string(cols) + "x" + std::to_string(batch);
+}
+
+}  // namespace detail
+
+/// `c_i = act(op(a_i) op(b_i) [+ c_i])` for every slice i, each by xax::matmul with `options` (no bias).
+/// `a` and `b` share a scalar; `c` holds it or float. A plain `Eigen::Tensor` output is resized to
+/// (m, n, batch) unless accumulating; a TensorMap must already have that shape. Throws ShapeError when the
+/// batch sizes or the inner dimensions differ, or the output has the wrong shape.
+template <batched_operand A, batched_operand B, class C>
+requires batched_output<std::remove_reference_t<C>>
+void batched_matmul(const A& a, const B& b, C&& c, const MatmulOptions& options = {}) {
+  using In = std::remove_const_t<typename A::Scalar>;
+  using Out = typename std::remove_reference_t<C>::Scalar;
+  using CT = std::remove_reference_t<C>;
+  static_assert(std::is_same_v<In, std::remove_const_t<typename B::Scalar>>,
+                "xax::batched_matmul: A and B must have the same scalar; convert one first");
+  static_assert(std::is_same_v<Out, In> || std::is_same_v<Out, float>,
+                "xax::batched_matmul: the output must hold the inputs' scalar or float");
+  const Eigen::Index batch = a.dimension(2);
+  if (b.dimension(2) != batch) {
+    throw ShapeError("xax::batched_matmul: A is " +
+                     detail::shape3_string(a.dimension(0), a.dimension(1), a.dimension(2)) + " but B is " +
+                     detail::shape3_string(b.dimension(0), b.dimension(1), b.dimension(2)) +
+                     "; both need the same batch size (the last dimension)");
+  }
+  const Eigen::Index m = options.transpose_a ? a.dimension(1) : a.dimension(0);
+  const Eigen::Index k = options.transpose_a ? a.dimension(0) : a.dimension(1);
+  const Eigen::Index k_b = options.transpose_b ? b.dimension(1) : b.dimension(0);
+  const Eigen::Index n = options.transpose_b ? b.dimension(0) : b.dimension(1);
+  if (k != k_b) {
+    throw ShapeError("xax::batched_matmul: op(A) slices are " + detail::shape_string(m, k) + " (A is " +
+                     detail::shape3_string(a.dimension(0), a.dimension(1), batch) +
+                     (options.transpose_a ? ", transposed" : "") + ") but op(B) slices are " +
+                     detail::shape_string(k_b, n) + " (B is " +
+                     detail::shape3_string(b.dimension(0), b.dimension(1), batch) +
+                     (options.transpose_b ? ", transposed" : "") +
+                     "); the columns of op(A) must equal the rows of op(B)");
+  }
+  constexpr bool resizable = requires(CT & t) {
+    t.resize(m, n, batch);
+  };
+  if constexpr (resizable) {
+    if (!options.accumulate && (c.dimension(0) != m || c.dimension(1) != n || c.dimension(2) != batch)) {
+      c.resize(m, n, batch);
+    }
+  }
+  if (c.dimension(0) != m || c.dimension(1) != n || c.dimension(2) != batch) {
+    throw ShapeError("xax::batched_matmul: the output is " +
+                     detail::shape3_string(c.dimension(0), c.dimension(1), c.dimension(2)) + " but must be " +
+                     detail::shape3_string(m, n, batch) +
+                     (options.accumulate ? " (an accumulating output must already have that shape)" : ""));
+  }
+  using InMatrix = Eigen::Matrix<In, Eigen::Dynamic, Eigen::Dynamic>;
+  using OutMatrix = Eigen::Matrix<Out, Eigen::Dynamic, Eigen::Dynamic>;
+  const Eigen::Index a_rows = a.dimension(0), a_cols = a.dimension(1);
+  const Eigen::Index b_rows = b.dimension(0), b_cols = b.dimension(1);
+  for (Eigen::Index i = 0; i < batch; ++i) {
+    const Eigen::Map<const InMatrix> a_slice(a.data() + i * a_rows * a_cols, a_rows, a_cols);
+    const Eigen::Map<const InMatrix> b_slice(b.data() + i * b_rows * b_cols, b_rows, b_cols);
+    Eigen::Map<OutMatrix> c_slice(c.data() + i * m * n, m, n);
+    matmul(a_slice, b_slice, c_slice, options);
+  }
+}
+
+}  // namespace xax

@@ -1,0 +1,171 @@
+// xax::layer_norm and its backward against double references (the backward reference itself checked by
+// finite differences), with 16-bit inputs and fp32 or 16-bit gains, fp32 statistics, accumulation and
+// errors.
+
+#include <gtest/gtest.h>
+
+#include <xax/ops/layer_norm.hpp>
+#include <xax/utils/error.hpp>
+
+#include "transformer_ops_testing.hpp"
+
+namespace {
+
+using xax_test::Matrix;
+using xax_test::Vector;
+
+constexpr double epsilon = 1e-5;
+
+Eigen::MatrixXd layer_norm_reference(const Eigen::MatrixXd& x, const Eigen::VectorXd& g,
+                                     const Eigen::VectorXd& b) {
+  Eigen::MatrixXd y(x.rows(), x.cols());
+  for (Eigen::Index j = 0; j < x.cols(); ++j) {
+    const double mean = x.col(j).mean();
+    const double variance = (x.col(j).array() - mean).square().mean();
+    y.col(j) = ((x.col(j).array() - mean) / std::sqrt(variance + epsilon)) * g.array() + b.array();
+  }
+  return y;
+}
+
+struct Gradients {
+  Eigen::MatrixXd dx;
+  Eigen::VectorXd dg, db;
+};
+
+Gradients layer_norm_backward_reference(const Eigen::MatrixXd& x, const Eigen::VectorXd& g,
+                                        const Eigen::MatrixXd& dy) {
+  Gradients out{Eigen::MatrixXd(x.rows(), x.cols()), Eigen::VectorXd::Zero(x.rows()),
+                Eigen::VectorXd::Zero(x.rows())};
+  const auto n = static_cast<double>(x.rows());
+  for (Eigen::Index j = 0; j < x.cols(); ++j) {
+    const double mean = x.col(j).mean();
+    const double r = 1.0 / std::sqrt((x.col(j).array() - mean).square().mean() + epsilon);
+    const Eigen::ArrayXd xhat = (x.col(j).array() - mean) * r;
+    out.dg.array() += dy.col(j).array() * xhat;
+    out.db += dy.col(j);
+    const Eigen::ArrayXd gd = dy.col(j).array() * g.array();
+    out.dx.col(j) = r * (gd - gd.sum() / n - xhat * (gd * xhat).sum() / n);
+  }
+  return out;
+}
+
+TEST(LayerNormReference, BackwardMatchesFiniteDifferences) {
+  const Eigen::MatrixXd x = xax_test::to_double(xax_test::random_matrix<float>(6, 3, 11));
+  const Eigen::VectorXd g = xax_test::to_double(xax_test::random_matrix<float>(6, 1, 12));
+  const Eigen::VectorXd b = xax_test::to_double(xax_test::random_matrix<float>(6, 1, 13));
+  const Eigen::MatrixXd dy = xax_test::to_double(xax_test::random_matrix<float>(6, 3, 14));
+  const Gradients analytic = layer_norm_backward_reference(x, g, dy);
+  const auto loss = [&](const Eigen::MatrixXd& xx, const Eigen::VectorXd& gg, const Eigen::VectorXd& bb) {
+    return (layer_norm_reference(xx, gg, bb).array() * dy.array()).sum();
+  };
+  constexpr double h = 1e-6;
+  for (Eigen::Index i = 0; i < x.size(); ++i) {
+    Eigen::MatrixXd plus = x, minus = x;
+    plus.data()[i] += h;
+    minus.data()[i] -= h;
+    EXPECT_NEAR((loss(plus, g, b) - loss(minus, g, b)) / (2 * h), analytic.dx.data()[i], 1e-6);
+  }
+  for (Eigen::Index i = 0; i < g.size(); ++i) {
+    Eigen::VectorXd plus = g, minus = g;
+    plus[i] += h;
+    minus[i] -= h;
+    EXPECT_NEAR((loss(x, plus, b) - loss(x, minus, b)) / (2 * h), analytic.dg[i], 1e-6);
+  }
+}
+
+template <class T>
+class LayerNormTyped : public ::testing::Test {};
+TYPED_TEST_SUITE(LayerNormTyped, xax_test::Scalars);
+
+template <class T, class G>
+void check_forward_and_backward() {
+  constexpr Eigen::Index features = 48, columns = 9;
+  // A large mean: a 16-bit variance of these columns would cancel to nothing; fp32 statistics do not.
+  const Matrix<T> x = xax_test::random_matrix<T>(features, columns, 1, 60.0f, 68.0f);
+  const Vector<G> gain = xax_test::random_matrix<G>(features, 1, 2, 0.5f, 1.5f);
+  const Vector<G> bias = xax_test::random_matrix<G>(features, 1, 3, -0.5f, 0.5f);
+  const Matrix<T> dy = xax_test::random_matrix<T>(features, columns, 4);
+  const Eigen::MatrixXd xd = xax_test::to_double(x), dyd = xax_test::to_double(dy);
+  const Eigen::VectorXd gd = xax_test::to_double(gain), bd = xax_test::to_double(bias);
+
+  xax::LayerNormStatistics stats;
+  Matrix<T> y;
+  xax::layer_norm(x, gain, bias, y, stats);
+  const Eigen::MatrixXd expected = layer_norm_reference(xd, gd, bd);
+  // fp32 statistics: the error is the output's one rounding (plus float's own, scaled by |y| <= ~3).
+  EXPECT_TRUE(xax_test::near_reference(y, expected, 1.01 * xax_test::half_ulp<T>(), 2e-5));
+  for (Eigen::Index j = 0; j < columns; ++j) EXPECT_NEAR(stats.mean[j], xd.col(j).mean(), 1e-4);
+
+  Matrix<float> y32;
+  xax::layer_norm(x, gain, bias, y32, stats);
+  EXPECT_TRUE(xax_test::near_reference(y32, expected, 1e-5, 2e-5));
+
+  const Gradients reference = layer_norm_backward_reference(xd, gd, dyd);
+  Eigen::MatrixXf dx;
+  Vector<float> dgain, dbias;
+  xax::layer_norm_backward(x, gain, stats, dy, dx, dgain, dbias);
+  // dx scales with 1/std (~0.4 here): float-level errors on top of exact inputs.
+  EXPECT_TRUE(xax_test::near_reference(dx, reference.dx, 1e-4, 1e-4));
+  EXPECT_TRUE(xax_test::near_reference(dgain, reference.dg, 1e-5, 1e-4));
+  EXPECT_TRUE(xax_test::near_reference(dbias, reference.db, 1e-5, 1e-4));
+
+  Matrix<T> dx_t;
+  Vector<G> dgain_g, dbias_g;
+  xax::layer_norm_backward(x, gain, stats, dy, dx_t, dgain_g, dbias_g);
+  EXPECT_TRUE(xax_test::near_reference(dx_t, reference.dx, 1.01 * xax_test::half_ulp<T>(), 1e-4));
+  EXPECT_TRUE(xax_test::near_reference(dgain_g, reference.dg, 1.01 * xax_test::half_ulp<G>(), 1e-4));
+
+  // Accumulation adds in fp32 to what is there.
+  Eigen::MatrixXf dx_acc = Eigen::MatrixXf::Constant(features, columns, 2.0f);
+  Vector<float> dg_acc = Vector<float>::Constant(features, -1.0f),
+                db_acc = Vector<float>::Constant(features, 3.0f);
+  xax::layer_norm_backward(x, gain, stats, dy, dx_acc, dg_acc, db_acc,
+                           {.accumulate_input_gradient = true, .accumulate_parameter_gradients = true});
+  EXPECT_TRUE(xax_test::near_reference(dx_acc, reference.dx.array() + 2.0, 1e-4, 1e-4));
+  EXPECT_TRUE(xax_test::near_reference(dg_acc, reference.dg.array() - 1.0, 1e-5, 1e-4));
+  EXPECT_TRUE(xax_test::near_reference(db_acc, reference.db.array() + 3.0, 1e-5, 1e-4));
+}
+
+TYPED_TEST(LayerNormTyped, Fp32GainOnTypedInputMatchesReference) {
+  check_forward_and_backward<TypeParam, float>();
+}
+
+TYPED_TEST(LayerNormTyped, TypedGainMatchesReference) {
+  check_forward_and_backward<TypeParam, TypeParam>();
+}
+
+TYPED_TEST(LayerNormTyped, ColumnBlocksAreNormalisedInPlaceOfTheirMatrix) {
+  using T = TypeParam;
+  const Matrix<T> x = xax_test::random_matrix<T>(16, 6, 21);
+  const Vector<float> gain = Vector<float>::Ones(8), bias = Vector<float>::Zero(8);
+  Matrix<T> y = Matrix<T>::Zero(16, 6);
+  xax::LayerNormStatistics stats;
+  xax::layer_norm(x.topRows(8), gain, bias, y.topRows(8), stats);
+  EXPECT_TRUE(
+      xax_test::near_reference(y.topRows(8),
+                               layer_norm_reference(xax_test::to_double(x.topRows(8)),
+                                                    Eigen::VectorXd::Ones(8), Eigen::VectorXd::Zero(8)),
+                               1.01 * xax_test::half_ulp<T>(), 2e-5));
+  EXPECT_EQ(static_cast<float>(y(12, 3)), 0.0f);
+}
+
+TEST(LayerNorm, RejectsBadShapesAndEpsilon) {
+  const Eigen::MatrixXf x = Eigen::MatrixXf::Random(5, 3);
+  const Eigen::VectorXf g = Eigen::VectorXf::Ones(5), b = Eigen::VectorXf::Zero(5);
+  Eigen::MatrixXf y;
+  xax::LayerNormStatistics stats;
+  EXPECT_THROW(xax::layer_norm(x, Eigen::VectorXf::Ones(4).eval(), b, y, stats), xax::ShapeError);
+  EXPECT_THROW(xax::layer_norm(x, g, b, y, stats, -1.0f), xax::ConfigError);
+  EXPECT_THROW(xax::layer_norm(Eigen::MatrixXf(0, 3), Eigen::VectorXf(0), Eigen::VectorXf(0), y, stats),
+               xax::ShapeError);
+  xax::layer_norm(x, g, b, y, stats);
+  Eigen::MatrixXf dx;
+  Eigen::VectorXf dg, db;
+  EXPECT_THROW(xax::layer_norm_backward(x, g, stats, Eigen::MatrixXf::Ones(5, 2).eval(), dx, dg, db),
+               xax::ShapeError);
+  xax::LayerNormStatistics other;
+  xax::layer_norm(x.leftCols(2), g, b, y, other);
+  EXPECT_THROW(xax::layer_norm_backward(x, g, other, x, dx, dg, db), xax::ShapeError);
+}
+
+}  // namespace
