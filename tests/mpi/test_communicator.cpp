@@ -100,15 +100,18 @@ TEST(Communicator, CollectivesMoveWhatTheySay) {
   std::vector<float> gathered(static_cast<std::size_t>(offsets.back() + counts.back()));
   comm.all_gather_v(send.data(), rank + 1, gathered.data(), counts.data(), offsets.data());
   for (int r = 0; r < size; ++r)
-    for (int i = 0; i < r + 1; ++i) EXPECT_EQ(gathered[static_cast<std::size_t>(offsets[static_cast<std::size_t>(r)] + i)], r);
+    for (int i = 0; i < r + 1; ++i)
+      EXPECT_EQ(gathered[static_cast<std::size_t>(offsets[static_cast<std::size_t>(r)] + i)], r);
 
   // All-to-all: rank r sends the value 10 r + q to rank q.
   std::vector<int> ones(static_cast<std::size_t>(size), 1), steps(static_cast<std::size_t>(size));
   std::iota(steps.begin(), steps.end(), 0);
   std::vector<xax::bfloat16> out(static_cast<std::size_t>(size)), in(static_cast<std::size_t>(size));
-  for (int q = 0; q < size; ++q) out[static_cast<std::size_t>(q)] = xax::bfloat16(static_cast<float>(10 * rank + q));
+  for (int q = 0; q < size; ++q)
+    out[static_cast<std::size_t>(q)] = xax::bfloat16(static_cast<float>(10 * rank + q));
   comm.all_to_all_v(out.data(), ones.data(), steps.data(), in.data(), ones.data(), steps.data());
-  for (int r = 0; r < size; ++r) EXPECT_EQ(static_cast<float>(in[static_cast<std::size_t>(r)]), static_cast<float>(10 * r + rank));
+  for (int r = 0; r < size; ++r)
+    EXPECT_EQ(static_cast<float>(in[static_cast<std::size_t>(r)]), static_cast<float>(10 * r + rank));
 }
 
 }  // namespace

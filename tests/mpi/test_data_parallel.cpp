@@ -1,14 +1,14 @@
-// xax/distributed/data_parallel.hpp: data-parallel TrainStep and mixins. In deterministic mode the masters are
-// bit-identical to one process running the same global batches (so identical for 1, 2 and 4 ranks); every rank
-// takes the same skip decision and scale, also when only one rank's gradients overflow.
+// xax/distributed/data_parallel.hpp: data-parallel TrainStep and mixins. In deterministic mode the masters
+// are bit-identical to one process running the same global batches (so identical for 1, 2 and 4 ranks); every
+// rank takes the same skip decision and scale, also when only one rank's gradients overflow.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <limits>
 #include <span>
-#include <unistd.h>
 #include <vector>
 #include <xax/distributed/data_parallel.hpp>
 #include <xax/distributed/shard_sampler.hpp>
@@ -71,7 +71,10 @@ struct Model {
 // One process, plain TrainStep: the reference.
 class SingleTrainer : public Model, public xax::TrainStep<SingleTrainer, MixedPolicy> {
  public:
-  SingleTrainer() { reset_train_state(task.init_params(), xax::optim::AdamWOptions{.learning_rate = 1e-2}, xax::DynamicLossScale{}); }
+  SingleTrainer() {
+    reset_train_state(task.init_params(), xax::optim::AdamWOptions{.learning_rate = 1e-2},
+                      xax::DynamicLossScale{});
+  }
 };
 
 // The same on every rank of the job, each on its share of every global batch.
@@ -87,7 +90,8 @@ class ParallelTrainer : public Model,
   }
 };
 
-constexpr xax::distributed::ShardSamplerOptions sampling{.examples = 512, .global_batch = 64, .micro_shards = 4, .seed = 3};
+constexpr xax::distributed::ShardSamplerOptions sampling{
+    .examples = 512, .global_batch = 64, .micro_shards = 4, .seed = 3};
 
 template <class Trainer>
 std::vector<xax::StepResult> train(Trainer& trainer, int rank, int world, std::int64_t epochs = 2) {
@@ -96,7 +100,8 @@ std::vector<xax::StepResult> train(Trainer& trainer, int rank, int world, std::i
   for (std::int64_t epoch = 0; epoch < epochs; ++epoch) {
     for (std::int64_t step = 0; step < sampler.steps_per_epoch(); ++step) {
       std::vector<Batch> batches;
-      for (const auto indices : sampler.rank_shards(epoch, step)) batches.push_back(trainer.task.make_batch(indices));
+      for (const auto indices : sampler.rank_shards(epoch, step))
+        batches.push_back(trainer.task.make_batch(indices));
       results.push_back(trainer.train_step(std::span<const Batch>(batches)));
     }
   }
@@ -135,10 +140,14 @@ TEST(DataParallelTrainStep, OneRanksOverflowSkipsTheStepOnEveryRank) {
     for (std::int64_t step = 0; step < 6; ++step) {
       if (step == bad_step) before_bad_step = flat(parallel.params());
       std::vector<Batch> batches;
-      for (const auto indices : sampler.rank_shards(0, step)) batches.push_back(parallel.task.make_batch(indices));
+      for (const auto indices : sampler.rank_shards(0, step))
+        batches.push_back(parallel.task.make_batch(indices));
       const xax::StepResult result = parallel.train_step(std::span<const Batch>(batches));
       EXPECT_EQ(result.finite, step != bad_step) << "step " << step;
-      if (step == bad_step) EXPECT_TRUE(same_bits(flat(parallel.params()), before_bad_step)) << "a skipped step changed the masters";
+      if (step == bad_step) {
+        EXPECT_TRUE(same_bits(flat(parallel.params()), before_bad_step))
+            << "a skipped step changed the masters";
+      }
       scales.push_back(result.loss_scale);
       finite.push_back(result.finite ? 1.0f : 0.0f);
       scales.push_back(static_cast<float>(result.skipped_steps));
@@ -170,7 +179,8 @@ class ParallelTask : public xax::TrainMixin<ParallelTask, ParallelConfig>,
   using params_type = Net<T>;
   using batch_type = Batch;
   explicit ParallelTask(const ParallelConfig& config)
-      : TrainMixin(config), DataParallelMixin(static_cast<const xax::distributed::DataParallelConfig&>(config)),
+      : TrainMixin(config),
+        DataParallelMixin(static_cast<const xax::distributed::DataParallelConfig&>(config)),
         inner_(config, xax_test::make_data(512)) {}
   Net<float> init_params() const {
     Net<float> initial = inner_.init_params();
@@ -204,12 +214,14 @@ TEST(DataParallelMixin, FitIsBitIdenticalToOneProcessAndResumesFromRankZerosChec
   parallel.fit();
   EXPECT_TRUE(same_bits(flat(parallel.params()), flat(single.params())));
   ASSERT_EQ(parallel.results.size(), single.results.size());
-  for (std::size_t i = 0; i < single.results.size(); ++i) EXPECT_EQ(parallel.results[i].loss, single.results[i].loss);
+  for (std::size_t i = 0; i < single.results.size(); ++i)
+    EXPECT_EQ(parallel.results[i].loss, single.results[i].loss);
 
   // Interrupted after 5 steps, rank 0 writes the checkpoint; every rank resumes from it.
   std::int64_t pid = ::getpid();
   parallel.communicator().broadcast(&pid, 1, 0);
-  const auto path = std::filesystem::temp_directory_path() / ("xax_data_parallel_" + std::to_string(pid) + ".ckpt");
+  const auto path =
+      std::filesystem::temp_directory_path() / ("xax_data_parallel_" + std::to_string(pid) + ".ckpt");
   ParallelConfig interrupted_config = parallel_config();
   interrupted_config.max_steps = 5;
   ParallelTask interrupted(interrupted_config);

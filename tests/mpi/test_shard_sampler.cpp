@@ -32,7 +32,8 @@ TEST(ShardSampler, RanksShareEachGlobalBatchWithoutOverlapWhateverTheWorldSize) 
         }
         // Together the ranks train on exactly the single process's global batch, in the same order.
         std::vector<std::int64_t> single;
-        for (const auto shard : reference.rank_shards(epoch, step)) single.insert(single.end(), shard.begin(), shard.end());
+        for (const auto shard : reference.rank_shards(epoch, step))
+          single.insert(single.end(), shard.begin(), shard.end());
         EXPECT_EQ(union_of_ranks, single) << "world " << world << " epoch " << epoch << " step " << step;
         EXPECT_EQ(std::set<std::int64_t>(single.begin(), single.end()).size(), single.size());
       }
@@ -62,13 +63,15 @@ TEST(ShardSampler, DropsTheLastPartialGlobalBatchAndReshufflesEachEpoch) {
   ShardSamplerOptions other = options;
   other.seed = 10;
   ShardSampler reseeded(other, 0, 1);
-  EXPECT_FALSE(std::ranges::equal(reseeded.micro_shard(0, 0, 0), ShardSampler(options, 0, 1).micro_shard(0, 0, 0)));
+  EXPECT_FALSE(
+      std::ranges::equal(reseeded.micro_shard(0, 0, 0), ShardSampler(options, 0, 1).micro_shard(0, 0, 0)));
 }
 
 TEST(ShardSampler, BadSettingsAreConfigErrors) {
   EXPECT_THROW(ShardSampler(options, 0, 3), xax::ConfigError);  // 4 micro-shards over 3 ranks
   EXPECT_THROW(ShardSampler(options, 2, 2), xax::ConfigError);
-  EXPECT_THROW(ShardSampler({.examples = 103, .global_batch = 26, .micro_shards = 4}, 0, 1), xax::ConfigError);
+  EXPECT_THROW(ShardSampler({.examples = 103, .global_batch = 26, .micro_shards = 4}, 0, 1),
+               xax::ConfigError);
   EXPECT_THROW(ShardSampler({.examples = 20, .global_batch = 24, .micro_shards = 4}, 0, 1), xax::ConfigError);
   EXPECT_THROW(ShardSampler({.examples = 20, .global_batch = 4, .micro_shards = 0}, 0, 1), xax::ConfigError);
   ShardSampler sampler(options, 0, 1);

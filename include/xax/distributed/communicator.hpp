@@ -149,9 +149,9 @@ class Environment {
 };
 
 /// An MPI communicator with RAII and exceptions. It either owns its MPI_Comm (a duplicate, freed when the
-/// Communicator is destroyed) or borrows one (never freed). Either way MPI_ERRORS_RETURN is set on it, so that
-/// a failed call returns to xax, which throws MpiError, instead of MPI's default of aborting without a word;
-/// on a borrowed communicator that changes the error handler the caller sees too. Move-only.
+/// Communicator is destroyed) or borrows one (never freed). Either way MPI_ERRORS_RETURN is set on it, so
+/// that a failed call returns to xax, which throws MpiError, instead of MPI's default of aborting without a
+/// word; on a borrowed communicator that changes the error handler the caller sees too. Move-only.
 class Communicator {
  public:
   /// A private duplicate of MPI_COMM_WORLD: xax's traffic and error handler never touch the application's.

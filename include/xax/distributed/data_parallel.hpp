@@ -5,8 +5,8 @@
 ///
 /// A mixin task adds one base and one config section, and runs under `mpirun -np N`:
 ///
-///     struct MyConfig : xax::TrainConfig, xax::MixedPrecisionConfig, xax::distributed::DataParallelConfig {};
-///     class MyTask : public xax::TrainMixin<MyTask, MyConfig>,
+///     struct MyConfig : xax::TrainConfig, xax::MixedPrecisionConfig, xax::distributed::DataParallelConfig
+///     {}; class MyTask : public xax::TrainMixin<MyTask, MyConfig>,
 ///                    public xax::MixedPrecisionMixin<MyTask, MyConfig>,
 ///                    public xax::distributed::DataParallelMixin<MyTask> {
 ///      public:

@@ -150,7 +150,8 @@ class GradientReducer {
   explicit GradientReducer(Communicator comm, ReducerOptions options = {})
       : comm_(std::move(comm)), options_(options) {
     if (options_.wire != DType::float32 && options_.wire != DType::bfloat16) {
-      throw ConfigError("xax::distributed::GradientReducer: wire type " + std::string(dtype_name(options_.wire)) +
+      throw ConfigError("xax::distributed::GradientReducer: wire type " +
+                        std::string(dtype_name(options_.wire)) +
                         " is not accepted; expected float32 or bfloat16");
     }
   }
@@ -304,8 +305,8 @@ class GradientReducer {
   }
 
   // Sends chunk q of each of this rank's `per_rank` contributions to rank q, receives every rank's
-  // contributions to this rank's chunk (`mine` elements) and adds them in fp32, rank by rank and within a rank
-  // in micro-batch order, into sum_.
+  // contributions to this rank's chunk (`mine` elements) and adds them in fp32, rank by rank and within a
+  // rank in micro-batch order, into sum_.
   template <class Wire>
   void exchange_and_sum(const std::vector<Wire>& send, std::vector<Wire>& receive, std::size_t per_rank,
                         std::size_t mine) {
@@ -346,7 +347,8 @@ class GradientReducer {
   bool structure_checked_ = false;
   std::vector<double> local_losses_, all_losses_;
   std::vector<std::int64_t> counts_;
-  std::vector<int> int_counts_, int_offsets_, chunk_counts_, chunk_offsets_, receive_counts_, receive_offsets_;
+  std::vector<int> int_counts_, int_offsets_, chunk_counts_, chunk_offsets_, receive_counts_,
+      receive_offsets_;
   std::vector<float> local_sum_, scratch_, send32_, receive32_, sum_, widened_, gathered32_;
   std::vector<bfloat16> send16_, receive16_, sum16_, gathered16_;
 };

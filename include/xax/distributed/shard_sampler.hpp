@@ -46,7 +46,8 @@ class ShardSampler {
                    " is not accepted; expected 0 <= rank < world size");
     }
     if (options.micro_shards < 1) {
-      throw reject("micro_shards " + std::to_string(options.micro_shards) + " is not accepted; expected >= 1");
+      throw reject("micro_shards " + std::to_string(options.micro_shards) +
+                   " is not accepted; expected >= 1");
     }
     if (options.global_batch < 1 || options.global_batch % options.micro_shards != 0) {
       throw reject("global_batch " + std::to_string(options.global_batch) +
@@ -58,8 +59,8 @@ class ShardSampler {
                    std::to_string(options.examples) + " examples; expected global_batch <= examples");
     }
     if (options.micro_shards % world_size != 0) {
-      throw reject("micro_shards " + std::to_string(options.micro_shards) + " is not a multiple of the world size " +
-                   std::to_string(world_size) +
+      throw reject("micro_shards " + std::to_string(options.micro_shards) +
+                   " is not a multiple of the world size " + std::to_string(world_size) +
                    "; every process takes the same number of micro-shards, so choose micro_shards as a "
                    "multiple of every world size you run on (4 serves 1, 2 and 4 processes)");
     }
@@ -70,7 +71,9 @@ class ShardSampler {
   /// Full global batches per epoch; the remainder is dropped.
   [[nodiscard]] std::int64_t steps_per_epoch() const { return options_.examples / options_.global_batch; }
   /// Examples per micro-shard (B / S).
-  [[nodiscard]] std::int64_t micro_shard_size() const { return options_.global_batch / options_.micro_shards; }
+  [[nodiscard]] std::int64_t micro_shard_size() const {
+    return options_.global_batch / options_.micro_shards;
+  }
   /// This rank's micro-shards are [first_micro_shard(), first_micro_shard() + micro_shards_per_rank()).
   [[nodiscard]] std::int64_t first_micro_shard() const { return first_; }
   [[nodiscard]] std::int64_t micro_shards_per_rank() const { return per_rank_; }
@@ -89,7 +92,8 @@ class ShardSampler {
     permute(epoch);
     const std::int64_t size = micro_shard_size();
     return std::span<const std::int64_t>(order_).subspan(
-        static_cast<std::size_t>(step * options_.global_batch + shard * size), static_cast<std::size_t>(size));
+        static_cast<std::size_t>(step * options_.global_batch + shard * size),
+        static_cast<std::size_t>(size));
   }
 
   /// This rank's micro-shards of `step`, in order.
@@ -108,8 +112,9 @@ class ShardSampler {
     // Each epoch's generator is keyed by (seed, epoch), so any epoch can be rebuilt on its own (a resumed run
     // needs no history). std::shuffle's algorithm belongs to the standard library, which all processes of a
     // job share.
-    std::seed_seq key{static_cast<std::uint32_t>(options_.seed), static_cast<std::uint32_t>(options_.seed >> 32),
-                      static_cast<std::uint32_t>(epoch), static_cast<std::uint32_t>(epoch >> 32)};
+    std::seed_seq key{static_cast<std::uint32_t>(options_.seed),
+                      static_cast<std::uint32_t>(options_.seed >> 32), static_cast<std::uint32_t>(epoch),
+                      static_cast<std::uint32_t>(epoch >> 32)};
     std::mt19937_64 rng(key);
     std::shuffle(order_.begin(), order_.end(), rng);
     epoch_ = epoch;

@@ -458,7 +458,7 @@ class MixedPrecisionMixin {
     const PolicySpec spec = mp.policy_spec();
     auto initial = derived().init_params();
     // A data-parallel task starts every process from one set of initial params (rank 0's).
-    if constexpr (requires(D& task) { task.synchronize_initial_params(initial); })
+    if constexpr (requires(D & task) { task.synchronize_initial_params(initial); })
       static_cast<D&>(derived()).synchronize_initial_params(initial);
     auto holder = std::make_unique<Holder<D>>();
     const auto build_engine = [&](auto&& optimizer) {
