@@ -38,7 +38,10 @@ function(xax_mpi_launcher ranks out_command out_environment)
   execute_process(COMMAND "${MPIEXEC_EXECUTABLE}" --version OUTPUT_VARIABLE version ERROR_VARIABLE version)
   if(version MATCHES "Open MPI|OpenRTE")
     list(APPEND command --oversubscribe)
-    set(environment OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
+    # Shared memory in /tmp rather than /dev/shm, and no cross-memory-attach single copy: both are missing in
+    # chroots and containers (CI's fresh Debian root), where Open MPI's defaults fail.
+    set(environment OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_backing_directory=/tmp
+                    OMPI_MCA_btl_vader_single_copy_mechanism=none)
   endif()
   set(${out_command} "${command}" PARENT_SCOPE)
   set(${out_environment} "${environment}" PARENT_SCOPE)
