@@ -4,9 +4,9 @@
 // every rank takes the same step. In deterministic mode (the default) the final params are bit-identical
 // for 1, 2 and 4 ranks: compare the params_crc32 lines.
 //
-//   mpirun -np 2 ./data_parallel                                  # Fashion-MNIST if installed, else synthetic
-//   mpirun -np 4 ./data_parallel epochs=1 gradient_wire_dtype=bfloat16
-//   mpirun -H a,b -np 2 ./data_parallel                           # two machines, one rank each
+//   mpirun -np 2 ./data_parallel                                  # Fashion-MNIST if installed, else
+//   synthetic mpirun -np 4 ./data_parallel epochs=1 gradient_wire_dtype=bfloat16 mpirun -H a,b -np 2
+//   ./data_parallel                           # two machines, one rank each
 //
 // Any field of the config can be given as key=value. A rank that fails ends the whole job with its message.
 #include <xax/distributed/data_parallel.hpp>
@@ -46,7 +46,8 @@ struct ParallelConfig : xax::TrainConfig, xax::MixedPrecisionConfig, xax::distri
     visit("hidden", self.hidden, "an integer >= 1");
   }
   void validate() const {
-    if (hidden < 1) throw xax::ConfigError("config field 'hidden': " + std::to_string(hidden) + " is not >= 1");
+    if (hidden < 1)
+      throw xax::ConfigError("config field 'hidden': " + std::to_string(hidden) + " is not >= 1");
   }
 };
 
@@ -64,7 +65,8 @@ class ParallelTask : public xax::TrainMixin<ParallelTask, ParallelConfig>,
   using batch_type = Batch;
 
   ParallelTask(const ParallelConfig& config, xax::ClassificationSplits data)
-      : TrainMixin(config), DataParallelMixin(static_cast<const xax::distributed::DataParallelConfig&>(config)),
+      : TrainMixin(config),
+        DataParallelMixin(static_cast<const xax::distributed::DataParallelConfig&>(config)),
         data_(std::move(data)) {
     if (rank() != 0) set_log_stream(nullptr);  // one rank reports
   }
@@ -88,16 +90,17 @@ class ParallelTask : public xax::TrainMixin<ParallelTask, ParallelConfig>,
 
   static constexpr bool writes_fp32_gradients = true;
   template <class T, class G>
-  requires(std::same_as<G, T> || std::same_as<G, float>) double loss_and_grads(const params_type<T>& params,
-                                                                              const Batch& batch, float loss_scale,
-                                                                              params_type<G>& grads) {
+  requires(std::same_as<G, T> ||
+           std::same_as<G, float>) double loss_and_grads(const params_type<T>& params, const Batch& batch,
+                                                         float loss_scale, params_type<G>& grads) {
     return xax::nn::mlp_loss_and_gradients(params, batch.x, batch.labels, grads, workspace<T>(),
                                            {.loss_scale = loss_scale});
   }
   template <class T>
   double evaluate(const params_type<T>& params, const Batch& batch) {
     const auto& logits = xax::nn::mlp_forward(params, batch.x, workspace<T>());
-    return static_cast<double>(xax::nn::count_correct(logits, batch.labels)) / static_cast<double>(batch.x.cols());
+    return static_cast<double>(xax::nn::count_correct(logits, batch.labels)) /
+           static_cast<double>(batch.x.cols());
   }
 
   void on_epoch_end(std::int64_t epoch) {
@@ -116,7 +119,8 @@ class ParallelTask : public xax::TrainMixin<ParallelTask, ParallelConfig>,
     return std::get<xax::nn::MlpWorkspace<T>>(workspaces_);
   }
   xax::ClassificationSplits data_;
-  std::tuple<xax::nn::MlpWorkspace<float>, xax::nn::MlpWorkspace<xax::bfloat16>, xax::nn::MlpWorkspace<xax::float16>>
+  std::tuple<xax::nn::MlpWorkspace<float>, xax::nn::MlpWorkspace<xax::bfloat16>,
+             xax::nn::MlpWorkspace<xax::float16>>
       workspaces_;
 };
 
@@ -138,24 +142,27 @@ int main(int argc, char** argv) {
     }
     ParallelTask task(config, std::move(data));
     if (task.rank() == 0) {
-      std::printf("data-parallel training on %d ranks: %s, global batch %lld (%lld micro-batches of %lld), %s "
-                  "wire, %s reduction, policy %s\n",
-                  task.world_size(), fashion ? "Fashion-MNIST" : "a synthetic task (Fashion-MNIST not installed)",
-                  static_cast<long long>(config.batch_size * config.accumulation_steps),
-                  static_cast<long long>(config.accumulation_steps), static_cast<long long>(config.batch_size),
-                  config.gradient_wire_dtype.c_str(), config.deterministic_reduction ? "deterministic" : "fast",
-                  task.policy().str().c_str());
+      std::printf(
+          "data-parallel training on %d ranks: %s, global batch %lld (%lld micro-batches of %lld), %s "
+          "wire, %s reduction, policy %s\n",
+          task.world_size(), fashion ? "Fashion-MNIST" : "a synthetic task (Fashion-MNIST not installed)",
+          static_cast<long long>(config.batch_size * config.accumulation_steps),
+          static_cast<long long>(config.accumulation_steps), static_cast<long long>(config.batch_size),
+          config.gradient_wire_dtype.c_str(), config.deterministic_reduction ? "deterministic" : "fast",
+          task.policy().str().c_str());
     }
     const xax::TrainSummary summary = task.fit();
     const auto params = task.params();
     if (task.rank() == 0) {
       const xax::distributed::ReductionStats& stats = task.reduction_stats();
-      std::printf("%lld steps in %.2f s, final loss %.4f; gradient reduction %.3f s (%.1f%% of the run), %zu bytes "
-                  "sent per rank per step\n",
-                  static_cast<long long>(summary.steps), summary.seconds, summary.last_loss, stats.seconds,
-                  100.0 * stats.seconds / summary.seconds, stats.wire_bytes_last);
+      std::printf(
+          "%lld steps in %.2f s, final loss %.4f; gradient reduction %.3f s (%.1f%% of the run), %zu bytes "
+          "sent per rank per step\n",
+          static_cast<long long>(summary.steps), summary.seconds, summary.last_loss, stats.seconds,
+          100.0 * stats.seconds / summary.seconds, stats.wire_bytes_last);
 #if XAX_HAS_ZLIB
-      // The CRC-32 of the final master params' bytes in tree order: equal across world sizes in deterministic mode.
+      // The CRC-32 of the final master params' bytes in tree order: equal across world sizes in deterministic
+      // mode.
       uLong crc = crc32(0L, Z_NULL, 0);
       xax::for_each_leaf(
           [&]<class L>(const L& leaf) {

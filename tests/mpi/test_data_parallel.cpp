@@ -178,9 +178,9 @@ class ParallelTask : public xax::TrainMixin<ParallelTask, ParallelConfig>,
   template <class T>
   using params_type = Net<T>;
   using batch_type = Batch;
-  explicit ParallelTask(const ParallelConfig& config)
+  explicit ParallelTask(const ParallelConfig& config, Communicator comm = Communicator{})
       : TrainMixin(config),
-        DataParallelMixin(static_cast<const xax::distributed::DataParallelConfig&>(config)),
+        DataParallelMixin(static_cast<const xax::distributed::DataParallelConfig&>(config), std::move(comm)),
         inner_(config, xax_test::make_data(512)) {}
   Net<float> init_params() const {
     Net<float> initial = inner_.init_params();
@@ -206,7 +206,7 @@ ParallelConfig parallel_config() {
   return config;
 }
 
-TEST(DataParallelMixin, FitIsBitIdenticalToOneProcessAndResumesFromRankZerosCheckpoint) {
+TEST(DataParallelMixin, FitIsBitIdenticalToOneProcessAndResumesFromAOneProcessCheckpoint) {
   xax_test::ClassifierTask single(task_config(), xax_test::make_data(512));
   single.fit();
 
@@ -217,19 +217,31 @@ TEST(DataParallelMixin, FitIsBitIdenticalToOneProcessAndResumesFromRankZerosChec
   for (std::size_t i = 0; i < single.results.size(); ++i)
     EXPECT_EQ(parallel.results[i].loss, single.results[i].loss);
 
-  // Interrupted after 5 steps, rank 0 writes the checkpoint; every rank resumes from it.
+  // Interrupted after 5 steps of a run on rank 0 alone (a world of one), which writes the checkpoint; every
+  // rank of this world resumes from it: the checkpoint does not depend on the number of processes.
   std::int64_t pid = ::getpid();
   parallel.communicator().broadcast(&pid, 1, 0);
   const auto path =
       std::filesystem::temp_directory_path() / ("xax_data_parallel_" + std::to_string(pid) + ".ckpt");
-  ParallelConfig interrupted_config = parallel_config();
-  interrupted_config.max_steps = 5;
-  ParallelTask interrupted(interrupted_config);
-  interrupted.fit();
-  if (interrupted.writes_checkpoints()) interrupted.save_checkpoint(path);
-  interrupted.communicator().barrier();
+  MPI_Comm solo = MPI_COMM_NULL;
+  MPI_Comm_split(MPI_COMM_WORLD, parallel.rank() == 0 ? 0 : MPI_UNDEFINED, 0, &solo);
+  if (parallel.rank() == 0) {
+    ParallelConfig interrupted_config = parallel_config();
+    interrupted_config.max_steps = 5;
+    {
+      ParallelTask interrupted(interrupted_config, Communicator::duplicate(solo));
+      EXPECT_EQ(interrupted.world_size(), 1);
+      interrupted.fit();
+      EXPECT_TRUE(interrupted.writes_checkpoints());
+      interrupted.save_checkpoint(path);
+    }
+    MPI_Comm_free(&solo);
+  }
+  parallel.communicator().barrier();
   ParallelTask resumed(parallel_config());
+  EXPECT_EQ(resumed.writes_checkpoints(), resumed.rank() == 0);
   resumed.load_checkpoint(path);
+  EXPECT_EQ(resumed.global_step(), 5);
   resumed.fit();
   resumed.communicator().barrier();
   if (resumed.rank() == 0) std::filesystem::remove(path);
