@@ -12,8 +12,8 @@ function(xax_find_mpi out_found)
   if(NOT XAX_WITH_MPI MATCHES "^(AUTO|ON)$")
     message(FATAL_ERROR "xax: XAX_WITH_MPI=${XAX_WITH_MPI} is not accepted; use AUTO, ON or OFF")
   endif()
-  set(how_to_get_it "Data-parallel training needs MPI: on Debian 12, apt-get install libopenmpi-dev openmpi-bin "
-                    "(or libmpich-dev mpich).")
+  set(how_to_get_it
+      "Data-parallel training needs MPI: on Debian 12, apt-get install libopenmpi-dev openmpi-bin (or libmpich-dev mpich).")
   set(MPI_CXX_SKIP_MPICXX ON CACHE BOOL "xax uses MPI's C API only")
   find_package(MPI QUIET COMPONENTS CXX)
   if(MPI_CXX_FOUND)
