@@ -154,10 +154,10 @@ class HookTask : public xax::TrainMixin<HookTask, HookConfig>,
       : TrainMixin(config), inner_(config, xax_test::make_data(256)) {}
   Net<float> init_params() const {
     Net<float> p = inner_.init_params();
-    p.w1.array() += 100.0f;  // undone by synchronize_initial_params
+    p.w1 *= 2.0f;  // undone (exactly) by synchronize_initial_params
     return p;
   }
-  void synchronize_initial_params(Net<float>& p) { p.w1.array() -= 100.0f, ++synchronized; }
+  void synchronize_initial_params(Net<float>& p) { p.w1 *= 0.5f, ++synchronized; }
   std::int64_t num_examples() const { return inner_.num_examples(); }
   Batch make_batch(std::span<const std::int64_t> indices) const { return inner_.make_batch(indices); }
   template <class T>
