@@ -35,7 +35,8 @@ endif()
 file(TO_CMAKE_PATH "${opened}" opened)
 
 file(GLOB_RECURSE headers RELATIVE "${SOURCE_DIR}/include" "${SOURCE_DIR}/include/xax/*.hpp")
-list(FILTER headers EXCLUDE REGEX "^xax/detail/|^xax/xax\\.hpp$")
+# xax/distributed/ is the optional MPI part (xax::mpi), which the core umbrella must not pull in.
+list(FILTER headers EXCLUDE REGEX "^xax/detail/|^xax/xax\\.hpp$|^xax/distributed/")
 set(missing)
 foreach(header IN LISTS headers)
   string(FIND "${opened}" "include/${header}\n" position)

@@ -100,6 +100,9 @@ void visit_config_sections(Config& config, Visit&& visit) {
   if constexpr (requires { Config::visit_mixed_precision_fields(config, visit); }) {
     Config::visit_mixed_precision_fields(config, visit);
   }
+  if constexpr (requires { Config::visit_data_parallel_fields(config, visit); }) {
+    Config::visit_data_parallel_fields(config, visit);
+  }
   if constexpr (requires { Config::visit_fields(config, visit); }) Config::visit_fields(config, visit);
 }
 
@@ -133,6 +136,7 @@ template <config_struct Config>
 void validate_config(const Config& config) {
   if constexpr (requires { config.validate_train(); }) config.validate_train();
   if constexpr (requires { config.validate_mixed_precision(); }) config.validate_mixed_precision();
+  if constexpr (requires { config.validate_data_parallel(); }) config.validate_data_parallel();
   if constexpr (requires { config.validate(); }) config.validate();
 }
 

@@ -175,6 +175,28 @@ concept unscaled_gradients_hook = requires(D& trainer, Grads& grads, const Unsca
   trainer.on_unscaled_gradients(grads, info);
 };
 
+/// What a gradient reducer hands back to the step (see xax::gradient_reducer): the loss summed over every
+/// micro-batch of the step on every process, and how many micro-batches that was.
+struct ReducedGradients {
+  double loss_sum = 0;
+  std::int64_t micro_batches = 0;
+};
+
+/// The customization point between the backward and unscale-and-check, for data-parallel training (DESIGN
+/// §12; xax/distributed/data_parallel.hpp implements it over MPI). A trainer that defines `void
+/// collect_micro_gradients(std::size_t index, double loss, const params_type<update_type>& grads)` and
+/// `ReducedGradients reduce_gradients(params_type<update_type>& grads)` is handed each micro-batch's scaled
+/// gradients and loss as they are computed (TrainStep then does not sum them itself: the reducer owns the
+/// order of summation), and is then asked for the sum over every micro-batch of the step, on all processes,
+/// in `grads`. TrainStep averages over the count it returns and unscales, checks and updates as usual, so
+/// every process that receives the same reduced gradients takes the same skip decision and the same scale.
+template <class D, class Grads>
+concept gradient_reducer = requires(D& trainer, std::size_t index, double loss, const Grads& micro,
+                                    Grads& grads) {
+  trainer.collect_micro_gradients(index, loss, micro);
+  { trainer.reduce_gradients(grads) } -> std::same_as<ReducedGradients>;
+};
+
 namespace detail {
 
 template <class L>
@@ -878,7 +900,6 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
   auto& s = state<D>();
   if (micro_batches.empty()) throw ConfigError("train_step needs at least one batch; got an empty span");
   const float scale = current_loss_scale();
-  const double micro_count = static_cast<double>(micro_batches.size());
   const auto& compute_params = s.compute_params();
 
   // The batch loss_and_grads sees: the caller's, or its cast to compute_type (see declares_batch_cast).
@@ -891,35 +912,52 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
     }
   };
 
+  // A gradient reducer (data-parallel training) takes every micro-batch's gradients as they come and sums
+  // them itself, so each one is written as if it were the first.
+  constexpr bool reduces = gradient_reducer<D, typename State<D>::template Params<update_type>>;
   double loss_sum = 0;
   for (std::size_t i = 0; i < micro_batches.size(); ++i) {
+    const bool first = i == 0 || reduces;
+    double micro_loss = 0;
     if constexpr (writes_update_grads<D>) {
       // The trainer writes gradients of the optimizer's type: in place, no cast.
-      auto& target = i == 0 ? s.grads : s.grads_micro;
-      if (i == 1 && !s.micro_shaped) {
+      auto& target = first ? s.grads : s.grads_micro;
+      if (!first && !s.micro_shaped) {
         s.grads_micro = s.grads;  // shaped on the first accumulating step, reused after
         s.micro_shaped = true;
       }
-      loss_sum += static_cast<double>(
+      micro_loss = static_cast<double>(
           derived().loss_and_grads(compute_params, step_batch(micro_batches[i]), scale, target));
-      if (i > 0) detail::add_in_place(s.grads, s.grads_micro);
+      if (!first) detail::add_in_place(s.grads, s.grads_micro);
     } else {
-      loss_sum += static_cast<double>(
+      micro_loss = static_cast<double>(
           derived().loss_and_grads(compute_params, step_batch(micro_batches[i]), scale, s.compute_grads));
-      if (i == 0) {
+      if (first) {
         tree_cast_into(s.compute_grads, s.grads);
       } else {
         tree_cast_into(s.compute_grads, s.grads_micro);
         detail::add_in_place(s.grads, s.grads_micro);
       }
     }
+    loss_sum += micro_loss;
+    if constexpr (reduces) derived().collect_micro_gradients(i, micro_loss, std::as_const(s.grads));
   }
-  const double loss = loss_sum / micro_count;
+  auto averaged_over = static_cast<std::int64_t>(micro_batches.size());
+  if constexpr (reduces) {
+    const ReducedGradients reduced = derived().reduce_gradients(s.grads);
+    if (reduced.micro_batches < 1) {
+      throw Error("xax::TrainStep: reduce_gradients reported " + std::to_string(reduced.micro_batches) +
+                  " micro-batches; a reducer must report at least the ones it was given");
+    }
+    loss_sum = reduced.loss_sum;
+    averaged_over = reduced.micro_batches;
+  }
+  const double loss = loss_sum / static_cast<double>(averaged_over);
 
   // One pass unscales, averages over micro-batches, checks the results and takes their norm. The factor
   // 1 / (scale * k) is computed in double and rounded to float once (PyTorch), so k = 1 multiplies by
   // exactly inverse_scale().
-  const float inverse = detail::reciprocal(scale, static_cast<std::int64_t>(micro_batches.size()));
+  const float inverse = detail::reciprocal(scale, averaged_over);
   const UnscaledGradients unscaled = unscale_check_and_norm(s.grads, inverse);
   const bool grads_finite = unscaled.finite;
   const bool finite = grads_finite && std::isfinite(loss);

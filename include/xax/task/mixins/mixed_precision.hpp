@@ -271,6 +271,16 @@ class PolicyStepEngine final : public StepEngine<Task>,
     task_->on_unscaled_gradients(grads, info);
   }
 
+  // Forwards the task's gradient reducer (data-parallel training, xax::gradient_reducer), if it has one.
+  void collect_micro_gradients(std::size_t index, double loss, const params_type<float>& grads) requires
+      gradient_reducer<Task, params_type<float>> {
+    task_->collect_micro_gradients(index, loss, grads);
+  }
+  ReducedGradients reduce_gradients(params_type<float>& grads) requires
+      gradient_reducer<Task, params_type<float>> {
+    return task_->reduce_gradients(grads);
+  }
+
   StepResult train_step(Task& task, std::span<const batch_type> micro_batches) override {
     const BoundTask bound(*this, task);
     StepResult result = Step::train_step(micro_batches);
@@ -460,7 +470,10 @@ class MixedPrecisionMixin {
     validate_config(config);
     const MixedPrecisionConfig& mp = config;
     const PolicySpec spec = mp.policy_spec();
-    const auto initial = derived().init_params();
+    auto initial = derived().init_params();
+    // A data-parallel task starts every process from one set of initial params (rank 0's).
+    if constexpr (requires(D & task) { task.synchronize_initial_params(initial); })
+      static_cast<D&>(derived()).synchronize_initial_params(initial);
     auto holder = std::make_unique<Holder<D>>();
     const auto build_engine = [&](auto&& optimizer) {
       // Only float16/bfloat16/float32 params and compute are compiled (validate_mixed_precision rejects

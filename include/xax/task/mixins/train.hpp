@@ -279,6 +279,10 @@ TrainSummary TrainMixin<Derived, Config>::fit() {
       if (config_.max_steps > 0 && global_step_ >= config_.max_steps) break;
       micro.clear();
       for (std::int64_t m = 0; m < micro_per_step; ++m) {
+        // Data-parallel training: each process makes only the micro-batches of the step that are its shard.
+        if constexpr (requires { derived().owns_micro_batch(m, micro_per_step); }) {
+          if (!derived().owns_micro_batch(m, micro_per_step)) continue;
+        }
         const auto first = static_cast<std::size_t>((batch_in_epoch_ + m) * batch);
         micro.push_back(derived().make_batch(
             std::span<const std::int64_t>(order_).subspan(first, static_cast<std::size_t>(batch))));
@@ -310,7 +314,10 @@ TrainSummary TrainMixin<Derived, Config>::fit() {
         log_line(line.str(), true);
       }
       if (config_.checkpoint_interval > 0 && global_step_ % config_.checkpoint_interval == 0) {
-        save_checkpoint(config_.checkpoint_path);
+        // Data-parallel processes hold the same state; one of them (rank 0) writes it.
+        bool writes = true;
+        if constexpr (requires { derived().writes_checkpoints(); }) writes = derived().writes_checkpoints();
+        if (writes) save_checkpoint(config_.checkpoint_path);
       }
     }
     if (config_.max_steps > 0 && global_step_ >= config_.max_steps) break;

@@ -1,0 +1,356 @@
+#pragma once
+/// \file
+/// `xax::distributed::GradientReducer`: sums the gradients of one data-parallel step over every process, in
+/// fp32, so that every process ends with the same bits (DESIGN §12), and `broadcast_tree`, which starts every
+/// process from rank 0's parameters.
+///
+/// How a step's gradients are reduced (one all-to-all, a local fp32 sum, one all-gather):
+/// - The flattened gradient (N floats, tree order) is cut into one chunk per rank; rank q owns chunk q.
+/// - Every process sends chunk q of each of its contributions to rank q (MPI_Alltoallv), on the wire as fp32
+///   or bfloat16.
+/// - Rank q adds the contributions of its chunk in fp32, in the global order of the micro-batches (rank 0's
+///   first, then rank 1's, ...), element by element, and rounds the sum to the wire type once.
+/// - An all-gather (MPI_Allgatherv) hands every rank every chunk's sum. Every rank therefore holds the same
+///   bits, computed by one owner, and takes the same skip decision, scale and counters from them; no MPI
+///   reduction order is trusted to agree across ranks.
+///
+/// Deterministic mode (the default) sends every micro-batch's gradients as a contribution of its own, so that
+/// each element is the sum of the step's S micro-batch gradients added left to right in micro-batch order:
+/// the same additions, in the same order, whatever the number of processes, and the same as a single process
+/// accumulating those S micro-batches in xax::TrainStep. The final masters are then bit-identical for 1, 2
+/// and 4 ranks. It costs S/W contributions on the wire per rank instead of one (see README). The fast mode
+/// sums a process's micro-batches locally first and sends one contribution.
+///
+/// With the bfloat16 wire every element is rounded to bf16 when sent and its sum is accumulated in fp32 and
+/// rounded to bf16 once (not at every hop, as a ring all-reduce with a bf16 MPI_Op or NCCL rounds it), which
+/// halves the bytes of both exchanges.
+
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <vector>
+#include <xax/distributed/communicator.hpp>
+#include <xax/ops/convert.hpp>
+#include <xax/task/train_step.hpp>
+#include <xax/utils/dtype.hpp>
+#include <xax/utils/error.hpp>
+#include <xax/utils/tree.hpp>
+
+namespace xax::distributed {
+
+/// How gradients are reduced.
+struct ReducerOptions {
+  /// The type gradients travel in: DType::float32 (exact sums of fp32 gradients) or DType::bfloat16 (half
+  /// the bytes; each element summed in fp32 and rounded once).
+  DType wire = DType::float32;
+  /// Each micro-batch's gradients travel on their own and are summed in micro-batch order, so that results
+  /// do not depend on the number of processes (bit-identical masters for 1, 2, 4 ranks). Off: each process
+  /// sums its micro-batches first and sends one contribution (fewer bytes, same result for a fixed world).
+  bool deterministic = true;
+};
+
+/// What the reducer did, for reports: communication time and bytes.
+struct ReductionStats {
+  std::int64_t reductions = 0;       ///< steps reduced
+  double seconds = 0;                ///< wall time inside reduce(): exchanges and the fp32 sums
+  std::size_t elements = 0;          ///< gradient elements per step (N)
+  std::size_t wire_bytes_last = 0;   ///< bytes this rank sent to other ranks in the last step
+  std::size_t wire_bytes_total = 0;  ///< the same, summed over all steps
+};
+
+namespace detail {
+
+// Copies (or rounds) the floating leaves of `tree`, in tree order, into `flat`.
+template <class Wire, class Tree>
+void flatten_into(const Tree& tree, std::span<Wire> flat) {
+  std::size_t offset = 0;
+  for_each_leaf(
+      [&]<class L>(const L& leaf) {
+        if constexpr (floating_leaf<L>) {
+          static_assert(std::is_same_v<leaf_scalar_t<L>, float>,
+                        "xax::distributed::GradientReducer reduces fp32 gradients (TrainStep's update_type "
+                        "float); double-precision params are not supported");
+          const auto values = leaf_span(leaf);
+          if (offset + values.size() > flat.size())
+            throw ShapeError("xax::distributed::GradientReducer: the gradient tree grew between steps");
+          convert(values, flat.subspan(offset, values.size()));
+          offset += values.size();
+        }
+      },
+      tree);
+  if (offset != flat.size())
+    throw ShapeError("xax::distributed::GradientReducer: the gradient tree shrank between steps");
+}
+
+template <class Wire, class Tree>
+void unflatten_from(std::span<const Wire> flat, Tree& tree) {
+  std::size_t offset = 0;
+  for_each_leaf(
+      [&]<class L>(L& leaf) {
+        if constexpr (floating_leaf<L>) {
+          auto values = leaf_span(leaf);
+          convert(flat.subspan(offset, values.size()), values);
+          offset += values.size();
+        }
+      },
+      tree);
+}
+
+}  // namespace detail
+
+/// Throws ShapeError on every rank unless every rank's tree has the same number of floating leaves and
+/// elements (a cheap guard against ranks built with different models, which would otherwise corrupt or
+/// hang the collectives).
+template <class Tree>
+void check_same_structure(const Communicator& comm, const Tree& tree, const char* what) {
+  const std::int64_t mine[2] = {static_cast<std::int64_t>(leaf_count(tree)),
+                                static_cast<std::int64_t>(floating_element_count(tree))};
+  std::int64_t low[2] = {};
+  std::int64_t high[2] = {};
+  comm.all_reduce(mine, low, 2, MPI_MIN);
+  comm.all_reduce(mine, high, 2, MPI_MAX);
+  if (low[0] != high[0] || low[1] != high[1]) {
+    throw ShapeError(std::string(what) + ": the ranks hold different trees (leaves from " +
+                     std::to_string(low[0]) + " to " + std::to_string(high[0]) + ", elements from " +
+                     std::to_string(low[1]) + " to " + std::to_string(high[1]) + " across " +
+                     std::to_string(comm.size()) + " ranks); every rank must build the same model");
+  }
+}
+
+/// Overwrites every floating leaf of `tree` with rank `root`'s values (every rank then starts from the same
+/// parameters). Throws ShapeError on every rank when the ranks' trees differ in structure.
+template <class Tree>
+void broadcast_tree(const Communicator& comm, Tree& tree, int root = 0) {
+  if (root < 0 || root >= comm.size()) {
+    throw ConfigError("xax::distributed::broadcast_tree: root " + std::to_string(root) +
+                      " is not a rank; expected 0 <= root < " + std::to_string(comm.size()));
+  }
+  check_same_structure(comm, tree, "xax::distributed::broadcast_tree");
+  for_each_leaf(
+      [&]<class L>(L& leaf) {
+        if constexpr (floating_leaf<L>) {
+          auto values = leaf_span(leaf);
+          comm.broadcast(values.data(), values.size(), root);
+        }
+      },
+      tree);
+}
+
+/// Sums one data-parallel step's gradients over every process (see the file comment). Meets TrainStep's
+/// gradient_reducer protocol through `collect` and `reduce`: hand it each micro-batch's gradients and loss
+/// as they are computed, then ask for the reduced sum. It owns its Communicator and keeps its buffers from
+/// step to step (nothing is allocated after the first step).
+class GradientReducer {
+ public:
+  explicit GradientReducer(Communicator comm, ReducerOptions options = {})
+      : comm_(std::move(comm)), options_(options) {
+    if (options_.wire != DType::float32 && options_.wire != DType::bfloat16) {
+      throw ConfigError("xax::distributed::GradientReducer: wire type " +
+                        std::string(dtype_name(options_.wire)) +
+                        " is not accepted; expected float32 or bfloat16");
+    }
+  }
+
+  [[nodiscard]] const Communicator& communicator() const { return comm_; }
+  [[nodiscard]] const ReducerOptions& options() const { return options_; }
+  [[nodiscard]] const ReductionStats& stats() const { return stats_; }
+
+  /// Takes micro-batch `index`'s (scaled) gradients and its loss. Indices count from 0 within the step.
+  template <class Grads>
+  void collect(std::size_t index, double loss, const Grads& grads) {
+    if (index == 0) local_losses_.clear();  // a new step (also after a step that threw)
+    if (index != local_losses_.size()) {
+      throw Error("xax::distributed::GradientReducer::collect: got micro-batch " + std::to_string(index) +
+                  " after " + std::to_string(local_losses_.size()) +
+                  "; give a step's micro-batches in order, from 0");
+    }
+    if (index == 0) shape(grads);
+    local_losses_.push_back(loss);
+    if (options_.deterministic) {
+      // Every micro-batch is a contribution of its own, rounded to the wire type once here.
+      if (contributions_ < index + 1) {
+        contributions_ = index + 1;
+        if (wire_is_bf16()) {
+          send16_.resize(contributions_ * elements_);
+        } else {
+          send32_.resize(contributions_ * elements_);
+        }
+      }
+      if (wire_is_bf16()) {
+        detail::flatten_into(grads, std::span<bfloat16>(send16_).subspan(index * elements_, elements_));
+      } else {
+        detail::flatten_into(grads, std::span<float>(send32_).subspan(index * elements_, elements_));
+      }
+    } else {
+      // Summed locally, left to right, as TrainStep's own accumulation does.
+      if (index == 0) {
+        detail::flatten_into(grads, std::span<float>(local_sum_));
+      } else {
+        detail::flatten_into(grads, std::span<float>(scratch_));
+        for (std::size_t i = 0; i < elements_; ++i) local_sum_[i] += scratch_[i];
+      }
+    }
+  }
+
+  /// Writes the sum of every collected micro-batch gradient over every rank into `grads` (the same bits on
+  /// every rank) and returns the loss summed over the same micro-batches and their number. Collective: every
+  /// rank calls it once per step, after collecting at least one micro-batch.
+  template <class Grads>
+  ReducedGradients reduce(Grads& grads) {
+    const auto start = std::chrono::steady_clock::now();
+    const std::size_t local = local_losses_.size();
+    if (local == 0) {
+      throw Error("xax::distributed::GradientReducer::reduce: no micro-batch was collected on rank " +
+                  std::to_string(comm_.rank()) + "; every rank needs at least one per step");
+    }
+    if (!structure_checked_) {
+      check_same_structure(comm_, grads, "xax::distributed::GradientReducer");
+      structure_checked_ = true;
+    }
+    const auto world = static_cast<std::size_t>(comm_.size());
+    const auto me = static_cast<std::size_t>(comm_.rank());
+
+    // How many micro-batches each rank has: the losses' layout, and in deterministic mode the contributions'.
+    counts_.assign(world, 0);
+    const auto local_count = static_cast<std::int64_t>(local);
+    comm_.all_gather(&local_count, 1, counts_.data());
+    int_counts_.resize(world);
+    int_offsets_.resize(world);
+    std::int64_t total = 0;
+    for (std::size_t r = 0; r < world; ++r) {
+      int_counts_[r] = Communicator::as_count(static_cast<std::size_t>(counts_[r]), "MPI_Allgatherv");
+      int_offsets_[r] = Communicator::as_count(static_cast<std::size_t>(total), "MPI_Allgatherv");
+      total += counts_[r];
+    }
+    if (options_.deterministic &&
+        std::any_of(counts_.begin(), counts_.end(), [&](std::int64_t c) { return c != counts_[0]; })) {
+      throw ConfigError(
+          "xax::distributed::GradientReducer: deterministic reduction needs the same number of micro-batches "
+          "on every rank, but rank " +
+          std::to_string(me) + " sees counts from " +
+          std::to_string(*std::min_element(counts_.begin(), counts_.end())) + " to " +
+          std::to_string(*std::max_element(counts_.begin(), counts_.end())) +
+          "; make the step's micro-batch count a multiple of the world size");
+    }
+    all_losses_.resize(static_cast<std::size_t>(total));
+    comm_.all_gather_v(local_losses_.data(), static_cast<int>(local), all_losses_.data(), int_counts_.data(),
+                       int_offsets_.data());
+    double loss_sum = 0;
+    for (const double loss : all_losses_) loss_sum += loss;  // micro-batch order, as TrainStep sums
+
+    // Chunk q of the flattened gradient, [begin(q), begin(q + 1)), is summed by rank q.
+    chunk_counts_.resize(world);
+    chunk_offsets_.resize(world);
+    for (std::size_t q = 0; q < world; ++q) {
+      const std::size_t begin = elements_ * q / world;
+      const std::size_t end = elements_ * (q + 1) / world;
+      chunk_offsets_[q] = Communicator::as_count(begin, "MPI_Alltoallv");
+      chunk_counts_[q] = Communicator::as_count(end - begin, "MPI_Alltoallv");
+    }
+    const auto mine = static_cast<std::size_t>(chunk_counts_[me]);
+    const std::size_t per_rank = options_.deterministic ? local : 1;  // contributions each rank sends
+
+    if (wire_is_bf16()) {
+      if (!options_.deterministic) {
+        send16_.resize(elements_);
+        convert(std::span<const float>(local_sum_), std::span<bfloat16>(send16_));
+      }
+      exchange_and_sum<bfloat16>(send16_, receive16_, per_rank, mine);
+      sum16_.resize(mine);
+      convert(std::span<const float>(sum_), std::span<bfloat16>(sum16_));  // rounded once
+      gathered16_.resize(elements_);
+      comm_.all_gather_v(sum16_.data(), static_cast<int>(mine), gathered16_.data(), chunk_counts_.data(),
+                         chunk_offsets_.data());
+      detail::unflatten_from(std::span<const bfloat16>(gathered16_), grads);
+    } else {
+      exchange_and_sum<float>(options_.deterministic ? send32_ : local_sum_, receive32_, per_rank, mine);
+      gathered32_.resize(elements_);
+      comm_.all_gather_v(sum_.data(), static_cast<int>(mine), gathered32_.data(), chunk_counts_.data(),
+                         chunk_offsets_.data());
+      detail::unflatten_from(std::span<const float>(gathered32_), grads);
+    }
+
+    // Bytes this rank put on the wire: its contributions to the other ranks' chunks, and its own chunk's
+    // sum to every other rank.
+    const std::size_t wire_size = wire_is_bf16() ? 2 : 4;
+    stats_.wire_bytes_last = (per_rank * (elements_ - mine) + mine * (world - 1)) * wire_size;
+    stats_.wire_bytes_total += stats_.wire_bytes_last;
+    stats_.elements = elements_;
+    ++stats_.reductions;
+    stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    local_losses_.clear();
+    return {loss_sum, total};
+  }
+
+ private:
+  [[nodiscard]] bool wire_is_bf16() const { return options_.wire == DType::bfloat16; }
+
+  template <class Grads>
+  void shape(const Grads& grads) {
+    const std::size_t n = floating_element_count(grads);
+    if (elements_ != n) {
+      elements_ = n;
+      contributions_ = 0;
+      structure_checked_ = false;
+      if (!options_.deterministic) {
+        local_sum_.resize(n);
+        scratch_.resize(n);
+      }
+    }
+  }
+
+  // Sends chunk q of each of this rank's `per_rank` contributions to rank q, receives every rank's
+  // contributions to this rank's chunk (`mine` elements) and adds them in fp32, rank by rank and within a
+  // rank in micro-batch order, into sum_.
+  template <class Wire>
+  void exchange_and_sum(const std::vector<Wire>& send, std::vector<Wire>& receive, std::size_t per_rank,
+                        std::size_t mine) {
+    const auto world = static_cast<std::size_t>(comm_.size());
+    receive.resize(world * per_rank * mine);
+    receive_counts_.assign(world, static_cast<int>(mine));
+    receive_offsets_.resize(world);
+    for (std::size_t j = 0; j < per_rank; ++j) {
+      for (std::size_t p = 0; p < world; ++p) {
+        receive_offsets_[p] = Communicator::as_count((p * per_rank + j) * mine, "MPI_Alltoallv");
+      }
+      comm_.all_to_all_v(send.data() + j * elements_, chunk_counts_.data(), chunk_offsets_.data(),
+                         receive.data(), receive_counts_.data(), receive_offsets_.data());
+    }
+    sum_.resize(mine);
+    const std::size_t contributions = world * per_rank;
+    if constexpr (std::is_same_v<Wire, float>) {
+      std::copy_n(receive.data(), mine, sum_.data());
+      for (std::size_t c = 1; c < contributions; ++c) {
+        const float* addend = receive.data() + c * mine;
+        for (std::size_t i = 0; i < mine; ++i) sum_[i] += addend[i];
+      }
+    } else {
+      widened_.resize(mine);
+      convert(std::span<const Wire>(receive.data(), mine), std::span<float>(sum_));
+      for (std::size_t c = 1; c < contributions; ++c) {
+        convert(std::span<const Wire>(receive.data() + c * mine, mine), std::span<float>(widened_));
+        for (std::size_t i = 0; i < mine; ++i) sum_[i] += widened_[i];
+      }
+    }
+  }
+
+  Communicator comm_;
+  ReducerOptions options_;
+  ReductionStats stats_;
+  std::size_t elements_ = 0;
+  std::size_t contributions_ = 0;  // deterministic mode: contribution slots the send buffer holds
+  bool structure_checked_ = false;
+  std::vector<double> local_losses_, all_losses_;
+  std::vector<std::int64_t> counts_;
+  std::vector<int> int_counts_, int_offsets_, chunk_counts_, chunk_offsets_, receive_counts_,
+      receive_offsets_;
+  std::vector<float> local_sum_, scratch_, send32_, receive32_, sum_, widened_, gathered32_;
+  std::vector<bfloat16> send16_, receive16_, sum16_, gathered16_;
+};
+
+}  // namespace xax::distributed
