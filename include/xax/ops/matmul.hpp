@@ -39,6 +39,7 @@
 #include <xax/detail/format.hpp>
 #include <xax/ops/activation.hpp>
 #include <xax/ops/backend/eigen.hpp>
+#include <xax/ops/backend/native_kernel.hpp>
 #include <xax/ops/backend/onednn.hpp>
 #include <xax/ops/backend/problem.hpp>
 #include <xax/ops/backend/widening.hpp>
