@@ -1,14 +1,15 @@
 #pragma once
-// The CSV files: written on every run, whether or not gnuplot is there, so the numbers behind every plot can
-// be read or re-plotted with any tool. One row per record, a header row first (RFC 4180 quoting).
+// The CSV files: gnuplot's input, written on every run whether or not gnuplot is there, so the plots can be
+// drawn later or with another tool. One row per record, a header row first (RFC 4180 quoting).
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
-#include <initializer_list>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "report/results.hpp"
@@ -18,7 +19,7 @@ namespace xax_bench {
 /// Writes one CSV file row by row; throws std::runtime_error naming the file if it cannot be written.
 class CsvWriter {
  public:
-  CsvWriter(std::filesystem::path path, std::initializer_list<std::string_view> header)
+  CsvWriter(std::filesystem::path path, const std::vector<std::string_view>& header)
       : path_(std::move(path)), out_(path_), columns_(header.size()) {
     if (!out_) throw std::runtime_error("cannot create " + path_.string());
     for (std::string_view name : header) cell(name);
@@ -74,62 +75,50 @@ class CsvWriter {
   std::size_t cells_ = 0;
 };
 
-/// Writes training.csv, epochs.csv, loss_curves.csv, peers.csv and (when the micro part ran) micro.csv into
-/// `dir`; returns the files written.
+/// training.csv's columns, in order. The plots address columns by position (gnuplot's `$N`), so they look
+/// the position up here (training_column) instead of repeating a number that would drift from the file.
+inline const std::vector<std::string_view>& training_csv_columns() {
+  static const std::vector<std::string_view> columns{"run",
+                                                     "configuration",
+                                                     "step_time_ms",
+                                                     "step_time_p10_ms",
+                                                     "step_time_p90_ms",
+                                                     "peak_rss_growth_bytes",
+                                                     "params_bytes",
+                                                     "train_state_bytes",
+                                                     "activations_bytes"};
+  return columns;
+}
+
+/// `$N`, gnuplot's reference to training.csv's column `name`. Throws std::logic_error for an unknown name.
+inline std::string training_column(std::string_view name) {
+  const auto& columns = training_csv_columns();
+  const auto found = std::find(columns.begin(), columns.end(), name);
+  if (found == columns.end()) throw std::logic_error("training.csv has no column " + std::string(name));
+  return "$" + std::to_string(found - columns.begin() + 1);
+}
+
+/// Writes the plots' input into `dir`: training.csv (step times and memory per run), epochs.csv (test
+/// accuracy per epoch), loss_curves.csv, and for the character-level GPT char_loss_curves.csv and
+/// char_loss_scale.csv. Returns the files written. Everything else a run measured is in report.json only.
 inline std::vector<std::filesystem::path> write_csv_files(const BenchmarkReport& report,
                                                           const std::filesystem::path& dir) {
   std::vector<std::filesystem::path> written;
 
-  CsvWriter training(dir / "training.csv", {"run",
-                                            "configuration",
-                                            "policy",
-                                            "policy_spec",
-                                            "loss_scaling",
-                                            "batch_size",
-                                            "epochs",
-                                            "steps",
-                                            "test_accuracy",
-                                            "final_train_loss",
-                                            "step_time_ms",
-                                            "step_time_p10_ms",
-                                            "step_time_p90_ms",
-                                            "throughput_samples_per_s",
-                                            "peak_rss_bytes",
-                                            "peak_rss_growth_bytes",
-                                            "params_bytes",
-                                            "train_state_bytes",
-                                            "activations_bytes",
-                                            "tensor_total_bytes",
-                                            "skipped_steps",
-                                            "final_loss_scale",
-                                            "matmul_implementation"});
+  CsvWriter training(dir / "training.csv", training_csv_columns());
   for (const TrainingRun& run : report.training) {
     const TensorBytes& t = run.tensor_bytes;
-    training.cell(run.label())
-        .cell(run.configuration)
-        .cell(run.policy)
-        .cell(run.policy_spec)
-        .cell(run.loss_scaling);
-    training.cell(run.batch_size)
-        .cell(run.epochs)
-        .cell(run.steps)
-        .cell(run.test_accuracy)
-        .cell(run.final_train_loss);
+    training.cell(run.label()).cell(run.configuration);
     training.cell(run.step_time_ms).cell(run.step_time_p10_ms).cell(run.step_time_p90_ms);
-    training.cell(run.throughput_samples_per_s).cell(run.peak_rss_bytes).cell(run.peak_rss_growth_bytes());
-    training.cell(t.params).cell(t.train_state).cell(t.activations).cell(t.total());
-    training.cell(run.skipped_steps).cell(run.final_loss_scale).cell(run.matmul_implementation);
+    training.cell(run.peak_rss_growth_bytes()).cell(t.params).cell(t.train_state).cell(t.activations);
     training.end_row();
   }
   written.push_back(training.path());
 
-  CsvWriter epochs(dir / "epochs.csv",
-                   {"run", "epoch", "train_loss", "test_accuracy", "seconds", "loss_scale", "skipped_steps"});
+  CsvWriter epochs(dir / "epochs.csv", {"run", "epoch", "test_accuracy"});
   for (const TrainingRun& run : report.training) {
-    for (const EpochRecord& e : run.epoch_records) {
-      epochs.cell(run.label()).cell(e.epoch).cell(e.train_loss).cell(e.test_accuracy).cell(e.seconds);
-      epochs.cell(e.loss_scale).cell(e.skipped_steps).end_row();
-    }
+    for (const EpochRecord& e : run.epoch_records)
+      epochs.cell(run.label()).cell(e.epoch).cell(e.test_accuracy).end_row();
   }
   written.push_back(epochs.path());
 
@@ -139,58 +128,21 @@ inline std::vector<std::filesystem::path> write_csv_files(const BenchmarkReport&
   }
   written.push_back(curves.path());
 
-  CsvWriter peers(dir / "peers.csv",
-                  {"policy", "threads", "torch_step_ms", "xax_step_ms", "xax_over_torch", "xax_source"});
-  for (const PeerComparison& p : report.peers) {
-    peers.cell(p.policy)
-        .cell(p.threads)
-        .cell(p.torch_step_ms)
-        .cell(p.xax_step_ms)
-        .cell(p.ratio())
-        .cell(p.xax_source);
-    peers.end_row();
-  }
-  written.push_back(peers.path());
-
-  if (report.micro.is_object() && report.micro.contains("benchmarks")) {
-    CsvWriter micro(dir / "micro.csv", {"name", "run_type", "iterations", "real_time", "cpu_time",
-                                        "time_unit", "bytes_per_second", "items_per_second", "counters"});
-    // Google Benchmark's standard keys; anything else in a run is a user counter (GFLOP/s and the like).
-    const std::vector<std::string> standard{"name",
-                                            "family_index",
-                                            "per_family_instance_index",
-                                            "run_name",
-                                            "run_type",
-                                            "repetitions",
-                                            "repetition_index",
-                                            "threads",
-                                            "iterations",
-                                            "real_time",
-                                            "cpu_time",
-                                            "time_unit",
-                                            "bytes_per_second",
-                                            "items_per_second",
-                                            "aggregate_name",
-                                            "aggregate_unit",
-                                            "label",
-                                            "error_occurred",
-                                            "error_message"};
-    for (const nlohmann::json& run : report.micro.at("benchmarks")) {
-      std::string counters;
-      for (const auto& [key, value] : run.items()) {
-        if (std::find(standard.begin(), standard.end(), key) != standard.end() || !value.is_number())
-          continue;
-        if (!counters.empty()) counters += ';';
-        counters += key + "=" + value.dump();
-      }
-      const auto number = [&run](const char* key) {
-        return run.contains(key) ? run.at(key).dump() : std::string();
-      };
-      micro.cell(run.value("name", "")).cell(run.value("run_type", "")).cell(number("iterations"));
-      micro.cell(number("real_time")).cell(number("cpu_time")).cell(run.value("time_unit", ""));
-      micro.cell(number("bytes_per_second")).cell(number("items_per_second")).cell(counters).end_row();
+  const auto is_char = [](const TrainingRun& run) { return run.workload == "char-transformer"; };
+  if (std::any_of(report.training.begin(), report.training.end(), is_char)) {
+    CsvWriter char_curves(dir / "char_loss_curves.csv", {"policy", "split", "step", "loss"});
+    CsvWriter char_scale(dir / "char_loss_scale.csv", {"policy", "step", "loss_scale"});
+    for (const TrainingRun& run : report.training) {
+      if (!is_char(run)) continue;
+      for (const LossPoint& p : run.loss_curve)
+        char_curves.cell(run.policy).cell("train").cell(p.step).cell(p.loss).end_row();
+      for (const LossPoint& p : run.val_curve)
+        char_curves.cell(run.policy).cell("val").cell(p.step).cell(p.loss).end_row();
+      for (const LossPoint& p : run.loss_scale_curve)
+        char_scale.cell(run.policy).cell(p.step).cell(p.loss).end_row();
     }
-    written.push_back(micro.path());
+    written.push_back(char_curves.path());
+    written.push_back(char_scale.path());
   }
   return written;
 }

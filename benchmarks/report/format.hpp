@@ -1,5 +1,5 @@
 #pragma once
-// Numbers as the console and summary.md show them.
+// Numbers as the console shows them.
 
 #include <cmath>
 #include <cstddef>
@@ -16,9 +16,9 @@ inline std::string fixed(double value, int decimals) {
   return text;
 }
 
-/// Bytes as MiB with one decimal, without the unit.
-inline std::string mebibytes(std::size_t bytes) {
-  return fixed(static_cast<double>(bytes) / 1048576.0, 1);
+/// Bytes as MiB with one decimal: "12.5 MiB".
+inline std::string mib(std::size_t bytes) {
+  return fixed(static_cast<double>(bytes) / 1048576.0, 1) + " MiB";
 }
 
 /// A loss scale in its shortest exact-looking form: 1, 32768, 0.5.

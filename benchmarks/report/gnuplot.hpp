@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "report/csv.hpp"
 #include "report/results.hpp"
 #include "runner/process.hpp"
 
@@ -69,7 +70,7 @@ inline std::string accuracy_script(const BenchmarkReport& report) {
     if (!first) plot += ", \\\n     ";
     first = false;
     plot += "'epochs.csv' skip 1 using 2:(strcol(1) eq " + gnuplot_quote(run.label()) +
-            " ? 100*$4 : NaN) with linespoints lw 2 title " + gnuplot_quote(run.label());
+            " ? 100*$3 : NaN) with linespoints lw 2 title " + gnuplot_quote(run.label());
   }
   if (first) return {};
   return "set title 'Test accuracy after each epoch (" + report.dataset +
@@ -81,15 +82,20 @@ inline std::string accuracy_script(const BenchmarkReport& report) {
 inline std::string step_time_script(const BenchmarkReport& report) {
   const std::size_t runs = run_labels(report, "standard").size();
   if (runs == 0) return {};
+  const auto standard_only = [](const std::string& column) {
+    return "(strcol(2) eq 'standard' ? " + training_column(column) + " : NaN)";
+  };
   return "set title 'Median training step time, MLP 784-512-512-10 (bars: 10th-90th percentile)'\n"
          "set ylabel 'ms per step'\nset yrange [0:*]\nset xrange [-0.5:" +
          std::to_string(runs) +
          "-0.5]\n"
          "set style fill solid 0.6 border -1\nset boxwidth 0.6\nunset key\n"
-         "plot 'training.csv' skip 1 using 0:(strcol(2) eq 'standard' ? $11 : NaN):xtic(1) with boxes "
-         "lc rgb '#4477aa', \\\n"
-         "     '' skip 1 using 0:(strcol(2) eq 'standard' ? $11 : NaN):(strcol(2) eq 'standard' ? $12 : NaN):"
-         "(strcol(2) eq 'standard' ? $13 : NaN) with yerrorbars lc rgb 'black' pt 0\n";
+         "plot 'training.csv' skip 1 using 0:" +
+         standard_only("step_time_ms") +
+         ":xtic(1) with boxes lc rgb '#4477aa', \\\n"
+         "     '' skip 1 using 0:" +
+         standard_only("step_time_ms") + ":" + standard_only("step_time_p10_ms") + ":" +
+         standard_only("step_time_p90_ms") + " with yerrorbars lc rgb 'black' pt 0\n";
 }
 
 inline std::string memory_script(const BenchmarkReport& report) {
@@ -102,16 +108,60 @@ inline std::string memory_script(const BenchmarkReport& report) {
          "set style fill solid 0.7 border -1\nset boxwidth 0.6\nset xtics rotate by -40 left font ',9'\n"
          "set yrange [0:*]\nset bmargin 10\n"
          "set title 'Peak RSS growth during the run'\nset ylabel 'MiB'\nunset key\n"
-         "plot 'training.csv' skip 1 using 0:($16/1048576):xtic(1) with boxes lc rgb '#aa3377'\n"
+         "plot 'training.csv' skip 1 using 0:(" +
+         training_column("peak_rss_growth_bytes") +
+         "/1048576):xtic(1) with boxes lc rgb '#aa3377'\n"
          "set title 'Tensor bytes by kind'\nset key at graph 0.03,0.97 left top Left reverse font ',9'\n"
          "set yrange [0:" +
          tensor_top +
          "]\n"
          "set style data histograms\nset style histogram rowstacked\n"
-         "plot 'training.csv' skip 1 using ($17/1048576):xtic(1) title 'master params', \\\n"
-         "     '' skip 1 using ($18/1048576) title 'compute copy, grads, optimizer', \\\n"
-         "     '' skip 1 using ($19/1048576) title 'activations'\n"
+         "plot 'training.csv' skip 1 using (" +
+         training_column("params_bytes") +
+         "/1048576):xtic(1) title 'master params', \\\n"
+         "     '' skip 1 using (" +
+         training_column("train_state_bytes") +
+         "/1048576) title 'compute copy, grads, optimizer', \\\n"
+         "     '' skip 1 using (" +
+         training_column("activations_bytes") +
+         "/1048576) title 'activations'\n"
          "unset multiplot\n";
+}
+
+// The character-level GPT's runs, one colour per policy: training loss (solid) and validation loss (dashed).
+inline std::string char_loss_curves_script(const BenchmarkReport& report) {
+  std::string plot;
+  int colour = 0;
+  for (const TrainingRun& run : report.training) {
+    if (run.workload != "char-transformer") continue;
+    const std::string policy = gnuplot_quote(run.policy);
+    const std::string lc = " lc " + std::to_string(++colour);
+    plot += (plot.empty() ? "plot " : ", \\\n     ");
+    plot += "'char_loss_curves.csv' skip 1 using 3:(strcol(1) eq " + policy +
+            " && strcol(2) eq 'train' ? $4 : NaN) with lines lw 1" + lc + " title " +
+            gnuplot_quote(run.policy + " train") +
+            ", \\\n     'char_loss_curves.csv' skip 1 using 3:(strcol(1) eq " + policy +
+            " && strcol(2) eq 'val' ? $4 : NaN) with linespoints lw 2 dt 2" + lc + " title " +
+            gnuplot_quote(run.policy + " validation");
+  }
+  if (plot.empty()) return {};
+  return "set title 'Character-level GPT: training loss (mean per interval) and validation loss'\n"
+         "set xlabel 'step'\nset ylabel 'cross-entropy (nats per character)'\n" +
+         plot + "\n";
+}
+
+inline std::string char_loss_scale_script(const BenchmarkReport& report) {
+  std::string plot;
+  for (const TrainingRun& run : report.training) {
+    if (run.workload != "char-transformer") continue;
+    plot += (plot.empty() ? "plot " : ", \\\n     ");
+    plot += "'char_loss_scale.csv' skip 1 using 2:(strcol(1) eq " + gnuplot_quote(run.policy) +
+            " ? $3 : NaN) with steps lw 2 title " + gnuplot_quote(run.policy);
+  }
+  if (plot.empty()) return {};
+  return "set title 'Character-level GPT: loss scale after each step'\nset xlabel 'step'\n"
+         "set ylabel 'loss scale'\nset logscale y 2\n" +
+         plot + "\n";
 }
 
 inline std::optional<std::string> render(const std::filesystem::path& gnuplot,
@@ -132,8 +182,10 @@ inline std::optional<std::string> render(const std::filesystem::path& gnuplot,
 
 }  // namespace detail
 
-/// Writes loss_curves.gp, accuracy.gp, step_time.gp and memory.gp into `dir` and renders each to PNG and SVG
-/// with the gnuplot at `gnuplot`; without one (nullopt), writes the scripts only and says so.
+/// Writes a gnuplot script per figure that has data (loss_curves, accuracy, step_time, memory, and for the
+/// character-level GPT char_loss_curves and char_loss_scale) into `dir`, next to the CSVs they read, and
+/// renders each to PNG and SVG with the gnuplot at `gnuplot`; without one (nullopt), writes the scripts only
+/// and says so.
 inline PlotOutcome write_plots(const BenchmarkReport& report, const std::filesystem::path& dir,
                                const std::optional<std::filesystem::path>& gnuplot) {
   PlotOutcome outcome;
@@ -142,6 +194,8 @@ inline PlotOutcome write_plots(const BenchmarkReport& report, const std::filesys
       {"accuracy", detail::accuracy_script(report)},
       {"step_time", detail::step_time_script(report)},
       {"memory", detail::memory_script(report)},
+      {"char_loss_curves", detail::char_loss_curves_script(report)},
+      {"char_loss_scale", detail::char_loss_scale_script(report)},
   };
   for (const auto& [name, body] : figures) {
     if (body.empty()) continue;

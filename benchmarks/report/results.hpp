@@ -1,6 +1,6 @@
 #pragma once
-// What mixed_precision_benchmark measured, independent of how it is written out. The writers in this folder
-// (JSON, CSV, gnuplot, Markdown) each turn a BenchmarkReport into one kind of file.
+// What mixed_precision_benchmark measured, independent of how it is written out: report.json is the record
+// (json_report.hpp); the CSV files and gnuplot scripts (csv.hpp, gnuplot.hpp) only draw the plots.
 
 #include <cstddef>
 #include <cstdint>
@@ -108,7 +108,6 @@ struct MemoryCheck {
   double tensor_ratio = 0;      ///< fp32 tensor bytes / this run's
   double required_ratio = 1.5;
   bool pass = false;
-  std::string explanation;  ///< why, in a sentence, especially when it does not pass
 };
 
 /// The PyTorch reference step for one policy, beside xax's.

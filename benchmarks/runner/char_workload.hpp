@@ -1,8 +1,8 @@
 #pragma once
 // The char-transformer workload of mixed_precision_benchmark: the character-level GPT trained under each
 // policy (runner/char_training.hpp), the PyTorch peer of the same model (peers/torch_char_gpt.py) trained
-// side by side, the validation-loss checks, and the workload's CSVs and plots (train/validation loss, loss
-// scale).
+// side by side, and the validation-loss checks. Its CSVs and plots are written with the MLP's
+// (report/csv.hpp, report/gnuplot.hpp).
 
 #include <cmath>
 #include <filesystem>
@@ -17,7 +17,6 @@
 #include <xax/utils/policy.hpp>
 
 #include "report/format.hpp"
-#include "report/gnuplot.hpp"
 #include "report/results.hpp"
 #include "runner/char_training.hpp"
 #include "runner/options.hpp"
@@ -102,82 +101,7 @@ inline const TrainingRun* find_char_run(const BenchmarkReport& report, const std
   return nullptr;
 }
 
-inline std::string char_plot_script_header(const std::string& name) {
-  return "# Written by mixed_precision_benchmark. To render again, in this directory:\n#   gnuplot -e \"set "
-         "terminal "
-         "pngcairo size 1000,650; set output '" +
-         name + ".png'\" " + name + ".gp\n";
-}
-
 }  // namespace detail
-
-/// Writes char_loss_curves.csv and char_loss_scale.csv, and the plots char_loss_curves and char_loss_scale
-/// (where gnuplot exists). Returns the images written; problems go to `problems`.
-inline std::vector<std::filesystem::path> write_char_plots(
-    const BenchmarkReport& report, const std::filesystem::path& dir,
-    const std::optional<std::filesystem::path>& gnuplot, std::vector<std::string>& problems) {
-  std::vector<const TrainingRun*> runs;
-  for (const TrainingRun& run : report.training)
-    if (run.workload == "char-transformer") runs.push_back(&run);
-  if (runs.empty()) return {};
-  {
-    std::ofstream curves(dir / "char_loss_curves.csv");
-    curves << "policy,split,step,loss\n";
-    for (const TrainingRun* run : runs) {
-      for (const LossPoint& p : run->loss_curve)
-        curves << run->policy << ",train," << p.step << "," << p.loss << "\n";
-      for (const LossPoint& p : run->val_curve)
-        curves << run->policy << ",val," << p.step << "," << p.loss << "\n";
-    }
-    std::ofstream scale(dir / "char_loss_scale.csv");
-    scale << "policy,step,loss_scale\n";
-    for (const TrainingRun* run : runs)
-      for (const LossPoint& p : run->loss_scale_curve)
-        scale << run->policy << "," << p.step << "," << p.loss << "\n";
-  }
-  std::string loss_plot = "plot ";
-  std::string scale_plot = "plot ";
-  for (std::size_t i = 0; i < runs.size(); ++i) {
-    const std::string label = detail::gnuplot_quote(runs[i]->policy);
-    const std::string sep = i == 0 ? "" : ", \\\n     ";
-    loss_plot += sep + "'char_loss_curves.csv' skip 1 using 3:(strcol(1) eq " + label +
-                 " && strcol(2) eq 'train' ? $4 : NaN) with lines lw 1 lc " + std::to_string(i + 1) +
-                 " title " + detail::gnuplot_quote(runs[i]->policy + " train") +
-                 ", \\\n     'char_loss_curves.csv' skip 1 using 3:(strcol(1) eq " + label +
-                 " && strcol(2) eq 'val' ? $4 : NaN) with linespoints lw 2 dt 2 lc " + std::to_string(i + 1) +
-                 " title " + detail::gnuplot_quote(runs[i]->policy + " validation");
-    scale_plot += sep + "'char_loss_scale.csv' skip 1 using 2:(strcol(1) eq " + label +
-                  " ? $3 : NaN) with steps lw 2 title " + label;
-  }
-  const std::vector<std::pair<std::string, std::string>> figures{
-      {"char_loss_curves",
-       "set title 'Character-level GPT: training loss (mean per interval) and validation loss'\n"
-       "set xlabel 'step'\nset ylabel 'cross-entropy (nats per character)'\n" +
-           loss_plot + "\n"},
-      {"char_loss_scale",
-       "set title 'Character-level GPT: loss scale after each step'\nset xlabel 'step'\n"
-       "set ylabel 'loss scale'\nset logscale y 2\n" +
-           scale_plot + "\n"},
-  };
-  std::vector<std::filesystem::path> images;
-  for (const auto& [name, body] : figures) {
-    std::ofstream script(dir / (name + ".gp"));
-    script << detail::char_plot_script_header(name);
-    detail::write_common_style(script);
-    script << body;
-    script.close();
-    if (!gnuplot) continue;
-    std::optional<std::string> failure = detail::render(*gnuplot, dir, name, "pngcairo");
-    if (failure) failure = detail::render(*gnuplot, dir, name, "png");
-    if (failure) {
-      problems.push_back("gnuplot could not render " + name + " (" + *failure + ")");
-      continue;
-    }
-    images.push_back(dir / (name + ".png"));
-    images.push_back(dir / (name + ".svg"));
-  }
-  return images;
-}
 
 /// Trains the GPT under every policy of `options`, runs the PyTorch peer beside it (unless skipped), and adds
 /// the runs, comparisons and checks to `report`. `loss_scaling_for` picks each policy's loss scaling as the
@@ -204,9 +128,8 @@ void run_char_workload(BenchmarkReport& report, const Options& options, std::ost
     const TrainingRun& run = report.training.back();
     say << "  " << run.policy << ": val loss " << fixed(run.val_loss.value_or(NAN), 4) << ", train loss "
         << fixed(run.final_train_loss, 4) << ", step " << fixed(run.step_time_ms, 2) << " ms ("
-        << fixed(run.tokens_per_s, 0) << " tokens/s), peak RSS +"
-        << fixed(static_cast<double>(run.peak_rss_growth_bytes()) / 1048576.0, 1) << " MiB, skipped "
-        << run.skipped_steps << ", final scale " << scale_text(run.final_loss_scale) << '\n';
+        << fixed(run.tokens_per_s, 0) << " tokens/s), peak RSS +" << mib(run.peak_rss_growth_bytes())
+        << ", skipped " << run.skipped_steps << ", final scale " << scale_text(run.final_loss_scale) << '\n';
     if (!run.error.empty()) say << "    stopped early: " << run.error << '\n';
     say << std::flush;
   }

@@ -103,7 +103,7 @@ inline ParsedOptions parse_options(int argc, char** argv) {
       "each precision policy on Fashion-MNIST (or a synthetic stand-in), measures step time, memory, loss\n"
       "curves and accuracy, runs xax's Google Benchmark micro-benchmarks and the PyTorch reference, and "
       "writes\n"
-      "report.json, CSV files, plots and summary.md into --out."};
+      "report.json and the plots (with their CSV input and gnuplot scripts) into --out."};
   app.name("mixed_precision_benchmark");
   app.footer(
       "Google Benchmark's own flags (--benchmark_filter, --benchmark_min_time, --benchmark_format, "
@@ -154,7 +154,7 @@ inline ParsedOptions parse_options(int argc, char** argv) {
   app.add_option("--memory-steps", o.memory_steps, "training steps of the activation-heavy memory probe")
       ->check(CLI::Range(1, 100000))
       ->capture_default_str();
-  app.add_option("--out", o.out, "directory for report.json, CSVs, plots and summary.md (created if needed)")
+  app.add_option("--out", o.out, "directory for report.json, CSVs and plots (created if needed)")
       ->capture_default_str();
   app.add_flag("--skip-micro", o.skip_micro, "skip the Google Benchmark micro-benchmarks");
   app.add_flag("--skip-training", o.skip_training,
