@@ -200,7 +200,9 @@ struct MixedPrecisionConfig {
 namespace detail {
 
 // The step engine behind MixedPrecisionMixin: an interface over the task's types, and one implementation per
-// compile-time policy, each a TrainStep whose "derived trainer" forwards to the task.
+// compile-time policy, each a TrainStep whose "derived trainer" forwards to the task. This interface is the
+// only type erasure between the config's run-time strings and the compile-time TrainStep: the mixin holds
+// the engine through it, and TrainStep holds its own state by a plain (non-virtual) pointer.
 template <class Task>
 class StepEngine {
  public:
@@ -367,7 +369,7 @@ class MixedPrecisionMixin {
   [[nodiscard]] PolicySpec policy() const { return mp_config().policy_spec(); }
   /// The scale the next step's backward will use (before the first step, the configured initial scale).
   [[nodiscard]] float current_loss_scale() const {
-    return engine_ ? engine_view().current_loss_scale() : initial_scale();
+    return engine_ ? engine_->current_loss_scale() : initial_scale();
   }
   [[deprecated("use current_loss_scale()")]] [[nodiscard]] float loss_scale() const {
     return current_loss_scale();
@@ -378,12 +380,19 @@ class MixedPrecisionMixin {
   void set_loss_scale(float scale) {
     engine<D>().set_loss_scale(scale);
   }
-  [[nodiscard]] std::int64_t skipped_steps() const { return engine_ ? engine_view().skipped_steps() : 0; }
+  [[nodiscard]] std::int64_t skipped_steps() const { return engine_ ? engine_->skipped_steps() : 0; }
 
-  /// The master parameters as float32.
+  /// A float32 copy of the master parameters (whatever the policy's param type).
   template <class D = Derived>
-  typename D::template params_type<float> params() {
+  typename D::template params_type<float> params_float32() {
     return engine<D>().params_float32();
+  }
+  /// TrainStep::params() is a reference to the masters in their own type; this was a float32 copy.
+  template <class D = Derived>
+  [[deprecated("use params_float32() (a float32 copy of the masters)")]]
+  typename D::template params_type<float>
+  params() {
+    return params_float32<D>();
   }
   /// Runs the task's `evaluate(params, batch)` on the masters cast to the compute type.
   template <class D = Derived>
@@ -415,8 +424,8 @@ class MixedPrecisionMixin {
   ~MixedPrecisionMixin() = default;
   MixedPrecisionMixin(MixedPrecisionMixin&&) noexcept = default;
   MixedPrecisionMixin& operator=(MixedPrecisionMixin&&) noexcept = default;
-  // Moving is supported: the engine keeps no pointer to its task (each call passes the task in). Copying
-  // is not: the type-erased engine has no clone.
+  // Moving is supported: the engine keeps no pointer to its task (each call passes the task in), and moves
+  // with the task as a pointer. Copying is not: the type-erased engine has no clone.
   MixedPrecisionMixin(const MixedPrecisionMixin&) = delete;
   MixedPrecisionMixin& operator=(const MixedPrecisionMixin&) = delete;
 
@@ -431,18 +440,6 @@ class MixedPrecisionMixin {
   const Derived& derived() const { return static_cast<const Derived&>(*this); }
 
  private:
-  struct EngineHolder {
-    virtual ~EngineHolder() = default;
-    virtual float current_loss_scale() const = 0;
-    virtual std::int64_t skipped_steps() const = 0;
-  };
-  template <class D>
-  struct Holder final : EngineHolder {
-    std::unique_ptr<detail::StepEngine<D>> engine;
-    float current_loss_scale() const override { return engine->current_loss_scale(); }
-    std::int64_t skipped_steps() const override { return engine->skipped_steps(); }
-  };
-
   const MixedPrecisionConfig& mp_config() const {
     static_assert(std::derived_from<Config, MixedPrecisionConfig>,
                   "xax::MixedPrecisionMixin: Config must derive from xax::MixedPrecisionConfig");
@@ -451,16 +448,15 @@ class MixedPrecisionMixin {
   float initial_scale() const {
     return std::visit([](const auto& s) { return s.loss_scale(); }, mp_config().make_loss_scale());
   }
-  const EngineHolder& engine_view() const { return *engine_; }
 
   template <class D>
-  detail::StepEngine<D>& engine() {
+  detail::StepEngine<Derived>& engine() {
     if (!engine_) engine_ = build<D>();
-    return *static_cast<Holder<D>&>(*engine_).engine;
+    return *engine_;
   }
 
   template <class D>
-  std::unique_ptr<EngineHolder> build() {
+  std::unique_ptr<detail::StepEngine<Derived>> build() {
     static_assert(
         requires(const D& task) {
           { task.init_params() } -> std::convertible_to<typename D::template params_type<float>>;
@@ -474,7 +470,7 @@ class MixedPrecisionMixin {
     // A data-parallel task starts every process from one set of initial params (rank 0's).
     if constexpr (requires(D & task) { task.synchronize_initial_params(initial); })
       static_cast<D&>(derived()).synchronize_initial_params(initial);
-    auto holder = std::make_unique<Holder<D>>();
+    std::unique_ptr<detail::StepEngine<Derived>> engine;
     const auto build_engine = [&](auto&& optimizer) {
       // Only float16/bfloat16/float32 params and compute are compiled (validate_mixed_precision rejects
       // float64): nine TrainStep instantiations rather than visit_policy's 64.
@@ -482,7 +478,7 @@ class MixedPrecisionMixin {
         using Param = typename P::param_type;
         using Compute = typename P::compute_type;
         if constexpr (!std::is_same_v<Param, double> && !std::is_same_v<Compute, double>) {
-          holder->engine = std::make_unique<detail::PolicyStepEngine<D, Policy<Param, Compute, float>>>(
+          engine = std::make_unique<detail::PolicyStepEngine<D, Policy<Param, Compute, float>>>(
               spec.output, initial, optimizer, mp.make_loss_scale(), mp.train_step_options());
         }
       });
@@ -497,10 +493,12 @@ class MixedPrecisionMixin {
     } else {
       build_engine(config.optimizer_options());
     }
-    return holder;
+    return engine;
   }
 
-  std::unique_ptr<EngineHolder> engine_;
+  // Declared over the incomplete Derived: StepEngine<Derived> is only instantiated where the engine is used,
+  // inside member functions, by which time Derived is complete.
+  std::unique_ptr<detail::StepEngine<Derived>> engine_;
 };
 
 }  // namespace xax
