@@ -364,7 +364,7 @@ class TrainStep {
   }
   /// Calls `f(compute_params)` with the masters cast to the compute type (for evaluation in the policy's
   /// precision).
-  template <class F, class D = Derived>
+  template <class F>
   decltype(auto) with_compute_params(F&& f) const {
     return f(state().compute_params());
   }
@@ -373,10 +373,7 @@ class TrainStep {
   [[nodiscard]] const LossScaleT& loss_scaler() const { return state().loss_scale; }
   /// Every other loss_scale() in xax is a float (the loss-scale kinds' own, DESIGN §3); this one was the
   /// object.
-  [[deprecated(
-      "use loss_scaler() for the loss-scale object, current_loss_scale() for its "
-      "scale")]] [[nodiscard]] const LossScaleT&
-  loss_scale() const {
+  [[deprecated("use loss_scaler()")]] [[nodiscard]] const LossScaleT& loss_scale() const {
     return loss_scaler();
   }
   /// The scale the next step's backward will use.
@@ -401,9 +398,7 @@ class TrainStep {
   /// Calls to train_step that returned, skipped ones included (one per call, whatever the micro-batches):
   /// applied_steps() + skipped_steps(). TrainMixin::fit_steps() counts only the steps its fit() ran.
   [[nodiscard]] std::int64_t train_step_calls() const { return state().calls; }
-  [[deprecated(
-      "use train_step_calls() (or applied_steps() for the optimizer's count)")]] [[nodiscard]] std::int64_t
-  steps() const {
+  [[deprecated("use train_step_calls()")]] [[nodiscard]] std::int64_t steps() const {
     return train_step_calls();
   }
   /// Calls to train_step whose update was skipped because gradients or loss were not finite.
@@ -417,7 +412,7 @@ class TrainStep {
   /// Calls `f(optimizer)` with the active built-in optimizer, read-only: an optim::AdamW or optim::Sgd over
   /// `params_type<update_type>`, whose `state()` holds the step count and moments. Throws Error when the step
   /// runs a user optimizer (reach that one with `optimizer<O>()`).
-  template <class F, class D = Derived>
+  template <class F>
   decltype(auto) visit_optimizer(F&& f) const {
     const auto& s = state();
     if (const auto* adamw = s.optimizer.template get_if<typename State::AdamW>()) return f(*adamw);
@@ -429,7 +424,7 @@ class TrainStep {
 
   /// The active optimizer, read-only, as the type `O` it was given as (optim::AdamW<params_type<update_type>>
   /// for AdamWOptions). Throws Error when the step runs an optimizer of another type.
-  template <class O, class D = Derived>
+  template <class O>
   const O& optimizer() const {
     const auto& s = state();
     if (const O* active = s.optimizer.template get_if<O>()) return *active;
@@ -438,19 +433,12 @@ class TrainStep {
   }
 
   /// Sets the learning rate of the optimizer (schedules call this between steps).
-  template <class D = Derived>
-  void set_learning_rate(double learning_rate) {
-    state().optimizer->set_learning_rate(learning_rate);
-  }
+  void set_learning_rate(double learning_rate) { state().optimizer->set_learning_rate(learning_rate); }
   /// The optimizer's learning rate, when it reports one (`learning_rate()` or `options().learning_rate`).
-  template <class D = Derived>
-  [[nodiscard]] std::optional<double> learning_rate() const {
-    return state().optimizer->learning_rate();
-  }
+  [[nodiscard]] std::optional<double> learning_rate() const { return state().optimizer->learning_rate(); }
 
   /// Bytes held by the train state, by kind: masters, their compute copy, gradients, optimizer state.
   using StateBytes = TrainStateBytes;
-  template <class D = Derived>
   [[nodiscard]] TrainStateBytes state_bytes() const {
     const auto& s = state();
     TrainStateBytes bytes;

@@ -140,12 +140,7 @@ class TrainMixin {
   /// train_step() are not counted here. (TrainStep::train_step_calls() counts every train_step call; its
   /// applied_steps() and the optimizer's step count only the updates applied.)
   [[nodiscard]] std::int64_t fit_steps() const { return fit_steps_; }
-  [[deprecated(
-      "use fit_steps() (TrainStep::train_step_calls() counts every train_step call)")]] [[nodiscard]] std::
-      int64_t
-      global_step() const {
-    return fit_steps();
-  }
+  [[deprecated("use fit_steps()")]] [[nodiscard]] std::int64_t global_step() const { return fit_steps(); }
   [[nodiscard]] std::int64_t epoch() const { return epoch_; }
 
   /// Where log lines and progress go (std::clog by default); nullptr silences both.
