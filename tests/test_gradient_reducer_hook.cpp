@@ -136,7 +136,7 @@ TEST(GradientReducerHookErrors, ReducerReportingNoMicroBatchesIsAnError) {
   const auto before = flat(reducing.params());
   EXPECT_THROW(reducing.train_step(batch), xax::Error);
   EXPECT_EQ(flat(reducing.params()), before);
-  EXPECT_EQ(reducing.steps(), 0);
+  EXPECT_EQ(reducing.train_step_calls(), 0);
 }
 
 // The mixins' hooks a data-parallel task uses: the engine forwards the reducer, MixedPrecisionMixin lets the
@@ -206,7 +206,7 @@ TEST(GradientReducerHookMixins, DataParallelHooksAreCalledAndChangeNothingForOne
   plain.fit();
   HookTask task(config);
   task.fit();
-  EXPECT_EQ(flat(task.params()), flat(plain.params()));
+  EXPECT_EQ(flat(task.params_float32()), flat(plain.params_float32()));
   EXPECT_EQ(task.synchronized, 1);
   EXPECT_EQ(task.reductions, 8);  // 256 / 8 = 32 micro-batches, 4 per step
   EXPECT_EQ(task.ownership_asked, 32);

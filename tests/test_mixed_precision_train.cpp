@@ -16,6 +16,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 #include <xax/utils/threads.hpp>
 
@@ -154,9 +155,10 @@ TEST(MixedPrecisionTrain, Float16GradientsUnderflowWithoutScalingAndTrainWithDyn
   config.precision_policy = "params=float32,compute=float16,output=float32";
   config.loss_scaling = "none";
   ClassifierTask unscaled(config, xax_test::make_data(512));
-  const auto initial = unscaled.params();
+  const auto initial = unscaled.params_float32();
   unscaled.fit();
-  EXPECT_TRUE(bitwise_equal(initial, unscaled.params())) << "every float16 gradient underflows to zero";
+  EXPECT_TRUE(bitwise_equal(initial, unscaled.params_float32()))
+      << "every float16 gradient underflows to zero";
   EXPECT_EQ(unscaled.results.back().grad_norm, 0.0);
 
   config.loss_scaling = "dynamic";
@@ -182,7 +184,7 @@ TEST_P(InjectedNonFinite, SkipsTheStepLeavingStateBitIdenticalAndNamesTheTensor)
   const auto batch = task.make_batch(std::vector<std::int64_t>{0, 1, 2, 3, 4, 5, 6, 7});
 
   for (int i = 0; i < 5; ++i) ASSERT_TRUE(task.train_step(batch).finite);
-  const auto params_before = task.params();
+  const auto params_before = task.params_float32();
   const std::string path = unique_temp_path("xax_inject");
   xax::CheckpointWriter before;
   task.save_train_state(before);
@@ -193,7 +195,7 @@ TEST_P(InjectedNonFinite, SkipsTheStepLeavingStateBitIdenticalAndNamesTheTensor)
   EXPECT_EQ(skipped.loss_scale, 1024.0f) << "the step reports the scale it used";
   EXPECT_EQ(task.current_loss_scale(), 512.0f) << "then the scale backs off";
   EXPECT_THAT(skipped.non_finite, HasSubstr("1 of 4 tensors non-finite: w2"));
-  EXPECT_TRUE(bitwise_equal(params_before, task.params())) << "masters untouched";
+  EXPECT_TRUE(bitwise_equal(params_before, task.params_float32())) << "masters untouched";
 
   // Optimizer state and masters are bit-identical: compare the serialised train state minus the loss scale
   // and the counters, which are the only things a skipped step may change.
@@ -203,8 +205,8 @@ TEST_P(InjectedNonFinite, SkipsTheStepLeavingStateBitIdenticalAndNamesTheTensor)
   const xax::CheckpointReader reader_before(path);
   after.write(path);
   const xax::CheckpointReader reader_after(path);
-  auto adam_before = task.params();
-  auto adam_after = task.params();
+  auto adam_before = task.params_float32();
+  auto adam_after = task.params_float32();
   using State = xax::optim::AdamW<xax_test::Net<float>>::State;
   State state_before{0, adam_before, adam_before}, state_after{0, adam_after, adam_after};
   reader_before.read_tree("train.optimizer_state", state_before);
@@ -215,7 +217,7 @@ TEST_P(InjectedNonFinite, SkipsTheStepLeavingStateBitIdenticalAndNamesTheTensor)
   std::filesystem::remove(path);
 
   EXPECT_TRUE(task.train_step(batch).finite) << "training resumes on the next step";
-  EXPECT_FALSE(bitwise_equal(params_before, task.params()));
+  EXPECT_FALSE(bitwise_equal(params_before, task.params_float32()));
 }
 
 INSTANTIATE_TEST_SUITE_P(Values, InjectedNonFinite,
@@ -263,7 +265,7 @@ TEST(MixedPrecisionTrain, AccumulationEqualsOneLargeBatchWithinRounding) {
   const xax::StepResult two = accumulated.train_step(std::span<const xax_test::Batch>(micro));
   EXPECT_NEAR(one.loss, two.loss, 1e-6);
   EXPECT_NEAR(one.grad_norm, two.grad_norm, 1e-5 * one.grad_norm);
-  EXPECT_TRUE(large.params().w1.isApprox(accumulated.params().w1, 1e-5f));
+  EXPECT_TRUE(large.params_float32().w1.isApprox(accumulated.params_float32().w1, 1e-5f));
 }
 
 TEST(MixedPrecisionTrain, ClippingActsOnUnscaledGradients) {
@@ -278,14 +280,14 @@ TEST(MixedPrecisionTrain, ClippingActsOnUnscaledGradients) {
   config.max_grad_norm = 1e-3;
   ClassifierTask task(config, xax_test::make_data(64));
   const auto batch = task.make_batch(std::vector<std::int64_t>{0, 1, 2, 3, 4, 5, 6, 7});
-  const auto before = task.params();
+  const auto before = task.params_float32();
   const xax::StepResult result = task.train_step(batch);
   ASSERT_TRUE(result.finite);
   EXPECT_GT(result.grad_norm, 1e-3);
   EXPECT_LT(result.grad_norm, 100.0) << "grad_norm reports the unscaled norm";
   // With SGD at lr 1 the update is the clipped gradient: its global norm is max_grad_norm.
   double moved = 0;
-  const auto after = task.params();
+  const auto after = task.params_float32();
   xax::for_each_leaf(
       [&](const auto& a, const auto& b) {
         const auto x = xax::leaf_span(a);
@@ -325,10 +327,10 @@ TEST_F(CheckpointResume, ResumedRunIsBitIdenticalToAnUninterruptedOne) {
 
     ClassifierTask resumed(config, xax_test::make_data(256));
     resumed.load_checkpoint(path_);
-    EXPECT_EQ(resumed.global_step(), 11);
+    EXPECT_EQ(resumed.fit_steps(), 11);
     resumed.fit();
-    EXPECT_EQ(resumed.global_step(), uninterrupted.global_step()) << policy;
-    EXPECT_TRUE(bitwise_equal(resumed.params(), uninterrupted.params())) << policy;
+    EXPECT_EQ(resumed.fit_steps(), uninterrupted.fit_steps()) << policy;
+    EXPECT_TRUE(bitwise_equal(resumed.params_float32(), uninterrupted.params_float32())) << policy;
     EXPECT_EQ(resumed.current_loss_scale(), uninterrupted.current_loss_scale()) << policy;
     ASSERT_FALSE(resumed.results.empty());
     EXPECT_EQ(resumed.results.back().loss, uninterrupted.results.back().loss) << policy;
@@ -342,7 +344,7 @@ TEST_F(CheckpointResume, CorruptCheckpointIsRefusedAndTheOldOneSurvives) {
   ClassifierTask task(config, xax_test::make_data(128));
   task.fit();
   task.save_checkpoint(path_);
-  const auto saved = task.params();
+  const auto saved = task.params_float32();
 
   std::string bytes;
   {
@@ -352,13 +354,13 @@ TEST_F(CheckpointResume, CorruptCheckpointIsRefusedAndTheOldOneSurvives) {
   const std::string corrupt_path = path_ + ".corrupt";
   std::ofstream(corrupt_path, std::ios::binary) << bytes.substr(0, bytes.size() / 2);
   ClassifierTask other(config, xax_test::make_data(128));
-  const auto untouched = other.params();
+  const auto untouched = other.params_float32();
   EXPECT_THROW(other.load_checkpoint(corrupt_path), xax::CheckpointError);
-  EXPECT_TRUE(bitwise_equal(untouched, other.params())) << "a refused checkpoint changes nothing";
+  EXPECT_TRUE(bitwise_equal(untouched, other.params_float32())) << "a refused checkpoint changes nothing";
   std::filesystem::remove(corrupt_path);
 
   other.load_checkpoint(path_);
-  EXPECT_TRUE(bitwise_equal(saved, other.params())) << "the previous checkpoint still loads";
+  EXPECT_TRUE(bitwise_equal(saved, other.params_float32())) << "the previous checkpoint still loads";
 
   TaskConfig other_policy = config;
   other_policy.precision_policy = "float16";
@@ -381,13 +383,13 @@ TEST_F(CheckpointResume, ACheckpointOfAnotherWidthIsRefusedNamingTheLeafAndBothS
   wide.hidden = 8;
   ClassifierTask live(wide, xax_test::make_data(64));
   live.fit();
-  const auto params = live.params();
+  const auto params = live.params_float32();
   EXPECT_THAT([&] { live.load_checkpoint(path_); },
               ::testing::ThrowsMessage<xax::CheckpointError>(
                   HasSubstr("entry 'train.params.w1' has shape 4x8 but the live leaf has 8x8")));
-  EXPECT_TRUE(bitwise_equal(params, live.params()));
-  EXPECT_EQ(live.global_step(), 2);
-  EXPECT_EQ(live.params().w1.rows(), 8);
+  EXPECT_TRUE(bitwise_equal(params, live.params_float32()));
+  EXPECT_EQ(live.fit_steps(), 2);
+  EXPECT_EQ(live.params_float32().w1.rows(), 8);
 }
 
 // Regression: the mixin compiles every policy with float32 outputs and recorded that, so a checkpoint of an
@@ -407,16 +409,16 @@ TEST_F(CheckpointResume, TheWholePolicyIsRecordedAndCheckedOutputIncluded) {
   TaskConfig other = config;
   other.precision_policy = float_output;
   ClassifierTask live(other, xax_test::make_data(64));
-  const auto params = live.params();
+  const auto params = live.params_float32();
   EXPECT_THAT([&] { live.load_checkpoint(path_); },
               ::testing::ThrowsMessage<xax::CheckpointError>(
                   HasSubstr("written under policy " + half_output + ", not " + float_output)));
-  EXPECT_TRUE(bitwise_equal(params, live.params()));
-  EXPECT_EQ(live.global_step(), 0);
+  EXPECT_TRUE(bitwise_equal(params, live.params_float32()));
+  EXPECT_EQ(live.fit_steps(), 0);
 
   ClassifierTask same(config, xax_test::make_data(64));
   same.load_checkpoint(path_);
-  EXPECT_TRUE(bitwise_equal(written.params(), same.params()));
+  EXPECT_TRUE(bitwise_equal(written.params_float32(), same.params_float32()));
 }
 
 struct CorruptEntry {
@@ -464,13 +466,13 @@ TEST_P(CorruptTrainState, IsACheckpointErrorThatChangesNothing) {
   ClassifierTask live(config, xax_test::make_data(128));
   live.rng().discard(5);
   live.fit();
-  const auto params = live.params();
+  const auto params = live.params_float32();
   const std::mt19937_64 rng = live.rng();
   const float scale = live.current_loss_scale();
   EXPECT_THAT([&] { live.load_checkpoint(path_); },
               ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr(corrupt.message)));
-  EXPECT_TRUE(bitwise_equal(params, live.params()));
-  EXPECT_EQ(live.global_step(), 1);
+  EXPECT_TRUE(bitwise_equal(params, live.params_float32()));
+  EXPECT_EQ(live.fit_steps(), 1);
   EXPECT_TRUE(live.rng() == rng);
   EXPECT_EQ(live.current_loss_scale(), scale);
   EXPECT_EQ(live.skipped_steps(), 0);
@@ -638,8 +640,8 @@ TEST(MixedPrecisionTrain, ATaskMovedAfterItsFirstStepKeepsTraining) {
   moved.train_step(batch);
   assigned.train_step(batch);
 
-  EXPECT_TRUE(bitwise_equal(moved.params(), unmoved.params()));
-  EXPECT_TRUE(bitwise_equal(assigned.params(), unmoved.params()));
+  EXPECT_TRUE(bitwise_equal(moved.params_float32(), unmoved.params_float32()));
+  EXPECT_TRUE(bitwise_equal(assigned.params_float32(), unmoved.params_float32()));
   EXPECT_EQ(moved.current_loss_scale(), unmoved.current_loss_scale());
   EXPECT_EQ(moved.evaluate_batch(batch), unmoved.evaluate_batch(batch));
 }
@@ -657,7 +659,7 @@ TEST(MixedPrecisionTrain, LossScaleErrorLeavesTheTrainerAndTheStepCountsAgreeing
   ClassifierTask task(config, std::move(data));
   task.set_log_stream(nullptr);
   EXPECT_THROW(task.fit(), xax::LossScaleError);
-  EXPECT_EQ(task.global_step(), 2);
+  EXPECT_EQ(task.fit_steps(), 2);
   EXPECT_EQ(task.skipped_steps(), 2);
   EXPECT_EQ(task.results.size(), 2u);
 }
@@ -669,7 +671,7 @@ TEST(MixedPrecisionTrain, FitRefusesABatchLargerThanTheDataSet) {
   EXPECT_THAT([&] { task.fit(); }, ::testing::ThrowsMessage<xax::ConfigError>(::testing::AllOf(
                                        HasSubstr("'batch_size': 100 is larger than the 64 training examples"),
                                        HasSubstr("[1, 64]"))));
-  EXPECT_EQ(task.global_step(), 0);
+  EXPECT_EQ(task.fit_steps(), 0);
   EXPECT_TRUE(task.results.empty());
 }
 
@@ -682,7 +684,7 @@ TEST(MixedPrecisionTrain, FitRefusesMoreMicroBatchesPerStepThanAnEpochHolds) {
                                        HasSubstr("'accumulation_steps': 3 micro-batches per step, but an "
                                                  "epoch has only 2 batches"),
                                        HasSubstr("accumulation_steps <= 2 or a batch_size <= 21"))));
-  EXPECT_EQ(task.global_step(), 0);
+  EXPECT_EQ(task.fit_steps(), 0);
   EXPECT_TRUE(task.results.empty());
 
   config.accumulation_steps = 2;  // exactly one step per epoch is accepted
@@ -748,7 +750,7 @@ TEST(MixedPrecisionConfig, AutoLossScalingTrainsFloat16LikeDynamic) {
   config.loss_scaling = "auto";
   ClassifierTask automatic(config, xax_test::make_data(128));
   automatic.fit();
-  EXPECT_TRUE(bitwise_equal(dynamic.params(), automatic.params()));
+  EXPECT_TRUE(bitwise_equal(dynamic.params_float32(), automatic.params_float32()));
   EXPECT_EQ(dynamic.current_loss_scale(), automatic.current_loss_scale());
 }
 
@@ -865,6 +867,28 @@ TEST(MixedPrecisionTrain, TheDeprecatedLossScaleSpellingStillWorks) {
   EXPECT_EQ(task.loss_scale(), 64.0f);
 #pragma GCC diagnostic pop
   EXPECT_EQ(task.current_loss_scale(), 64.0f);
+}
+
+// params() was renamed params_float32() (TrainStep::params() is a reference to the masters in their own
+// type; the mixin's is a float32 copy), and global_step() fit_steps() (it counts only the steps fit() ran).
+// The old spellings still compile, with a deprecation warning that this test silences, and return the same.
+TEST(MixedPrecisionTrain, TheDeprecatedParamsAndGlobalStepSpellingsStillWork) {
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = true;
+  config.precision_policy = "float16";  // half-precision masters: the float32 copy is a cast
+  config.max_steps = 3;
+  ClassifierTask task(config, xax_test::make_data(64));
+  task.set_log_stream(nullptr);
+  EXPECT_EQ(task.fit().steps, 3);
+  const auto batch = task.make_batch(std::vector<std::int64_t>{0, 1, 2, 3});
+  task.train_step(batch);  // a step the task runs itself: fit_steps() does not count it
+  EXPECT_EQ(task.fit_steps(), 3);
+  static_assert(std::is_same_v<decltype(task.params_float32()), xax_test::Net<float>>);
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  EXPECT_EQ(task.global_step(), task.fit_steps());
+  EXPECT_TRUE(bitwise_equal(task.params(), task.params_float32()));
+#pragma GCC diagnostic pop
 }
 
 }  // namespace

@@ -304,8 +304,8 @@ TEST(UserOptimizer, MixedPrecisionTaskTrainsWithItsOwnOptimizer) {
     LionTask task(config);
     task.train_step(zero_target());
     task.train_step(zero_target());
-    EXPECT_EQ(task.params().w, Eigen::Vector2f(163.0f / 256, -97.0f / 64)) << policy;
-    EXPECT_EQ(task.params().b, Eigen::Vector2f(101.0f / 512, 0.0f)) << policy;
+    EXPECT_EQ(task.params_float32().w, Eigen::Vector2f(163.0f / 256, -97.0f / 64)) << policy;
+    EXPECT_EQ(task.params_float32().b, Eigen::Vector2f(101.0f / 512, 0.0f)) << policy;
     xax::CheckpointWriter writer;
     task.save_train_state(writer);
     EXPECT_EQ(xax::CheckpointReader::from_bytes(writer.bytes()).read_string("train.optimizer"), "lion");

@@ -232,8 +232,8 @@ TEST(PerLeafPrecisionMixin, EveryConfiguredPolicyKeepsTheLeafInFloat) {
     config.precision_policy = policy;
     GatedTask task(config);
     ASSERT_TRUE(task.train_step(targets()).finite) << policy;
-    EXPECT_EQ(task.params().gain, Vector<float>::Constant(2, gain_after_one_step)) << policy;
-    EXPECT_EQ(task.params().w, Vector<float>::Constant(2, 0.5f)) << policy;
+    EXPECT_EQ(task.params_float32().gain, Vector<float>::Constant(2, gain_after_one_step)) << policy;
+    EXPECT_EQ(task.params_float32().w, Vector<float>::Constant(2, 0.5f)) << policy;
   }
 }
 

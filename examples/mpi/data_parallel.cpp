@@ -152,7 +152,7 @@ int main(int argc, char** argv) {
           task.policy().str().c_str());
     }
     const xax::TrainSummary summary = task.fit();
-    const auto params = task.params();
+    const auto params = task.params_float32();
     if (task.rank() == 0) {
       const xax::distributed::ReductionStats& stats = task.reduction_stats();
       std::printf(

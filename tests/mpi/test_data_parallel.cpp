@@ -212,7 +212,7 @@ TEST(DataParallelMixin, FitIsBitIdenticalToOneProcessAndResumesFromAOneProcessCh
 
   ParallelTask parallel(parallel_config());
   parallel.fit();
-  EXPECT_TRUE(same_bits(flat(parallel.params()), flat(single.params())));
+  EXPECT_TRUE(same_bits(flat(parallel.params_float32()), flat(single.params_float32())));
   ASSERT_EQ(parallel.results.size(), single.results.size());
   for (std::size_t i = 0; i < single.results.size(); ++i)
     EXPECT_EQ(parallel.results[i].loss, single.results[i].loss);
@@ -241,11 +241,11 @@ TEST(DataParallelMixin, FitIsBitIdenticalToOneProcessAndResumesFromAOneProcessCh
   ParallelTask resumed(parallel_config());
   EXPECT_EQ(resumed.writes_checkpoints(), resumed.rank() == 0);
   resumed.load_checkpoint(path);
-  EXPECT_EQ(resumed.global_step(), 5);
+  EXPECT_EQ(resumed.fit_steps(), 5);
   resumed.fit();
   resumed.communicator().barrier();
   if (resumed.rank() == 0) std::filesystem::remove(path);
-  EXPECT_TRUE(same_bits(flat(resumed.params()), flat(single.params())));
+  EXPECT_TRUE(same_bits(flat(resumed.params_float32()), flat(single.params_float32())));
 }
 
 TEST(DataParallelMixin, ConfigSectionAndSharesAreChecked) {

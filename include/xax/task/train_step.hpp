@@ -360,27 +360,32 @@ class TrainStep {
   /// The master parameters.
   template <class D = Derived>
   const typename D::template params_type<param_type>& params() const {
-    return state<D>().masters;
+    return state().masters;
   }
   /// Calls `f(compute_params)` with the masters cast to the compute type (for evaluation in the policy's
   /// precision).
-  template <class F, class D = Derived>
+  template <class F>
   decltype(auto) with_compute_params(F&& f) const {
-    return f(state<D>().compute_params());
+    return f(state().compute_params());
   }
 
-  /// The loss-scale object (a LossScaleT); current_loss_scale() is its scale as a float.
-  [[nodiscard]] const LossScaleT& loss_scale() const { return storage().loss_scale; }
+  /// The loss-scale object (a LossScaleT), whose own loss_scale() is the float current_loss_scale() returns.
+  [[nodiscard]] const LossScaleT& loss_scaler() const { return state().loss_scale; }
+  /// Every other loss_scale() in xax is a float (the loss-scale kinds' own, DESIGN §3); this one was the
+  /// object.
+  [[deprecated("use loss_scaler()")]] [[nodiscard]] const LossScaleT& loss_scale() const {
+    return loss_scaler();
+  }
   /// The scale the next step's backward will use.
   [[nodiscard]] float current_loss_scale() const {
-    return detail::visit_loss_scale(storage().loss_scale, [](const auto& s) { return s.loss_scale(); });
+    return detail::visit_loss_scale(state().loss_scale, [](const auto& s) { return s.loss_scale(); });
   }
   /// Sets the scale by hand between steps (PyTorch's `scaler.update(new_scale)`), through the loss scale's
   /// `set_loss_scale(float)`: a static scale takes any finite value >= FLT_MIN; a dynamic one a value within
   /// [min_scale, max_scale], and restarts its growth counter and hysteresis. Throws ConfigError, changing
   /// nothing, for a bad value or a kind that cannot be set (no-op, or a user type without set_loss_scale).
   void set_loss_scale(float scale) {
-    detail::visit_loss_scale(storage().loss_scale, [&]<class S>(S& held) {
+    detail::visit_loss_scale(state().loss_scale, [&]<class S>(S& held) {
       if constexpr (requires { held.set_loss_scale(scale); }) {
         held.set_loss_scale(scale);
       } else {
@@ -390,25 +395,28 @@ class TrainStep {
       }
     });
   }
-  /// Calls to train_step that returned, skipped ones included (one per call, whatever the micro-batches).
-  /// TrainMixin::global_step() counts only the steps its fit() ran.
-  [[nodiscard]] std::int64_t steps() const { return storage().steps; }
+  /// Calls to train_step that returned, skipped ones included (one per call, whatever the micro-batches):
+  /// applied_steps() + skipped_steps(). TrainMixin::fit_steps() counts only the steps its fit() ran.
+  [[nodiscard]] std::int64_t train_step_calls() const { return state().calls; }
+  [[deprecated("use train_step_calls()")]] [[nodiscard]] std::int64_t steps() const {
+    return train_step_calls();
+  }
   /// Calls to train_step whose update was skipped because gradients or loss were not finite.
-  [[nodiscard]] std::int64_t skipped_steps() const { return storage().skipped; }
-  /// Updates applied to the masters: steps() - skipped_steps(), which is the optimizer's own step count (the
-  /// one AdamW's bias correction uses).
-  [[nodiscard]] std::int64_t applied_steps() const { return storage().steps - storage().skipped; }
-  [[nodiscard]] const TrainStepOptions& train_step_options() const { return storage().options; }
+  [[nodiscard]] std::int64_t skipped_steps() const { return state().skipped; }
+  /// Updates applied to the masters: train_step_calls() - skipped_steps(), which is the optimizer's own step
+  /// count (the one AdamW's bias correction uses).
+  [[nodiscard]] std::int64_t applied_steps() const { return state().calls - state().skipped; }
+  [[nodiscard]] const TrainStepOptions& train_step_options() const { return state().options; }
   [[nodiscard]] static PolicySpec policy() { return Policy::spec(); }
 
   /// Calls `f(optimizer)` with the active built-in optimizer, read-only: an optim::AdamW or optim::Sgd over
   /// `params_type<update_type>`, whose `state()` holds the step count and moments. Throws Error when the step
   /// runs a user optimizer (reach that one with `optimizer<O>()`).
-  template <class F, class D = Derived>
+  template <class F>
   decltype(auto) visit_optimizer(F&& f) const {
-    const auto& s = state<D>();
-    if (const auto* adamw = s.optimizer.template get_if<typename State<D>::AdamW>()) return f(*adamw);
-    if (const auto* sgd = s.optimizer.template get_if<typename State<D>::Sgd>()) return f(*sgd);
+    const auto& s = state();
+    if (const auto* adamw = s.optimizer.template get_if<typename State::AdamW>()) return f(*adamw);
+    if (const auto* sgd = s.optimizer.template get_if<typename State::Sgd>()) return f(*sgd);
     throw Error(
         "xax::TrainStep::visit_optimizer visits the built-in AdamW and Sgd; this step runs optimizer '" +
         s.optimizer->name() + "': reach it with optimizer<YourOptimizer>()");
@@ -416,30 +424,23 @@ class TrainStep {
 
   /// The active optimizer, read-only, as the type `O` it was given as (optim::AdamW<params_type<update_type>>
   /// for AdamWOptions). Throws Error when the step runs an optimizer of another type.
-  template <class O, class D = Derived>
+  template <class O>
   const O& optimizer() const {
-    const auto& s = state<D>();
+    const auto& s = state();
     if (const O* active = s.optimizer.template get_if<O>()) return *active;
     throw Error("xax::TrainStep::optimizer<O>(): this step runs optimizer '" + s.optimizer->name() +
                 "', which is not of the type asked for");
   }
 
   /// Sets the learning rate of the optimizer (schedules call this between steps).
-  template <class D = Derived>
-  void set_learning_rate(double learning_rate) {
-    state<D>().optimizer->set_learning_rate(learning_rate);
-  }
+  void set_learning_rate(double learning_rate) { state().optimizer->set_learning_rate(learning_rate); }
   /// The optimizer's learning rate, when it reports one (`learning_rate()` or `options().learning_rate`).
-  template <class D = Derived>
-  [[nodiscard]] std::optional<double> learning_rate() const {
-    return state<D>().optimizer->learning_rate();
-  }
+  [[nodiscard]] std::optional<double> learning_rate() const { return state().optimizer->learning_rate(); }
 
   /// Bytes held by the train state, by kind: masters, their compute copy, gradients, optimizer state.
   using StateBytes = TrainStateBytes;
-  template <class D = Derived>
   [[nodiscard]] TrainStateBytes state_bytes() const {
-    const auto& s = state<D>();
+    const auto& s = state();
     TrainStateBytes bytes;
     bytes.params = payload_bytes(s.masters);
     bytes.compute_params = std::is_same_v<compute_type, param_type> ? 0 : payload_bytes(s.compute);
@@ -453,7 +454,7 @@ class TrainStep {
   /// Adds the whole step state under `prefix`: masters, optimizer state, loss scale, counters, policy.
   template <class D = Derived>
   void save_train_state(CheckpointWriter& writer, const std::string& prefix = "train") const {
-    const auto& s = state<D>();
+    const auto& s = state();
     writer.add_string(prefix + ".policy", recorded_policy<D>().str());
     writer.add_string(prefix + ".optimizer", s.optimizer->name());
     writer.add_tree(prefix + ".params", s.masters);
@@ -470,7 +471,7 @@ class TrainStep {
       writer.add_tree(prefix + ".loss_scale", held.state());
     });
     writer.add_tree(prefix + ".counters",
-                    std::array<std::int64_t, 3>{s.steps, s.skipped, s.overflows_at_floor});
+                    std::array<std::int64_t, 3>{s.calls, s.skipped, s.overflows_at_floor});
   }
 
   /// Restores what save_train_state wrote. Throws CheckpointError if it was written under another policy or
@@ -478,7 +479,7 @@ class TrainStep {
   /// current state is unchanged then.
   template <class D = Derived>
   void load_train_state(const CheckpointReader& reader, const std::string& prefix = "train") {
-    auto& s = state<D>();
+    auto& s = state();
     const std::string expected_policy = recorded_policy<D>().str();
     const std::string saved_policy = reader.read_string(prefix + ".policy");
     if (saved_policy != expected_policy) {
@@ -512,10 +513,10 @@ class TrainStep {
 
     s.masters = std::move(masters);
     s.refresh_compute_copy();
-    s.optimizer = typename State<D>::Optimizer(std::move(optimizer));
+    s.optimizer = typename State::Optimizer(std::move(optimizer));
     s.compensation = std::move(compensation);
     s.loss_scale = std::move(loss_scale);
-    s.steps = steps;
+    s.calls = steps;
     s.skipped = skipped;
     s.overflows_at_floor = overflows_at_floor;
   }
@@ -525,9 +526,10 @@ class TrainStep {
   ~TrainStep() = default;
   TrainStep(TrainStep&&) noexcept = default;
   TrainStep& operator=(TrainStep&&) noexcept = default;
-  TrainStep(const TrainStep& other) : storage_(other.storage_ ? other.storage_->clone() : nullptr) {}
+  TrainStep(const TrainStep& other)
+      : state_(other.state_ ? std::make_unique<State>(*other.state_) : nullptr) {}
   TrainStep& operator=(const TrainStep& other) {
-    storage_ = other.storage_ ? other.storage_->clone() : nullptr;
+    state_ = other.state_ ? std::make_unique<State>(*other.state_) : nullptr;
     return *this;
   }
 
@@ -536,16 +538,16 @@ class TrainStep {
   template <class InitialParams, class D = Derived>
   void reset_train_state(const InitialParams& initial, const OptimizerOptions& optimizer,
                          LossScaleT loss_scale, TrainStepOptions options = {}) {
-    using Params = typename State<D>::template Params<update_type>;
+    using Params = typename State::template Params<update_type>;
     reset_with<InitialParams, D>(
         initial,
         [&optimizer](const Params& like) {
           return std::visit(
               [&]<class O>(const O& chosen) {
                 if constexpr (std::same_as<O, optim::AdamWOptions>) {
-                  return State<D>::Optimizer::hold(typename State<D>::AdamW(like, chosen));
+                  return State::Optimizer::hold(typename State::AdamW(like, chosen));
                 } else {
-                  return State<D>::Optimizer::hold(typename State<D>::Sgd(like, chosen));
+                  return State::Optimizer::hold(typename State::Sgd(like, chosen));
                 }
               },
               optimizer);
@@ -560,8 +562,8 @@ class TrainStep {
   requires(!std::convertible_to<const OptimizerOrFactory&, OptimizerOptions>) void reset_train_state(
       const InitialParams& initial, OptimizerOrFactory&& optimizer, LossScaleT loss_scale,
       TrainStepOptions options = {}) {
-    using Params = typename State<D>::template Params<update_type>;
-    using Box = typename State<D>::Optimizer;
+    using Params = typename State::template Params<update_type>;
+    using Box = typename State::Optimizer;
     reset_with<InitialParams, D>(
         initial,
         [&optimizer](const Params& like) -> Box {
@@ -604,7 +606,7 @@ class TrainStep {
   template <class InitialParams, class D, class MakeOptimizer>
   void reset_with(const InitialParams& initial, MakeOptimizer&& make_optimizer, LossScaleT loss_scale,
                   TrainStepOptions options) {
-    auto fresh = std::make_unique<State<D>>(std::move(loss_scale));
+    auto fresh = std::make_unique<State>(std::move(loss_scale));
     tree_cast_into(initial, fresh->masters);
     fresh->refresh_compute_copy();
     check_declared_fp32_gradients<D>();
@@ -632,27 +634,14 @@ class TrainStep {
                         " is not accepted; give 0 (never stop) or more");
     }
     fresh->options = options;
-    storage_ = std::move(fresh);
+    state_ = std::move(fresh);
   }
 
   // The state's types name Derived's params_type, which is incomplete while Derived's base list (this class)
-  // is instantiated; a member class is only defined when first used, inside member functions, by which time
-  // Derived is complete. The type-erased base lets the non-template members reach what does not depend on
-  // Derived.
-  struct StorageBase {
-    // Constructed from the caller's scale: a loss scale need not be default-constructible.
-    explicit StorageBase(LossScaleT initial_loss_scale) : loss_scale(std::move(initial_loss_scale)) {}
-    StorageBase(const StorageBase&) = default;
-    LossScaleT loss_scale;
-    TrainStepOptions options{};
-    std::int64_t steps = 0;
-    std::int64_t skipped = 0;
-    std::int64_t overflows_at_floor = 0;
-    virtual ~StorageBase() = default;
-    virtual std::unique_ptr<StorageBase> clone() const = 0;
-  };
-
-  template <class D>
+  // is instantiated, so the state cannot be a plain member of this class: it is a member class that is only
+  // defined (below) when first used inside a member function, by which time Derived is complete, and it is
+  // held by pointer. That is a deferral, not type erasure: nothing is virtual. The pointer also keeps the
+  // state's address stable when the trainer moves.
   struct State;
 
   // Whether the trainer's gradients already have the optimizer's type, so that no cast is needed: declared
@@ -701,7 +690,7 @@ class TrainStep {
     }
   }
 
-  std::unique_ptr<StorageBase> storage_;
+  std::unique_ptr<State> state_;
 
   // The policy a checkpoint records and must match on load: Policy, unless the derived trainer runs under a
   // policy of its own (MixedPrecisionMixin's engine compiles float outputs and rounds to the configured one).
@@ -759,28 +748,19 @@ class TrainStep {
     }
   }
 
-  StorageBase& storage() {
-    if (!storage_)
-      throw Error("xax::TrainStep used before reset_train_state(); call it from your constructor");
-    return *storage_;
+  State& state() {
+    if (!state_) throw Error("xax::TrainStep used before reset_train_state(); call it from your constructor");
+    return *state_;
   }
-  const StorageBase& storage() const { return const_cast<TrainStep*>(this)->storage(); }
-  template <class D>
-  State<D>& state() {
-    return static_cast<State<D>&>(storage());
-  }
-  template <class D>
-  const State<D>& state() const {
-    return static_cast<const State<D>&>(storage());
-  }
+  const State& state() const { return const_cast<TrainStep*>(this)->state(); }
 };
 
 template <class Derived, precision_policy Policy, train_loss_scale LossScaleT>
-template <class D>
-struct TrainStep<Derived, Policy, LossScaleT>::State final : StorageBase {
-  using StorageBase::StorageBase;
+struct TrainStep<Derived, Policy, LossScaleT>::State {
+  // Constructed from the caller's scale: a loss scale need not be default-constructible.
+  explicit State(LossScaleT initial_loss_scale) : loss_scale(std::move(initial_loss_scale)) {}
   template <class T>
-  using Params = typename D::template params_type<T>;
+  using Params = typename Derived::template params_type<T>;
   using AdamW = optim::AdamW<Params<update_type>>;
   using Sgd = optim::Sgd<Params<update_type>>;
   // The tree a fused optimizer step also writes: the compute copy of masters kept in update_type, or the
@@ -801,10 +781,15 @@ struct TrainStep<Derived, Policy, LossScaleT>::State final : StorageBase {
   // The micro-batch cast to compute_type, for a trainer that declares casts_batch_to_compute: kept so that a
   // step after the first allocates nothing.
   static constexpr bool casts_batch =
-      !std::is_same_v<step_batch_t<D, compute_type>, typename D::batch_type>;  // float compute passes it on
-  std::conditional_t<casts_batch, step_batch_t<D, compute_type>, std::monostate> compute_batch{};
+      !std::is_same_v<step_batch_t<Derived, compute_type>,
+                      typename Derived::batch_type>;  // float compute passes it on
+  std::conditional_t<casts_batch, step_batch_t<Derived, compute_type>, std::monostate> compute_batch{};
 
-  std::unique_ptr<StorageBase> clone() const override { return std::make_unique<State>(*this); }
+  LossScaleT loss_scale;
+  TrainStepOptions options{};
+  std::int64_t calls = 0;  // train_step calls that returned, skipped ones included
+  std::int64_t skipped = 0;
+  std::int64_t overflows_at_floor = 0;
 
   [[nodiscard]] const auto& compute_params() const {
     if constexpr (std::is_same_v<compute_type, param_type>) {
@@ -830,7 +815,7 @@ struct TrainStep<Derived, Policy, LossScaleT>::State final : StorageBase {
       }
     } else {
       tree_cast_into(masters, work);
-      const optim::MasterRounding rounding = this->options.master_rounding;
+      const optim::MasterRounding rounding = options.master_rounding;
       if (rounding == optim::MasterRounding::round_to_nearest) {
         if (!optimizer->step(work, grads, &masters)) tree_cast_into(work, masters);
       } else {
@@ -854,8 +839,7 @@ struct TrainStep<Derived, Policy, LossScaleT>::State final : StorageBase {
           // A leaf kept in full precision (xax::full_precision_t) takes its fp32 update as it is.
           std::copy(updated.begin(), updated.end(), param.begin());
         } else if (compensation_leaf == nullptr) {
-          const std::uint32_t key =
-              optim::detail::rounding_key(this->options.rounding_seed, this->steps, leaf);
+          const std::uint32_t key = optim::detail::rounding_key(options.rounding_seed, calls, leaf);
           for (std::size_t i = 0; i < param.size(); ++i) {
             param[i] = optim::detail::round_stochastic<H>(updated[i], optim::detail::random_bits(key, i));
           }
@@ -896,15 +880,15 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
       "the unscaled loss and writing the gradients of loss * loss_scale; the grads may also be "
       "`params_type<G>&` for a second template parameter G, to receive fp32 gradients directly");
   check_declared_fp32_gradients<D>();
-  check_unscaled_gradients_hook<D, typename State<D>::template Params<update_type>>();
-  auto& s = state<D>();
+  check_unscaled_gradients_hook<D, typename State::template Params<update_type>>();
+  auto& s = state();
   if (micro_batches.empty()) throw ConfigError("train_step needs at least one batch; got an empty span");
   const float scale = current_loss_scale();
   const auto& compute_params = s.compute_params();
 
   // The batch loss_and_grads sees: the caller's, or its cast to compute_type (see declares_batch_cast).
   const auto step_batch = [&s](const typename D::batch_type& batch) -> const step_batch_t<D, compute_type>& {
-    if constexpr (State<D>::casts_batch) {
+    if constexpr (State::casts_batch) {
       tree_cast_into(batch, s.compute_batch);
       return s.compute_batch;
     } else {
@@ -914,7 +898,7 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
 
   // A gradient reducer (data-parallel training) takes every micro-batch's gradients as they come and sums
   // them itself, so each one is written as if it were the first.
-  constexpr bool reduces = gradient_reducer<D, typename State<D>::template Params<update_type>>;
+  constexpr bool reduces = gradient_reducer<D, typename State::template Params<update_type>>;
   double loss_sum = 0;
   for (std::size_t i = 0; i < micro_batches.size(); ++i) {
     const bool first = i == 0 || reduces;
@@ -981,7 +965,7 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
   // Only non-finite gradients count towards LossScaleError: a non-finite loss with finite gradients was not
   // caused by the scale (DESIGN §4). The step that reaches the limit throws before it changes anything
   // (counters, loss scale, masters), so it is not counted as a step: the caller's step count, which the
-  // throw also leaves alone, agrees with steps() afterwards.
+  // throw also leaves alone, agrees with train_step_calls() afterwards.
   const std::int64_t overflows_at_floor =
       grads_finite ? (finite ? 0 : s.overflows_at_floor)
                    : (detail::scale_at_floor(s.loss_scale) ? s.overflows_at_floor + 1 : 0);
@@ -996,10 +980,10 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
         "compute type (bfloat16 or float32)");
   }
 
-  ++s.steps;
+  ++s.calls;
   if (finite) {
     result.grad_norm = unscaled.norm;
-    if constexpr (unscaled_gradients_hook<D, typename State<D>::template Params<update_type>>) {
+    if constexpr (unscaled_gradients_hook<D, typename State::template Params<update_type>>) {
       derived().on_unscaled_gradients(s.grads, unscaled);
     }
     const double max_norm = s.options.max_grad_norm;

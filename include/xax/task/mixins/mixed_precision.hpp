@@ -200,7 +200,9 @@ struct MixedPrecisionConfig {
 namespace detail {
 
 // The step engine behind MixedPrecisionMixin: an interface over the task's types, and one implementation per
-// compile-time policy, each a TrainStep whose "derived trainer" forwards to the task.
+// compile-time policy, each a TrainStep whose "derived trainer" forwards to the task. This interface is the
+// only type erasure between the config's run-time strings and the compile-time TrainStep: the mixin holds
+// the engine through it, and TrainStep holds its own state by a plain (non-virtual) pointer.
 template <class Task>
 class StepEngine {
  public:
@@ -354,95 +356,73 @@ class MixedPrecisionMixin {
   /// One optimizer step (built on first use from `derived().init_params()` and the config).
   template <class D = Derived>
   StepResult train_step(const typename D::batch_type& batch) {
-    return engine<D>().train_step(static_cast<D&>(derived()),
-                                  std::span<const typename D::batch_type>(&batch, 1));
+    return engine().train_step(derived(), std::span<const typename D::batch_type>(&batch, 1));
   }
   /// One optimizer step averaged over micro-batches (gradient accumulation).
   template <class D = Derived>
   StepResult train_step(std::span<const typename D::batch_type> micro_batches) {
-    return engine<D>().train_step(static_cast<D&>(derived()), micro_batches);
+    return engine().train_step(derived(), micro_batches);
   }
 
   /// The policy the config selects (float32 throughout when mixed precision is disabled).
   [[nodiscard]] PolicySpec policy() const { return mp_config().policy_spec(); }
   /// The scale the next step's backward will use (before the first step, the configured initial scale).
   [[nodiscard]] float current_loss_scale() const {
-    return engine_ ? engine_view().current_loss_scale() : initial_scale();
+    return engine_ ? engine_->current_loss_scale() : initial_scale();
   }
   [[deprecated("use current_loss_scale()")]] [[nodiscard]] float loss_scale() const {
     return current_loss_scale();
   }
   /// Sets the loss scale by hand between steps (see TrainStep::set_loss_scale); builds the train state first
   /// if no step ran yet. Throws ConfigError, changing nothing, for a bad value or loss_scaling none.
-  template <class D = Derived>
-  void set_loss_scale(float scale) {
-    engine<D>().set_loss_scale(scale);
-  }
-  [[nodiscard]] std::int64_t skipped_steps() const { return engine_ ? engine_view().skipped_steps() : 0; }
+  void set_loss_scale(float scale) { engine().set_loss_scale(scale); }
+  [[nodiscard]] std::int64_t skipped_steps() const { return engine_ ? engine_->skipped_steps() : 0; }
 
-  /// The master parameters as float32.
+  /// A float32 copy of the master parameters (whatever the policy's param type).
   template <class D = Derived>
-  typename D::template params_type<float> params() {
-    return engine<D>().params_float32();
+  typename D::template params_type<float> params_float32() {
+    return engine().params_float32();
+  }
+  /// TrainStep::params() is a reference to the masters in their own type; this was a float32 copy.
+  template <class D = Derived>
+  [[deprecated("use params_float32()")]] typename D::template params_type<float> params() {
+    return params_float32<D>();
   }
   /// Runs the task's `evaluate(params, batch)` on the masters cast to the compute type.
   template <class D = Derived>
   double evaluate_batch(const typename D::batch_type& batch) {
-    return engine<D>().evaluate(static_cast<D&>(derived()), batch);
+    return engine().evaluate(derived(), batch);
   }
-  template <class D = Derived>
-  void set_learning_rate(double learning_rate) {
-    engine<D>().set_learning_rate(learning_rate);
-  }
+  void set_learning_rate(double learning_rate) { engine().set_learning_rate(learning_rate); }
   /// Bytes of masters, compute copy, gradients and optimizer state.
-  template <class D = Derived>
-  TrainStateBytes train_state_bytes() {
-    return engine<D>().state_bytes();
-  }
+  TrainStateBytes train_state_bytes() { return engine().state_bytes(); }
 
   /// Checkpoint hooks (TrainMixin::save_checkpoint and load_checkpoint call these).
-  template <class D = Derived>
   void save_train_state(CheckpointWriter& writer) const {
-    const_cast<MixedPrecisionMixin*>(this)->template engine<D>().save(writer);
+    const_cast<MixedPrecisionMixin*>(this)->engine().save(writer);
   }
-  template <class D = Derived>
-  void load_train_state(const CheckpointReader& reader) {
-    engine<D>().load(reader);
-  }
+  void load_train_state(const CheckpointReader& reader) { engine().load(reader); }
 
  protected:
   MixedPrecisionMixin() = default;
   ~MixedPrecisionMixin() = default;
   MixedPrecisionMixin(MixedPrecisionMixin&&) noexcept = default;
   MixedPrecisionMixin& operator=(MixedPrecisionMixin&&) noexcept = default;
-  // Moving is supported: the engine keeps no pointer to its task (each call passes the task in). Copying
-  // is not: the type-erased engine has no clone.
+  // Moving is supported: the engine keeps no pointer to its task (each call passes the task in), and moves
+  // with the task as a pointer. Copying is not: the type-erased engine has no clone.
   MixedPrecisionMixin(const MixedPrecisionMixin&) = delete;
   MixedPrecisionMixin& operator=(const MixedPrecisionMixin&) = delete;
 
   /// Rebuilds the train state from `derived().init_params()` and the current config.
-  template <class D = Derived>
   void reset_mixed_precision() {
     engine_.reset();
-    (void)engine<D>();
+    (void)engine();
   }
 
   Derived& derived() { return static_cast<Derived&>(*this); }
   const Derived& derived() const { return static_cast<const Derived&>(*this); }
 
  private:
-  struct EngineHolder {
-    virtual ~EngineHolder() = default;
-    virtual float current_loss_scale() const = 0;
-    virtual std::int64_t skipped_steps() const = 0;
-  };
-  template <class D>
-  struct Holder final : EngineHolder {
-    std::unique_ptr<detail::StepEngine<D>> engine;
-    float current_loss_scale() const override { return engine->current_loss_scale(); }
-    std::int64_t skipped_steps() const override { return engine->skipped_steps(); }
-  };
-
   const MixedPrecisionConfig& mp_config() const {
     static_assert(std::derived_from<Config, MixedPrecisionConfig>,
                   "xax::MixedPrecisionMixin: Config must derive from xax::MixedPrecisionConfig");
@@ -451,19 +431,16 @@ class MixedPrecisionMixin {
   float initial_scale() const {
     return std::visit([](const auto& s) { return s.loss_scale(); }, mp_config().make_loss_scale());
   }
-  const EngineHolder& engine_view() const { return *engine_; }
 
-  template <class D>
-  detail::StepEngine<D>& engine() {
-    if (!engine_) engine_ = build<D>();
-    return *static_cast<Holder<D>&>(*engine_).engine;
+  detail::StepEngine<Derived>& engine() {
+    if (!engine_) engine_ = build();
+    return *engine_;
   }
 
-  template <class D>
-  std::unique_ptr<EngineHolder> build() {
+  std::unique_ptr<detail::StepEngine<Derived>> build() {
     static_assert(
-        requires(const D& task) {
-          { task.init_params() } -> std::convertible_to<typename D::template params_type<float>>;
+        requires(const Derived& task) {
+          { task.init_params() } -> std::convertible_to<typename Derived::template params_type<float>>;
         },
         "xax::MixedPrecisionMixin: the task must define `params_type<float> init_params() const`");
     const auto& config = derived().config();
@@ -472,9 +449,9 @@ class MixedPrecisionMixin {
     const PolicySpec spec = mp.policy_spec();
     auto initial = derived().init_params();
     // A data-parallel task starts every process from one set of initial params (rank 0's).
-    if constexpr (requires(D & task) { task.synchronize_initial_params(initial); })
-      static_cast<D&>(derived()).synchronize_initial_params(initial);
-    auto holder = std::make_unique<Holder<D>>();
+    if constexpr (requires(Derived & task) { task.synchronize_initial_params(initial); })
+      derived().synchronize_initial_params(initial);
+    std::unique_ptr<detail::StepEngine<Derived>> engine;
     const auto build_engine = [&](auto&& optimizer) {
       // Only float16/bfloat16/float32 params and compute are compiled (validate_mixed_precision rejects
       // float64): nine TrainStep instantiations rather than visit_policy's 64.
@@ -482,25 +459,27 @@ class MixedPrecisionMixin {
         using Param = typename P::param_type;
         using Compute = typename P::compute_type;
         if constexpr (!std::is_same_v<Param, double> && !std::is_same_v<Compute, double>) {
-          holder->engine = std::make_unique<detail::PolicyStepEngine<D, Policy<Param, Compute, float>>>(
+          engine = std::make_unique<detail::PolicyStepEngine<Derived, Policy<Param, Compute, float>>>(
               spec.output, initial, optimizer, mp.make_loss_scale(), mp.train_step_options());
         }
       });
     };
-    if constexpr (requires(D & task, const typename D::template params_type<float>& like) {
+    if constexpr (requires(Derived & task, const typename Derived::template params_type<float>& like) {
                     task.make_optimizer(like);
                   }) {
       // The task's own optimizer replaces the config's `optimizer` choice.
-      build_engine([this](const typename D::template params_type<float>& like) {
-        return static_cast<D&>(derived()).make_optimizer(like);
+      build_engine([this](const typename Derived::template params_type<float>& like) {
+        return derived().make_optimizer(like);
       });
     } else {
       build_engine(config.optimizer_options());
     }
-    return holder;
+    return engine;
   }
 
-  std::unique_ptr<EngineHolder> engine_;
+  // Declared over the incomplete Derived: StepEngine<Derived> is only instantiated where the engine is used,
+  // inside member functions, by which time Derived is complete.
+  std::unique_ptr<detail::StepEngine<Derived>> engine_;
 };
 
 }  // namespace xax

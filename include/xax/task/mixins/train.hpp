@@ -115,7 +115,7 @@ struct TrainConfig {
 
 /// What fit() did.
 struct TrainSummary {
-  std::int64_t steps = 0;          ///< optimizer steps run by this call (skipped ones included)
+  std::int64_t steps = 0;  ///< train steps run by this call, skipped ones included (fit_steps() counts all)
   std::int64_t skipped_steps = 0;  ///< skipped steps in total
   double last_loss = 0;
   double seconds = 0;
@@ -136,10 +136,11 @@ class TrainMixin {
   [[nodiscard]] const Config& config() const { return config_; }
 
   /// Train steps fit() has run so far, across resumes: one per accumulation_steps micro-batches, skipped ones
-  /// included. Steps the task runs itself by calling train_step() are not counted here. (TrainStep::steps()
-  /// counts every train_step call; its applied_steps() and the optimizer's step count only the updates
-  /// applied.)
-  [[nodiscard]] std::int64_t global_step() const { return global_step_; }
+  /// included; the step number on_step() and the log lines show. Steps the task runs itself by calling
+  /// train_step() are not counted here. (TrainStep::train_step_calls() counts every train_step call; its
+  /// applied_steps() and the optimizer's step count only the updates applied.)
+  [[nodiscard]] std::int64_t fit_steps() const { return fit_steps_; }
+  [[deprecated("use fit_steps()")]] [[nodiscard]] std::int64_t global_step() const { return fit_steps(); }
   [[nodiscard]] std::int64_t epoch() const { return epoch_; }
 
   /// Where log lines and progress go (std::clog by default); nullptr silences both.
@@ -150,7 +151,7 @@ class TrainMixin {
 
   /// Trains for the configured epochs (or max_steps), resuming where a loaded checkpoint left off. Throws
   /// ConfigError before the first step if batch_size exceeds num_examples() or accumulation_steps exceeds
-  /// the full batches in an epoch. If a step throws (LossScaleError), global_step() counts only the steps
+  /// the full batches in an epoch. If a step throws (LossScaleError), fit_steps() counts only the steps
   /// that returned, as the step's own counters do.
   TrainSummary fit();
 
@@ -192,7 +193,7 @@ class TrainMixin {
   std::mt19937_64 rng_;
   std::mt19937_64 epoch_rng_;
   std::vector<std::int64_t> order_;
-  std::int64_t global_step_ = 0;
+  std::int64_t fit_steps_ = 0;
   std::int64_t epoch_ = 0;
   std::int64_t batch_in_epoch_ = 0;  // micro-batches of the current epoch already consumed
   bool resumed_ = false;
@@ -276,7 +277,7 @@ TrainSummary TrainMixin<Derived, Config>::fit() {
       shuffle_epoch(examples);
     }
     while (batch_in_epoch_ + micro_per_step <= batches_per_epoch) {
-      if (config_.max_steps > 0 && global_step_ >= config_.max_steps) break;
+      if (config_.max_steps > 0 && fit_steps_ >= config_.max_steps) break;
       micro.clear();
       for (std::int64_t m = 0; m < micro_per_step; ++m) {
         // Data-parallel training: each process makes only the micro-batches of the step that are its shard.
@@ -289,38 +290,38 @@ TrainSummary TrainMixin<Derived, Config>::fit() {
       }
       const StepResult result = derived().train_step(std::span<const Batch>(micro));
       batch_in_epoch_ += micro_per_step;
-      ++global_step_;
+      ++fit_steps_;
       ++summary.steps;
       summary.last_loss = result.loss;
       summary.skipped_steps = result.skipped_steps;
-      if constexpr (requires { derived().on_step(global_step_, result); })
-        derived().on_step(global_step_, result);
+      if constexpr (requires { derived().on_step(fit_steps_, result); })
+        derived().on_step(fit_steps_, result);
 
-      const bool log_now = config_.log_interval > 0 && global_step_ % config_.log_interval == 0;
+      const bool log_now = config_.log_interval > 0 && fit_steps_ % config_.log_interval == 0;
       if (log_now || !result.finite) {
         const double seconds =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         std::ostringstream line;
-        line << "step " << global_step_ << " | epoch " << epoch_ + 1 << "/" << config_.epochs << " | loss "
+        line << "step " << fit_steps_ << " | epoch " << epoch_ + 1 << "/" << config_.epochs << " | loss "
              << result.loss << " | scale " << result.loss_scale << " | skipped " << result.skipped_steps
              << " | " << static_cast<double>(summary.steps * micro_per_step * batch) / std::max(seconds, 1e-9)
              << " ex/s";
         if (!result.finite) line << " | skipped step: " << result.non_finite;
         log_line(line.str(), false);
-      } else if (global_step_ % 10 == 0) {
+      } else if (fit_steps_ % 10 == 0) {
         std::ostringstream line;
         line << "epoch " << epoch_ + 1 << "/" << config_.epochs << " [" << batch_in_epoch_ << "/"
              << batches_per_epoch << "] loss " << result.loss;
         log_line(line.str(), true);
       }
-      if (config_.checkpoint_interval > 0 && global_step_ % config_.checkpoint_interval == 0) {
+      if (config_.checkpoint_interval > 0 && fit_steps_ % config_.checkpoint_interval == 0) {
         // Data-parallel processes hold the same state; one of them (rank 0) writes it.
         bool writes = true;
         if constexpr (requires { derived().writes_checkpoints(); }) writes = derived().writes_checkpoints();
         if (writes) save_checkpoint(config_.checkpoint_path);
       }
     }
-    if (config_.max_steps > 0 && global_step_ >= config_.max_steps) break;
+    if (config_.max_steps > 0 && fit_steps_ >= config_.max_steps) break;
     batch_in_epoch_ = 0;
     if constexpr (requires { derived().on_epoch_end(epoch_); }) derived().on_epoch_end(epoch_);
   }
@@ -332,7 +333,7 @@ template <class Derived, class Config>
 void TrainMixin<Derived, Config>::save_checkpoint(const std::filesystem::path& path) const {
   CheckpointWriter writer;
   derived().save_train_state(writer);
-  writer.add_tree("loop", std::array<std::int64_t, 3>{global_step_, epoch_, batch_in_epoch_});
+  writer.add_tree("loop", std::array<std::int64_t, 3>{fit_steps_, epoch_, batch_in_epoch_});
   std::ostringstream rng_state, epoch_rng_state;
   rng_state << rng_;
   epoch_rng_state << epoch_rng_;
@@ -372,7 +373,7 @@ void TrainMixin<Derived, Config>::load_checkpoint(const std::filesystem::path& p
   const std::mt19937_64 epoch_rng =
       detail::parse_rng_state(reader.read_string("loop.epoch_rng"), "loop.epoch_rng");
   derived().load_train_state(reader);  // validates everything before it changes anything
-  global_step_ = global_step;
+  fit_steps_ = global_step;
   epoch_ = epoch;
   batch_in_epoch_ = batch_in_epoch;
   rng_ = rng;
