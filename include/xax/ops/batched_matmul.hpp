@@ -2,7 +2,9 @@
 /// \file
 /// Batched matrix products over 3-D tensors, for attention: slice `i` of the output is
 /// `op(A_i) op(B_i)`, each computed by xax::matmul (fp32 accumulation, one rounding to the output type, the
-/// same oneDNN / Eigen dispatch), so a 16-bit batch never accumulates in 16 bits.
+/// same oneDNN / Eigen dispatch), so a 16-bit batch never accumulates in 16 bits. On several threads, slices
+/// too small to use every thread alone (attention's are) are shared out, one whole product per thread; the
+/// result is the same bit for bit as on one thread.
 ///
 /// A 3-D operand is an `Eigen::Tensor<S, 3>` (column-major) or a `TensorMap` of one, with dimensions
 /// (rows, cols, batch): every slice is a contiguous column-major rows x cols matrix. Attention with one
