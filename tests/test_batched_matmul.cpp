@@ -5,6 +5,7 @@
 
 #include <xax/ops/batched_matmul.hpp>
 #include <xax/utils/error.hpp>
+#include <xax/utils/threads.hpp>
 
 #include "transformer_ops_testing.hpp"
 
@@ -118,6 +119,34 @@ TEST(BatchedMatmul, RejectsMismatchedShapes) {
   Tensor3<float> accumulating(2, 2, 2);
   EXPECT_THROW(xax::batched_matmul(a, random_tensor<float>(4, 5, 2, 2), accumulating, {.accumulate = true}),
                xax::ShapeError);
+}
+
+}  // namespace
+
+namespace {
+
+// On two threads, attention-sized slices are shared out between the threads (each product on one thread);
+// every slice must still be the product a single thread computes, bit for bit, and the slices at both ends
+// of each thread's range must be written.
+TYPED_TEST(BatchedMatmulTyped, SharingSlicesBetweenThreadsGivesTheSingleThreadResult) {
+  using T = TypeParam;
+  // Big enough (about 1 MiB in all) for the slices to be shared out, as an attention layer's are.
+  constexpr Eigen::Index head = 32, tokens = 64, batch = 37;
+  const Tensor3<T> k = random_tensor<T>(head, tokens, batch, 21);
+  const Tensor3<T> q = random_tensor<T>(head, tokens, batch, 22);
+  Tensor3<float> one, two;
+  xax::set_num_threads(1);
+  xax::batched_matmul(k, q, one, {.transpose_a = true});
+  xax::set_num_threads(2);
+  xax::batched_matmul(k, q, two, {.transpose_a = true});
+  xax::set_num_threads(1);
+  ASSERT_EQ(two.dimension(2), batch);
+  for (Eigen::Index i = 0; i < one.size(); ++i) ASSERT_EQ(one.data()[i], two.data()[i]) << "element " << i;
+  for (const Eigen::Index b : {Eigen::Index{0}, batch / 2, batch - 1}) {
+    const Eigen::MatrixXd expected = slice(k, b).transpose() * slice(q, b);
+    const Eigen::Map<const Eigen::MatrixXf> got(two.data() + b * tokens * tokens, tokens, tokens);
+    EXPECT_TRUE(xax_test::near_reference(got, expected, 1e-5, 1e-5)) << "slice " << b;
+  }
 }
 
 }  // namespace

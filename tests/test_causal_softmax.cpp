@@ -117,3 +117,33 @@ TEST(CausalSoftmax, RejectsFewerKeysThanQueriesAndBadScales) {
 }
 
 }  // namespace
+
+namespace {
+
+// Columns are widened into fp32 buffers padded to whole SIMD packets: visible lengths on both sides of a
+// packet boundary (1 to 70 keys here) must match the reference, and the padding must not leak into the sum
+// or into the masked keys.
+TYPED_TEST(CausalSoftmaxTyped, ColumnsOfEveryLengthAroundThePaddingMatchReference) {
+  using T = TypeParam;
+  constexpr Eigen::Index tokens = 70;
+  const float scale = 0.3f;
+  const Matrix<T> scores = xax_test::random_matrix<T>(tokens, tokens, 41, -8.0f, 8.0f);
+  const Matrix<T> dprobs = xax_test::random_matrix<T>(tokens, tokens, 42);
+  Matrix<T> probs;
+  xax::causal_softmax(scores, probs, scale);
+  const Eigen::MatrixXd expected = causal_softmax_reference(xax_test::to_double(scores), scale);
+  EXPECT_TRUE(xax_test::near_reference(probs, expected, 1.01 * xax_test::half_ulp<T>(), 1e-7));
+  Eigen::MatrixXf dscores;
+  xax::causal_softmax_backward(probs, dprobs, dscores, scale);
+  const Eigen::MatrixXd expected_ds =
+      causal_softmax_backward_reference(xax_test::to_double(probs), xax_test::to_double(dprobs), scale);
+  EXPECT_TRUE(xax_test::near_reference(dscores, expected_ds, 1e-5, 1e-6));
+  for (Eigen::Index i = 0; i < tokens; ++i) {
+    for (Eigen::Index j = i + 1; j < tokens; ++j) {
+      ASSERT_EQ(static_cast<float>(probs(j, i)), 0.0f);
+      ASSERT_EQ(dscores(j, i), 0.0f);
+    }
+  }
+}
+
+}  // namespace

@@ -6,6 +6,7 @@
 
 #include <xax/ops/layer_norm.hpp>
 #include <xax/utils/error.hpp>
+#include <xax/utils/threads.hpp>
 
 #include "transformer_ops_testing.hpp"
 
@@ -166,6 +167,39 @@ TEST(LayerNorm, RejectsBadShapesAndEpsilon) {
   xax::LayerNormStatistics other;
   xax::layer_norm(x.leftCols(2), g, b, y, other);
   EXPECT_THROW(xax::layer_norm_backward(x, g, other, x, dx, dg, db), xax::ShapeError);
+}
+
+}  // namespace
+
+namespace {
+
+// The backward sums dgain and dbias over fixed chunks of columns, which may run on several threads: with
+// many columns (several chunks, the last one partial) the result matches the reference and is bit for bit
+// the same on one and two threads.
+TEST(LayerNorm, BackwardOverManyColumnsDoesNotDependOnTheThreadCount) {
+  constexpr Eigen::Index features = 40, columns = 1000;
+  const Eigen::MatrixXf x = xax_test::random_matrix<float>(features, columns, 31, -2.0f, 3.0f);
+  const Eigen::VectorXf gain = xax_test::random_matrix<float>(features, 1, 32, 0.5f, 1.5f);
+  const Eigen::VectorXf bias = xax_test::random_matrix<float>(features, 1, 33);
+  const Eigen::MatrixXf dy = xax_test::random_matrix<float>(features, columns, 34);
+  xax::LayerNormStatistics stats;
+  Eigen::MatrixXf y;
+  xax::layer_norm(x, gain, bias, y, stats);
+  Eigen::MatrixXf dx_one, dx_two;
+  Eigen::VectorXf dg_one, db_one, dg_two, db_two;
+  xax::set_num_threads(1);
+  xax::layer_norm_backward(x, gain, stats, dy, dx_one, dg_one, db_one);
+  xax::set_num_threads(2);
+  xax::layer_norm_backward(x, gain, stats, dy, dx_two, dg_two, db_two);
+  xax::set_num_threads(1);
+  EXPECT_TRUE(dx_one == dx_two);
+  EXPECT_TRUE(dg_one == dg_two);
+  EXPECT_TRUE(db_one == db_two);
+  const Gradients reference = layer_norm_backward_reference(xax_test::to_double(x), xax_test::to_double(gain),
+                                                            xax_test::to_double(dy));
+  EXPECT_TRUE(xax_test::near_reference(dx_two, reference.dx, 1e-4, 1e-4));
+  EXPECT_TRUE(xax_test::near_reference(dg_two, reference.dg, 1e-5, 1e-3));
+  EXPECT_TRUE(xax_test::near_reference(db_two, reference.db, 1e-5, 1e-3));
 }
 
 }  // namespace

@@ -2,7 +2,9 @@
 /// \file
 /// Batched matrix products over 3-D tensors, for attention: slice `i` of the output is
 /// `op(A_i) op(B_i)`, each computed by xax::matmul (fp32 accumulation, one rounding to the output type, the
-/// same oneDNN / Eigen dispatch), so a 16-bit batch never accumulates in 16 bits.
+/// same oneDNN / Eigen dispatch), so a 16-bit batch never accumulates in 16 bits. On several threads, slices
+/// too small to use every thread alone (attention's are) are shared out, one whole product per thread; the
+/// result is the same bit for bit as on one thread.
 ///
 /// A 3-D operand is an `Eigen::Tensor<S, 3>` (column-major) or a `TensorMap` of one, with dimensions
 /// (rows, cols, batch): every slice is a contiguous column-major rows x cols matrix. Attention with one
@@ -17,11 +19,15 @@
 #include <xax/detail/eigen_tensor.hpp>
 
 #include <concepts>
+#include <cstddef>
+#include <exception>
 #include <string>
 #include <type_traits>
+#include <xax/detail/parallel.hpp>
 #include <xax/ops/matmul.hpp>
 #include <xax/ops/matmul_concepts.hpp>
 #include <xax/utils/error.hpp>
+#include <xax/utils/threads.hpp>
 
 namespace xax {
 
@@ -43,6 +49,10 @@ concept batched_output = batched_operand<T> && !std::is_const_v<typename T::Scal
 };
 
 namespace detail {
+
+/// Slices of at least this many flops run one after another, each product on every thread (as
+/// xax::matmul decides); smaller ones are shared out between the threads, one whole product per thread.
+inline constexpr double batched_slice_parallel_flops = 16.0 * 1024 * 1024;
 
 inline std::string shape3_string(Eigen::Index rows, Eigen::Index cols, Eigen::Index batch) {
   return std::to_string(rows) + "x" + std::to_string(cols) + "x" + std::to_string(batch);
@@ -102,12 +112,43 @@ void batched_matmul(const A& a, const B& b, C&& c, const MatmulOptions& options 
   using OutMatrix = Eigen::Matrix<Out, Eigen::Dynamic, Eigen::Dynamic>;
   const Eigen::Index a_rows = a.dimension(0), a_cols = a.dimension(1);
   const Eigen::Index b_rows = b.dimension(0), b_cols = b.dimension(1);
-  for (Eigen::Index i = 0; i < batch; ++i) {
-    const Eigen::Map<const InMatrix> a_slice(a.data() + i * a_rows * a_cols, a_rows, a_cols);
-    const Eigen::Map<const InMatrix> b_slice(b.data() + i * b_rows * b_cols, b_rows, b_cols);
-    Eigen::Map<OutMatrix> c_slice(c.data() + i * m * n, m, n);
-    matmul(a_slice, b_slice, c_slice, options);
+  const auto* a_data = a.data();
+  const auto* b_data = b.data();
+  Out* c_data = c.data();
+  const auto run_slices = [&](Eigen::Index first, Eigen::Index last) {
+    for (Eigen::Index i = first; i < last; ++i) {
+      const Eigen::Map<const InMatrix> a_slice(a_data + i * a_rows * a_cols, a_rows, a_cols);
+      const Eigen::Map<const InMatrix> b_slice(b_data + i * b_rows * b_cols, b_rows, b_cols);
+      Eigen::Map<OutMatrix> c_slice(c_data + i * m * n, m, n);
+      matmul(a_slice, b_slice, c_slice, options);
+    }
+  };
+  // Attention's slices (head_size x block, e.g. 32 x 64) are far too small for one product to use two
+  // threads, so on several threads the slices are shared out instead: each thread runs whole products on
+  // its own contiguous range of slices, and a product inside the parallel region runs on its thread alone
+  // (xax::matmul sees the enclosing region). One fork/join per call instead of none but a serial loop.
+  // Slices big enough to use every thread by themselves keep the plain loop.
+  const double slice_flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+  const std::size_t slice_bytes = static_cast<std::size_t>(a_rows * a_cols + b_rows * b_cols) * sizeof(In) +
+                                  static_cast<std::size_t>(m * n) * sizeof(Out);
+  if (batch < 2 * num_threads() || slice_flops >= detail::batched_slice_parallel_flops) {
+    run_slices(0, batch);
+    return;
   }
+  // An exception cannot leave an OpenMP region: the first one is kept and rethrown after it.
+  std::exception_ptr failure;
+  detail::parallel_blocks(static_cast<std::size_t>(batch), slice_bytes, 1,
+                          [&](std::size_t begin, std::size_t end) noexcept {
+                            try {
+                              run_slices(static_cast<Eigen::Index>(begin), static_cast<Eigen::Index>(end));
+                            } catch (...) {
+#if defined(_OPENMP)
+#pragma omp critical(xax_batched_matmul_failure)
+#endif
+                              if (!failure) failure = std::current_exception();
+                            }
+                          });
+  if (failure) std::rethrow_exception(failure);
 }
 
 }  // namespace xax

@@ -23,6 +23,7 @@
 #include <xax/detail/convert.hpp>
 #include <xax/detail/elementwise.hpp>
 #include <xax/detail/parallel.hpp>
+#include <xax/detail/scratch.hpp>
 #include <xax/ops/batched_matmul.hpp>
 #include <xax/ops/matmul_concepts.hpp>
 #include <xax/ops/reduce.hpp>
@@ -58,78 +59,75 @@ inline std::size_t visible_keys(const AttentionColumns& shape, std::size_t colum
   return column % shape.queries + (shape.keys - shape.queries) + 1;
 }
 
+/// Floats per SIMD packet that the column buffers are padded to: a column's tail then runs through the same
+/// vectorised exp as its body, instead of a scalar std::exp per left-over element.
+inline constexpr std::size_t softmax_padding = 16;
+
+inline std::size_t padded_keys(std::size_t visible) {
+  return (visible + softmax_padding - 1) / softmax_padding * softmax_padding;
+}
+
+/// Each column: widen its visible scores once into an fp32 buffer padded with -inf (whose exponentials are
+/// exactly 0, so the padding changes neither the max nor the sum), then max, exp, sum and normalise as whole
+/// Eigen array expressions over the buffer, and round once into the output.
 template <class T, class O>
 void causal_softmax_columns(const T* x, Eigen::Index ldx, O* y, Eigen::Index ldy, AttentionColumns shape,
                             float scale) {
   parallel_blocks(shape.columns, shape.keys * (sizeof(T) + sizeof(O)), 1,
                   [=](std::size_t begin, std::size_t end) noexcept {
-                    alignas(64) float buffer[elementwise_block];
+                    thread_local ScratchBuffer<float> scratch;
+                    float* buffer = scratch.get(padded_keys(shape.keys));
+                    const O zero = convert_scalar<O>(0.0f);
                     for (std::size_t c = begin; c < end; ++c) {
                       const T* in = x + static_cast<Eigen::Index>(c) * ldx;
                       O* out = y + static_cast<Eigen::Index>(c) * ldy;
                       const std::size_t visible = visible_keys(shape, c);
-                      float max = -std::numeric_limits<float>::infinity();
-                      for (std::size_t i = 0; i < visible; i += elementwise_block) {
-                        const std::size_t count = std::min(elementwise_block, visible - i);
-                        convert_serial(in + i, buffer, count);
-                        for (std::size_t k = 0; k < count; ++k) max = std::max(max, scale * buffer[k]);
-                      }
+                      const std::size_t padded = padded_keys(visible);
+                      convert_serial(in, buffer, visible);
+                      std::fill(buffer + visible, buffer + padded, -std::numeric_limits<float>::infinity());
+                      Eigen::Map<Eigen::ArrayXf> v(buffer, static_cast<Eigen::Index>(padded));
+                      v *= scale;
+                      const float max = v.maxCoeff();
                       // A column of -inf scores keeps shift 0, as xax::softmax does; +inf or NaN propagate.
                       const float shift = std::isinf(max) && max < 0 ? 0.0f : max;
-                      double sum = 0;
-                      for (std::size_t i = 0; i < visible; i += elementwise_block) {
-                        const std::size_t count = std::min(elementwise_block, visible - i);
-                        convert_serial(in + i, buffer, count);
-                        const Eigen::Map<const Eigen::ArrayXf> v(buffer, static_cast<Eigen::Index>(count));
-                        sum += static_cast<double>((v * scale - shift).exp().sum());
-                      }
-                      const auto inverse_sum = static_cast<float>(1.0 / sum);
-                      for (std::size_t i = 0; i < visible; i += elementwise_block) {
-                        const std::size_t count = std::min(elementwise_block, visible - i);
-                        convert_serial(in + i, buffer, count);
-                        Eigen::Map<Eigen::ArrayXf> v(buffer, static_cast<Eigen::Index>(count));
-                        v = (v * scale - shift).exp() * inverse_sum;
-                        convert_serial(static_cast<const float*>(buffer), out + i, count);
-                      }
-                      std::fill(out + visible, out + shape.keys, convert_scalar<O>(0.0f));
+                      v = (v - shift).exp();
+                      v *= 1.0f / v.sum();
+                      convert_serial(static_cast<const float*>(buffer), out, visible);
+                      std::fill(out + visible, out + shape.keys, zero);
                     }
                   });
 }
 
+/// Each column: widen the visible probabilities and their gradients once into fp32 buffers padded with
+/// zeros, then the dot product and the result as whole Eigen array expressions.
 template <class P, class D, class O>
 void causal_softmax_backward_columns(const P* p, Eigen::Index ldp, const D* dp, Eigen::Index ldd, O* ds,
                                      Eigen::Index lds, AttentionColumns shape, float scale) {
   parallel_blocks(shape.columns, shape.keys * (sizeof(P) + sizeof(D) + sizeof(O)), 1,
                   [=](std::size_t begin, std::size_t end) noexcept {
-                    alignas(64) float p_buffer[elementwise_block];
-                    alignas(64) float d_buffer[elementwise_block];
+                    thread_local ScratchBuffer<float> scratch;
+                    const std::size_t capacity = padded_keys(shape.keys);
+                    float* p_buffer = scratch.get(2 * capacity);
+                    float* d_buffer = p_buffer + capacity;
+                    const O zero = convert_scalar<O>(0.0f);
                     for (std::size_t c = begin; c < end; ++c) {
                       const P* probs = p + static_cast<Eigen::Index>(c) * ldp;
                       const D* grads = dp + static_cast<Eigen::Index>(c) * ldd;
                       O* out = ds + static_cast<Eigen::Index>(c) * lds;
                       const std::size_t visible = visible_keys(shape, c);
-                      double dot = 0;
-                      for (std::size_t i = 0; i < visible; i += elementwise_block) {
-                        const std::size_t count = std::min(elementwise_block, visible - i);
-                        convert_serial(probs + i, p_buffer, count);
-                        convert_serial(grads + i, d_buffer, count);
-                        const auto n = static_cast<Eigen::Index>(count);
-                        dot += static_cast<double>((Eigen::Map<const Eigen::ArrayXf>(p_buffer, n) *
-                                                    Eigen::Map<const Eigen::ArrayXf>(d_buffer, n))
-                                                       .sum());
-                      }
-                      const auto mean = static_cast<float>(dot);
-                      for (std::size_t i = 0; i < visible; i += elementwise_block) {
-                        const std::size_t count = std::min(elementwise_block, visible - i);
-                        convert_serial(probs + i, p_buffer, count);
-                        convert_serial(grads + i, d_buffer, count);
-                        const auto n = static_cast<Eigen::Index>(count);
-                        Eigen::Map<Eigen::ArrayXf> g(d_buffer, n);
-                        g = scale * Eigen::Map<const Eigen::ArrayXf>(p_buffer, n) * (g - mean);
-                        convert_serial(static_cast<const float*>(d_buffer), out + i, count);
-                      }
+                      const std::size_t padded = padded_keys(visible);
+                      convert_serial(probs, p_buffer, visible);
+                      convert_serial(grads, d_buffer, visible);
+                      std::fill(p_buffer + visible, p_buffer + padded, 0.0f);
+                      std::fill(d_buffer + visible, d_buffer + padded, 0.0f);
+                      const auto n = static_cast<Eigen::Index>(padded);
+                      const Eigen::Map<const Eigen::ArrayXf> pv(p_buffer, n);
+                      Eigen::Map<Eigen::ArrayXf> g(d_buffer, n);
+                      const float mean = (pv * g).sum();
+                      g = scale * pv * (g - mean);
+                      convert_serial(static_cast<const float*>(d_buffer), out, visible);
                       // Masked scores never reached the loss: their gradient is exactly zero.
-                      std::fill(out + visible, out + shape.keys, convert_scalar<O>(0.0f));
+                      std::fill(out + visible, out + shape.keys, zero);
                     }
                   });
 }

@@ -12,6 +12,7 @@
 
 #include <xax/detail/eigen.hpp>
 
+#include <algorithm>
 #include <cstddef>
 #include <string>
 #include <type_traits>
@@ -40,9 +41,19 @@ inline void gelu_tanh_backward_block(const float* x, const float* dy, float* dx,
   const Eigen::Map<const Eigen::ArrayXf> in(x, size);
   const Eigen::Map<const Eigen::ArrayXf> grad(dy, size);
   Eigen::Map<Eigen::ArrayXf> out(dx, size);
-  const auto t = (sqrt_2_over_pi * (in + gelu_tanh_cubic * in.cube())).tanh();
-  out = grad * (0.5f * (1.0f + t) + 0.5f * in * (1.0f - t.square()) * sqrt_2_over_pi *
-                                        (1.0f + 3.0f * gelu_tanh_cubic * in.square()));
+  // tanh is stored once in `out` rather than kept as an expression used twice, which Eigen would evaluate
+  // (the costliest part) twice per element. `out` may alias `grad` (dx written over dy): the tanh therefore
+  // goes into a local block first.
+  alignas(64) float t_block[elementwise_block];
+  for (Eigen::Index i = 0; i < size; i += static_cast<Eigen::Index>(elementwise_block)) {
+    const Eigen::Index count = std::min(static_cast<Eigen::Index>(elementwise_block), size - i);
+    const auto x_part = in.segment(i, count);
+    Eigen::Map<Eigen::ArrayXf> t(t_block, count);
+    t = (sqrt_2_over_pi * (x_part + gelu_tanh_cubic * x_part.cube())).tanh();
+    out.segment(i, count) =
+        grad.segment(i, count) * (0.5f * (1.0f + t) + 0.5f * x_part * (1.0f - t.square()) * sqrt_2_over_pi *
+                                                          (1.0f + 3.0f * gelu_tanh_cubic * x_part.square()));
+  }
 }
 
 /// Calls `pass(first elements of a, b, out, count)` on the whole storage when every operand is contiguous,

@@ -13,6 +13,7 @@
 
 #include <xax/detail/eigen.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <string>
@@ -165,17 +166,19 @@ void layer_norm_backward(const X& x, const Gain& gain, const LayerNormStatistics
   using OB = typename std::remove_reference_t<DBias>::Scalar;
   const auto rows = static_cast<std::size_t>(features);
   const auto n = static_cast<Eigen::Index>(rows);
+  // The columns are cut into chunks of a fixed size, each summing its own partial dgain and dbias; the
+  // partial sums are then added in chunk order. The chunks, not the threads, fix the order of every sum, so
+  // the result does not depend on the thread count, and the chunks can run on several threads.
+  constexpr Eigen::Index chunk_columns = 64;
+  const Eigen::Index chunks = (columns + chunk_columns - 1) / chunk_columns;
   thread_local detail::ScratchBuffer<float> scratch;
-  float* buffer = scratch.get(6 * rows);
+  float* buffer = scratch.get((3 + 2 * static_cast<std::size_t>(chunks)) * rows);
   float* gain_f = buffer;
   float* dgain_sum = buffer + rows;
   float* dbias_sum = buffer + 2 * rows;
-  float* x_column = buffer + 3 * rows;
-  float* dy_column = buffer + 4 * rows;
-  float* dx_column = buffer + 5 * rows;
+  float* partial = buffer + 3 * rows;  // chunk i: dgain at 2 i rows, dbias at (2 i + 1) rows
   detail::widen(gain.data(), gain_f, rows);
-  Eigen::Map<Eigen::ArrayXf> g(gain_f, n), sum_g(dgain_sum, n), sum_b(dbias_sum, n);
-  Eigen::Map<Eigen::ArrayXf> xhat(x_column, n), grad(dy_column, n), result(dx_column, n);
+  Eigen::Map<Eigen::ArrayXf> sum_g(dgain_sum, n), sum_b(dbias_sum, n);
   if (options.accumulate_parameter_gradients) {
     detail::widen(static_cast<const OG*>(dgain.data()), dgain_sum, rows);
     detail::widen(static_cast<const OB*>(dbias.data()), dbias_sum, rows);
@@ -186,25 +189,53 @@ void layer_norm_backward(const X& x, const Gain& gain, const LayerNormStatistics
   const Eigen::Index ldx = detail::leading_dimension(x), ldd = detail::leading_dimension(dy),
                      ldo = detail::leading_dimension(dx);
   const float inverse_n = 1.0f / static_cast<float>(n);
-  // One pass per column; the parameter gradients are summed in column order, so the result does not depend
-  // on the thread count.
-  for (Eigen::Index j = 0; j < columns; ++j) {
-    detail::widen(x.data() + j * ldx, x_column, rows);
-    detail::widen(dy.data() + j * ldd, dy_column, rows);
-    const float r = stats.inverse_std[j];
-    xhat = (xhat - stats.mean[j]) * r;
-    sum_g += grad * xhat;
-    sum_b += grad;
-    grad *= g;  // d(loss)/d(xhat)
-    const float mean_grad = grad.sum() * inverse_n;
-    const float mean_grad_xhat = (grad * xhat).sum() * inverse_n;
-    result = r * (grad - mean_grad - xhat * mean_grad_xhat);
-    O* out = dx.data() + j * ldo;
-    if (options.accumulate_input_gradient) {
-      detail::widen(static_cast<const O*>(out), x_column, rows);
-      result += xhat;  // xhat's buffer now holds the old dx
-    }
-    detail::convert_serial(static_cast<const float*>(dx_column), out, rows);
+  const auto* x_data = x.data();
+  const auto* dy_data = dy.data();
+  O* dx_data = dx.data();
+  const float* mean = stats.mean.data();
+  const float* inverse_std = stats.inverse_std.data();
+  const bool accumulate_dx = options.accumulate_input_gradient;
+  using T = typename X::Scalar;
+  using TD = typename DY::Scalar;
+  detail::parallel_blocks(
+      static_cast<std::size_t>(chunks),
+      static_cast<std::size_t>(chunk_columns) * rows * (sizeof(T) + sizeof(TD) + 2 * sizeof(O)), 1,
+      [=](std::size_t chunk_begin, std::size_t chunk_end) noexcept {
+        thread_local detail::ScratchBuffer<float> column_scratch;
+        float* columns_buffer = column_scratch.get(3 * rows);
+        Eigen::Map<Eigen::ArrayXf> xhat(columns_buffer, n), grad(columns_buffer + rows, n),
+            result(columns_buffer + 2 * rows, n);
+        const Eigen::Map<const Eigen::ArrayXf> g(gain_f, n);
+        for (auto chunk = static_cast<Eigen::Index>(chunk_begin);
+             chunk < static_cast<Eigen::Index>(chunk_end); ++chunk) {
+          Eigen::Map<Eigen::ArrayXf> chunk_g(partial + 2 * chunk * n, n),
+              chunk_b(partial + (2 * chunk + 1) * n, n);
+          chunk_g.setZero();
+          chunk_b.setZero();
+          const Eigen::Index last = std::min(columns, (chunk + 1) * chunk_columns);
+          for (Eigen::Index j = chunk * chunk_columns; j < last; ++j) {
+            detail::widen(x_data + j * ldx, xhat.data(), rows);
+            detail::widen(dy_data + j * ldd, grad.data(), rows);
+            const float r = inverse_std[j];
+            xhat = (xhat - mean[j]) * r;
+            chunk_g += grad * xhat;
+            chunk_b += grad;
+            grad *= g;  // d(loss)/d(xhat)
+            const float mean_grad = grad.sum() * inverse_n;
+            const float mean_grad_xhat = (grad * xhat).sum() * inverse_n;
+            result = r * (grad - mean_grad - xhat * mean_grad_xhat);
+            O* out = dx_data + j * ldo;
+            if (accumulate_dx) {
+              detail::widen(static_cast<const O*>(out), xhat.data(), rows);
+              result += xhat;  // xhat's buffer now holds the old dx
+            }
+            detail::convert_serial(static_cast<const float*>(result.data()), out, rows);
+          }
+        }
+      });
+  for (Eigen::Index chunk = 0; chunk < chunks; ++chunk) {
+    sum_g += Eigen::Map<const Eigen::ArrayXf>(partial + 2 * chunk * n, n);
+    sum_b += Eigen::Map<const Eigen::ArrayXf>(partial + (2 * chunk + 1) * n, n);
   }
   detail::convert_serial(static_cast<const float*>(dgain_sum), dgain.data(), rows);
   detail::convert_serial(static_cast<const float*>(dbias_sum), dbias.data(), rows);
