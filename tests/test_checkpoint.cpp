@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 #include <xax/task/checkpoint.hpp>
+#include <xax/utils/tree_cast.hpp>
 
 #include "checkpoint_bytes.hpp"
 

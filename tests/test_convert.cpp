@@ -20,6 +20,7 @@
 #include <xax/ops/convert.hpp>
 #include <xax/utils/threads.hpp>
 #include <xax/utils/tree.hpp>
+#include <xax/utils/tree_cast.hpp>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>

@@ -16,6 +16,7 @@
 #include <xax/nn/mlp.hpp>
 #include <xax/utils/error.hpp>
 #include <xax/utils/tree.hpp>
+#include <xax/utils/tree_cast.hpp>
 
 namespace {
 

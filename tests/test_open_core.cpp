@@ -13,6 +13,7 @@
 #include <xax/task/mixins/mixed_precision.hpp>
 #include <xax/task/train_step.hpp>
 #include <xax/utils/tree.hpp>
+#include <xax/utils/tree_cast.hpp>
 
 namespace {
 

@@ -14,6 +14,7 @@
 #include <xax/utils/error.hpp>
 #include <xax/utils/threads.hpp>
 #include <xax/utils/tree.hpp>
+#include <xax/utils/tree_cast.hpp>
 
 namespace {
 

@@ -24,6 +24,7 @@
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/policy.hpp>
 #include <xax/utils/tree.hpp>
+#include <xax/utils/tree_cast.hpp>
 
 #include "checkpoint_bytes.hpp"
 

@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 #include <xax/utils/tree.hpp>
+#include <xax/utils/tree_cast.hpp>
 
 namespace {
 

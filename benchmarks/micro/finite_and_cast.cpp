@@ -22,6 +22,7 @@
 #include <xax/utils/finite.hpp>
 #include <xax/utils/threads.hpp>
 #include <xax/utils/tree.hpp>
+#include <xax/utils/tree_cast.hpp>
 
 namespace {
 

@@ -22,6 +22,7 @@
 #include <xax/optim/adamw.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/tree.hpp>
+#include <xax/utils/tree_cast.hpp>
 
 namespace {
 

@@ -10,6 +10,7 @@
 #include <random>
 #include <xax/utils/error.hpp>
 #include <xax/utils/tree.hpp>
+#include <xax/utils/tree_cast.hpp>
 
 #include "runner/char_training.hpp"
 #include "workloads/char_data.hpp"

@@ -64,6 +64,7 @@
 #include <xax/utils/loss_scale.hpp>
 #include <xax/utils/policy.hpp>
 #include <xax/utils/tree.hpp>
+#include <xax/utils/tree_cast.hpp>
 
 namespace xax {
 

@@ -11,3 +11,4 @@
 #include <xax/utils/policy.hpp>
 #include <xax/utils/threads.hpp>
 #include <xax/utils/tree.hpp>
+#include <xax/utils/tree_cast.hpp>
