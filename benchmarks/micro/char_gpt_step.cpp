@@ -18,8 +18,6 @@
 #include "micro/common.hpp"
 
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -117,20 +115,9 @@ void register_gpt_step(const std::string& name, LossScaleT loss_scale) {
   }
 }
 
-// The half type is read while benchmarks register, before main: a bad XAX_MAX_CPU_ISA must end the program
-// with its message rather than std::terminate's.
-xax::DType gpt_registration_half_dtype() {
-  try {
-    return xax::half_dtype();
-  } catch (const xax::Error& error) {
-    std::fprintf(stderr, "%s\n", error.what());
-    std::exit(2);  // NOLINT(concurrency-mt-unsafe): before main, single-threaded
-  }
-}
-
 [[maybe_unused]] const bool gpt_registered = [] {
   register_gpt_step<xax::Policy<float, float, float>>("default", xax::NoOpLossScale{});
-  if (gpt_registration_half_dtype() == xax::DType::bfloat16) {
+  if (xax_bench::registration_half_dtype() == xax::DType::bfloat16) {
     register_gpt_step<xax::Policy<float, xax::bfloat16, float>>("mixed", xax::NoOpLossScale{});
   } else {
     register_gpt_step<xax::Policy<float, xax::float16, float>>("mixed", xax::DynamicLossScale{});

@@ -1,6 +1,10 @@
 #pragma once
 // What the micro-benchmarks share.
 
+#include <cstdio>
+#include <cstdlib>
+#include <xax/utils/dtype.hpp>
+#include <xax/utils/error.hpp>
 #include <xax/utils/threads.hpp>
 
 namespace xax_bench {
@@ -17,5 +21,16 @@ class ThreadScope {
  private:
   int previous_;
 };
+
+/// xax::half_dtype() for code that registers benchmarks before main: a bad XAX_MAX_CPU_ISA must end the
+/// program with its message rather than std::terminate's.
+inline xax::DType registration_half_dtype() {
+  try {
+    return xax::half_dtype();
+  } catch (const xax::Error& error) {
+    std::fprintf(stderr, "%s\n", error.what());
+    std::exit(2);  // NOLINT(concurrency-mt-unsafe): before main, single-threaded
+  }
+}
 
 }  // namespace xax_bench

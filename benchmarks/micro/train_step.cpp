@@ -27,8 +27,6 @@
 
 #include <concepts>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -133,20 +131,9 @@ void register_mixed(LossScaleT loss_scale) {
   register_train_step<Mixed, false>("mixed_cast_grads", loss_scale);
 }
 
-// The half type is read while benchmarks register, before main: a bad XAX_MAX_CPU_ISA must end the program
-// with its message rather than std::terminate's.
-xax::DType registration_half_dtype() {
-  try {
-    return xax::half_dtype();
-  } catch (const xax::Error& error) {
-    std::fprintf(stderr, "%s\n", error.what());
-    std::exit(2);  // NOLINT(concurrency-mt-unsafe): before main, single-threaded
-  }
-}
-
 [[maybe_unused]] const bool registered = [] {
   register_train_step<xax::Policy<float, float, float>>("default", xax::NoOpLossScale{});
-  if (registration_half_dtype() == xax::DType::bfloat16) {
+  if (xax_bench::registration_half_dtype() == xax::DType::bfloat16) {
     register_mixed<xax::bfloat16>(xax::NoOpLossScale{});
   } else {
     register_mixed<xax::float16>(xax::DynamicLossScale{});  // f16 needs loss scaling
