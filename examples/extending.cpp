@@ -192,7 +192,8 @@ class Trainer : public xax::TrainStep<Trainer, xax::Policy<float, xax::bfloat16,
         },
         grads);
     if (train_step_calls() % 100 == 0)
-      std::printf("after %lld steps: gradient norm %.4f\n", static_cast<long long>(train_step_calls()), info.norm);
+      std::printf("after %lld steps: gradient norm %.4f\n", static_cast<long long>(train_step_calls()),
+                  info.norm);
   }
 
  private:
@@ -222,7 +223,8 @@ int main() {
       last_loss = result.loss;
     }
     std::printf("loss %.4f -> %.4f after %lld steps (%lld skipped), loss scale %g\n", first_loss, last_loss,
-                static_cast<long long>(trainer.train_step_calls()), static_cast<long long>(trainer.skipped_steps()),
+                static_cast<long long>(trainer.train_step_calls()),
+                static_cast<long long>(trainer.skipped_steps()),
                 static_cast<double>(trainer.current_loss_scale()));
     // The gain learned in fp32: Lion moves it by lr = 3e-4 per step, far below bf16's ulp at 1 (2^-7). The
     // forward saw each of those steps; a bf16 compute copy would have seen the gain move in jumps of 2^-7.

@@ -54,7 +54,8 @@ TEST(CpuFeatures, AgreeWithTheCompilerRuntime) {
 #endif
 
 TEST(CpuFeatures, DetectedOnceAndTheSameWhenDetectedAgain) {
-  EXPECT_EQ(xax::cpu_features(), xax::cap_cpu_features(xax::detail::detect_cpu_features(), xax::max_cpu_isa()));
+  EXPECT_EQ(xax::cpu_features(),
+            xax::cap_cpu_features(xax::detail::detect_cpu_features(), xax::max_cpu_isa()));
 }
 
 TEST(CpuFeatures, DescriptionNamesTheArchitectureAndEveryFeatureFound) {

@@ -12,8 +12,8 @@ int main(int argc, char** argv) {
   reducer.collect(0, 1.0, grads);
   reducer.collect(1, 2.0, grads);
   const xax::ReducedGradients reduced = reducer.reduce(grads);
-  const bool ok = reducer.communicator().size() == 1 && reduced.micro_batches == 2 && reduced.loss_sum == 3.0 &&
-                  grads[0](4) == 1.0f;
+  const bool ok = reducer.communicator().size() == 1 && reduced.micro_batches == 2 &&
+                  reduced.loss_sum == 3.0 && grads[0](4) == 1.0f;
   std::puts(ok ? "xax mpi consumer: ok" : "xax mpi consumer: FAILED");
   return ok ? 0 : 1;
 }
