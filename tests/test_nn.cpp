@@ -136,6 +136,12 @@ TEST(Activations, ShapeMismatchThrows) {
   Eigen::MatrixXf storage(2, 2);
   Eigen::Map<Eigen::MatrixXf> fixed(storage.data(), 2, 2);
   EXPECT_THROW(xax::nn::gelu(Eigen::MatrixXf(3, 3), fixed), xax::ShapeError);
+  // A fixed-size output of another shape is a ShapeError, not a resize (an Eigen assertion in debug builds).
+  Eigen::Matrix<float, 2, 2> fixed_size;
+  EXPECT_THROW(xax::nn::gelu(Eigen::MatrixXf(3, 3), fixed_size), xax::ShapeError);
+  Eigen::Matrix<float, 2, 2> fitting;
+  xax::nn::relu(Eigen::MatrixXf::Constant(2, 2, -1.0f).eval(), fitting);
+  EXPECT_EQ(fitting, (Eigen::Matrix<float, 2, 2>::Zero()));
 }
 
 TEST(Loss, CrossEntropyGradientMatchesFiniteDifferences) {

@@ -35,10 +35,10 @@ concept writable_dense_tensor =
 
 namespace detail {
 
-/// Gives `out` the shape of `like`: resizes a plain object, checks anything else.
+/// Gives `out` the shape of `like`: resizes a plain object that can take it, checks anything else.
 template <class Out, class Like>
 void shape_like(Out& out, const Like& like, const char* function) {
-  if constexpr (std::is_same_v<typename Out::PlainObject, Out>) out.resize(like.rows(), like.cols());
+  xax::detail::resize_plain_if_possible(out, like.rows(), like.cols());
   if (out.rows() != like.rows() || out.cols() != like.cols()) {
     throw ShapeError(std::string("xax::nn::") + function + ": the output is " +
                      xax::detail::shape_string(out.rows(), out.cols()) + " but the input is " +

@@ -132,13 +132,7 @@ Eigen::Index leading_dimension(const M& m) {
 /// Resizes a plain output to rows x cols, or checks the shape of any other output.
 template <class Out>
 void prepare_output(Out& out, Eigen::Index rows, Eigen::Index cols, const char* function, const char* what) {
-  if constexpr (std::is_same_v<typename Out::PlainObject, Out>) {
-    if constexpr (Out::IsVectorAtCompileTime) {
-      out.resize(rows * cols);
-    } else {
-      out.resize(rows, cols);
-    }
-  }
+  resize_plain_if_possible(out, rows, cols);
   const bool vector_ok =
       (rows == 1 || cols == 1) && (out.rows() == 1 || out.cols() == 1) && out.size() == rows * cols;
   if (!(out.rows() == rows && out.cols() == cols) && !(Out::IsVectorAtCompileTime && vector_ok)) {
