@@ -204,8 +204,8 @@ TEST(Reduce, BadLabelsThrow) {
   EXPECT_THROW(xax::softmax(logits, fixed), xax::ShapeError);
 }
 
-// A fixed-size output of another shape is a ShapeError, not a resize (an Eigen assertion in debug builds), and
-// one of the right shape is written.
+// A fixed-size output of another shape is a ShapeError, not a resize (an Eigen assertion in debug builds),
+// and one of the right shape is written.
 TEST(Softmax, FixedSizeOutputsAreCheckedNotResized) {
   Eigen::Matrix<float, 2, 2> fixed;
   EXPECT_THROW(xax::softmax(Eigen::MatrixXf::Zero(3, 3).eval(), fixed), xax::ShapeError);
