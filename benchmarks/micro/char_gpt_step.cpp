@@ -89,14 +89,7 @@ void run_gpt_step(benchmark::State& state, int threads, LossScaleT loss_scale) {
   const xax_bench::GptShape shape{};
   const xax_bench::TokenBatch batch = make_gpt_batch(shape);
   GptTrainer<Policy, LossScaleT> trainer(shape, std::move(loss_scale));
-  xax::StepResult result = trainer.train_step(batch);  // sizes every buffer and creates every primitive
-  const std::string implementation = xax::last_matmul_implementation();
-  for (auto _ : state) {
-    result = trainer.train_step(batch);
-    benchmark::ClobberMemory();
-  }
-  state.counters["loss"] = result.loss;
-  state.counters["skipped"] = static_cast<double>(trainer.skipped_steps());
+  const std::string implementation = xax_bench::time_train_steps(state, trainer, batch);
   state.counters["tokens_per_s"] = benchmark::Counter(static_cast<double>(batch.tokens.size()),
                                                       benchmark::Counter::kIsIterationInvariantRate);
   using Compute = typename Policy::compute_type;

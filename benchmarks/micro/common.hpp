@@ -1,8 +1,13 @@
 #pragma once
 // What the micro-benchmarks share.
 
+#include <benchmark/benchmark.h>
+
 #include <cstdio>
 #include <cstdlib>
+#include <string>
+#include <xax/ops/matmul.hpp>
+#include <xax/task/train_step.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
 #include <xax/utils/threads.hpp>
@@ -21,6 +26,22 @@ class ThreadScope {
  private:
   int previous_;
 };
+
+/// Times `trainer.train_step(batch)` over the benchmark's iterations after one untimed step (which sizes
+/// every buffer and creates every primitive), and sets the loss and skipped-step counters. Returns the matmul
+/// implementation the untimed step used, for the label.
+template <class Trainer, class Batch>
+std::string time_train_steps(benchmark::State& state, Trainer& trainer, const Batch& batch) {
+  xax::StepResult result = trainer.train_step(batch);
+  std::string implementation = xax::last_matmul_implementation();
+  for (auto _ : state) {
+    result = trainer.train_step(batch);
+    benchmark::ClobberMemory();
+  }
+  state.counters["loss"] = result.loss;
+  state.counters["skipped"] = static_cast<double>(trainer.skipped_steps());
+  return implementation;
+}
 
 /// xax::half_dtype() for code that registers benchmarks before main: a bad XAX_MAX_CPU_ISA must end the
 /// program with its message rather than std::terminate's.

@@ -93,14 +93,7 @@ void run_train_step(benchmark::State& state, int threads, LossScaleT loss_scale)
   const xax_bench::ThreadScope scope(threads);
   const Batch batch = make_batch();
   Trainer trainer(std::move(loss_scale));
-  xax::StepResult result = trainer.train_step(batch);  // sizes every buffer and creates every primitive
-  const std::string implementation = xax::last_matmul_implementation();
-  for (auto _ : state) {
-    result = trainer.train_step(batch);
-    benchmark::ClobberMemory();
-  }
-  state.counters["loss"] = result.loss;
-  state.counters["skipped"] = static_cast<double>(trainer.skipped_steps());
+  const std::string implementation = xax_bench::time_train_steps(state, trainer, batch);
   using Compute = typename Trainer::compute;
   std::string note;
   if constexpr (!std::is_same_v<Compute, float>) {
