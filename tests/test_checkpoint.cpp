@@ -16,6 +16,7 @@
 #include <xax/utils/tree_cast.hpp>
 
 #include "checkpoint_bytes.hpp"
+#include "scratch_directory.hpp"
 
 // No request this large is legitimate in these tests; one can only come from a size read out of a crafted
 // file before it was checked against the file's length. Refusing it turns such a read into a test failure (a
@@ -80,15 +81,8 @@ Model<T> empty_like() {
 
 class CheckpointTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    dir_ = std::filesystem::temp_directory_path() /
-           ("xax_checkpoint_test_" + std::to_string(::testing::UnitTest::GetInstance()->random_seed()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    std::filesystem::remove_all(dir_);
-    std::filesystem::create_directories(dir_);
-  }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
-  std::filesystem::path dir_;
+  xax_test::ScratchDirectory scratch_{"xax_checkpoint_test"};
+  const std::filesystem::path& dir_ = scratch_.path();
 };
 
 template <class T>

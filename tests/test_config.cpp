@@ -1,6 +1,5 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <array>
 #include <cstdint>
@@ -9,6 +8,8 @@
 #include <string>
 #include <string_view>
 #include <xax/task/config.hpp>
+
+#include "scratch_directory.hpp"
 
 namespace {
 
@@ -161,9 +162,8 @@ TEST(Config, ArgsValidateOnlyOnceAllAreApplied) {
 
 #if defined(XAX_HAS_NLOHMANN_JSON) && XAX_HAS_NLOHMANN_JSON
 TEST(Config, FailedJsonLeavesTheConfigUnchanged) {
-  const auto path =
-      std::filesystem::temp_directory_path() /
-      ("xax_test_config_unchanged_" + std::to_string(static_cast<long long>(::getpid())) + ".json");
+  const xax_test::ScratchDirectory scratch("xax_test_config");
+  const auto path = scratch / "unchanged.json";
   ToyConfig config;
   std::ofstream(path) << R"({"count": 8, "rate": 3})";
   EXPECT_THROW(xax::load_config_json(config, path.string()), xax::ConfigError);
@@ -172,11 +172,11 @@ TEST(Config, FailedJsonLeavesTheConfigUnchanged) {
   BoundedConfig bounded;
   xax::load_config_json(bounded, path.string());
   EXPECT_EQ(bounded.min, 0.25) << "fields are validated together, after all of them are set";
-  std::filesystem::remove(path);
 }
 
 TEST(Config, LoadsJson) {
-  const auto path = std::filesystem::temp_directory_path() / "xax_test_config.json";
+  const xax_test::ScratchDirectory scratch("xax_test_config");
+  const auto path = scratch / "config.json";
   std::ofstream(path) << R"({"rate": 0.75, "count": 4, "flag": true, "name": "from json"})";
   ToyConfig config;
   xax::load_config_json(config, path.string());

@@ -13,6 +13,7 @@
 #include <xax/utils/tree_cast.hpp>
 
 #include "runner/char_training.hpp"
+#include "scratch_directory.hpp"
 #include "workloads/char_data.hpp"
 #include "workloads/char_gpt.hpp"
 
@@ -159,18 +160,11 @@ TEST(CharGpt, LearningRateScheduleIsNanoGpts) {
 
 class CorpusFiles : public ::testing::Test {
  protected:
-  void SetUp() override {
-    dir_ = std::filesystem::temp_directory_path() /
-           ("xax_char_corpus_" + std::to_string(::testing::UnitTest::GetInstance()->random_seed()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    std::filesystem::remove_all(dir_);
-    std::filesystem::create_directories(dir_);
-  }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
   void write(const std::string& name, const std::string& text) {
     std::ofstream(dir_ / name, std::ios::binary) << text;
   }
-  std::filesystem::path dir_;
+  xax_test::ScratchDirectory scratch_{"xax_char_corpus"};
+  const std::filesystem::path& dir_ = scratch_.path();
 };
 
 TEST_F(CorpusFiles, FortuneFilesSkipIndexesLinksAndSeparators) {
