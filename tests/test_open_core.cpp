@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 #include <xax/task/mixins/mixed_precision.hpp>
+#include <xax/task/mixins/train.hpp>
 #include <xax/task/train_step.hpp>
 #include <xax/utils/tree.hpp>
 #include <xax/utils/tree_cast.hpp>
@@ -546,6 +547,13 @@ struct FeatureBatch {
   XAX_FIELDS(x, labels);
 };
 
+// Whether each batch of `batches` still holds its features: a batch freed by the step is moved-from (empty).
+inline std::vector<bool> still_held(const std::vector<FeatureBatch<float>>& batches) {
+  std::vector<bool> held;
+  for (const auto& batch : batches) held.push_back(batch.x.size() != 0);
+  return held;
+}
+
 template <class Policy>
 class CastBatchTrainer : public xax::TrainStep<CastBatchTrainer<Policy>, Policy, xax::NoOpLossScale> {
  public:
@@ -564,6 +572,7 @@ class CastBatchTrainer : public xax::TrainStep<CastBatchTrainer<Policy>, Policy,
   template <class T>
   double loss_and_grads(const Weights<T>& params, const FeatureBatch<T>& batch, float scale,
                         Weights<T>& grads) {
+    if (watched != nullptr) held_during_call.push_back(still_held(*watched));
     seen_x.push_back(batch.x.template cast<float>());
     seen_labels.push_back(batch.labels);
     grads.w = ((params.w.template cast<float>() - batch.x.template cast<float>()) * scale).template cast<T>();
@@ -573,6 +582,9 @@ class CastBatchTrainer : public xax::TrainStep<CastBatchTrainer<Policy>, Policy,
 
   std::vector<Eigen::VectorXf> seen_x;
   std::vector<Eigen::VectorX<std::int32_t>> seen_labels;
+  // Batches handed over to the step, whose state each loss_and_grads call records (still_held).
+  const std::vector<FeatureBatch<float>>* watched = nullptr;
+  std::vector<std::vector<bool>> held_during_call;
 };
 
 template <class Policy>
@@ -599,6 +611,33 @@ TYPED_TEST(BatchCast, EveryMicroBatchReachesTheTrainerInTheComputeType) {
   if constexpr (std::is_same_v<Compute, xax::bfloat16>) {
     EXPECT_EQ(trainer.seen_x[0](0), 1.0f);
   }
+}
+
+// Batches handed over (an rvalue) are freed one by one as soon as each is cast, so the step never holds a
+// batch in both precisions while the trainer runs; with float compute nothing is cast and nothing freed. The
+// step itself is the same: same batches seen, same masters.
+TYPED_TEST(BatchCast, HandedOverBatchesAreFreedOnceCastAndTrainTheSame) {
+  using Compute = typename TypeParam::compute_type;
+  constexpr bool casts = !std::is_same_v<Compute, float>;
+  const std::vector<FeatureBatch<float>> micro{{Eigen::Vector2f(0.25f, -3.0f), Eigen::Vector2i(1, 2)},
+                                               {Eigen::Vector2f(-3.0f, 0.75f), Eigen::Vector2i(3, 4)},
+                                               {Eigen::Vector2f(1.5f, 2.0f), Eigen::Vector2i(5, 6)}};
+  CastBatchTrainer<TypeParam> viewed;
+  viewed.train_step(std::span<const FeatureBatch<float>>(micro));
+  CastBatchTrainer<TypeParam> handed;
+  std::vector<FeatureBatch<float>> batches = micro;
+  handed.watched = &batches;
+  handed.train_step(std::move(batches));
+  const std::vector<std::vector<bool>> freed_up_to_the_current_one{
+      {false, true, true}, {false, false, true}, {false, false, false}};
+  EXPECT_EQ(handed.held_during_call, casts ? freed_up_to_the_current_one
+                                           : std::vector<std::vector<bool>>(3, std::vector<bool>(3, true)));
+  EXPECT_EQ(handed.seen_x, viewed.seen_x);
+  EXPECT_EQ(handed.seen_labels, viewed.seen_labels);
+  EXPECT_TRUE(bitwise_equal(handed.params().w, viewed.params().w));
+  EXPECT_TRUE(bitwise_equal(handed.params().b, viewed.params().b));
+  EXPECT_EQ(still_held(batches), std::vector<bool>(3, !casts));
+  EXPECT_EQ(still_held(micro), std::vector<bool>(3, true)) << "a viewed batch is never freed";
 }
 
 // The mixin forwards the declaration: loss_and_grads and evaluate both receive the cast batch.
@@ -638,5 +677,63 @@ TEST(BatchCast, TheMixinCastsTheBatchForTrainingAndEvaluation) {
     CastBatchTask task(config);
     EXPECT_EQ(task.train_step(batch).loss, static_cast<double>(expected)) << policy;
     EXPECT_EQ(task.evaluate_batch(batch), static_cast<double>(expected)) << policy;
+  }
+}
+
+// fit() hands the batches it makes over to the step, so a bf16 run trains with the bf16 copy of its batch
+// alone in memory: by the time loss_and_grads runs, the fp32 batch fit() made is freed.
+struct FitConfig : xax::TrainConfig, xax::MixedPrecisionConfig {};
+
+class FitCastBatchTask : public xax::TrainMixin<FitCastBatchTask, FitConfig>,
+                         public xax::MixedPrecisionMixin<FitCastBatchTask, FitConfig> {
+ public:
+  template <class T>
+  using params_type = Weights<T>;
+  using batch_type = FeatureBatch<float>;
+  static constexpr bool casts_batch_to_compute = true;
+
+  explicit FitCastBatchTask(FitConfig config) : TrainMixin(std::move(config)) {}
+  Weights<float> init_params() const { return initial_weights(); }
+  std::int64_t num_examples() const { return 4; }
+  FeatureBatch<float> make_batch(std::span<const std::int64_t> indices) const {
+    FeatureBatch<float> batch{Eigen::VectorXf::Zero(2), Eigen::VectorXi::Zero(2)};
+    batch.x(0) = static_cast<float>(indices.front());
+    return batch;
+  }
+
+  // Sees the batches fit() hands over before the step does.
+  xax::StepResult train_step(std::vector<batch_type>&& micro_batches) {
+    handed_over_ = &micro_batches;
+    const xax::StepResult result = MixedPrecisionMixin::train_step(std::move(micro_batches));
+    handed_over_ = nullptr;
+    return result;
+  }
+  using MixedPrecisionMixin::train_step;
+
+  template <class T>
+  double loss_and_grads(const Weights<T>& params, const FeatureBatch<T>&, float, Weights<T>& grads) {
+    if (handed_over_ != nullptr) held_during_call.push_back(still_held(*handed_over_));
+    grads.w = Eigen::Matrix<T, Eigen::Dynamic, 1>::Zero(params.w.size());
+    grads.b = Eigen::Matrix<T, Eigen::Dynamic, 1>::Zero(params.b.size());
+    return 0;
+  }
+
+  std::vector<std::vector<bool>> held_during_call;
+
+ private:
+  const std::vector<batch_type>* handed_over_ = nullptr;
+};
+
+TEST(BatchCast, FitFreesEachBatchOnceTheStepHasCastIt) {
+  for (const auto& [policy, held] : {std::pair{"float32", true}, std::pair{"mixed", false}}) {
+    FitConfig config;
+    config.batch_size = 2;
+    config.epochs = 1;
+    config.log_interval = 0;
+    config.enable_mixed_precision = true;
+    config.precision_policy = policy;
+    FitCastBatchTask task(config);
+    task.fit();
+    EXPECT_EQ(task.held_during_call, std::vector<std::vector<bool>>(2, std::vector<bool>{held})) << policy;
   }
 }

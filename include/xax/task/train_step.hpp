@@ -54,6 +54,7 @@
 #include <type_traits>
 #include <utility>
 #include <variant>
+#include <vector>
 #include <xax/detail/format.hpp>
 #include <xax/optim/adamw.hpp>
 #include <xax/optim/sgd.hpp>
@@ -356,7 +357,24 @@ class TrainStep {
 
   /// One optimizer step from several micro-batches whose gradients are averaged (gradient accumulation).
   template <class D = Derived>
-  StepResult train_step(std::span<const typename D::batch_type> micro_batches);
+  StepResult train_step(std::span<const typename D::batch_type> micro_batches) {
+    return run_step<D>(micro_batches, {});
+  }
+
+  /// The same steps, from batches the caller hands over (`train_step(std::move(batches))`, or a temporary).
+  /// For a trainer that declares casts_batch_to_compute, each batch is freed as soon as it is cast, so the
+  /// forward and backward run with the compute-type copy of the batch alone in memory rather than with both
+  /// (the fp32 batch of a bf16 run would otherwise cost twice its bf16 copy). The batches are left
+  /// moved-from.
+  template <class D = Derived>
+  StepResult train_step(typename D::batch_type&& batch) {
+    return run_step<D>(std::span<const typename D::batch_type>(&batch, 1),
+                       std::span<typename D::batch_type>(&batch, 1));
+  }
+  template <class D = Derived>
+  StepResult train_step(std::vector<typename D::batch_type>&& micro_batches) {
+    return run_step<D>(micro_batches, micro_batches);
+  }
 
   /// The master parameters.
   template <class D = Derived>
@@ -587,6 +605,11 @@ class TrainStep {
   const Derived& derived() const { return static_cast<const Derived&>(*this); }
 
  private:
+  // Every train_step overload: `handed_over` is empty, or the batches of `micro_batches` the step may free.
+  template <class D>
+  StepResult run_step(std::span<const typename D::batch_type> micro_batches,
+                      std::span<typename D::batch_type> handed_over);
+
   // Whether half-precision masters carry a Kahan compensation, which checkpoints then hold.
   template <class S>
   static bool uses_master_compensation(const S& s) {
@@ -870,8 +893,8 @@ struct TrainStep<Derived, Policy, LossScaleT>::State {
 
 template <class Derived, precision_policy Policy, train_loss_scale LossScaleT>
 template <class D>
-StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
-    std::span<const typename D::batch_type> micro_batches) {
+StepResult TrainStep<Derived, Policy, LossScaleT>::run_step(
+    std::span<const typename D::batch_type> micro_batches, std::span<typename D::batch_type> handed_over) {
   check_declared_batch_cast<D>();  // first: its message is the more specific one
   static_assert(
       declares_batch_cast<D> || trainer_for<D, compute_type> || trainer_for<D, compute_type, update_type>,
@@ -887,13 +910,18 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
   const float scale = current_loss_scale();
   const auto& compute_params = s.compute_params();
 
-  // The batch loss_and_grads sees: the caller's, or its cast to compute_type (see declares_batch_cast).
-  const auto step_batch = [&s](const typename D::batch_type& batch) -> const step_batch_t<D, compute_type>& {
+  // The batch loss_and_grads sees: the caller's, or its cast to compute_type (see declares_batch_cast). A
+  // batch handed over is released once cast: moving it into a local frees its buffers here, not after the
+  // step.
+  const auto step_batch = [&](std::size_t i) -> const step_batch_t<D, compute_type>& {
     if constexpr (State::casts_batch) {
-      tree_cast_into(batch, s.compute_batch);
+      tree_cast_into(micro_batches[i], s.compute_batch);
+      if (!handed_over.empty()) {
+        [[maybe_unused]] const typename D::batch_type released = std::move(handed_over[i]);
+      }
       return s.compute_batch;
     } else {
-      return batch;
+      return micro_batches[i];
     }
   };
 
@@ -911,12 +939,12 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::train_step(
         s.grads_micro = s.grads;  // shaped on the first accumulating step, reused after
         s.micro_shaped = true;
       }
-      micro_loss = static_cast<double>(
-          derived().loss_and_grads(compute_params, step_batch(micro_batches[i]), scale, target));
+      micro_loss =
+          static_cast<double>(derived().loss_and_grads(compute_params, step_batch(i), scale, target));
       if (!first) detail::add_in_place(s.grads, s.grads_micro);
     } else {
       micro_loss = static_cast<double>(
-          derived().loss_and_grads(compute_params, step_batch(micro_batches[i]), scale, s.compute_grads));
+          derived().loss_and_grads(compute_params, step_batch(i), scale, s.compute_grads));
       if (first) {
         tree_cast_into(s.compute_grads, s.grads);
       } else {

@@ -34,6 +34,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 #include <xax/detail/format.hpp>
 #include <xax/task/checkpoint.hpp>
 #include <xax/task/config.hpp>
@@ -214,6 +215,8 @@ class StepEngine {
   // The task is passed on every call rather than kept: a task that is moved takes its engine along, and
   // the engine must then call the task it now belongs to, not the moved-from one.
   virtual StepResult train_step(Task& task, std::span<const batch_type> micro_batches) = 0;
+  // Batches the step may free once cast (TrainStep::train_step's overloads for batches passed by rvalue).
+  virtual StepResult train_step(Task& task, std::vector<batch_type>&& micro_batches) = 0;
   virtual params_type<float> params_float32() const = 0;
   virtual double evaluate(Task& task, const batch_type& batch) = 0;
   virtual float current_loss_scale() const = 0;
@@ -286,6 +289,12 @@ class PolicyStepEngine final : public StepEngine<Task>,
   StepResult train_step(Task& task, std::span<const batch_type> micro_batches) override {
     const BoundTask bound(*this, task);
     StepResult result = Step::train_step(micro_batches);
+    result.loss = round_to_output(result.loss);
+    return result;
+  }
+  StepResult train_step(Task& task, std::vector<batch_type>&& micro_batches) override {
+    const BoundTask bound(*this, task);
+    StepResult result = Step::train_step(std::move(micro_batches));
     result.loss = round_to_output(result.loss);
     return result;
   }
@@ -362,6 +371,19 @@ class MixedPrecisionMixin {
   template <class D = Derived>
   StepResult train_step(std::span<const typename D::batch_type> micro_batches) {
     return engine().train_step(derived(), micro_batches);
+  }
+  /// The same steps from batches handed over (`train_step(std::move(batches))`, or a temporary): a task that
+  /// declares casts_batch_to_compute has each freed once it is cast (see TrainStep::train_step). fit() hands
+  /// over the batches it makes.
+  template <class D = Derived>
+  StepResult train_step(typename D::batch_type&& batch) {
+    std::vector<typename D::batch_type> micro_batches;
+    micro_batches.push_back(std::move(batch));
+    return engine().train_step(derived(), std::move(micro_batches));
+  }
+  template <class D = Derived>
+  StepResult train_step(std::vector<typename D::batch_type>&& micro_batches) {
+    return engine().train_step(derived(), std::move(micro_batches));
   }
 
   /// The policy the config selects (float32 throughout when mixed precision is disabled).

@@ -288,7 +288,8 @@ TrainSummary TrainMixin<Derived, Config>::fit() {
         micro.push_back(derived().make_batch(
             std::span<const std::int64_t>(order_).subspan(first, static_cast<std::size_t>(batch))));
       }
-      const StepResult result = derived().train_step(std::span<const Batch>(micro));
+      // Handed over, so that a step which casts each batch to the compute type frees the fp32 batch first.
+      const StepResult result = derived().train_step(std::move(micro));
       batch_in_epoch_ += micro_per_step;
       ++fit_steps_;
       ++summary.steps;
