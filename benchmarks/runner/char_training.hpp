@@ -242,32 +242,18 @@ inline TrainingRun run_char_training(const CharTrainingSetup& setup, const CharC
   config.loss_scaling = setup.loss_scaling;
   config.max_grad_norm = setup.max_grad_norm;
 
-  run.peak_rss_reset = reset_peak_rss();
-  run.rss_before_bytes = current_rss_bytes();
   detail::CharRecorder recorder;
-  {
-    Progress progress("char-transformer " + run.policy + ":", setup.steps, setup.progress);
-    detail::CharGptTask task(config, setup, corpus, recorder, progress);
-    const auto start = std::chrono::steady_clock::now();
-    try {
-      task.fit();
-    } catch (const xax::LossScaleError& error) {
-      run.error = error.what();
-    }
-    run.train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    progress.finish();
-    run.peak_rss_bytes = peak_rss_bytes();
-    const xax::TrainStateBytes state = task.train_state_bytes();
-    run.tensor_bytes.params = state.params;
-    run.tensor_bytes.train_state = state.total() - state.params;
-    run.tensor_bytes.activations = recorder.activation_bytes;
-    run.skipped_steps = task.skipped_steps();
-    run.final_loss_scale = task.current_loss_scale();
-    const auto [val_loss, val_accuracy] = task.validation(static_cast<std::size_t>(setup.final_eval_batches));
-    run.val_loss = val_loss;
-    run.test_accuracy = val_accuracy;
-    recorder.val_curve.push_back({static_cast<std::int64_t>(recorder.step_ms.size()), val_loss});
-  }
+  detail::measure_fit(
+      run, "char-transformer " + run.policy + ":", setup.steps, setup.progress,
+      [&](Progress& progress) { return detail::CharGptTask(config, setup, corpus, recorder, progress); },
+      [&](detail::CharGptTask& task) {
+        const auto [val_loss, val_accuracy] =
+            task.validation(static_cast<std::size_t>(setup.final_eval_batches));
+        run.val_loss = val_loss;
+        run.test_accuracy = val_accuracy;
+        recorder.val_curve.push_back({static_cast<std::int64_t>(recorder.step_ms.size()), val_loss});
+      });
+  run.tensor_bytes.activations = recorder.activation_bytes;
   run.steps = static_cast<std::int64_t>(recorder.step_ms.size());
   run.loss_curve = detail::loss_curve(recorder.step_loss);
   run.val_curve = recorder.val_curve;

@@ -263,6 +263,39 @@ inline std::vector<LossPoint> loss_curve(const std::vector<double>& step_loss) {
   return curve;
 }
 
+/// Runs one measured fit() for both workloads: resets the peak RSS, then builds the task with
+/// `make_task(progress)` (so its parameters and optimizer state count towards the run's growth), times fit(),
+/// keeps a LossScaleError as the run's result (training that can only skip steps from here on is a result to
+/// report, not a reason to lose the other runs), and reads the peak and the parameter and train-state bytes
+/// before `after_fit(task)` evaluates, which then cannot move the peak. The activation bytes are the
+/// workload's recorder's to fill in.
+template <class MakeTask, class AfterFit>
+void measure_fit(TrainingRun& run, const std::string& title, std::int64_t total_steps, bool show_progress,
+                 MakeTask&& make_task, AfterFit&& after_fit) {
+  // The matmul scratch an earlier run left on this thread would otherwise count as this run's baseline, and
+  // make one run's peak growth depend on the runs before it.
+  xax::release_matmul_scratch();
+  run.peak_rss_reset = reset_peak_rss();
+  run.rss_before_bytes = current_rss_bytes();
+  Progress progress(title, total_steps, show_progress);
+  auto task = make_task(progress);
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    task.fit();
+  } catch (const xax::LossScaleError& error) {
+    run.error = error.what();
+  }
+  run.train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  progress.finish();
+  run.peak_rss_bytes = peak_rss_bytes();
+  const xax::TrainStateBytes state = task.train_state_bytes();
+  run.tensor_bytes.params = state.params;
+  run.tensor_bytes.train_state = state.total() - state.params;
+  run.skipped_steps = task.skipped_steps();
+  run.final_loss_scale = task.current_loss_scale();
+  after_fit(task);
+}
+
 }  // namespace detail
 
 /// Trains one configuration under one policy and measures it. The peak RSS is reset first, so the run's own
@@ -296,37 +329,18 @@ inline TrainingRun run_training(const TrainingSetup& setup, const xax::Classific
                                        ? std::min(setup.max_steps, steps_per_epoch * setup.epochs)
                                        : steps_per_epoch * setup.epochs;
 
-  // The matmul scratch an earlier run left on this thread would otherwise count as this run's baseline, and
-  // make one run's peak growth depend on the runs before it.
-  xax::release_matmul_scratch();
-  run.peak_rss_reset = reset_peak_rss();
-  run.rss_before_bytes = current_rss_bytes();
   detail::RunRecorder recorder;
-  {
-    Progress progress(run.label() + ":", total_steps, setup.progress);
-    detail::MlpTask task(config, setup, data, recorder, progress, total_steps);
-    const auto start = std::chrono::steady_clock::now();
-    try {
-      task.fit();
-    } catch (const xax::LossScaleError& error) {
-      // Training that can only skip steps from here on is a result to report, not a reason to lose the
-      // others.
-      run.error = error.what();
-    }
-    run.train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    progress.finish();
-    run.peak_rss_bytes = peak_rss_bytes();
-
-    const xax::TrainStateBytes state = task.train_state_bytes();
-    run.tensor_bytes.params = state.params;
-    run.tensor_bytes.train_state = state.total() - state.params;
-    run.tensor_bytes.activations = recorder.activation_bytes;
-    run.skipped_steps = task.skipped_steps();
-    run.final_loss_scale = task.current_loss_scale();
-    // The memory probe does not evaluate while its peak is measured; its accuracy after a few steps is taken
-    // once, after the peak was read, as a sanity check only.
-    if (!setup.evaluate || !run.error.empty()) run.test_accuracy = task.test_accuracy();
-  }
+  detail::measure_fit(
+      run, run.label() + ":", total_steps, setup.progress,
+      [&](Progress& progress) {
+        return detail::MlpTask(config, setup, data, recorder, progress, total_steps);
+      },
+      [&](detail::MlpTask& task) {
+        // The memory probe does not evaluate while its peak is measured; its accuracy after a few steps is
+        // taken once, after the peak was read, as a sanity check only.
+        if (!setup.evaluate || !run.error.empty()) run.test_accuracy = task.test_accuracy();
+      });
+  run.tensor_bytes.activations = recorder.activation_bytes;
   run.steps = static_cast<std::int64_t>(recorder.step_ms.size());
   run.epoch_records = recorder.epochs;
   run.loss_curve = detail::loss_curve(recorder.step_loss);
