@@ -7,7 +7,7 @@
 #include <xax/utils/error.hpp>
 #include <xax/utils/threads.hpp>
 
-#include "transformer_ops_testing.hpp"
+#include "op_testing.hpp"
 
 namespace {
 

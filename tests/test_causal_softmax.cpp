@@ -7,7 +7,7 @@
 #include <xax/ops/causal_softmax.hpp>
 #include <xax/utils/error.hpp>
 
-#include "transformer_ops_testing.hpp"
+#include "op_testing.hpp"
 
 namespace {
 

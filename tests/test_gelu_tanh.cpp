@@ -6,7 +6,7 @@
 #include <xax/ops/gelu_tanh.hpp>
 #include <xax/utils/error.hpp>
 
-#include "transformer_ops_testing.hpp"
+#include "op_testing.hpp"
 
 namespace {
 

@@ -13,30 +13,15 @@
 #include <xax/ops/reduce.hpp>
 #include <xax/utils/error.hpp>
 
+#include "op_testing.hpp"
+
 namespace {
 
-template <class T>
-using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
-template <class T>
-using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
-
-template <class T>
-Matrix<T> random_matrix(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed, float low, float high) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> uniform(low, high);
-  Matrix<T> m(rows, cols);
-  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(uniform(rng));
-  return m;
-}
-
-template <class M>
-Eigen::MatrixXd to_double(const M& m) {
-  Eigen::MatrixXd out(m.rows(), m.cols());
-  for (Eigen::Index j = 0; j < m.cols(); ++j) {
-    for (Eigen::Index i = 0; i < m.rows(); ++i) out(i, j) = static_cast<double>(static_cast<float>(m(i, j)));
-  }
-  return out;
-}
+using xax_test::half_ulp;
+using xax_test::Matrix;
+using xax_test::random_matrix;
+using xax_test::to_double;
+using xax_test::Vector;
 
 Eigen::VectorXd logsumexp_reference(const Eigen::MatrixXd& x) {
   Eigen::VectorXd out(x.cols());
@@ -45,13 +30,6 @@ Eigen::VectorXd logsumexp_reference(const Eigen::MatrixXd& x) {
     out(j) = max + std::log((x.col(j).array() - max).exp().sum());
   }
   return out;
-}
-
-template <class T>
-double half_ulp() {
-  if constexpr (std::is_same_v<T, xax::bfloat16>) return std::ldexp(1.0, -8);
-  if constexpr (std::is_same_v<T, xax::float16>) return std::ldexp(1.0, -11);
-  return std::ldexp(1.0, -24);
 }
 
 template <class T>

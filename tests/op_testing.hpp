@@ -1,8 +1,9 @@
 #pragma once
-// Helpers of the transformer-op tests (batched matmul, LayerNorm, causal softmax, GELU tanh, embedding):
+// Helpers of the op tests (reductions, batched matmul, LayerNorm, causal softmax, GELU tanh, embedding):
 // random inputs rounded to the tested scalar, double copies of them for the references, and per-type
 // tolerances.
 
+#include <gtest/gtest.h>
 #include <xax/detail/eigen.hpp>
 
 #include <cmath>
