@@ -25,15 +25,27 @@
 ///   running the same config;
 /// - rank 0 alone writes checkpoints (the state is replicated; each rank can load the file).
 ///
+/// ZeRO stage 1 (`zero_stage = 1`, see xax/distributed/zero.hpp) shards the optimizer state over the ranks:
+/// the train step's optimizer must then be `sharded_optimizer(like, options)`, which a mixin task returns
+/// from `make_optimizer` (one line, below) and a TrainStep trainer passes to reset_train_state. Under
+/// zero_stage 0 the same optimizer runs unsharded. Before rank 0 writes a checkpoint every rank calls
+/// prepare_checkpoint() (TrainMixin::fit does), which gathers the shards to rank 0.
+///
+///     auto make_optimizer(const params_type<float>& like) const {
+///       return sharded_optimizer(like, config().optimizer_options());
+///     }
+///
 /// A task on xax::TrainStep directly inherits DataParallelMixin too, broadcasts its initial params with
 /// `synchronize_initial_params` before reset_train_state, and passes its rank's micro-batches to
 /// train_step (xax::distributed::ShardSampler picks them).
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <xax/distributed/communicator.hpp>
 #include <xax/distributed/gradient_reducer.hpp>
+#include <xax/distributed/zero.hpp>
 #include <xax/task/train_step.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
@@ -48,14 +60,31 @@ struct DataParallelConfig {
   /// Bit-identical results for any number of processes (each micro-batch's gradients travel on their own);
   /// false sums each process's micro-batches locally first.
   bool deterministic_reduction = true;
+  /// ZeRO stage: 0 (every rank holds the whole optimizer state) or 1 (each rank holds its shard of it; the
+  /// task's optimizer must come from DataParallelMixin::sharded_optimizer).
+  std::int64_t zero_stage = 0;
 
   template <class Self, class Visit>
   static void visit_data_parallel_fields(Self& self, Visit&& visit) {
     visit("gradient_wire_dtype", self.gradient_wire_dtype, "float32 or bfloat16 (also f32, bf16)");
     visit("deterministic_reduction", self.deterministic_reduction, "true or false");
+    visit("zero_stage", self.zero_stage, "0 or 1");
   }
 
-  void validate_data_parallel() const { static_cast<void>(wire_dtype()); }
+  void validate_data_parallel() const {
+    static_cast<void>(wire_dtype());
+    static_cast<void>(checked_zero_stage());
+  }
+
+  /// The ZeRO stage, or ConfigError naming the field.
+  [[nodiscard]] int checked_zero_stage() const {
+    if (zero_stage != 0 && zero_stage != 1) {
+      throw ConfigError("config field 'zero_stage': " + std::to_string(zero_stage) +
+                        " is not accepted; expected 0 (optimizer state replicated) or 1 (optimizer state "
+                        "sharded over the ranks, ZeRO-1)");
+    }
+    return static_cast<int>(zero_stage);
+  }
 
   /// The wire type, or ConfigError naming the field.
   [[nodiscard]] DType wire_dtype() const {
@@ -97,7 +126,38 @@ class DataParallelMixin {
   }
   template <class Grads>
   ReducedGradients reduce_gradients(Grads& grads) {
+    if (zero_stage_ == 1 && zero_registry_->live == nullptr) {
+      throw ConfigError(
+          "zero_stage 1 shards the optimizer state, but this train step's optimizer is not sharded: make it "
+          "with sharded_optimizer(like, options) (a mixin task: `auto make_optimizer(const "
+          "params_type<float>& like) const { return sharded_optimizer(like, config().optimizer_options()); "
+          "}`), or set zero_stage 0");
+    }
     return reducer_.reduce(grads);
+  }
+
+  /// The ZeRO stage (0 or 1).
+  [[nodiscard]] int zero_stage() const { return zero_stage_; }
+
+  /// The optimizer a data-parallel train step runs: AdamW or SGD (`options`, parameter groups included) over
+  /// params shaped like `like`, whose state is sharded over the ranks under zero_stage 1 and whole under 0
+  /// (see xax/distributed/zero.hpp). The communicator must outlive it (it does inside this task).
+  template <class Params>
+  [[nodiscard]] ZeroOptimizer<Params> sharded_optimizer(const Params& like,
+                                                        const OptimizerOptions& options) const {
+    return ZeroOptimizer<Params>(like, options, communicator().native(), zero_stage_ == 1, zero_registry_);
+  }
+
+  /// Collective: before rank 0 writes a checkpoint under zero_stage 1, every rank calls this, which gathers
+  /// the optimizer state's shards to rank 0 (TrainMixin::fit calls it). Nothing to do under zero_stage 0.
+  void prepare_checkpoint() {
+    if (zero_stage_ != 1) return;
+    if (!zero_registry_->gather) {
+      throw ConfigError(
+          "prepare_checkpoint: zero_stage 1, but no sharded optimizer was made with "
+          "sharded_optimizer() for this task's train step");
+    }
+    zero_registry_->gather();
   }
 
   /// TrainMixin's sharding hook: whether micro-batch `index` of a step of `per_step` is this process's.
@@ -129,8 +189,11 @@ class DataParallelMixin {
  protected:
   explicit DataParallelMixin(ReducerOptions options = {}, Communicator comm = Communicator{})
       : reducer_(std::move(comm), options) {}
+  /// `zero_stage`: 0 or 1 (ConfigError otherwise).
+  DataParallelMixin(ReducerOptions options, int zero_stage, Communicator comm = Communicator{})
+      : reducer_(std::move(comm), options), zero_stage_(checked_stage(zero_stage)) {}
   explicit DataParallelMixin(const DataParallelConfig& config, Communicator comm = Communicator{})
-      : reducer_(std::move(comm), config.reducer_options()) {}
+      : reducer_(std::move(comm), config.reducer_options()), zero_stage_(config.checked_zero_stage()) {}
   ~DataParallelMixin() = default;
   DataParallelMixin(DataParallelMixin&&) noexcept = default;
   DataParallelMixin& operator=(DataParallelMixin&&) noexcept = default;
@@ -138,7 +201,15 @@ class DataParallelMixin {
   DataParallelMixin& operator=(const DataParallelMixin&) = delete;
 
  private:
+  static int checked_stage(int stage) {
+    DataParallelConfig config;
+    config.zero_stage = stage;
+    return config.checked_zero_stage();
+  }
+
   GradientReducer reducer_;
+  int zero_stage_ = 0;
+  std::shared_ptr<detail::ZeroRegistry> zero_registry_ = std::make_shared<detail::ZeroRegistry>();
 };
 
 }  // namespace xax::distributed

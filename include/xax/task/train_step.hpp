@@ -459,7 +459,7 @@ class TrainStep {
     writer.add_string(prefix + ".policy", recorded_policy<D>().str());
     writer.add_string(prefix + ".optimizer", s.optimizer->name());
     writer.add_tree(prefix + ".params", s.masters);
-    s.optimizer->save_state(writer, prefix + ".optimizer_state");
+    s.optimizer->save_state(writer, prefix + ".optimizer_state", s.grads);  // grads: the shapes
     if (uses_master_compensation(s)) writer.add_tree(prefix + ".master_compensation", s.compensation);
     // The loss scale's own state tree, and its kind to pick the tree type when reading.
     detail::visit_loss_scale(s.loss_scale, [&]<class S>(const S& held) {
@@ -496,7 +496,7 @@ class TrainStep {
     // must match the live state exactly: a checkpoint of another model width is refused, not adopted.
     auto masters = s.masters;
     reader.read_tree(prefix + ".params", masters);
-    auto optimizer = s.optimizer->with_loaded_state(reader, prefix + ".optimizer_state");
+    auto optimizer = s.optimizer->with_loaded_state(reader, prefix + ".optimizer_state", s.grads);
     auto compensation = s.compensation;
     if (uses_master_compensation(s)) reader.read_tree(prefix + ".master_compensation", compensation);
     LossScaleT loss_scale = read_saved_loss_scale(reader, prefix);
