@@ -80,13 +80,13 @@ class ParallelTrainer : public Model,
                         public xax::distributed::DataParallelMixin<ParallelTrainer> {
  public:
   explicit ParallelTrainer(int zero_stage, Communicator comm = Communicator{},
-                           const xax::OptimizerOptions& optimizer = adamw)
-      : DataParallelMixin(ReducerOptions{}, zero_stage, std::move(comm)) {
+                           const xax::OptimizerOptions& optimizer = adamw, ReducerOptions reducer = {},
+                           double max_grad_norm = 0)
+      : DataParallelMixin(reducer, zero_stage, std::move(comm)) {
     auto initial = task.init_params();
     synchronize_initial_params(initial);
-    reset_train_state(
-        initial, [&](const Net<float>& like) { return sharded_optimizer(like, optimizer); },
-        xax::DynamicLossScale{});
+    reset_train_state(initial, [&](const Net<float>& like) { return sharded_optimizer(like, optimizer); },
+                      xax::DynamicLossScale{}, {.max_grad_norm = max_grad_norm});
   }
 };
 
@@ -169,6 +169,11 @@ TEST(ZeroOne, MastersAreBitIdenticalToStageZeroAndToOneProcessWithASkippedStep) 
     EXPECT_EQ(results1[i].loss_scale, results0[i].loss_scale) << "step " << i;
   }
 
+  // Stage 1 reduce-scatters the gradients: it sends no all-gather of them.
+  if (world > 1) {
+    EXPECT_LT(stage1.reduction_stats().wire_bytes_last, stage0.reduction_stats().wire_bytes_last);
+  }
+
   // Without the overflow, ZeRO-1 at any world size equals one process running plain AdamW.
   ParallelTrainer clean(1);
   train(clean, clean.rank(), world, 0, 16);
@@ -177,6 +182,20 @@ TEST(ZeroOne, MastersAreBitIdenticalToStageZeroAndToOneProcessWithASkippedStep) 
   EXPECT_TRUE(same_bits(flat(clean.params()), flat(single.params())))
       << "world size " << world << ": ZeRO-1 masters differ from one process's";
   EXPECT_LT(single_results.back().loss, single_results.front().loss);
+}
+
+TEST(ZeroOne, ClippedBfloat16WireRunIsBitIdenticalToStageZero) {
+  // Clipping makes every update depend on the global norm, which the shards combine.
+  const ReducerOptions bf16_wire{.wire = xax::DType::bfloat16, .deterministic = true};
+  ParallelTrainer stage0(0, Communicator{}, adamw, bf16_wire, 1e-5);
+  ParallelTrainer stage1(1, Communicator{}, adamw, bf16_wire, 1e-5);
+  const auto results0 = train(stage0, stage0.rank(), stage0.world_size(), 0, 10);
+  const auto results1 = train(stage1, stage1.rank(), stage1.world_size(), 0, 10);
+  EXPECT_TRUE(same_bits(flat(stage1.params()), flat(stage0.params())));
+  for (std::size_t i = 0; i < results0.size(); ++i) {
+    EXPECT_GT(results0[i].grad_norm, 1e-5) << "step " << i << " was not clipped";
+    EXPECT_EQ(results1[i].grad_norm, results0[i].grad_norm) << "step " << i;
+  }
 }
 
 TEST(ZeroOne, SgdWithMomentumIsBitIdenticalToOneProcess) {

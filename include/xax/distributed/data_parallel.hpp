@@ -39,16 +39,21 @@
 /// `synchronize_initial_params` before reset_train_state, and passes its rank's micro-batches to
 /// train_step (xax::distributed::ShardSampler picks them).
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 #include <xax/distributed/communicator.hpp>
 #include <xax/distributed/gradient_reducer.hpp>
 #include <xax/distributed/zero.hpp>
 #include <xax/task/train_step.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
+#include <xax/utils/finite.hpp>
 
 namespace xax::distributed {
 
@@ -124,16 +129,76 @@ class DataParallelMixin {
   void collect_micro_gradients(std::size_t index, double loss, const Grads& grads) {
     reducer_.collect(index, loss, grads);
   }
+  /// Under zero_stage 1 the gradients are reduce-scattered: `grads` receives the step's sums on this rank's
+  /// shard only (zeros elsewhere), and unscale_check_and_norm_reduced combines the shards' findings.
   template <class Grads>
   ReducedGradients reduce_gradients(Grads& grads) {
-    if (zero_stage_ == 1 && zero_registry_->live == nullptr) {
+    if (zero_stage_ != 1) return reducer_.reduce(grads);
+    if (zero_registry_->layout == nullptr) {
       throw ConfigError(
           "zero_stage 1 shards the optimizer state, but this train step's optimizer is not sharded: make it "
           "with sharded_optimizer(like, options) (a mixin task: `auto make_optimizer(const "
           "params_type<float>& like) const { return sharded_optimizer(like, config().optimizer_options()); "
           "}`), or set zero_stage 0");
     }
-    return reducer_.reduce(grads);
+    if constexpr (requires { &Derived::on_unscaled_gradients; }) {
+      throw ConfigError(
+          "zero_stage 1 leaves each rank only its shard of the summed gradients, so on_unscaled_gradients "
+          "would see a partial tree; remove the hook or set zero_stage 0");
+    }
+    const ZeroShardLayout& layout = *zero_registry_->layout;
+    const auto world = static_cast<std::size_t>(world_size());
+    shard_bounds_.resize(world + 1);
+    for (std::size_t q = 0; q < world; ++q) shard_bounds_[q] = layout.shard_begin(static_cast<int>(q));
+    shard_bounds_[world] = layout.elements();
+    return reducer_.reduce_scatter(grads, shard_bounds_);
+  }
+
+  /// TrainStep's reduced_gradients_check: under zero_stage 1, unscales and checks this rank's shard and
+  /// combines every shard's finite flag and per-block sums of squares, in the global block order, into the
+  /// finite flag and norm unscale_check_and_norm gives over the whole gradient (the same bits: the same
+  /// blocks, summed by the same function at the same addresses, added in the same order). Collective.
+  template <class Grads>
+  UnscaledGradients unscale_check_and_norm_reduced(Grads& grads, float inverse_scale) {
+    if (zero_stage_ != 1) return unscale_check_and_norm(grads, inverse_scale);
+    xax::detail::require_usable_factor(inverse_scale, "unscale_check_and_norm");
+    const ZeroShardLayout& layout = *zero_registry_->layout;
+    const std::vector<float*> leaves = detail::floating_leaf_pointers(grads);
+    constexpr std::size_t block = xax::detail::norm_block;
+    const auto blocks_of = [&](int q) {
+      std::size_t count = 0;
+      for (const ZeroSegment& piece : layout.segments(q)) count += (piece.count + block - 1) / block;
+      return count;
+    };
+    local_partials_.clear();
+    int finite = 1;
+    for (const ZeroSegment& piece : layout.segments(rank())) {
+      for (std::size_t i = 0; i < piece.count; i += block) {
+        float* const x = leaves[piece.leaf] + piece.begin + i;
+        const std::size_t n = std::min(block, piece.count - i);
+        if (!xax::detail::scale_and_check_n(x, n, inverse_scale)) finite = 0;
+        local_partials_.push_back(xax::detail::sum_of_squares(x, n));
+      }
+    }
+    int all_finite = 0;
+    communicator().all_reduce(&finite, &all_finite, 1, MPI_MIN);
+    if (all_finite == 0) return {false, std::numeric_limits<double>::infinity()};
+    const auto world = static_cast<std::size_t>(world_size());
+    partial_counts_.resize(world);
+    partial_offsets_.resize(world);
+    std::size_t total = 0;
+    for (std::size_t q = 0; q < world; ++q) {
+      const std::size_t count = blocks_of(static_cast<int>(q));
+      partial_counts_[q] = Communicator::as_count(count, "MPI_Allgatherv");
+      partial_offsets_[q] = Communicator::as_count(total, "MPI_Allgatherv");
+      total += count;
+    }
+    all_partials_.resize(total);
+    communicator().all_gather_v(local_partials_.data(), static_cast<int>(local_partials_.size()),
+                                all_partials_.data(), partial_counts_.data(), partial_offsets_.data());
+    double sum = 0;
+    for (const double partial : all_partials_) sum += partial;
+    return {true, std::sqrt(sum)};
   }
 
   /// The ZeRO stage (0 or 1).
@@ -209,6 +274,9 @@ class DataParallelMixin {
 
   GradientReducer reducer_;
   int zero_stage_ = 0;
+  std::vector<std::size_t> shard_bounds_;
+  std::vector<double> local_partials_, all_partials_;
+  std::vector<int> partial_counts_, partial_offsets_;
   std::shared_ptr<detail::ZeroRegistry> zero_registry_ = std::make_shared<detail::ZeroRegistry>();
 };
 

@@ -144,6 +144,7 @@ namespace detail {
 struct ZeroRegistry {
   const void* live = nullptr;
   std::function<void()> gather;
+  const ZeroShardLayout* layout = nullptr;  // the live optimizer's
 };
 
 inline std::vector<std::size_t> floating_leaf_sizes(const auto& tree) {
@@ -259,10 +260,7 @@ class ZeroOptimizer {
   ZeroOptimizer& operator=(const ZeroOptimizer&) = delete;
   ZeroOptimizer& operator=(ZeroOptimizer&&) = delete;
   ~ZeroOptimizer() {
-    if (registered()) {
-      registry_->live = nullptr;
-      registry_->gather = nullptr;
-    }
+    if (registered()) *registry_ = detail::ZeroRegistry{};
   }
 
   /// One update: this rank's shard of `params` from the same shard of `grads` (which must hold the step's
@@ -452,6 +450,7 @@ class ZeroOptimizer {
     if (registry_ == nullptr || registered()) return;
     registry_->live = this;
     registry_->gather = [this] { gather_for_checkpoint(); };
+    registry_->layout = &layout_;
   }
 
   void release_gathered() {
