@@ -295,6 +295,70 @@ TEST(ZeroOne, CheckpointReshardsOntoAnotherWorldSize) {
   }
 }
 
+// The mixin face: TrainMixin + MixedPrecisionMixin + DataParallelMixin, with the one-line make_optimizer.
+struct ParallelConfig : xax_test::TaskConfig, xax::distributed::DataParallelConfig {};
+
+class ParallelTask : public xax::TrainMixin<ParallelTask, ParallelConfig>,
+                     public xax::MixedPrecisionMixin<ParallelTask, ParallelConfig>,
+                     public xax::distributed::DataParallelMixin<ParallelTask> {
+ public:
+  template <class T>
+  using params_type = Net<T>;
+  using batch_type = Batch;
+  explicit ParallelTask(const ParallelConfig& config)
+      : TrainMixin(config),
+        DataParallelMixin(static_cast<const xax::distributed::DataParallelConfig&>(config)),
+        inner_(config, xax_test::make_data(examples)) {}
+  Net<float> init_params() const { return inner_.init_params(); }
+  auto make_optimizer(const Net<float>& like) const {
+    return sharded_optimizer(like, config().optimizer_options());
+  }
+  std::int64_t num_examples() const { return inner_.num_examples(); }
+  Batch make_batch(std::span<const std::int64_t> indices) const { return inner_.make_batch(indices); }
+  template <class T>
+  double loss_and_grads(const Net<T>& p, const Batch& b, float scale, Net<T>& g) {
+    return inner_.loss_and_grads(p, b, scale, g);
+  }
+
+ private:
+  xax_test::ClassifierTask inner_;
+};
+
+ParallelConfig parallel_config(int zero_stage) {
+  ParallelConfig config;
+  static_cast<xax_test::TaskConfig&>(config) = task_config();
+  config.weight_decay = 0.01;
+  config.zero_stage = zero_stage;
+  return config;
+}
+
+TEST(ZeroOneMixin, FitWithCheckpointsIsBitIdenticalToOneProcessAndResumes) {
+  xax_test::TaskConfig single_config = task_config();
+  single_config.weight_decay = 0.01;
+  xax_test::ClassifierTask single(single_config, xax_test::make_data(examples));
+  single.fit();
+
+  const Communicator comm;
+  ParallelConfig config = parallel_config(1);
+  config.checkpoint_interval = 5;  // fit gathers the shards on every rank; rank 0 writes
+  config.checkpoint_path = shared_path(comm, "fit").string();
+  ParallelTask sharded(config);
+  sharded.fit();
+  EXPECT_TRUE(same_bits(flat(sharded.params_float32()), flat(single.params_float32())));
+  const std::size_t parameters = 3904;
+  EXPECT_LE(sharded.train_state_bytes().optimizer,
+            8 * (parameters / static_cast<std::size_t>(sharded.world_size()) + xax::detail::norm_block) + 8);
+
+  // The last checkpoint (step 15 of 16) resumes to the same end.
+  ParallelTask resumed(parallel_config(1));
+  resumed.load_checkpoint(config.checkpoint_path);
+  EXPECT_EQ(resumed.fit_steps(), 15);
+  resumed.fit();
+  EXPECT_TRUE(same_bits(flat(resumed.params_float32()), flat(single.params_float32())));
+  comm.barrier();
+  if (comm.rank() == 0) std::filesystem::remove(config.checkpoint_path);
+}
+
 TEST(ZeroOne, MisuseIsAConfigErrorOrCheckpointError) {
   xax::distributed::DataParallelConfig config;
   EXPECT_EQ(config.checked_zero_stage(), 0);
