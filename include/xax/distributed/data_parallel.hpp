@@ -203,6 +203,13 @@ class DataParallelMixin {
 
   /// The ZeRO stage (0 or 1).
   [[nodiscard]] int zero_stage() const { return zero_stage_; }
+  /// Bytes this rank sends per step in ZeRO-1's all-gather of its updated shard of the fp32 masters (the
+  /// reducer's stats count the gradients' reduce-scatter); 0 under zero_stage 0.
+  [[nodiscard]] std::size_t master_gather_bytes_per_step() const {
+    if (zero_stage_ != 1 || zero_registry_->layout == nullptr) return 0;
+    return zero_registry_->layout->shard_size(rank()) * static_cast<std::size_t>(world_size() - 1) *
+           sizeof(float);
+  }
 
   /// The optimizer a data-parallel train step runs: AdamW or SGD (`options`, parameter groups included) over
   /// params shaped like `like`, whose state is sharded over the ranks under zero_stage 1 and whole under 0
