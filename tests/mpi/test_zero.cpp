@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <unistd.h>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -293,6 +294,34 @@ TEST(ZeroOne, CheckpointReshardsOntoAnotherWorldSize) {
     std::filesystem::remove(grown_path);
     std::filesystem::remove(shrunk_path);
   }
+}
+
+TEST(ZeroOne, AFailedLoadLeavesTheStateAndItsShardsAsTheyWere) {
+  ParallelTrainer trainer(1);
+  ParallelTrainer untouched(1);
+  train(trainer, trainer.rank(), trainer.world_size(), 0, 3);
+  train(untouched, untouched.rank(), untouched.world_size(), 0, 3);
+  // A checkpoint whose optimizer state fits but whose loss scale is of an unknown kind: TrainStep reads the
+  // optimizer's (a copy's) state first, then refuses the file.
+  xax::CheckpointWriter writer;
+  writer.add_string("train.policy", MixedPolicy::spec().str());
+  writer.add_string("train.optimizer", "adamw");
+  writer.add_tree("train.params", trainer.params());
+  const Net<float> like = trainer.params();
+  writer.add_tree("train.optimizer_state",
+                  xax::optim::AdamWState<Net<float>>{7, xax::zeros_like(like), xax::zeros_like(like)});
+  writer.add_string("train.loss_scale_kind", "no such kind");
+  writer.add_tree("train.loss_scale", std::array<float, 1>{1.0f});
+  writer.add_tree("train.counters", std::array<std::int64_t, 3>{7, 0, 0});
+  const auto path = shared_path(trainer.communicator(), "bad");
+  if (trainer.rank() == 0) writer.write(path);
+  trainer.communicator().barrier();
+  EXPECT_THROW(trainer.load_train_state(xax::CheckpointReader(path)), xax::CheckpointError);
+  train(trainer, trainer.rank(), trainer.world_size(), 3, 6);
+  train(untouched, untouched.rank(), untouched.world_size(), 3, 6);
+  EXPECT_TRUE(same_bits(flat(trainer.params()), flat(untouched.params())));
+  trainer.communicator().barrier();
+  if (trainer.rank() == 0) std::filesystem::remove(path);
 }
 
 // The mixin face: TrainMixin + MixedPrecisionMixin + DataParallelMixin, with the one-line make_optimizer.

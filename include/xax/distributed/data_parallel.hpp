@@ -134,7 +134,7 @@ class DataParallelMixin {
   template <class Grads>
   ReducedGradients reduce_gradients(Grads& grads) {
     if (zero_stage_ != 1) return reducer_.reduce(grads);
-    if (zero_registry_->layout == nullptr) {
+    if (zero_registry_->live() == nullptr) {
       throw ConfigError(
           "zero_stage 1 shards the optimizer state, but this train step's optimizer is not sharded: make it "
           "with sharded_optimizer(like, options) (a mixin task: `auto make_optimizer(const "
@@ -146,7 +146,7 @@ class DataParallelMixin {
           "zero_stage 1 leaves each rank only its shard of the summed gradients, so on_unscaled_gradients "
           "would see a partial tree; remove the hook or set zero_stage 0");
     }
-    const ZeroShardLayout& layout = *zero_registry_->layout;
+    const ZeroShardLayout& layout = live_layout();
     const auto world = static_cast<std::size_t>(world_size());
     shard_bounds_.resize(world + 1);
     for (std::size_t q = 0; q < world; ++q) shard_bounds_[q] = layout.shard_begin(static_cast<int>(q));
@@ -162,7 +162,7 @@ class DataParallelMixin {
   UnscaledGradients unscale_check_and_norm_reduced(Grads& grads, float inverse_scale) {
     if (zero_stage_ != 1) return unscale_check_and_norm(grads, inverse_scale);
     xax::detail::require_usable_factor(inverse_scale, "unscale_check_and_norm");
-    const ZeroShardLayout& layout = *zero_registry_->layout;
+    const ZeroShardLayout& layout = live_layout();
     const std::vector<float*> leaves = detail::floating_leaf_pointers(grads);
     constexpr std::size_t block = xax::detail::norm_block;
     const auto blocks_of = [&](int q) {
@@ -206,8 +206,8 @@ class DataParallelMixin {
   /// Bytes this rank sends per step in ZeRO-1's all-gather of its updated shard of the fp32 masters (the
   /// reducer's stats count the gradients' reduce-scatter); 0 under zero_stage 0.
   [[nodiscard]] std::size_t master_gather_bytes_per_step() const {
-    if (zero_stage_ != 1 || zero_registry_->layout == nullptr) return 0;
-    return zero_registry_->layout->shard_size(rank()) * static_cast<std::size_t>(world_size() - 1) *
+    if (zero_stage_ != 1 || zero_registry_->live() == nullptr) return 0;
+    return zero_registry_->live()->layout->shard_size(rank()) * static_cast<std::size_t>(world_size() - 1) *
            sizeof(float);
   }
 
@@ -224,12 +224,12 @@ class DataParallelMixin {
   /// the optimizer state's shards to rank 0 (TrainMixin::fit calls it). Nothing to do under zero_stage 0.
   void prepare_checkpoint() {
     if (zero_stage_ != 1) return;
-    if (!zero_registry_->gather) {
+    if (zero_registry_->live() == nullptr) {
       throw ConfigError(
           "prepare_checkpoint: zero_stage 1, but no sharded optimizer was made with "
           "sharded_optimizer() for this task's train step");
     }
-    zero_registry_->gather();
+    zero_registry_->live()->gather();
   }
 
   /// TrainMixin's sharding hook: whether micro-batch `index` of a step of `per_step` is this process's.
@@ -273,6 +273,14 @@ class DataParallelMixin {
   DataParallelMixin& operator=(const DataParallelMixin&) = delete;
 
  private:
+  const ZeroShardLayout& live_layout() const {
+    if (zero_registry_->live() == nullptr) {
+      throw ConfigError(
+          "zero_stage 1: no sharded optimizer (sharded_optimizer()) runs this task's train step");
+    }
+    return *zero_registry_->live()->layout;
+  }
+
   static int checked_stage(int stage) {
     DataParallelConfig config;
     config.zero_stage = stage;

@@ -19,6 +19,12 @@
 /// that every rank ends the step with the same, full masters, bit-identical to the unsharded (stage 0) run.
 /// The masters themselves stay replicated: TrainStep's params(), evaluation and checkpoints read them whole.
 ///
+/// The gradients are reduce-scattered (DataParallelMixin under zero_stage 1): after the reduction a rank holds
+/// the step's summed gradients on its shard and zeros elsewhere, and the finite flag and the norm are
+/// combined over the shards (the same bits as unscale_check_and_norm over the whole). So every rank takes the
+/// same skip decision, scale and counters; only StepResult::non_finite, the diagnostic naming the non-finite
+/// tensors, names those of the rank's own shard.
+///
 /// Checkpoints: rank 0 writes the whole, unsharded optimizer state, in exactly the format optim::AdamW /
 /// optim::Sgd write (so a ZeRO-1 checkpoint resumes under stage 0 and on any world size, and a stage-0 one
 /// resumes under ZeRO-1). Before rank 0 saves, every rank calls DataParallelMixin::prepare_checkpoint()
@@ -139,12 +145,32 @@ struct ZeroShardState {
 
 namespace detail {
 
-/// Where DataParallelMixin finds the optimizer of its train step to gather its shards for a checkpoint: the
-/// live ZeroOptimizer registers here (on construction, move, step and load) and unregisters when destroyed.
+/// Where DataParallelMixin finds the optimizer of its train step (to take its shard layout and gather its
+/// shards for a checkpoint). Every ZeroOptimizer made for the task enrolls here when it is made, moved, steps
+/// or loads a state, and leaves when destroyed; the last enrolled is the live one. A list rather than one
+/// pointer, so that when TrainStep's load fails after the optimizer's copy loaded its state, destroying that
+/// copy leaves the previous optimizer live.
 struct ZeroRegistry {
-  const void* live = nullptr;
-  std::function<void()> gather;
-  const ZeroShardLayout* layout = nullptr;  // the live optimizer's
+  struct Entry {
+    const void* optimizer = nullptr;
+    std::function<void()> gather;
+    const ZeroShardLayout* layout = nullptr;
+  };
+  std::vector<Entry> enrolled;
+
+  /// The live optimizer's entry, or null.
+  [[nodiscard]] const Entry* live() const { return enrolled.empty() ? nullptr : &enrolled.back(); }
+  [[nodiscard]] bool holds(const void* optimizer) const {
+    return std::any_of(enrolled.begin(), enrolled.end(),
+                       [&](const Entry& e) { return e.optimizer == optimizer; });
+  }
+  void enroll(Entry entry) {
+    leave(entry.optimizer);
+    enrolled.push_back(std::move(entry));
+  }
+  void leave(const void* optimizer) {
+    std::erase_if(enrolled, [&](const Entry& e) { return e.optimizer == optimizer; });
+  }
 };
 
 inline std::vector<std::size_t> floating_leaf_sizes(const auto& tree) {
@@ -252,15 +278,16 @@ class ZeroOptimizer {
 
   ZeroOptimizer(const ZeroOptimizer& other) : ZeroOptimizer(other, Copied{}) {}  // not the registered one
   ZeroOptimizer(ZeroOptimizer&& other) : ZeroOptimizer(other, Copied{}) {
-    if (other.registered()) {  // the registration moves along
-      registry_->live = nullptr;
-      enroll();
+    if (other.registered()) {  // the registration moves along, in its place in the list
+      for (auto& entry : registry_->enrolled) {
+        if (entry.optimizer == &other) entry = entry_for_this();
+      }
     }
   }
   ZeroOptimizer& operator=(const ZeroOptimizer&) = delete;
   ZeroOptimizer& operator=(ZeroOptimizer&&) = delete;
   ~ZeroOptimizer() {
-    if (registered()) *registry_ = detail::ZeroRegistry{};
+    if (registry_ != nullptr) registry_->leave(this);
   }
 
   /// One update: this rank's shard of `params` from the same shard of `grads` (which must hold the step's
@@ -443,14 +470,16 @@ class ZeroOptimizer {
   [[nodiscard]] bool has_momentum() const {
     return !is_adamw() && std::get<optim::SgdOptions>(options_).momentum != 0;
   }
-  [[nodiscard]] bool registered() const { return registry_ != nullptr && registry_->live == this; }
+  [[nodiscard]] bool registered() const { return registry_ != nullptr && registry_->holds(this); }
 
   // Makes this the optimizer DataParallelMixin::prepare_checkpoint gathers.
   void enroll() {
-    if (registry_ == nullptr || registered()) return;
-    registry_->live = this;
-    registry_->gather = [this] { gather_for_checkpoint(); };
-    registry_->layout = &layout_;
+    if (registry_ == nullptr) return;
+    const detail::ZeroRegistry::Entry* live = registry_->live();
+    if (live == nullptr || live->optimizer != this) registry_->enroll(entry_for_this());
+  }
+  detail::ZeroRegistry::Entry entry_for_this() {
+    return {this, [this] { gather_for_checkpoint(); }, &layout_};
   }
 
   void release_gathered() {
