@@ -19,8 +19,8 @@
 /// that every rank ends the step with the same, full masters, bit-identical to the unsharded (stage 0) run.
 /// The masters themselves stay replicated: TrainStep's params(), evaluation and checkpoints read them whole.
 ///
-/// The gradients are reduce-scattered (DataParallelMixin under zero_stage 1): after the reduction a rank holds
-/// the step's summed gradients on its shard and zeros elsewhere, and the finite flag and the norm are
+/// The gradients are reduce-scattered (DataParallelMixin under zero_stage 1): after the reduction a rank
+/// holds the step's summed gradients on its shard and zeros elsewhere, and the finite flag and the norm are
 /// combined over the shards (the same bits as unscale_check_and_norm over the whole). So every rank takes the
 /// same skip decision, scale and counters; only StepResult::non_finite, the diagnostic naming the non-finite
 /// tensors, names those of the rank's own shard.
@@ -49,6 +49,7 @@
 #include <variant>
 #include <vector>
 #include <xax/detail/eigen.hpp>
+#include <xax/detail/parallel.hpp>
 #include <xax/distributed/communicator.hpp>
 #include <xax/optim/adamw.hpp>
 #include <xax/optim/sgd.hpp>
@@ -309,24 +310,31 @@ class ZeroOptimizer {
       float* const p = param[piece.leaf] + piece.begin;
       const float* const g = grad[piece.leaf] + piece.begin;
       const optim::LeafSettings& leaf = settings_[piece.leaf];
-      // Chunks of update_chunk from a block boundary, as optim's driver cuts a leaf from its start.
+      // Chunks of at most update_chunk, split across xax's threads as optim's driver splits a leaf: each
+      // element's arithmetic does not depend on where a chunk starts.
+      const auto chunks = [&piece](std::size_t bytes_per_element, const auto& update) {
+        xax::detail::parallel_blocks(piece.count, bytes_per_element, 16,
+                                     [&update](std::size_t begin, std::size_t end) noexcept {
+                                       for (std::size_t i = begin; i < end; i += optim::detail::update_chunk)
+                                         update(i, std::min(optim::detail::update_chunk, end - i));
+                                     });
+      };
       if (const auto* adamw = std::get_if<optim::AdamWOptions>(&options_)) {
         const auto constants = optim::detail::AdamWConstants<float>::make(*adamw, step, leaf);
-        for (std::size_t i = 0; i < piece.count; i += optim::detail::update_chunk) {
-          const std::size_t n = std::min(optim::detail::update_chunk, piece.count - i);
-          const std::size_t s = piece.shard_offset + i;
-          constants.update(p + i, g + i, first + s, second + s, p + i, n);
-        }
+        float* const m = first + piece.shard_offset;
+        float* const v = second + piece.shard_offset;
+        chunks(7 * sizeof(float), [&](std::size_t i, std::size_t n) noexcept {
+          constants.update(p + i, g + i, m + i, v + i, p + i, n);
+        });
       } else {
         const auto& sgd = std::get<optim::SgdOptions>(options_);
         const optim::detail::SgdConstants<float> constants{
             static_cast<float>(sgd.learning_rate * leaf.learning_rate_scale),
             static_cast<float>(sgd.momentum), static_cast<float>(leaf.weight_decay), sgd.nesterov, step == 1};
-        for (std::size_t i = 0; i < piece.count; i += optim::detail::update_chunk) {
-          const std::size_t n = std::min(optim::detail::update_chunk, piece.count - i);
-          constants.update(p + i, g + i, first != nullptr ? first + piece.shard_offset + i : nullptr, p + i,
-                           n);
-        }
+        float* const buffer = first != nullptr ? first + piece.shard_offset : nullptr;
+        chunks(4 * sizeof(float), [&](std::size_t i, std::size_t n) noexcept {
+          constants.update(p + i, g + i, buffer != nullptr ? buffer + i : nullptr, p + i, n);
+        });
       }
     }
     state_.step = step;
