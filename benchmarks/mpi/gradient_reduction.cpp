@@ -1,5 +1,6 @@
 // Gradient reduction across processes, run under mpirun: xax's GradientReducer in its four modes against
-// MPI_Allreduce of the same fp32 gradients (the reference: what DDP and Horovod do without compression).
+// MPI_Allreduce of the same fp32 gradients (the reference: what DDP and Horovod do without compression), and
+// the part of a step after the backward (reduction, unscale-check-norm, AdamW update) at ZeRO stage 0 and 1.
 //
 //   mpirun -np 2 build/release/benchmarks/xax_mpi_benchmarks
 //   mpirun -np 4 --oversubscribe build/release/benchmarks/xax_mpi_benchmarks --benchmark_filter=269322
@@ -13,7 +14,10 @@
 #include <cstdint>
 #include <random>
 #include <vector>
+#include <xax/distributed/data_parallel.hpp>
 #include <xax/distributed/gradient_reducer.hpp>
+#include <xax/optim/adamw.hpp>
+#include <xax/utils/finite.hpp>
 
 namespace {
 
@@ -61,6 +65,39 @@ void mpi_allreduce(benchmark::State& state) {
   state.counters["ranks"] = comm.size();
 }
 
+// The data-parallel side of a step at a ZeRO stage: DataParallelMixin's hooks as TrainStep calls them.
+class ZeroStep : public xax::distributed::DataParallelMixin<ZeroStep> {
+ public:
+  explicit ZeroStep(int stage) : DataParallelMixin(xax::distributed::ReducerOptions{}, stage) {}
+};
+
+void after_backward(benchmark::State& state, int stage) {
+  ZeroStep step(stage);
+  const int world = step.world_size();
+  const int per_rank = micro_batches / world;
+  const Grads local = random_grads(state.range(0), static_cast<std::uint64_t>(step.rank()));
+  Grads params = random_grads(state.range(0), 99);
+  Grads sum = local;
+  const xax::optim::AdamWOptions options{};
+  // Stage 0 runs the built-in AdamW over the whole tree, as TrainStep does; stage 1 the sharded one.
+  xax::optim::AdamW<Grads> whole(params, options);
+  auto sharded = step.sharded_optimizer(params, options);
+  for (auto _ : state) {
+    for (int m = 0; m < per_rank; ++m) step.collect_micro_gradients(static_cast<std::size_t>(m), 1.0, local);
+    benchmark::DoNotOptimize(step.reduce_gradients(sum));
+    benchmark::DoNotOptimize(step.unscale_check_and_norm_reduced(sum, 1.0f / 1024.0f));
+    if (stage == 0) {
+      whole.step(params, sum);
+    } else {
+      sharded.step(params, sum);
+    }
+    benchmark::ClobberMemory();
+  }
+  state.counters["ranks"] = world;
+  state.counters["optimizer_state_bytes_per_rank"] = static_cast<double>(
+      stage == 0 ? xax::payload_bytes(whole.state()) : xax::payload_bytes(sharded.state()));
+}
+
 void sizes(benchmark::internal::Benchmark* b) {
   b->Arg(269322)->Arg(1 << 22)->Iterations(iterations)->Unit(benchmark::kMillisecond);
 }
@@ -70,6 +107,8 @@ BENCHMARK_CAPTURE(reducer, fast_fp32, xax::DType::float32, false)->Apply(sizes);
 BENCHMARK_CAPTURE(reducer, deterministic_bf16, xax::DType::bfloat16, true)->Apply(sizes);
 BENCHMARK_CAPTURE(reducer, fast_bf16, xax::DType::bfloat16, false)->Apply(sizes);
 BENCHMARK(mpi_allreduce)->Apply(sizes);
+BENCHMARK_CAPTURE(after_backward, zero0, 0)->Apply(sizes);
+BENCHMARK_CAPTURE(after_backward, zero1, 1)->Apply(sizes);
 
 // Reports nothing: the other ranks run the same collectives, rank 0 tells.
 class SilentReporter : public benchmark::BenchmarkReporter {

@@ -8,6 +8,7 @@
 //   synthetic mpirun -np 4 ./data_parallel epochs=1 gradient_wire_dtype=bfloat16 mpirun -H a,b -np 2
 //   ./data_parallel                           # two machines, one rank each
 //
+// zero_stage=1 shards the optimizer state over the ranks (ZeRO-1); the params_crc32 stays the same.
 // Any field of the config can be given as key=value. A rank that fails ends the whole job with its message.
 #include <xax/distributed/data_parallel.hpp>
 #include <xax/nn/mlp.hpp>
@@ -77,6 +78,10 @@ class ParallelTask : public xax::TrainMixin<ParallelTask, ParallelConfig>,
     return xax::nn::mlp_init({features, hidden, hidden, data_.train.num_classes},
                              static_cast<std::uint64_t>(config().seed));
   }
+  // The config's optimizer, its state sharded over the ranks when zero_stage=1.
+  auto make_optimizer(const params_type<float>& like) const {
+    return sharded_optimizer(like, config().optimizer_options());
+  }
   std::int64_t num_examples() const { return data_.train.size(); }
   Batch make_batch(std::span<const std::int64_t> indices) const {
     Batch batch{Eigen::MatrixXf(data_.train.feature_count(), static_cast<Eigen::Index>(indices.size())),
@@ -144,22 +149,32 @@ int main(int argc, char** argv) {
     if (task.rank() == 0) {
       std::printf(
           "data-parallel training on %d ranks: %s, global batch %lld (%lld micro-batches of %lld), %s "
-          "wire, %s reduction, policy %s\n",
+          "wire, %s reduction, zero stage %d, policy %s\n",
           task.world_size(), fashion ? "Fashion-MNIST" : "a synthetic task (Fashion-MNIST not installed)",
           static_cast<long long>(config.batch_size * config.accumulation_steps),
           static_cast<long long>(config.accumulation_steps), static_cast<long long>(config.batch_size),
           config.gradient_wire_dtype.c_str(), config.deterministic_reduction ? "deterministic" : "fast",
-          task.policy().str().c_str());
+          task.zero_stage(), task.policy().str().c_str());
     }
     const xax::TrainSummary summary = task.fit();
     const auto params = task.params_float32();
+    // Bytes of masters and optimizer state this rank holds, and the optimizer state over all ranks.
+    const xax::TrainStateBytes bytes = task.train_state_bytes();
+    const auto optimizer_bytes = static_cast<std::int64_t>(bytes.optimizer);
+    std::int64_t optimizer_bytes_all = 0;
+    task.communicator().all_reduce(&optimizer_bytes, &optimizer_bytes_all, 1, MPI_SUM);
     if (task.rank() == 0) {
+      std::printf(
+          "zero stage %d: rank 0 holds %zu bytes of fp32 masters and %zu bytes of optimizer state "
+          "(%lld over all ranks)\n",
+          task.zero_stage(), bytes.params, bytes.optimizer, static_cast<long long>(optimizer_bytes_all));
       const xax::distributed::ReductionStats& stats = task.reduction_stats();
       std::printf(
           "%lld steps in %.2f s, final loss %.4f; gradient reduction %.3f s (%.1f%% of the run), %zu bytes "
-          "sent per rank per step\n",
+          "sent per rank per step (gradients, and under ZeRO-1 the masters' all-gather)\n",
           static_cast<long long>(summary.steps), summary.seconds, summary.last_loss, stats.seconds,
-          100.0 * stats.seconds / summary.seconds, stats.wire_bytes_last);
+          100.0 * stats.seconds / summary.seconds,
+          stats.wire_bytes_last + task.master_gather_bytes_per_step());
 #if XAX_HAS_ZLIB
       // The CRC-32 of the final master params' bytes in tree order: equal across world sizes in deterministic
       // mode.

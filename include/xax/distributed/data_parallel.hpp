@@ -25,18 +25,35 @@
 ///   running the same config;
 /// - rank 0 alone writes checkpoints (the state is replicated; each rank can load the file).
 ///
+/// ZeRO stage 1 (`zero_stage = 1`, see xax/distributed/zero.hpp) shards the optimizer state over the ranks:
+/// the train step's optimizer must then be `sharded_optimizer(like, options)`, which a mixin task returns
+/// from `make_optimizer` (one line, below) and a TrainStep trainer passes to reset_train_state. Under
+/// zero_stage 0 the same optimizer runs unsharded. Before rank 0 writes a checkpoint every rank calls
+/// prepare_checkpoint() (TrainMixin::fit does), which gathers the shards to rank 0.
+///
+///     auto make_optimizer(const params_type<float>& like) const {
+///       return sharded_optimizer(like, config().optimizer_options());
+///     }
+///
 /// A task on xax::TrainStep directly inherits DataParallelMixin too, broadcasts its initial params with
 /// `synchronize_initial_params` before reset_train_state, and passes its rank's micro-batches to
 /// train_step (xax::distributed::ShardSampler picks them).
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 #include <xax/distributed/communicator.hpp>
 #include <xax/distributed/gradient_reducer.hpp>
+#include <xax/distributed/zero.hpp>
 #include <xax/task/train_step.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
+#include <xax/utils/finite.hpp>
 
 namespace xax::distributed {
 
@@ -48,14 +65,31 @@ struct DataParallelConfig {
   /// Bit-identical results for any number of processes (each micro-batch's gradients travel on their own);
   /// false sums each process's micro-batches locally first.
   bool deterministic_reduction = true;
+  /// ZeRO stage: 0 (every rank holds the whole optimizer state) or 1 (each rank holds its shard of it; the
+  /// task's optimizer must come from DataParallelMixin::sharded_optimizer).
+  std::int64_t zero_stage = 0;
 
   template <class Self, class Visit>
   static void visit_data_parallel_fields(Self& self, Visit&& visit) {
     visit("gradient_wire_dtype", self.gradient_wire_dtype, "float32 or bfloat16 (also f32, bf16)");
     visit("deterministic_reduction", self.deterministic_reduction, "true or false");
+    visit("zero_stage", self.zero_stage, "0 or 1");
   }
 
-  void validate_data_parallel() const { static_cast<void>(wire_dtype()); }
+  void validate_data_parallel() const {
+    static_cast<void>(wire_dtype());
+    static_cast<void>(checked_zero_stage());
+  }
+
+  /// The ZeRO stage, or ConfigError naming the field.
+  [[nodiscard]] int checked_zero_stage() const {
+    if (zero_stage != 0 && zero_stage != 1) {
+      throw ConfigError("config field 'zero_stage': " + std::to_string(zero_stage) +
+                        " is not accepted; expected 0 (optimizer state replicated) or 1 (optimizer state "
+                        "sharded over the ranks, ZeRO-1)");
+    }
+    return static_cast<int>(zero_stage);
+  }
 
   /// The wire type, or ConfigError naming the field.
   [[nodiscard]] DType wire_dtype() const {
@@ -95,9 +129,107 @@ class DataParallelMixin {
   void collect_micro_gradients(std::size_t index, double loss, const Grads& grads) {
     reducer_.collect(index, loss, grads);
   }
+  /// Under zero_stage 1 the gradients are reduce-scattered: `grads` receives the step's sums on this rank's
+  /// shard only (zeros elsewhere), and unscale_check_and_norm_reduced combines the shards' findings.
   template <class Grads>
   ReducedGradients reduce_gradients(Grads& grads) {
-    return reducer_.reduce(grads);
+    if (zero_stage_ != 1) return reducer_.reduce(grads);
+    if (zero_registry_->live() == nullptr) {
+      throw ConfigError(
+          "zero_stage 1 shards the optimizer state, but this train step's optimizer is not sharded: make it "
+          "with sharded_optimizer(like, options) (a mixin task: `auto make_optimizer(const "
+          "params_type<float>& like) const { return sharded_optimizer(like, config().optimizer_options()); "
+          "}`), or set zero_stage 0");
+    }
+    if constexpr (requires { &Derived::on_unscaled_gradients; }) {
+      throw ConfigError(
+          "zero_stage 1 leaves each rank only its shard of the summed gradients, so on_unscaled_gradients "
+          "would see a partial tree; remove the hook or set zero_stage 0");
+    }
+    const ZeroShardLayout& layout = live_layout();
+    const auto world = static_cast<std::size_t>(world_size());
+    shard_bounds_.resize(world + 1);
+    for (std::size_t q = 0; q < world; ++q) shard_bounds_[q] = layout.shard_begin(static_cast<int>(q));
+    shard_bounds_[world] = layout.elements();
+    return reducer_.reduce_scatter(grads, shard_bounds_);
+  }
+
+  /// TrainStep's reduced_gradients_check: under zero_stage 1, unscales and checks this rank's shard and
+  /// combines every shard's finite flag and per-block sums of squares, in the global block order, into the
+  /// finite flag and norm unscale_check_and_norm gives over the whole gradient (the same bits: the same
+  /// blocks, summed by the same function at the same addresses, added in the same order). Collective.
+  template <class Grads>
+  UnscaledGradients unscale_check_and_norm_reduced(Grads& grads, float inverse_scale) {
+    if (zero_stage_ != 1) return unscale_check_and_norm(grads, inverse_scale);
+    xax::detail::require_usable_factor(inverse_scale, "unscale_check_and_norm");
+    const ZeroShardLayout& layout = live_layout();
+    const std::vector<float*> leaves = detail::floating_leaf_pointers(grads);
+    constexpr std::size_t block = xax::detail::norm_block;
+    const auto blocks_of = [&](int q) {
+      std::size_t count = 0;
+      for (const ZeroSegment& piece : layout.segments(q)) count += (piece.count + block - 1) / block;
+      return count;
+    };
+    local_partials_.clear();
+    int finite = 1;
+    for (const ZeroSegment& piece : layout.segments(rank())) {
+      for (std::size_t i = 0; i < piece.count; i += block) {
+        float* const x = leaves[piece.leaf] + piece.begin + i;
+        const std::size_t n = std::min(block, piece.count - i);
+        if (!xax::detail::scale_and_check_n(x, n, inverse_scale)) finite = 0;
+        local_partials_.push_back(xax::detail::sum_of_squares(x, n));
+      }
+    }
+    int all_finite = 0;
+    communicator().all_reduce(&finite, &all_finite, 1, MPI_MIN);
+    if (all_finite == 0) return {false, std::numeric_limits<double>::infinity()};
+    const auto world = static_cast<std::size_t>(world_size());
+    partial_counts_.resize(world);
+    partial_offsets_.resize(world);
+    std::size_t total = 0;
+    for (std::size_t q = 0; q < world; ++q) {
+      const std::size_t count = blocks_of(static_cast<int>(q));
+      partial_counts_[q] = Communicator::as_count(count, "MPI_Allgatherv");
+      partial_offsets_[q] = Communicator::as_count(total, "MPI_Allgatherv");
+      total += count;
+    }
+    all_partials_.resize(total);
+    communicator().all_gather_v(local_partials_.data(), static_cast<int>(local_partials_.size()),
+                                all_partials_.data(), partial_counts_.data(), partial_offsets_.data());
+    double sum = 0;
+    for (const double partial : all_partials_) sum += partial;
+    return {true, std::sqrt(sum)};
+  }
+
+  /// The ZeRO stage (0 or 1).
+  [[nodiscard]] int zero_stage() const { return zero_stage_; }
+  /// Bytes this rank sends per step in ZeRO-1's all-gather of its updated shard of the fp32 masters (the
+  /// reducer's stats count the gradients' reduce-scatter); 0 under zero_stage 0.
+  [[nodiscard]] std::size_t master_gather_bytes_per_step() const {
+    if (zero_stage_ != 1 || zero_registry_->live() == nullptr) return 0;
+    return zero_registry_->live()->layout->shard_size(rank()) * static_cast<std::size_t>(world_size() - 1) *
+           sizeof(float);
+  }
+
+  /// The optimizer a data-parallel train step runs: AdamW or SGD (`options`, parameter groups included) over
+  /// params shaped like `like`, whose state is sharded over the ranks under zero_stage 1 and whole under 0
+  /// (see xax/distributed/zero.hpp). The communicator must outlive it (it does inside this task).
+  template <class Params>
+  [[nodiscard]] ZeroOptimizer<Params> sharded_optimizer(const Params& like,
+                                                        const OptimizerOptions& options) const {
+    return ZeroOptimizer<Params>(like, options, communicator().native(), zero_stage_ == 1, zero_registry_);
+  }
+
+  /// Collective: before rank 0 writes a checkpoint under zero_stage 1, every rank calls this, which gathers
+  /// the optimizer state's shards to rank 0 (TrainMixin::fit calls it). Nothing to do under zero_stage 0.
+  void prepare_checkpoint() {
+    if (zero_stage_ != 1) return;
+    if (zero_registry_->live() == nullptr) {
+      throw ConfigError(
+          "prepare_checkpoint: zero_stage 1, but no sharded optimizer was made with "
+          "sharded_optimizer() for this task's train step");
+    }
+    zero_registry_->live()->gather();
   }
 
   /// TrainMixin's sharding hook: whether micro-batch `index` of a step of `per_step` is this process's.
@@ -129,8 +261,11 @@ class DataParallelMixin {
  protected:
   explicit DataParallelMixin(ReducerOptions options = {}, Communicator comm = Communicator{})
       : reducer_(std::move(comm), options) {}
+  /// `zero_stage`: 0 or 1 (ConfigError otherwise).
+  DataParallelMixin(ReducerOptions options, int zero_stage, Communicator comm = Communicator{})
+      : reducer_(std::move(comm), options), zero_stage_(checked_stage(zero_stage)) {}
   explicit DataParallelMixin(const DataParallelConfig& config, Communicator comm = Communicator{})
-      : reducer_(std::move(comm), config.reducer_options()) {}
+      : reducer_(std::move(comm), config.reducer_options()), zero_stage_(config.checked_zero_stage()) {}
   ~DataParallelMixin() = default;
   DataParallelMixin(DataParallelMixin&&) noexcept = default;
   DataParallelMixin& operator=(DataParallelMixin&&) noexcept = default;
@@ -138,7 +273,26 @@ class DataParallelMixin {
   DataParallelMixin& operator=(const DataParallelMixin&) = delete;
 
  private:
+  const ZeroShardLayout& live_layout() const {
+    if (zero_registry_->live() == nullptr) {
+      throw ConfigError(
+          "zero_stage 1: no sharded optimizer (sharded_optimizer()) runs this task's train step");
+    }
+    return *zero_registry_->live()->layout;
+  }
+
+  static int checked_stage(int stage) {
+    DataParallelConfig config;
+    config.zero_stage = stage;
+    return config.checked_zero_stage();
+  }
+
   GradientReducer reducer_;
+  int zero_stage_ = 0;
+  std::vector<std::size_t> shard_bounds_;
+  std::vector<double> local_partials_, all_partials_;
+  std::vector<int> partial_counts_, partial_offsets_;
+  std::shared_ptr<detail::ZeroRegistry> zero_registry_ = std::make_shared<detail::ZeroRegistry>();
 };
 
 }  // namespace xax::distributed

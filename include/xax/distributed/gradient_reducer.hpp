@@ -101,6 +101,27 @@ void unflatten_from(std::span<const Wire> flat, Tree& tree) {
       tree);
 }
 
+// Writes `values`, the flat elements [begin, begin + values.size()) of the gradient, into the floating
+// leaves of `tree` in tree order, and zeros into every other element.
+template <class Tree>
+void write_range_zero_elsewhere(std::span<const float> values, std::size_t begin, Tree& tree) {
+  std::size_t offset = 0;
+  const std::size_t end = begin + values.size();
+  for_each_leaf(
+      [&]<class L>(L& leaf) {
+        if constexpr (floating_leaf<L>) {
+          auto out = leaf_span(leaf);
+          const std::size_t first = std::max(begin, offset);
+          const std::size_t last = std::min(end, offset + out.size());
+          std::fill(out.begin(), out.end(), 0.0f);
+          if (first < last)
+            std::copy_n(values.data() + (first - begin), last - first, out.data() + (first - offset));
+          offset += out.size();
+        }
+      },
+      tree);
+}
+
 }  // namespace detail
 
 /// Throws ShapeError on every rank unless every rank's tree has the same number of floating leaves and
@@ -202,6 +223,21 @@ class GradientReducer {
   /// rank calls it once per step, after collecting at least one micro-batch.
   template <class Grads>
   ReducedGradients reduce(Grads& grads) {
+    return reduce_into(grads, {}, false);
+  }
+
+  /// The reduce-scatter of ZeRO-1: as reduce(), but rank q sums the flat elements [bounds[q], bounds[q + 1])
+  /// (`bounds`: W + 1 non-decreasing offsets from 0 to the gradient's element count) and `grads` receives
+  /// those sums, with zeros everywhere else; nothing is all-gathered. Each sum has the same bits reduce()
+  /// gives it. Collective.
+  template <class Grads>
+  ReducedGradients reduce_scatter(Grads& grads, std::span<const std::size_t> bounds) {
+    return reduce_into(grads, bounds, true);
+  }
+
+ private:
+  template <class Grads>
+  ReducedGradients reduce_into(Grads& grads, std::span<const std::size_t> bounds, bool scatter_only) {
     const auto start = std::chrono::steady_clock::now();
     const std::size_t local = local_losses_.size();
     if (local == 0) {
@@ -246,9 +282,15 @@ class GradientReducer {
     // Chunk q of the flattened gradient, [begin(q), begin(q + 1)), is summed by rank q.
     chunk_counts_.resize(world);
     chunk_offsets_.resize(world);
+    if (!bounds.empty() && (bounds.size() != world + 1 || bounds.front() != 0 || bounds.back() != elements_ ||
+                            !std::is_sorted(bounds.begin(), bounds.end()))) {
+      throw ShapeError("xax::distributed::GradientReducer::reduce_scatter: the shard bounds do not cut the " +
+                       std::to_string(elements_) + " gradient elements into " + std::to_string(world) +
+                       " contiguous ranges");
+    }
     for (std::size_t q = 0; q < world; ++q) {
-      const std::size_t begin = elements_ * q / world;
-      const std::size_t end = elements_ * (q + 1) / world;
+      const std::size_t begin = bounds.empty() ? elements_ * q / world : bounds[q];
+      const std::size_t end = bounds.empty() ? elements_ * (q + 1) / world : bounds[q + 1];
       chunk_offsets_[q] = Communicator::as_count(begin, "MPI_Alltoallv");
       chunk_counts_[q] = Communicator::as_count(end - begin, "MPI_Alltoallv");
     }
@@ -263,22 +305,34 @@ class GradientReducer {
       exchange_and_sum<bfloat16>(send16_, receive16_, per_rank, mine);
       sum16_.resize(mine);
       convert(std::span<const float>(sum_), std::span<bfloat16>(sum16_));  // rounded once
-      gathered16_.resize(elements_);
-      comm_.all_gather_v(sum16_.data(), static_cast<int>(mine), gathered16_.data(), chunk_counts_.data(),
-                         chunk_offsets_.data());
-      detail::unflatten_from(std::span<const bfloat16>(gathered16_), grads);
+      if (scatter_only) {
+        convert(std::span<const bfloat16>(sum16_), std::span<float>(sum_));  // the bits the others would get
+        detail::write_range_zero_elsewhere(std::span<const float>(sum_),
+                                           static_cast<std::size_t>(chunk_offsets_[me]), grads);
+      } else {
+        gathered16_.resize(elements_);
+        comm_.all_gather_v(sum16_.data(), static_cast<int>(mine), gathered16_.data(), chunk_counts_.data(),
+                           chunk_offsets_.data());
+        detail::unflatten_from(std::span<const bfloat16>(gathered16_), grads);
+      }
     } else {
       exchange_and_sum<float>(options_.deterministic ? send32_ : local_sum_, receive32_, per_rank, mine);
-      gathered32_.resize(elements_);
-      comm_.all_gather_v(sum_.data(), static_cast<int>(mine), gathered32_.data(), chunk_counts_.data(),
-                         chunk_offsets_.data());
-      detail::unflatten_from(std::span<const float>(gathered32_), grads);
+      if (scatter_only) {
+        detail::write_range_zero_elsewhere(std::span<const float>(sum_),
+                                           static_cast<std::size_t>(chunk_offsets_[me]), grads);
+      } else {
+        gathered32_.resize(elements_);
+        comm_.all_gather_v(sum_.data(), static_cast<int>(mine), gathered32_.data(), chunk_counts_.data(),
+                           chunk_offsets_.data());
+        detail::unflatten_from(std::span<const float>(gathered32_), grads);
+      }
     }
 
     // Bytes this rank put on the wire: its contributions to the other ranks' chunks, and its own chunk's
     // sum to every other rank.
     const std::size_t wire_size = wire_is_bf16() ? 2 : 4;
-    stats_.wire_bytes_last = (per_rank * (elements_ - mine) + mine * (world - 1)) * wire_size;
+    stats_.wire_bytes_last =
+        (per_rank * (elements_ - mine) + (scatter_only ? 0 : mine * (world - 1))) * wire_size;
     stats_.wire_bytes_total += stats_.wire_bytes_last;
     stats_.elements = elements_;
     ++stats_.reductions;
@@ -287,7 +341,6 @@ class GradientReducer {
     return {loss_sum, total};
   }
 
- private:
   [[nodiscard]] bool wire_is_bf16() const { return options_.wire == DType::bfloat16; }
 
   template <class Grads>

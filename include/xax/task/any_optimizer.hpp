@@ -13,7 +13,10 @@
 /// - `o.step(params, grads, copy)` that also writes the updated params rounded into `copy` (another floating
 ///   type, same shapes) in the same pass; without it TrainStep casts the params into the copy afterwards;
 /// - `o.name()`, recorded in checkpoints and checked on load ("custom" when absent);
-/// - `o.learning_rate()` or `o.options().learning_rate`, which TrainStep::learning_rate() reports.
+/// - `o.learning_rate()` or `o.options().learning_rate`, which TrainStep::learning_rate() reports;
+/// - `o.save_state(writer, entry, like)` and `o.load_state(reader, entry, like)` (`like`: a tree shaped like
+///   the params), which replace saving and restoring `state()` as a tree: an optimizer whose state is sharded
+///   over processes (xax::distributed::ZeroOptimizer) writes and reads the whole, unsharded state this way.
 
 #include <concepts>
 #include <cstddef>
@@ -54,11 +57,13 @@ class AnyOptimizer {
   [[nodiscard]] virtual std::optional<double> learning_rate() const = 0;
   [[nodiscard]] virtual std::string name() const = 0;
   [[nodiscard]] virtual std::size_t state_bytes() const = 0;
-  virtual void save_state(CheckpointWriter& writer, const std::string& entry) const = 0;
+  /// `like`: a tree shaped like the params, for optimizers that save more than their state() tree.
+  virtual void save_state(CheckpointWriter& writer, const std::string& entry, const Params& like) const = 0;
   /// A copy of this optimizer whose state is read from `entry`; this one is unchanged (CheckpointError when
   /// the entry does not fit).
   [[nodiscard]] virtual std::unique_ptr<AnyOptimizer> with_loaded_state(const CheckpointReader& reader,
-                                                                        const std::string& entry) const = 0;
+                                                                        const std::string& entry,
+                                                                        const Params& like) const = 0;
 
  protected:
   AnyOptimizer() = default;
@@ -108,12 +113,20 @@ class OptimizerModel final : public AnyOptimizer<Params, Copy> {
     }
   }
   [[nodiscard]] std::size_t state_bytes() const override { return payload_bytes(optimizer_.state()); }
-  void save_state(CheckpointWriter& writer, const std::string& entry) const override {
-    writer.add_tree(entry, optimizer_.state());
+  void save_state(CheckpointWriter& writer, const std::string& entry, const Params& like) const override {
+    if constexpr (requires { optimizer_.save_state(writer, entry, like); }) {
+      optimizer_.save_state(writer, entry, like);
+    } else {
+      writer.add_tree(entry, optimizer_.state());
+    }
   }
   [[nodiscard]] std::unique_ptr<AnyOptimizer<Params, Copy>> with_loaded_state(
-      const CheckpointReader& reader, const std::string& entry) const override {
+      const CheckpointReader& reader, const std::string& entry, const Params& like) const override {
     auto loaded = std::make_unique<OptimizerModel>(*this);
+    if constexpr (requires(O & o) { o.load_state(reader, entry, like); }) {
+      loaded->optimizer_.load_state(reader, entry, like);
+      return loaded;
+    }
     auto& state = loaded->optimizer_.state();
     reader.read_tree(entry, state);
     if constexpr (requires { requires std::integral<std::remove_cvref_t<decltype(state.step)>>; }) {

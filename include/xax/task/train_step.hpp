@@ -199,6 +199,16 @@ concept gradient_reducer = requires(D& trainer, std::size_t index, double loss, 
   { trainer.reduce_gradients(grads) } -> std::same_as<ReducedGradients>;
 };
 
+/// The customization point that replaces unscale-and-check when a gradient reducer leaves each process only
+/// its shard of the summed gradients (ZeRO-1, xax/distributed/zero.hpp): a trainer that defines
+/// `UnscaledGradients unscale_check_and_norm_reduced(params_type<update_type>& grads, float inverse_scale)`
+/// is asked for it after reduce_gradients, and must return the same finite flag and norm on every process
+/// (those of unscale_check_and_norm over the whole summed gradients).
+template <class D, class Grads>
+concept reduced_gradients_check = requires(D& trainer, Grads& grads, float inverse_scale) {
+  { trainer.unscale_check_and_norm_reduced(grads, inverse_scale) } -> std::same_as<UnscaledGradients>;
+};
+
 namespace detail {
 
 template <class L>
@@ -477,7 +487,7 @@ class TrainStep {
     writer.add_string(prefix + ".policy", recorded_policy<D>().str());
     writer.add_string(prefix + ".optimizer", s.optimizer->name());
     writer.add_tree(prefix + ".params", s.masters);
-    s.optimizer->save_state(writer, prefix + ".optimizer_state");
+    s.optimizer->save_state(writer, prefix + ".optimizer_state", s.grads);  // grads: the shapes
     if (uses_master_compensation(s)) writer.add_tree(prefix + ".master_compensation", s.compensation);
     // The loss scale's own state tree, and its kind to pick the tree type when reading.
     detail::visit_loss_scale(s.loss_scale, [&]<class S>(const S& held) {
@@ -514,7 +524,7 @@ class TrainStep {
     // must match the live state exactly: a checkpoint of another model width is refused, not adopted.
     auto masters = s.masters;
     reader.read_tree(prefix + ".params", masters);
-    auto optimizer = s.optimizer->with_loaded_state(reader, prefix + ".optimizer_state");
+    auto optimizer = s.optimizer->with_loaded_state(reader, prefix + ".optimizer_state", s.grads);
     auto compensation = s.compensation;
     if (uses_master_compensation(s)) reader.read_tree(prefix + ".master_compensation", compensation);
     LossScaleT loss_scale = read_saved_loss_scale(reader, prefix);
@@ -971,7 +981,13 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::run_step(
   // 1 / (scale * k) is computed in double and rounded to float once (PyTorch), so k = 1 multiplies by
   // exactly inverse_scale().
   const float inverse = detail::reciprocal(scale, averaged_over);
-  const UnscaledGradients unscaled = unscale_check_and_norm(s.grads, inverse);
+  const UnscaledGradients unscaled = [&] {
+    if constexpr (reduced_gradients_check<D, typename State::template Params<update_type>>) {
+      return derived().unscale_check_and_norm_reduced(s.grads, inverse);
+    } else {
+      return unscale_check_and_norm(s.grads, inverse);
+    }
+  }();
   const bool grads_finite = unscaled.finite;
   const bool finite = grads_finite && std::isfinite(loss);
 

@@ -285,6 +285,10 @@ class PolicyStepEngine final : public StepEngine<Task>,
       gradient_reducer<Task, params_type<float>> {
     return task_->reduce_gradients(grads);
   }
+  UnscaledGradients unscale_check_and_norm_reduced(params_type<float>& grads, float inverse_scale) requires
+      reduced_gradients_check<Task, params_type<float>> {
+    return task_->unscale_check_and_norm_reduced(grads, inverse_scale);
+  }
 
   StepResult train_step(Task& task, std::span<const batch_type> micro_batches) override {
     const BoundTask bound(*this, task);

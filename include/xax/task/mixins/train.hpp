@@ -317,6 +317,8 @@ TrainSummary TrainMixin<Derived, Config>::fit() {
       }
       if (config_.checkpoint_interval > 0 && fit_steps_ % config_.checkpoint_interval == 0) {
         // Data-parallel processes hold the same state; one of them (rank 0) writes it.
+        // A task whose state is sharded over processes (ZeRO-1) first gathers it, on every process.
+        if constexpr (requires { derived().prepare_checkpoint(); }) derived().prepare_checkpoint();
         bool writes = true;
         if constexpr (requires { derived().writes_checkpoints(); }) writes = derived().writes_checkpoints();
         if (writes) save_checkpoint(config_.checkpoint_path);

@@ -1,0 +1,540 @@
+#pragma once
+/// \file
+/// ZeRO stage 1 (DESIGN §12): `xax::distributed::ZeroShardLayout`, which cuts the parameters into one shard
+/// per rank, and `xax::distributed::ZeroOptimizer<Params>`, AdamW or SGD whose state (AdamW's m and v, SGD's
+/// momentum) each rank holds for its shard only: 8 of the 12 bytes per parameter of fp32 masters + AdamW are
+/// divided by the world size.
+///
+/// The shard rule: the floating leaves of the params, in tree order, form one flat vector of N elements. Each
+/// leaf is cut into blocks of xax::detail::norm_block (1024) elements from its start (the last block of a
+/// leaf may be shorter). Shard q of W is a contiguous run of whole blocks, [B_q, B_{q+1}): B_0 = 0, B_W = N,
+/// and B_q is the block start nearest to N·q/W (the lower one on a tie). Shards are therefore equal up to one
+/// block, a leaf may straddle any number of shards, and a shard boundary always falls on a block boundary,
+/// which is what keeps every per-element and per-block computation (the optimizer's chunks, the gradient
+/// norm's partial sums) the same as in the unsharded step.
+///
+/// One step, per rank: the optimizer updates the masters of its shard in place from the (summed, unscaled)
+/// gradients of its shard, with exactly the arithmetic of optim::AdamW / optim::Sgd on those elements, then
+/// the updated fp32 masters are all-gathered leaf by leaf in place (MPI_Allgatherv with MPI_IN_PLACE), so
+/// that every rank ends the step with the same, full masters, bit-identical to the unsharded (stage 0) run.
+/// The masters themselves stay replicated: TrainStep's params(), evaluation and checkpoints read them whole.
+///
+/// The gradients are reduce-scattered (DataParallelMixin under zero_stage 1): after the reduction a rank
+/// holds the step's summed gradients on its shard and zeros elsewhere, and the finite flag and the norm are
+/// combined over the shards (the same bits as unscale_check_and_norm over the whole). So every rank takes the
+/// same skip decision, scale and counters; only StepResult::non_finite, the diagnostic naming the non-finite
+/// tensors, names those of the rank's own shard.
+///
+/// Checkpoints: rank 0 writes the whole, unsharded optimizer state, in exactly the format optim::AdamW /
+/// optim::Sgd write (so a ZeRO-1 checkpoint resumes under stage 0 and on any world size, and a stage-0 one
+/// resumes under ZeRO-1). Before rank 0 saves, every rank calls DataParallelMixin::prepare_checkpoint()
+/// (TrainMixin::fit does), which gathers the shards to rank 0. Loading reads the whole state on every rank
+/// and keeps the shard of this world size: re-sharding is loading.
+///
+/// The optimizer plugs into TrainStep through the optimizer door (xax/task/any_optimizer.hpp) like any other,
+/// usually made by DataParallelMixin::sharded_optimizer. Only the built-in AdamW and SGD (with their
+/// parameter groups) can be sharded; a user optimizer through the door runs unsharded.
+
+#include <mpi.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <variant>
+#include <vector>
+#include <xax/detail/eigen.hpp>
+#include <xax/detail/parallel.hpp>
+#include <xax/distributed/communicator.hpp>
+#include <xax/optim/adamw.hpp>
+#include <xax/optim/sgd.hpp>
+#include <xax/task/checkpoint.hpp>
+#include <xax/task/train_step.hpp>
+#include <xax/utils/error.hpp>
+#include <xax/utils/finite.hpp>
+#include <xax/utils/tree.hpp>
+#include <xax/utils/tree_cast.hpp>
+
+namespace xax::distributed {
+
+/// One piece of a shard: `count` elements of floating leaf `leaf` from element `begin` of the leaf, held at
+/// `shard_offset` in the shard's flat arrays.
+struct ZeroSegment {
+  std::size_t leaf = 0;
+  std::size_t begin = 0;
+  std::size_t count = 0;
+  std::size_t shard_offset = 0;
+};
+
+/// Which elements of the flat parameter vector each rank owns (see the file comment for the rule).
+class ZeroShardLayout {
+ public:
+  ZeroShardLayout() = default;
+
+  /// The layout for `world_size` shards of a parameter tree whose floating leaves have `leaf_sizes` elements.
+  ZeroShardLayout(std::vector<std::size_t> leaf_sizes, int world_size) : leaf_sizes_(std::move(leaf_sizes)) {
+    if (world_size < 1) {
+      throw ConfigError("xax::distributed::ZeroShardLayout: world size " + std::to_string(world_size) +
+                        " is not accepted; expected >= 1");
+    }
+    leaf_offsets_.assign(leaf_sizes_.size() + 1, 0);
+    std::vector<std::size_t> block_starts;  // flat offsets of every block start, then N
+    for (std::size_t l = 0; l < leaf_sizes_.size(); ++l) {
+      for (std::size_t b = 0; b < leaf_sizes_[l]; b += xax::detail::norm_block)
+        block_starts.push_back(leaf_offsets_[l] + b);
+      leaf_offsets_[l + 1] = leaf_offsets_[l] + leaf_sizes_[l];
+    }
+    const std::size_t total = leaf_offsets_.back();
+    block_starts.push_back(total);
+    const auto world = static_cast<std::size_t>(world_size);
+    bounds_.assign(world + 1, total);
+    bounds_[0] = 0;
+    for (std::size_t q = 1; q < world; ++q) {
+      // floor(N·q/W) without overflowing N·q.
+      const std::size_t target = total / world * q + total % world * q / world;
+      const auto above = std::lower_bound(block_starts.begin(), block_starts.end(), target);
+      std::size_t chosen = *above;
+      if (above != block_starts.begin() && target - *(above - 1) <= *above - target) chosen = *(above - 1);
+      bounds_[q] = std::max(chosen, bounds_[q - 1]);
+    }
+  }
+
+  /// Shards (the world size the layout was made for).
+  [[nodiscard]] int shards() const { return static_cast<int>(bounds_.size()) - 1; }
+  /// Elements of the flat parameter vector (N).
+  [[nodiscard]] std::size_t elements() const { return leaf_offsets_.back(); }
+  /// Shard q is the flat range [shard_begin(q), shard_end(q)).
+  [[nodiscard]] std::size_t shard_begin(int q) const { return bounds_.at(static_cast<std::size_t>(q)); }
+  [[nodiscard]] std::size_t shard_end(int q) const { return bounds_.at(static_cast<std::size_t>(q) + 1); }
+  [[nodiscard]] std::size_t shard_size(int q) const { return shard_end(q) - shard_begin(q); }
+  [[nodiscard]] const std::vector<std::size_t>& leaf_sizes() const { return leaf_sizes_; }
+  /// The flat offset of floating leaf l's first element.
+  [[nodiscard]] std::size_t leaf_offset(std::size_t l) const { return leaf_offsets_.at(l); }
+
+  /// Shard q's pieces, leaf by leaf, in flat order.
+  [[nodiscard]] std::vector<ZeroSegment> segments(int q) const {
+    std::vector<ZeroSegment> pieces;
+    const std::size_t first = shard_begin(q);
+    const std::size_t last = shard_end(q);
+    for (std::size_t l = 0; l < leaf_sizes_.size(); ++l) {
+      const std::size_t begin = std::max(first, leaf_offsets_[l]);
+      const std::size_t end = std::min(last, leaf_offsets_[l + 1]);
+      if (begin < end) pieces.push_back({l, begin - leaf_offsets_[l], end - begin, begin - first});
+    }
+    return pieces;
+  }
+
+ private:
+  std::vector<std::size_t> leaf_sizes_;
+  std::vector<std::size_t> leaf_offsets_{0};
+  std::vector<std::size_t> bounds_{0, 0};
+};
+
+/// A ZeroOptimizer's own state, for its shard only: the step count and AdamW's first and second moments (SGD:
+/// `first` is the momentum buffer, empty without momentum; `second` is empty). Flat, in shard order.
+struct ZeroShardState {
+  std::int64_t step = 0;
+  Eigen::VectorXf first;
+  Eigen::VectorXf second;
+  XAX_FIELDS(step, first, second);
+};
+
+namespace detail {
+
+/// Where DataParallelMixin finds the optimizer of its train step (to take its shard layout and gather its
+/// shards for a checkpoint). Every ZeroOptimizer made for the task enrolls here when it is made, moved, steps
+/// or loads a state, and leaves when destroyed; the last enrolled is the live one. A list rather than one
+/// pointer, so that when TrainStep's load fails after the optimizer's copy loaded its state, destroying that
+/// copy leaves the previous optimizer live.
+struct ZeroRegistry {
+  struct Entry {
+    const void* optimizer = nullptr;
+    std::function<void()> gather;
+    const ZeroShardLayout* layout = nullptr;
+  };
+  std::vector<Entry> enrolled;
+
+  /// The live optimizer's entry, or null.
+  [[nodiscard]] const Entry* live() const { return enrolled.empty() ? nullptr : &enrolled.back(); }
+  [[nodiscard]] bool holds(const void* optimizer) const {
+    return std::any_of(enrolled.begin(), enrolled.end(),
+                       [&](const Entry& e) { return e.optimizer == optimizer; });
+  }
+  void enroll(Entry entry) {
+    leave(entry.optimizer);
+    enrolled.push_back(std::move(entry));
+  }
+  void leave(const void* optimizer) {
+    std::erase_if(enrolled, [&](const Entry& e) { return e.optimizer == optimizer; });
+  }
+};
+
+inline std::vector<std::size_t> floating_leaf_sizes(const auto& tree) {
+  std::vector<std::size_t> sizes;
+  for_each_leaf(
+      [&sizes]<class L>(const L& leaf) {
+        if constexpr (floating_leaf<L>) sizes.push_back(leaf_span(leaf).size());
+      },
+      tree);
+  return sizes;
+}
+
+template <class Tree>
+std::vector<float*> floating_leaf_pointers(Tree& tree) {
+  std::vector<float*> pointers;
+  for_each_leaf(
+      [&pointers]<class L>(L& leaf) {
+        if constexpr (floating_leaf<L>) {
+          static_assert(
+              std::is_same_v<leaf_scalar_t<L>, float>,
+              "xax::distributed::ZeroOptimizer updates fp32 params (TrainStep's update_type float)");
+          pointers.push_back(leaf_span(leaf).data());
+        }
+      },
+      tree);
+  return pointers;
+}
+
+template <class Tree>
+std::vector<const float*> floating_leaf_pointers(const Tree& tree) {
+  std::vector<const float*> pointers;
+  for_each_leaf(
+      [&pointers]<class L>(const L& leaf) {
+        if constexpr (floating_leaf<L>) pointers.push_back(leaf_span(leaf).data());
+      },
+      tree);
+  return pointers;
+}
+
+}  // namespace detail
+
+/// AdamW or SGD over the masters `Params` (fp32 leaves) whose state each rank holds for its shard only (ZeRO
+/// stage 1; see the file comment). Meets xax::train_optimizer: hand it to TrainStep::reset_train_state, or
+/// return it from a task's make_optimizer. Unsharded (one rank, or `sharded` false), it is AdamW/SGD with
+/// the same bits and the same checkpoints.
+template <class Params>
+class ZeroOptimizer {
+ public:
+  using params_type = Params;
+  using State = ZeroShardState;
+  using Options = std::variant<optim::AdamWOptions, optim::SgdOptions>;
+
+  /// `like`: the params' shapes. `comm`: the data-parallel communicator (borrowed; it must outlive this
+  /// optimizer), used when `sharded`. `registry`: where DataParallelMixin finds this optimizer (may be null).
+  /// Throws ConfigError for a bad option, or when sharded without a communicator.
+  ZeroOptimizer(const Params& like, Options options, MPI_Comm comm, bool sharded,
+                std::shared_ptr<detail::ZeroRegistry> registry = nullptr)
+      : options_(std::move(options)), comm_(comm), sharded_(sharded), registry_(std::move(registry)) {
+    if (sharded_ && (comm_ == MPI_COMM_NULL || !mpi_running())) {
+      throw ConfigError(
+          "xax::distributed::ZeroOptimizer: zero_stage 1 shards the optimizer state over the ranks of a "
+          "communicator, but none was given (MPI_COMM_NULL, or MPI is not running); give the data-parallel "
+          "communicator, or use zero_stage 0");
+    }
+    int world = 1;
+    if (sharded_) {
+      check_mpi(MPI_Comm_rank(comm_, &rank_), "MPI_Comm_rank");
+      check_mpi(MPI_Comm_size(comm_, &world), "MPI_Comm_size");
+    }
+    // The built-in optimizers validate the options (an empty tree costs nothing) and resolve the groups.
+    std::visit(
+        [&]<class O>(const O& chosen) {
+          O without_groups = chosen;
+          without_groups.groups = {};
+          if constexpr (std::is_same_v<O, optim::AdamWOptions>) {
+            static_cast<void>(optim::AdamW<Eigen::VectorXf>(Eigen::VectorXf(), without_groups));
+          } else {
+            static_cast<void>(optim::Sgd<Eigen::VectorXf>(Eigen::VectorXf(), without_groups));
+          }
+          settings_ = chosen.groups.resolve(like, chosen.weight_decay);
+        },
+        options_);
+    layout_ = ZeroShardLayout(detail::floating_leaf_sizes(like), world);
+    segments_ = layout_.segments(rank_);
+    const auto mine = static_cast<Eigen::Index>(layout_.shard_size(rank_));
+    if (is_adamw()) {
+      state_.first = Eigen::VectorXf::Zero(mine);
+      state_.second = Eigen::VectorXf::Zero(mine);
+    } else if (has_momentum()) {
+      state_.first = Eigen::VectorXf::Zero(mine);
+    }
+    // Per leaf, what each rank contributes to its all-gather.
+    const std::size_t leaves = layout_.leaf_sizes().size();
+    gather_counts_.assign(leaves * static_cast<std::size_t>(world), 0);
+    gather_offsets_.assign(leaves * static_cast<std::size_t>(world), 0);
+    for (int q = 0; q < world; ++q) {
+      for (const ZeroSegment& piece : layout_.segments(q)) {
+        const std::size_t at = piece.leaf * static_cast<std::size_t>(world) + static_cast<std::size_t>(q);
+        gather_counts_[at] = Communicator::as_count(piece.count, "MPI_Allgatherv");
+        gather_offsets_[at] = Communicator::as_count(piece.begin, "MPI_Allgatherv");
+      }
+    }
+    enroll();
+  }
+
+  ZeroOptimizer(const ZeroOptimizer& other) : ZeroOptimizer(other, Copied{}) {}  // not the registered one
+  ZeroOptimizer(ZeroOptimizer&& other) : ZeroOptimizer(other, Copied{}) {
+    if (other.registered()) {  // the registration moves along, in its place in the list
+      for (auto& entry : registry_->enrolled) {
+        if (entry.optimizer == &other) entry = entry_for_this();
+      }
+    }
+  }
+  ZeroOptimizer& operator=(const ZeroOptimizer&) = delete;
+  ZeroOptimizer& operator=(ZeroOptimizer&&) = delete;
+  ~ZeroOptimizer() {
+    if (registry_ != nullptr) registry_->leave(this);
+  }
+
+  /// One update: this rank's shard of `params` from the same shard of `grads` (which must hold the step's
+  /// summed, unscaled gradients at least there), then, sharded, the all-gather of the updated masters.
+  void step(Params& params, const Params& grads) {
+    enroll();
+    release_gathered();
+    const std::vector<float*> param = detail::floating_leaf_pointers(params);
+    const std::vector<const float*> grad = detail::floating_leaf_pointers(grads);
+    if (param.size() != layout_.leaf_sizes().size() || grad.size() != param.size()) {
+      throw ShapeError("xax::distributed::ZeroOptimizer: the params have " + std::to_string(param.size()) +
+                       " floating leaves and the gradients " + std::to_string(grad.size()) +
+                       "; the optimizer was built for " + std::to_string(layout_.leaf_sizes().size()));
+    }
+    const std::int64_t step = state_.step + 1;
+    float* const first = state_.first.size() > 0 ? state_.first.data() : nullptr;
+    float* const second = state_.second.size() > 0 ? state_.second.data() : nullptr;
+    for (const ZeroSegment& piece : segments_) {
+      float* const p = param[piece.leaf] + piece.begin;
+      const float* const g = grad[piece.leaf] + piece.begin;
+      const optim::LeafSettings& leaf = settings_[piece.leaf];
+      // Chunks of at most update_chunk, split across xax's threads as optim's driver splits a leaf: each
+      // element's arithmetic does not depend on where a chunk starts.
+      const auto chunks = [&piece](std::size_t bytes_per_element, const auto& update) {
+        xax::detail::parallel_blocks(piece.count, bytes_per_element, 16,
+                                     [&update](std::size_t begin, std::size_t end) noexcept {
+                                       for (std::size_t i = begin; i < end; i += optim::detail::update_chunk)
+                                         update(i, std::min(optim::detail::update_chunk, end - i));
+                                     });
+      };
+      if (const auto* adamw = std::get_if<optim::AdamWOptions>(&options_)) {
+        const auto constants = optim::detail::AdamWConstants<float>::make(*adamw, step, leaf);
+        float* const m = first + piece.shard_offset;
+        float* const v = second + piece.shard_offset;
+        chunks(7 * sizeof(float), [&](std::size_t i, std::size_t n) noexcept {
+          constants.update(p + i, g + i, m + i, v + i, p + i, n);
+        });
+      } else {
+        const auto& sgd = std::get<optim::SgdOptions>(options_);
+        const optim::detail::SgdConstants<float> constants{
+            static_cast<float>(sgd.learning_rate * leaf.learning_rate_scale),
+            static_cast<float>(sgd.momentum), static_cast<float>(leaf.weight_decay), sgd.nesterov, step == 1};
+        float* const buffer = first != nullptr ? first + piece.shard_offset : nullptr;
+        chunks(4 * sizeof(float), [&](std::size_t i, std::size_t n) noexcept {
+          constants.update(p + i, g + i, buffer != nullptr ? buffer + i : nullptr, p + i, n);
+        });
+      }
+    }
+    state_.step = step;
+    if (sharded_) all_gather_masters(param);
+  }
+
+  /// "adamw" or "sgd": the name the unsharded optimizer records, so that checkpoints are interchangeable.
+  [[nodiscard]] std::string name() const { return is_adamw() ? "adamw" : "sgd"; }
+  [[nodiscard]] double learning_rate() const {
+    return std::visit([](const auto& o) { return o.learning_rate; }, options_);
+  }
+  /// Throws ConfigError for a negative or non-finite rate.
+  void set_learning_rate(double learning_rate) {
+    if (!std::isfinite(learning_rate) || learning_rate < 0) {
+      throw ConfigError("xax::distributed::ZeroOptimizer: learning_rate " + std::to_string(learning_rate) +
+                        " is not accepted; expected a finite value >= 0");
+    }
+    std::visit([&](auto& o) { o.learning_rate = learning_rate; }, options_);
+  }
+  /// This rank's shard of the optimizer state (what state_bytes() of a train step counts).
+  [[nodiscard]] const State& state() const { return state_; }
+  [[nodiscard]] State& state() { return state_; }
+  [[nodiscard]] const ZeroShardLayout& layout() const { return layout_; }
+  [[nodiscard]] bool sharded() const { return sharded_; }
+  [[nodiscard]] int rank() const { return rank_; }
+
+  /// Collective over the communicator: gathers every rank's shard of the state to rank 0, which keeps it
+  /// until its next step, for save_state. Unsharded, there is nothing to gather.
+  void gather_for_checkpoint() {
+    if (!sharded_) return;
+    int world = 1;
+    check_mpi(MPI_Comm_size(comm_, &world), "MPI_Comm_size");
+    std::vector<int> counts(static_cast<std::size_t>(world)), offsets(static_cast<std::size_t>(world));
+    for (int q = 0; q < world; ++q) {
+      counts[static_cast<std::size_t>(q)] = Communicator::as_count(layout_.shard_size(q), "MPI_Gatherv");
+      offsets[static_cast<std::size_t>(q)] = Communicator::as_count(layout_.shard_begin(q), "MPI_Gatherv");
+    }
+    // Whether a buffer exists depends on the options alone, so every rank takes part in the same gathers.
+    const auto gather = [&](bool exists, const Eigen::VectorXf& mine, std::vector<float>& whole) {
+      if (!exists) return;
+      if (rank_ == 0) whole.resize(layout_.elements());
+      check_mpi(MPI_Gatherv(mine.data(), static_cast<int>(mine.size()), MPI_FLOAT, whole.data(),
+                            counts.data(), offsets.data(), MPI_FLOAT, 0, comm_),
+                "MPI_Gatherv");
+    };
+    gather(is_adamw() || has_momentum(), state_.first, gathered_first_);
+    gather(is_adamw(), state_.second, gathered_second_);
+    gathered_step_ = state_.step;
+  }
+
+  /// Writes the whole state under `entry` in optim::AdamW's or optim::Sgd's own format (`like`: the params'
+  /// shapes). Sharded, only rank 0 can, after gather_for_checkpoint() at this step (CheckpointError
+  /// otherwise).
+  void save_state(CheckpointWriter& writer, const std::string& entry, const Params& like) const {
+    const std::vector<float>* first = nullptr;
+    const std::vector<float>* second = nullptr;
+    std::vector<float> own_first, own_second;
+    if (sharded_) {
+      if (rank_ != 0 || gathered_step_ != state_.step) {
+        throw CheckpointError(
+            "xax::distributed::ZeroOptimizer: a ZeRO-1 checkpoint holds every rank's shard of the optimizer "
+            "state; call prepare_checkpoint() of the data-parallel task on every rank after the last step, "
+            "then save on rank 0 only (TrainMixin::fit does both)" +
+            std::string(rank_ != 0 ? "; this is rank " + std::to_string(rank_) : ""));
+      }
+      first = &gathered_first_;
+      second = &gathered_second_;
+    } else {
+      own_first.assign(state_.first.data(), state_.first.data() + state_.first.size());
+      own_second.assign(state_.second.data(), state_.second.data() + state_.second.size());
+      first = &own_first;
+      second = &own_second;
+    }
+    if (is_adamw()) {
+      optim::AdamWState<Params> whole{state_.step, zeros_like(like), zeros_like(like)};
+      scatter_into(*first, whole.m);
+      scatter_into(*second, whole.v);
+      writer.add_tree(entry, whole);
+    } else {
+      optim::SgdState<Params> whole;
+      whole.step = state_.step;
+      if (has_momentum()) {
+        whole.momentum_buffer = zeros_like(like);
+        scatter_into(*first, whole.momentum_buffer);
+      }
+      writer.add_tree(entry, whole);
+    }
+  }
+
+  /// Reads the whole state save_state (or optim::AdamW / optim::Sgd) wrote under `entry` and keeps this
+  /// rank's shard. CheckpointError, with this optimizer unchanged, when the entry does not fit.
+  void load_state(const CheckpointReader& reader, const std::string& entry, const Params& like) {
+    State loaded;
+    const auto take = [&](const Params& whole, Eigen::VectorXf& shard) {
+      const std::vector<const float*> leaves = detail::floating_leaf_pointers(whole);
+      shard.resize(static_cast<Eigen::Index>(layout_.shard_size(rank_)));
+      for (const ZeroSegment& piece : segments_)
+        std::copy_n(leaves[piece.leaf] + piece.begin, piece.count, shard.data() + piece.shard_offset);
+    };
+    if (is_adamw()) {
+      optim::AdamWState<Params> whole{0, zeros_like(like), zeros_like(like)};
+      reader.read_tree(entry, whole);
+      loaded.step = whole.step;
+      take(whole.m, loaded.first);
+      take(whole.v, loaded.second);
+    } else {
+      optim::SgdState<Params> whole;
+      if (has_momentum()) whole.momentum_buffer = zeros_like(like);
+      reader.read_tree(entry, whole);
+      loaded.step = whole.step;
+      if (has_momentum()) take(whole.momentum_buffer, loaded.first);
+    }
+    if (loaded.step < 0) {
+      throw CheckpointError("checkpoint entry '" + entry + ".step' is " + std::to_string(loaded.step) +
+                            "; an optimizer's step count is >= 0");
+    }
+    state_ = std::move(loaded);
+    release_gathered();
+    enroll();
+  }
+
+ private:
+  struct Copied {};
+  ZeroOptimizer(const ZeroOptimizer& other, Copied)
+      : options_(other.options_),
+        settings_(other.settings_),
+        comm_(other.comm_),
+        sharded_(other.sharded_),
+        rank_(other.rank_),
+        registry_(other.registry_),
+        layout_(other.layout_),
+        segments_(other.segments_),
+        gather_counts_(other.gather_counts_),
+        gather_offsets_(other.gather_offsets_),
+        state_(other.state_),
+        gathered_first_(other.gathered_first_),
+        gathered_second_(other.gathered_second_),
+        gathered_step_(other.gathered_step_) {}
+
+  [[nodiscard]] bool is_adamw() const { return std::holds_alternative<optim::AdamWOptions>(options_); }
+  [[nodiscard]] bool has_momentum() const {
+    return !is_adamw() && std::get<optim::SgdOptions>(options_).momentum != 0;
+  }
+  [[nodiscard]] bool registered() const { return registry_ != nullptr && registry_->holds(this); }
+
+  // Makes this the optimizer DataParallelMixin::prepare_checkpoint gathers.
+  void enroll() {
+    if (registry_ == nullptr) return;
+    const detail::ZeroRegistry::Entry* live = registry_->live();
+    if (live == nullptr || live->optimizer != this) registry_->enroll(entry_for_this());
+  }
+  detail::ZeroRegistry::Entry entry_for_this() {
+    return {this, [this] { gather_for_checkpoint(); }, &layout_};
+  }
+
+  void release_gathered() {
+    gathered_step_ = -1;
+    std::vector<float>().swap(gathered_first_);
+    std::vector<float>().swap(gathered_second_);
+  }
+
+  // Writes a whole flat state (N elements, tree order) into the floating leaves of `tree`.
+  static void scatter_into(const std::vector<float>& flat, Params& tree) {
+    std::size_t offset = 0;
+    for_each_leaf(
+        [&]<class L>(L& leaf) {
+          if constexpr (floating_leaf<L>) {
+            auto values = leaf_span(leaf);
+            std::copy_n(flat.data() + offset, values.size(), values.data());
+            offset += values.size();
+          }
+        },
+        tree);
+  }
+
+  void all_gather_masters(const std::vector<float*>& param) const {
+    int world = 1;
+    check_mpi(MPI_Comm_size(comm_, &world), "MPI_Comm_size");
+    const auto w = static_cast<std::size_t>(world);
+    for (std::size_t l = 0; l < param.size(); ++l) {
+      if (layout_.leaf_sizes()[l] == 0) continue;
+      check_mpi(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, param[l], gather_counts_.data() + l * w,
+                               gather_offsets_.data() + l * w, MPI_FLOAT, comm_),
+                "MPI_Allgatherv");
+    }
+  }
+
+  Options options_;
+  std::vector<optim::LeafSettings> settings_;  // per floating leaf, from the options' parameter groups
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  bool sharded_ = false;
+  int rank_ = 0;
+  std::shared_ptr<detail::ZeroRegistry> registry_;
+  ZeroShardLayout layout_;
+  std::vector<ZeroSegment> segments_;
+  std::vector<int> gather_counts_, gather_offsets_;  // [leaf * world + rank]
+  State state_;
+  // Rank 0, between gather_for_checkpoint and its next step: the whole state, for save_state.
+  std::vector<float> gathered_first_, gathered_second_;
+  std::int64_t gathered_step_ = -1;
+};
+
+}  // namespace xax::distributed

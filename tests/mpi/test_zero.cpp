@@ -1,0 +1,428 @@
+// xax/distributed/zero.hpp: ZeRO stage 1. The optimizer state is sharded over the ranks, and the masters stay
+// bit-identical to the unsharded (stage 0) run at the same world size and to one process, skipped steps
+// included; checkpoints resume bit-identically on the same world size and re-shard onto another.
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <span>
+#include <string>
+#include <vector>
+#include <xax/distributed/data_parallel.hpp>
+#include <xax/distributed/shard_sampler.hpp>
+#include <xax/distributed/zero.hpp>
+
+#include "train_test_task.hpp"
+
+namespace {
+
+using xax::distributed::Communicator;
+using xax::distributed::ReducerOptions;
+using xax_test::Batch;
+using xax_test::Net;
+using MixedPolicy = xax::Policy<float, xax::bfloat16, float>;
+
+std::vector<float> flat(const Net<float>& net) {
+  std::vector<float> out;
+  for (const auto* m : {&net.w1, &net.w2}) out.insert(out.end(), m->data(), m->data() + m->size());
+  for (const auto* v : {&net.b1, &net.b2}) out.insert(out.end(), v->data(), v->data() + v->size());
+  return out;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+xax_test::TaskConfig task_config() {
+  xax_test::TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = true;
+  config.precision_policy = "mixed";
+  config.loss_scaling = "dynamic";
+  config.batch_size = 16;
+  config.accumulation_steps = 4;
+  config.epochs = 2;
+  config.seed = 5;
+  // 3904 parameters: w1 (2400) spans three blocks of 1024, so at 2 and 4 ranks leaves straddle shards.
+  config.hidden = 300;
+  return config;
+}
+
+constexpr std::int64_t examples = 512;
+constexpr xax::distributed::ShardSamplerOptions sampling{
+    .examples = examples, .global_batch = 64, .micro_shards = 4, .seed = 3};
+const xax::optim::AdamWOptions adamw{.learning_rate = 1e-2, .weight_decay = 0.05};
+
+struct Model {
+  template <class T>
+  using params_type = Net<T>;
+  using batch_type = Batch;
+  xax_test::ClassifierTask task{task_config(), xax_test::make_data(examples)};
+  template <class T>
+  double loss_and_grads(const Net<T>& p, const Batch& b, float scale, Net<T>& g) {
+    return task.loss_and_grads(p, b, scale, g);
+  }
+};
+
+// One process, plain AdamW: the reference.
+class SingleTrainer : public Model, public xax::TrainStep<SingleTrainer, MixedPolicy> {
+ public:
+  explicit SingleTrainer(const xax::OptimizerOptions& optimizer = adamw) {
+    reset_train_state(task.init_params(), optimizer, xax::DynamicLossScale{});
+  }
+  using TrainStep::load_train_state;
+};
+
+// A data-parallel trainer at ZeRO stage 0 or 1, on `comm`.
+class ParallelTrainer : public Model,
+                        public xax::TrainStep<ParallelTrainer, MixedPolicy>,
+                        public xax::distributed::DataParallelMixin<ParallelTrainer> {
+ public:
+  explicit ParallelTrainer(int zero_stage, Communicator comm = Communicator{},
+                           const xax::OptimizerOptions& optimizer = adamw, ReducerOptions reducer = {},
+                           double max_grad_norm = 0)
+      : DataParallelMixin(reducer, zero_stage, std::move(comm)) {
+    auto initial = task.init_params();
+    synchronize_initial_params(initial);
+    reset_train_state(initial, [&](const Net<float>& like) { return sharded_optimizer(like, optimizer); },
+                      xax::DynamicLossScale{}, {.max_grad_norm = max_grad_norm});
+  }
+};
+
+// Trains global steps [from, to) (8 per epoch), on `rank` of `world`.
+template <class Trainer>
+std::vector<xax::StepResult> train(Trainer& trainer, int rank, int world, std::int64_t from,
+                                   std::int64_t to) {
+  xax::distributed::ShardSampler sampler(sampling, rank, world);
+  std::vector<xax::StepResult> results;
+  for (std::int64_t step = from; step < to; ++step) {
+    const std::int64_t epoch = step / sampler.steps_per_epoch();
+    std::vector<Batch> batches;
+    for (const auto indices : sampler.rank_shards(epoch, step % sampler.steps_per_epoch()))
+      batches.push_back(trainer.task.make_batch(indices));
+    results.push_back(trainer.train_step(std::span<const Batch>(batches)));
+  }
+  return results;
+}
+
+// A scratch file name every rank of `comm` agrees on.
+std::filesystem::path shared_path(const Communicator& comm, const std::string& what) {
+  std::int64_t pid = ::getpid();
+  comm.broadcast(&pid, 1, 0);
+  return std::filesystem::temp_directory_path() / ("xax_zero_" + what + "_" + std::to_string(pid) + ".ckpt");
+}
+
+// Every rank gathers, rank 0 writes.
+void save(ParallelTrainer& trainer, const std::filesystem::path& path) {
+  trainer.prepare_checkpoint();
+  if (trainer.rank() == 0) {
+    xax::CheckpointWriter writer;
+    trainer.save_train_state(writer);
+    writer.write(path);
+  }
+  trainer.communicator().barrier();
+}
+
+TEST(ZeroShardLayout, ShardsAreNearEqualRunsOfWholeBlocks) {
+  const xax::distributed::ZeroShardLayout layout({2400, 300, 1200, 4}, 4);
+  EXPECT_EQ(layout.elements(), 3904u);
+  // Block starts: 0 1024 2048 | 2400 | 2700 3724 | 3900; targets 976, 1952, 2928.
+  EXPECT_EQ(layout.shard_begin(1), 1024u);
+  EXPECT_EQ(layout.shard_begin(2), 2048u);
+  EXPECT_EQ(layout.shard_begin(3), 2700u);
+  EXPECT_EQ(layout.shard_end(3), 3904u);
+  const auto pieces = layout.segments(2);  // the end of w1 and all of b1
+  ASSERT_EQ(pieces.size(), 2u);
+  EXPECT_EQ(pieces[0].leaf, 0u);
+  EXPECT_EQ(pieces[0].begin, 2048u);
+  EXPECT_EQ(pieces[0].count, 352u);
+  EXPECT_EQ(pieces[1].leaf, 1u);
+  EXPECT_EQ(pieces[1].shard_offset, 352u);
+  // More ranks than blocks: some shards are empty, none overlap.
+  const xax::distributed::ZeroShardLayout tiny({10, 3}, 4);
+  std::size_t covered = 0;
+  for (int q = 0; q < 4; ++q) covered += tiny.shard_size(q);
+  EXPECT_EQ(covered, 13u);
+  EXPECT_THROW(xax::distributed::ZeroShardLayout({10}, 0), xax::ConfigError);
+}
+
+TEST(ZeroOne, MastersAreBitIdenticalToStageZeroAndToOneProcessWithASkippedStep) {
+  ParallelTrainer stage0(0);
+  ParallelTrainer stage1(1);
+  const int world = stage1.world_size();
+  // Only the last rank's third micro-batch gradient overflows: step 2 / (4 / world) is skipped everywhere.
+  if (stage1.rank() == world - 1) {
+    stage0.task.inject_at_call = 2;
+    stage1.task.inject_at_call = 2;
+  }
+  const auto results0 = train(stage0, stage0.rank(), world, 0, 16);
+  const auto results1 = train(stage1, stage1.rank(), world, 0, 16);
+  EXPECT_EQ(stage1.skipped_steps(), 1);
+  EXPECT_TRUE(same_bits(flat(stage1.params()), flat(stage0.params())))
+      << "world size " << world << ": ZeRO-1 masters differ from stage 0's";
+  ASSERT_EQ(results1.size(), results0.size());
+  for (std::size_t i = 0; i < results0.size(); ++i) {
+    EXPECT_EQ(results1[i].finite, results0[i].finite) << "step " << i;
+    EXPECT_EQ(results1[i].loss, results0[i].loss) << "step " << i;
+    EXPECT_EQ(results1[i].grad_norm, results0[i].grad_norm) << "step " << i;
+    EXPECT_EQ(results1[i].loss_scale, results0[i].loss_scale) << "step " << i;
+  }
+
+  // Stage 1 reduce-scatters the gradients: it sends no all-gather of them.
+  if (world > 1) {
+    EXPECT_LT(stage1.reduction_stats().wire_bytes_last, stage0.reduction_stats().wire_bytes_last);
+  }
+
+  // Without the overflow, ZeRO-1 at any world size equals one process running plain AdamW.
+  ParallelTrainer clean(1);
+  train(clean, clean.rank(), world, 0, 16);
+  SingleTrainer single;
+  const auto single_results = train(single, 0, 1, 0, 16);
+  EXPECT_TRUE(same_bits(flat(clean.params()), flat(single.params())))
+      << "world size " << world << ": ZeRO-1 masters differ from one process's";
+  EXPECT_LT(single_results.back().loss, single_results.front().loss);
+}
+
+TEST(ZeroOne, ClippedBfloat16WireRunIsBitIdenticalToStageZero) {
+  // Clipping makes every update depend on the global norm, which the shards combine.
+  const ReducerOptions bf16_wire{.wire = xax::DType::bfloat16, .deterministic = true};
+  ParallelTrainer stage0(0, Communicator{}, adamw, bf16_wire, 1e-5);
+  ParallelTrainer stage1(1, Communicator{}, adamw, bf16_wire, 1e-5);
+  const auto results0 = train(stage0, stage0.rank(), stage0.world_size(), 0, 10);
+  const auto results1 = train(stage1, stage1.rank(), stage1.world_size(), 0, 10);
+  EXPECT_TRUE(same_bits(flat(stage1.params()), flat(stage0.params())));
+  for (std::size_t i = 0; i < results0.size(); ++i) {
+    EXPECT_GT(results0[i].grad_norm, 1e-5) << "step " << i << " was not clipped";
+    EXPECT_EQ(results1[i].grad_norm, results0[i].grad_norm) << "step " << i;
+  }
+}
+
+TEST(ZeroOne, SgdWithMomentumIsBitIdenticalToOneProcess) {
+  const xax::optim::SgdOptions sgd{
+      .learning_rate = 0.05, .momentum = 0.9, .weight_decay = 1e-3, .nesterov = true};
+  ParallelTrainer sharded(1, Communicator{}, sgd);
+  train(sharded, sharded.rank(), sharded.world_size(), 0, 10);
+  SingleTrainer single(sgd);
+  train(single, 0, 1, 0, 10);
+  EXPECT_TRUE(same_bits(flat(sharded.params()), flat(single.params())));
+}
+
+TEST(ZeroOne, OptimizerStateBytesPerRankAreTheRanksShare) {
+  ParallelTrainer stage0(0);
+  ParallelTrainer stage1(1);
+  const auto world = static_cast<std::size_t>(stage1.world_size());
+  constexpr std::size_t parameters = 3904;
+  // Stage 0: m and v of every parameter and the step count, on every rank.
+  EXPECT_EQ(stage0.state_bytes().optimizer, 8 * parameters + 8);
+  const std::size_t mine = stage1.state_bytes().optimizer;
+  EXPECT_LE(mine, 8 * (parameters / world + xax::detail::norm_block) + 8);
+  const auto mine64 = static_cast<std::int64_t>(mine);
+  std::int64_t total = 0;
+  stage1.communicator().all_reduce(&mine64, &total, 1, MPI_SUM);
+  EXPECT_EQ(static_cast<std::size_t>(total), 8 * parameters + 8 * world);  // the shards partition m and v
+}
+
+TEST(ZeroOne, CheckpointResumesBitIdenticallyOnTheSameWorldSize) {
+  ParallelTrainer uninterrupted(1);
+  train(uninterrupted, uninterrupted.rank(), uninterrupted.world_size(), 0, 5);
+  const auto path = shared_path(uninterrupted.communicator(), "same");
+  save(uninterrupted, path);
+  train(uninterrupted, uninterrupted.rank(), uninterrupted.world_size(), 5, 12);
+
+  ParallelTrainer resumed(1);
+  resumed.load_train_state(xax::CheckpointReader(path));
+  EXPECT_EQ(resumed.train_step_calls(), 5);
+  train(resumed, resumed.rank(), resumed.world_size(), 5, 12);
+  EXPECT_TRUE(same_bits(flat(resumed.params()), flat(uninterrupted.params())));
+  EXPECT_EQ(resumed.current_loss_scale(), uninterrupted.current_loss_scale());
+
+  // The file is a stage-0 checkpoint: one process with plain AdamW resumes from it identically too.
+  SingleTrainer single;
+  single.load_train_state(xax::CheckpointReader(path));
+  train(single, 0, 1, 5, 12);
+  EXPECT_TRUE(same_bits(flat(single.params()), flat(uninterrupted.params())));
+  resumed.communicator().barrier();
+  if (resumed.rank() == 0) std::filesystem::remove(path);
+}
+
+TEST(ZeroOne, CheckpointReshardsOntoAnotherWorldSize) {
+  // The reference: one process, uninterrupted, plain AdamW.
+  SingleTrainer reference;
+  train(reference, 0, 1, 0, 12);
+
+  const Communicator world_comm;
+  const int world = world_comm.size();
+  const int half = world > 1 ? world / 2 : 1;
+  const auto grown_path = shared_path(world_comm, "grown");
+  const auto shrunk_path = shared_path(world_comm, "shrunk");
+  // Ranks [0, half) form a smaller world.
+  MPI_Comm small = MPI_COMM_NULL;
+  MPI_Comm_split(world_comm.native(), world_comm.rank() < half ? 0 : MPI_UNDEFINED, 0, &small);
+
+  // Written by `half` ranks after 5 steps, resumed by all `world` ranks.
+  if (small != MPI_COMM_NULL) {
+    ParallelTrainer writer(1, Communicator::duplicate(small));
+    EXPECT_EQ(writer.world_size(), half);
+    train(writer, writer.rank(), writer.world_size(), 0, 5);
+    save(writer, grown_path);
+  }
+  world_comm.barrier();
+  {
+    ParallelTrainer grown(1);
+    grown.load_train_state(xax::CheckpointReader(grown_path));
+    train(grown, grown.rank(), grown.world_size(), 5, 12);
+    EXPECT_TRUE(same_bits(flat(grown.params()), flat(reference.params())))
+        << half << " ranks -> " << world << " ranks";
+
+    // And back: written by all ranks after 7 steps, resumed by `half` of them.
+    ParallelTrainer full(1);
+    train(full, full.rank(), full.world_size(), 0, 7);
+    save(full, shrunk_path);
+  }
+  if (small != MPI_COMM_NULL) {
+    ParallelTrainer shrunk(1, Communicator::duplicate(small));
+    shrunk.load_train_state(xax::CheckpointReader(shrunk_path));
+    train(shrunk, shrunk.rank(), shrunk.world_size(), 7, 12);
+    EXPECT_TRUE(same_bits(flat(shrunk.params()), flat(reference.params())))
+        << world << " ranks -> " << half << " ranks";
+    MPI_Comm_free(&small);
+  }
+  world_comm.barrier();
+  if (world_comm.rank() == 0) {
+    std::filesystem::remove(grown_path);
+    std::filesystem::remove(shrunk_path);
+  }
+}
+
+TEST(ZeroOne, AFailedLoadLeavesTheStateAndItsShardsAsTheyWere) {
+  ParallelTrainer trainer(1);
+  ParallelTrainer untouched(1);
+  train(trainer, trainer.rank(), trainer.world_size(), 0, 3);
+  train(untouched, untouched.rank(), untouched.world_size(), 0, 3);
+  // A checkpoint whose optimizer state fits but whose loss scale is of an unknown kind: TrainStep reads the
+  // optimizer's (a copy's) state first, then refuses the file.
+  xax::CheckpointWriter writer;
+  writer.add_string("train.policy", MixedPolicy::spec().str());
+  writer.add_string("train.optimizer", "adamw");
+  writer.add_tree("train.params", trainer.params());
+  const Net<float> like = trainer.params();
+  writer.add_tree("train.optimizer_state",
+                  xax::optim::AdamWState<Net<float>>{7, xax::zeros_like(like), xax::zeros_like(like)});
+  writer.add_string("train.loss_scale_kind", "no such kind");
+  writer.add_tree("train.loss_scale", std::array<float, 1>{1.0f});
+  writer.add_tree("train.counters", std::array<std::int64_t, 3>{7, 0, 0});
+  const auto path = shared_path(trainer.communicator(), "bad");
+  if (trainer.rank() == 0) writer.write(path);
+  trainer.communicator().barrier();
+  EXPECT_THROW(trainer.load_train_state(xax::CheckpointReader(path)), xax::CheckpointError);
+  train(trainer, trainer.rank(), trainer.world_size(), 3, 6);
+  train(untouched, untouched.rank(), untouched.world_size(), 3, 6);
+  EXPECT_TRUE(same_bits(flat(trainer.params()), flat(untouched.params())));
+  trainer.communicator().barrier();
+  if (trainer.rank() == 0) std::filesystem::remove(path);
+}
+
+// The mixin face: TrainMixin + MixedPrecisionMixin + DataParallelMixin, with the one-line make_optimizer.
+struct ParallelConfig : xax_test::TaskConfig, xax::distributed::DataParallelConfig {};
+
+class ParallelTask : public xax::TrainMixin<ParallelTask, ParallelConfig>,
+                     public xax::MixedPrecisionMixin<ParallelTask, ParallelConfig>,
+                     public xax::distributed::DataParallelMixin<ParallelTask> {
+ public:
+  template <class T>
+  using params_type = Net<T>;
+  using batch_type = Batch;
+  explicit ParallelTask(const ParallelConfig& config)
+      : TrainMixin(config),
+        DataParallelMixin(static_cast<const xax::distributed::DataParallelConfig&>(config)),
+        inner_(config, xax_test::make_data(examples)) {}
+  Net<float> init_params() const { return inner_.init_params(); }
+  auto make_optimizer(const Net<float>& like) const {
+    return sharded_optimizer(like, config().optimizer_options());
+  }
+  std::int64_t num_examples() const { return inner_.num_examples(); }
+  Batch make_batch(std::span<const std::int64_t> indices) const { return inner_.make_batch(indices); }
+  template <class T>
+  double loss_and_grads(const Net<T>& p, const Batch& b, float scale, Net<T>& g) {
+    return inner_.loss_and_grads(p, b, scale, g);
+  }
+
+ private:
+  xax_test::ClassifierTask inner_;
+};
+
+ParallelConfig parallel_config(int zero_stage) {
+  ParallelConfig config;
+  static_cast<xax_test::TaskConfig&>(config) = task_config();
+  config.weight_decay = 0.01;
+  config.zero_stage = zero_stage;
+  return config;
+}
+
+TEST(ZeroOneMixin, FitWithCheckpointsIsBitIdenticalToOneProcessAndResumes) {
+  xax_test::TaskConfig single_config = task_config();
+  single_config.weight_decay = 0.01;
+  xax_test::ClassifierTask single(single_config, xax_test::make_data(examples));
+  single.fit();
+
+  const Communicator comm;
+  ParallelConfig config = parallel_config(1);
+  config.checkpoint_interval = 5;  // fit gathers the shards on every rank; rank 0 writes
+  config.checkpoint_path = shared_path(comm, "fit").string();
+  ParallelTask sharded(config);
+  sharded.fit();
+  EXPECT_TRUE(same_bits(flat(sharded.params_float32()), flat(single.params_float32())));
+  const std::size_t parameters = 3904;
+  EXPECT_LE(sharded.train_state_bytes().optimizer,
+            8 * (parameters / static_cast<std::size_t>(sharded.world_size()) + xax::detail::norm_block) + 8);
+
+  // The last checkpoint (step 15 of 16) resumes to the same end.
+  ParallelTask resumed(parallel_config(1));
+  resumed.load_checkpoint(config.checkpoint_path);
+  EXPECT_EQ(resumed.fit_steps(), 15);
+  resumed.fit();
+  EXPECT_TRUE(same_bits(flat(resumed.params_float32()), flat(single.params_float32())));
+  comm.barrier();
+  if (comm.rank() == 0) std::filesystem::remove(config.checkpoint_path);
+}
+
+TEST(ZeroOne, MisuseIsAConfigErrorOrCheckpointError) {
+  xax::distributed::DataParallelConfig config;
+  EXPECT_EQ(config.checked_zero_stage(), 0);
+  config.zero_stage = 2;
+  EXPECT_THROW(config.validate_data_parallel(), xax::ConfigError);
+  config.zero_stage = -1;
+  EXPECT_THROW(static_cast<void>(config.checked_zero_stage()), xax::ConfigError);
+  EXPECT_THROW(ParallelTrainer(3), xax::ConfigError);
+
+  // Sharded without a communicator.
+  const Net<float> like = Model().task.init_params();
+  EXPECT_THROW(xax::distributed::ZeroOptimizer<Net<float>>(like, adamw, MPI_COMM_NULL, true),
+               xax::ConfigError);
+  // A bad option is refused as by AdamW itself.
+  EXPECT_THROW(xax::distributed::ZeroOptimizer<Net<float>>(like, xax::optim::AdamWOptions{.beta1 = 1.5},
+                                                           MPI_COMM_NULL, false),
+               xax::ConfigError);
+
+  // Stage 1 with an optimizer that is not sharded: refused at the first step, on every rank.
+  class Unsharded : public Model,
+                    public xax::TrainStep<Unsharded, MixedPolicy>,
+                    public xax::distributed::DataParallelMixin<Unsharded> {
+   public:
+    Unsharded() : DataParallelMixin(ReducerOptions{}, 1) {
+      reset_train_state(task.init_params(), adamw, xax::DynamicLossScale{});
+    }
+  };
+  Unsharded unsharded;
+  EXPECT_THROW(train(unsharded, unsharded.rank(), unsharded.world_size(), 0, 1), xax::ConfigError);
+
+  // Saving a sharded state without gathering it first.
+  ParallelTrainer trainer(1);
+  train(trainer, trainer.rank(), trainer.world_size(), 0, 1);
+  xax::CheckpointWriter writer;
+  EXPECT_THROW(trainer.save_train_state(writer), xax::CheckpointError);
+}
+
+}  // namespace
