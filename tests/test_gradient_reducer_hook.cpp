@@ -14,6 +14,7 @@
 namespace {
 
 using xax_test::Batch;
+using xax_test::flat;
 using xax_test::Net;
 
 template <class Policy>
@@ -76,13 +77,6 @@ class Reducing : public Model<Policy>, public xax::TrainStep<Reducing<Policy>, P
 
 static_assert(xax::gradient_reducer<Reducing<xax::Policy<float>>, Net<float>>);
 static_assert(!xax::gradient_reducer<Plain<xax::Policy<float>>, Net<float>>);
-
-std::vector<float> flat(const Net<float>& net) {
-  std::vector<float> out;
-  for (const auto* m : {&net.w1, &net.w2}) out.insert(out.end(), m->data(), m->data() + m->size());
-  for (const auto* v : {&net.b1, &net.b2}) out.insert(out.end(), v->data(), v->data() + v->size());
-  return out;
-}
 
 template <class Trainer>
 std::vector<xax::StepResult> run(Trainer& trainer) {

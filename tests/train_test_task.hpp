@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <span>
@@ -163,6 +164,18 @@ class ClassifierTask : public xax::TrainMixin<ClassifierTask, TaskConfig>,
   Data data_;
   std::int64_t calls_ = 0;
 };
+
+/// The parameters' bits in one vector (weights, then biases), for bit-for-bit comparisons of runs.
+inline std::vector<float> flat(const Net<float>& net) {
+  std::vector<float> out;
+  for (const auto* m : {&net.w1, &net.w2}) out.insert(out.end(), m->data(), m->data() + m->size());
+  for (const auto* v : {&net.b1, &net.b2}) out.insert(out.end(), v->data(), v->data() + v->size());
+  return out;
+}
+
+inline bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
 
 inline TaskConfig default_config() {
   TaskConfig config;

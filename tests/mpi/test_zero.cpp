@@ -22,19 +22,10 @@ namespace {
 using xax::distributed::Communicator;
 using xax::distributed::ReducerOptions;
 using xax_test::Batch;
+using xax_test::flat;
 using xax_test::Net;
+using xax_test::same_bits;
 using MixedPolicy = xax::Policy<float, xax::bfloat16, float>;
-
-std::vector<float> flat(const Net<float>& net) {
-  std::vector<float> out;
-  for (const auto* m : {&net.w1, &net.w2}) out.insert(out.end(), m->data(), m->data() + m->size());
-  for (const auto* v : {&net.b1, &net.b2}) out.insert(out.end(), v->data(), v->data() + v->size());
-  return out;
-}
-
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
 
 xax_test::TaskConfig task_config() {
   xax_test::TaskConfig config = xax_test::default_config();
