@@ -15,6 +15,8 @@
 #include <xax/utils/tree.hpp>
 #include <xax/utils/tree_cast.hpp>
 
+#include "scratch_directory.hpp"
+
 namespace {
 
 template <class T>
@@ -144,7 +146,9 @@ TYPED_TEST(PerLeafPrecision, TheCheckpointStoresTheLeafAsFloat32AndRestoresItBit
   ASSERT_TRUE(trainer.train_step(targets()).finite);
   xax::CheckpointWriter writer;
   trainer.save_train_state(writer);
-  const auto path = std::filesystem::path(::testing::TempDir()) / "per_leaf_precision.xaxckpt";
+  // A directory of this test instance's own: the typed instances run at the same time under ctest -j.
+  const xax_test::ScratchDirectory scratch("xax_per_leaf_precision");
+  const auto path = scratch / "state.xaxckpt";
   writer.write(path);
 
   const xax::CheckpointReader reader(path);
@@ -161,7 +165,6 @@ TYPED_TEST(PerLeafPrecision, TheCheckpointStoresTheLeafAsFloat32AndRestoresItBit
   restored.with_compute_params([](const GatedModel<Compute>& compute) {
     EXPECT_EQ(compute.gain, Vector<float>::Constant(2, gain_after_one_step));
   });
-  std::filesystem::remove(path);
 }
 
 // Half-precision masters round their fp32 update back with the chosen rounding; the full-precision leaf
