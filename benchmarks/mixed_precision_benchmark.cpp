@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <ctime>
 #include <exception>
 #include <filesystem>
@@ -16,7 +17,9 @@
 #include <map>
 #include <regex>
 #include <set>
+#include <stdexcept>
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <vector>
 #include <xax/ops/matmul.hpp>
@@ -38,6 +41,10 @@
 #include "runner/peer.hpp"
 #include "runner/training.hpp"
 
+#if XAX_HAS_MPI
+#include <xax/distributed/communicator.hpp>
+#endif
+
 #ifndef XAX_BENCH_VERSION
 #define XAX_BENCH_VERSION "unknown"
 #endif
@@ -48,6 +55,14 @@ using xax_bench::BenchmarkReport;
 using xax_bench::mib;
 using xax_bench::Options;
 using xax_bench::TrainingRun;
+
+// The processes this run is one of: under mpirun (a build with MPI), the MLP trains data-parallel over all of
+// them and rank 0 alone prints and writes the report.
+struct ProcessGroup {
+  bool data_parallel = false;
+  int rank = 0;
+  int size = 1;
+};
 
 std::string utc_now() {
   const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
@@ -86,6 +101,8 @@ xax_bench::TrainingSetup standard_setup(const Options& options, const std::strin
   setup.learning_rate = options.learning_rate;
   setup.seed = options.seed;
   setup.progress = options.progress;
+  setup.accumulation_steps = options.accumulation_steps;
+  setup.data_parallel = options.data_parallel;
   return setup;
 }
 
@@ -98,6 +115,8 @@ xax_bench::TrainingSetup memory_probe_setup(const Options& options, const std::s
   setup.epochs = 1;
   setup.max_steps = options.memory_steps;
   setup.evaluate = false;
+  setup.accumulation_steps = 1;
+  setup.data_parallel = false;
   return setup;
 }
 
@@ -235,16 +254,60 @@ std::string benchmark_format(const Options& options) {
   return "console";
 }
 
-int run(int argc, char** argv) {
+// Under mpirun with more than one process only the MLP comparison runs (data-parallel); the parts that are
+// single-process by nature are skipped, and the returned notes say so.
+std::vector<std::string> adapt_to_process_group(Options& options, const ProcessGroup& group) {
+  if (options.data_parallel && !group.data_parallel) {
+    throw xax::ConfigError(
+        "--data-parallel: this mixed_precision_benchmark was built without MPI (xax::mpi); install "
+        "libopenmpi-dev openmpi-bin and reconfigure, or drop the flag");
+  }
+  options.data_parallel = group.data_parallel;
+  if (options.accumulation_steps == 0) options.accumulation_steps = group.data_parallel ? group.size : 1;
+  std::vector<std::string> notes;
+  if (group.size <= 1) return notes;
+  if (options.skip_training || options.workload == "char-transformer") {
+    throw xax::ConfigError("under mpirun (" + std::to_string(group.size) +
+                           " processes) only the MLP training runs, data-parallel; give --workload mlp and "
+                           "no --skip-training, or run the other parts in a single process");
+  }
+  if (options.workload != "mlp") {
+    options.workload = "mlp";
+    notes.push_back(
+        "multi-process run: the character-level GPT workload was skipped (it runs single-process)");
+  }
+  if (!options.skip_memory_probe) {
+    options.skip_memory_probe = true;
+    notes.push_back(
+        "multi-process run: the activation-heavy memory probe was skipped (it runs single-process)");
+  }
+  if (!options.skip_micro) {
+    options.skip_micro = true;
+    notes.push_back("multi-process run: the micro-benchmarks were skipped (they run single-process)");
+  }
+  if (!options.skip_peer) {
+    options.skip_peer = true;
+    notes.push_back("multi-process run: the PyTorch reference was skipped (it runs single-process)");
+  }
+  if (group.rank != 0) options.progress = false;
+  return notes;
+}
+
+int run(int argc, char** argv, const ProcessGroup& group) {
   xax_bench::ParsedOptions parsed = xax_bench::parse_options(argc, argv);
   if (!parsed.options) return parsed.exit_code;
-  const Options options = std::move(*parsed.options);
+  Options options = std::move(*parsed.options);
+  const std::vector<std::string> group_notes = adapt_to_process_group(options, group);
   if (!options.skip_micro && !xax_bench::initialize_google_benchmark(options, argv[0])) return 2;
   xax::set_num_threads(options.threads);
 
   std::error_code error;
-  std::filesystem::create_directories(options.out, error);
-  if (error || !std::filesystem::is_directory(options.out)) {
+  if (group.rank == 0) std::filesystem::create_directories(options.out, error);
+  if (group.rank == 0 && (error || !std::filesystem::is_directory(options.out))) {
+    if (group.data_parallel) {  // the other ranks wait in collectives: end the job, with the reason
+      throw std::runtime_error("cannot create the output directory '" + options.out.string() +
+                               "'; choose another with --out");
+    }
     std::cerr << "mixed_precision_benchmark: cannot create the output directory '" << options.out.string()
               << "': " << (error ? error.message() : "a file of that name exists")
               << "; choose another with --out\n";
@@ -253,7 +316,11 @@ int run(int argc, char** argv) {
 
   // With --skip-training and a machine-readable --benchmark_format, stdout carries only Google Benchmark's
   // output.
-  std::ostream& say = options.skip_training && benchmark_format(options) != "console" ? std::cerr : std::cout;
+  // Under mpirun, rank 0 alone speaks.
+  std::ostream silent(nullptr);
+  std::ostream& say = group.rank != 0                                                   ? silent
+                      : options.skip_training && benchmark_format(options) != "console" ? std::cerr
+                                                                                        : std::cout;
 
   BenchmarkReport report;
   report.started_at = utc_now();
@@ -264,6 +331,8 @@ int run(int argc, char** argv) {
   report.half_dtype = std::string(xax::dtype_name(xax::half_dtype()));
   report.matmul_backend = xax_bench::matmul_backend_description();
   report.threads = options.threads;
+  report.world_size = group.size;
+  report.notes.insert(report.notes.end(), group_notes.begin(), group_notes.end());
   report.load_average_start = xax_bench::load_average();
   if (report.load_average_start > 0.5 * xax_bench::available_cpus()) {
     report.notes.push_back("the machine was already busy when the benchmark started (load average " +
@@ -291,8 +360,11 @@ int run(int argc, char** argv) {
     report.dataset = data.splits.name;
     report.dataset_note = data.note;
     say << "  data: " << data.note << "\n\nTraining MLP 784-512-512-10, batch " << options.batch_size << ", "
-        << options.epochs << " epoch(s), AdamW with cosine decay:\n"
-        << std::flush;
+        << options.epochs << " epoch(s), AdamW with cosine decay";
+    if (options.accumulation_steps > 1)
+      say << ", " << options.accumulation_steps << " micro-batches per step";
+    if (group.data_parallel) say << ", data-parallel on " << group.size << " process(es)";
+    say << ":\n" << std::flush;
     for (const std::string& policy : options.policies) {
       report.training.push_back(xax_bench::run_training(standard_setup(options, policy), data.splits));
       print_training_line(say, report.training.back());
@@ -343,6 +415,7 @@ int run(int argc, char** argv) {
   }
 
   report.load_average_end = xax_bench::load_average();
+  if (group.rank != 0) return 0;  // rank 0 writes the report
 
   // The files: the record, then the plots' input and the plots (images where gnuplot exists).
   const auto csv_files = xax_bench::write_csv_files(report, options.out);
@@ -384,11 +457,40 @@ int run(int argc, char** argv) {
   return 0;
 }
 
+#if XAX_HAS_MPI
+// Started by an MPI launcher (Open MPI's mpirun, MPICH's Hydra, a PMIx launcher such as srun), or asked for
+// with
+// --data-parallel. Without a launcher's variables MPI is not initialised: a singleton MPI_Init can be slow or
+// fail where no MPI runtime is set up, and the single-process benchmark must not depend on it.
+bool started_by_mpi(int argc, char** argv) {
+  for (const char* variable : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"}) {
+    if (std::getenv(variable) != nullptr) return true;
+  }
+  for (int i = 1; i < argc; ++i) {
+    if (std::string_view(argv[i]) == "--data-parallel") return true;
+  }
+  return false;
+}
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
+#if XAX_HAS_MPI
+  if (started_by_mpi(argc, argv)) {
+    xax::distributed::Environment mpi(argc, argv);
+    // A rank that fails ends the whole job with its message (the others would wait in a collective).
+    return xax::distributed::run_or_abort([&] {
+      ProcessGroup group;
+      group.data_parallel = true;
+      MPI_Comm_rank(MPI_COMM_WORLD, &group.rank);
+      MPI_Comm_size(MPI_COMM_WORLD, &group.size);
+      return run(argc, argv, group);
+    });
+  }
+#endif
   try {
-    return run(argc, argv);
+    return run(argc, argv, ProcessGroup{});
   } catch (const xax::Error& error) {
     std::cerr << "mixed_precision_benchmark: " << error.what() << '\n';
   } catch (const std::exception& error) {

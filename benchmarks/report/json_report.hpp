@@ -4,6 +4,7 @@
 // ctests (tests/test_benchmark_run.cpp), which read this file.
 
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -83,6 +84,23 @@ inline nlohmann::json to_json(const TrainingRun& run) {
       {"epoch_records", std::move(epochs)},
       {"loss_curve", std::move(curve)},
   };
+  if (run.params_crc32) {
+    char hex[9];
+    std::snprintf(hex, sizeof hex, "%08x", static_cast<unsigned>(*run.params_crc32));
+    out["params_crc32"] = hex;
+  } else {
+    out["params_crc32"] = nullptr;
+  }
+  if (const auto& dp = run.data_parallel) {
+    out["data_parallel"] = {{"world_size", dp->world_size},
+                            {"accumulation_steps", dp->accumulation_steps},
+                            {"micro_batch_size", dp->micro_batch_size},
+                            {"wire_dtype", dp->wire_dtype},
+                            {"deterministic", dp->deterministic},
+                            {"communication_seconds", dp->communication_seconds},
+                            {"communication_share_of_step", dp->communication_share},
+                            {"wire_bytes_per_step", dp->wire_bytes_per_step}};
+  }
   if (run.workload == "char-transformer") {
     out["val_loss"] = run.val_loss ? finite_or_null(*run.val_loss) : nlohmann::json();
     out["val_curve"] = std::move(val_curve);
@@ -137,6 +155,7 @@ inline nlohmann::json to_json(const BenchmarkReport& report) {
       {"started_at", report.started_at},
       {"command_line", report.command_line},
       {"xax_version", report.xax_version},
+      {"world_size", report.world_size},
       {"machine",
        {{"cpu_features", report.cpu_features},
         {"half_dtype", report.half_dtype},

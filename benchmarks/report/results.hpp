@@ -37,6 +37,19 @@ struct TensorBytes {
   [[nodiscard]] std::size_t total() const { return params + train_state + activations; }
 };
 
+/// How a data-parallel training run (mixed_precision_benchmark under mpirun) shared its steps, and what the
+/// gradient exchange cost (xax::distributed::ReductionStats of rank 0).
+struct DataParallelRecord {
+  int world_size = 1;
+  std::int64_t accumulation_steps = 1;  ///< micro-batches per step, shared by the ranks
+  std::int64_t micro_batch_size = 0;    ///< examples per micro-batch (global batch / accumulation_steps)
+  std::string wire_dtype = "float32";   ///< the gradients' type on the wire
+  bool deterministic = true;            ///< bit-identical params for any world size
+  double communication_seconds = 0;     ///< rank 0's time in the gradient reduction, over the run
+  double communication_share = 0;       ///< communication_seconds / the run's summed step time
+  std::size_t wire_bytes_per_step = 0;  ///< bytes rank 0 sent to other ranks per step
+};
+
 /// One training run: a policy on a configuration.
 struct TrainingRun {
   std::string workload = "mlp";  ///< "mlp" or "char-transformer" (the character-level GPT)
@@ -80,6 +93,12 @@ struct TrainingRun {
   std::vector<LossPoint> val_curve;  ///< validation loss at each evaluation
   std::vector<LossPoint> loss_scale_curve;  ///< the loss scale after each step, sampled (loss = the scale)
   double tokens_per_s = 0;                  ///< batch * block / median step time
+
+  /// The CRC-32 of the final fp32 master params' bytes in tree order (xax::tree_crc32); equal for 1 and N
+  /// ranks in deterministic mode. Absent where xax has no zlib, and for the GPT workload.
+  std::optional<std::uint32_t> params_crc32;
+  /// Set when the run trained data-parallel (under mpirun).
+  std::optional<DataParallelRecord> data_parallel;
 
   /// Peak RSS growth during the run: what the run itself needed on top of what the process already held.
   [[nodiscard]] std::size_t peak_rss_growth_bytes() const {
@@ -138,6 +157,7 @@ struct BenchmarkReport {
   std::string half_dtype;      ///< xax::half_dtype()
   std::string matmul_backend;  ///< which matmul ran (oneDNN, portable Eigen path, ...)
   int threads = 1;
+  int world_size = 1;  ///< MPI processes that trained (1: no mpirun, or the benchmark was built without MPI)
   double load_average_start = 0;  ///< the 1-minute load average when the benchmark started (others' work)
   double load_average_end = 0;
   std::string dataset;       ///< fashion-mnist or synthetic

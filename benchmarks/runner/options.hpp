@@ -56,6 +56,10 @@ struct Options {
   bool skip_memory_probe = false;
   bool skip_peer = false;
   bool progress = true;
+  /// Micro-batches per MLP training step (0: 1, or the world size under mpirun); --batch-size stays the
+  /// global batch.
+  std::int64_t accumulation_steps = 0;
+  bool data_parallel = false;   ///< --data-parallel: initialise MPI even when no launcher's variables are set
   std::string python = "auto";  ///< the interpreter for the PyTorch peer: auto, none, or a path
 
   std::vector<std::string> benchmark_args;  ///< the --benchmark_* flags, for benchmark::Initialize
@@ -196,6 +200,13 @@ inline ParsedOptions parse_options(int argc, char** argv) {
   app.add_option("--gpt-eval-batches", o.gpt_eval_batches, "batches per validation estimate (fixed windows)")
       ->check(CLI::Range(1, 100000))
       ->capture_default_str();
+  app.add_option("--accumulation-steps", o.accumulation_steps,
+                 "micro-batches per MLP training step, each of --batch-size / N examples (0: 1, or the world "
+                 "size under mpirun, where the ranks share them)")
+      ->check(CLI::Range(std::int64_t{0}, std::int64_t{1} << 20))
+      ->capture_default_str();
+  app.add_flag("--data-parallel", o.data_parallel,
+               "train the MLP data-parallel over MPI (implied under mpirun/mpiexec; needs a build with MPI)");
   bool no_progress = false;
   app.add_flag("--no-progress", no_progress, "no progress display");
 

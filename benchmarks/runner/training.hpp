@@ -20,10 +20,16 @@
 #include <xax/ops/matmul.hpp>
 #include <xax/task/mixins/mixed_precision.hpp>
 #include <xax/task/mixins/train.hpp>
+#include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
 #include <xax/utils/policy.hpp>
 #include <xax/utils/tree.hpp>
+#include <xax/utils/tree_crc32.hpp>
 #include <xax_datasets/dataset.hpp>
+
+#if XAX_HAS_MPI
+#include <xax/distributed/data_parallel.hpp>
+#endif
 
 #include "report/results.hpp"
 #include "runner/memory.hpp"
@@ -44,6 +50,12 @@ struct TrainingSetup {
   std::uint64_t seed = 0;
   bool evaluate = true;  ///< test accuracy after each epoch (the memory probe skips it)
   bool progress = true;
+  /// Micro-batches per step: the step's batch_size examples are split into this many micro-batches of
+  /// batch_size / accumulation_steps (the global batch stays batch_size).
+  std::int64_t accumulation_steps = 1;
+  /// Train data-parallel over MPI_COMM_WORLD (every rank its share of each step's micro-batches, gradients
+  /// summed in fp32, deterministic): needs a build with MPI and MPI initialised.
+  bool data_parallel = false;
 };
 
 /// "onednn" or "eigen": what xax::matmul picks in this build when asked for nothing in particular.
@@ -88,24 +100,36 @@ struct RunRecorder {
   std::string matmul_implementation;
 };
 
+/// No extra base: the single-process task.
+template <class Derived>
+struct SingleProcess {};
+
 /// The user task: an MLP classifier, its data, and hooks that feed the recorder and the progress line.
-class MlpTask : public xax::TrainMixin<MlpTask, MlpConfig>,
-                public xax::MixedPrecisionMixin<MlpTask, MlpConfig> {
+/// `Extra` is one more CRTP base: SingleProcess, or xax::distributed::DataParallelMixin (default-constructed:
+/// fp32 wire, deterministic reduction, no ZeRO), which is all it takes to train data-parallel.
+template <template <class> class Extra>
+class BasicMlpTask : public xax::TrainMixin<BasicMlpTask<Extra>, MlpConfig>,
+                     public xax::MixedPrecisionMixin<BasicMlpTask<Extra>, MlpConfig>,
+                     public Extra<BasicMlpTask<Extra>> {
+  using TrainMixin = xax::TrainMixin<BasicMlpTask<Extra>, MlpConfig>;
+  using MixedPrecisionMixin = xax::MixedPrecisionMixin<BasicMlpTask<Extra>, MlpConfig>;
+
  public:
   template <class T>
   using params_type = xax::nn::MlpParams<T>;
   using batch_type = MlpBatch<float>;
   static constexpr bool casts_batch_to_compute = true;
 
-  MlpTask(MlpConfig config, const TrainingSetup& setup, const xax::ClassificationSplits& data,
-          RunRecorder& recorder, Progress& progress, std::int64_t total_steps)
+  BasicMlpTask(MlpConfig config, const TrainingSetup& setup, const xax::ClassificationSplits& data,
+               RunRecorder& recorder, Progress& progress, std::int64_t total_steps)
       : TrainMixin(std::move(config)),
         setup_(&setup),
         data_(&data),
         recorder_(&recorder),
         progress_(&progress),
         total_steps_(total_steps) {
-    set_log_stream(nullptr);  // the benchmark draws its own progress line and reports skipped steps itself
+    this->set_log_stream(
+        nullptr);  // the benchmark draws its own progress line and reports skipped steps itself
   }
 
   [[nodiscard]] xax::nn::MlpParams<float> init_params() const {
@@ -172,12 +196,12 @@ class MlpTask : public xax::TrainMixin<MlpTask, MlpConfig>,
     // makes final accuracies of different policies comparable to a few tenths of a point.
     const double progress =
         static_cast<double>(step) / static_cast<double>(std::max<std::int64_t>(total_steps_, 1));
-    set_learning_rate(setup_->learning_rate * 0.5 *
-                      (1.0 + std::cos(std::numbers::pi * std::min(progress, 1.0))));
+    this->set_learning_rate(setup_->learning_rate * 0.5 *
+                            (1.0 + std::cos(std::numbers::pi * std::min(progress, 1.0))));
     if (step % 10 == 0 || step == total_steps_) {
       char detail[128];
       std::snprintf(detail, sizeof detail, "epoch %lld/%d, loss %.4f, scale %g, skipped %lld",
-                    static_cast<long long>(epoch() + 1), setup_->epochs, result.loss,
+                    static_cast<long long>(this->epoch() + 1), setup_->epochs, result.loss,
                     static_cast<double>(result.loss_scale), static_cast<long long>(result.skipped_steps));
       progress_->update(step, detail);
     }
@@ -194,8 +218,8 @@ class MlpTask : public xax::TrainMixin<MlpTask, MlpConfig>,
     for (std::ptrdiff_t i = first; i < steps_so_far; ++i)
       seconds += recorder_->step_ms[static_cast<std::size_t>(i)];
     record.seconds = seconds / 1000.0;
-    record.loss_scale = current_loss_scale();
-    record.skipped_steps = skipped_steps();
+    record.loss_scale = this->current_loss_scale();
+    record.skipped_steps = this->skipped_steps();
     if (setup_->evaluate) record.test_accuracy = test_accuracy();
     recorder_->epochs.push_back(record);
   }
@@ -210,7 +234,7 @@ class MlpTask : public xax::TrainMixin<MlpTask, MlpConfig>,
       const Eigen::Index count = std::min(chunk, test.size() - start);
       batch.x = test.features.middleCols(start, count);
       batch.y = test.labels.segment(start, count);
-      correct += evaluate_batch(batch);
+      correct += this->evaluate_batch(batch);
     }
     return test.size() == 0 ? 0.0 : correct / static_cast<double>(test.size());
   }
@@ -241,6 +265,11 @@ class MlpTask : public xax::TrainMixin<MlpTask, MlpConfig>,
              xax::nn::MlpWorkspace<xax::float16>>
       eval_workspaces_;
 };
+
+using MlpTask = BasicMlpTask<SingleProcess>;
+#if XAX_HAS_MPI
+using DataParallelMlpTask = BasicMlpTask<xax::distributed::DataParallelMixin>;
+#endif
 
 inline double percentile(std::vector<double> values, double fraction) {
   if (values.empty()) return 0;
@@ -310,9 +339,20 @@ inline TrainingRun run_training(const TrainingSetup& setup, const xax::Classific
   run.train_samples = data.train.size();
   run.test_samples = data.test.size();
 
+  if (setup.accumulation_steps < 1) {
+    throw xax::ConfigError("--accumulation-steps " + std::to_string(setup.accumulation_steps) +
+                           " is not >= 1; a step is split into that many micro-batches");
+  }
+  const std::int64_t global_batch = std::min<std::int64_t>(setup.batch_size, data.train.size());
+  if (global_batch % setup.accumulation_steps != 0) {
+    throw xax::ConfigError("--batch-size " + std::to_string(global_batch) + " is not a multiple of " +
+                           "--accumulation-steps " + std::to_string(setup.accumulation_steps) +
+                           "; the global batch is split into micro-batches of equal size");
+  }
   detail::MlpConfig config;
   config.learning_rate = setup.learning_rate;
-  config.batch_size = std::min<std::int64_t>(setup.batch_size, data.train.size());
+  config.batch_size = global_batch / setup.accumulation_steps;  // per micro-batch
+  config.accumulation_steps = setup.accumulation_steps;
   config.epochs = setup.epochs;
   config.max_steps = setup.max_steps;
   config.seed = static_cast<std::int64_t>(setup.seed);
@@ -321,25 +361,57 @@ inline TrainingRun run_training(const TrainingSetup& setup, const xax::Classific
   config.enable_mixed_precision = true;
   config.precision_policy = setup.policy;
   config.loss_scaling = setup.loss_scaling;
-  run.batch_size = config.batch_size;
+  run.batch_size = global_batch;
   run.epochs = setup.epochs;
 
-  const std::int64_t steps_per_epoch = data.train.size() / config.batch_size;
+  const std::int64_t steps_per_epoch = data.train.size() / global_batch;
   const std::int64_t total_steps = setup.max_steps > 0
                                        ? std::min(setup.max_steps, steps_per_epoch * setup.epochs)
                                        : steps_per_epoch * setup.epochs;
 
   detail::RunRecorder recorder;
-  detail::measure_fit(
-      run, run.label() + ":", total_steps, setup.progress,
-      [&](Progress& progress) {
-        return detail::MlpTask(config, setup, data, recorder, progress, total_steps);
-      },
-      [&](detail::MlpTask& task) {
-        // The memory probe does not evaluate while its peak is measured; its accuracy after a few steps is
-        // taken once, after the peak was read, as a sanity check only.
-        if (!setup.evaluate || !run.error.empty()) run.test_accuracy = task.test_accuracy();
-      });
+  const auto after_fit = [&](auto& task) {
+    // The memory probe does not evaluate while its peak is measured; its accuracy after a few steps is
+    // taken once, after the peak was read, as a sanity check only.
+    if (!setup.evaluate || !run.error.empty()) run.test_accuracy = task.test_accuracy();
+    if constexpr (xax::has_tree_crc32) run.params_crc32 = xax::tree_crc32(task.params_float32());
+  };
+  if (!setup.data_parallel) {
+    detail::measure_fit(
+        run, run.label() + ":", total_steps, setup.progress,
+        [&](Progress& progress) {
+          return detail::MlpTask(config, setup, data, recorder, progress, total_steps);
+        },
+        after_fit);
+  } else {
+#if XAX_HAS_MPI
+    detail::measure_fit(
+        run, run.label() + ":", total_steps, setup.progress,
+        [&](Progress& progress) {
+          return detail::DataParallelMlpTask(config, setup, data, recorder, progress, total_steps);
+        },
+        [&](detail::DataParallelMlpTask& task) {
+          after_fit(task);
+          const xax::distributed::ReductionStats& stats = task.reduction_stats();
+          DataParallelRecord record;
+          record.world_size = task.world_size();
+          record.accumulation_steps = config.accumulation_steps;
+          record.micro_batch_size = config.batch_size;
+          record.wire_dtype = std::string(xax::dtype_name(task.reducer_options().wire));
+          record.deterministic = task.reducer_options().deterministic;
+          record.communication_seconds = stats.seconds;
+          double step_seconds = 0;
+          for (const double ms : recorder.step_ms) step_seconds += ms / 1000.0;
+          record.communication_share = step_seconds > 0 ? stats.seconds / step_seconds : 0;
+          record.wire_bytes_per_step = stats.wire_bytes_last;
+          run.data_parallel = record;
+        });
+#else
+    throw xax::ConfigError(
+        "data-parallel training needs a mixed_precision_benchmark built with MPI (xax::mpi; install "
+        "libopenmpi-dev openmpi-bin and reconfigure)");
+#endif
+  }
   run.tensor_bytes.activations = recorder.activation_bytes;
   run.steps = static_cast<std::int64_t>(recorder.step_ms.size());
   run.epoch_records = recorder.epochs;

@@ -99,6 +99,43 @@ TEST(ReportJson, HoldsTheRunsValues) {
 }
 
 // JSON has no NaN; nlohmann would write null anyway, but a reader must be able to tell "not finite" from 0.
+// world_size at the top; params_crc32 as 8 lower-case hex digits (null when absent); data_parallel only for a
+// data-parallel run, with its communication figures.
+TEST(ReportJson, HoldsWorldSizeParamsCrcAndDataParallelFigures) {
+  xax_bench::BenchmarkReport report = make_report();
+  report.world_size = 2;
+  ASSERT_GE(report.training.size(), 1u);
+  report.training[0].params_crc32 = 0x0a1b2c3dU;
+  xax_bench::DataParallelRecord record;
+  record.world_size = 2;
+  record.accumulation_steps = 4;
+  record.micro_batch_size = 64;
+  record.wire_dtype = "bfloat16";
+  record.deterministic = false;
+  record.communication_seconds = 1.5;
+  record.communication_share = 0.25;
+  record.wire_bytes_per_step = 123456;
+  report.training[0].data_parallel = record;
+  const nlohmann::json json = xax_bench::to_json(report);
+  EXPECT_EQ(json.at("world_size"), 2);
+  const nlohmann::json& run = json.at("training").at(0);
+  EXPECT_EQ(run.at("params_crc32"), "0a1b2c3d");
+  const nlohmann::json& dp = run.at("data_parallel");
+  EXPECT_EQ(dp.at("world_size"), 2);
+  EXPECT_EQ(dp.at("accumulation_steps"), 4);
+  EXPECT_EQ(dp.at("micro_batch_size"), 64);
+  EXPECT_EQ(dp.at("wire_dtype"), "bfloat16");
+  EXPECT_EQ(dp.at("deterministic"), false);
+  EXPECT_DOUBLE_EQ(dp.at("communication_seconds").get<double>(), 1.5);
+  EXPECT_DOUBLE_EQ(dp.at("communication_share_of_step").get<double>(), 0.25);
+  EXPECT_EQ(dp.at("wire_bytes_per_step"), 123456);
+  if (report.training.size() > 1) {
+    EXPECT_TRUE(json.at("training").at(1).at("params_crc32").is_null());
+    EXPECT_FALSE(json.at("training").at(1).contains("data_parallel"));
+  }
+  EXPECT_EQ(xax_bench::to_json(make_report()).at("world_size"), 1);
+}
+
 TEST(ReportJson, NonFiniteLossesBecomeNull) {
   xax_bench::BenchmarkReport report = make_report();
   report.training[0].final_train_loss = std::numeric_limits<double>::quiet_NaN();

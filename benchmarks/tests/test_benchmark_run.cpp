@@ -50,9 +50,17 @@ class BenchmarkRun : public ::testing::Test {
  protected:
   void SetUp() override {
     ASSERT_FALSE(report_dir().empty()) << "set XAX_BENCH_REPORT_DIR to the directory the benchmark wrote";
-    const std::string text = read(report_dir() / "report.json");
-    ASSERT_FALSE(text.empty()) << (report_dir() / "report.json") << " is missing or empty";
-    report_ = nlohmann::json::parse(text);
+    report_ = read_report(report_subdirectory());
+  }
+
+  // Where this suite's report.json is, under $XAX_BENCH_REPORT_DIR.
+  [[nodiscard]] virtual std::filesystem::path report_subdirectory() const { return {}; }
+
+  static nlohmann::json read_report(const std::filesystem::path& subdirectory) {
+    const std::filesystem::path path = report_dir() / subdirectory / "report.json";
+    const std::string text = read(path);
+    EXPECT_FALSE(text.empty()) << path << " is missing or empty";
+    return text.empty() ? nlohmann::json::object() : nlohmann::json::parse(text);
   }
 
   // The runs of one workload and configuration, by policy.
@@ -296,6 +304,96 @@ TEST_F(MlpRun, CsvFilesAgreeWithTheReport) {
     ASSERT_EQ(row.size(), 3u);
     const nlohmann::json& record = by_label.at(row[0]).at("epoch_records").at(std::stoul(row[1]) - 1);
     EXPECT_NEAR(std::stod(row[2]), record.at("test_accuracy").get<double>(), 1e-9);
+  }
+}
+
+// A single-process run is world 1 and not data-parallel; each run's params_crc32 is 8 hex digits (null only
+// where xax has no zlib), and different policies end with different params.
+TEST_F(MlpRun, SingleProcessRunRecordsWorldSizeOneAndTheParamsCrc) {
+  EXPECT_EQ(report_.at("world_size"), 1);
+  std::set<std::string> crcs;
+  for (const nlohmann::json& run : report_.at("training")) {
+    EXPECT_FALSE(run.contains("data_parallel")) << run.at("policy");
+    const nlohmann::json& crc = run.at("params_crc32");
+    if (crc.is_null()) continue;  // a build without zlib
+    ASSERT_TRUE(crc.is_string());
+    EXPECT_TRUE(std::regex_match(crc.get<std::string>(), std::regex("^[0-9a-f]{8}$"))) << crc;
+    if (run.at("configuration") == "standard") crcs.insert(crc.get<std::string>());
+  }
+  if (!crcs.empty()) {
+    EXPECT_EQ(crcs.size(), requested_policies().size()) << "two policies ended alike";
+  }
+}
+
+// The same MLP comparison under mpiexec -n 2 (benchmark.e2e_data_parallel.run): rank 0's report, beside a
+// single-process run of the same global batch in the same 2 micro-batches per step
+// (np1/ and np2/ under $XAX_BENCH_REPORT_DIR). Deterministic fp32 reduction makes the final params
+// bit-identical.
+class DataParallelRun : public BenchmarkRun {
+ protected:
+  void SetUp() override {
+    BenchmarkRun::SetUp();
+    reference_ = read_report("np1");
+  }
+  [[nodiscard]] std::filesystem::path report_subdirectory() const override { return "np2"; }
+  nlohmann::json reference_;
+};
+
+TEST_F(DataParallelRun, OnlyTheMlpComparisonRanAndTheReportSaysWhy) {
+  EXPECT_EQ(report_.at("world_size"), 2);
+  EXPECT_EQ(reference_.at("world_size"), 1);
+  const auto standard = runs("mlp", "standard");
+  const std::vector<std::string> policies = requested_policies();
+  EXPECT_EQ(standard.size(), policies.size());
+  EXPECT_EQ(report_.at("training").size(), policies.size()) << "the memory probe runs single-process only";
+  EXPECT_TRUE(report_.at("micro_benchmarks").is_null());
+  EXPECT_TRUE(report_.at("peer").at("comparisons").empty());
+  std::string notes;
+  for (const nlohmann::json& note : report_.at("notes")) notes += note.get<std::string>() + "\n";
+  for (const char* skipped :
+       {"memory probe was skipped", "micro-benchmarks were skipped", "PyTorch reference was skipped"}) {
+    EXPECT_NE(notes.find(skipped), std::string::npos) << "no note that the " << skipped << ":\n" << notes;
+  }
+}
+
+TEST_F(DataParallelRun, ParamsAreBitIdenticalToTheSingleProcessRun) {
+  std::map<std::string, nlohmann::json> reference;
+  for (const nlohmann::json& run : reference_.at("training")) {
+    if (run.at("configuration") == "standard") reference[run.at("policy")] = run;
+  }
+  for (const auto& [policy, run] : runs("mlp", "standard")) {
+    ASSERT_TRUE(reference.contains(policy)) << policy;
+    ASSERT_TRUE(run.at("params_crc32").is_string()) << policy;
+    EXPECT_EQ(run.at("params_crc32"), reference.at(policy).at("params_crc32")) << policy;
+    EXPECT_EQ(run.at("steps"), reference.at(policy).at("steps")) << policy;
+    EXPECT_EQ(run.at("batch_size"), reference.at(policy).at("batch_size")) << policy << ": the global batch";
+    EXPECT_DOUBLE_EQ(run.at("test_accuracy").get<double>(),
+                     reference.at(policy).at("test_accuracy").get<double>())
+        << policy;
+  }
+}
+
+TEST_F(DataParallelRun, CommunicationIsRecordedPerRun) {
+  for (const auto& [policy, run] : runs("mlp", "standard")) {
+    ASSERT_TRUE(run.contains("data_parallel")) << policy;
+    const nlohmann::json& dp = run.at("data_parallel");
+    EXPECT_EQ(dp.at("world_size"), 2);
+    EXPECT_EQ(dp.at("accumulation_steps"), 2) << "default under mpirun: one micro-batch per rank";
+    EXPECT_EQ(dp.at("micro_batch_size").get<std::int64_t>() * 2, run.at("batch_size").get<std::int64_t>());
+    EXPECT_EQ(dp.at("wire_dtype"), "float32");
+    EXPECT_EQ(dp.at("deterministic"), true);
+    // Reduce-scatter of one micro-batch's fp32 gradients plus the all-gather of the sums: at 2 ranks, each
+    // rank sends every gradient element once in fp32: 4 bytes per parameter of the MLP.
+    const std::vector<std::int64_t> sizes = run.at("layer_sizes");
+    std::int64_t parameters = 0;
+    for (std::size_t i = 1; i < sizes.size(); ++i) parameters += sizes[i - 1] * sizes[i] + sizes[i];
+    EXPECT_EQ(dp.at("wire_bytes_per_step").get<std::int64_t>(), 4 * parameters) << policy;
+    const double seconds = dp.at("communication_seconds");
+    const double share = dp.at("communication_share_of_step");
+    EXPECT_GT(seconds, 0) << policy;
+    EXPECT_LT(seconds, run.at("train_seconds").get<double>()) << policy;
+    EXPECT_GT(share, 0) << policy;
+    EXPECT_LT(share, 1) << policy;
   }
 }
 

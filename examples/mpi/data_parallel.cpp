@@ -14,6 +14,7 @@
 #include <xax/nn/mlp.hpp>
 #include <xax/task/mixins/mixed_precision.hpp>
 #include <xax/task/mixins/train.hpp>
+#include <xax/utils/tree_crc32.hpp>
 #include <xax_datasets/fashion_mnist.hpp>
 #include <xax_datasets/synthetic.hpp>
 
@@ -25,10 +26,6 @@
 #include <string_view>
 #include <tuple>
 #include <vector>
-
-#if XAX_HAS_ZLIB
-#include <zlib.h>
-#endif
 
 struct ParallelConfig : xax::TrainConfig, xax::MixedPrecisionConfig, xax::distributed::DataParallelConfig {
   std::int64_t hidden = 256;
@@ -178,17 +175,7 @@ int main(int argc, char** argv) {
 #if XAX_HAS_ZLIB
       // The CRC-32 of the final master params' bytes in tree order: equal across world sizes in deterministic
       // mode.
-      uLong crc = crc32(0L, Z_NULL, 0);
-      xax::for_each_leaf(
-          [&]<class L>(const L& leaf) {
-            if constexpr (xax::floating_leaf<L>) {
-              const auto values = xax::leaf_span(leaf);
-              crc = crc32(crc, reinterpret_cast<const Bytef*>(values.data()),
-                          static_cast<uInt>(values.size() * sizeof(values[0])));
-            }
-          },
-          params);
-      std::printf("params_crc32 %08lx\n", crc);
+      std::printf("params_crc32 %08lx\n", static_cast<unsigned long>(xax::tree_crc32(params)));
 #endif
     }
     return 0;

@@ -27,3 +27,4 @@
 #include <xax/task/mixins/train.hpp>
 #include <xax/task/train_step.hpp>
 #include <xax/utils/mixed_precision.hpp>
+#include <xax/utils/tree_crc32.hpp>
