@@ -13,30 +13,15 @@
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
 
+#include "op_testing.hpp"
+
 namespace {
 
-template <class T>
-using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
-template <class T>
-using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+using xax_test::Matrix;
+using xax_test::random_matrix;
+using xax_test::to_double;
+using xax_test::Vector;
 using MatrixXd = Eigen::MatrixXd;
-
-template <class T>
-Matrix<T> random_matrix(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed, float low, float high) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> uniform(low, high);
-  Matrix<T> m(rows, cols);
-  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(uniform(rng));
-  return m;
-}
-
-template <class T>
-MatrixXd to_double(const Matrix<T>& m) {
-  MatrixXd out(m.rows(), m.cols());
-  for (Eigen::Index i = 0; i < m.size(); ++i)
-    out.data()[i] = static_cast<double>(static_cast<float>(m.data()[i]));
-  return out;
-}
 
 /// Unit roundoff of the output type: half an ulp, relative.
 template <class T>
