@@ -573,6 +573,7 @@ class CastBatchTrainer : public xax::TrainStep<CastBatchTrainer<Policy>, Policy,
   double loss_and_grads(const Weights<T>& params, const FeatureBatch<T>& batch, float scale,
                         Weights<T>& grads) {
     if (watched != nullptr) held_during_call.push_back(still_held(*watched));
+    made_before_call.push_back(made_in.size());
     seen_x.push_back(batch.x.template cast<float>());
     seen_labels.push_back(batch.labels);
     grads.w = ((params.w.template cast<float>() - batch.x.template cast<float>()) * scale).template cast<T>();
@@ -580,8 +581,22 @@ class CastBatchTrainer : public xax::TrainStep<CastBatchTrainer<Policy>, Policy,
     return 0;
   }
 
+  // Makes a batch of the given examples in any scalar (xax::makes_batches_in), recording the scalar:
+  // features 1 + (e + 1) * 2^-12 (rounded in bf16, kept in float16 and float) and -e, label e.
+  template <class T = float>
+  FeatureBatch<T> make_batch(std::span<const std::int64_t> examples) const {
+    made_in.push_back(xax::dtype_of<T>);
+    FeatureBatch<T> batch{Eigen::Matrix<T, Eigen::Dynamic, 1>(2), Eigen::VectorXi(2)};
+    const auto e = static_cast<float>(examples.front());
+    batch.x << static_cast<T>(1.0f + (e + 1.0f) / 4096.0f), static_cast<T>(-e);
+    batch.labels << static_cast<std::int32_t>(examples.front()), 0;
+    return batch;
+  }
+
   std::vector<Eigen::VectorXf> seen_x;
   std::vector<Eigen::VectorX<std::int32_t>> seen_labels;
+  mutable std::vector<xax::DType> made_in;
+  std::vector<std::size_t> made_before_call;  // batches made when each loss_and_grads call began
   // Batches handed over to the step, whose state each loss_and_grads call records (still_held).
   const std::vector<FeatureBatch<float>>* watched = nullptr;
   std::vector<std::vector<bool>> held_during_call;
@@ -638,6 +653,36 @@ TYPED_TEST(BatchCast, HandedOverBatchesAreFreedOnceCastAndTrainTheSame) {
   EXPECT_TRUE(bitwise_equal(handed.params().b, viewed.params().b));
   EXPECT_EQ(still_held(batches), std::vector<bool>(3, !casts));
   EXPECT_EQ(still_held(micro), std::vector<bool>(3, true)) << "a viewed batch is never freed";
+}
+
+// A trainer that makes its batches in any scalar has train_step_on_examples make each one directly in the
+// compute type, just before its forward: a 16-bit step never makes an fp32 batch. It trains exactly as on
+// the same batches made in fp32 and cast.
+TYPED_TEST(BatchCast, BatchesMadeInTheComputeTypeTrainAsCastOnes) {
+  using Compute = typename TypeParam::compute_type;
+  const std::vector<std::int64_t> order{4, 0, 7};
+  std::vector<std::span<const std::int64_t>> examples;
+  for (std::size_t i = 0; i < order.size(); ++i) examples.emplace_back(&order[i], 1);
+
+  CastBatchTrainer<TypeParam> made;
+  static_assert(xax::makes_batches_in<CastBatchTrainer<TypeParam>, Compute>);
+  made.train_step_on_examples(std::span<const std::span<const std::int64_t>>(examples));
+  CastBatchTrainer<TypeParam> cast;
+  std::vector<FeatureBatch<float>> micro;
+  for (const auto example : examples) micro.push_back(cast.make_batch(example));
+  cast.made_before_call.clear();
+  cast.train_step(std::span<const FeatureBatch<float>>(micro));
+
+  EXPECT_EQ(made.made_in, std::vector<xax::DType>(3, xax::dtype_of<Compute>));
+  EXPECT_EQ(made.made_before_call, (std::vector<std::size_t>{1, 2, 3}))
+      << "each made just before its forward";
+  EXPECT_EQ(made.seen_x, cast.seen_x);
+  EXPECT_EQ(made.seen_labels, cast.seen_labels);
+  EXPECT_TRUE(bitwise_equal(made.params().w, cast.params().w));
+  EXPECT_TRUE(bitwise_equal(made.params().b, cast.params().b));
+  if constexpr (std::is_same_v<Compute, xax::bfloat16>) {
+    EXPECT_EQ(made.seen_x[0](0), 1.0f) << "rounded to bf16 when made";
+  }
 }
 
 // The mixin forwards the declaration: loss_and_grads and evaluate both receive the cast batch.
@@ -698,6 +743,7 @@ class FitCastBatchTask : public xax::TrainMixin<FitCastBatchTask, FitConfig>,
   FeatureBatch<float> make_batch(std::span<const std::int64_t> indices) const {
     FeatureBatch<float> batch{Eigen::VectorXf::Zero(2), Eigen::VectorXi::Zero(2)};
     batch.x(0) = static_cast<float>(indices.front());
+    batch.x(1) = 1.0f + 1.0f / 4096.0f;  // kept in float, rounded to 1 in float16 and bfloat16
     return batch;
   }
 
@@ -711,11 +757,11 @@ class FitCastBatchTask : public xax::TrainMixin<FitCastBatchTask, FitConfig>,
   using MixedPrecisionMixin::train_step;
 
   template <class T>
-  double loss_and_grads(const Weights<T>& params, const FeatureBatch<T>&, float, Weights<T>& grads) {
+  double loss_and_grads(const Weights<T>& params, const FeatureBatch<T>& batch, float, Weights<T>& grads) {
     if (handed_over_ != nullptr) held_during_call.push_back(still_held(*handed_over_));
     grads.w = Eigen::Matrix<T, Eigen::Dynamic, 1>::Zero(params.w.size());
     grads.b = Eigen::Matrix<T, Eigen::Dynamic, 1>::Zero(params.b.size());
-    return 0;
+    return static_cast<double>(static_cast<float>(batch.x(1)));
   }
 
   std::vector<std::vector<bool>> held_during_call;
@@ -735,5 +781,69 @@ TEST(BatchCast, FitFreesEachBatchOnceTheStepHasCastIt) {
     FitCastBatchTask task(config);
     task.fit();
     EXPECT_EQ(task.held_during_call, std::vector<std::vector<bool>>(2, std::vector<bool>{held})) << policy;
+  }
+}
+
+// A task that can make its batches in any scalar has fit() step through train_step_on_examples, which makes
+// each batch in the policy's compute type: a bf16 run never makes an fp32 batch.
+class FitMakesBatchesTask : public xax::TrainMixin<FitMakesBatchesTask, FitConfig>,
+                            public xax::MixedPrecisionMixin<FitMakesBatchesTask, FitConfig> {
+ public:
+  template <class T>
+  using params_type = Weights<T>;
+  using batch_type = FeatureBatch<float>;
+  static constexpr bool casts_batch_to_compute = true;
+
+  explicit FitMakesBatchesTask(FitConfig config) : TrainMixin(std::move(config)) {}
+  Weights<float> init_params() const { return initial_weights(); }
+  std::int64_t num_examples() const { return 4; }
+  template <class T = float>
+  FeatureBatch<T> make_batch(std::span<const std::int64_t> indices) const {
+    made_in.push_back(xax::dtype_of<T>);
+    FeatureBatch<T> batch{Eigen::Matrix<T, Eigen::Dynamic, 1>::Zero(2), Eigen::VectorXi::Zero(2)};
+    batch.x(0) = static_cast<T>(1.0f + static_cast<float>(indices.front() + 1) / 4096.0f);
+    return batch;
+  }
+
+  template <class T>
+  double loss_and_grads(const Weights<T>& params, const FeatureBatch<T>& batch, float, Weights<T>& grads) {
+    grads.w = Eigen::Matrix<T, Eigen::Dynamic, 1>::Zero(params.w.size());
+    grads.b = Eigen::Matrix<T, Eigen::Dynamic, 1>::Zero(params.b.size());
+    return static_cast<double>(static_cast<float>(batch.x(0)));
+  }
+
+  mutable std::vector<xax::DType> made_in;
+};
+
+TEST(BatchCast, FitHasTheStepMakeEachBatchInTheComputeType) {
+  static_assert(xax::makes_batches_in<FitMakesBatchesTask, xax::bfloat16>);
+  for (const auto& [policy, made] :
+       {std::pair{"float32", xax::DType::float32}, std::pair{"mixed", xax::half_dtype()}}) {
+    FitConfig config;
+    config.batch_size = 2;
+    config.epochs = 1;
+    config.log_interval = 0;
+    config.enable_mixed_precision = true;
+    config.precision_policy = policy;
+    FitMakesBatchesTask task(config);
+    const xax::TrainSummary summary = task.fit();
+    EXPECT_EQ(summary.steps, 2) << policy;
+    EXPECT_EQ(task.made_in, std::vector<xax::DType>(2, made)) << policy;
+  }
+}
+
+// A task whose make_batch makes fp32 batches only can still step from example indices: each batch is made,
+// then cast to the compute type before its forward.
+TEST(BatchCast, StepsFromExamplesCastTheBatchesOfATaskThatMakesThemInFloat) {
+  const std::vector<std::int64_t> order{3, 1};
+  const std::vector<std::span<const std::int64_t>> examples{{&order[0], 1}, {&order[1], 1}};
+  for (const auto& [policy, loss] : {std::pair{"float32", 1.0 + 1.0 / 4096.0}, std::pair{"float16", 1.0}}) {
+    FitConfig config;
+    config.enable_mixed_precision = true;
+    config.precision_policy = policy;
+    FitCastBatchTask task(config);
+    EXPECT_EQ(task.train_step_on_examples(std::span<const std::span<const std::int64_t>>(examples)).loss,
+              loss)
+        << policy;
   }
 }

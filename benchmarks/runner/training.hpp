@@ -139,16 +139,28 @@ class BasicMlpTask : public xax::TrainMixin<BasicMlpTask<Extra>, MlpConfig>,
 
   [[nodiscard]] std::int64_t num_examples() const { return data_->train.size(); }
 
-  [[nodiscard]] MlpBatch<float> make_batch(std::span<const std::int64_t> indices) const {
-    MlpBatch<float> batch;
+  /// The batch of the given examples, made directly in `T` (xax::makes_batches_in): fit() has the step make
+  /// each batch in the policy's compute type, so a 16-bit run never holds an fp32 batch. The features are
+  /// rounded from the fp32 dataset once, as a cast would round them.
+  template <class T = float>
+  [[nodiscard]] MlpBatch<T> make_batch(std::span<const std::int64_t> indices) const {
+    const auto start = std::chrono::steady_clock::now();
+    MlpBatch<T> batch;
     const auto columns = static_cast<Eigen::Index>(indices.size());
     batch.x.resize(data_->train.feature_count(), columns);
     batch.y.resize(columns);
     for (Eigen::Index i = 0; i < columns; ++i) {
       const auto example = static_cast<Eigen::Index>(indices[static_cast<std::size_t>(i)]);
-      batch.x.col(i) = data_->train.features.col(example);
+      if constexpr (std::is_same_v<T, float>) {
+        batch.x.col(i) = data_->train.features.col(example);
+      } else {
+        xax::convert(std::span<const float>(data_->train.features.col(example).data(),
+                                            static_cast<std::size_t>(batch.x.rows())),
+                     std::span<T>(batch.x.col(i).data(), static_cast<std::size_t>(batch.x.rows())));
+      }
       batch.y[i] = data_->train.labels[example];
     }
+    batch_ms_ += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
     return batch;
   }
 
@@ -178,14 +190,16 @@ class BasicMlpTask : public xax::TrainMixin<BasicMlpTask<Extra>, MlpConfig>,
         xax::nn::count_correct(xax::nn::mlp_forward(params, batch.x, workspace), batch.y));
   }
 
-  /// TrainMixin calls this for every step; it wraps MixedPrecisionMixin's step to time it alone (batch
-  /// assembly and evaluation excluded). The batches are handed over, so a 16-bit step frees each fp32 batch
-  /// once it is cast (the memory probe counts that).
-  xax::StepResult train_step(std::vector<MlpBatch<float>>&& micro_batches) {
+  /// TrainMixin calls this for every step; it wraps MixedPrecisionMixin's step to time it alone: the step
+  /// makes its batches (make_batch above), and their assembly is not counted, nor is evaluation.
+  xax::StepResult train_step_on_examples(
+      std::span<const std::span<const std::int64_t>> micro_batch_examples) {
+    batch_ms_ = 0;
     const auto start = std::chrono::steady_clock::now();
-    const xax::StepResult result = MixedPrecisionMixin::train_step(std::move(micro_batches));
+    const xax::StepResult result = MixedPrecisionMixin::train_step_on_examples(micro_batch_examples);
     recorder_->step_ms.push_back(
-        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count() -
+        batch_ms_);
     return result;
   }
 
@@ -258,6 +272,7 @@ class BasicMlpTask : public xax::TrainMixin<BasicMlpTask<Extra>, MlpConfig>,
   Progress* progress_;
   std::int64_t total_steps_;
   std::ptrdiff_t epoch_first_step_ = 0;
+  mutable double batch_ms_ = 0;  // time this step spent making its batches, not counted as step time
   std::tuple<xax::nn::MlpWorkspace<float>, xax::nn::MlpWorkspace<xax::bfloat16>,
              xax::nn::MlpWorkspace<xax::float16>>
       workspaces_;

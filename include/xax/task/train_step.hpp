@@ -144,6 +144,24 @@ struct step_batch<D, T, true> {
 template <class D, class T>
 using step_batch_t = typename detail::step_batch<D, T>::type;
 
+/// Whether trainer `D` makes its batches from example indices: `batch_type make_batch(std::span<const
+/// std::int64_t> example_indices) const` (the data TrainMixin::fit asks of a task).
+template <class D>
+concept makes_batches = requires(const D& trainer, std::span<const std::int64_t> example_indices) {
+  typename D::batch_type;
+  { trainer.make_batch(example_indices) } -> std::convertible_to<typename D::batch_type>;
+};
+
+/// Whether trainer `D`, which declares casts_batch_to_compute, can also make its batches directly in
+/// compute scalar `T`: `template <class T = float> Batch<T> make_batch(std::span<const std::int64_t>
+/// example_indices) const`. TrainStep::train_step_on_examples then never holds an fp32 batch beside its
+/// 16-bit copy, which is what a batch costs at the peak of a 16-bit step (the 16-bit batch alone).
+template <class D, class T>
+concept makes_batches_in = declares_batch_cast<D> && makes_batches<D> &&
+    requires(const D& trainer, std::span<const std::int64_t> example_indices) {
+  { trainer.template make_batch<T>(example_indices) } -> std::convertible_to<step_batch_t<D, T>>;
+};
+
 /// What TrainStep requires of its derived trainer for compute scalar `T`: gradients written as `G` (by
 /// default T; a trainer that can also write TrainStep's update_type gets its gradients without a cast).
 template <class D, class T, class G = T>
@@ -368,7 +386,9 @@ class TrainStep {
   /// One optimizer step from several micro-batches whose gradients are averaged (gradient accumulation).
   template <class D = Derived>
   StepResult train_step(std::span<const typename D::batch_type> micro_batches) {
-    return run_step<D>(micro_batches, {});
+    return run_step<D>(micro_batches.size(), [&](std::size_t i) -> decltype(auto) {
+      return step_batch<D>(micro_batches[i], nullptr);
+    });
   }
 
   /// The same steps, from batches the caller hands over (`train_step(std::move(batches))`, or a temporary).
@@ -378,12 +398,36 @@ class TrainStep {
   /// moved-from.
   template <class D = Derived>
   StepResult train_step(typename D::batch_type&& batch) {
-    return run_step<D>(std::span<const typename D::batch_type>(&batch, 1),
-                       std::span<typename D::batch_type>(&batch, 1));
+    return run_step<D>(1, [&](std::size_t) -> decltype(auto) { return step_batch<D>(batch, &batch); });
   }
   template <class D = Derived>
   StepResult train_step(std::vector<typename D::batch_type>&& micro_batches) {
-    return run_step<D>(micro_batches, micro_batches);
+    return run_step<D>(micro_batches.size(), [&](std::size_t i) -> decltype(auto) {
+      return step_batch<D>(micro_batches[i], &micro_batches[i]);
+    });
+  }
+
+  /// One optimizer step from the example indices of each micro-batch: the trainer makes each batch
+  /// (makes_batches) just before its forward, and it is freed after its backward, so one micro-batch at a
+  /// time is held. A trainer that makes its batches in the compute type (makes_batches_in) has them made
+  /// so, and no fp32 copy of a 16-bit step's batch ever exists; others have each fp32 batch cast and freed
+  /// before the forward, as a batch handed over. TrainMixin::fit steps through this.
+  template <class D = Derived>
+  StepResult train_step_on_examples(std::span<const std::span<const std::int64_t>> micro_batch_examples) {
+    static_assert(makes_batches<D>,
+                  "xax::TrainStep::train_step_on_examples: the trainer must define `batch_type "
+                  "make_batch(std::span<const std::int64_t> example_indices) const`");
+    return run_step<D>(micro_batch_examples.size(), [&](std::size_t i) -> decltype(auto) {
+      const auto examples = micro_batch_examples[i];
+      if constexpr (makes_batches_in<D, compute_type>) {
+        return step_batch_t<D, compute_type>(derived().template make_batch<compute_type>(examples));
+      } else if constexpr (!std::is_same_v<step_batch_t<D, compute_type>, typename D::batch_type>) {
+        typename D::batch_type made = derived().make_batch(examples);
+        return step_batch<D>(made, &made);  // a reference to the kept cast; `made` is freed on return
+      } else {
+        return typename D::batch_type(derived().make_batch(examples));
+      }
+    });
   }
 
   /// The master parameters.
@@ -615,10 +659,17 @@ class TrainStep {
   const Derived& derived() const { return static_cast<const Derived&>(*this); }
 
  private:
-  // Every train_step overload: `handed_over` is empty, or the batches of `micro_batches` the step may free.
+  // Every train_step overload: `micro_batch(i)` gives micro-batch i as loss_and_grads takes it
+  // (step_batch_t), by reference or by value; a value lives until that micro-batch's backward returns.
+  template <class D, class MicroBatch>
+  StepResult run_step(std::size_t micro_batch_count, MicroBatch&& micro_batch);
+
+  // The batch loss_and_grads sees: the caller's, or its cast to compute_type (see declares_batch_cast). A
+  // batch the step may free (`release`, the caller's own when handed over) is freed once cast, by moving it
+  // into a local: its buffers go here, before the forward, not after the step.
   template <class D>
-  StepResult run_step(std::span<const typename D::batch_type> micro_batches,
-                      std::span<typename D::batch_type> handed_over);
+  const step_batch_t<D, compute_type>& step_batch(const typename D::batch_type& batch,
+                                                  typename D::batch_type* release);
 
   // Whether half-precision masters carry a Kahan compensation, which checkpoints then hold.
   template <class S>
@@ -903,8 +954,23 @@ struct TrainStep<Derived, Policy, LossScaleT>::State {
 
 template <class Derived, precision_policy Policy, train_loss_scale LossScaleT>
 template <class D>
-StepResult TrainStep<Derived, Policy, LossScaleT>::run_step(
-    std::span<const typename D::batch_type> micro_batches, std::span<typename D::batch_type> handed_over) {
+const step_batch_t<D, typename Policy::compute_type>& TrainStep<Derived, Policy, LossScaleT>::step_batch(
+    const typename D::batch_type& batch, typename D::batch_type* release) {
+  if constexpr (State::casts_batch) {
+    auto& cast = state().compute_batch;
+    tree_cast_into(batch, cast);
+    if (release != nullptr) [[maybe_unused]]
+      const typename D::batch_type released = std::move(*release);
+    return cast;
+  } else {
+    return batch;
+  }
+}
+
+template <class Derived, precision_policy Policy, train_loss_scale LossScaleT>
+template <class D, class MicroBatch>
+StepResult TrainStep<Derived, Policy, LossScaleT>::run_step(std::size_t micro_batch_count,
+                                                            MicroBatch&& micro_batch) {
   check_declared_batch_cast<D>();  // first: its message is the more specific one
   static_assert(
       declares_batch_cast<D> || trainer_for<D, compute_type> || trainer_for<D, compute_type, update_type>,
@@ -916,32 +982,19 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::run_step(
   check_declared_fp32_gradients<D>();
   check_unscaled_gradients_hook<D, typename State::template Params<update_type>>();
   auto& s = state();
-  if (micro_batches.empty()) throw ConfigError("train_step needs at least one batch; got an empty span");
+  if (micro_batch_count == 0) throw ConfigError("train_step needs at least one batch; got none");
   const float scale = current_loss_scale();
   const auto& compute_params = s.compute_params();
-
-  // The batch loss_and_grads sees: the caller's, or its cast to compute_type (see declares_batch_cast). A
-  // batch handed over is released once cast: moving it into a local frees its buffers here, not after the
-  // step.
-  const auto step_batch = [&](std::size_t i) -> const step_batch_t<D, compute_type>& {
-    if constexpr (State::casts_batch) {
-      tree_cast_into(micro_batches[i], s.compute_batch);
-      if (!handed_over.empty()) {
-        [[maybe_unused]] const typename D::batch_type released = std::move(handed_over[i]);
-      }
-      return s.compute_batch;
-    } else {
-      return micro_batches[i];
-    }
-  };
 
   // A gradient reducer (data-parallel training) takes every micro-batch's gradients as they come and sums
   // them itself, so each one is written as if it were the first.
   constexpr bool reduces = gradient_reducer<D, typename State::template Params<update_type>>;
   double loss_sum = 0;
-  for (std::size_t i = 0; i < micro_batches.size(); ++i) {
+  for (std::size_t i = 0; i < micro_batch_count; ++i) {
     const bool first = i == 0 || reduces;
     double micro_loss = 0;
+    auto&& batch = micro_batch(i);
+    static_assert(std::is_same_v<std::remove_cvref_t<decltype(batch)>, step_batch_t<D, compute_type>>);
     if constexpr (writes_update_grads<D>) {
       // The trainer writes gradients of the optimizer's type: in place, no cast.
       auto& target = first ? s.grads : s.grads_micro;
@@ -950,11 +1003,11 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::run_step(
         s.micro_shaped = true;
       }
       micro_loss =
-          static_cast<double>(derived().loss_and_grads(compute_params, step_batch(i), scale, target));
+          static_cast<double>(derived().loss_and_grads(compute_params, std::as_const(batch), scale, target));
       if (!first) detail::add_in_place(s.grads, s.grads_micro);
     } else {
       micro_loss = static_cast<double>(
-          derived().loss_and_grads(compute_params, step_batch(i), scale, s.compute_grads));
+          derived().loss_and_grads(compute_params, std::as_const(batch), scale, s.compute_grads));
       if (first) {
         tree_cast_into(s.compute_grads, s.grads);
       } else {
@@ -965,7 +1018,7 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::run_step(
     loss_sum += micro_loss;
     if constexpr (reduces) derived().collect_micro_gradients(i, micro_loss, std::as_const(s.grads));
   }
-  auto averaged_over = static_cast<std::int64_t>(micro_batches.size());
+  auto averaged_over = static_cast<std::int64_t>(micro_batch_count);
   if constexpr (reduces) {
     const ReducedGradients reduced = derived().reduce_gradients(s.grads);
     if (reduced.micro_batches < 1) {

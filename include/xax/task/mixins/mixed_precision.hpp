@@ -217,6 +217,9 @@ class StepEngine {
   virtual StepResult train_step(Task& task, std::span<const batch_type> micro_batches) = 0;
   // Batches the step may free once cast (TrainStep::train_step's overloads for batches passed by rvalue).
   virtual StepResult train_step(Task& task, std::vector<batch_type>&& micro_batches) = 0;
+  // TrainStep::train_step_on_examples; throws for a task that cannot make batches (it is never called then).
+  virtual StepResult train_step_on_examples(
+      Task& task, std::span<const std::span<const std::int64_t>> micro_batch_examples) = 0;
   virtual params_type<float> params_float32() const = 0;
   virtual double evaluate(Task& task, const batch_type& batch) = 0;
   virtual float current_loss_scale() const = 0;
@@ -301,6 +304,29 @@ class PolicyStepEngine final : public StepEngine<Task>,
     StepResult result = Step::train_step(std::move(micro_batches));
     result.loss = round_to_output(result.loss);
     return result;
+  }
+  StepResult train_step_on_examples(
+      Task& task, std::span<const std::span<const std::int64_t>> micro_batch_examples) override {
+    if constexpr (makes_batches<Task>) {
+      const BoundTask bound(*this, task);
+      StepResult result = Step::train_step_on_examples(micro_batch_examples);
+      result.loss = round_to_output(result.loss);
+      return result;
+    } else {
+      throw Error(
+          "MixedPrecisionMixin::train_step_on_examples: the task defines no `batch_type make_batch(std::span<"
+          "const std::int64_t> example_indices) const`");
+    }
+  }
+
+  // Forwards the task's batch makers to TrainStep::train_step_on_examples.
+  batch_type make_batch(std::span<const std::int64_t> example_indices) const requires makes_batches<Task> {
+    return task_->make_batch(example_indices);
+  }
+  template <class T>
+  step_batch_t<Task, T> make_batch(std::span<const std::int64_t> example_indices) const requires
+      makes_batches_in<Task, T> {
+    return task_->template make_batch<T>(example_indices);
   }
   params_type<float> params_float32() const override { return tree_cast<float>(Step::params()); }
   double evaluate(Task& task, const batch_type& batch) override {
@@ -388,6 +414,16 @@ class MixedPrecisionMixin {
   template <class D = Derived>
   StepResult train_step(std::vector<typename D::batch_type>&& micro_batches) {
     return engine().train_step(derived(), std::move(micro_batches));
+  }
+  /// One optimizer step from the example indices of each micro-batch, the batches made by the task's
+  /// make_batch: in the compute type for a task that can (see TrainStep::train_step_on_examples and
+  /// xax::makes_batches_in). fit() steps through this for such a task.
+  template <class D = Derived>
+  StepResult train_step_on_examples(std::span<const std::span<const std::int64_t>> micro_batch_examples) {
+    static_assert(makes_batches<D>,
+                  "xax::MixedPrecisionMixin::train_step_on_examples: the task must define `batch_type "
+                  "make_batch(std::span<const std::int64_t> example_indices) const`");
+    return engine().train_step_on_examples(derived(), micro_batch_examples);
   }
 
   /// The policy the config selects (float32 throughout when mixed precision is disabled).

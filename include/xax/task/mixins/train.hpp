@@ -10,6 +10,11 @@
 ///     std::int64_t num_examples() const;
 ///     batch_type make_batch(std::span<const std::int64_t> example_indices) const;
 ///
+/// A task that declares casts_batch_to_compute can write make_batch as a template over the batch's scalar,
+/// `template <class T = float> Batch<T> make_batch(...) const` (xax::makes_batches_in): fit() then steps
+/// through `train_step_on_examples`, which makes each batch directly in the policy's compute type, so a
+/// 16-bit step never holds an fp32 batch (a task that wraps the step, to time it say, wraps that one).
+///
 /// and may define `void on_step(std::int64_t step, const xax::StepResult&)` and `void
 /// on_epoch_end(std::int64_t epoch)` hooks.
 
@@ -261,8 +266,16 @@ TrainSummary TrainMixin<Derived, Config>::fit() {
 
   TrainSummary summary;
   const auto start = std::chrono::steady_clock::now();
+  // A task that makes its batches in any scalar (makes_batches_in) has the step make them, in its compute
+  // type; otherwise fit makes them and hands them over.
+  constexpr bool step_makes_batches = makes_batches_in<Derived, float>;
   std::vector<Batch> micro;
-  micro.reserve(static_cast<std::size_t>(micro_per_step));
+  std::vector<std::span<const std::int64_t>> micro_examples;
+  if constexpr (step_makes_batches) {
+    micro_examples.reserve(static_cast<std::size_t>(micro_per_step));
+  } else {
+    micro.reserve(static_cast<std::size_t>(micro_per_step));
+  }
 
   for (; epoch_ < config_.epochs; ++epoch_) {
     if (resumed_) {
@@ -279,17 +292,31 @@ TrainSummary TrainMixin<Derived, Config>::fit() {
     while (batch_in_epoch_ + micro_per_step <= batches_per_epoch) {
       if (config_.max_steps > 0 && fit_steps_ >= config_.max_steps) break;
       micro.clear();
+      micro_examples.clear();
       for (std::int64_t m = 0; m < micro_per_step; ++m) {
         // Data-parallel training: each process makes only the micro-batches of the step that are its shard.
         if constexpr (requires { derived().owns_micro_batch(m, micro_per_step); }) {
           if (!derived().owns_micro_batch(m, micro_per_step)) continue;
         }
         const auto first = static_cast<std::size_t>((batch_in_epoch_ + m) * batch);
-        micro.push_back(derived().make_batch(
-            std::span<const std::int64_t>(order_).subspan(first, static_cast<std::size_t>(batch))));
+        const auto example_indices =
+            std::span<const std::int64_t>(order_).subspan(first, static_cast<std::size_t>(batch));
+        if constexpr (step_makes_batches) {
+          micro_examples.push_back(example_indices);
+        } else {
+          micro.push_back(derived().make_batch(example_indices));
+        }
       }
-      // Handed over, so that a step which casts each batch to the compute type frees the fp32 batch first.
-      const StepResult result = derived().train_step(std::move(micro));
+      const StepResult result = [&] {
+        if constexpr (step_makes_batches) {
+          return derived().train_step_on_examples(
+              std::span<const std::span<const std::int64_t>>(micro_examples));
+        } else {
+          // Handed over, so that a step which casts each batch to the compute type frees the fp32 batch
+          // first.
+          return derived().train_step(std::move(micro));
+        }
+      }();
       batch_in_epoch_ += micro_per_step;
       ++fit_steps_;
       ++summary.steps;
