@@ -26,10 +26,10 @@
 /// and gather buffers (and the fast mode's bf16 staging) then hold one bucket instead of the whole gradient,
 /// and every MPI message is at most a bucket. Not bounded by it: what must exist before the first exchange,
 /// i.e. in deterministic mode the step's micro-batch gradients in the wire type (S/W x N), in fast mode the
-/// local fp32 sum (N, as TrainStep's own accumulator). Each element's sum is the same additions in the same
-/// order whatever bucket it falls in, so results are bit-identical for every bucket size. The buckets are
-/// exchanged after the backward, not overlapped with it: TrainStep computes a micro-batch's gradients in one
-/// loss_and_grads call, so no bucket is ready before the whole backward is done.
+/// local fp32 sum (N floats, like TrainStep's own accumulator). Each element's sum is the same additions in
+/// the same order whatever bucket it falls in, so results are bit-identical for every bucket size. The
+/// buckets are exchanged after the backward, not overlapped with it: TrainStep computes a micro-batch's
+/// gradients in one loss_and_grads call, so no bucket is ready before the whole backward is done.
 ///
 /// With the bfloat16 wire every element is rounded to bf16 when sent and its sum is accumulated in fp32 and
 /// rounded to bf16 once (not at every hop, as a ring all-reduce with a bf16 MPI_Op or NCCL rounds it), which
@@ -106,6 +106,28 @@ void flatten_into(const Tree& tree, std::span<Wire> flat) {
       tree);
   if (offset != flat.size())
     throw ShapeError("xax::distributed::GradientReducer: the gradient tree shrank between steps");
+}
+
+// Adds the floating leaves of `tree`, in tree order, to `flat` element by element (the fast mode's local sum,
+// without a flattened copy of the addend).
+template <class Tree>
+void add_into(const Tree& tree, std::span<float> flat) {
+  std::size_t offset = 0;
+  for_each_leaf(
+      [&]<class L>(const L& leaf) {
+        if constexpr (floating_leaf<L>) {
+          const auto values = leaf_span(leaf);
+          if (offset + values.size() > flat.size())
+            throw ShapeError(
+                "xax::distributed::GradientReducer: the gradient tree grew between micro-batches");
+          float* const out = flat.data() + offset;
+          for (std::size_t i = 0; i < values.size(); ++i) out[i] += values[i];
+          offset += values.size();
+        }
+      },
+      tree);
+  if (offset != flat.size())
+    throw ShapeError("xax::distributed::GradientReducer: the gradient tree shrank between micro-batches");
 }
 
 // Writes `values`, the flat elements [begin, begin + values.size()) of the gradient, into the floating
@@ -236,8 +258,7 @@ class GradientReducer {
       if (index == 0) {
         detail::flatten_into(grads, std::span<float>(local_sum_));
       } else {
-        detail::flatten_into(grads, std::span<float>(scratch_));
-        for (std::size_t i = 0; i < elements_; ++i) local_sum_[i] += scratch_[i];
+        detail::add_into(grads, std::span<float>(local_sum_));
       }
     }
   }
@@ -386,12 +407,11 @@ class GradientReducer {
     stats_.wire_bytes_total += stats_.wire_bytes_last;
     stats_.elements = elements_;
     stats_.buckets_last = buckets;
-    stats_.buffer_bytes = detail::capacity_bytes(local_sum_) + detail::capacity_bytes(scratch_) +
-                          detail::capacity_bytes(send32_) + detail::capacity_bytes(receive32_) +
-                          detail::capacity_bytes(sum_) + detail::capacity_bytes(widened_) +
-                          detail::capacity_bytes(gathered32_) + detail::capacity_bytes(send16_) +
-                          detail::capacity_bytes(receive16_) + detail::capacity_bytes(sum16_) +
-                          detail::capacity_bytes(gathered16_);
+    stats_.buffer_bytes = detail::capacity_bytes(local_sum_) + detail::capacity_bytes(send32_) +
+                          detail::capacity_bytes(receive32_) + detail::capacity_bytes(sum_) +
+                          detail::capacity_bytes(widened_) + detail::capacity_bytes(gathered32_) +
+                          detail::capacity_bytes(send16_) + detail::capacity_bytes(receive16_) +
+                          detail::capacity_bytes(sum16_) + detail::capacity_bytes(gathered16_);
     ++stats_.reductions;
     stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     local_losses_.clear();
@@ -409,7 +429,6 @@ class GradientReducer {
       structure_checked_ = false;
       if (!options_.deterministic) {
         local_sum_.resize(n);
-        scratch_.resize(n);
       }
     }
   }
@@ -460,7 +479,7 @@ class GradientReducer {
   std::vector<std::int64_t> counts_;
   std::vector<int> int_counts_, int_offsets_, chunk_counts_, chunk_offsets_, receive_counts_,
       receive_offsets_;
-  std::vector<float> local_sum_, scratch_, send32_, receive32_, sum_, widened_, gathered32_;
+  std::vector<float> local_sum_, send32_, receive32_, sum_, widened_, gathered32_;
   std::vector<bfloat16> send16_, receive16_, sum16_, gathered16_;
 };
 
