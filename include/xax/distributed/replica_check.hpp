@@ -22,6 +22,7 @@
 #include <cstring>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 #include <xax/distributed/communicator.hpp>
 #include <xax/distributed/gradient_reducer.hpp>
