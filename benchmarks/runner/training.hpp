@@ -138,8 +138,9 @@ class ConfiguredDataParallel : public xax::distributed::DataParallelMixin<Derive
 #endif
 
 /// The user task: an MLP classifier, its data, and hooks that feed the recorder and the progress line.
-/// `Extra` is one more CRTP base: SingleProcess, or xax::distributed::DataParallelMixin (default-constructed:
-/// fp32 wire, deterministic reduction, no ZeRO), which is all it takes to train data-parallel.
+/// `Extra` is one more CRTP base, constructed from the setup: SingleProcess, or ConfiguredDataParallel
+/// (xax::distributed::DataParallelMixin with the setup's wire type, ZeRO stage and bucket size, deterministic
+/// reduction), which is all it takes to train data-parallel.
 template <template <class> class Extra>
 class BasicMlpTask : public xax::TrainMixin<BasicMlpTask<Extra>, MlpConfig>,
                      public xax::MixedPrecisionMixin<BasicMlpTask<Extra>, MlpConfig>,
