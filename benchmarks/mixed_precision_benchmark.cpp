@@ -103,6 +103,9 @@ xax_bench::TrainingSetup standard_setup(const Options& options, const std::strin
   setup.progress = options.progress;
   setup.accumulation_steps = options.accumulation_steps;
   setup.data_parallel = options.data_parallel;
+  setup.wire_dtype = options.wire_dtype;
+  setup.zero_stage = options.zero_stage;
+  setup.bucket_size = options.bucket_size;
   return setup;
 }
 
@@ -263,6 +266,12 @@ std::vector<std::string> adapt_to_process_group(Options& options, const ProcessG
         "libopenmpi-dev openmpi-bin and reconfigure, or drop the flag");
   }
   options.data_parallel = group.data_parallel;
+  if (!group.data_parallel &&
+      (options.wire_dtype != "float32" || options.zero_stage != 0 || options.bucket_size != 0)) {
+    throw xax::ConfigError(
+        "--wire-dtype, --zero-stage and --bucket-size configure data-parallel training; run under mpirun (or "
+        "give --data-parallel) in a build with MPI, or drop them");
+  }
   if (options.accumulation_steps == 0) options.accumulation_steps = group.data_parallel ? group.size : 1;
   std::vector<std::string> notes;
   if (group.size <= 1) return notes;

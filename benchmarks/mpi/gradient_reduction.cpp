@@ -8,7 +8,9 @@
 // Every rank runs every benchmark; each iteration is a collective, so the iteration count is fixed (ranks
 // that chose their own counts would wait for each other for ever). Rank 0 reports. A step's 4 micro-batches
 // are shared by the ranks as in training; each argument is the gradient's element count (269322 is the MLP
-// 784-256-256-10).
+// 784-256-256-10). `bucketed/...` takes (elements, bucket size) and reports the reducer's buffer bytes:
+//
+//   mpirun -np 2 build/release/benchmarks/xax_mpi_benchmarks --benchmark_filter=bucketed
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
@@ -46,6 +48,28 @@ void reducer(benchmark::State& state, xax::DType wire, bool deterministic) {
     benchmark::ClobberMemory();
   }
   state.counters["ranks"] = world;
+  state.counters["wire_bytes_per_rank"] = static_cast<double>(reducer.stats().wire_bytes_last);
+}
+
+// The reducer with buckets: arguments (elements, bucket size in elements; 0 = one bucket). Reports the bytes
+// of the reducer's buffers on this rank, which the bucket bounds (except the staged micro-batch gradients).
+void bucketed(benchmark::State& state, xax::DType wire, bool deterministic) {
+  xax::distributed::GradientReducer reducer(xax::distributed::Communicator{},
+                                            {.wire = wire,
+                                             .deterministic = deterministic,
+                                             .bucket_size = static_cast<std::size_t>(state.range(1))});
+  const int world = reducer.communicator().size();
+  const int per_rank = micro_batches / world;
+  const Grads local = random_grads(state.range(0), static_cast<std::uint64_t>(reducer.communicator().rank()));
+  Grads sum = local;
+  for (auto _ : state) {
+    for (int m = 0; m < per_rank; ++m) reducer.collect(static_cast<std::size_t>(m), 1.0, local);
+    benchmark::DoNotOptimize(reducer.reduce(sum));
+    benchmark::ClobberMemory();
+  }
+  state.counters["ranks"] = world;
+  state.counters["buckets"] = static_cast<double>(reducer.stats().buckets_last);
+  state.counters["buffer_bytes_per_rank"] = static_cast<double>(reducer.stats().buffer_bytes);
   state.counters["wire_bytes_per_rank"] = static_cast<double>(reducer.stats().wire_bytes_last);
 }
 
@@ -107,6 +131,14 @@ BENCHMARK_CAPTURE(reducer, fast_fp32, xax::DType::float32, false)->Apply(sizes);
 BENCHMARK_CAPTURE(reducer, deterministic_bf16, xax::DType::bfloat16, true)->Apply(sizes);
 BENCHMARK_CAPTURE(reducer, fast_bf16, xax::DType::bfloat16, false)->Apply(sizes);
 BENCHMARK(mpi_allreduce)->Apply(sizes);
+
+void bucket_sizes(benchmark::internal::Benchmark* b) {
+  for (const std::int64_t bucket : {0, 1 << 16, 1 << 18, 1 << 20})
+    b->Args({1 << 22, bucket})->Iterations(iterations)->Unit(benchmark::kMillisecond);
+}
+BENCHMARK_CAPTURE(bucketed, deterministic_fp32, xax::DType::float32, true)->Apply(bucket_sizes);
+BENCHMARK_CAPTURE(bucketed, fast_fp32, xax::DType::float32, false)->Apply(bucket_sizes);
+BENCHMARK_CAPTURE(bucketed, fast_bf16, xax::DType::bfloat16, false)->Apply(bucket_sizes);
 BENCHMARK_CAPTURE(after_backward, zero0, 0)->Apply(sizes);
 BENCHMARK_CAPTURE(after_backward, zero1, 1)->Apply(sizes);
 

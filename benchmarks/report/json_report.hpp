@@ -99,7 +99,13 @@ inline nlohmann::json to_json(const TrainingRun& run) {
                             {"deterministic", dp->deterministic},
                             {"communication_seconds", dp->communication_seconds},
                             {"communication_share_of_step", dp->communication_share},
-                            {"wire_bytes_per_step", dp->wire_bytes_per_step}};
+                            {"wire_bytes_per_step", dp->wire_bytes_per_step},
+                            {"zero_stage", dp->zero_stage},
+                            {"bucket_size", dp->bucket_size},
+                            {"buckets_per_step", dp->buckets_per_step},
+                            {"reducer_buffer_bytes", dp->reducer_buffer_bytes},
+                            {"master_gather_bytes_per_step", dp->master_gather_bytes_per_step},
+                            {"optimizer_state_bytes", dp->optimizer_state_bytes}};
   }
   if (run.workload == "char-transformer") {
     out["val_loss"] = run.val_loss ? finite_or_null(*run.val_loss) : nlohmann::json();

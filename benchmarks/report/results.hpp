@@ -41,13 +41,19 @@ struct TensorBytes {
 /// gradient exchange cost (xax::distributed::ReductionStats of rank 0).
 struct DataParallelRecord {
   int world_size = 1;
-  std::int64_t accumulation_steps = 1;  ///< micro-batches per step, shared by the ranks
-  std::int64_t micro_batch_size = 0;    ///< examples per micro-batch (global batch / accumulation_steps)
-  std::string wire_dtype = "float32";   ///< the gradients' type on the wire
-  bool deterministic = true;            ///< bit-identical params for any world size
-  double communication_seconds = 0;     ///< rank 0's time in the gradient reduction, over the run
-  double communication_share = 0;       ///< communication_seconds / the run's summed step time
-  std::size_t wire_bytes_per_step = 0;  ///< bytes rank 0 sent to other ranks per step
+  std::int64_t accumulation_steps = 1;   ///< micro-batches per step, shared by the ranks
+  std::int64_t micro_batch_size = 0;     ///< examples per micro-batch (global batch / accumulation_steps)
+  std::string wire_dtype = "float32";    ///< the gradients' type on the wire
+  bool deterministic = true;             ///< bit-identical params for any world size
+  double communication_seconds = 0;      ///< rank 0's time in the gradient reduction, over the run
+  double communication_share = 0;        ///< communication_seconds / the run's summed step time
+  std::size_t wire_bytes_per_step = 0;   ///< bytes rank 0 sent to other ranks per step
+  std::int64_t zero_stage = 0;           ///< 0: optimizer state replicated; 1: sharded (ZeRO-1)
+  std::int64_t bucket_size = 0;          ///< gradient elements per reduction bucket (0: one bucket)
+  std::size_t buckets_per_step = 0;      ///< buckets the gradient was reduced in
+  std::size_t reducer_buffer_bytes = 0;  ///< rank 0's gradient-reducer buffers
+  std::size_t master_gather_bytes_per_step = 0;  ///< ZeRO-1: bytes rank 0 sent in the masters' all-gather
+  std::size_t optimizer_state_bytes = 0;         ///< rank 0's optimizer state (its shard under ZeRO-1)
 };
 
 /// One training run: a policy on a configuration.

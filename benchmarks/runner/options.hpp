@@ -59,7 +59,12 @@ struct Options {
   /// Micro-batches per MLP training step (0: 1, or the world size under mpirun); --batch-size stays the
   /// global batch.
   std::int64_t accumulation_steps = 0;
-  bool data_parallel = false;   ///< --data-parallel: initialise MPI even when no launcher's variables are set
+  bool data_parallel = false;  ///< --data-parallel: initialise MPI even when no launcher's variables are set
+  /// Data-parallel training only (DataParallelConfig's fields): the gradients' wire type, the ZeRO stage and
+  /// the reducer's bucket size in gradient elements (0: one bucket).
+  std::string wire_dtype = "float32";
+  std::int64_t zero_stage = 0;
+  std::int64_t bucket_size = 0;
   std::string python = "auto";  ///< the interpreter for the PyTorch peer: auto, none, or a path
 
   std::vector<std::string> benchmark_args;  ///< the --benchmark_* flags, for benchmark::Initialize
@@ -207,6 +212,20 @@ inline ParsedOptions parse_options(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("--data-parallel", o.data_parallel,
                "train the MLP data-parallel over MPI (implied under mpirun/mpiexec; needs a build with MPI)");
+  app.add_option("--wire-dtype", o.wire_dtype,
+                 "data-parallel: the type gradients travel in (bfloat16 halves the bytes; each element is "
+                 "summed in fp32 and rounded once)")
+      ->check(CLI::IsMember({"float32", "bfloat16"}))
+      ->capture_default_str();
+  app.add_option("--zero-stage", o.zero_stage,
+                 "data-parallel: 0 (optimizer state on every rank) or 1 (sharded over the ranks, ZeRO-1)")
+      ->check(CLI::IsMember({std::int64_t{0}, std::int64_t{1}}))
+      ->capture_default_str();
+  app.add_option("--bucket-size", o.bucket_size,
+                 "data-parallel: gradient elements reduced per bucket, bounding the reducer's receive, sum "
+                 "and gather buffers (0: the whole gradient in one bucket)")
+      ->check(CLI::Range(std::int64_t{0}, std::int64_t{1} << 40))
+      ->capture_default_str();
   bool no_progress = false;
   app.add_flag("--no-progress", no_progress, "no progress display");
 

@@ -56,6 +56,11 @@ struct TrainingSetup {
   /// Train data-parallel over MPI_COMM_WORLD (every rank its share of each step's micro-batches, gradients
   /// summed in fp32, deterministic): needs a build with MPI and MPI initialised.
   bool data_parallel = false;
+  /// Data-parallel only: xax::distributed::DataParallelConfig's gradient_wire_dtype, zero_stage and
+  /// bucket_size (validated, with the field's name, when the task is built).
+  std::string wire_dtype = "float32";
+  std::int64_t zero_stage = 0;
+  std::int64_t bucket_size = 0;
 };
 
 /// "onednn" or "eigen": what xax::matmul picks in this build when asked for nothing in particular.
@@ -102,11 +107,40 @@ struct RunRecorder {
 
 /// No extra base: the single-process task.
 template <class Derived>
-struct SingleProcess {};
+struct SingleProcess {
+  explicit SingleProcess(const TrainingSetup& /*setup*/) {}
+};
+
+#if XAX_HAS_MPI
+/// The data-parallel base: DataParallelMixin configured from the setup's wire type, ZeRO stage and bucket
+/// size, and the optimizer ZeRO-1 needs (under zero_stage 0 the same optimizer, unsharded).
+template <class Derived>
+class ConfiguredDataParallel : public xax::distributed::DataParallelMixin<Derived> {
+ public:
+  explicit ConfiguredDataParallel(const TrainingSetup& setup)
+      : xax::distributed::DataParallelMixin<Derived>(data_parallel_config(setup)) {}
+
+  template <class Params>
+  auto make_optimizer(const Params& like) const {
+    return this->sharded_optimizer(like, static_cast<const Derived&>(*this).config().optimizer_options());
+  }
+
+ private:
+  static xax::distributed::DataParallelConfig data_parallel_config(const TrainingSetup& setup) {
+    xax::distributed::DataParallelConfig config;
+    config.gradient_wire_dtype = setup.wire_dtype;
+    config.zero_stage = setup.zero_stage;
+    config.bucket_size = setup.bucket_size;
+    config.validate_data_parallel();
+    return config;
+  }
+};
+#endif
 
 /// The user task: an MLP classifier, its data, and hooks that feed the recorder and the progress line.
-/// `Extra` is one more CRTP base: SingleProcess, or xax::distributed::DataParallelMixin (default-constructed:
-/// fp32 wire, deterministic reduction, no ZeRO), which is all it takes to train data-parallel.
+/// `Extra` is one more CRTP base, constructed from the setup: SingleProcess, or ConfiguredDataParallel
+/// (xax::distributed::DataParallelMixin with the setup's wire type, ZeRO stage and bucket size, deterministic
+/// reduction), which is all it takes to train data-parallel.
 template <template <class> class Extra>
 class BasicMlpTask : public xax::TrainMixin<BasicMlpTask<Extra>, MlpConfig>,
                      public xax::MixedPrecisionMixin<BasicMlpTask<Extra>, MlpConfig>,
@@ -123,6 +157,7 @@ class BasicMlpTask : public xax::TrainMixin<BasicMlpTask<Extra>, MlpConfig>,
   BasicMlpTask(MlpConfig config, const TrainingSetup& setup, const xax::ClassificationSplits& data,
                RunRecorder& recorder, Progress& progress, std::int64_t total_steps)
       : TrainMixin(std::move(config)),
+        Extra<BasicMlpTask<Extra>>(setup),
         setup_(&setup),
         data_(&data),
         recorder_(&recorder),
@@ -283,7 +318,7 @@ class BasicMlpTask : public xax::TrainMixin<BasicMlpTask<Extra>, MlpConfig>,
 
 using MlpTask = BasicMlpTask<SingleProcess>;
 #if XAX_HAS_MPI
-using DataParallelMlpTask = BasicMlpTask<xax::distributed::DataParallelMixin>;
+using DataParallelMlpTask = BasicMlpTask<ConfiguredDataParallel>;
 #endif
 
 inline double percentile(std::vector<double> values, double fraction) {
@@ -419,6 +454,12 @@ inline TrainingRun run_training(const TrainingSetup& setup, const xax::Classific
           for (const double ms : recorder.step_ms) step_seconds += ms / 1000.0;
           record.communication_share = step_seconds > 0 ? stats.seconds / step_seconds : 0;
           record.wire_bytes_per_step = stats.wire_bytes_last;
+          record.zero_stage = task.zero_stage();
+          record.bucket_size = static_cast<std::int64_t>(task.reducer_options().bucket_size);
+          record.buckets_per_step = stats.buckets_last;
+          record.reducer_buffer_bytes = stats.buffer_bytes;
+          record.master_gather_bytes_per_step = task.master_gather_bytes_per_step();
+          record.optimizer_state_bytes = task.train_state_bytes().optimizer;
           run.data_parallel = record;
         });
 #else

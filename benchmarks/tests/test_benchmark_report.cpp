@@ -115,6 +115,12 @@ TEST(ReportJson, HoldsWorldSizeParamsCrcAndDataParallelFigures) {
   record.communication_seconds = 1.5;
   record.communication_share = 0.25;
   record.wire_bytes_per_step = 123456;
+  record.zero_stage = 1;
+  record.bucket_size = 65536;
+  record.buckets_per_step = 5;
+  record.reducer_buffer_bytes = 777;
+  record.master_gather_bytes_per_step = 888;
+  record.optimizer_state_bytes = 999;
   report.training[0].data_parallel = record;
   const nlohmann::json json = xax_bench::to_json(report);
   EXPECT_EQ(json.at("world_size"), 2);
@@ -129,6 +135,12 @@ TEST(ReportJson, HoldsWorldSizeParamsCrcAndDataParallelFigures) {
   EXPECT_DOUBLE_EQ(dp.at("communication_seconds").get<double>(), 1.5);
   EXPECT_DOUBLE_EQ(dp.at("communication_share_of_step").get<double>(), 0.25);
   EXPECT_EQ(dp.at("wire_bytes_per_step"), 123456);
+  EXPECT_EQ(dp.at("zero_stage"), 1);
+  EXPECT_EQ(dp.at("bucket_size"), 65536);
+  EXPECT_EQ(dp.at("buckets_per_step"), 5);
+  EXPECT_EQ(dp.at("reducer_buffer_bytes"), 777);
+  EXPECT_EQ(dp.at("master_gather_bytes_per_step"), 888);
+  EXPECT_EQ(dp.at("optimizer_state_bytes"), 999);
   if (report.training.size() > 1) {
     EXPECT_TRUE(json.at("training").at(1).at("params_crc32").is_null());
     EXPECT_FALSE(json.at("training").at(1).contains("data_parallel"));

@@ -397,6 +397,51 @@ TEST_F(DataParallelRun, CommunicationIsRecordedPerRun) {
   }
 }
 
+// 4 ranks with --zero-stage 1 --bucket-size 65536 (benchmark.e2e_data_parallel.run_np4), beside one process
+// running the same 4 micro-batches per step (np1_acc4/): ZeRO-1 and buckets change no bit of the params, and
+// the report records both settings.
+class DataParallelFourRanks : public BenchmarkRun {
+ protected:
+  void SetUp() override {
+    BenchmarkRun::SetUp();
+    reference_ = read_report("np1_acc4");
+  }
+  [[nodiscard]] std::filesystem::path report_subdirectory() const override { return "np4"; }
+  nlohmann::json reference_;
+};
+
+TEST_F(DataParallelFourRanks, ZeroOneWithBucketsIsBitIdenticalToOneProcessAndRecorded) {
+  EXPECT_EQ(report_.at("world_size"), 4);
+  std::map<std::string, nlohmann::json> reference;
+  for (const nlohmann::json& run : reference_.at("training")) {
+    if (run.at("configuration") == "standard") reference[run.at("policy")] = run;
+  }
+  const auto found = runs("mlp", "standard");
+  ASSERT_EQ(found.size(), 1u);
+  for (const auto& [policy, run] : found) {
+    ASSERT_TRUE(reference.contains(policy)) << policy;
+    ASSERT_TRUE(run.at("params_crc32").is_string()) << policy;
+    EXPECT_EQ(run.at("params_crc32"), reference.at(policy).at("params_crc32")) << policy;
+    EXPECT_EQ(run.at("steps"), reference.at(policy).at("steps")) << policy;
+    const nlohmann::json& dp = run.at("data_parallel");
+    EXPECT_EQ(dp.at("world_size"), 4);
+    EXPECT_EQ(dp.at("accumulation_steps"), 4);
+    EXPECT_EQ(dp.at("zero_stage"), 1);
+    EXPECT_EQ(dp.at("bucket_size"), 65536);
+    const std::vector<std::int64_t> sizes = run.at("layer_sizes");
+    std::int64_t parameters = 0;
+    for (std::size_t i = 1; i < sizes.size(); ++i) parameters += sizes[i - 1] * sizes[i] + sizes[i];
+    EXPECT_EQ(dp.at("buckets_per_step"), (parameters + 65535) / 65536);
+    // ZeRO-1: rank 0 holds about a quarter of AdamW's two fp32 moments (8 bytes per parameter) and sends its
+    // quarter of the fp32 masters to 3 ranks per step.
+    const auto optimizer = dp.at("optimizer_state_bytes").get<std::int64_t>();
+    EXPECT_GT(optimizer, 0);
+    EXPECT_LT(optimizer, 8 * parameters / 4 + 8 * 4096);
+    EXPECT_GT(dp.at("master_gather_bytes_per_step").get<std::int64_t>(), 0);
+    EXPECT_GT(dp.at("reducer_buffer_bytes").get<std::int64_t>(), 0);
+  }
+}
+
 using CharRun = BenchmarkRun;
 
 TEST_F(CharRun, EveryRequestedPolicyTrainedTheGpt) {

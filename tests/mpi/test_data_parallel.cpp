@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <limits>
 #include <span>
+#include <string>
 #include <vector>
 #include <xax/distributed/data_parallel.hpp>
 #include <xax/distributed/shard_sampler.hpp>
@@ -115,6 +116,26 @@ TEST(DataParallelTrainStep, DeterministicMastersAreBitIdenticalToOneProcess) {
   }
   EXPECT_LT(single_results.back().loss, single_results.front().loss);
   EXPECT_EQ(parallel.reduction_stats().reductions, static_cast<std::int64_t>(single_results.size()));
+}
+
+TEST(DataParallelTrainStep, BucketedMastersAreBitIdenticalToOneProcessAndToOneBucket) {
+  SingleTrainer single;
+  train(single, 0, 1);
+  ParallelTrainer bf16_whole(ReducerOptions{.wire = xax::DType::bfloat16, .deterministic = true});
+  train(bf16_whole, bf16_whole.rank(), bf16_whole.world_size());
+  for (const std::size_t bucket : {std::size_t{7}, std::size_t{100}}) {  // of 212 elements
+    ParallelTrainer parallel(
+        ReducerOptions{.wire = xax::DType::float32, .deterministic = true, .bucket_size = bucket});
+    train(parallel, parallel.rank(), parallel.world_size());
+    EXPECT_TRUE(same_bits(flat(parallel.params()), flat(single.params())))
+        << "bucket " << bucket << ", world size " << parallel.world_size();
+    EXPECT_EQ(parallel.reduction_stats().buckets_last, (212 + bucket - 1) / bucket);
+    // bf16 wire: each element still rounded once, so buckets change no bit there either.
+    ParallelTrainer bf16(
+        ReducerOptions{.wire = xax::DType::bfloat16, .deterministic = true, .bucket_size = bucket});
+    train(bf16, bf16.rank(), bf16.world_size());
+    EXPECT_TRUE(same_bits(flat(bf16.params()), flat(bf16_whole.params()))) << "bf16 wire, bucket " << bucket;
+  }
 }
 
 TEST(DataParallelTrainStep, OneRanksOverflowSkipsTheStepOnEveryRank) {
@@ -239,6 +260,18 @@ TEST(DataParallelMixin, FitIsBitIdenticalToOneProcessAndResumesFromAOneProcessCh
   EXPECT_TRUE(same_bits(flat(resumed.params_float32()), flat(single.params_float32())));
 }
 
+TEST(DataParallelMixin, FitWithBucketsFromTheConfigIsBitIdenticalToOneProcess) {
+  xax_test::ClassifierTask single(task_config(), xax_test::make_data(512));
+  single.fit();
+  ParallelConfig config = parallel_config();
+  xax::set_config_field(config, "bucket_size", "50");  // of 212 elements
+  ParallelTask parallel(config);
+  parallel.fit();
+  EXPECT_EQ(parallel.reducer_options().bucket_size, 50u);
+  EXPECT_EQ(parallel.reduction_stats().buckets_last, 5u);  // 212 elements in buckets of 50
+  EXPECT_TRUE(same_bits(flat(parallel.params_float32()), flat(single.params_float32())));
+}
+
 TEST(DataParallelMixin, ConfigSectionAndSharesAreChecked) {
   ParallelConfig config = parallel_config();
   EXPECT_EQ(config.reducer_options().wire, xax::DType::float32);
@@ -248,6 +281,20 @@ TEST(DataParallelMixin, ConfigSectionAndSharesAreChecked) {
   EXPECT_THROW(xax::set_config_field(config, "gradient_wire_dtype", "float16"), xax::ConfigError);
   const auto names = xax::config_field_names(config);
   EXPECT_NE(std::find(names.begin(), names.end(), "deterministic_reduction"), names.end());
+  EXPECT_EQ(config.reducer_options().bucket_size, 0u);
+  xax::set_config_field(config, "bucket_size", "4096");
+  EXPECT_EQ(config.reducer_options().bucket_size, 4096u);
+  ParallelConfig bad_bucket = parallel_config();
+  bad_bucket.bucket_size = -1;
+  try {
+    bad_bucket.validate_data_parallel();
+    ADD_FAILURE() << "bucket_size -1 was accepted";
+  } catch (const xax::ConfigError& error) {
+    EXPECT_NE(std::string(error.what()).find("'bucket_size'"), std::string::npos) << error.what();
+    EXPECT_NE(std::string(error.what()).find("positive number of gradient elements"), std::string::npos);
+  }
+  EXPECT_THROW(ParallelTask{bad_bucket}, xax::ConfigError);
+  EXPECT_THROW(xax::set_config_field(config, "bucket_size", "many"), xax::ConfigError);
 
   ParallelConfig uneven = parallel_config();
   uneven.accumulation_steps = 3;  // not a multiple of 2 or 4 ranks

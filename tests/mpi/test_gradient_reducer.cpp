@@ -8,6 +8,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string>
 #include <tuple>
 #include <vector>
 #include <xax/distributed/gradient_reducer.hpp>
@@ -206,6 +207,95 @@ TEST(GradientReducer, MisuseIsAnError) {
     for (int m = 0; m <= (comm.rank() == 0 ? 1 : 0); ++m)
       reducer.collect(static_cast<std::size_t>(m), 0.0, grads);
     EXPECT_THROW(static_cast<void>(reducer.reduce(grads)), xax::ConfigError);
+  }
+}
+
+// Buckets change no bit: every mode, wire type and bucket size (including buckets smaller than the world,
+// of one element, and larger than the gradient) gives the unbucketed sums, for reduce and reduce_scatter;
+// deterministic fp32 also equals one process's left-to-right sum, so the bits do not depend on the world size
+// either. The buffers shrink with the bucket.
+TEST(GradientReducer, BucketSizeChangesNoBitAndBoundsTheBuffers) {
+  constexpr int shards = 4;
+  const Communicator world_comm;
+  const auto world = static_cast<std::size_t>(world_comm.size());
+  ASSERT_EQ(shards % world_comm.size(), 0) << "run on 1, 2 or 4 ranks";
+  const int per_rank = shards / world_comm.size();
+  const std::size_t n = 37u * 11u + 13u;  // 420 elements
+  // Uneven ZeRO-like shard bounds: rank q owns [bounds[q], bounds[q + 1]).
+  std::vector<std::size_t> bounds(world + 1, 0);
+  for (std::size_t q = 1; q < world; ++q) bounds[q] = n * q * q / (world * world);
+  bounds[world] = n;
+
+  std::vector<float> expected = flat(make_grads(0));  // one process, left to right
+  for (int shard = 1; shard < shards; ++shard) {
+    const std::vector<float> addend = flat(make_grads(shard));
+    for (std::size_t i = 0; i < n; ++i) expected[i] += addend[i];
+  }
+
+  for (const xax::DType wire : {xax::DType::float32, xax::DType::bfloat16}) {
+    for (const bool deterministic : {true, false}) {
+      for (const bool scatter : {false, true}) {
+        std::vector<float> unbucketed;
+        std::size_t unbucketed_buffers = 0;
+        for (const std::size_t bucket : {std::size_t{0}, std::size_t{1}, std::size_t{3}, std::size_t{16},
+                                         std::size_t{100}, n - 1, n, n + 5}) {
+          GradientReducer reducer(
+              Communicator{},
+              ReducerOptions{.wire = wire, .deterministic = deterministic, .bucket_size = bucket});
+          std::vector<float> result;
+          for (int step = 0; step < 2; ++step) {  // buffers reused: the second step must give the same bits
+            Grads grads = make_grads(99);
+            for (int m = 0; m < per_rank; ++m) {
+              reducer.collect(static_cast<std::size_t>(m), 1.0, make_grads(world_comm.rank() * per_rank + m));
+            }
+            const xax::ReducedGradients reduced =
+                scatter ? reducer.reduce_scatter(grads, bounds) : reducer.reduce(grads);
+            EXPECT_EQ(reduced.micro_batches, shards);
+            if (step == 1) {
+              EXPECT_TRUE(same_bits(flat(grads), result)) << "the second step differs";
+            }
+            result = flat(grads);
+          }
+          const std::string where = std::string(xax::dtype_name(wire)) +
+                                    (deterministic ? " deterministic" : " fast") +
+                                    (scatter ? " reduce_scatter" : " reduce") + ", bucket " +
+                                    std::to_string(bucket) + ", " + std::to_string(world) + " ranks";
+          const std::size_t expected_buckets = bucket == 0 ? 1 : (n + bucket - 1) / bucket;
+          EXPECT_EQ(reducer.stats().buckets_last, expected_buckets) << where;
+          if (bucket == 0) {
+            unbucketed = result;
+            unbucketed_buffers = reducer.stats().buffer_bytes;
+            if (scatter) {
+              // Zeros outside this rank's shard.
+              const auto me = static_cast<std::size_t>(world_comm.rank());
+              for (std::size_t i = 0; i < n; ++i) {
+                if (i < bounds[me] || i >= bounds[me + 1]) {
+                  EXPECT_EQ(result[i], 0.0f) << where << " at " << i;
+                }
+              }
+            }
+            if (wire == xax::DType::float32 && deterministic && !scatter) {
+              EXPECT_TRUE(same_bits(result, expected)) << where;
+            }
+          } else {
+            EXPECT_TRUE(same_bits(result, unbucketed)) << where << ": differs from one bucket";
+          }
+          if (bucket == 16) {
+            // Bounded by the bucket: the staged micro-batches (deterministic) or the local sum (fast) are the
+            // whole gradient; every other buffer is at most a few buckets (a vector's
+            // capacity may reach twice its largest size).
+            const std::size_t chunk = (bucket + world - 1) / world;
+            const std::size_t whole =
+                deterministic ? static_cast<std::size_t>(per_rank) * n * (wire == xax::DType::float32 ? 4 : 2)
+                              : n * 4;
+            const std::size_t bucketed =
+                2 * (static_cast<std::size_t>(per_rank) * world * chunk * 4 + 3 * chunk * 4 + 2 * bucket * 4);
+            EXPECT_LE(reducer.stats().buffer_bytes, whole + bucketed) << where;
+            EXPECT_LT(reducer.stats().buffer_bytes, unbucketed_buffers) << where;
+          }
+        }
+      }
+    }
   }
 }
 

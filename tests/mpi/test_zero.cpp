@@ -190,6 +190,21 @@ TEST(ZeroOne, ClippedBfloat16WireRunIsBitIdenticalToStageZero) {
   }
 }
 
+TEST(ZeroOne, BucketedReduceScatterIsBitIdenticalToOneProcess) {
+  // Buckets of 100 elements cut the 3904 gradient elements across the shards' bounds and the leaves'.
+  for (const std::size_t bucket : {std::size_t{1}, std::size_t{100}, std::size_t{1000}}) {
+    ParallelTrainer sharded(
+        1, Communicator{}, adamw,
+        ReducerOptions{.wire = xax::DType::float32, .deterministic = true, .bucket_size = bucket});
+    train(sharded, sharded.rank(), sharded.world_size(), 0, 6);
+    SingleTrainer single;
+    train(single, 0, 1, 0, 6);
+    EXPECT_TRUE(same_bits(flat(sharded.params()), flat(single.params())))
+        << "bucket " << bucket << ", world size " << sharded.world_size();
+    EXPECT_EQ(sharded.reduction_stats().buckets_last, (3904 + bucket - 1) / bucket);
+  }
+}
+
 TEST(ZeroOne, SgdWithMomentumIsBitIdenticalToOneProcess) {
   const xax::optim::SgdOptions sgd{
       .learning_rate = 0.05, .momentum = 0.9, .weight_decay = 1e-3, .nesterov = true};

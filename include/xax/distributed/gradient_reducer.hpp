@@ -21,6 +21,16 @@
 /// and 4 ranks. It costs S/W contributions on the wire per rank instead of one (see README). The fast mode
 /// sums a process's micro-batches locally first and sends one contribution.
 ///
+/// Buckets (ReducerOptions::bucket_size, in elements; 0 = one bucket): the flat gradient is reduced bucket
+/// after bucket, each with the all-to-all, sum and all-gather above over its own elements. The receive, sum
+/// and gather buffers (and the fast mode's bf16 staging) then hold one bucket instead of the whole gradient,
+/// and every MPI message is at most a bucket. Not bounded by it: what must exist before the first exchange,
+/// i.e. in deterministic mode the step's micro-batch gradients in the wire type (S/W x N), in fast mode the
+/// local fp32 sum (N floats, like TrainStep's own accumulator). Each element's sum is the same additions in
+/// the same order whatever bucket it falls in, so results are bit-identical for every bucket size. The
+/// buckets are exchanged after the backward, not overlapped with it: TrainStep computes a micro-batch's
+/// gradients in one loss_and_grads call, so no bucket is ready before the whole backward is done.
+///
 /// With the bfloat16 wire every element is rounded to bf16 when sent and its sum is accumulated in fp32 and
 /// rounded to bf16 once (not at every hop, as a ring all-reduce with a bf16 MPI_Op or NCCL rounds it), which
 /// halves the bytes of both exchanges.
@@ -52,6 +62,12 @@ struct ReducerOptions {
   /// do not depend on the number of processes (bit-identical masters for 1, 2, 4 ranks). Off: each process
   /// sums its micro-batches first and sends one contribution (fewer bytes, same result for a fixed world).
   bool deterministic = true;
+  /// Gradient elements exchanged per bucket (0: the whole gradient in one bucket). The flat gradient is
+  /// reduced bucket after bucket, each with its own all-to-all, sum and all-gather, so the receive, sum and
+  /// gather buffers hold at most this many elements instead of the whole model (see the file comment for
+  /// what is not bounded). Counted in elements, not bytes, so that a config cuts the gradient at the same
+  /// places whatever the wire type; the results are bit-identical for every bucket size.
+  std::size_t bucket_size = 0;
 };
 
 /// What the reducer did, for reports: communication time and bytes.
@@ -61,6 +77,11 @@ struct ReductionStats {
   std::size_t elements = 0;          ///< gradient elements per step (N)
   std::size_t wire_bytes_last = 0;   ///< bytes this rank sent to other ranks in the last step
   std::size_t wire_bytes_total = 0;  ///< the same, summed over all steps
+  std::size_t buckets_last = 0;      ///< buckets the last step's gradient was exchanged in
+  /// Bytes of the reducer's buffers after the last step (their capacities): the staged micro-batch
+  /// gradients (deterministic mode) or local sum (fast mode), and the bucket-bounded receive, sum and
+  /// gather buffers.
+  std::size_t buffer_bytes = 0;
 };
 
 namespace detail {
@@ -87,24 +108,32 @@ void flatten_into(const Tree& tree, std::span<Wire> flat) {
     throw ShapeError("xax::distributed::GradientReducer: the gradient tree shrank between steps");
 }
 
-template <class Wire, class Tree>
-void unflatten_from(std::span<const Wire> flat, Tree& tree) {
+// Adds the floating leaves of `tree`, in tree order, to `flat` element by element (the fast mode's local sum,
+// without a flattened copy of the addend).
+template <class Tree>
+void add_into(const Tree& tree, std::span<float> flat) {
   std::size_t offset = 0;
   for_each_leaf(
-      [&]<class L>(L& leaf) {
+      [&]<class L>(const L& leaf) {
         if constexpr (floating_leaf<L>) {
-          auto values = leaf_span(leaf);
-          convert(flat.subspan(offset, values.size()), values);
+          const auto values = leaf_span(leaf);
+          if (offset + values.size() > flat.size())
+            throw ShapeError(
+                "xax::distributed::GradientReducer: the gradient tree grew between micro-batches");
+          float* const out = flat.data() + offset;
+          for (std::size_t i = 0; i < values.size(); ++i) out[i] += values[i];
           offset += values.size();
         }
       },
       tree);
+  if (offset != flat.size())
+    throw ShapeError("xax::distributed::GradientReducer: the gradient tree shrank between micro-batches");
 }
 
 // Writes `values`, the flat elements [begin, begin + values.size()) of the gradient, into the floating
-// leaves of `tree` in tree order, and zeros into every other element.
-template <class Tree>
-void write_range_zero_elsewhere(std::span<const float> values, std::size_t begin, Tree& tree) {
+// leaves of `tree` in tree order (widened to float), and leaves every other element as it is.
+template <class Wire, class Tree>
+void write_range(std::span<const Wire> values, std::size_t begin, Tree& tree) {
   std::size_t offset = 0;
   const std::size_t end = begin + values.size();
   for_each_leaf(
@@ -113,13 +142,30 @@ void write_range_zero_elsewhere(std::span<const float> values, std::size_t begin
           auto out = leaf_span(leaf);
           const std::size_t first = std::max(begin, offset);
           const std::size_t last = std::min(end, offset + out.size());
-          std::fill(out.begin(), out.end(), 0.0f);
           if (first < last)
-            std::copy_n(values.data() + (first - begin), last - first, out.data() + (first - offset));
+            convert(values.subspan(first - begin, last - first), out.subspan(first - offset, last - first));
           offset += out.size();
         }
       },
       tree);
+}
+
+// Sets every floating leaf of `tree` to zero.
+template <class Tree>
+void zero_floating_leaves(Tree& tree) {
+  for_each_leaf(
+      [&]<class L>(L& leaf) {
+        if constexpr (floating_leaf<L>) {
+          auto out = leaf_span(leaf);
+          std::fill(out.begin(), out.end(), 0.0f);
+        }
+      },
+      tree);
+}
+
+template <class T>
+std::size_t capacity_bytes(const std::vector<T>& v) {
+  return v.capacity() * sizeof(T);
 }
 
 }  // namespace detail
@@ -212,8 +258,7 @@ class GradientReducer {
       if (index == 0) {
         detail::flatten_into(grads, std::span<float>(local_sum_));
       } else {
-        detail::flatten_into(grads, std::span<float>(scratch_));
-        for (std::size_t i = 0; i < elements_; ++i) local_sum_[i] += scratch_[i];
+        detail::add_into(grads, std::span<float>(local_sum_));
       }
     }
   }
@@ -279,62 +324,94 @@ class GradientReducer {
     double loss_sum = 0;
     for (const double loss : all_losses_) loss_sum += loss;  // micro-batch order, as TrainStep sums
 
-    // Chunk q of the flattened gradient, [begin(q), begin(q + 1)), is summed by rank q.
-    chunk_counts_.resize(world);
-    chunk_offsets_.resize(world);
     if (!bounds.empty() && (bounds.size() != world + 1 || bounds.front() != 0 || bounds.back() != elements_ ||
                             !std::is_sorted(bounds.begin(), bounds.end()))) {
       throw ShapeError("xax::distributed::GradientReducer::reduce_scatter: the shard bounds do not cut the " +
                        std::to_string(elements_) + " gradient elements into " + std::to_string(world) +
                        " contiguous ranges");
     }
-    for (std::size_t q = 0; q < world; ++q) {
-      const std::size_t begin = bounds.empty() ? elements_ * q / world : bounds[q];
-      const std::size_t end = bounds.empty() ? elements_ * (q + 1) / world : bounds[q + 1];
-      chunk_offsets_[q] = Communicator::as_count(begin, "MPI_Alltoallv");
-      chunk_counts_[q] = Communicator::as_count(end - begin, "MPI_Alltoallv");
-    }
-    const auto mine = static_cast<std::size_t>(chunk_counts_[me]);
     const std::size_t per_rank = options_.deterministic ? local : 1;  // contributions each rank sends
+    // ZeRO-1 leaves zeros outside this rank's shard; the buckets below write the shard's sums.
+    if (scatter_only) detail::zero_floating_leaves(grads);
 
-    if (wire_is_bf16()) {
-      if (!options_.deterministic) {
-        send16_.resize(elements_);
-        convert(std::span<const float>(local_sum_), std::span<bfloat16>(send16_));
+    // The flat gradient is reduced in buckets of at most bucket_size elements, one after the other. Within
+    // bucket [b0, b1), chunk q is summed by rank q. Each element's sum is the same additions in the same
+    // order (contribution after contribution) whichever bucket and chunk it falls in, so the bucket size
+    // changes no bit of the result.
+    const std::size_t bucket =
+        options_.bucket_size == 0 ? elements_ : std::min(options_.bucket_size, elements_);
+    chunk_counts_.resize(world);
+    chunk_offsets_.resize(world);
+    std::size_t wire_elements = 0;  // elements this rank sends to other ranks in this step
+    std::size_t buckets = 0;
+    for (std::size_t b0 = 0; b0 < elements_; b0 += bucket) {
+      const std::size_t b1 = std::min(b0 + bucket, elements_);
+      const std::size_t length = b1 - b0;
+      ++buckets;
+      // Chunk q of this bucket, as offsets relative to b0: a proportional cut, or the bucket's part of rank
+      // q's shard.
+      for (std::size_t q = 0; q < world; ++q) {
+        const std::size_t begin = bounds.empty() ? b0 + length * q / world : std::clamp(bounds[q], b0, b1);
+        const std::size_t end =
+            bounds.empty() ? b0 + length * (q + 1) / world : std::clamp(bounds[q + 1], b0, b1);
+        chunk_offsets_[q] = Communicator::as_count(begin - b0, "MPI_Alltoallv");
+        chunk_counts_[q] = Communicator::as_count(end - begin, "MPI_Alltoallv");
       }
-      exchange_and_sum<bfloat16>(send16_, receive16_, per_rank, mine);
-      sum16_.resize(mine);
-      convert(std::span<const float>(sum_), std::span<bfloat16>(sum16_));  // rounded once
-      if (scatter_only) {
-        convert(std::span<const bfloat16>(sum16_), std::span<float>(sum_));  // the bits the others would get
-        detail::write_range_zero_elsewhere(std::span<const float>(sum_),
-                                           static_cast<std::size_t>(chunk_offsets_[me]), grads);
+      const auto mine = static_cast<std::size_t>(chunk_counts_[me]);
+      const std::size_t mine_begin = b0 + static_cast<std::size_t>(chunk_offsets_[me]);
+      wire_elements += per_rank * (length - mine) + (scatter_only ? 0 : mine * (world - 1));
+
+      if (wire_is_bf16()) {
+        const bfloat16* send = nullptr;
+        std::size_t stride = 0;
+        if (options_.deterministic) {
+          send = send16_.data() + b0;
+          stride = elements_;
+        } else {
+          // Only this bucket of the local sum is rounded to the wire type: the staging buffer is a bucket.
+          send16_.resize(length);
+          convert(std::span<const float>(local_sum_).subspan(b0, length), std::span<bfloat16>(send16_));
+          send = send16_.data();
+          stride = length;
+        }
+        exchange_and_sum<bfloat16>(send, stride, receive16_, per_rank, mine);
+        sum16_.resize(mine);
+        convert(std::span<const float>(sum_), std::span<bfloat16>(sum16_));  // rounded once
+        if (scatter_only) {
+          // The bits the other ranks would get.
+          detail::write_range(std::span<const bfloat16>(sum16_), mine_begin, grads);
+        } else {
+          gathered16_.resize(length);
+          comm_.all_gather_v(sum16_.data(), static_cast<int>(mine), gathered16_.data(), chunk_counts_.data(),
+                             chunk_offsets_.data());
+          detail::write_range(std::span<const bfloat16>(gathered16_), b0, grads);
+        }
       } else {
-        gathered16_.resize(elements_);
-        comm_.all_gather_v(sum16_.data(), static_cast<int>(mine), gathered16_.data(), chunk_counts_.data(),
-                           chunk_offsets_.data());
-        detail::unflatten_from(std::span<const bfloat16>(gathered16_), grads);
-      }
-    } else {
-      exchange_and_sum<float>(options_.deterministic ? send32_ : local_sum_, receive32_, per_rank, mine);
-      if (scatter_only) {
-        detail::write_range_zero_elsewhere(std::span<const float>(sum_),
-                                           static_cast<std::size_t>(chunk_offsets_[me]), grads);
-      } else {
-        gathered32_.resize(elements_);
-        comm_.all_gather_v(sum_.data(), static_cast<int>(mine), gathered32_.data(), chunk_counts_.data(),
-                           chunk_offsets_.data());
-        detail::unflatten_from(std::span<const float>(gathered32_), grads);
+        const float* send = options_.deterministic ? send32_.data() + b0 : local_sum_.data() + b0;
+        exchange_and_sum<float>(send, elements_, receive32_, per_rank, mine);
+        if (scatter_only) {
+          detail::write_range(std::span<const float>(sum_), mine_begin, grads);
+        } else {
+          gathered32_.resize(length);
+          comm_.all_gather_v(sum_.data(), static_cast<int>(mine), gathered32_.data(), chunk_counts_.data(),
+                             chunk_offsets_.data());
+          detail::write_range(std::span<const float>(gathered32_), b0, grads);
+        }
       }
     }
 
-    // Bytes this rank put on the wire: its contributions to the other ranks' chunks, and its own chunk's
-    // sum to every other rank.
+    // Bytes this rank put on the wire: its contributions to the other ranks' chunks, and its own chunks'
+    // sums to every other rank.
     const std::size_t wire_size = wire_is_bf16() ? 2 : 4;
-    stats_.wire_bytes_last =
-        (per_rank * (elements_ - mine) + (scatter_only ? 0 : mine * (world - 1))) * wire_size;
+    stats_.wire_bytes_last = wire_elements * wire_size;
     stats_.wire_bytes_total += stats_.wire_bytes_last;
     stats_.elements = elements_;
+    stats_.buckets_last = buckets;
+    stats_.buffer_bytes = detail::capacity_bytes(local_sum_) + detail::capacity_bytes(send32_) +
+                          detail::capacity_bytes(receive32_) + detail::capacity_bytes(sum_) +
+                          detail::capacity_bytes(widened_) + detail::capacity_bytes(gathered32_) +
+                          detail::capacity_bytes(send16_) + detail::capacity_bytes(receive16_) +
+                          detail::capacity_bytes(sum16_) + detail::capacity_bytes(gathered16_);
     ++stats_.reductions;
     stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     local_losses_.clear();
@@ -352,17 +429,17 @@ class GradientReducer {
       structure_checked_ = false;
       if (!options_.deterministic) {
         local_sum_.resize(n);
-        scratch_.resize(n);
       }
     }
   }
 
-  // Sends chunk q of each of this rank's `per_rank` contributions to rank q, receives every rank's
+  // Within the current bucket, sends chunk q of each of this rank's `per_rank` contributions to rank q
+  // (contribution j starts at send + j * stride; chunk_offsets_ are relative to it), receives every rank's
   // contributions to this rank's chunk (`mine` elements) and adds them in fp32, rank by rank and within a
   // rank in micro-batch order, into sum_.
   template <class Wire>
-  void exchange_and_sum(const std::vector<Wire>& send, std::vector<Wire>& receive, std::size_t per_rank,
-                        std::size_t mine) {
+  void exchange_and_sum(const Wire* send, std::size_t stride, std::vector<Wire>& receive,
+                        std::size_t per_rank, std::size_t mine) {
     const auto world = static_cast<std::size_t>(comm_.size());
     receive.resize(world * per_rank * mine);
     receive_counts_.assign(world, static_cast<int>(mine));
@@ -371,8 +448,8 @@ class GradientReducer {
       for (std::size_t p = 0; p < world; ++p) {
         receive_offsets_[p] = Communicator::as_count((p * per_rank + j) * mine, "MPI_Alltoallv");
       }
-      comm_.all_to_all_v(send.data() + j * elements_, chunk_counts_.data(), chunk_offsets_.data(),
-                         receive.data(), receive_counts_.data(), receive_offsets_.data());
+      comm_.all_to_all_v(send + j * stride, chunk_counts_.data(), chunk_offsets_.data(), receive.data(),
+                         receive_counts_.data(), receive_offsets_.data());
     }
     sum_.resize(mine);
     const std::size_t contributions = world * per_rank;
@@ -402,7 +479,7 @@ class GradientReducer {
   std::vector<std::int64_t> counts_;
   std::vector<int> int_counts_, int_offsets_, chunk_counts_, chunk_offsets_, receive_counts_,
       receive_offsets_;
-  std::vector<float> local_sum_, scratch_, send32_, receive32_, sum_, widened_, gathered32_;
+  std::vector<float> local_sum_, send32_, receive32_, sum_, widened_, gathered32_;
   std::vector<bfloat16> send16_, receive16_, sum16_, gathered16_;
 };
 

@@ -409,6 +409,8 @@ void TrainMixin<Derived, Config>::load_checkpoint(const std::filesystem::path& p
   rng_ = rng;
   epoch_rng_ = epoch_rng;
   resumed_ = batch_in_epoch_ > 0;
+  // A data-parallel task checks, on every process, that all processes now hold the same state.
+  if constexpr (requires { derived().verify_loaded_state(); }) derived().verify_loaded_state();
 }
 
 }  // namespace xax
