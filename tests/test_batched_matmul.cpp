@@ -1,12 +1,20 @@
 // xax::batched_matmul: every slice against a double reference for the transpose combinations attention
-// uses, fp32 accumulation, accumulate, and shape errors.
+// uses, fp32 accumulation, accumulate, shape and aliasing errors, the batched oneDNN primitive taken exactly
+// where xax::matmul's dispatch would use oneDNN, and the same bits on one and two threads.
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <vector>
+#include <xax/ops/backend/native_kernel.hpp>
 #include <xax/ops/batched_matmul.hpp>
 #include <xax/utils/error.hpp>
+#include <xax/utils/platform.hpp>
 #include <xax/utils/threads.hpp>
 
+#include "cpu_flags.hpp"
 #include "op_testing.hpp"
 
 namespace {
@@ -147,6 +155,172 @@ TYPED_TEST(BatchedMatmulTyped, SharingSlicesBetweenThreadsGivesTheSingleThreadRe
     const Eigen::Map<const Eigen::MatrixXf> got(two.data() + b * tokens * tokens, tokens, tokens);
     EXPECT_TRUE(xax_test::near_reference(got, expected, 1e-5, 1e-5)) << "slice " << b;
   }
+}
+
+}  // namespace
+
+// --- The batched oneDNN primitive (issue 14) --------------------------------------------------------------
+//
+// ctest also runs this file under the CPU classes this machine can stand in for (tests/CMakeLists.txt sets
+// XAX_MAX_CPU_ISA and ONEDNN_MAX_CPU_ISA), so the bf16 batch is seen both on its native 3-D primitive and
+// declined to the per-slice widening path.
+
+namespace {
+
+constexpr bool built_with_onednn = xax::matmul_backend_available(xax::MatmulBackend::onednn);
+
+// Attention's shapes (head 32, block 64), in every combination of transposes it uses, against a double
+// reference whose tolerance is the fp32 accumulation bound (k + 1) u sum |a||b| plus one rounding to the
+// output type.
+TYPED_TEST(BatchedMatmulTyped, AttentionShapesMatchDoubleReferenceOnEveryPath) {
+  using T = TypeParam;
+  constexpr Eigen::Index head = 32, tokens = 64, batch = 12;
+  struct Product {
+    const char* name;
+    Eigen::Index a_rows, a_cols, b_rows, b_cols;
+    bool ta, tb;
+  };
+  // scores = K^T Q, y = V P, dV = dY P^T, dP = V^T dY (the dK = Q dS^T, dQ = K dS products repeat them).
+  for (const Product& p : {Product{"K^T Q", head, tokens, head, tokens, true, false},
+                           Product{"V P", head, tokens, tokens, tokens, false, false},
+                           Product{"dY P^T", head, tokens, tokens, tokens, false, true},
+                           Product{"V^T dY", head, tokens, head, tokens, true, false}}) {
+    const Tensor3<T> a = random_tensor<T>(p.a_rows, p.a_cols, batch, 31);
+    const Tensor3<T> b = random_tensor<T>(p.b_rows, p.b_cols, batch, 32);
+    for (const xax::MatmulBackend backend : {xax::MatmulBackend::automatic, xax::MatmulBackend::eigen}) {
+      Tensor3<float> c32;
+      Tensor3<T> c;
+      const xax::MatmulOptions options{.transpose_a = p.ta, .transpose_b = p.tb, .backend = backend};
+      xax::batched_matmul(a, b, c32, options);
+      xax::batched_matmul(a, b, c, options);
+      const Eigen::Index m = c.dimension(0), n = c.dimension(1), k = p.ta ? p.a_rows : p.a_cols;
+      for (Eigen::Index i = 0; i < batch; ++i) {
+        const Eigen::MatrixXd sa = p.ta ? Eigen::MatrixXd(slice(a, i).transpose()) : slice(a, i);
+        const Eigen::MatrixXd sb = p.tb ? Eigen::MatrixXd(slice(b, i).transpose()) : slice(b, i);
+        const Eigen::MatrixXd expected = sa * sb;
+        const double accumulation =
+            static_cast<double>(k + 1) * std::ldexp(1.0, -24) * (sa.cwiseAbs() * sb.cwiseAbs()).maxCoeff();
+        EXPECT_TRUE(xax_test::near_reference(Eigen::Map<const Eigen::MatrixXf>(c32.data() + i * m * n, m, n),
+                                             expected, 0.0, accumulation))
+            << p.name << " slice " << i << " backend " << xax::matmul_backend_name(backend);
+        EXPECT_TRUE(xax_test::near_reference(Eigen::Map<const Matrix<T>>(c.data() + i * m * n, m, n),
+                                             expected, xax_test::half_ulp<T>() * 1.01, accumulation))
+            << p.name << " slice " << i << " backend " << xax::matmul_backend_name(backend);
+      }
+    }
+  }
+}
+
+// The batch takes the 3-D primitive exactly where xax::matmul would give one slice to oneDNN, and runs on
+// the same kernel; elsewhere each slice takes xax::matmul's own path.
+TYPED_TEST(BatchedMatmulTyped, TakesTheBatchedPrimitiveExactlyWhereMatmulWouldUseOneDnn) {
+  using T = TypeParam;
+  constexpr Eigen::Index head = 32, tokens = 64, batch = 6;
+  const Tensor3<T> k = random_tensor<T>(head, tokens, batch, 41);
+  const Tensor3<T> q = random_tensor<T>(head, tokens, batch, 42);
+  const Eigen::Map<const Matrix<T>> k0(k.data(), head, tokens), q0(q.data(), head, tokens);
+  Matrix<float> one_slice;
+  xax::matmul(k0, q0, one_slice, {.transpose_a = true});
+  const std::string slice_kernel = xax::last_matmul_implementation();
+  // The 2-D path may use oneDNN's fp32 kernel on widened panels: that is not a oneDNN product of T.
+  const bool onednn_runs_slice =
+      slice_kernel.starts_with("onednn:") && slice_kernel.find("widened") == std::string::npos;
+
+  Tensor3<float> scores;
+  xax::batched_matmul(k, q, scores, {.transpose_a = true});
+  const std::string batch_kernel = xax::last_matmul_implementation();
+  SCOPED_TRACE("one slice: " + slice_kernel + "; the batch: " + batch_kernel);
+  if (onednn_runs_slice) {
+    EXPECT_EQ(batch_kernel, slice_kernel + " (3-D, batch " + std::to_string(batch) + ")");
+  } else {
+    EXPECT_EQ(batch_kernel, slice_kernel);
+    EXPECT_EQ(batch_kernel.find("3-D"), std::string::npos);
+  }
+  Tensor3<float> by_eigen;
+  xax::batched_matmul(k, q, by_eigen, {.transpose_a = true, .backend = xax::MatmulBackend::eigen});
+  EXPECT_TRUE(xax::last_matmul_implementation().starts_with("eigen:")) << xax::last_matmul_implementation();
+}
+
+// Independently of xax's dispatch code: a build with oneDNN on a CPU whose flags (from /proc/cpuinfo) include
+// AVX512_BF16, not capped below that class, must run a bf16 batch natively as one 3-D primitive; float
+// batches always go to oneDNN's fp32 kernel in such a build.
+TEST(BatchedMatmulPrimitive, Bfloat16BatchRunsNativelyAsOnePrimitiveWhereTheCpuHasAvx512Bf16) {
+  if (!built_with_onednn) GTEST_SKIP() << "built without oneDNN";
+  const auto flags = xax_test::os_cpu_flags();
+  if (!flags || !flags->contains("avx512_bf16")) GTEST_SKIP() << "this CPU has no AVX512_BF16";
+  for (const char* variable : {"XAX_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA"}) {
+    const char* value = std::getenv(variable);  // NOLINT(concurrency-mt-unsafe): tests do not change it
+    if (value != nullptr && xax::parse_cpu_isa(value) < xax::CpuIsa::avx512_core_bf16) {
+      GTEST_SKIP() << variable << "=" << value << " caps the CPU below AVX512_CORE_BF16";
+    }
+  }
+  constexpr Eigen::Index head = 32, tokens = 64, batch = 48;
+  const Tensor3<xax::bfloat16> v = random_tensor<xax::bfloat16>(head, tokens, batch, 51);
+  const Tensor3<xax::bfloat16> probs = random_tensor<xax::bfloat16>(tokens, tokens, batch, 52);
+  const Tensor3<float> v32 = random_tensor<float>(head, tokens, batch, 53);
+  const Tensor3<float> probs32 = random_tensor<float>(tokens, tokens, batch, 54);
+  // One thread runs the whole batch as one primitive; two share it out, one primitive of 24 slices each.
+  for (const int threads : {1, 2}) {
+    xax::set_num_threads(threads);
+    const std::string batched = " (3-D, batch " + std::to_string(batch / threads) + ")";
+    Tensor3<xax::bfloat16> y;
+    xax::batched_matmul(v, probs, y);
+    const std::string kernel = xax::last_matmul_implementation();
+    EXPECT_TRUE(kernel.starts_with("onednn:")) << kernel;
+    EXPECT_NE(kernel.find(batched), std::string::npos) << threads << " threads: " << kernel;
+    const std::string name = kernel.substr(7, kernel.find(" (3-D") - 7);
+    EXPECT_TRUE(xax::detail::native_half_kernel(name, xax::DType::bfloat16)) << kernel;
+
+    Tensor3<float> y32;
+    xax::batched_matmul(v32, probs32, y32);
+    EXPECT_NE(xax::last_matmul_implementation().find(batched), std::string::npos)
+        << threads << " threads: " << xax::last_matmul_implementation();
+  }
+  xax::set_num_threads(1);
+}
+
+// Every transpose attention uses, shared unevenly between two threads (37 slices: 18 + 19), gives the one-
+// thread result bit for bit, with a 16-bit output too.
+TYPED_TEST(BatchedMatmulTyped, EveryTransposeIsBitIdenticalOnOneAndTwoThreads) {
+  using T = TypeParam;
+  constexpr Eigen::Index head = 32, tokens = 64, batch = 37;
+  for (const bool ta : {false, true}) {
+    for (const bool tb : {false, true}) {
+      const Tensor3<T> a =
+          ta ? random_tensor<T>(tokens, head, batch, 61) : random_tensor<T>(head, tokens, batch, 61);
+      const Tensor3<T> b =
+          tb ? random_tensor<T>(tokens, tokens, batch, 62) : random_tensor<T>(tokens, tokens, batch, 62);
+      Tensor3<T> one, two;
+      xax::set_num_threads(1);
+      xax::batched_matmul(a, b, one, {.transpose_a = ta, .transpose_b = tb});
+      const std::string kernel = xax::last_matmul_implementation();
+      xax::set_num_threads(2);
+      xax::batched_matmul(a, b, two, {.transpose_a = ta, .transpose_b = tb});
+      xax::set_num_threads(1);
+      ASSERT_EQ(one.size(), two.size());
+      for (Eigen::Index i = 0; i < one.size(); ++i) {
+        ASSERT_EQ(static_cast<float>(one.data()[i]), static_cast<float>(two.data()[i]))
+            << "element " << i << " ta " << ta << " tb " << tb << " (" << kernel << ")";
+      }
+    }
+  }
+}
+
+TEST(BatchedMatmul, AnOutputSharingMemoryWithAnInputIsAnError) {
+  Tensor3<float> a = random_tensor<float>(4, 4, 3, 71);
+  const Tensor3<float> b = random_tensor<float>(4, 4, 3, 72);
+  try {
+    xax::batched_matmul(a, b, a);
+    ADD_FAILURE() << "an output aliasing A was accepted";
+  } catch (const xax::Error& error) {
+    EXPECT_NE(std::string(error.what()).find("shares memory with an input"), std::string::npos)
+        << error.what();
+  }
+  // One slice of the output overlapping another slice of B: aliasing across slices is caught too.
+  std::vector<float> storage(4 * 4 * 4);
+  const Eigen::TensorMap<const Tensor3<float>> b_view(storage.data(), 4, 4, 3);
+  Eigen::TensorMap<Tensor3<float>> c_view(storage.data() + 16, 4, 4, 3);
+  EXPECT_THROW(xax::batched_matmul(a, b_view, c_view), xax::Error);
 }
 
 }  // namespace

@@ -1,10 +1,25 @@
 #pragma once
 /// \file
 /// Batched matrix products over 3-D tensors, for attention: slice `i` of the output is
-/// `op(A_i) op(B_i)`, each computed by xax::matmul (fp32 accumulation, one rounding to the output type, the
-/// same oneDNN / Eigen dispatch), so a 16-bit batch never accumulates in 16 bits. On several threads, slices
-/// too small to use every thread alone (attention's are) are shared out, one whole product per thread; the
-/// result is the same bit for bit as on one thread.
+/// `op(A_i) op(B_i)` with fp32 accumulation and one rounding to the output type, so a 16-bit batch never
+/// accumulates in 16 bits.
+///
+/// Dispatch follows xax::matmul's rules. Where oneDNN is built in and would run the slices' product itself
+/// (float always; bf16 / f16 only where its kernel multiplies them natively and XAX_MAX_CPU_ISA agrees;
+/// MatmulBackend::onednn takes any oneDNN kernel), the whole batch -- or each thread's share of it -- runs as
+/// ONE 3-D oneDNN matmul primitive: attention's slices are so small (64x32 * 32x64) that one primitive call
+/// per slice cost more than the product. `last_matmul_implementation()` then names the kernel with
+/// "(3-D, batch N)". Everywhere else (no oneDNN, MatmulBackend::eigen, half types without a native kernel,
+/// an empty inner dimension) each slice goes through xax::matmul: Eigen, or panels widened to fp32.
+///
+/// Threads. On several threads, slices too small to use every thread alone (attention's are) are shared
+/// out: each thread takes a contiguous range of slices and runs it as one single-threaded primitive (or one
+/// product at a time). Every slice is then computed by the same single-threaded kernel as on one thread,
+/// and the result is the same bit for bit (oneDNN's batched kernel treats slices independently;
+/// tests/test_batched_matmul.cpp checks it for every scalar type and transpose, 37 slices shared 18 + 19).
+/// A batch of larger products runs as one primitive on every thread instead; oneDNN does not document its
+/// results as independent of the thread count, so there bit-identity is measured, not promised (equal on
+/// Zen 4 for float and bf16, 2-3 slices of 64x4096x64 up to 512^3, and 600 slices of 64x64x32).
 ///
 /// A 3-D operand is an `Eigen::Tensor<S, 3>` (column-major) or a `TensorMap` of one, with dimensions
 /// (rows, cols, batch): every slice is a contiguous column-major rows x cols matrix. Attention with one
@@ -18,11 +33,14 @@
 #include <xax/detail/eigen.hpp>
 #include <xax/detail/eigen_tensor.hpp>
 
+#include <algorithm>
 #include <concepts>
 #include <cstddef>
+#include <cstdint>
 #include <exception>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <xax/detail/parallel.hpp>
 #include <xax/ops/matmul.hpp>
 #include <xax/ops/matmul_concepts.hpp>
@@ -54,16 +72,56 @@ namespace detail {
 /// xax::matmul decides); smaller ones are shared out between the threads, one whole product per thread.
 inline constexpr double batched_slice_parallel_flops = 16.0 * 1024 * 1024;
 
+/// Runs `count` consecutive slices as one 3-D oneDNN primitive where xax::matmul's dispatch rules would
+/// give a single slice to oneDNN; returns false, having done nothing, where they would not (the caller then
+/// runs each slice through xax::matmul) and in builds without oneDNN.
+template <class In, class Out>
+bool run_batch_on_onednn([[maybe_unused]] const In* a, [[maybe_unused]] Eigen::Index a_rows,
+                         [[maybe_unused]] Eigen::Index a_cols, [[maybe_unused]] const In* b,
+                         [[maybe_unused]] Eigen::Index b_rows, [[maybe_unused]] Eigen::Index b_cols,
+                         [[maybe_unused]] Out* c, [[maybe_unused]] Eigen::Index m,
+                         [[maybe_unused]] Eigen::Index n, [[maybe_unused]] Eigen::Index k,
+                         [[maybe_unused]] Eigen::Index count, [[maybe_unused]] const MatmulOptions& options) {
+#if defined(XAX_HAS_ONEDNN) && XAX_HAS_ONEDNN
+  // One slice is xax::matmul's own business; an empty product only touches C (or nothing).
+  if (options.backend == MatmulBackend::eigen || count < 2 || m == 0 || n == 0 || k == 0) return false;
+  MatmulProblem problem;
+  problem.input = dtype_of<In>;
+  problem.output = dtype_of<Out>;
+  problem.a = {a, a_rows, a_cols, std::max<Eigen::Index>(a_rows, 1)};
+  problem.b = {b, b_rows, b_cols, std::max<Eigen::Index>(b_rows, 1)};
+  problem.transpose_a = options.transpose_a;
+  problem.transpose_b = options.transpose_b;
+  problem.c = c;
+  problem.ldc = std::max<Eigen::Index>(m, 1);
+  problem.m = m;
+  problem.n = n;
+  problem.k = k;
+  problem.accumulate = options.accumulate;
+  problem.activation = options.activation;
+  problem.batch = count;
+  problem.a_batch_stride = a_rows * a_cols;
+  problem.b_batch_stride = b_rows * b_cols;
+  problem.c_batch_stride = m * n;
+  return onednn_backend::try_run(problem, options.backend == MatmulBackend::onednn
+                                              ? onednn_backend::HalfKernels::any
+                                              : onednn_backend::HalfKernels::native_only);
+#else
+  return false;
+#endif
+}
+
 inline std::string shape3_string(Eigen::Index rows, Eigen::Index cols, Eigen::Index batch) {
   return std::to_string(rows) + "x" + std::to_string(cols) + "x" + std::to_string(batch);
 }
 
 }  // namespace detail
 
-/// `c_i = act(op(a_i) op(b_i) [+ c_i])` for every slice i, each by xax::matmul with `options` (no bias).
-/// `a` and `b` share a scalar; `c` holds it or float. A plain `Eigen::Tensor` output is resized to
-/// (m, n, batch) unless accumulating; a TensorMap must already have that shape. Throws ShapeError when the
-/// batch sizes or the inner dimensions differ, or the output has the wrong shape.
+/// `c_i = act(op(a_i) op(b_i) [+ c_i])` for every slice i, as xax::matmul with `options` (no bias) would
+/// compute it. `a` and `b` share a scalar; `c` holds it or float. A plain `Eigen::Tensor` output is resized
+/// to (m, n, batch) unless accumulating; a TensorMap must already have that shape. Throws ShapeError when the
+/// batch sizes or the inner dimensions differ, or the output has the wrong shape, and Error when the output
+/// shares memory with an input.
 template <batched_operand A, batched_operand B, class C>
 requires batched_output<std::remove_reference_t<C>>
 void batched_matmul(const A& a, const B& b, C&& c, const MatmulOptions& options = {}) {
@@ -94,6 +152,19 @@ void batched_matmul(const A& a, const B& b, C&& c, const MatmulOptions& options 
                      (options.transpose_b ? ", transposed" : "") +
                      "); the columns of op(A) must equal the rows of op(B)");
   }
+  // The products read the inputs while writing C; decided on C's storage before any resize (which would
+  // free storage an aliased input still points to).
+  const auto a_range = detail::address_range(a.data(), a.size(), 1, a.size(), sizeof(In));
+  const auto b_range = detail::address_range(b.data(), b.size(), 1, b.size(), sizeof(In));
+  const auto c_range = detail::address_range(c.data(), c.size(), 1, c.size(), sizeof(Out));
+  const auto overlaps_c = [&c_range](std::pair<std::uintptr_t, std::uintptr_t> range) {
+    return range.first < c_range.second && c_range.first < range.second;
+  };
+  if (overlaps_c(a_range) || overlaps_c(b_range)) {
+    throw Error(
+        "xax::batched_matmul: the output shares memory with an input; write the products into a "
+        "separate tensor");
+  }
   constexpr bool resizable = requires(CT & t) {
     t.resize(m, n, batch);
   };
@@ -116,6 +187,11 @@ void batched_matmul(const A& a, const B& b, C&& c, const MatmulOptions& options 
   const auto* b_data = b.data();
   Out* c_data = c.data();
   const auto run_slices = [&](Eigen::Index first, Eigen::Index last) {
+    if (detail::run_batch_on_onednn(a_data + first * a_rows * a_cols, a_rows, a_cols,
+                                    b_data + first * b_rows * b_cols, b_rows, b_cols, c_data + first * m * n,
+                                    m, n, k, last - first, options)) {
+      return;
+    }
     for (Eigen::Index i = first; i < last; ++i) {
       const Eigen::Map<const InMatrix> a_slice(a_data + i * a_rows * a_cols, a_rows, a_cols);
       const Eigen::Map<const InMatrix> b_slice(b_data + i * b_rows * b_cols, b_rows, b_cols);
@@ -126,8 +202,9 @@ void batched_matmul(const A& a, const B& b, C&& c, const MatmulOptions& options 
   // Attention's slices (head_size x block, e.g. 32 x 64) are far too small for one product to use two
   // threads, so on several threads the slices are shared out instead: each thread runs whole products on
   // its own contiguous range of slices, and a product inside the parallel region runs on its thread alone
-  // (xax::matmul sees the enclosing region). One fork/join per call instead of none but a serial loop.
-  // Slices big enough to use every thread by themselves keep the plain loop.
+  // (the oneDNN backend sees the enclosing region and creates a single-threaded primitive). One fork/join per
+  // call instead of none but a serial loop. Slices big enough to use every thread by themselves keep the
+  // plain loop.
   const double slice_flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
   const std::size_t slice_bytes = static_cast<std::size_t>(a_rows * a_cols + b_rows * b_cols) * sizeof(In) +
                                   static_cast<std::size_t>(m * n) * sizeof(Out);

@@ -20,6 +20,12 @@
 // declines and xax::matmul widens panels to fp32 for oneDNN's fp32 kernel (widening.hpp). The decision is
 // made once per primitive key (types, shape, strides, epilogue, threads) and cached with the primitive.
 //
+// Batches. xax::batched_matmul hands over a whole batch of equal products (attention's 48 slices of 64x32 *
+// 32x64 per call) as one problem with batch > 1, which becomes one 3-D oneDNN primitive (batch, rows, cols)
+// whose batch stride is each operand's slice stride: one call, one kernel selection and one dispatch
+// instead of one per slice, whose fixed cost (2.5-6 us) exceeded the product itself. The batch count and
+// strides are part of the key; the native-half rule is the same.
+//
 // Standing in for another CPU. When XAX_MAX_CPU_ISA is set and ONEDNN_MAX_CPU_ISA is not, the first use caps
 // oneDNN at the same class (dnnl::set_max_cpu_isa), so that one variable makes the whole process behave as
 // that class. oneDNN 2.x has no AVX512_CORE_FP16 cap; for the FP16 classes set ONEDNN_MAX_CPU_ISA as well.
@@ -106,6 +112,8 @@ struct PrimitiveKey {
   bool accumulate = false;
   Activation activation = Activation::none;
   Eigen::Index m = 0, n = 0, k = 0, lda = 0, ldb = 0, ldc = 0;
+  /// batch == 1: a 2-D primitive (the strides are unused); batch > 1: a 3-D one.
+  Eigen::Index batch = 1, a_batch_stride = 0, b_batch_stride = 0, c_batch_stride = 0;
   int threads = 1;
 
   friend bool operator==(const PrimitiveKey&, const PrimitiveKey&) = default;
@@ -129,6 +137,10 @@ struct PrimitiveKeyHash {
     mix(key.lda);
     mix(key.ldb);
     mix(key.ldc);
+    mix(key.batch);
+    mix(key.a_batch_stride);
+    mix(key.b_batch_stride);
+    mix(key.c_batch_stride);
     mix(key.threads);
     return hash;
   }
@@ -256,12 +268,25 @@ class ThreadContext {
     auto cached = std::make_unique<CachedPrimitive>();
     const auto in = data_type_of(key.input);
     // See the layout note at the top: src = op(B)^T (n x k), weights = op(A)^T (k x m), dst = C^T (n x m).
-    const dnnl::memory::desc src_desc({key.n, key.k}, in,
-                                      key.transpose_b ? dims{1, key.ldb} : dims{key.ldb, 1});
-    const dnnl::memory::desc weights_desc({key.k, key.m}, in,
-                                          key.transpose_a ? dims{1, key.lda} : dims{key.lda, 1});
-    const dnnl::memory::desc dst_desc({key.n, key.m}, data_type_of(key.output), dims{key.ldc, 1});
-    const dnnl::memory::desc bias_desc({1, key.m}, data_type_of(key.bias_type), dims{key.m, 1});
+    // A batch prepends a dimension whose stride is each operand's slice stride.
+    const bool batched = key.batch > 1;
+    const auto shape = [&](Eigen::Index rows, Eigen::Index cols) {
+      return batched ? dims{key.batch, rows, cols} : dims{rows, cols};
+    };
+    const auto strides = [&](Eigen::Index batch_stride, Eigen::Index row_stride, Eigen::Index col_stride) {
+      return batched ? dims{batch_stride, row_stride, col_stride} : dims{row_stride, col_stride};
+    };
+    const dnnl::memory::desc src_desc(
+        shape(key.n, key.k), in,
+        key.transpose_b ? strides(key.b_batch_stride, 1, key.ldb) : strides(key.b_batch_stride, key.ldb, 1));
+    const dnnl::memory::desc weights_desc(
+        shape(key.k, key.m), in,
+        key.transpose_a ? strides(key.a_batch_stride, 1, key.lda) : strides(key.a_batch_stride, key.lda, 1));
+    const dnnl::memory::desc dst_desc(shape(key.n, key.m), data_type_of(key.output),
+                                      strides(key.c_batch_stride, key.ldc, 1));
+    const dnnl::memory::desc bias_desc(batched ? dims{1, 1, key.m} : dims{1, key.m},
+                                       data_type_of(key.bias_type),
+                                       batched ? dims{key.m, key.m, 1} : dims{key.m, 1});
 
     dnnl::primitive_attr attributes;
     attributes.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -287,7 +312,8 @@ class ThreadContext {
     }
     cached->supported = true;
     cached->threads = key.threads;
-    cached->implementation = std::string("onednn:") + descriptor.impl_info_str();
+    cached->implementation = std::string("onednn:") + descriptor.impl_info_str() +
+                             (batched ? " (3-D, batch " + std::to_string(key.batch) + ")" : "");
     cached->native_half =
         native_half_kernel(descriptor.impl_info_str(), key.input) && cpu_grants_native(key.input);
     cached->primitive = dnnl::matmul(descriptor);
@@ -337,7 +363,14 @@ inline PrimitiveKey key_of(const MatmulProblem& p) {
   key.lda = p.a.ld;
   key.ldb = p.b.ld;
   key.ldc = p.ldc;
-  const double flops = 2.0 * static_cast<double>(p.m) * static_cast<double>(p.n) * static_cast<double>(p.k);
+  if (p.batch > 1) {
+    key.batch = p.batch;
+    key.a_batch_stride = p.a_batch_stride;
+    key.b_batch_stride = p.b_batch_stride;
+    key.c_batch_stride = p.c_batch_stride;
+  }
+  const double flops = 2.0 * static_cast<double>(p.m) * static_cast<double>(p.n) * static_cast<double>(p.k) *
+                       static_cast<double>(p.batch);
   // Inside an enclosing parallel region oneDNN runs on the calling thread alone, so the primitive must be
   // decomposed for one thread.
   bool nested = false;
@@ -357,7 +390,7 @@ enum class HalfKernels {
 /// Runs `p` on oneDNN. Returns false, having done nothing, when oneDNN has no kernel for it or (for half
 /// inputs under native_only) only an emulating one; the caller then widens, or uses the Eigen backend.
 inline bool try_run(const MatmulProblem& p, HalfKernels accept = HalfKernels::native_only) {
-  if (p.k == 0 || data_type_of(p.input) == dnnl::memory::data_type::undef ||
+  if (p.k == 0 || p.batch < 1 || data_type_of(p.input) == dnnl::memory::data_type::undef ||
       data_type_of(p.output) == dnnl::memory::data_type::undef) {
     return false;
   }

@@ -39,6 +39,13 @@ struct MatmulProblem {
   Eigen::Index k = 0;
   bool accumulate = false;  ///< beta = 1: the old C is added before the activation
   Activation activation = Activation::none;
+  /// A batch of `batch` such products (xax::batched_matmul): product i reads A at `a.data + i *
+  /// a_batch_stride` elements, B likewise, and writes C at `c + i * c_batch_stride`. Only the oneDNN
+  /// backend's try_run takes batch > 1 (as one 3-D primitive); every other backend sees batch == 1.
+  Eigen::Index batch = 1;
+  Eigen::Index a_batch_stride = 0;
+  Eigen::Index b_batch_stride = 0;
+  Eigen::Index c_batch_stride = 0;
 };
 
 /// The calling thread's record of which backend and kernel ran its last matmul.
