@@ -13,6 +13,7 @@
 //   mpirun -np 2 build/release/benchmarks/xax_mpi_benchmarks --benchmark_filter=bucketed
 #include <benchmark/benchmark.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -35,29 +36,13 @@ Grads random_grads(Eigen::Index n, std::uint64_t seed) {
   return g;
 }
 
-void reducer(benchmark::State& state, xax::DType wire, bool deterministic) {
-  xax::distributed::GradientReducer reducer(xax::distributed::Communicator{},
-                                            {.wire = wire, .deterministic = deterministic});
-  const int world = reducer.communicator().size();
-  const int per_rank = micro_batches / world;
-  const Grads local = random_grads(state.range(0), static_cast<std::uint64_t>(reducer.communicator().rank()));
-  Grads sum = local;
-  for (auto _ : state) {
-    for (int m = 0; m < per_rank; ++m) reducer.collect(static_cast<std::size_t>(m), 1.0, local);
-    benchmark::DoNotOptimize(reducer.reduce(sum));
-    benchmark::ClobberMemory();
-  }
-  state.counters["ranks"] = world;
-  state.counters["wire_bytes_per_rank"] = static_cast<double>(reducer.stats().wire_bytes_last);
-}
-
-// The reducer with buckets: arguments (elements, bucket size in elements; 0 = one bucket). Reports the bytes
-// of the reducer's buffers on this rank, which the bucket bounds (except the staged micro-batch gradients).
-void bucketed(benchmark::State& state, xax::DType wire, bool deterministic) {
-  xax::distributed::GradientReducer reducer(xax::distributed::Communicator{},
-                                            {.wire = wire,
-                                             .deterministic = deterministic,
-                                             .bucket_size = static_cast<std::size_t>(state.range(1))});
+// The reducer summing `micro_batches` micro-batches of `state.range(0)` floats in buckets of `bucket_size`
+// elements (0: one bucket). Reports the bytes on the wire and of the reducer's buffers on this rank, which
+// the bucket bounds (except the staged micro-batch gradients).
+void run_reducer(benchmark::State& state, xax::DType wire, bool deterministic, std::size_t bucket_size) {
+  xax::distributed::GradientReducer reducer(
+      xax::distributed::Communicator{},
+      {.wire = wire, .deterministic = deterministic, .bucket_size = bucket_size});
   const int world = reducer.communicator().size();
   const int per_rank = micro_batches / world;
   const Grads local = random_grads(state.range(0), static_cast<std::uint64_t>(reducer.communicator().rank()));
@@ -71,6 +56,15 @@ void bucketed(benchmark::State& state, xax::DType wire, bool deterministic) {
   state.counters["buckets"] = static_cast<double>(reducer.stats().buckets_last);
   state.counters["buffer_bytes_per_rank"] = static_cast<double>(reducer.stats().buffer_bytes);
   state.counters["wire_bytes_per_rank"] = static_cast<double>(reducer.stats().wire_bytes_last);
+}
+
+void reducer(benchmark::State& state, xax::DType wire, bool deterministic) {
+  run_reducer(state, wire, deterministic, 0);
+}
+
+// Arguments (elements, bucket size in elements; 0 = one bucket).
+void bucketed(benchmark::State& state, xax::DType wire, bool deterministic) {
+  run_reducer(state, wire, deterministic, static_cast<std::size_t>(state.range(1)));
 }
 
 void mpi_allreduce(benchmark::State& state) {
