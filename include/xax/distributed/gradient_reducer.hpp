@@ -360,6 +360,18 @@ class GradientReducer {
       const auto mine = static_cast<std::size_t>(chunk_counts_[me]);
       const std::size_t mine_begin = b0 + static_cast<std::size_t>(chunk_offsets_[me]);
       wire_elements += per_rank * (length - mine) + (scatter_only ? 0 : mine * (world - 1));
+      // This rank's sums of the bucket, in the wire type: written into its shard alone (ZeRO-1; for bf16,
+      // the rounded bits the other ranks would get), or gathered from every rank into the whole bucket.
+      const auto deliver = [&]<class Wire>(const std::vector<Wire>& sums, std::vector<Wire>& gathered) {
+        if (scatter_only) {
+          detail::write_range(std::span<const Wire>(sums), mine_begin, grads);
+        } else {
+          gathered.resize(length);
+          comm_.all_gather_v(sums.data(), static_cast<int>(mine), gathered.data(), chunk_counts_.data(),
+                             chunk_offsets_.data());
+          detail::write_range(std::span<const Wire>(gathered), b0, grads);
+        }
+      };
 
       if (wire_is_bf16()) {
         const bfloat16* send = nullptr;
@@ -377,26 +389,11 @@ class GradientReducer {
         exchange_and_sum<bfloat16>(send, stride, receive16_, per_rank, mine);
         sum16_.resize(mine);
         convert(std::span<const float>(sum_), std::span<bfloat16>(sum16_));  // rounded once
-        if (scatter_only) {
-          // The bits the other ranks would get.
-          detail::write_range(std::span<const bfloat16>(sum16_), mine_begin, grads);
-        } else {
-          gathered16_.resize(length);
-          comm_.all_gather_v(sum16_.data(), static_cast<int>(mine), gathered16_.data(), chunk_counts_.data(),
-                             chunk_offsets_.data());
-          detail::write_range(std::span<const bfloat16>(gathered16_), b0, grads);
-        }
+        deliver(sum16_, gathered16_);
       } else {
         const float* send = options_.deterministic ? send32_.data() + b0 : local_sum_.data() + b0;
         exchange_and_sum<float>(send, elements_, receive32_, per_rank, mine);
-        if (scatter_only) {
-          detail::write_range(std::span<const float>(sum_), mine_begin, grads);
-        } else {
-          gathered32_.resize(length);
-          comm_.all_gather_v(sum_.data(), static_cast<int>(mine), gathered32_.data(), chunk_counts_.data(),
-                             chunk_offsets_.data());
-          detail::write_range(std::span<const float>(gathered32_), b0, grads);
-        }
+        deliver(sum_, gathered32_);
       }
     }
 
