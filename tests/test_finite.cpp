@@ -1,5 +1,6 @@
-// all_finite, the fused unscale_and_check, select_tree and the non-finite diagnostics, over every tree kind
-// and every floating leaf type, plus each fused SIMD kernel against the portable one.
+// all_finite, the fused unscale_and_check (and unscale_check_and_norm_into, which casts too), select_tree and
+// the non-finite diagnostics, over every tree kind and every floating leaf type, plus each fused SIMD kernel
+// against the portable one.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -321,6 +322,114 @@ TEST(UnscaleCheckAndNorm, ExactValuesGiveTheExactNormAndIntegerLeavesAreIgnored)
   EXPECT_TRUE(result.finite);
   EXPECT_EQ(result.norm, std::sqrt(28.0));
   EXPECT_THROW(static_cast<void>(xax::unscale_check_and_norm(grads, 0.0f)), xax::ConfigError);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// unscale_check_and_norm_into: tree_cast_into and then unscale_check_and_norm, the same bits in one pass.
+
+// The two passes the fused one stands for.
+template <class Src, class Dst>
+xax::UnscaledGradients cast_then_unscale(const Src& src, Dst& dst, float inverse_scale) {
+  xax::tree_cast_into(src, dst);
+  return xax::unscale_check_and_norm(dst, inverse_scale);
+}
+
+template <class Src, class Dst>
+void expect_same_bits(const Src& expected, const Dst& got) {
+  xax::for_each_leaf_with_path(
+      []<class L>(const xax::TreePath& path, const L& want, const L& have) {
+        if constexpr (xax::floating_leaf<L>) {
+          const auto w = xax::leaf_span(want);
+          const auto h = xax::leaf_span(have);
+          ASSERT_EQ(w.size(), h.size()) << path.display();
+          for (std::size_t i = 0; i < w.size(); ++i) {
+            ASSERT_EQ(raw_bits(w[i]), raw_bits(h[i])) << path.display() << "[" << i << "]";
+          }
+        } else {
+          EXPECT_EQ(want, have) << path.display();
+        }
+      },
+      expected, got);
+}
+
+TYPED_TEST(FiniteTyped, UnscaleIntoGivesTheBitsOfTheCastThenTheUnscaleOnEveryThreadCount) {
+  using T = TypeParam;
+  // Leaves shorter than a block, of whole blocks, and long enough to be shared by threads.
+  const std::vector<Vec<T>> compute_grads = random_leaves<T>({3, 200'001, 1024, 150'000, 1}, 23);
+  for (const float inverse_scale : {1.0f, 0.25f, 0x1p-15f, 3.0f}) {
+    std::vector<Vec<float>> expected;
+    const xax::UnscaledGradients want = cast_then_unscale(compute_grads, expected, inverse_scale);
+    ASSERT_TRUE(want.finite);
+    on_every_thread_count([&](int threads) {
+      // Already shaped, as a train step's gradients are, and not: then it is resized as tree_cast_into does.
+      for (const bool shaped : {true, false}) {
+        std::vector<Vec<float>> grads;
+        if (shaped) {
+          grads = xax::tree_cast<float>(compute_grads);
+          xax::fill_floating(grads, 7.0);  // what the last step left: must all be overwritten
+        }
+        const xax::UnscaledGradients got =
+            xax::unscale_check_and_norm_into(compute_grads, grads, inverse_scale);
+        EXPECT_TRUE(got.finite);
+        EXPECT_EQ(got.norm, want.norm) << threads << " threads, 1/scale " << inverse_scale;
+        expect_same_bits(expected, grads);
+      }
+    });
+  }
+}
+
+TYPED_TEST(FiniteTyped, UnscaleIntoFindsEveryPoisonAndAnOverflowOfTheUnscale) {
+  using T = TypeParam;
+  for (const T poison : poisons<T>()) {
+    Net<T> compute_grads = make_net<T>();
+    compute_grads.layers[1].w(2, 1) = poison;
+    Net<float> grads;
+    const xax::UnscaledGradients got = xax::unscale_check_and_norm_into(compute_grads, grads, 0.5f);
+    EXPECT_FALSE(got.finite);
+    EXPECT_EQ(got.norm, std::numeric_limits<double>::infinity());
+    Net<float> expected;
+    static_cast<void>(cast_then_unscale(compute_grads, expected, 0.5f));
+    expect_same_bits(expected, grads);
+    EXPECT_EQ(xax::describe_non_finite(grads), "1 of 6 tensors non-finite: layers[1].w");
+  }
+  // Finite in every T, but not once multiplied by 2^114 in float.
+  Vec<T> compute_grads = Vec<T>::Constant(5000, value_of<T>(0x1p15));
+  Vec<float> grads;
+  EXPECT_FALSE(xax::unscale_check_and_norm_into(compute_grads, grads, 0x1p114f).finite);
+  EXPECT_TRUE(xax::unscale_check_and_norm_into(compute_grads, grads, 0x1p100f).finite);
+}
+
+TEST(UnscaleCheckAndNormInto, LeavesCastBetweenLayoutsAndScalarLeavesGiveTheSameBits) {
+  // A row-major leaf is reordered into a column-major one, and a scalar leaf is cast alone: neither can be
+  // cut into blocks of a flat cast, and both must still be unscaled, checked and counted in the norm.
+  using RowMajor = Eigen::Matrix<bfloat16, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  std::tuple<RowMajor, bfloat16, Vec<bfloat16>> compute_grads{RowMajor(3, 5), bfloat16(6.0f),
+                                                              Vec<bfloat16>(70)};
+  fill_exact(compute_grads);
+  std::tuple<Mat<float>, float, Vec<float>> grads, expected;
+  const xax::UnscaledGradients want = cast_then_unscale(compute_grads, expected, 0.5f);
+  const xax::UnscaledGradients got = xax::unscale_check_and_norm_into(compute_grads, grads, 0.5f);
+  EXPECT_EQ(got.norm, want.norm);
+  expect_same_bits(expected, grads);
+  EXPECT_EQ(std::get<0>(grads)(2, 1), 0.5f * static_cast<float>(std::get<0>(compute_grads)(2, 1)));
+  EXPECT_EQ(std::get<1>(grads), 0.5f * static_cast<float>(std::get<1>(compute_grads)));
+}
+
+TEST(UnscaleCheckAndNormInto, RefusesWhatTheCastOrTheUnscaleRefuses) {
+  const Vec<bfloat16> compute_grads = Vec<bfloat16>::Constant(8, bfloat16(1.0f));
+  Vec<float> grads;
+  for (const float bad : {0.0f, -1.0f, std::numeric_limits<float>::infinity()}) {
+    try {
+      static_cast<void>(xax::unscale_check_and_norm_into(compute_grads, grads, bad));
+      ADD_FAILURE() << "1/scale " << bad << " was taken";
+    } catch (const xax::ConfigError& e) {
+      EXPECT_THAT(e.what(), HasSubstr("unscale_check_and_norm_into"));
+    }
+  }
+  // A fixed-size leaf cannot take eight elements.
+  Eigen::Matrix<float, 4, 1> fixed;
+  EXPECT_THROW(static_cast<void>(xax::unscale_check_and_norm_into(compute_grads, fixed, 1.0f)),
+               xax::ShapeError);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

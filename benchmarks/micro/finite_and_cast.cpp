@@ -4,6 +4,8 @@
 //     xax_micro_benchmarks --benchmark_filter='UnscaleAndCheck|StreamingRmw|Cast|StreamingCopy'
 //                          --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 //
+// GradientsToFp32 compares the cast and unscale of 16-bit gradients as two passes and as one.
+//
 // Targets (PERFORMANCE.md): UnscaleAndCheck within 1.1x of StreamingRmw, Cast within 1.15x of StreamingCopy,
 // at the same thread count. Every buffer is allocated and touched once and reused, so no timed iteration pays
 // for page faults.
@@ -14,6 +16,7 @@
 #include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <iterator>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -109,6 +112,47 @@ void StreamingRmw(benchmark::State& state) {
 
 BENCHMARK(UnscaleAndCheck)->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(StreamingRmw)->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// A mixed-precision step's bf16 gradients into the optimizer's fp32 ones, unscaled, checked and normed: as
+// two passes (tree_cast_into, then unscale_check_and_norm) and as one (unscale_check_and_norm_into). Over
+// the first `tensors` tensors: 64 (64 Mi elements, from memory) or 1 (1 Mi elements, a small model's
+// gradients, from L3).
+template <bool Fused>
+void GradientsToFp32(benchmark::State& state) {
+  const ThreadScope threads(static_cast<int>(state.range(0)));
+  const auto count = static_cast<std::size_t>(state.range(1));
+  const Tensors<xax::bfloat16> compute_grads(
+      tensors<xax::bfloat16>().begin(),
+      tensors<xax::bfloat16>().begin() + static_cast<std::ptrdiff_t>(count));
+  Tensors<float>& all_grads = destination<float>();
+  Tensors<float> grads(std::make_move_iterator(all_grads.begin()),
+                       std::make_move_iterator(all_grads.begin() + static_cast<std::ptrdiff_t>(count)));
+  for (auto _ : state) {
+    xax::UnscaledGradients result;
+    if constexpr (Fused) {
+      result = xax::unscale_check_and_norm_into(compute_grads, grads, 0.5f);
+    } else {
+      xax::tree_cast_into(compute_grads, grads);
+      result = xax::unscale_check_and_norm(grads, 0.5f);
+    }
+    benchmark::DoNotOptimize(result);
+  }
+  std::move(grads.begin(), grads.end(), all_grads.begin());  // keeps the shared buffers allocated and touched
+  state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(count) * tensor_size);
+}
+
+BENCHMARK(GradientsToFp32<false>)
+    ->Name("GradientsToFp32/cast_then_unscale")
+    ->ArgNames({"threads", "tensors"})
+    ->ArgsProduct({{1, 2}, {1, 64}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK(GradientsToFp32<true>)
+    ->Name("GradientsToFp32/unscale_into")
+    ->ArgNames({"threads", "tensors"})
+    ->ArgsProduct({{1, 2}, {1, 64}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 // --------------------------------------------------------------------------------------------------------------
 // Casts

@@ -519,6 +519,24 @@ class ConversionBatch {
   /// Forgets every recorded conversion, keeping the storage.
   void clear() { jobs_.clear(); }
 
+  /// One recorded conversion.
+  struct Job {
+    const void* src;
+    void* dst;
+    ArrayExtent extent;
+    std::size_t destination_bytes;
+    void (*convert)(const void*, void*, std::size_t, std::size_t, bool) noexcept;
+
+    /// Converts elements [begin, end) of this job on the calling thread.
+    void convert_range(std::size_t begin, std::size_t end, bool streaming = false) const noexcept {
+      convert(src, dst, begin, end, streaming);
+    }
+  };
+
+  /// The recorded conversions in the order they were added, for a pass that does more with each piece while
+  /// it is in cache (unscale_check_and_norm_into).
+  [[nodiscard]] std::span<const Job> jobs() const { return jobs_; }
+
   /// Converts everything recorded.
   void run() const {
     std::size_t written = 0;
@@ -528,7 +546,7 @@ class ConversionBatch {
     // Pieces of 64 elements keep every thread's stores on whole cache lines.
     parallel_pieces_all(std::span<const Job>(jobs_), extent, 64,
                         [streaming](const Job& job, std::size_t begin, std::size_t end) noexcept {
-                          job.convert(job.src, job.dst, begin, end, streaming);
+                          job.convert_range(begin, end, streaming);
                           return true;
                         });
   }
@@ -541,13 +559,6 @@ class ConversionBatch {
                    streaming);
   }
 
-  struct Job {
-    const void* src;
-    void* dst;
-    ArrayExtent extent;
-    std::size_t destination_bytes;
-    void (*convert)(const void*, void*, std::size_t, std::size_t, bool) noexcept;
-  };
   std::vector<Job> jobs_;
 };
 

@@ -989,6 +989,13 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::run_step(std::size_t micro_ba
   // A gradient reducer (data-parallel training) takes every micro-batch's gradients as they come and sums
   // them itself, so each one is written as if it were the first.
   constexpr bool reduces = gradient_reducer<D, typename State::template Params<update_type>>;
+  // One micro-batch's compute-type gradients go to the optimizer's type in the unscale pass itself
+  // (unscale_check_and_norm_into): the fp32 cast is then never written and read back. Only where nothing
+  // reads the cast before the unscale, i.e. without accumulation and without a reducer.
+  constexpr bool may_cast_in_unscale =
+      !writes_update_grads<D> && !reduces &&
+      !reduced_gradients_check<D, typename State::template Params<update_type>>;
+  const bool cast_in_unscale = may_cast_in_unscale && micro_batch_count == 1;
   double loss_sum = 0;
   for (std::size_t i = 0; i < micro_batch_count; ++i) {
     const bool first = i == 0 || reduces;
@@ -1008,7 +1015,9 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::run_step(std::size_t micro_ba
     } else {
       micro_loss = static_cast<double>(
           derived().loss_and_grads(compute_params, std::as_const(batch), scale, s.compute_grads));
-      if (first) {
+      if (cast_in_unscale) {
+        // Cast below, in the unscale pass.
+      } else if (first) {
         tree_cast_into(s.compute_grads, s.grads);
       } else {
         tree_cast_into(s.compute_grads, s.grads_micro);
@@ -1038,6 +1047,9 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::run_step(std::size_t micro_ba
     if constexpr (reduced_gradients_check<D, typename State::template Params<update_type>>) {
       return derived().unscale_check_and_norm_reduced(s.grads, inverse);
     } else {
+      if constexpr (may_cast_in_unscale) {
+        if (cast_in_unscale) return unscale_check_and_norm_into(s.compute_grads, s.grads, inverse);
+      }
       return unscale_check_and_norm(s.grads, inverse);
     }
   }();
