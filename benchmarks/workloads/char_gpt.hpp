@@ -35,6 +35,7 @@
 #include <xax/ops/reduce.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
+#include <xax/utils/threads.hpp>
 #include <xax/utils/tree.hpp>
 
 namespace xax_bench {
@@ -192,48 +193,67 @@ struct GptWorkspace {
 
 namespace detail {
 
-/// q, k, v (head_size x block x (batch * heads)) from the fused projection (3 n_embd x tokens).
-template <class T>
-void split_heads(const GptMatrix<T>& qkv, const GptShape& shape, std::int64_t batch, std::int64_t block,
-                 GptTensor3<T>& q, GptTensor3<T>& k, GptTensor3<T>& v) {
-  const auto hs = static_cast<Eigen::Index>(shape.head_size()),
-             heads = static_cast<Eigen::Index>(shape.heads), c = static_cast<Eigen::Index>(shape.embedding);
-  const auto t_count = static_cast<Eigen::Index>(block), b_count = static_cast<Eigen::Index>(batch);
-  q.resize(hs, t_count, b_count * heads);
-  k.resize(hs, t_count, b_count * heads);
-  v.resize(hs, t_count, b_count * heads);
-  for (Eigen::Index b = 0; b < b_count; ++b) {
-    for (Eigen::Index t = 0; t < t_count; ++t) {
-      const T* column = qkv.data() + (b * t_count + t) * 3 * c;
-      for (Eigen::Index h = 0; h < heads; ++h) {
-        const Eigen::Index offset = ((b * heads + h) * t_count + t) * hs;
-        std::copy_n(column + h * hs, hs, q.data() + offset);
-        std::copy_n(column + c + h * hs, hs, k.data() + offset);
-        std::copy_n(column + 2 * c + h * hs, hs, v.data() + offset);
-      }
-    }
-  }
+/// Calls `copy(sequence, head, slice)` for every (sequence, head) slice of attention, shared among xax's
+/// threads. The head copies are many rows of head_size elements; run on one thread, they left the other
+/// one waiting for about 4 % of a 2-thread step (perf, CharGptStep/mixed/threads:2).
+template <class Copy>
+void for_each_head_slice(const GptShape& shape, std::int64_t batch, Copy&& copy) {
+  const auto heads = static_cast<Eigen::Index>(shape.heads);
+  const auto slices = static_cast<Eigen::Index>(batch) * heads;
+  [[maybe_unused]] const int threads = xax::num_threads();
+#if defined(_OPENMP)
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+#endif
+  for (Eigen::Index slice = 0; slice < slices; ++slice) copy(slice / heads, slice % heads, slice);
 }
 
-/// The inverse of split_heads for one tensor: head-major slices back into rows [row0, row0 + n_embd) of
-/// `out` (rows x tokens).
+/// Sequence b's tokens, rows [row0, row0 + rows) of a features x tokens matrix, as a rows x block matrix.
+template <class T>
+auto token_rows(T* tokens, Eigen::Index features, Eigen::Index block, Eigen::Index b, Eigen::Index row0,
+                Eigen::Index rows) {
+  using Matrix = GptMatrix<std::remove_const_t<T>>;
+  using Mapped = std::conditional_t<std::is_const_v<T>, const Matrix, Matrix>;
+  return Eigen::Map<Mapped, 0, Eigen::OuterStride<>>(tokens + b * block * features + row0, rows, block,
+                                                     Eigen::OuterStride<>(features));
+}
+
+/// Slice `slice` (head_size x block) of a head-major tensor.
+template <class T>
+auto head_slice(GptTensor3<T>& heads_tensor, Eigen::Index slice) {
+  const Eigen::Index rows = heads_tensor.dimension(0), block = heads_tensor.dimension(1);
+  return Eigen::Map<GptMatrix<T>>(heads_tensor.data() + slice * rows * block, rows, block);
+}
+template <class T>
+auto head_slice(const GptTensor3<T>& heads_tensor, Eigen::Index slice) {
+  const Eigen::Index rows = heads_tensor.dimension(0), block = heads_tensor.dimension(1);
+  return Eigen::Map<const GptMatrix<T>>(heads_tensor.data() + slice * rows * block, rows, block);
+}
+
+/// Rows [row0, row0 + n_embd) of a features x tokens matrix as head-major slices (head_size x block x
+/// (batch * heads)): q, k and v from the fused projection, or the gradient of the merged heads.
+template <class T>
+void split_heads(const GptMatrix<T>& tokens, Eigen::Index row0, const GptShape& shape, std::int64_t batch,
+                 std::int64_t block, GptTensor3<T>& heads_tensor) {
+  const auto hs = static_cast<Eigen::Index>(shape.head_size()), t_count = static_cast<Eigen::Index>(block);
+  heads_tensor.resize(hs, t_count, static_cast<Eigen::Index>(batch * shape.heads));
+  for_each_head_slice(shape, batch, [&](Eigen::Index b, Eigen::Index h, Eigen::Index slice) {
+    head_slice(heads_tensor, slice) = token_rows(tokens.data(), tokens.rows(), t_count, b, row0 + h * hs, hs);
+  });
+}
+
+/// The inverse of split_heads: head-major slices back into rows [row0, row0 + n_embd) of `out` (features x
+/// tokens).
 template <class T>
 void merge_heads(const GptTensor3<T>& heads_tensor, const GptShape& shape, std::int64_t batch,
                  std::int64_t block, GptMatrix<T>& out, Eigen::Index row0) {
-  const auto hs = static_cast<Eigen::Index>(shape.head_size()),
-             heads = static_cast<Eigen::Index>(shape.heads);
-  const auto t_count = static_cast<Eigen::Index>(block), b_count = static_cast<Eigen::Index>(batch);
-  const Eigen::Index rows = out.rows();
-  for (Eigen::Index b = 0; b < b_count; ++b) {
-    for (Eigen::Index t = 0; t < t_count; ++t) {
-      T* column = out.data() + (b * t_count + t) * rows + row0;
-      for (Eigen::Index h = 0; h < heads; ++h) {
-        std::copy_n(heads_tensor.data() + ((b * heads + h) * t_count + t) * hs, hs, column + h * hs);
-      }
-    }
-  }
+  const auto hs = static_cast<Eigen::Index>(shape.head_size()), t_count = static_cast<Eigen::Index>(block);
+  for_each_head_slice(shape, batch, [&](Eigen::Index b, Eigen::Index h, Eigen::Index slice) {
+    token_rows(out.data(), out.rows(), t_count, b, row0 + h * hs, hs) = head_slice(heads_tensor, slice);
+  });
 }
 
+/// `to` = `from` converted (or copied, between the same types) by xax's kernels, which share large arrays
+/// among the threads; an Eigen assignment runs on one.
 template <class From, class To>
 void cast_matrix(const GptMatrix<From>& from, GptMatrix<To>& to) {
   to.resize(from.rows(), from.cols());
@@ -275,20 +295,22 @@ void gpt_forward(const GptParams<T>& params, const GptShape& shape, const TokenB
     // Attention: x_mid = x + proj(attention(ln_1(x))).
     xax::layer_norm(layer.residual_in, p.ln_1.gain, p.ln_1.bias, layer.ln_1_out, layer.ln_1);
     xax::matmul(p.attn_w, layer.ln_1_out, p.attn_b, ws.qkv);
-    detail::split_heads(ws.qkv, shape, batch.batch, block, layer.q, layer.k, layer.v);
+    detail::split_heads(ws.qkv, 0, shape, batch.batch, block, layer.q);
+    detail::split_heads(ws.qkv, c, shape, batch.batch, block, layer.k);
+    detail::split_heads(ws.qkv, 2 * c, shape, batch.batch, block, layer.v);
     xax::batched_matmul(layer.k, layer.q, ws.scores, {.transpose_a = true});  // keys x queries, fp32
     xax::causal_softmax(ws.scores, layer.probs, scale);
     xax::batched_matmul(layer.v, layer.probs, ws.dy_heads);  // head_size x queries
     layer.attn_merged.resize(c, tokens);
     detail::merge_heads(ws.dy_heads, shape, batch.batch, block, layer.attn_merged, 0);
-    layer.residual_mid = layer.residual_in;
+    detail::cast_matrix(layer.residual_in, layer.residual_mid);  // a copy, shared among the threads
     xax::matmul(p.attn_proj_w, layer.attn_merged, p.attn_proj_b, layer.residual_mid, {.accumulate = true});
     // MLP: x_next = x_mid + proj(gelu(fc(ln_2(x_mid)))).
     xax::layer_norm(layer.residual_mid, p.ln_2.gain, p.ln_2.bias, layer.ln_2_out, layer.ln_2);
     xax::matmul(p.fc_w, layer.ln_2_out, p.fc_b, layer.fc_out);
     xax::gelu_tanh(layer.fc_out, layer.gelu_out);
     Eigen::MatrixXf& next = l + 1 < params.blocks.size() ? ws.layers[l + 1].residual_in : ws.residual_out;
-    next = layer.residual_mid;
+    detail::cast_matrix(layer.residual_mid, next);
     xax::matmul(p.mlp_proj_w, layer.gelu_out, p.mlp_proj_b, next, {.accumulate = true});
   }
   xax::layer_norm(ws.residual_out, params.ln_f.gain, params.ln_f.bias, ws.ln_f_out, ws.ln_f);
@@ -341,18 +363,8 @@ double gpt_loss_and_gradients(const GptParams<T>& params, const GptShape& shape,
     xax::matmul(ws.d_t, layer.attn_merged, g.attn_proj_w, {.transpose_b = true});
     xax::row_sums(ws.d_t, g.attn_proj_b);
     xax::matmul(p.attn_proj_w, ws.d_t, ws.d_small, {.transpose_a = true});  // d merged heads
-    {
-      // d_small holds one head after another in each column, exactly as split_heads reads q from qkv.
-      const auto hs = static_cast<Eigen::Index>(shape.head_size()),
-                 heads = static_cast<Eigen::Index>(shape.heads);
-      const auto t_count = static_cast<Eigen::Index>(block), b_count = static_cast<Eigen::Index>(batch.batch);
-      ws.dy_heads.resize(hs, t_count, b_count * heads);
-      for (Eigen::Index b = 0; b < b_count; ++b)
-        for (Eigen::Index t = 0; t < t_count; ++t)
-          for (Eigen::Index h = 0; h < heads; ++h)
-            std::copy_n(ws.d_small.data() + (b * t_count + t) * c + h * hs, hs,
-                        ws.dy_heads.data() + ((b * heads + h) * t_count + t) * hs);
-    }
+    // d_small holds one head after another in each column, as qkv holds q.
+    detail::split_heads(ws.d_small, 0, shape, batch.batch, block, ws.dy_heads);
     xax::batched_matmul(ws.dy_heads, layer.probs, ws.dv, {.transpose_b = true});  // dV = dY P^T
     xax::batched_matmul(layer.v, ws.dy_heads, ws.dprobs, {.transpose_a = true});  // dP = V^T dY (fp32)
     xax::causal_softmax_backward(layer.probs, ws.dprobs, ws.dscores, scale);
