@@ -224,12 +224,20 @@ class DataParallelMixin {
 
   /// The ZeRO stage (0 or 1).
   [[nodiscard]] int zero_stage() const { return zero_stage_; }
-  /// Bytes this rank sends per step in ZeRO-1's all-gather of its updated shard of the fp32 masters (the
-  /// reducer's stats count the gradients' reduce-scatter); 0 under zero_stage 0.
+  /// Bytes this rank sent in the last step's ZeRO-1 all-gather: of its updated shard of the fp32 masters,
+  /// or, when the masters are sharded (the optimizer owns them), of its shard of the compute copy in the
+  /// compute type (half the bytes for bf16), to each other rank. The reducer's stats count the gradients'
+  /// reduce-scatter. 0 under zero_stage 0.
   [[nodiscard]] std::size_t master_gather_bytes_per_step() const {
     if (zero_stage_ != 1 || zero_registry_->live() == nullptr) return 0;
-    return zero_registry_->live()->layout->shard_size(rank()) * static_cast<std::size_t>(world_size() - 1) *
-           sizeof(float);
+    return zero_registry_->live()->master_gather_bytes();
+  }
+  /// Whether this task's train step has its fp32 masters sharded over the ranks (ZeRO-1 with a compute type
+  /// narrower than the masters; see xax/distributed/zero.hpp): TrainStep::params() then throws, and
+  /// gather_params() / params_float32() are collectives.
+  [[nodiscard]] bool masters_sharded() const {
+    return zero_stage_ == 1 && zero_registry_->live() != nullptr &&
+           zero_registry_->live()->owned_masters_digest().has_value();
   }
 
   /// The optimizer a data-parallel train step runs: AdamW or SGD (`options`, parameter groups included) over
@@ -283,6 +291,14 @@ class DataParallelMixin {
   /// throws ReplicaMismatchError on every rank, naming the ranks, unless every rank now holds the same
   /// masters (see xax/distributed/replica_check.hpp: a CRC-32 of each rank's masters, all-gathered).
   void verify_loaded_state() {
+    if (zero_stage_ == 1 && zero_registry_->live() != nullptr) {
+      // Sharded masters: no rank holds them whole any more, so each compares the digest of the whole masters
+      // it read (taken before it kept its shard); gathering the shards would hide a difference.
+      if (const auto digest = zero_registry_->live()->owned_masters_digest()) {
+        verify_replica_digests_equal(communicator(), *digest, "masters after a checkpoint load");
+        return;
+      }
+    }
     if constexpr (requires(Derived & task) { task.params_float32(); }) {
       verify_replicas_equal(communicator(), data_parallel_task().params_float32(),
                             "masters after a checkpoint load");
