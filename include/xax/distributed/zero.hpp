@@ -2,8 +2,9 @@
 /// \file
 /// ZeRO stage 1 (DESIGN §12): `xax::distributed::ZeroShardLayout`, which cuts the parameters into one shard
 /// per rank, and `xax::distributed::ZeroOptimizer<Params>`, AdamW or SGD whose state (AdamW's m and v, SGD's
-/// momentum) each rank holds for its shard only: 8 of the 12 bytes per parameter of fp32 masters + AdamW are
-/// divided by the world size.
+/// momentum) each rank holds for its shard only, and, when the compute type is narrower than the fp32
+/// masters (the mixed policies), the masters too: per rank, fp32 masters + bf16 compute copy + AdamW go from
+/// 4N + 2N + 8N bytes to 4N/W + 2N + 8N/W.
 ///
 /// The shard rule: the floating leaves of the params, in tree order, form one flat vector of N elements. Each
 /// leaf is cut into blocks of xax::detail::norm_block (1024) elements from its start (the last block of a
@@ -13,11 +14,23 @@
 /// which is what keeps every per-element and per-block computation (the optimizer's chunks, the gradient
 /// norm's partial sums) the same as in the unsharded step.
 ///
-/// One step, per rank: the optimizer updates the masters of its shard in place from the (summed, unscaled)
-/// gradients of its shard, with exactly the arithmetic of optim::AdamW / optim::Sgd on those elements, then
-/// the updated fp32 masters are all-gathered leaf by leaf in place (MPI_Allgatherv with MPI_IN_PLACE), so
-/// that every rank ends the step with the same, full masters, bit-identical to the unsharded (stage 0) run.
-/// The masters themselves stay replicated: TrainStep's params(), evaluation and checkpoints read them whole.
+/// Sharded masters (compute type narrower than the fp32 masters): TrainStep offers its masters to the
+/// optimizer (adopt_masters, the optimizer door's hook in xax/task/any_optimizer.hpp), which keeps this
+/// rank's shard, and TrainStep frees its whole copy; the full compute copy stays on every rank for the
+/// forward. One step, per rank: the optimizer updates its fp32 shard from the (summed, unscaled) gradients
+/// of its shard, with exactly the arithmetic of optim::AdamW / optim::Sgd on those elements, and writes each
+/// updated element's cast (round to nearest, as the built-ins' fused copy) into the compute copy in the same
+/// pass; then the compute copy is all-gathered leaf by leaf in place, in its own type (half the bytes of the
+/// fp32 masters for bf16). Every rank ends the step with the same compute copy, and the union of the shards
+/// is bit-for-bit the unsharded (stage 0) run's masters. TrainStep::params() then throws (no rank holds the
+/// masters whole) and names the collective TrainStep::gather_params(), which MixedPrecisionMixin's
+/// params_float32() calls; evaluation reads the compute copy.
+///
+/// Masters that are the compute params (the fp32 policy) stay whole on every rank: sharding them would be
+/// ZeRO-3 (the forward would need them gathered). There, and for half-precision masters (the float16 preset,
+/// updated through an fp32 work copy), the optimizer updates the masters of its shard in place and the
+/// updated masters are all-gathered leaf by leaf in place (MPI_Allgatherv with MPI_IN_PLACE), so every rank
+/// ends the step with the same, full masters: only the optimizer state is sharded.
 ///
 /// The gradients are reduce-scattered (DataParallelMixin under zero_stage 1): after the reduction a rank
 /// holds the step's summed gradients on its shard and zeros elsewhere, and the finite flag and the norm are
@@ -26,10 +39,12 @@
 /// tensors, names those of the rank's own shard.
 ///
 /// Checkpoints: rank 0 writes the whole, unsharded optimizer state, in exactly the format optim::AdamW /
-/// optim::Sgd write (so a ZeRO-1 checkpoint resumes under stage 0 and on any world size, and a stage-0 one
-/// resumes under ZeRO-1). Before rank 0 saves, every rank calls DataParallelMixin::prepare_checkpoint()
-/// (TrainMixin::fit does), which gathers the shards to rank 0. Loading reads the whole state on every rank
-/// and keeps the shard of this world size: re-sharding is loading.
+/// optim::Sgd write, and the whole masters (so a ZeRO-1 checkpoint resumes under stage 0 and on any world
+/// size, and a stage-0 one resumes under ZeRO-1). Before rank 0 saves, every rank calls
+/// DataParallelMixin::prepare_checkpoint() (TrainMixin::fit does), which gathers the shards of the state and
+/// of the masters to rank 0. Loading reads the whole file on every rank and keeps the shard of this world
+/// size: re-sharding is loading. The replica check after a load compares a digest of the whole masters each
+/// rank read, taken before it kept its shard (DataParallelMixin::verify_loaded_state).
 ///
 /// The optimizer plugs into TrainStep through the optimizer door (xax/task/any_optimizer.hpp) like any other,
 /// usually made by DataParallelMixin::sharded_optimizer. Only the built-in AdamW and SGD (with their
