@@ -105,6 +105,7 @@ inline nlohmann::json to_json(const TrainingRun& run) {
                             {"buckets_per_step", dp->buckets_per_step},
                             {"reducer_buffer_bytes", dp->reducer_buffer_bytes},
                             {"master_gather_bytes_per_step", dp->master_gather_bytes_per_step},
+                            {"master_bytes", dp->master_bytes},
                             {"optimizer_state_bytes", dp->optimizer_state_bytes}};
   }
   if (run.workload == "char-transformer") {

@@ -52,8 +52,12 @@ struct DataParallelRecord {
   std::int64_t bucket_size = 0;          ///< gradient elements per reduction bucket (0: one bucket)
   std::size_t buckets_per_step = 0;      ///< buckets the gradient was reduced in
   std::size_t reducer_buffer_bytes = 0;  ///< rank 0's gradient-reducer buffers
-  std::size_t master_gather_bytes_per_step = 0;  ///< ZeRO-1: bytes rank 0 sent in the masters' all-gather
-  std::size_t optimizer_state_bytes = 0;         ///< rank 0's optimizer state (its shard under ZeRO-1)
+  /// ZeRO-1: bytes rank 0 sent per step in the all-gather after the update: of its fp32 masters' shard, or,
+  /// with the masters sharded (mixed policies), of its shard of the 16-bit compute copy
+  std::size_t master_gather_bytes_per_step = 0;
+  /// rank 0's fp32 masters: all N of them, or its shard under ZeRO-1 when the compute type is narrower
+  std::size_t master_bytes = 0;
+  std::size_t optimizer_state_bytes = 0;  ///< rank 0's optimizer state (its shard under ZeRO-1)
 };
 
 /// One training run: a policy on a configuration.

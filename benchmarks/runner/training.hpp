@@ -460,6 +460,7 @@ inline TrainingRun run_training(const TrainingSetup& setup, const xax::Classific
           record.reducer_buffer_bytes = stats.buffer_bytes;
           record.master_gather_bytes_per_step = task.master_gather_bytes_per_step();
           record.optimizer_state_bytes = task.train_state_bytes().optimizer;
+          record.master_bytes = task.train_state_bytes().params;
           run.data_parallel = record;
         });
 #else

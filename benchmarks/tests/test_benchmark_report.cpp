@@ -121,6 +121,7 @@ TEST(ReportJson, HoldsWorldSizeParamsCrcAndDataParallelFigures) {
   record.reducer_buffer_bytes = 777;
   record.master_gather_bytes_per_step = 888;
   record.optimizer_state_bytes = 999;
+  record.master_bytes = 777;
   report.training[0].data_parallel = record;
   const nlohmann::json json = xax_bench::to_json(report);
   EXPECT_EQ(json.at("world_size"), 2);
@@ -141,6 +142,7 @@ TEST(ReportJson, HoldsWorldSizeParamsCrcAndDataParallelFigures) {
   EXPECT_EQ(dp.at("reducer_buffer_bytes"), 777);
   EXPECT_EQ(dp.at("master_gather_bytes_per_step"), 888);
   EXPECT_EQ(dp.at("optimizer_state_bytes"), 999);
+  EXPECT_EQ(dp.at("master_bytes"), 777);
   if (report.training.size() > 1) {
     EXPECT_TRUE(json.at("training").at(1).at("params_crc32").is_null());
     EXPECT_FALSE(json.at("training").at(1).contains("data_parallel"));

@@ -432,13 +432,19 @@ TEST_F(DataParallelFourRanks, ZeroOneWithBucketsIsBitIdenticalToOneProcessAndRec
     std::int64_t parameters = 0;
     for (std::size_t i = 1; i < sizes.size(); ++i) parameters += sizes[i - 1] * sizes[i] + sizes[i];
     EXPECT_EQ(dp.at("buckets_per_step"), (parameters + 65535) / 65536);
-    // ZeRO-1: rank 0 holds about a quarter of AdamW's two fp32 moments (8 bytes per parameter) and sends its
-    // quarter of the fp32 masters to 3 ranks per step.
+    // ZeRO-1: rank 0 holds about a quarter of AdamW's two fp32 moments (8 bytes per parameter).
     const auto optimizer = dp.at("optimizer_state_bytes").get<std::int64_t>();
     EXPECT_GT(optimizer, 0);
     EXPECT_LT(optimizer, 8 * parameters / 4 + 8 * 4096);
     EXPECT_GT(dp.at("master_gather_bytes_per_step").get<std::int64_t>(), 0);
     EXPECT_GT(dp.at("reducer_buffer_bytes").get<std::int64_t>(), 0);
+    // The mixed policy's fp32 masters are sharded too (4 of its 4 N bytes / 4 per rank, up to a block of
+    // 1024 elements), and the all-gather carries rank 0's shard of the bf16 compute copy to 3 ranks: 2 bytes
+    // per element of the shard.
+    const auto masters = dp.at("master_bytes").get<std::int64_t>();
+    EXPECT_GT(masters, 0);
+    EXPECT_LE(masters, 4 * (parameters / 4 + 1024));
+    EXPECT_EQ(dp.at("master_gather_bytes_per_step").get<std::int64_t>(), masters / 4 * 2 * 3);
   }
 }
 

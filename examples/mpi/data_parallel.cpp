@@ -8,7 +8,8 @@
 //   synthetic mpirun -np 4 ./data_parallel epochs=1 gradient_wire_dtype=bfloat16 mpirun -H a,b -np 2
 //   ./data_parallel                           # two machines, one rank each
 //
-// zero_stage=1 shards the optimizer state over the ranks (ZeRO-1); the params_crc32 stays the same.
+// zero_stage=1 shards the optimizer state over the ranks (ZeRO-1), and under a mixed policy the fp32 masters
+// too (each rank holds its shard; the bf16 compute copy is all-gathered); the params_crc32 stays the same.
 // Any field of the config can be given as key=value. A rank that fails ends the whole job with its message.
 #include <xax/distributed/data_parallel.hpp>
 #include <xax/nn/mlp.hpp>

@@ -1,6 +1,7 @@
-// xax/distributed/zero.hpp: ZeRO stage 1. The optimizer state is sharded over the ranks, and the masters stay
-// bit-identical to the unsharded (stage 0) run at the same world size and to one process, skipped steps
-// included; checkpoints resume bit-identically on the same world size and re-shard onto another.
+// xax/distributed/zero.hpp: ZeRO stage 1. The optimizer state (and, under the mixed policy, the fp32 masters)
+// is sharded over the ranks, and the masters stay bit-identical to the unsharded (stage 0) run at the same
+// world size and to one process, skipped steps included; checkpoints resume bit-identically on the same world
+// size and re-shard onto another.
 #include <gtest/gtest.h>
 
 #include <unistd.h>
@@ -151,7 +152,7 @@ TEST(ZeroOne, MastersAreBitIdenticalToStageZeroAndToOneProcessWithASkippedStep) 
   const auto results0 = train(stage0, stage0.rank(), world, 0, 16);
   const auto results1 = train(stage1, stage1.rank(), world, 0, 16);
   EXPECT_EQ(stage1.skipped_steps(), 1);
-  EXPECT_TRUE(same_bits(flat(stage1.params()), flat(stage0.params())))
+  EXPECT_TRUE(same_bits(flat(stage1.gather_params()), flat(stage0.gather_params())))
       << "world size " << world << ": ZeRO-1 masters differ from stage 0's";
   ASSERT_EQ(results1.size(), results0.size());
   for (std::size_t i = 0; i < results0.size(); ++i) {
@@ -171,7 +172,7 @@ TEST(ZeroOne, MastersAreBitIdenticalToStageZeroAndToOneProcessWithASkippedStep) 
   train(clean, clean.rank(), world, 0, 16);
   SingleTrainer single;
   const auto single_results = train(single, 0, 1, 0, 16);
-  EXPECT_TRUE(same_bits(flat(clean.params()), flat(single.params())))
+  EXPECT_TRUE(same_bits(flat(clean.gather_params()), flat(single.gather_params())))
       << "world size " << world << ": ZeRO-1 masters differ from one process's";
   EXPECT_LT(single_results.back().loss, single_results.front().loss);
 }
@@ -183,7 +184,7 @@ TEST(ZeroOne, ClippedBfloat16WireRunIsBitIdenticalToStageZero) {
   ParallelTrainer stage1(1, Communicator{}, adamw, bf16_wire, 1e-5);
   const auto results0 = train(stage0, stage0.rank(), stage0.world_size(), 0, 10);
   const auto results1 = train(stage1, stage1.rank(), stage1.world_size(), 0, 10);
-  EXPECT_TRUE(same_bits(flat(stage1.params()), flat(stage0.params())));
+  EXPECT_TRUE(same_bits(flat(stage1.gather_params()), flat(stage0.gather_params())));
   for (std::size_t i = 0; i < results0.size(); ++i) {
     EXPECT_GT(results0[i].grad_norm, 1e-5) << "step " << i << " was not clipped";
     EXPECT_EQ(results1[i].grad_norm, results0[i].grad_norm) << "step " << i;
@@ -199,7 +200,7 @@ TEST(ZeroOne, BucketedReduceScatterIsBitIdenticalToOneProcess) {
     train(sharded, sharded.rank(), sharded.world_size(), 0, 6);
     SingleTrainer single;
     train(single, 0, 1, 0, 6);
-    EXPECT_TRUE(same_bits(flat(sharded.params()), flat(single.params())))
+    EXPECT_TRUE(same_bits(flat(sharded.gather_params()), flat(single.gather_params())))
         << "bucket " << bucket << ", world size " << sharded.world_size();
     EXPECT_EQ(sharded.reduction_stats().buckets_last, (3904 + bucket - 1) / bucket);
   }
@@ -212,7 +213,7 @@ TEST(ZeroOne, SgdWithMomentumIsBitIdenticalToOneProcess) {
   train(sharded, sharded.rank(), sharded.world_size(), 0, 10);
   SingleTrainer single(sgd);
   train(single, 0, 1, 0, 10);
-  EXPECT_TRUE(same_bits(flat(sharded.params()), flat(single.params())));
+  EXPECT_TRUE(same_bits(flat(sharded.gather_params()), flat(single.gather_params())));
 }
 
 TEST(ZeroOne, OptimizerStateBytesPerRankAreTheRanksShare) {
@@ -241,14 +242,14 @@ TEST(ZeroOne, CheckpointResumesBitIdenticallyOnTheSameWorldSize) {
   resumed.load_train_state(xax::CheckpointReader(path));
   EXPECT_EQ(resumed.train_step_calls(), 5);
   train(resumed, resumed.rank(), resumed.world_size(), 5, 12);
-  EXPECT_TRUE(same_bits(flat(resumed.params()), flat(uninterrupted.params())));
+  EXPECT_TRUE(same_bits(flat(resumed.gather_params()), flat(uninterrupted.gather_params())));
   EXPECT_EQ(resumed.current_loss_scale(), uninterrupted.current_loss_scale());
 
   // The file is a stage-0 checkpoint: one process with plain AdamW resumes from it identically too.
   SingleTrainer single;
   single.load_train_state(xax::CheckpointReader(path));
   train(single, 0, 1, 5, 12);
-  EXPECT_TRUE(same_bits(flat(single.params()), flat(uninterrupted.params())));
+  EXPECT_TRUE(same_bits(flat(single.gather_params()), flat(uninterrupted.gather_params())));
   resumed.communicator().barrier();
   if (resumed.rank() == 0) std::filesystem::remove(path);
 }
@@ -279,7 +280,7 @@ TEST(ZeroOne, CheckpointReshardsOntoAnotherWorldSize) {
     ParallelTrainer grown(1);
     grown.load_train_state(xax::CheckpointReader(grown_path));
     train(grown, grown.rank(), grown.world_size(), 5, 12);
-    EXPECT_TRUE(same_bits(flat(grown.params()), flat(reference.params())))
+    EXPECT_TRUE(same_bits(flat(grown.gather_params()), flat(reference.gather_params())))
         << half << " ranks -> " << world << " ranks";
 
     // And back: written by all ranks after 7 steps, resumed by `half` of them.
@@ -291,7 +292,7 @@ TEST(ZeroOne, CheckpointReshardsOntoAnotherWorldSize) {
     ParallelTrainer shrunk(1, Communicator::duplicate(small));
     shrunk.load_train_state(xax::CheckpointReader(shrunk_path));
     train(shrunk, shrunk.rank(), shrunk.world_size(), 7, 12);
-    EXPECT_TRUE(same_bits(flat(shrunk.params()), flat(reference.params())))
+    EXPECT_TRUE(same_bits(flat(shrunk.gather_params()), flat(reference.gather_params())))
         << world << " ranks -> " << half << " ranks";
     MPI_Comm_free(&small);
   }
@@ -312,8 +313,8 @@ TEST(ZeroOne, AFailedLoadLeavesTheStateAndItsShardsAsTheyWere) {
   xax::CheckpointWriter writer;
   writer.add_string("train.policy", MixedPolicy::spec().str());
   writer.add_string("train.optimizer", "adamw");
-  writer.add_tree("train.params", trainer.params());
-  const Net<float> like = trainer.params();
+  writer.add_tree("train.params", trainer.gather_params());
+  const Net<float> like = trainer.gather_params();
   writer.add_tree("train.optimizer_state",
                   xax::optim::AdamWState<Net<float>>{7, xax::zeros_like(like), xax::zeros_like(like)});
   writer.add_string("train.loss_scale_kind", "no such kind");
@@ -325,9 +326,169 @@ TEST(ZeroOne, AFailedLoadLeavesTheStateAndItsShardsAsTheyWere) {
   EXPECT_THROW(trainer.load_train_state(xax::CheckpointReader(path)), xax::CheckpointError);
   train(trainer, trainer.rank(), trainer.world_size(), 3, 6);
   train(untouched, untouched.rank(), untouched.world_size(), 3, 6);
-  EXPECT_TRUE(same_bits(flat(trainer.params()), flat(untouched.params())));
+  EXPECT_TRUE(same_bits(flat(trainer.gather_params()), flat(untouched.gather_params())));
   trainer.communicator().barrier();
   if (trainer.rank() == 0) std::filesystem::remove(path);
+}
+
+// ZeRO-1 with sharded masters: under the mixed policy (fp32 masters, bf16 compute) the optimizer owns this
+// rank's shard of the masters and the train step holds none of its own.
+TEST(ZeroOneShardedMasters, ParamsIsAClearErrorAndGatherParamsIsTheWholeMasters) {
+  ParallelTrainer stage1(1);
+  ParallelTrainer stage0(0);
+  EXPECT_TRUE(stage1.optimizer_owns_masters());
+  EXPECT_TRUE(stage1.masters_sharded());
+  EXPECT_FALSE(stage0.optimizer_owns_masters());
+  EXPECT_FALSE(stage0.masters_sharded());
+  train(stage1, stage1.rank(), stage1.world_size(), 0, 4);
+  train(stage0, stage0.rank(), stage0.world_size(), 0, 4);
+  try {
+    static_cast<void>(stage1.params());
+    ADD_FAILURE() << "params() under sharded masters did not throw";
+  } catch (const xax::Error& error) {
+    EXPECT_NE(std::string(error.what()).find("gather_params()"), std::string::npos) << error.what();
+    EXPECT_NE(std::string(error.what()).find("sharded"), std::string::npos) << error.what();
+  }
+  EXPECT_NO_THROW(static_cast<void>(stage0.params()));
+  const Net<float> whole = stage1.gather_params();
+  EXPECT_TRUE(same_bits(flat(whole), flat(stage0.params())));
+  // Every rank's compute copy is the whole masters rounded to bf16, element by element.
+  const Net<xax::bfloat16> rounded = xax::tree_cast<xax::bfloat16>(whole);
+  stage1.with_compute_params([&](const Net<xax::bfloat16>& compute) {
+    // bf16 -> fp32 is exact, so comparing the widened trees compares the bf16 bits.
+    EXPECT_TRUE(same_bits(flat(xax::tree_cast<float>(compute)), flat(xax::tree_cast<float>(rounded))));
+  });
+}
+
+TEST(ZeroOneShardedMasters, BytesPerRankFollowTheFormula) {
+  // Mixed bf16 + AdamW: 4N masters + 2N compute + 8N optimizer state per rank at stage 0; 4N/W + 2N + 8N/W
+  // (each to the rank's shard, whole blocks) under ZeRO-1 with sharded masters.
+  ParallelTrainer stage0(0);
+  ParallelTrainer stage1(1);
+  const int world = stage1.world_size();
+  constexpr std::size_t parameters = 3904;
+  const xax::distributed::ZeroShardLayout layout({2400, 300, 1200, 4}, world);
+  const std::size_t shard = layout.shard_size(stage1.rank());
+  const xax::TrainStateBytes bytes0 = stage0.state_bytes();
+  const xax::TrainStateBytes bytes1 = stage1.state_bytes();
+  EXPECT_EQ(bytes0.params, 4 * parameters);
+  EXPECT_EQ(bytes1.params, 4 * shard);
+  EXPECT_EQ(bytes0.compute_params, 2 * parameters);
+  EXPECT_EQ(bytes1.compute_params, 2 * parameters);
+  EXPECT_EQ(bytes1.optimizer, 8 * shard + 8);
+  EXPECT_EQ(bytes1.params + bytes1.compute_params + bytes1.optimizer,
+            4 * shard + 2 * parameters + 8 * shard + 8);
+  const auto mine = static_cast<std::int64_t>(bytes1.params);
+  std::int64_t total = 0;
+  stage1.communicator().all_reduce(&mine, &total, 1, MPI_SUM);
+  EXPECT_EQ(static_cast<std::size_t>(total), 4 * parameters);  // the shards partition the masters
+
+  // The all-gather after a step carries the compute copy: bf16, 2 bytes per element of the rank's shard to
+  // each other rank, half of what the fp32 masters' all-gather sent.
+  EXPECT_EQ(stage1.master_gather_bytes_per_step(), 0u);  // no step yet
+  train(stage1, stage1.rank(), world, 0, 1);
+  EXPECT_EQ(stage1.master_gather_bytes_per_step(), 2 * shard * static_cast<std::size_t>(world - 1));
+  EXPECT_EQ(stage0.master_gather_bytes_per_step(), 0u);
+}
+
+// fp32 policy: the masters are the compute params, so sharding them would be ZeRO-3; ZeRO-1 keeps them whole
+// (optimizer state sharded, the fp32 masters all-gathered), as before.
+class Float32Trainer : public Model,
+                       public xax::TrainStep<Float32Trainer, xax::Policy<float, float, float>>,
+                       public xax::distributed::DataParallelMixin<Float32Trainer> {
+ public:
+  explicit Float32Trainer(int zero_stage) : DataParallelMixin(ReducerOptions{}, zero_stage) {
+    auto initial = task.init_params();
+    synchronize_initial_params(initial);
+    reset_train_state(
+        initial, [&](const Net<float>& like) { return sharded_optimizer(like, adamw); },
+        xax::DynamicLossScale{});
+  }
+};
+
+TEST(ZeroOneShardedMasters, Float32PolicyKeepsTheMastersWholeAndBitIdentical) {
+  Float32Trainer stage0(0);
+  Float32Trainer stage1(1);
+  EXPECT_FALSE(stage1.optimizer_owns_masters());
+  EXPECT_FALSE(stage1.masters_sharded());
+  train(stage0, stage0.rank(), stage0.world_size(), 0, 6);
+  train(stage1, stage1.rank(), stage1.world_size(), 0, 6);
+  EXPECT_TRUE(same_bits(flat(stage1.params()), flat(stage0.params())));
+  EXPECT_EQ(stage1.state_bytes().params, 4 * 3904u);
+  const auto world = static_cast<std::size_t>(stage1.world_size());
+  const xax::distributed::ZeroShardLayout layout({2400, 300, 1200, 4}, stage1.world_size());
+  EXPECT_EQ(stage1.master_gather_bytes_per_step(), 4 * layout.shard_size(stage1.rank()) * (world - 1));
+}
+
+TEST(ZeroOneShardedMasters, StageZeroCheckpointResumesUnderShardedMastersAndBack) {
+  SingleTrainer reference;
+  train(reference, 0, 1, 0, 10);
+  const Communicator comm;
+  const auto to_sharded = shared_path(comm, "to_sharded");
+  const auto to_whole = shared_path(comm, "to_whole");
+  {
+    ParallelTrainer stage0(0);
+    train(stage0, stage0.rank(), stage0.world_size(), 0, 4);
+    save(stage0, to_sharded);
+  }
+  ParallelTrainer sharded(1);
+  sharded.load_train_state(xax::CheckpointReader(to_sharded));
+  sharded.verify_loaded_state();
+  EXPECT_TRUE(sharded.optimizer_owns_masters());
+  EXPECT_EQ(sharded.state_bytes().params,
+            4 * xax::distributed::ZeroShardLayout({2400, 300, 1200, 4}, sharded.world_size())
+                    .shard_size(sharded.rank()));
+  train(sharded, sharded.rank(), sharded.world_size(), 4, 7);
+  save(sharded, to_whole);
+  ParallelTrainer whole(0);
+  whole.load_train_state(xax::CheckpointReader(to_whole));
+  whole.verify_loaded_state();
+  train(whole, whole.rank(), whole.world_size(), 7, 10);
+  EXPECT_TRUE(same_bits(flat(whole.params()), flat(reference.params())));
+  // The file the sharded run wrote holds the whole masters, readable by a single process.
+  const xax::CheckpointReader file(to_whole);
+  Net<float> saved = reference.params();
+  file.read_tree("train.params", saved);
+  SingleTrainer single;
+  single.load_train_state(file);
+  EXPECT_TRUE(same_bits(flat(saved), flat(single.params())));
+  comm.barrier();
+  if (comm.rank() == 0) {
+    std::filesystem::remove(to_sharded);
+    std::filesystem::remove(to_whole);
+  }
+}
+
+TEST(ZeroOneShardedMasters, ReplicaCheckAfterLoadComparesTheWholeMastersEachRankRead) {
+  ParallelTrainer trainer(1);
+  const Communicator& comm = trainer.communicator();
+  const auto first = shared_path(comm, "first");
+  const auto second = shared_path(comm, "second");
+  train(trainer, trainer.rank(), trainer.world_size(), 0, 2);
+  save(trainer, first);
+  train(trainer, trainer.rank(), trainer.world_size(), 2, 3);
+  save(trainer, second);
+
+  ParallelTrainer same(1);
+  same.load_train_state(xax::CheckpointReader(first));
+  EXPECT_NO_THROW(same.verify_loaded_state());
+  if (trainer.world_size() > 1) {
+    // The last rank reads another file: its shard alone would not show it, the digest of what it read does.
+    ParallelTrainer mixed(1);
+    const bool odd_one = mixed.rank() == mixed.world_size() - 1;
+    mixed.load_train_state(xax::CheckpointReader(odd_one ? second : first));
+    try {
+      mixed.verify_loaded_state();
+      ADD_FAILURE() << "ranks that read different checkpoints passed the replica check";
+    } catch (const xax::distributed::ReplicaMismatchError& error) {
+      EXPECT_EQ(error.differing_ranks(), std::vector<int>{mixed.world_size() - 1}) << error.what();
+    }
+  }
+  comm.barrier();
+  if (comm.rank() == 0) {
+    std::filesystem::remove(first);
+    std::filesystem::remove(second);
+  }
 }
 
 // The mixin face: TrainMixin + MixedPrecisionMixin + DataParallelMixin, with the one-line make_optimizer.
@@ -383,6 +544,10 @@ TEST(ZeroOneMixin, FitWithCheckpointsIsBitIdenticalToOneProcessAndResumes) {
   const std::size_t parameters = 3904;
   EXPECT_LE(sharded.train_state_bytes().optimizer,
             8 * (parameters / static_cast<std::size_t>(sharded.world_size()) + xax::detail::norm_block) + 8);
+  // The mixed policy's fp32 masters are sharded too: this rank holds its shard of them.
+  EXPECT_EQ(sharded.train_state_bytes().params,
+            4 * xax::distributed::ZeroShardLayout({2400, 300, 1200, 4}, sharded.world_size())
+                    .shard_size(sharded.rank()));
 
   // The last checkpoint (step 15 of 16) resumes to the same end.
   ParallelTask resumed(parallel_config(1));

@@ -23,13 +23,15 @@
 ///   micro-batches, so every process takes the same skip decision and keeps the same loss scale and
 ///   counters; in deterministic mode (the default) the masters are bit-identical to a single process
 ///   running the same config;
-/// - rank 0 alone writes checkpoints (the state is replicated; each rank can load the file); after
-///   TrainMixin::load_checkpoint every rank checks that all ranks hold the same masters
-///   (verify_loaded_state).
+/// - rank 0 alone writes checkpoints (the state is replicated, or gathered to rank 0 under ZeRO-1; each rank
+///   can load the file); after TrainMixin::load_checkpoint every rank checks that all ranks hold (or, with
+///   sharded masters, read) the same masters (verify_loaded_state).
 ///
-/// ZeRO stage 1 (`zero_stage = 1`, see xax/distributed/zero.hpp) shards the optimizer state over the ranks:
-/// the train step's optimizer must then be `sharded_optimizer(like, options)`, which a mixin task returns
-/// from `make_optimizer` (one line, below) and a TrainStep trainer passes to reset_train_state. Under
+/// ZeRO stage 1 (`zero_stage = 1`, see xax/distributed/zero.hpp) shards the optimizer state over the ranks,
+/// and the fp32 masters too when the compute type is narrower (the mixed policies; the full compute copy
+/// stays on every rank, and TrainStep::params() gives way to the collective gather_params()): the train
+/// step's optimizer must then be `sharded_optimizer(like, options)`, which a mixin task returns from
+/// `make_optimizer` (one line, below) and a TrainStep trainer passes to reset_train_state. Under
 /// zero_stage 0 the same optimizer runs unsharded. Before rank 0 writes a checkpoint every rank calls
 /// prepare_checkpoint() (TrainMixin::fit does), which gathers the shards to rank 0.
 ///
@@ -68,8 +70,9 @@ struct DataParallelConfig {
   /// Bit-identical results for any number of processes (each micro-batch's gradients travel on their own);
   /// false sums each process's micro-batches locally first.
   bool deterministic_reduction = true;
-  /// ZeRO stage: 0 (every rank holds the whole optimizer state) or 1 (each rank holds its shard of it; the
-  /// task's optimizer must come from DataParallelMixin::sharded_optimizer).
+  /// ZeRO stage: 0 (every rank holds the whole optimizer state) or 1 (each rank holds its shard of it, and of
+  /// the fp32 masters when the compute type is narrower; the task's optimizer must come from
+  /// DataParallelMixin::sharded_optimizer).
   std::int64_t zero_stage = 0;
   /// Gradient elements exchanged per bucket (see GradientReducer): 0 (the default) reduces the whole
   /// gradient in one bucket; N > 0 bounds the reducer's receive, sum and gather buffers and every message to
@@ -224,12 +227,20 @@ class DataParallelMixin {
 
   /// The ZeRO stage (0 or 1).
   [[nodiscard]] int zero_stage() const { return zero_stage_; }
-  /// Bytes this rank sends per step in ZeRO-1's all-gather of its updated shard of the fp32 masters (the
-  /// reducer's stats count the gradients' reduce-scatter); 0 under zero_stage 0.
+  /// Bytes this rank sent in the last step's ZeRO-1 all-gather: of its updated shard of the fp32 masters,
+  /// or, when the masters are sharded (the optimizer owns them), of its shard of the compute copy in the
+  /// compute type (half the bytes for bf16), to each other rank. The reducer's stats count the gradients'
+  /// reduce-scatter. 0 under zero_stage 0.
   [[nodiscard]] std::size_t master_gather_bytes_per_step() const {
     if (zero_stage_ != 1 || zero_registry_->live() == nullptr) return 0;
-    return zero_registry_->live()->layout->shard_size(rank()) * static_cast<std::size_t>(world_size() - 1) *
-           sizeof(float);
+    return zero_registry_->live()->master_gather_bytes();
+  }
+  /// Whether this task's train step has its fp32 masters sharded over the ranks (ZeRO-1 with a compute type
+  /// narrower than the masters; see xax/distributed/zero.hpp): TrainStep::params() then throws, and
+  /// gather_params() / params_float32() are collectives.
+  [[nodiscard]] bool masters_sharded() const {
+    return zero_stage_ == 1 && zero_registry_->live() != nullptr &&
+           zero_registry_->live()->owned_masters_digest().has_value();
   }
 
   /// The optimizer a data-parallel train step runs: AdamW or SGD (`options`, parameter groups included) over
@@ -276,13 +287,22 @@ class DataParallelMixin {
     broadcast_tree(communicator(), params, 0);
   }
 
-  /// TrainMixin's checkpoint hook: rank 0 writes; the state is the same on every rank.
+  /// TrainMixin's checkpoint hook: rank 0 writes; the state is the same on every rank (under ZeRO-1,
+  /// prepare_checkpoint gathered its shards to rank 0).
   [[nodiscard]] bool writes_checkpoints() const { return rank() == 0; }
 
   /// TrainMixin's after-load hook (a TrainStep trainer calls it after its own load_train_state): collective;
   /// throws ReplicaMismatchError on every rank, naming the ranks, unless every rank now holds the same
   /// masters (see xax/distributed/replica_check.hpp: a CRC-32 of each rank's masters, all-gathered).
   void verify_loaded_state() {
+    if (zero_stage_ == 1 && zero_registry_->live() != nullptr) {
+      // Sharded masters: no rank holds them whole any more, so each compares the digest of the whole masters
+      // it read (taken before it kept its shard); gathering the shards would hide a difference.
+      if (const auto digest = zero_registry_->live()->owned_masters_digest()) {
+        verify_replica_digests_equal(communicator(), *digest, "masters after a checkpoint load");
+        return;
+      }
+    }
     if constexpr (requires(Derived & task) { task.params_float32(); }) {
       verify_replicas_equal(communicator(), data_parallel_task().params_float32(),
                             "masters after a checkpoint load");

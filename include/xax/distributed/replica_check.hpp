@@ -77,6 +77,20 @@ int equals_root_exactly(const Communicator& comm, const Tree& tree) {
   return same;
 }
 
+// Throws ReplicaMismatchError naming `differing` (the ranks whose values differ from rank 0's), if any.
+inline void throw_if_differing(const std::string& context, std::vector<int> differing, const std::string& how,
+                               std::size_t world) {
+  if (differing.empty()) return;
+  std::string ranks;
+  for (const int r : differing) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
+  // The message is built before `differing` is moved into the error.
+  const std::string message = context + ": the values of rank" + (differing.size() > 1 ? "s " : " ") + ranks +
+                              " differ from rank 0's" + how + ", out of " + std::to_string(world) +
+                              " ranks; every rank must hold the same values (after a checkpoint load: every "
+                              "rank must read the same, unchanged checkpoint file)";
+  throw ReplicaMismatchError(message, std::move(differing));
+}
+
 }  // namespace detail
 
 /// Collective: returns when every rank's floating leaves of `tree` hold rank 0's bits; otherwise throws
@@ -116,17 +130,23 @@ void verify_replicas_equal(const Communicator& comm, const Tree& tree, std::stri
       if (all[r] == 0) differing.push_back(static_cast<int>(r));
     }
   }
-  if (!differing.empty()) {
-    std::string ranks;
-    for (const int r : differing) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
-    // The message is built before `differing` is moved into the error.
-    const std::string message =
-        context + ": the values of rank" + (differing.size() > 1 ? "s " : " ") + ranks +
-        " differ from rank 0's" + how + ", out of " + std::to_string(world) +
-        " ranks; every rank must hold the same values (after a checkpoint load: every "
-        "rank must read the same, unchanged checkpoint file)";
-    throw ReplicaMismatchError(message, std::move(differing));
+  detail::throw_if_differing(context, std::move(differing), how, world);
+}
+
+/// Collective: as verify_replicas_equal for a digest each rank computed of values it no longer holds whole
+/// (ZeRO-1 with sharded masters: the masters each rank read from a checkpoint before keeping its shard).
+/// Throws ReplicaMismatchError on every rank alike, naming the ranks whose digest differs from rank 0's.
+inline void verify_replica_digests_equal(const Communicator& comm, std::uint64_t digest,
+                                         std::string_view what) {
+  const std::string context = "xax::distributed::verify_replica_digests_equal (" + std::string(what) + ")";
+  const auto world = static_cast<std::size_t>(comm.size());
+  std::vector<std::uint64_t> all(world);
+  comm.all_gather(&digest, 1, all.data());
+  std::vector<int> differing;
+  for (std::size_t r = 1; r < world; ++r) {
+    if (all[r] != all[0]) differing.push_back(static_cast<int>(r));
   }
+  detail::throw_if_differing(context, std::move(differing), " (a digest of their bytes)", world);
 }
 
 }  // namespace xax::distributed

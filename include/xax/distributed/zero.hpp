@@ -2,8 +2,9 @@
 /// \file
 /// ZeRO stage 1 (DESIGN §12): `xax::distributed::ZeroShardLayout`, which cuts the parameters into one shard
 /// per rank, and `xax::distributed::ZeroOptimizer<Params>`, AdamW or SGD whose state (AdamW's m and v, SGD's
-/// momentum) each rank holds for its shard only: 8 of the 12 bytes per parameter of fp32 masters + AdamW are
-/// divided by the world size.
+/// momentum) each rank holds for its shard only, and, when the compute type is narrower than the fp32
+/// masters (the mixed policies), the masters too: per rank, fp32 masters + bf16 compute copy + AdamW go from
+/// 4N + 2N + 8N bytes to 4N/W + 2N + 8N/W.
 ///
 /// The shard rule: the floating leaves of the params, in tree order, form one flat vector of N elements. Each
 /// leaf is cut into blocks of xax::detail::norm_block (1024) elements from its start (the last block of a
@@ -13,11 +14,23 @@
 /// which is what keeps every per-element and per-block computation (the optimizer's chunks, the gradient
 /// norm's partial sums) the same as in the unsharded step.
 ///
-/// One step, per rank: the optimizer updates the masters of its shard in place from the (summed, unscaled)
-/// gradients of its shard, with exactly the arithmetic of optim::AdamW / optim::Sgd on those elements, then
-/// the updated fp32 masters are all-gathered leaf by leaf in place (MPI_Allgatherv with MPI_IN_PLACE), so
-/// that every rank ends the step with the same, full masters, bit-identical to the unsharded (stage 0) run.
-/// The masters themselves stay replicated: TrainStep's params(), evaluation and checkpoints read them whole.
+/// Sharded masters (compute type narrower than the fp32 masters): TrainStep offers its masters to the
+/// optimizer (adopt_masters, the optimizer door's hook in xax/task/any_optimizer.hpp), which keeps this
+/// rank's shard, and TrainStep frees its whole copy; the full compute copy stays on every rank for the
+/// forward. One step, per rank: the optimizer updates its fp32 shard from the (summed, unscaled) gradients
+/// of its shard, with exactly the arithmetic of optim::AdamW / optim::Sgd on those elements, and writes each
+/// updated element's cast (round to nearest, as the built-ins' fused copy) into the compute copy in the same
+/// pass; then the compute copy is all-gathered leaf by leaf in place, in its own type (half the bytes of the
+/// fp32 masters for bf16). Every rank ends the step with the same compute copy, and the union of the shards
+/// is bit-for-bit the unsharded (stage 0) run's masters. TrainStep::params() then throws (no rank holds the
+/// masters whole) and names the collective TrainStep::gather_params(), which MixedPrecisionMixin's
+/// params_float32() calls; evaluation reads the compute copy.
+///
+/// Masters that are the compute params (the fp32 policy) stay whole on every rank: sharding them would be
+/// ZeRO-3 (the forward would need them gathered). There, and for half-precision masters (the float16 preset,
+/// updated through an fp32 work copy), the optimizer updates the masters of its shard in place and the
+/// updated masters are all-gathered leaf by leaf in place (MPI_Allgatherv with MPI_IN_PLACE), so every rank
+/// ends the step with the same, full masters: only the optimizer state is sharded.
 ///
 /// The gradients are reduce-scattered (DataParallelMixin under zero_stage 1): after the reduction a rank
 /// holds the step's summed gradients on its shard and zeros elsewhere, and the finite flag and the norm are
@@ -26,10 +39,12 @@
 /// tensors, names those of the rank's own shard.
 ///
 /// Checkpoints: rank 0 writes the whole, unsharded optimizer state, in exactly the format optim::AdamW /
-/// optim::Sgd write (so a ZeRO-1 checkpoint resumes under stage 0 and on any world size, and a stage-0 one
-/// resumes under ZeRO-1). Before rank 0 saves, every rank calls DataParallelMixin::prepare_checkpoint()
-/// (TrainMixin::fit does), which gathers the shards to rank 0. Loading reads the whole state on every rank
-/// and keeps the shard of this world size: re-sharding is loading.
+/// optim::Sgd write, and the whole masters (so a ZeRO-1 checkpoint resumes under stage 0 and on any world
+/// size, and a stage-0 one resumes under ZeRO-1). Before rank 0 saves, every rank calls
+/// DataParallelMixin::prepare_checkpoint() (TrainMixin::fit does), which gathers the shards of the state and
+/// of the masters to rank 0. Loading reads the whole file on every rank and keeps the shard of this world
+/// size: re-sharding is loading. The replica check after a load compares a digest of the whole masters each
+/// rank read, taken before it kept its shard (DataParallelMixin::verify_loaded_state).
 ///
 /// The optimizer plugs into TrainStep through the optimizer door (xax/task/any_optimizer.hpp) like any other,
 /// usually made by DataParallelMixin::sharded_optimizer. Only the built-in AdamW and SGD (with their
@@ -43,11 +58,14 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <variant>
 #include <vector>
+#include <xax/detail/convert.hpp>
 #include <xax/detail/eigen.hpp>
 #include <xax/detail/parallel.hpp>
 #include <xax/distributed/communicator.hpp>
@@ -59,6 +77,7 @@
 #include <xax/utils/finite.hpp>
 #include <xax/utils/tree.hpp>
 #include <xax/utils/tree_cast.hpp>
+#include <xax/utils/tree_crc32.hpp>
 
 namespace xax::distributed {
 
@@ -156,6 +175,10 @@ struct ZeroRegistry {
     const void* optimizer = nullptr;
     std::function<void()> gather;
     const ZeroShardLayout* layout = nullptr;
+    // Bytes sent in the last step's all-gather of the masters (or of the compute copy, when owned).
+    std::function<std::size_t()> master_gather_bytes;
+    // When the optimizer owns the masters: the digest of the whole masters it adopted; otherwise empty.
+    std::function<std::optional<std::uint64_t>()> owned_masters_digest;
   };
   std::vector<Entry> enrolled;
 
@@ -198,6 +221,28 @@ std::vector<float*> floating_leaf_pointers(Tree& tree) {
       },
       tree);
   return pointers;
+}
+
+// A digest of the floating leaves' bytes of `tree`, to compare whole trees across ranks: zlib's CRC-32
+// (xax::tree_crc32) when xax has zlib, else std::hash of each leaf's bytes, combined in tree order.
+template <class Tree>
+std::uint64_t masters_digest(const Tree& tree) {
+  if constexpr (has_tree_crc32) {
+    return tree_crc32(tree);
+  } else {
+    std::uint64_t digest = 0;
+    for_each_leaf(
+        [&digest]<class L>(const L& leaf) {
+          if constexpr (floating_leaf<L>) {
+            const auto values = leaf_span(leaf);
+            const std::string_view bytes(reinterpret_cast<const char*>(values.data()),
+                                         values.size() * sizeof(values[0]));
+            digest = digest * 1099511628211ULL + std::hash<std::string_view>{}(bytes);
+          }
+        },
+        tree);
+    return digest;
+  }
 }
 
 template <class Tree>
@@ -292,54 +337,157 @@ class ZeroOptimizer {
   }
 
   /// One update: this rank's shard of `params` from the same shard of `grads` (which must hold the step's
-  /// summed, unscaled gradients at least there), then, sharded, the all-gather of the updated masters.
+  /// summed, unscaled gradients at least there), then, sharded, the all-gather of the updated masters. Throws
+  /// Error once this optimizer owns the masters (adopt_masters): TrainStep then calls step_owned_masters.
   void step(Params& params, const Params& grads) {
+    if (owns_masters_) {
+      throw Error(
+          "xax::distributed::ZeroOptimizer::step(params, grads): this optimizer owns the masters (sharded), "
+          "so it updates its own shard: call step_owned_masters(grads, compute_copy)");
+    }
     enroll();
     release_gathered();
     const std::vector<float*> param = detail::floating_leaf_pointers(params);
-    const std::vector<const float*> grad = detail::floating_leaf_pointers(grads);
-    if (param.size() != layout_.leaf_sizes().size() || grad.size() != param.size()) {
-      throw ShapeError("xax::distributed::ZeroOptimizer: the params have " + std::to_string(param.size()) +
-                       " floating leaves and the gradients " + std::to_string(grad.size()) +
-                       "; the optimizer was built for " + std::to_string(layout_.leaf_sizes().size()));
-    }
+    const std::vector<const float*> grad = gradient_pointers(grads, param.size());
     const std::int64_t step = state_.step + 1;
-    float* const first = state_.first.size() > 0 ? state_.first.data() : nullptr;
-    float* const second = state_.second.size() > 0 ? state_.second.data() : nullptr;
     for (const ZeroSegment& piece : segments_) {
-      float* const p = param[piece.leaf] + piece.begin;
-      const float* const g = grad[piece.leaf] + piece.begin;
-      const optim::LeafSettings& leaf = settings_[piece.leaf];
-      // Chunks of at most update_chunk, split across xax's threads as optim's driver splits a leaf: each
-      // element's arithmetic does not depend on where a chunk starts.
-      const auto chunks = [&piece](std::size_t bytes_per_element, const auto& update) {
-        xax::detail::parallel_blocks(piece.count, bytes_per_element, 16,
-                                     [&update](std::size_t begin, std::size_t end) noexcept {
-                                       for (std::size_t i = begin; i < end; i += optim::detail::update_chunk)
-                                         update(i, std::min(optim::detail::update_chunk, end - i));
-                                     });
-      };
-      if (const auto* adamw = std::get_if<optim::AdamWOptions>(&options_)) {
-        const auto constants = optim::detail::AdamWConstants<float>::make(*adamw, step, leaf);
-        float* const m = first + piece.shard_offset;
-        float* const v = second + piece.shard_offset;
-        chunks(7 * sizeof(float), [&](std::size_t i, std::size_t n) noexcept {
-          constants.update(p + i, g + i, m + i, v + i, p + i, n);
-        });
-      } else {
-        const auto& sgd = std::get<optim::SgdOptions>(options_);
-        const optim::detail::SgdConstants<float> constants{
-            static_cast<float>(sgd.learning_rate * leaf.learning_rate_scale),
-            static_cast<float>(sgd.momentum), static_cast<float>(leaf.weight_decay), sgd.nesterov, step == 1};
-        float* const buffer = first != nullptr ? first + piece.shard_offset : nullptr;
-        chunks(4 * sizeof(float), [&](std::size_t i, std::size_t n) noexcept {
-          constants.update(p + i, g + i, buffer != nullptr ? buffer + i : nullptr, p + i, n);
-        });
-      }
+      update_piece(piece, param[piece.leaf] + piece.begin, grad[piece.leaf] + piece.begin, step,
+                   static_cast<float*>(nullptr));
     }
     state_.step = step;
     if (sharded_) all_gather_masters(param);
   }
+
+  /// Takes this rank's shard of the whole masters `whole` and owns it from now on (ZeRO-1 with sharded
+  /// masters; TrainStep offers the masters after every reset and load, when its compute copy is a tree of
+  /// its own, and frees its own copy when this returns true). Unsharded, it declines (false). Also records a
+  /// digest of `whole`, which DataParallelMixin::verify_loaded_state compares across ranks after a load.
+  bool adopt_masters(const Params& whole) {
+    if (!sharded_) return false;
+    const std::vector<const float*> leaves = detail::floating_leaf_pointers(whole);
+    if (leaves.size() != layout_.leaf_sizes().size()) {
+      throw ShapeError("xax::distributed::ZeroOptimizer::adopt_masters: the masters have " +
+                       std::to_string(leaves.size()) + " floating leaves; the optimizer was built for " +
+                       std::to_string(layout_.leaf_sizes().size()));
+    }
+    Eigen::VectorXf shard(static_cast<Eigen::Index>(layout_.shard_size(rank_)));
+    for (const ZeroSegment& piece : segments_)
+      std::copy_n(leaves[piece.leaf] + piece.begin, piece.count, shard.data() + piece.shard_offset);
+    masters_ = std::move(shard);
+    adopted_digest_ = detail::masters_digest(whole);
+    owns_masters_ = true;
+    release_gathered();
+    enroll();
+    return true;
+  }
+
+  /// One update of the owned master shard from the same shard of `grads` that also writes its rounded
+  /// (to nearest) cast into `copy`, the compute copy, in the same pass; then the compute copy is all-gathered
+  /// leaf by leaf in its own type, so every rank ends the step with the whole compute copy. Each compute
+  /// element is the cast of its master element, exactly as the unsharded fused step writes it.
+  template <class Copy>
+  void step_owned_masters(const Params& grads, Copy& copy) {
+    if (!owns_masters_) {
+      throw Error(
+          "xax::distributed::ZeroOptimizer::step_owned_masters: this optimizer does not own the masters "
+          "(adopt_masters was not called, or it declined: unsharded); call step(params, grads)");
+    }
+    enroll();
+    release_gathered();
+    const std::size_t leaves = layout_.leaf_sizes().size();
+    const std::vector<const float*> grad = gradient_pointers(grads, leaves);
+    const std::int64_t step = state_.step + 1;
+    int world = 1;
+    check_mpi(MPI_Comm_size(comm_, &world), "MPI_Comm_size");
+    const auto w = static_cast<std::size_t>(world);
+    std::size_t leaf = 0;
+    std::size_t next = 0;  // segments_ are in leaf order
+    std::size_t sent = 0;
+    for_each_leaf(
+        [&]<class C>(C& copy_leaf) {
+          if constexpr (floating_leaf<C>) {
+            using Scalar = leaf_scalar_t<C>;
+            const auto target = leaf_span(copy_leaf);
+            if (leaf >= leaves || target.size() != layout_.leaf_sizes()[leaf]) {
+              throw ShapeError(
+                  "xax::distributed::ZeroOptimizer::step_owned_masters: the compute copy does not have the "
+                  "masters' shapes (floating leaf " +
+                  std::to_string(leaf) + ")");
+            }
+            for (; next < segments_.size() && segments_[next].leaf == leaf; ++next) {
+              const ZeroSegment& piece = segments_[next];
+              update_piece(piece, masters_.data() + piece.shard_offset, grad[leaf] + piece.begin, step,
+                           target.data() + piece.begin);
+              sent += piece.count * sizeof(Scalar) * (w - 1);
+            }
+            if (target.size() > 0) {
+              check_mpi(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, target.data(),
+                                       gather_counts_.data() + leaf * w, gather_offsets_.data() + leaf * w,
+                                       mpi_datatype<Scalar>(), comm_),
+                        "MPI_Allgatherv");
+            }
+            ++leaf;
+          }
+        },
+        copy);
+    state_.step = step;
+    owned_gather_bytes_ = sent;
+  }
+
+  /// Collective when the optimizer owns the masters: writes the whole masters into `whole` (shaped like the
+  /// params) on every rank, by an all-gather of the shards. Error if it does not own them.
+  void gather_masters(Params& whole) const {
+    if (!owns_masters_) {
+      throw Error("xax::distributed::ZeroOptimizer::gather_masters: this optimizer does not own the masters");
+    }
+    const std::vector<float*> leaves = detail::floating_leaf_pointers(whole);
+    int world = 1;
+    check_mpi(MPI_Comm_size(comm_, &world), "MPI_Comm_size");
+    const auto w = static_cast<std::size_t>(world);
+    for (std::size_t l = 0; l < leaves.size(); ++l) {
+      if (layout_.leaf_sizes()[l] == 0) continue;
+      const float* send = masters_.data();
+      int count = 0;
+      for (const ZeroSegment& piece : segments_) {
+        if (piece.leaf == l) {
+          send = masters_.data() + piece.shard_offset;
+          count = Communicator::as_count(piece.count, "MPI_Allgatherv");
+        }
+      }
+      check_mpi(MPI_Allgatherv(send, count, MPI_FLOAT, leaves[l], gather_counts_.data() + l * w,
+                               gather_offsets_.data() + l * w, MPI_FLOAT, comm_),
+                "MPI_Allgatherv");
+    }
+  }
+
+  /// Writes the whole masters under `entry` as a tree shaped like `like` (the format TrainStep writes its
+  /// own masters in). Only rank 0 can, after gather_for_checkpoint() at this step (CheckpointError
+  /// otherwise).
+  void save_masters(CheckpointWriter& writer, const std::string& entry, const Params& like) const {
+    if (!owns_masters_) {
+      throw Error("xax::distributed::ZeroOptimizer::save_masters: this optimizer does not own the masters");
+    }
+    require_gathered();
+    Params whole = like;
+    scatter_into(gathered_masters_, whole);
+    writer.add_tree(entry, whole);
+  }
+
+  /// Bytes of the master shard this optimizer owns (0 when it does not own the masters).
+  [[nodiscard]] std::size_t master_bytes() const {
+    return owns_masters_ ? static_cast<std::size_t>(masters_.size()) * sizeof(float) : 0;
+  }
+  [[nodiscard]] bool owns_masters() const { return owns_masters_; }
+  /// Bytes this rank sent in the masters' all-gather of the last step: its shard of the fp32 masters, or,
+  /// when it owns the masters, its shard of the compute copy in the compute type, to each other rank.
+  [[nodiscard]] std::size_t master_gather_bytes_per_step() const {
+    if (!sharded_) return 0;
+    if (owns_masters_) return owned_gather_bytes_;
+    return layout_.shard_size(rank_) * static_cast<std::size_t>(layout_.shards() - 1) * sizeof(float);
+  }
+  /// The digest of the whole masters adopt_masters was last given (see DataParallelMixin::
+  /// verify_loaded_state).
+  [[nodiscard]] std::uint64_t adopted_masters_digest() const { return adopted_digest_; }
 
   /// "adamw" or "sgd": the name the unsharded optimizer records, so that checkpoints are interchangeable.
   [[nodiscard]] std::string name() const { return is_adamw() ? "adamw" : "sgd"; }
@@ -382,6 +530,7 @@ class ZeroOptimizer {
     };
     gather(is_adamw() || has_momentum(), state_.first, gathered_first_);
     gather(is_adamw(), state_.second, gathered_second_);
+    gather(owns_masters_, masters_, gathered_masters_);  // the same on every rank
     gathered_step_ = state_.step;
   }
 
@@ -393,13 +542,7 @@ class ZeroOptimizer {
     const std::vector<float>* second = nullptr;
     std::vector<float> own_first, own_second;
     if (sharded_) {
-      if (rank_ != 0 || gathered_step_ != state_.step) {
-        throw CheckpointError(
-            "xax::distributed::ZeroOptimizer: a ZeRO-1 checkpoint holds every rank's shard of the optimizer "
-            "state; call prepare_checkpoint() of the data-parallel task on every rank after the last step, "
-            "then save on rank 0 only (TrainMixin::fit does both)" +
-            std::string(rank_ != 0 ? "; this is rank " + std::to_string(rank_) : ""));
-      }
+      require_gathered();
       first = &gathered_first_;
       second = &gathered_second_;
     } else {
@@ -472,13 +615,79 @@ class ZeroOptimizer {
         state_(other.state_),
         gathered_first_(other.gathered_first_),
         gathered_second_(other.gathered_second_),
-        gathered_step_(other.gathered_step_) {}
+        gathered_step_(other.gathered_step_),
+        masters_(other.masters_),
+        owns_masters_(other.owns_masters_),
+        adopted_digest_(other.adopted_digest_),
+        owned_gather_bytes_(other.owned_gather_bytes_),
+        gathered_masters_(other.gathered_masters_) {}
 
   [[nodiscard]] bool is_adamw() const { return std::holds_alternative<optim::AdamWOptions>(options_); }
   [[nodiscard]] bool has_momentum() const {
     return !is_adamw() && std::get<optim::SgdOptions>(options_).momentum != 0;
   }
   [[nodiscard]] bool registered() const { return registry_ != nullptr && registry_->holds(this); }
+
+  void require_gathered() const {
+    if (rank_ != 0 || gathered_step_ != state_.step) {
+      throw CheckpointError(
+          "xax::distributed::ZeroOptimizer: a ZeRO-1 checkpoint holds every rank's shard of the optimizer "
+          "state (and of the masters, when sharded); call prepare_checkpoint() of the data-parallel task on "
+          "every rank after the last step, then save on rank 0 only (TrainMixin::fit does both)" +
+          std::string(rank_ != 0 ? "; this is rank " + std::to_string(rank_) : ""));
+    }
+  }
+
+  std::vector<const float*> gradient_pointers(const Params& grads, std::size_t expected) const {
+    std::vector<const float*> grad = detail::floating_leaf_pointers(grads);
+    if (expected != layout_.leaf_sizes().size() || grad.size() != expected) {
+      throw ShapeError("xax::distributed::ZeroOptimizer: the params have " + std::to_string(expected) +
+                       " floating leaves and the gradients " + std::to_string(grad.size()) +
+                       "; the optimizer was built for " + std::to_string(layout_.leaf_sizes().size()));
+    }
+    return grad;
+  }
+
+  // Updates the `piece.count` masters at `p` (in place) from the gradients at `g`, with exactly the
+  // arithmetic of optim::AdamW / optim::Sgd on those elements, and writes their cast to `copy` (rounded to
+  // nearest, as the built-ins' fused copy) when it is not null, chunk by chunk while the chunk is in cache.
+  template <class Target>
+  void update_piece(const ZeroSegment& piece, float* p, const float* g, std::int64_t step, Target* copy) {
+    float* const first = state_.first.size() > 0 ? state_.first.data() : nullptr;
+    float* const second = state_.second.size() > 0 ? state_.second.data() : nullptr;
+    const optim::LeafSettings& leaf = settings_[piece.leaf];
+    const std::size_t copy_bytes = copy != nullptr ? sizeof(Target) : 0;
+    // Chunks of at most update_chunk, split across xax's threads as optim's driver splits a leaf: each
+    // element's arithmetic does not depend on where a chunk starts.
+    const auto chunks = [&piece, copy, copy_bytes, p](std::size_t bytes_per_element, const auto& update) {
+      xax::detail::parallel_blocks(piece.count, bytes_per_element + copy_bytes, 16,
+                                   [&update, copy, p](std::size_t begin, std::size_t end) noexcept {
+                                     for (std::size_t i = begin; i < end; i += optim::detail::update_chunk) {
+                                       const std::size_t n = std::min(optim::detail::update_chunk, end - i);
+                                       update(i, n);
+                                       if (copy != nullptr)
+                                         xax::detail::convert_serial(p + i, copy + i, n);  // still in L1
+                                     }
+                                   });
+    };
+    if (const auto* adamw = std::get_if<optim::AdamWOptions>(&options_)) {
+      const auto constants = optim::detail::AdamWConstants<float>::make(*adamw, step, leaf);
+      float* const m = first + piece.shard_offset;
+      float* const v = second + piece.shard_offset;
+      chunks(7 * sizeof(float), [&](std::size_t i, std::size_t n) noexcept {
+        constants.update(p + i, g + i, m + i, v + i, p + i, n);
+      });
+    } else {
+      const auto& sgd = std::get<optim::SgdOptions>(options_);
+      const optim::detail::SgdConstants<float> constants{
+          static_cast<float>(sgd.learning_rate * leaf.learning_rate_scale), static_cast<float>(sgd.momentum),
+          static_cast<float>(leaf.weight_decay), sgd.nesterov, step == 1};
+      float* const buffer = first != nullptr ? first + piece.shard_offset : nullptr;
+      chunks(4 * sizeof(float), [&](std::size_t i, std::size_t n) noexcept {
+        constants.update(p + i, g + i, buffer != nullptr ? buffer + i : nullptr, p + i, n);
+      });
+    }
+  }
 
   // Makes this the optimizer DataParallelMixin::prepare_checkpoint gathers.
   void enroll() {
@@ -487,13 +696,19 @@ class ZeroOptimizer {
     if (live == nullptr || live->optimizer != this) registry_->enroll(entry_for_this());
   }
   detail::ZeroRegistry::Entry entry_for_this() {
-    return {this, [this] { gather_for_checkpoint(); }, &layout_};
+    return {this, [this] { gather_for_checkpoint(); }, &layout_,
+            [this] { return master_gather_bytes_per_step(); },
+            [this]() -> std::optional<std::uint64_t> {
+              if (!owns_masters_) return std::nullopt;
+              return adopted_digest_;
+            }};
   }
 
   void release_gathered() {
     gathered_step_ = -1;
     std::vector<float>().swap(gathered_first_);
     std::vector<float>().swap(gathered_second_);
+    std::vector<float>().swap(gathered_masters_);
   }
 
   // Writes a whole flat state (N elements, tree order) into the floating leaves of `tree`.
@@ -535,6 +750,12 @@ class ZeroOptimizer {
   // Rank 0, between gather_for_checkpoint and its next step: the whole state, for save_state.
   std::vector<float> gathered_first_, gathered_second_;
   std::int64_t gathered_step_ = -1;
+  // ZeRO-1 with sharded masters (adopt_masters): this rank's shard of the fp32 masters, flat in shard order.
+  Eigen::VectorXf masters_;
+  bool owns_masters_ = false;
+  std::uint64_t adopted_digest_ = 0;
+  std::size_t owned_gather_bytes_ = 0;
+  std::vector<float> gathered_masters_;  // rank 0, between gather_for_checkpoint and its next step
 };
 
 }  // namespace xax::distributed

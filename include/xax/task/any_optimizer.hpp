@@ -17,6 +17,15 @@
 /// - `o.save_state(writer, entry, like)` and `o.load_state(reader, entry, like)` (`like`: a tree shaped like
 ///   the params), which replace saving and restoring `state()` as a tree: an optimizer whose state is sharded
 ///   over processes (xax::distributed::ZeroOptimizer) writes and reads the whole, unsharded state this way.
+/// - Owning the masters (ZeRO-1 with sharded masters, xax::distributed::ZeroOptimizer): `bool
+///   o.adopt_masters(const Params& whole)` keeps what the optimizer needs of the whole masters (its shard)
+///   and returns whether it now owns them. TrainStep offers them only when its compute copy is a tree of its
+///   own (fp32 masters, narrower compute), after every reset and load; when the optimizer accepts, TrainStep
+///   frees its masters and from then on calls `o.step_owned_masters(grads, copy)` (update the owned masters
+///   and write the whole compute copy, rounded to nearest), `o.gather_masters(whole)` (the whole masters;
+///   collective for a sharded optimizer), `o.save_masters(writer, entry, like)` (write the whole masters as
+///   a tree shaped like `like`) and `o.master_bytes()` (what the owned masters hold). An optimizer without
+///   adopt_masters never owns them, at no cost.
 
 #include <concepts>
 #include <cstddef>
@@ -64,6 +73,13 @@ class AnyOptimizer {
   [[nodiscard]] virtual std::unique_ptr<AnyOptimizer> with_loaded_state(const CheckpointReader& reader,
                                                                         const std::string& entry,
                                                                         const Params& like) const = 0;
+  /// Masters owned by the optimizer (see the file comment); an optimizer that cannot own them returns false.
+  virtual bool adopt_masters(const Params& whole) = 0;
+  /// After adopt_masters returned true: one update of the owned masters that also writes the whole `copy`.
+  virtual void step_owned_masters(const Params& grads, Copy& copy) = 0;
+  virtual void gather_masters(Params& whole) const = 0;
+  virtual void save_masters(CheckpointWriter& writer, const std::string& entry, const Params& like) const = 0;
+  [[nodiscard]] virtual std::size_t master_bytes() const = 0;
 
  protected:
   AnyOptimizer() = default;
@@ -136,6 +152,43 @@ class OptimizerModel final : public AnyOptimizer<Params, Copy> {
       }
     }
     return loaded;
+  }
+  bool adopt_masters(const Params& whole) override {
+    if constexpr (requires { optimizer_.adopt_masters(whole); }) {
+      return optimizer_.adopt_masters(whole);
+    } else {
+      return false;
+    }
+  }
+  void step_owned_masters(const Params& grads, Copy& copy) override {
+    if constexpr (requires { optimizer_.step_owned_masters(grads, copy); }) {
+      optimizer_.step_owned_masters(grads, copy);
+    } else {
+      throw Error("xax::TrainStep: optimizer '" + name() + "' does not own the masters (no adopt_masters)");
+    }
+  }
+  void gather_masters(Params& whole) const override {
+    if constexpr (requires { optimizer_.gather_masters(whole); }) {
+      optimizer_.gather_masters(whole);
+    } else {
+      throw Error("xax::TrainStep: optimizer '" + name() + "' does not own the masters (no adopt_masters)");
+    }
+  }
+  void save_masters(CheckpointWriter& writer, const std::string& entry, const Params& like) const override {
+    if constexpr (requires { optimizer_.save_masters(writer, entry, like); }) {
+      optimizer_.save_masters(writer, entry, like);
+    } else {
+      throw Error("xax::TrainStep: optimizer '" + name() + "' does not own the masters (no adopt_masters)");
+    }
+  }
+  [[nodiscard]] std::size_t master_bytes() const override {
+    if constexpr (requires {
+                    { optimizer_.master_bytes() } -> std::convertible_to<std::size_t>;
+                  }) {
+      return optimizer_.master_bytes();
+    } else {
+      return 0;
+    }
   }
 
   [[nodiscard]] O& get() { return optimizer_; }

@@ -430,11 +430,29 @@ class TrainStep {
     });
   }
 
-  /// The master parameters.
+  /// The master parameters. Throws Error when the optimizer owns them (sharded over processes, ZeRO-1 with
+  /// sharded masters): no process then holds them whole; gather_params() is the collective replacement.
   template <class D = Derived>
   const typename D::template params_type<param_type>& params() const {
-    return state().masters;
+    const auto& s = state();
+    if (s.masters_owned) {
+      throw Error(
+          "xax::TrainStep::params(): the optimizer '" + s.optimizer->name() +
+          "' holds the masters, sharded over the processes (ZeRO-1 with sharded fp32 masters), so no "
+          "process has them whole; call gather_params() on every process (a collective that returns a whole "
+          "copy), or with_compute_params() for the compute copy, which every process holds whole");
+    }
+    return s.masters;
   }
+  /// A copy of the whole master parameters. When the optimizer owns them (sharded over processes), this is
+  /// a collective: every process must call it, and each gets the whole masters.
+  template <class D = Derived>
+  typename D::template params_type<param_type> gather_params() const {
+    return state().whole_masters();
+  }
+  /// Whether the optimizer owns the masters (see xax/task/any_optimizer.hpp), so that params() throws and
+  /// gather_params() is collective.
+  [[nodiscard]] bool optimizer_owns_masters() const { return state().masters_owned; }
   /// Calls `f(compute_params)` with the masters cast to the compute type (for evaluation in the policy's
   /// precision).
   template <class F>
@@ -515,7 +533,7 @@ class TrainStep {
   [[nodiscard]] TrainStateBytes state_bytes() const {
     const auto& s = state();
     TrainStateBytes bytes;
-    bytes.params = payload_bytes(s.masters);
+    bytes.params = payload_bytes(s.masters) + s.optimizer->master_bytes();  // one of them is empty
     bytes.compute_params = std::is_same_v<compute_type, param_type> ? 0 : payload_bytes(s.compute);
     bytes.grads = payload_bytes(s.grads) + payload_bytes(s.grads_micro) +
                   (std::is_same_v<compute_type, update_type> ? 0 : payload_bytes(s.compute_grads)) +
@@ -530,7 +548,11 @@ class TrainStep {
     const auto& s = state();
     writer.add_string(prefix + ".policy", recorded_policy<D>().str());
     writer.add_string(prefix + ".optimizer", s.optimizer->name());
-    writer.add_tree(prefix + ".params", s.masters);
+    if (s.masters_owned) {
+      s.optimizer->save_masters(writer, prefix + ".params", s.grads);  // the whole masters, as below
+    } else {
+      writer.add_tree(prefix + ".params", s.masters);
+    }
     s.optimizer->save_state(writer, prefix + ".optimizer_state", s.grads);  // grads: the shapes
     if (uses_master_compensation(s)) writer.add_tree(prefix + ".master_compensation", s.compensation);
     // The loss scale's own state tree, and its kind to pick the tree type when reading.
@@ -566,7 +588,7 @@ class TrainStep {
     }
     // Read everything into copies first, so that a failure halfway leaves the live state untouched. Shapes
     // must match the live state exactly: a checkpoint of another model width is refused, not adopted.
-    auto masters = s.masters;
+    auto masters = s.masters_like();
     reader.read_tree(prefix + ".params", masters);
     auto optimizer = s.optimizer->with_loaded_state(reader, prefix + ".optimizer_state", s.grads);
     auto compensation = s.compensation;
@@ -587,6 +609,7 @@ class TrainStep {
     s.masters = std::move(masters);
     s.refresh_compute_copy();
     s.optimizer = typename State::Optimizer(std::move(optimizer));
+    s.offer_masters_to_optimizer();
     s.compensation = std::move(compensation);
     s.loss_scale = std::move(loss_scale);
     s.calls = steps;
@@ -704,6 +727,7 @@ class TrainStep {
         fresh->compensation = zeros_like(fresh->masters);
     }
     fresh->optimizer = make_optimizer(std::as_const(fresh->grads));
+    fresh->offer_masters_to_optimizer();
     if (options.max_grad_norm < 0 || !std::isfinite(options.max_grad_norm)) {
       throw ConfigError("max_grad_norm " + detail::shortest_text(options.max_grad_norm) +
                         " is not accepted; give a finite value >= 0 (0 disables clipping)");
@@ -863,6 +887,8 @@ struct TrainStep<Derived, Policy, LossScaleT>::State {
   Params<update_type> work;            // fp32 copy of half-precision masters during the update
   Params<param_type> compensation;     // Kahan compensation of half-precision masters; empty otherwise
   Optimizer optimizer;
+  // Whether the optimizer owns the masters (see xax/task/any_optimizer.hpp): `masters` is then empty.
+  bool masters_owned = false;
   // The micro-batch cast to compute_type, for a trainer that declares casts_batch_to_compute: kept so that a
   // step after the first allocates nothing.
   static constexpr bool casts_batch =
@@ -883,6 +909,36 @@ struct TrainStep<Derived, Policy, LossScaleT>::State {
       return compute;
     }
   }
+  // Hands the (whole) masters to an optimizer that can own them, e.g. each process its shard, and frees them
+  // here when it does. Only offered when the compute copy is a tree of its own (fp32 masters, narrower
+  // compute): the forward then never needs the masters.
+  void offer_masters_to_optimizer() {
+    masters_owned = false;
+    if constexpr (std::is_same_v<update_type, param_type> && !std::is_same_v<compute_type, param_type>) {
+      if (optimizer->adopt_masters(masters)) {
+        masters_owned = true;
+        masters = Params<param_type>{};
+      }
+    }
+  }
+  // The masters, or, when the optimizer owns them, a tree shaped like them (to read a checkpoint into).
+  Params<param_type> masters_like() const {
+    if constexpr (std::is_same_v<update_type, param_type>) {
+      if (masters_owned) return grads;
+    }
+    return masters;
+  }
+  // A whole copy of the masters; collective when the optimizer owns them sharded.
+  Params<param_type> whole_masters() const {
+    if constexpr (std::is_same_v<update_type, param_type>) {
+      if (masters_owned) {
+        Params<param_type> whole = grads;
+        optimizer->gather_masters(whole);
+        return whole;
+      }
+    }
+    return masters;
+  }
   // Re-establishes `compute` == masters cast to compute_type, after the masters were replaced wholesale.
   void refresh_compute_copy() {
     if constexpr (!std::is_same_v<compute_type, param_type>) tree_cast_into(masters, compute);
@@ -896,7 +952,11 @@ struct TrainStep<Derived, Policy, LossScaleT>::State {
       if constexpr (std::is_same_v<compute_type, param_type>) {
         optimizer->step(masters, grads, nullptr);
       } else {
-        if (!optimizer->step(masters, grads, &compute)) tree_cast_into(masters, compute);
+        if (masters_owned) {
+          optimizer->step_owned_masters(grads, compute);
+        } else if (!optimizer->step(masters, grads, &compute)) {
+          tree_cast_into(masters, compute);
+        }
       }
     } else {
       tree_cast_into(masters, work);

@@ -328,7 +328,11 @@ class PolicyStepEngine final : public StepEngine<Task>,
       makes_batches_in<Task, T> {
     return task_->template make_batch<T>(example_indices);
   }
-  params_type<float> params_float32() const override { return tree_cast<float>(Step::params()); }
+  // Collective when the optimizer owns the masters (sharded over processes): see TrainStep::gather_params.
+  params_type<float> params_float32() const override {
+    if (this->optimizer_owns_masters()) return tree_cast<float>(Step::gather_params());
+    return tree_cast<float>(Step::params());
+  }
   double evaluate(Task& task, const batch_type& batch) override {
     using Compute = typename StepPolicy::compute_type;
     if constexpr (requires(const params_type<Compute>& params,
@@ -440,7 +444,8 @@ class MixedPrecisionMixin {
   void set_loss_scale(float scale) { engine().set_loss_scale(scale); }
   [[nodiscard]] std::int64_t skipped_steps() const { return engine_ ? engine_->skipped_steps() : 0; }
 
-  /// A float32 copy of the master parameters (whatever the policy's param type).
+  /// A float32 copy of the master parameters (whatever the policy's param type). A collective when the
+  /// masters are sharded over processes (ZeRO-1, xax/distributed/zero.hpp): every process must call it.
   template <class D = Derived>
   typename D::template params_type<float> params_float32() {
     return engine().params_float32();
