@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <array>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -12,6 +13,7 @@
 #include <vector>
 #include <xax/ops/reduce.hpp>
 #include <xax/utils/error.hpp>
+#include <xax/utils/threads.hpp>
 
 #include "op_testing.hpp"
 
@@ -135,6 +137,34 @@ TYPED_TEST(ReduceTyped, RowSums) {
   for (Eigen::Index i = 0; i < 33; ++i) {
     EXPECT_NEAR(static_cast<float>(accumulated(i)), expected(i) + 2.0,
                 half_ulp<T>() * (expected(i) + 2.0) + 1e-4);
+  }
+}
+
+TYPED_TEST(ReduceTyped, RowSumsAreTheSameBitsOnOneAndTwoThreads) {
+  using T = TypeParam;
+  // Large enough to be shared among threads (384 rows x 768 columns, the GPT's qkv bias gradient), with a
+  // leading dimension larger than the rows.
+  const Matrix<T> storage = random_matrix<T>(400, 768, 5, -1.0f, 1.0f);
+  const auto x = storage.topRows(384);
+  const Eigen::VectorXd expected = to_double(Matrix<T>(x)).rowwise().sum();
+  const int previous = xax::num_threads();
+  std::vector<Eigen::VectorXf> results;
+  for (const int threads : {1, 2}) {
+    try {
+      xax::set_num_threads(threads);
+    } catch (const xax::ConfigError&) {
+      continue;  // a build without OpenMP runs on one thread only
+    }
+    Eigen::VectorXf sums;
+    xax::row_sums(x, sums);
+    EXPECT_LT((sums.cast<double>() - expected).cwiseAbs().maxCoeff(), 1e-4) << threads << " threads";
+    results.push_back(sums);
+  }
+  xax::set_num_threads(previous);
+  for (const Eigen::VectorXf& sums : results) {
+    for (Eigen::Index i = 0; i < sums.size(); ++i) {
+      ASSERT_EQ(std::bit_cast<std::uint32_t>(sums(i)), std::bit_cast<std::uint32_t>(results.front()(i))) << i;
+    }
   }
 }
 

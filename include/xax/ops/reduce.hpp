@@ -377,14 +377,23 @@ void row_sums(const X& x, Out&& out, bool accumulate = false) {
     std::fill(sums, sums + rows, 0.0f);
   }
   const Eigen::Index ldx = detail::leading_dimension(x);
-  for (Eigen::Index j = 0; j < x.cols(); ++j) {
-    std::size_t offset = 0;
-    detail::for_each_float_chunk(x.data() + j * ldx, rows,
-                                 [&offset, sums](const float* chunk, std::size_t count) {
-                                   for (std::size_t i = 0; i < count; ++i) sums[offset + i] += chunk[i];
-                                   offset += count;
-                                 });
-  }
+  const Eigen::Index cols = x.cols();
+  using T = typename X::Scalar;
+  // The threads share the rows, each adding its rows' elements column after column: every sum takes the same
+  // additions in the same order as on one thread, so the result does not depend on the thread count. The
+  // bytes per row count the widened copy too, which is what a 16-bit input costs.
+  const std::size_t bytes_per_row =
+      static_cast<std::size_t>(cols) * (sizeof(T) + (std::is_same_v<T, float> ? 0 : sizeof(float)));
+  detail::parallel_blocks(rows, bytes_per_row, 64, [&](std::size_t begin, std::size_t end) noexcept {
+    for (Eigen::Index j = 0; j < cols; ++j) {
+      std::size_t offset = begin;
+      detail::for_each_float_chunk(x.data() + j * ldx + static_cast<Eigen::Index>(begin), end - begin,
+                                   [&offset, sums](const float* chunk, std::size_t count) noexcept {
+                                     for (std::size_t i = 0; i < count; ++i) sums[offset + i] += chunk[i];
+                                     offset += count;
+                                   });
+    }
+  });
   detail::convert_serial(static_cast<const float*>(sums), out.data(), rows);
 }
 
