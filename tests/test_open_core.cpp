@@ -2,11 +2,13 @@
 // MixedPrecisionMixin through the same door as AdamW and SGD, with its state checkpointed and left alone by
 // skipped steps. Every expected value is exact (powers of two).
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <random>
 #include <string>
 #include <utility>
 #include <vector>
@@ -514,6 +516,89 @@ TYPED_TEST(MasterRounding, StochasticIsUnbiasedAndReproducible) {
   ConstantGradient<TypeParam> same_seed(xax::optim::MasterRounding::stochastic_rounding, n, 7);
   same_seed.train_step(Vector{Eigen::VectorXf::Constant(n, u / 8)});
   EXPECT_TRUE(bitwise_equal(same_seed.params().w, trainer.params().w));
+}
+
+// The built-in optimizers update half-precision masters chunk by chunk (step_half_masters), without the fp32
+// copy an optimizer behind the door needs. Both ways must give the same bits, in every rounding, and the
+// built-in way must not hold the copy.
+template <class Half, class Optimizer>
+class HalfMasters : public xax::TrainStep<HalfMasters<Half, Optimizer>, xax::Policy<Half, Half, float>,
+                                          xax::NoOpLossScale> {
+ public:
+  template <class T>
+  using params_type = Weights<T>;
+  using batch_type = Vector;
+
+  HalfMasters(xax::optim::MasterRounding rounding, Optimizer optimizer) {
+    // 3000 + 700 elements: several chunks of the update, and leaves that are not whole chunks.
+    Eigen::VectorXf w(3000);
+    for (Eigen::Index i = 0; i < w.size(); ++i) w(i) = 0.5f + 0.001f * static_cast<float>(i % 997);
+    this->reset_train_state(Weights<float>{w, Eigen::VectorXf::Constant(700, -0.25f)}, std::move(optimizer),
+                            xax::NoOpLossScale{}, {.master_rounding = rounding, .rounding_seed = 11});
+  }
+  template <class T>
+  double loss_and_grads(const Weights<T>& params, const Vector& noise, float, Weights<T>& grads) {
+    grads.w = (params.w.template cast<float>() + noise.v).template cast<T>();
+    grads.b = (params.b.template cast<float>() - noise.v.head(700)).template cast<T>();
+    return 0;
+  }
+};
+
+// AdamW behind the optimizer door with only what the door requires: no step_half_masters.
+struct AdamWThroughTheDoor {
+  xax::optim::AdamW<Weights<float>> adamw;
+  void step(Weights<float>& params, const Weights<float>& grads) { adamw.step(params, grads); }
+  [[nodiscard]] const auto& state() const { return adamw.state(); }
+  [[nodiscard]] auto& state() { return adamw.state(); }
+  void set_learning_rate(double learning_rate) { adamw.set_learning_rate(learning_rate); }
+  [[nodiscard]] static const char* name() { return "adamw"; }
+};
+
+TYPED_TEST(MasterRounding, BuiltInOptimizersUpdateHalfMastersInPlaceWithTheCopysBits) {
+  using Half = TypeParam;
+  const xax::optim::AdamWOptions options{.learning_rate = 1e-2, .weight_decay = 0.1};
+  const Weights<float> like{Eigen::VectorXf::Zero(3000), Eigen::VectorXf::Zero(700)};
+  for (const auto rounding :
+       {xax::optim::MasterRounding::round_to_nearest, xax::optim::MasterRounding::stochastic_rounding,
+        xax::optim::MasterRounding::kahan}) {
+    HalfMasters<Half, xax::optim::AdamWOptions> built_in(rounding, options);
+    HalfMasters<Half, AdamWThroughTheDoor> through_copy(
+        rounding, AdamWThroughTheDoor{xax::optim::AdamW<Weights<float>>(like, options)});
+    const Eigen::VectorX<Half> initial_w = built_in.params().w;
+    std::mt19937 rng(3);
+    for (int step = 0; step < 12; ++step) {
+      Vector noise{Eigen::VectorXf(3000)};
+      for (auto& x : noise.v) x = std::normal_distribution<float>(0.0f, 0.01f)(rng);
+      built_in.train_step(noise);
+      through_copy.train_step(noise);
+    }
+    const auto rounding_name = static_cast<int>(rounding);
+    EXPECT_TRUE(bitwise_equal(built_in.params().w, through_copy.params().w)) << "rounding " << rounding_name;
+    EXPECT_TRUE(bitwise_equal(built_in.params().b, through_copy.params().b)) << "rounding " << rounding_name;
+    EXPECT_FALSE(bitwise_equal(built_in.params().w, initial_w)) << "the masters trained";
+    // The copy (4 bytes per parameter) is held only behind the door.
+    EXPECT_EQ(through_copy.state_bytes().grads - built_in.state_bytes().grads, 3700 * sizeof(float));
+  }
+  // Sgd with momentum takes the same path.
+  HalfMasters<Half, xax::optim::SgdOptions> sgd(xax::optim::MasterRounding::kahan,
+                                                {.learning_rate = 0.1, .momentum = 0.9});
+  const Weights<Half> before = sgd.params();
+  sgd.train_step(Vector{Eigen::VectorXf::Zero(3000)});
+  EXPECT_FALSE(bitwise_equal(sgd.params().w, before.w));
+}
+
+TEST(MasterRounding, KahanWithoutACompensationTreeIsAClearError) {
+  xax::optim::AdamW<Weights<float>> adamw(Weights<float>{Eigen::VectorXf::Zero(4), Eigen::VectorXf::Zero(1)});
+  Weights<xax::float16> masters =
+      xax::tree_cast<xax::float16>(Weights<float>{Eigen::VectorXf::Ones(4), Eigen::VectorXf::Ones(1)});
+  const Weights<float> grads{Eigen::VectorXf::Ones(4), Eigen::VectorXf::Ones(1)};
+  try {
+    adamw.step_half_masters(masters, grads, {.rounding = xax::optim::MasterRounding::kahan}, nullptr);
+    ADD_FAILURE() << "Kahan without a compensation tree was taken";
+  } catch (const xax::ConfigError& e) {
+    EXPECT_THAT(e.what(), ::testing::HasSubstr("compensation"));
+  }
+  EXPECT_EQ(adamw.state().step, 0);
 }
 
 TEST(MasterRounding, ConfigChoosesItAndRefusesOtherNames) {

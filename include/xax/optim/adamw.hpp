@@ -154,6 +154,26 @@ class AdamW {
     state_.step = step;
   }
 
+  /// One update of half-precision masters `masters` (bfloat16 or float16 leaves, and float leaves kept in
+  /// full precision: the params' structure with their floating leaves narrowed, as TrainStep's float16 and
+  /// bfloat16 params are) from fp32 `grads`, with this optimizer's fp32 state and no fp32 copy of the
+  /// masters: each chunk is widened, updated and rounded back as `update` says, while it is in L1. The result
+  /// is bit for bit that of step() on an fp32 copy rounded back with the same rounding. Kahan reads and
+  /// writes `compensation` (shaped like the masters); other roundings take nullptr. ShapeError when the trees
+  /// differ, ConfigError for Kahan without a compensation tree.
+  template <tree Masters>
+  void step_half_masters(
+      Masters& masters, const Params& grads, const HalfMasterUpdate& update,
+      std::type_identity_t<Masters>*
+          compensation) requires(master_params<Params>&&
+                                     std::is_same_v<rebind_scalar_t<Masters, float>, Params>) {
+    const std::int64_t step = state_.step + 1;
+    detail::with_compensation(compensation, update, "AdamW", [&](auto& carried) {
+      driver().update_half_masters(masters, grads, update, carried, chunk_update(step), state_.m, state_.v);
+    });
+    state_.step = step;
+  }
+
   /// The name train-state checkpoints record (and check on load).
   [[nodiscard]] static constexpr const char* name() { return "adamw"; }
   [[nodiscard]] const State& state() const { return state_; }

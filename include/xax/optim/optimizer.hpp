@@ -52,6 +52,15 @@ enum class BF16Update {
 /// them: the same three choices as a pure-bf16 update.
 using MasterRounding = BF16Update;
 
+/// How an optimizer that updates half-precision masters directly (AdamW::step_half_masters,
+/// Sgd::step_half_masters) rounds each fp32 update back into them: TrainStep's master_rounding, and the seed
+/// and step that key stochastic rounding's random stream (by leaf and element, as for a pure-bf16 update).
+struct HalfMasterUpdate {
+  MasterRounding rounding = MasterRounding::round_to_nearest;
+  std::uint64_t seed = 0;
+  std::int64_t step = 0;
+};
+
 /// The rounding of a pure-bf16 update and the seed of its random stream (stochastic rounding draws its bits
 /// from a counter-based hash of seed, step and element index, so a run is reproducible at any thread count
 /// and resumes bit-identically from (seed, step)).
@@ -251,44 +260,62 @@ inline bfloat16 round_nearest(float value) noexcept {
 inline float widen(bfloat16 value) noexcept {
   return xax::detail::bfloat16_bits_to_float(std::bit_cast<std::uint16_t>(value));
 }
+// float16 has no bit-level helpers here: Eigen's conversions (F16C where the CPU has it) round to nearest.
+inline float16 round_nearest_to_float16(float value) noexcept {
+  return static_cast<float16>(value);
+}
+inline float widen(float16 value) noexcept {
+  return static_cast<float>(value);
+}
 
 /// Elements per chunk of an update: a few float arrays of this length stay in L1, so the statements of an
 /// update run one after another over a chunk still make a single pass over memory.
 inline constexpr std::size_t update_chunk = 512;
 
-/// Writes the fp32 updates `updated[k]` of the bf16 parameters `param[k]`, whose values before the update
-/// were `old[k]`, with the chosen rounding; `first_index` numbers `param[0]` in the leaf (the random stream
-/// of stochastic rounding is indexed by it). `compensation` is read and written only for Kahan. Each rounding
-/// is its own branch-free loop, which compilers vectorise.
-struct BF16Store {
+/// Writes the fp32 updates `updated[k]` of the half-precision (bfloat16 or float16) parameters `param[k]`,
+/// whose values before the update were `old[k]`, with the chosen rounding; `first_index` numbers `param[0]`
+/// in the leaf (the random stream of stochastic rounding is indexed by it). `compensation` is read and
+/// written only for Kahan. Each rounding is its own branch-free loop, which compilers vectorise.
+template <class H>
+struct HalfStore {
   BF16Update rounding = BF16Update::stochastic_rounding;
   std::uint32_t key = 0;
 
-  void operator()(bfloat16* param, bfloat16* compensation, const float* old, const float* updated,
-                  std::size_t count, std::size_t first_index) const noexcept {
+  void operator()(H* param, H* compensation, const float* old, const float* updated, std::size_t count,
+                  std::size_t first_index) const noexcept {
     switch (rounding) {
       case BF16Update::round_to_nearest:
         xax::detail::convert_serial(updated, param, count);
         return;
       case BF16Update::stochastic_rounding:
-        for (std::size_t k = 0; k < count; ++k) {
-          param[k] = std::bit_cast<bfloat16>(
-              float_to_bfloat16_stochastic(updated[k], random_bits(key, first_index + k)));
-        }
+        for (std::size_t k = 0; k < count; ++k)
+          param[k] = round_stochastic<H>(updated[k], random_bits(key, first_index + k));
         return;
       case BF16Update::kahan:
         for (std::size_t k = 0; k < count; ++k) {
           // The parameter's true value is param + compensation; adding the update to the compensation first
-          // lets small updates accumulate there until they move the bf16 parameter.
+          // lets small updates accumulate there until they move the half-precision parameter.
           const float corrected = (updated[k] - old[k]) + widen(compensation[k]);
-          const bfloat16 sum = round_nearest(old[k] + corrected);
-          compensation[k] = round_nearest(corrected - (widen(sum) - old[k]));
+          const H sum = nearest(old[k] + corrected);
+          compensation[k] = nearest(corrected - (widen(sum) - old[k]));
           param[k] = sum;
         }
         return;
     }
   }
+
+ private:
+  static H nearest(float value) noexcept {
+    if constexpr (std::is_same_v<H, bfloat16>) {
+      return round_nearest(value);
+    } else {
+      return round_nearest_to_float16(value);
+    }
+  }
 };
+
+/// The store of a pure-bf16 update.
+using BF16Store = HalfStore<bfloat16>;
 
 }  // namespace detail
 }  // namespace xax::optim

@@ -54,7 +54,8 @@ concept train_optimizer = optim::optimizer_for<O, Params> && std::move_construct
 namespace detail {
 
 /// A type-erased optimizer over the update tree `Params`; `Copy` is the tree a fused step may also write
-/// (the compute copy of fp32 masters, or half-precision masters updated through an fp32 work copy).
+/// (the compute copy of fp32 masters, or half-precision masters updated through an fp32 work copy when the
+/// optimizer has no step_half_masters).
 template <class Params, class Copy>
 class AnyOptimizer {
  public:
@@ -62,6 +63,11 @@ class AnyOptimizer {
   [[nodiscard]] virtual std::unique_ptr<AnyOptimizer> clone() const = 0;
   /// One update. Writes `copy` too when it is not null and the optimizer fuses it; returns whether it did.
   virtual bool step(Params& params, const Params& grads, Copy* copy) = 0;
+  /// One update of half-precision masters `masters` in place, without an fp32 copy of them, for an optimizer
+  /// that has step_half_masters (optim::AdamW, optim::Sgd); returns false, having changed nothing, for one
+  /// that has not (TrainStep then updates the masters through an fp32 copy).
+  virtual bool step_half_masters(Copy& masters, const Params& grads, const optim::HalfMasterUpdate& update,
+                                 Copy* compensation) = 0;
   virtual void set_learning_rate(double learning_rate) = 0;
   [[nodiscard]] virtual std::optional<double> learning_rate() const = 0;
   [[nodiscard]] virtual std::string name() const = 0;
@@ -104,6 +110,15 @@ class OptimizerModel final : public AnyOptimizer<Params, Copy> {
     }
     optimizer_.step(params, grads);
     return false;
+  }
+  bool step_half_masters(Copy& masters, const Params& grads, const optim::HalfMasterUpdate& update,
+                         Copy* compensation) override {
+    if constexpr (requires { optimizer_.step_half_masters(masters, grads, update, compensation); }) {
+      optimizer_.step_half_masters(masters, grads, update, compensation);
+      return true;
+    } else {
+      return false;
+    }
   }
   void set_learning_rate(double learning_rate) override { optimizer_.set_learning_rate(learning_rate); }
   [[nodiscard]] std::optional<double> learning_rate() const override {

@@ -25,7 +25,9 @@
 /// Two fusions keep the step to the passes over memory it needs:
 /// - The compute copy of fp32 masters is written by the optimizer, in the same pass as the update (and once
 ///   when the state is reset or loaded), instead of by a separate cast at the start of every step.
-///   (Half-precision masters with a different compute type still take one cast after the update.)
+///   (Half-precision masters with a different compute type still take one cast after the update.) The
+///   built-in optimizers update half-precision masters in place, chunk by chunk (step_half_masters), so no
+///   fp32 copy of them is held; an optimizer without it updates an fp32 copy, which is rounded back.
 /// - A trainer whose `loss_and_grads` also accepts gradients of `update_type` (float unless the params are
 ///   double) through a second template parameter, `template <class T, class G> requires(std::same_as<G, T>
 ///   || std::same_as<G, float>) ... params_type<G>& grads`, receives them directly: its matmuls then write
@@ -55,6 +57,7 @@
 #include <utility>
 #include <variant>
 #include <vector>
+#include <xax/detail/convert.hpp>
 #include <xax/detail/format.hpp>
 #include <xax/optim/adamw.hpp>
 #include <xax/optim/sgd.hpp>
@@ -722,7 +725,6 @@ class TrainStep {
     fresh->grads = tree_cast<update_type>(fresh->masters);
     fill_floating(fresh->grads, 0.0);
     if constexpr (!std::is_same_v<update_type, param_type>) {
-      fresh->work = fresh->grads;
       if (options.master_rounding == optim::MasterRounding::kahan)
         fresh->compensation = zeros_like(fresh->masters);
     }
@@ -884,7 +886,8 @@ struct TrainStep<Derived, Policy, LossScaleT>::State {
   Params<update_type> grads;           // unscaled fp32 gradients the optimizer reads
   Params<update_type> grads_micro;     // one micro-batch's gradients under accumulation
   bool micro_shaped = false;           // whether grads_micro has the gradients' shapes yet
-  Params<update_type> work;            // fp32 copy of half-precision masters during the update
+  Params<update_type> work;            // fp32 copy of half-precision masters, for an optimizer without
+                                       // step_half_masters; empty otherwise
   Params<param_type> compensation;     // Kahan compensation of half-precision masters; empty otherwise
   Optimizer optimizer;
   // Whether the optimizer owns the masters (see xax/task/any_optimizer.hpp): `masters` is then empty.
@@ -959,13 +962,19 @@ struct TrainStep<Derived, Policy, LossScaleT>::State {
         }
       }
     } else {
-      tree_cast_into(masters, work);
       const optim::MasterRounding rounding = options.master_rounding;
-      if (rounding == optim::MasterRounding::round_to_nearest) {
-        if (!optimizer->step(work, grads, &masters)) tree_cast_into(work, masters);
-      } else {
-        optimizer->step(work, grads, nullptr);
-        round_work_into_masters(rounding);
+      // The built-in optimizers widen, update and round the masters chunk by chunk; another optimizer updates
+      // the fp32 `work` copy, which is then rounded back (made on its first use, so only then is it held).
+      const bool kahan = rounding == optim::MasterRounding::kahan;
+      if (!optimizer->step_half_masters(masters, grads, {rounding, options.rounding_seed, calls},
+                                        kahan ? &compensation : nullptr)) {
+        tree_cast_into(masters, work);
+        if (rounding == optim::MasterRounding::round_to_nearest) {
+          if (!optimizer->step(work, grads, &masters)) tree_cast_into(work, masters);
+        } else {
+          optimizer->step(work, grads, nullptr);
+          round_work_into_masters(rounding);
+        }
       }
       refresh_compute_copy();
     }
@@ -983,20 +992,17 @@ struct TrainStep<Derived, Policy, LossScaleT>::State {
         if constexpr (!half_scalar<H>) {
           // A leaf kept in full precision (xax::full_precision_t) takes its fp32 update as it is.
           std::copy(updated.begin(), updated.end(), param.begin());
-        } else if (compensation_leaf == nullptr) {
-          const std::uint32_t key = optim::detail::rounding_key(options.rounding_seed, calls, leaf);
-          for (std::size_t i = 0; i < param.size(); ++i) {
-            param[i] = optim::detail::round_stochastic<H>(updated[i], optim::detail::random_bits(key, i));
-          }
         } else {
-          // As BF16Store's Kahan branch: small updates gather in the compensation until they move the master.
-          auto carried = leaf_span(*compensation_leaf);
-          for (std::size_t i = 0; i < param.size(); ++i) {
-            const auto old = static_cast<float>(param[i]);
-            const float corrected = (updated[i] - old) + static_cast<float>(carried[i]);
-            const auto sum = static_cast<H>(old + corrected);
-            carried[i] = static_cast<H>(corrected - (static_cast<float>(sum) - old));
-            param[i] = sum;
+          // The rounding the built-in optimizers' step_half_masters applies, chunk by chunk.
+          const optim::detail::HalfStore<H> store{
+              rounding, optim::detail::rounding_key(options.rounding_seed, calls, leaf)};
+          H* const carried = compensation_leaf != nullptr ? leaf_span(*compensation_leaf).data() : nullptr;
+          alignas(64) float old[optim::detail::update_chunk];
+          for (std::size_t first = 0; first < param.size(); first += optim::detail::update_chunk) {
+            const std::size_t count = std::min(optim::detail::update_chunk, param.size() - first);
+            xax::detail::convert_serial(param.data() + first, old, count);
+            store(param.data() + first, carried != nullptr ? carried + first : nullptr, old,
+                  updated.data() + first, count, first);
           }
         }
         ++leaf;

@@ -26,6 +26,23 @@ namespace xax::optim::detail {
 struct NoTree {};
 inline constexpr NoTree no_tree{};
 
+/// Calls `f(*compensation)` for Kahan rounding and `f(no_tree)` otherwise, leaving the compensation tree
+/// alone. Kahan without a compensation tree is a ConfigError naming `optimizer`.
+template <class Masters, class F>
+void with_compensation(Masters* compensation, const HalfMasterUpdate& update, const char* optimizer, F&& f) {
+  if (update.rounding != MasterRounding::kahan) {
+    NoTree none;
+    f(none);
+    return;
+  }
+  if (compensation == nullptr) {
+    throw ConfigError(std::string("xax::optim::") + optimizer +
+                      "::step_half_masters: Kahan rounding needs the compensation tree (shaped like the "
+                      "masters); pass it, or choose round_to_nearest or stochastic_rounding");
+  }
+  f(*compensation);
+}
+
 /// Calls `f(param_leaf, grad_leaf, extra_leaf_pointer, state_leaves...)` on matching leaves of trees already
 /// checked to match; the extra pointer is a null `void*` when `extra` is no_tree.
 template <class F, class Params, class Extra, class... States>
@@ -106,6 +123,69 @@ struct ElementwiseDriver {
     }
   }
 
+  /// One step over half-precision masters (bfloat16 or float16 leaves, and float leaves a policy keeps in
+  /// full precision) whose gradients and optimizer state are fp32 trees of the same structure, with no fp32
+  /// copy of the masters: each chunk of a half leaf is widened, updated in fp32 and rounded back with
+  /// `update.rounding` (HalfStore; stochastic rounding keyed by seed, step and floating-leaf number, Kahan
+  /// through `compensation`, a tree shaped like the masters), and a float leaf is updated in place. The same
+  /// arithmetic and rounding, element for element, as updating an fp32 copy and rounding it back. Throws
+  /// ShapeError, with nothing written, unless the trees match.
+  template <class Masters, class Params, class Compensation, class MakeUpdate, class... States>
+  void update_half_masters(Masters& masters, const Params& grads, const HalfMasterUpdate& update,
+                           Compensation& compensation, MakeUpdate&& make_update, States&... states) const {
+    constexpr bool kahan_tree = !std::is_same_v<Compensation, NoTree>;
+    // Walking the trees together checks them all before anything is written.
+    if constexpr (kahan_tree) {
+      for_each_leaf([](const auto&...) {}, masters, grads, compensation, states...);
+    } else {
+      for_each_leaf([](const auto&...) {}, masters, grads, states...);
+    }
+    require_leaf_count(masters);
+    std::size_t leaf = 0;
+    const auto update_leaf = [&]<class M, class G, class C, class... S>(M& m, const G& g,
+                                                                        C* compensation_leaf, S&... state) {
+      if constexpr (floating_leaf<M>) {
+        using H = leaf_scalar_t<M>;
+        const std::size_t number = leaf++;
+        const auto chunk_update =
+            make_update(std::type_identity<float>{}, leaves[number], leaf_span(state).data()...);
+        H* const param = leaf_span(m).data();
+        const float* const grad = leaf_span(g).data();
+        const std::size_t bytes_per_element = master_scalars_per_element * sizeof(float);
+        if constexpr (std::is_same_v<H, float>) {
+          parallel_chunks(leaf_span(m).size(), bytes_per_element,
+                          [=](std::size_t first, std::size_t count) noexcept {
+                            chunk_update(param + first, grad + first, param + first, first, count);
+                          });
+        } else {
+          const HalfStore<H> store{update.rounding, rounding_key(update.seed, update.step, number)};
+          H* carried = nullptr;
+          if constexpr (!std::is_void_v<C>) carried = leaf_span(*compensation_leaf).data();
+          parallel_chunks(leaf_span(m).size(), bytes_per_element,
+                          [=](std::size_t first, std::size_t count) noexcept {
+                            alignas(64) float old[update_chunk];
+                            alignas(64) float updated[update_chunk];
+                            xax::detail::convert_serial(param + first, old, count);
+                            chunk_update(old, grad + first, updated, first, count);
+                            store(param + first, carried != nullptr ? carried + first : nullptr, old, updated,
+                                  count, first);
+                          });
+        }
+      }
+    };
+    if constexpr (kahan_tree) {
+      for_each_leaf([&]<class M, class G, class... S>(M& m, const G& g, M& c,
+                                                      S&... state) { update_leaf(m, g, &c, state...); },
+                    masters, grads, compensation, states...);
+    } else {
+      for_each_leaf(
+          [&]<class M, class G, class... S>(M& m, const G& g, S&... state) {
+            update_leaf(m, g, static_cast<void*>(nullptr), state...);
+          },
+          masters, grads, states...);
+    }
+  }
+
  private:
   /// Memory traffic per element of writing the copy (zero without one).
   template <class Target>
@@ -149,6 +229,12 @@ struct ElementwiseDriver {
     } else {
       for_each_leaf([](const auto&...) {}, params, grads, states..., extra);
     }
+    require_leaf_count(params);
+  }
+
+  /// Throws ShapeError unless the params have one floating leaf per settings entry.
+  template <class Params>
+  void require_leaf_count(const Params& params) const {
     std::size_t count = 0;
     for_each_leaf([&]<class L>(const L&) { count += floating_leaf<L> ? 1 : 0; }, params);
     if (count != leaves.size()) {
