@@ -2,7 +2,8 @@
 // The walk that xax's element-wise optimizers (AdamW, Sgd) share, written once: checking the trees before
 // anything is written, numbering the floating leaves for their parameter-group settings, splitting each leaf
 // across threads in L1-sized chunks, rounding the updated chunk into a compute copy while it is still in L1
-// (master weights), and widening bf16 params and storing the update back with BF16Store (pure-bf16 training).
+// (master weights), and widening half-precision params or masters and storing the update back with HalfStore
+// (pure-bf16 training, float16/bfloat16 masters).
 // An optimizer supplies only its arithmetic on one chunk.
 
 #include <algorithm>
@@ -116,10 +117,13 @@ struct ElementwiseDriver {
   template <class Params, class MakeUpdate, class... States>
   void update_bf16(Params& params, const Params& grads, const BF16UpdateOptions& rounding, std::int64_t step,
                    Params& compensation, MakeUpdate&& make_update, States&... states) const {
+    const HalfMasterUpdate update{rounding.rounding, rounding.seed, step};
     if (rounding.rounding == BF16Update::kahan) {
-      update_bf16_with(params, grads, rounding, step, compensation, make_update, states...);
+      require_fit(params, grads, compensation, states...);
+      update_half_leaves(params, grads, update, bf16_bytes_per_element, compensation, make_update, states...);
     } else {
-      update_bf16_with(params, grads, rounding, step, no_tree, make_update, states...);
+      require_fit(params, grads, no_tree, states...);
+      update_half_leaves(params, grads, update, bf16_bytes_per_element, no_tree, make_update, states...);
     }
   }
 
@@ -133,57 +137,15 @@ struct ElementwiseDriver {
   template <class Masters, class Params, class Compensation, class MakeUpdate, class... States>
   void update_half_masters(Masters& masters, const Params& grads, const HalfMasterUpdate& update,
                            Compensation& compensation, MakeUpdate&& make_update, States&... states) const {
-    constexpr bool kahan_tree = !std::is_same_v<Compensation, NoTree>;
     // Walking the trees together checks them all before anything is written.
-    if constexpr (kahan_tree) {
+    if constexpr (!std::is_same_v<Compensation, NoTree>) {
       for_each_leaf([](const auto&...) {}, masters, grads, compensation, states...);
     } else {
       for_each_leaf([](const auto&...) {}, masters, grads, states...);
     }
     require_leaf_count(masters);
-    std::size_t leaf = 0;
-    const auto update_leaf = [&]<class M, class G, class C, class... S>(M& m, const G& g,
-                                                                        C* compensation_leaf, S&... state) {
-      if constexpr (floating_leaf<M>) {
-        using H = leaf_scalar_t<M>;
-        const std::size_t number = leaf++;
-        const auto chunk_update =
-            make_update(std::type_identity<float>{}, leaves[number], leaf_span(state).data()...);
-        H* const param = leaf_span(m).data();
-        const float* const grad = leaf_span(g).data();
-        const std::size_t bytes_per_element = master_scalars_per_element * sizeof(float);
-        if constexpr (std::is_same_v<H, float>) {
-          parallel_chunks(leaf_span(m).size(), bytes_per_element,
-                          [=](std::size_t first, std::size_t count) noexcept {
-                            chunk_update(param + first, grad + first, param + first, first, count);
-                          });
-        } else {
-          const HalfStore<H> store{update.rounding, rounding_key(update.seed, update.step, number)};
-          H* carried = nullptr;
-          if constexpr (!std::is_void_v<C>) carried = leaf_span(*compensation_leaf).data();
-          parallel_chunks(leaf_span(m).size(), bytes_per_element,
-                          [=](std::size_t first, std::size_t count) noexcept {
-                            alignas(64) float old[update_chunk];
-                            alignas(64) float updated[update_chunk];
-                            xax::detail::convert_serial(param + first, old, count);
-                            chunk_update(old, grad + first, updated, first, count);
-                            store(param + first, carried != nullptr ? carried + first : nullptr, old, updated,
-                                  count, first);
-                          });
-        }
-      }
-    };
-    if constexpr (kahan_tree) {
-      for_each_leaf([&]<class M, class G, class... S>(M& m, const G& g, M& c,
-                                                      S&... state) { update_leaf(m, g, &c, state...); },
-                    masters, grads, compensation, states...);
-    } else {
-      for_each_leaf(
-          [&]<class M, class G, class... S>(M& m, const G& g, S&... state) {
-            update_leaf(m, g, static_cast<void*>(nullptr), state...);
-          },
-          masters, grads, states...);
-    }
+    update_half_leaves(masters, grads, update, master_scalars_per_element * sizeof(float), compensation,
+                       make_update, states...);
   }
 
  private:
@@ -244,38 +206,65 @@ struct ElementwiseDriver {
     }
   }
 
-  template <class Params, class Compensation, class MakeUpdate, class... States>
-  void update_bf16_with(Params& params, const Params& grads, const BF16UpdateOptions& rounding,
-                        std::int64_t step, Compensation& compensation, MakeUpdate& make_update,
-                        States&... states) const {
-    require_fit(params, grads, compensation, states...);
+  /// The walk behind update_bf16 and update_half_masters, over trees already checked to match. Each chunk of
+  /// a half leaf (bfloat16 or float16) is widened, with its gradients when they are half too, updated in fp32
+  /// and rounded back with `update.rounding` (HalfStore; stochastic rounding keyed by seed, step and
+  /// floating-leaf number, Kahan through `compensation`, a tree shaped like `params`, or NoTree). A float
+  /// leaf (one a policy keeps in full precision) is updated in place.
+  template <class Params, class Grads, class Compensation, class MakeUpdate, class... States>
+  void update_half_leaves(Params& params, const Grads& grads, const HalfMasterUpdate& update,
+                          std::size_t bytes_per_element, Compensation& compensation, MakeUpdate& make_update,
+                          States&... states) const {
     std::size_t leaf = 0;
-    zip_update_leaves(
-        [&]<class L, class C, class... S>(L& p, const L& g, C* compensation_leaf, S&... state) {
-          if constexpr (floating_leaf<L>) {
-            const std::size_t number = leaf++;
-            const auto update =
-                make_update(std::type_identity<float>{}, leaves[number], leaf_span(state).data()...);
-            const BF16Store store{rounding.rounding, rounding_key(rounding.seed, step, number)};
-            bfloat16* const param = leaf_span(p).data();
-            const bfloat16* const grad = leaf_span(g).data();
-            bfloat16* compensation_data = nullptr;
-            if constexpr (!std::is_void_v<C>) compensation_data = leaf_span(*compensation_leaf).data();
-            parallel_chunks(leaf_span(p).size(), bf16_bytes_per_element,
-                            [=](std::size_t first, std::size_t count) noexcept {
-                              alignas(64) float old[update_chunk];
+    const auto update_leaf = [&]<class P, class G, class C, class... S>(P& p, const G& g,
+                                                                        C* compensation_leaf, S&... state) {
+      if constexpr (floating_leaf<P>) {
+        using H = leaf_scalar_t<P>;
+        using GradScalar = leaf_scalar_t<G>;
+        const std::size_t number = leaf++;
+        const auto chunk_update =
+            make_update(std::type_identity<float>{}, leaves[number], leaf_span(state).data()...);
+        H* const param = leaf_span(p).data();
+        const GradScalar* const grad = leaf_span(g).data();
+        if constexpr (std::is_same_v<H, float>) {
+          static_assert(std::is_same_v<GradScalar, float>, "a float leaf takes float gradients");
+          parallel_chunks(leaf_span(p).size(), bytes_per_element,
+                          [=](std::size_t first, std::size_t count) noexcept {
+                            chunk_update(param + first, grad + first, param + first, first, count);
+                          });
+        } else {
+          const HalfStore<H> store{update.rounding, rounding_key(update.seed, update.step, number)};
+          H* carried = nullptr;
+          if constexpr (!std::is_void_v<C>) carried = leaf_span(*compensation_leaf).data();
+          parallel_chunks(leaf_span(p).size(), bytes_per_element,
+                          [=](std::size_t first, std::size_t count) noexcept {
+                            alignas(64) float old[update_chunk];
+                            alignas(64) float updated[update_chunk];
+                            xax::detail::convert_serial(param + first, old, count);
+                            if constexpr (std::is_same_v<GradScalar, float>) {
+                              chunk_update(old, grad + first, updated, first, count);
+                            } else {
                               alignas(64) float gradient[update_chunk];
-                              alignas(64) float updated[update_chunk];
-                              xax::detail::convert_serial(param + first, old, count);
                               xax::detail::convert_serial(grad + first, gradient, count);
-                              update(old, gradient, updated, first, count);
-                              store(param + first,
-                                    compensation_data != nullptr ? compensation_data + first : nullptr, old,
-                                    updated, count, first);
-                            });
-          }
-        },
-        params, grads, compensation, states...);
+                              chunk_update(old, gradient, updated, first, count);
+                            }
+                            store(param + first, carried != nullptr ? carried + first : nullptr, old, updated,
+                                  count, first);
+                          });
+        }
+      }
+    };
+    if constexpr (!std::is_same_v<std::remove_const_t<Compensation>, NoTree>) {
+      for_each_leaf([&]<class P, class G, class... S>(P& p, const G& g, P& c,
+                                                      S&... state) { update_leaf(p, g, &c, state...); },
+                    params, grads, compensation, states...);
+    } else {
+      for_each_leaf(
+          [&]<class P, class G, class... S>(P& p, const G& g, S&... state) {
+            update_leaf(p, g, static_cast<void*>(nullptr), state...);
+          },
+          params, grads, states...);
+    }
   }
 };
 
