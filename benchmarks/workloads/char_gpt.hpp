@@ -350,7 +350,9 @@ double gpt_loss_and_gradients(const GptParams<T>& params, const GptShape& shape,
     // MLP.
     detail::cast_matrix(ws.d_residual, ws.d_t);
     xax::matmul(ws.d_t, layer.gelu_out, g.mlp_proj_w, {.transpose_b = true});
-    xax::row_sums(ws.d_t, g.mlp_proj_b);
+    // A residual projection's bias gradient is the residual stream's gradient, summed from its fp32 values
+    // (d_t is only their rounding for the matmuls): more exact, and no widening pass under a 16-bit policy.
+    xax::row_sums(ws.d_residual, g.mlp_proj_b);
     xax::matmul(p.mlp_proj_w, ws.d_t, ws.d_hidden, {.transpose_a = true});
     xax::gelu_tanh_backward(layer.fc_out, ws.d_hidden, ws.d_hidden);
     xax::matmul(ws.d_hidden, layer.ln_2_out, g.fc_w, {.transpose_b = true});
@@ -361,7 +363,7 @@ double gpt_loss_and_gradients(const GptParams<T>& params, const GptShape& shape,
     // Attention.
     detail::cast_matrix(ws.d_residual, ws.d_t);
     xax::matmul(ws.d_t, layer.attn_merged, g.attn_proj_w, {.transpose_b = true});
-    xax::row_sums(ws.d_t, g.attn_proj_b);
+    xax::row_sums(ws.d_residual, g.attn_proj_b);
     xax::matmul(p.attn_proj_w, ws.d_t, ws.d_small, {.transpose_a = true});  // d merged heads
     // d_small holds one head after another in each column, as qkv holds q.
     detail::split_heads(ws.d_small, 0, shape, batch.batch, block, ws.dy_heads);
