@@ -208,6 +208,20 @@ TEST(Tree, CastIntoAFixedMapOfAnotherShapeThrows) {
   EXPECT_THROW(xax::tree_cast_into(src, dst), xax::ShapeError);
 }
 
+// A fixed-size plain leaf cannot be resized: a source of another shape is the ShapeError, never Eigen's
+// resize assertion (which aborted the assert-enabled build before a7d5fc1). A fixed dimension that matches
+// still lets the dynamic one follow the source.
+TEST(Tree, CastIntoAFixedSizeMatrixOfAnotherShapeThrows) {
+  Eigen::Matrix<float, 4, 1> fixed = Eigen::Matrix<float, 4, 1>::Zero();
+  EXPECT_THROW(xax::tree_cast_into(Eigen::VectorXd::Ones(8).eval(), fixed), xax::ShapeError);
+  EXPECT_TRUE(fixed.isZero()) << "nothing written";
+  Eigen::Matrix<float, 2, Eigen::Dynamic> two_rows;
+  EXPECT_THROW(xax::tree_cast_into(Eigen::MatrixXd::Ones(3, 2).eval(), two_rows), xax::ShapeError);
+  xax::tree_cast_into(Eigen::MatrixXd::Constant(2, 5, 1.5).eval(), two_rows);
+  EXPECT_EQ(two_rows.cols(), 5);
+  EXPECT_TRUE(two_rows.isConstant(1.5f));
+}
+
 // A leaf of another layout holds the same elements in another order: element (i, j) must land on (i, j).
 TEST(Tree, CastIntoAnotherLayoutKeepsEveryElementInPlace) {
   Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> row_major(2, 3);
