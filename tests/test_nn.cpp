@@ -10,11 +10,17 @@
 #include <functional>
 #include <random>
 #include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 #include <xax/nn/activation.hpp>
 #include <xax/nn/linear.hpp>
 #include <xax/nn/loss.hpp>
 #include <xax/nn/mlp.hpp>
+#include <xax/ops/matmul.hpp>
 #include <xax/utils/error.hpp>
+#include <xax/utils/threads.hpp>
 #include <xax/utils/tree.hpp>
 #include <xax/utils/tree_cast.hpp>
 
@@ -383,6 +389,50 @@ TYPED_TEST(MlpTyped, RepeatedStepsReuseEveryBuffer) {
   EXPECT_EQ(grads.layers[0].w.data(), w_grad);
   EXPECT_EQ(workspace.outputs[0].data(), hidden);
   EXPECT_EQ(workspace.logits().data(), logits);
+}
+
+// Where this CPU widens T's products to fp32 panels, the backward runs a layer's two products one after the
+// other: run side by side, the second thread held its own panels too (the float16 policy's peak memory on two
+// threads, issue 12). Read per thread from OpenMP's pool, whose threads persist between parallel regions.
+template <class T>
+class MlpWidened : public ::testing::Test {};
+using HalfScalars = ::testing::Types<xax::bfloat16, xax::float16>;
+TYPED_TEST_SUITE(MlpWidened, HalfScalars);
+
+TYPED_TEST(MlpWidened, OnTwoThreadsOnlyOneThreadHoldsWideningPanels) {
+#if !defined(_OPENMP)
+  GTEST_SKIP() << "built without OpenMP: one thread";
+#else
+  using T = TypeParam;
+  if (!xax::detail::widens_products<T>()) GTEST_SKIP() << "this CPU multiplies these natively: no panels";
+  const int threads_before = xax::num_threads();
+  xax::set_num_threads(2);
+  std::size_t panel_bytes[2] = {0, 0};
+  int team = 0;
+  const auto read_panels = [&] {
+#pragma omp parallel num_threads(2)
+    {
+      team = omp_get_num_threads();
+      panel_bytes[omp_get_thread_num()] = xax::detail::widening::workspace().bytes();
+    }
+  };
+#pragma omp parallel num_threads(2)
+  xax::release_matmul_scratch();
+  const auto params = xax::tree_cast<T>(xax::nn::mlp_init({64, 48, 32, 10}, 21));
+  const Eigen::MatrixXf x = random_matrix(64, 40, 22);
+  std::vector<std::int32_t> labels(40);
+  for (std::size_t j = 0; j < labels.size(); ++j) labels[j] = static_cast<std::int32_t>(j % 10);
+  xax::nn::MlpParams<float> grads;
+  xax::nn::MlpWorkspace<T> workspace;
+  xax::nn::mlp_loss_and_gradients(params, x, labels, grads, workspace);
+  read_panels();
+  xax::set_num_threads(threads_before);
+  if (team != 2) GTEST_SKIP() << "the OpenMP runtime granted one thread";
+  EXPECT_GT(panel_bytes[0], 0u) << "the products were widened on the calling thread";
+  EXPECT_EQ(panel_bytes[1], 0u) << "the other thread widened a product beside it";
+#pragma omp parallel num_threads(2)
+  xax::release_matmul_scratch();
+#endif
 }
 
 TEST(Mlp, BadInputsThrow) {

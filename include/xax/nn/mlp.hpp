@@ -200,6 +200,12 @@ float mlp_loss_and_gradients(const MlpParams<T>& params, const Input& inputs, co
   detail::forward_pass(params, x, workspace, hidden);
 
   const float loss = softmax_cross_entropy(workspace.logits(), labels, workspace.grad, options.loss_scale);
+  // Products this CPU widens to fp32 (float16 without AVX512-FP16, bf16 without AVX512_BF16) run one after
+  // the other, each on every thread: side by side, each thread would hold its own widening panels (up to
+  // 10 MiB), which cost the float16 policy its memory target on two threads (1.49x against 1.59x on one,
+  // activation-heavy probe), and running them side by side was no faster (TrainStep/float16/threads:2 and
+  // TrainStep/mixed at the AVX512_CORE and AVX2 caps, within the noise; Zen 4, 2026-12-01).
+  const bool one_after_the_other = xax::detail::widens_products<T>();
   for (std::size_t i = layers; i-- > 0;) {
     // workspace.grad holds dL/dz of layer i (z = w x + b, before the activation).
     if (i == 0) {
@@ -207,19 +213,23 @@ float mlp_loss_and_gradients(const MlpParams<T>& params, const Input& inputs, co
       break;
     }
     // The parameter gradients and the gradient passed down are independent (see run_side_by_side).
-    xax::detail::run_side_by_side(
-        [&] {
-          linear_backward_params(workspace.outputs[i - 1], workspace.grad, grads.layers[i],
-                                 options.accumulate);
-        },
-        [&] {
-          linear_backward_input(params.layers[i], workspace.grad, workspace.grad_below);
-          if (hidden == Activation::relu) {
-            relu_backward(workspace.outputs[i - 1], workspace.grad_below, workspace.grad_below);
-          } else if (hidden == Activation::gelu) {
-            gelu_backward(workspace.pre_activations[i - 1], workspace.grad_below, workspace.grad_below);
-          }
-        });
+    const auto params_gradient = [&] {
+      linear_backward_params(workspace.outputs[i - 1], workspace.grad, grads.layers[i], options.accumulate);
+    };
+    const auto input_gradient = [&] {
+      linear_backward_input(params.layers[i], workspace.grad, workspace.grad_below);
+      if (hidden == Activation::relu) {
+        relu_backward(workspace.outputs[i - 1], workspace.grad_below, workspace.grad_below);
+      } else if (hidden == Activation::gelu) {
+        gelu_backward(workspace.pre_activations[i - 1], workspace.grad_below, workspace.grad_below);
+      }
+    };
+    if (one_after_the_other) {
+      params_gradient();
+      input_gradient();
+    } else {
+      xax::detail::run_side_by_side(params_gradient, input_gradient);
+    }
     std::swap(workspace.grad, workspace.grad_below);
   }
   return loss;

@@ -124,6 +124,22 @@ inline void run_float_panel(const MatmulProblem& panel) {
   eigen_backend::run_float(panel);
 }
 
+/// Whether xax::matmul's automatic backend widens products of T into fp32 panels on this CPU: a half type
+/// without a native kernel here (always, without oneDNN). Each such product holds up to a thread's panels of
+/// scratch (widening.hpp), so a caller may prefer not to run two of them side by side.
+template <class T>
+bool widens_products() {
+  if constexpr (std::is_same_v<T, bfloat16> || std::is_same_v<T, float16>) {
+#if defined(XAX_HAS_ONEDNN) && XAX_HAS_ONEDNN
+    return !onednn_backend::probe_kernel(dtype_of<T>).native_half;
+#else
+    return true;
+#endif
+  } else {
+    return false;
+  }
+}
+
 inline std::string short_dtype_name(DType dtype) {
   return dtype == DType::bfloat16  ? "bf16"
          : dtype == DType::float16 ? "fp16"
