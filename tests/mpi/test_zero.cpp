@@ -107,7 +107,8 @@ std::filesystem::path shared_path(const Communicator& comm, const std::string& w
 }
 
 // Every rank gathers, rank 0 writes.
-void save(ParallelTrainer& trainer, const std::filesystem::path& path) {
+template <class Trainer>
+void save(Trainer& trainer, const std::filesystem::path& path) {
   trainer.prepare_checkpoint();
   if (trainer.rank() == 0) {
     xax::CheckpointWriter writer;
@@ -418,6 +419,69 @@ TEST(ZeroOneShardedMasters, Float32PolicyKeepsTheMastersWholeAndBitIdentical) {
   const auto world = static_cast<std::size_t>(stage1.world_size());
   const xax::distributed::ZeroShardLayout layout({2400, 300, 1200, 4}, stage1.world_size());
   EXPECT_EQ(stage1.master_gather_bytes_per_step(), 4 * layout.shard_size(stage1.rank()) * (world - 1));
+}
+
+// The float16 preset: half-precision masters, updated in place by the optimizer (step_half_masters), with
+// no fp32 copy of them. Under ZeRO-1 each rank updates its shard and the masters are all-gathered in float16
+// (and the Kahan compensation with them).
+using Float16Policy = xax::Policy<xax::float16, xax::float16, xax::float16>;
+
+class Float16Single : public Model, public xax::TrainStep<Float16Single, Float16Policy> {
+ public:
+  explicit Float16Single(xax::optim::MasterRounding rounding) {
+    reset_train_state(task.init_params(), adamw, xax::DynamicLossScale{},
+                      {.master_rounding = rounding, .rounding_seed = 11});
+  }
+  using TrainStep::load_train_state;
+};
+
+class Float16Parallel : public Model,
+                        public xax::TrainStep<Float16Parallel, Float16Policy>,
+                        public xax::distributed::DataParallelMixin<Float16Parallel> {
+ public:
+  Float16Parallel(int zero_stage, xax::optim::MasterRounding rounding)
+      : DataParallelMixin(ReducerOptions{}, zero_stage) {
+    auto initial = task.init_params();
+    synchronize_initial_params(initial);
+    reset_train_state(initial, [&](const Net<float>& like) { return sharded_optimizer(like, adamw); },
+                      xax::DynamicLossScale{}, {.master_rounding = rounding, .rounding_seed = 11});
+  }
+};
+
+TEST(ZeroOneHalfMasters, Float16MastersAreUpdatedInPlaceBitIdenticallyAndGatheredInFloat16) {
+  using xax::optim::MasterRounding;
+  // float16 -> float is exact, so equal floats are equal float16 masters.
+  const auto masters = [](const auto& trainer) { return flat(xax::tree_cast<float>(trainer.params())); };
+  for (const MasterRounding rounding :
+       {MasterRounding::round_to_nearest, MasterRounding::stochastic_rounding, MasterRounding::kahan}) {
+    SCOPED_TRACE("master_rounding " + std::to_string(static_cast<int>(rounding)));
+    Float16Parallel stage0(0, rounding);
+    Float16Parallel stage1(1, rounding);
+    Float16Single single(rounding);
+    const int world = stage1.world_size();
+    train(stage0, stage0.rank(), world, 0, 8);
+    train(stage1, stage1.rank(), world, 0, 5);
+    train(single, 0, 1, 0, 8);
+    // Every rank holds the whole masters, so a checkpoint from rank 0 resumes on one process.
+    const auto path = shared_path(stage1.communicator(), "float16");
+    save(stage1, path);
+    train(stage1, stage1.rank(), world, 5, 8);
+    EXPECT_TRUE(same_bits(masters(stage1), masters(stage0))) << "world size " << world;
+    EXPECT_TRUE(same_bits(masters(stage1), masters(single))) << "world size " << world;
+    Float16Single resumed(rounding);
+    resumed.load_train_state(xax::CheckpointReader(path));
+    train(resumed, 0, 1, 5, 8);
+    EXPECT_TRUE(same_bits(masters(resumed), masters(single)))
+        << "the checkpoint holds every rank's masters (and compensation) at world size " << world;
+    // No fp32 copy of the masters (TrainStep's `work`, counted with the gradients), as at stage 0.
+    EXPECT_EQ(stage1.state_bytes().grads, stage0.state_bytes().grads);
+    const xax::distributed::ZeroShardLayout layout({2400, 300, 1200, 4}, world);
+    const std::size_t per_tree = 2 * layout.shard_size(stage1.rank()) * static_cast<std::size_t>(world - 1);
+    EXPECT_EQ(stage1.master_gather_bytes_per_step(),
+              rounding == MasterRounding::kahan ? 2 * per_tree : per_tree);
+    stage1.communicator().barrier();
+    if (stage1.rank() == 0) std::filesystem::remove(path);
+  }
 }
 
 TEST(ZeroOneShardedMasters, StageZeroCheckpointResumesUnderShardedMastersAndBack) {

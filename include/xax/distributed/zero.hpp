@@ -28,9 +28,10 @@
 ///
 /// Masters that are the compute params (the fp32 policy) stay whole on every rank: sharding them would be
 /// ZeRO-3 (the forward would need them gathered). There, and for half-precision masters (the float16 preset,
-/// updated through an fp32 work copy), the optimizer updates the masters of its shard in place and the
-/// updated masters are all-gathered leaf by leaf in place (MPI_Allgatherv with MPI_IN_PLACE), so every rank
-/// ends the step with the same, full masters: only the optimizer state is sharded.
+/// updated in place by step_half_masters, without an fp32 copy), the optimizer updates the masters of its
+/// shard in place and the updated masters are all-gathered leaf by leaf in place, in their own type
+/// (MPI_Allgatherv with MPI_IN_PLACE), so every rank ends the step with the same, full masters: only the
+/// optimizer state is sharded.
 ///
 /// The gradients are reduce-scattered (DataParallelMixin under zero_stage 1): after the reduction a rank
 /// holds the step's summed gradients on its shard and zeros elsewhere, and the finite flag and the norm are
@@ -355,6 +356,7 @@ class ZeroOptimizer {
                    static_cast<float*>(nullptr));
     }
     state_.step = step;
+    half_gather_bytes_.reset();
     if (sharded_) all_gather_masters(param);
   }
 
@@ -434,6 +436,28 @@ class ZeroOptimizer {
     owned_gather_bytes_ = sent;
   }
 
+  /// One update of half-precision masters (the float16 preset; bfloat16 and float16 leaves, and float leaves
+  /// a policy keeps in full precision) in place, without an fp32 copy of them, as optim::AdamW /
+  /// optim::Sgd::step_half_masters do: this rank's shard of each half leaf is widened chunk by chunk, updated
+  /// with the fp32 state of the shard and rounded back with `update.rounding` (the same random stream per
+  /// leaf and element, so the same bits as unsharded); then, sharded, every leaf is all-gathered in place in
+  /// its own type (half the bytes of the fp32 copy's gather), and under Kahan rounding the compensation tree
+  /// too, so that every rank ends the step with the same masters and compensation. ShapeError when the trees
+  /// differ, ConfigError for Kahan without a compensation tree, Error once this optimizer owns fp32 masters.
+  template <tree Masters>
+  void step_half_masters(Masters& masters, const Params& grads, const optim::HalfMasterUpdate& update,
+                         std::type_identity_t<Masters>* compensation) requires
+      std::is_same_v<rebind_scalar_t<Masters, float>, Params> {
+    if (owns_masters_) {
+      throw Error(
+          "xax::distributed::ZeroOptimizer::step_half_masters: this optimizer owns fp32 masters (sharded); "
+          "call step_owned_masters(grads, compute_copy)");
+    }
+    optim::detail::with_compensation(compensation, update, "ZeroOptimizer", [&](auto& carried) {
+      step_half_leaves(masters, grads, update, carried);
+    });
+  }
+
   /// Collective when the optimizer owns the masters: writes the whole masters into `whole` (shaped like the
   /// params) on every rank, by an all-gather of the shards. Error if it does not own them.
   void gather_masters(Params& whole) const {
@@ -479,10 +503,12 @@ class ZeroOptimizer {
   }
   [[nodiscard]] bool owns_masters() const { return owns_masters_; }
   /// Bytes this rank sent in the masters' all-gather of the last step: its shard of the fp32 masters, or,
-  /// when it owns the masters, its shard of the compute copy in the compute type, to each other rank.
+  /// when it owns the masters, its shard of the compute copy in the compute type, or, after
+  /// step_half_masters, its shard of the half masters (and of the Kahan compensation), to each other rank.
   [[nodiscard]] std::size_t master_gather_bytes_per_step() const {
     if (!sharded_) return 0;
     if (owns_masters_) return owned_gather_bytes_;
+    if (half_gather_bytes_) return *half_gather_bytes_;
     return layout_.shard_size(rank_) * static_cast<std::size_t>(layout_.shards() - 1) * sizeof(float);
   }
   /// The digest of the whole masters adopt_masters was last given (see DataParallelMixin::
@@ -620,6 +646,7 @@ class ZeroOptimizer {
         owns_masters_(other.owns_masters_),
         adopted_digest_(other.adopted_digest_),
         owned_gather_bytes_(other.owned_gather_bytes_),
+        half_gather_bytes_(other.half_gather_bytes_),
         gathered_masters_(other.gathered_masters_) {}
 
   [[nodiscard]] bool is_adamw() const { return std::holds_alternative<optim::AdamWOptions>(options_); }
@@ -653,29 +680,39 @@ class ZeroOptimizer {
   // nearest, as the built-ins' fused copy) when it is not null, chunk by chunk while the chunk is in cache.
   template <class Target>
   void update_piece(const ZeroSegment& piece, float* p, const float* g, std::int64_t step, Target* copy) {
+    const std::size_t copy_bytes = copy != nullptr ? sizeof(Target) : 0;
+    for_each_piece_chunk(piece, step, copy_bytes,
+                         [p, g, copy](std::size_t i, std::size_t n, const auto& arithmetic) noexcept {
+                           arithmetic(p + i, g + i, p + i, i, n);
+                           if (copy != nullptr)
+                             xax::detail::convert_serial(p + i, copy + i, n);  // still in L1
+                         });
+  }
+
+  // Calls `chunk(i, n, arithmetic)` for consecutive chunks [i, i + n) of at most update_chunk elements of
+  // `piece`, split across xax's threads as optim's driver splits a leaf (each element's arithmetic does not
+  // depend on where a chunk starts). `arithmetic(in, grad, out, i, n)` is optim::AdamW's / optim::Sgd's
+  // update of those n elements with this shard's state at piece offset i: `in` the old values, `out` the new.
+  template <class Chunk>
+  void for_each_piece_chunk(const ZeroSegment& piece, std::int64_t step, std::size_t extra_bytes,
+                            const Chunk& chunk) {
     float* const first = state_.first.size() > 0 ? state_.first.data() : nullptr;
     float* const second = state_.second.size() > 0 ? state_.second.data() : nullptr;
     const optim::LeafSettings& leaf = settings_[piece.leaf];
-    const std::size_t copy_bytes = copy != nullptr ? sizeof(Target) : 0;
-    // Chunks of at most update_chunk, split across xax's threads as optim's driver splits a leaf: each
-    // element's arithmetic does not depend on where a chunk starts.
-    const auto chunks = [&piece, copy, copy_bytes, p](std::size_t bytes_per_element, const auto& update) {
-      xax::detail::parallel_blocks(piece.count, bytes_per_element + copy_bytes, 16,
-                                   [&update, copy, p](std::size_t begin, std::size_t end) noexcept {
-                                     for (std::size_t i = begin; i < end; i += optim::detail::update_chunk) {
-                                       const std::size_t n = std::min(optim::detail::update_chunk, end - i);
-                                       update(i, n);
-                                       if (copy != nullptr)
-                                         xax::detail::convert_serial(p + i, copy + i, n);  // still in L1
-                                     }
+    const auto chunks = [&piece, extra_bytes, &chunk](std::size_t bytes_per_element, const auto& arithmetic) {
+      xax::detail::parallel_blocks(piece.count, bytes_per_element + extra_bytes, 16,
+                                   [&chunk, &arithmetic](std::size_t begin, std::size_t end) noexcept {
+                                     for (std::size_t i = begin; i < end; i += optim::detail::update_chunk)
+                                       chunk(i, std::min(optim::detail::update_chunk, end - i), arithmetic);
                                    });
     };
     if (const auto* adamw = std::get_if<optim::AdamWOptions>(&options_)) {
       const auto constants = optim::detail::AdamWConstants<float>::make(*adamw, step, leaf);
       float* const m = first + piece.shard_offset;
       float* const v = second + piece.shard_offset;
-      chunks(7 * sizeof(float), [&](std::size_t i, std::size_t n) noexcept {
-        constants.update(p + i, g + i, m + i, v + i, p + i, n);
+      chunks(7 * sizeof(float), [&constants, m, v](const float* in, const float* grad, float* out,
+                                                   std::size_t i, std::size_t n) noexcept {
+        constants.update(in, grad, m + i, v + i, out, n);
       });
     } else {
       const auto& sgd = std::get<optim::SgdOptions>(options_);
@@ -683,10 +720,88 @@ class ZeroOptimizer {
           static_cast<float>(sgd.learning_rate * leaf.learning_rate_scale), static_cast<float>(sgd.momentum),
           static_cast<float>(leaf.weight_decay), sgd.nesterov, step == 1};
       float* const buffer = first != nullptr ? first + piece.shard_offset : nullptr;
-      chunks(4 * sizeof(float), [&](std::size_t i, std::size_t n) noexcept {
-        constants.update(p + i, g + i, buffer != nullptr ? buffer + i : nullptr, p + i, n);
+      chunks(4 * sizeof(float), [&constants, buffer](const float* in, const float* grad, float* out,
+                                                     std::size_t i, std::size_t n) noexcept {
+        constants.update(in, grad, buffer != nullptr ? buffer + i : nullptr, out, n);
       });
     }
+  }
+
+  // step_half_masters after the compensation check: `compensation` is a tree shaped like the masters, or
+  // optim::detail::NoTree.
+  template <class Masters, class Compensation>
+  void step_half_leaves(Masters& masters, const Params& grads, const optim::HalfMasterUpdate& update,
+                        Compensation& compensation) {
+    constexpr bool kahan = !std::is_same_v<std::remove_const_t<Compensation>, optim::detail::NoTree>;
+    // Walking the trees together checks them before anything is written.
+    if constexpr (kahan) {
+      for_each_leaf([](const auto&...) {}, masters, grads, compensation);
+    } else {
+      for_each_leaf([](const auto&...) {}, masters, grads);
+    }
+    enroll();
+    release_gathered();
+    const std::size_t leaves = layout_.leaf_sizes().size();
+    const std::vector<const float*> grad = gradient_pointers(grads, leaves);
+    const std::int64_t step = state_.step + 1;
+    int world = 1;
+    if (sharded_) check_mpi(MPI_Comm_size(comm_, &world), "MPI_Comm_size");
+    const auto w = static_cast<std::size_t>(world);
+    std::size_t leaf = 0;
+    std::size_t next = 0;  // segments_ are in leaf order
+    std::size_t sent = 0;
+    const auto update_leaf = [&]<class M>(M& master_leaf, M* compensation_leaf) {
+      if constexpr (floating_leaf<M>) {
+        using H = leaf_scalar_t<M>;
+        const auto values = leaf_span(master_leaf);
+        // A float leaf is updated in place, exactly: it has no rounding error to carry.
+        H* carried = nullptr;
+        if constexpr (!std::is_same_v<H, float>) {
+          if (compensation_leaf != nullptr) carried = leaf_span(*compensation_leaf).data();
+        }
+        const optim::detail::HalfStore<H> store{update.rounding,
+                                                optim::detail::rounding_key(update.seed, update.step, leaf)};
+        for (; next < segments_.size() && segments_[next].leaf == leaf; ++next) {
+          const ZeroSegment& piece = segments_[next];
+          H* const p = values.data() + piece.begin;
+          const float* const g = grad[leaf] + piece.begin;
+          if constexpr (std::is_same_v<H, float>) {
+            update_piece(piece, p, g, step, static_cast<float*>(nullptr));
+          } else {
+            H* const c = carried != nullptr ? carried + piece.begin : nullptr;
+            for_each_piece_chunk(
+                piece, step, sizeof(H),
+                [p, g, c, &store, &piece](std::size_t i, std::size_t n, const auto& arithmetic) noexcept {
+                  alignas(64) float old[optim::detail::update_chunk];
+                  alignas(64) float updated[optim::detail::update_chunk];
+                  xax::detail::convert_serial(p + i, old, n);
+                  arithmetic(old, g + i, updated, i, n);
+                  // The element's index in its leaf keys stochastic rounding, as unsharded.
+                  store(p + i, c != nullptr ? c + i : nullptr, old, updated, n, piece.begin + i);
+                });
+          }
+          sent += piece.count * sizeof(H) * (w - 1) * (carried != nullptr ? 2 : 1);
+        }
+        if (sharded_ && !values.empty()) {
+          const auto gather = [&](H* data) {
+            check_mpi(
+                MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, data, gather_counts_.data() + leaf * w,
+                               gather_offsets_.data() + leaf * w, mpi_datatype<H>(), comm_),
+                "MPI_Allgatherv");
+          };
+          gather(values.data());
+          if (carried != nullptr) gather(carried);
+        }
+        ++leaf;
+      }
+    };
+    if constexpr (kahan) {
+      for_each_leaf([&]<class M>(M& m, M& c) { update_leaf(m, &c); }, masters, compensation);
+    } else {
+      for_each_leaf([&]<class M>(M& m) { update_leaf(m, static_cast<M*>(nullptr)); }, masters);
+    }
+    state_.step = step;
+    half_gather_bytes_ = sent;
   }
 
   // Makes this the optimizer DataParallelMixin::prepare_checkpoint gathers.
@@ -755,7 +870,8 @@ class ZeroOptimizer {
   bool owns_masters_ = false;
   std::uint64_t adopted_digest_ = 0;
   std::size_t owned_gather_bytes_ = 0;
-  std::vector<float> gathered_masters_;  // rank 0, between gather_for_checkpoint and its next step
+  std::optional<std::size_t> half_gather_bytes_;  // set by step_half_masters, cleared by step
+  std::vector<float> gathered_masters_;           // rank 0, between gather_for_checkpoint and its next step
 };
 
 }  // namespace xax::distributed
