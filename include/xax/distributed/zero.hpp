@@ -422,12 +422,7 @@ class ZeroOptimizer {
                            target.data() + piece.begin);
               sent += piece.count * sizeof(Scalar) * (w - 1);
             }
-            if (target.size() > 0) {
-              check_mpi(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, target.data(),
-                                       gather_counts_.data() + leaf * w, gather_offsets_.data() + leaf * w,
-                                       mpi_datatype<Scalar>(), comm_),
-                        "MPI_Allgatherv");
-            }
+            if (target.size() > 0) all_gather_leaf(target.data(), leaf, w);
             ++leaf;
           }
         },
@@ -783,14 +778,8 @@ class ZeroOptimizer {
           sent += piece.count * sizeof(H) * (w - 1) * (carried != nullptr ? 2 : 1);
         }
         if (sharded_ && !values.empty()) {
-          const auto gather = [&](H* data) {
-            check_mpi(
-                MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, data, gather_counts_.data() + leaf * w,
-                               gather_offsets_.data() + leaf * w, mpi_datatype<H>(), comm_),
-                "MPI_Allgatherv");
-          };
-          gather(values.data());
-          if (carried != nullptr) gather(carried);
+          all_gather_leaf(values.data(), leaf, w);
+          if (carried != nullptr) all_gather_leaf(carried, leaf, w);
         }
         ++leaf;
       }
@@ -845,11 +834,17 @@ class ZeroOptimizer {
     check_mpi(MPI_Comm_size(comm_, &world), "MPI_Comm_size");
     const auto w = static_cast<std::size_t>(world);
     for (std::size_t l = 0; l < param.size(); ++l) {
-      if (layout_.leaf_sizes()[l] == 0) continue;
-      check_mpi(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, param[l], gather_counts_.data() + l * w,
-                               gather_offsets_.data() + l * w, MPI_FLOAT, comm_),
-                "MPI_Allgatherv");
+      if (layout_.leaf_sizes()[l] != 0) all_gather_leaf(param[l], l, w);
     }
+  }
+
+  // Collective: every rank's shard of floating leaf `leaf` (`data`, the whole leaf in its own type) into
+  // every rank's `data`, in place.
+  template <class T>
+  void all_gather_leaf(T* data, std::size_t leaf, std::size_t world) const {
+    check_mpi(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, data, gather_counts_.data() + leaf * world,
+                             gather_offsets_.data() + leaf * world, mpi_datatype<T>(), comm_),
+              "MPI_Allgatherv");
   }
 
   Options options_;
