@@ -7,15 +7,17 @@
 //
 // Layout: one token per column. Activations are n_embd x (batch * block) with column b * block + t; the
 // residual stream is kept in fp32 under every policy (as PyTorch autocast's residual adds promote to fp32),
-// the matmul inputs are T. Attention works on 3-D tensors head_size x block x (batch * heads).
+// the matmul inputs are T. Attention (xax::causal_self_attention) reads q, k and v as row blocks of the fused
+// projection's output and writes the merged heads; only its probabilities are 3-D, block x block x (batch *
+// heads).
 //
 // Precision: LayerNorm gains and biases are fp32 leaves inside the T-templated params (xax's tree casts
 // copy a float leaf of a struct templated on T float to float), so they stay fp32 under a 16-bit policy;
 // every matmul accumulates in fp32; LayerNorm statistics, softmax, cross-entropy and the embedding
 // scatter-add run in fp32.
 //
-// Not done here: dropout (the configuration trains without it), fused attention (the T x T probabilities of
-// each layer are kept for the backward pass).
+// Not done here: dropout (the configuration trains without it), and attention without the T x T probabilities
+// of each layer, which are kept for the backward pass (FlashAttention's recomputation).
 
 #include <cmath>
 #include <concepts>
@@ -25,8 +27,7 @@
 #include <string>
 #include <type_traits>
 #include <vector>
-#include <xax/ops/batched_matmul.hpp>
-#include <xax/ops/causal_softmax.hpp>
+#include <xax/ops/causal_attention.hpp>
 #include <xax/ops/convert.hpp>
 #include <xax/ops/embedding.hpp>
 #include <xax/ops/gelu_tanh.hpp>
@@ -35,7 +36,6 @@
 #include <xax/ops/reduce.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
-#include <xax/utils/threads.hpp>
 #include <xax/utils/tree.hpp>
 
 namespace xax_bench {
@@ -49,6 +49,11 @@ struct GptShape {
   std::int64_t embedding = 128;
 
   [[nodiscard]] std::int64_t head_size() const { return embedding / heads; }
+
+  /// How attention splits a features x tokens operand of batches of `block`-token windows.
+  [[nodiscard]] xax::AttentionLayout attention_layout(std::int64_t block) const {
+    return {.heads = static_cast<Eigen::Index>(heads), .sequence_length = static_cast<Eigen::Index>(block)};
+  }
 
   void validate() const {
     if (vocabulary < 1 || block_size < 1 || layers < 1 || heads < 1 || embedding < 1) {
@@ -158,7 +163,7 @@ struct GptWorkspace {
     Eigen::MatrixXf residual_mid;  // x_l + attention
     xax::LayerNormStatistics ln_1, ln_2;
     GptMatrix<T> ln_1_out, ln_2_out;
-    GptTensor3<T> q, k, v;     // head_size x block x (batch * heads)
+    GptMatrix<T> qkv;          // 3 n_embd x tokens: rows [q; k; v], head h at rows h * head_size of each
     GptTensor3<T> probs;       // block x block x (batch * heads)
     GptMatrix<T> attn_merged;  // n_embd x tokens
     GptMatrix<T> fc_out, gelu_out;
@@ -170,10 +175,7 @@ struct GptWorkspace {
   Eigen::MatrixXf logits;  // vocabulary x tokens, fp32 (the loss reads them in fp32 anyway)
   std::vector<std::int32_t> positions;
   // Backward scratch.
-  GptTensor3<float> scores;
-  GptMatrix<T> dlogits, d_t, d_hidden, d_small, dqkv, qkv;
-  GptTensor3<T> dy_heads, dq, dk, dv, dscores;
-  GptTensor3<float> dprobs;
+  GptMatrix<T> dlogits, d_t, d_hidden, d_small, dqkv;
   Eigen::MatrixXf d_residual;
 
   /// Bytes of the activations kept between forward and backward (the part that grows with batch * block).
@@ -184,73 +186,14 @@ struct GptWorkspace {
     std::size_t total = bytes(residual_out) + bytes(ln_f_out) + bytes(logits) + bytes(dlogits);
     for (const Layer& layer : layers) {
       total += bytes(layer.residual_in) + bytes(layer.residual_mid) + bytes(layer.ln_1_out) +
-               bytes(layer.ln_2_out) + bytes(layer.q) + bytes(layer.k) + bytes(layer.v) + bytes(layer.probs) +
-               bytes(layer.attn_merged) + bytes(layer.fc_out) + bytes(layer.gelu_out);
+               bytes(layer.ln_2_out) + bytes(layer.qkv) + bytes(layer.probs) + bytes(layer.attn_merged) +
+               bytes(layer.fc_out) + bytes(layer.gelu_out);
     }
     return total;
   }
 };
 
 namespace detail {
-
-/// Calls `copy(sequence, head, slice)` for every (sequence, head) slice of attention, shared among xax's
-/// threads. The head copies are many rows of head_size elements; run on one thread, they left the other
-/// one waiting for about 4 % of a 2-thread step (perf, CharGptStep/mixed/threads:2).
-template <class Copy>
-void for_each_head_slice(const GptShape& shape, std::int64_t batch, Copy&& copy) {
-  const auto heads = static_cast<Eigen::Index>(shape.heads);
-  const auto slices = static_cast<Eigen::Index>(batch) * heads;
-  [[maybe_unused]] const int threads = xax::num_threads();
-#if defined(_OPENMP)
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-#endif
-  for (Eigen::Index slice = 0; slice < slices; ++slice) copy(slice / heads, slice % heads, slice);
-}
-
-/// Sequence b's tokens, rows [row0, row0 + rows) of a features x tokens matrix, as a rows x block matrix.
-template <class T>
-auto token_rows(T* tokens, Eigen::Index features, Eigen::Index block, Eigen::Index b, Eigen::Index row0,
-                Eigen::Index rows) {
-  using Matrix = GptMatrix<std::remove_const_t<T>>;
-  using Mapped = std::conditional_t<std::is_const_v<T>, const Matrix, Matrix>;
-  return Eigen::Map<Mapped, 0, Eigen::OuterStride<>>(tokens + b * block * features + row0, rows, block,
-                                                     Eigen::OuterStride<>(features));
-}
-
-/// Slice `slice` (head_size x block) of a head-major tensor.
-template <class T>
-auto head_slice(GptTensor3<T>& heads_tensor, Eigen::Index slice) {
-  const Eigen::Index rows = heads_tensor.dimension(0), block = heads_tensor.dimension(1);
-  return Eigen::Map<GptMatrix<T>>(heads_tensor.data() + slice * rows * block, rows, block);
-}
-template <class T>
-auto head_slice(const GptTensor3<T>& heads_tensor, Eigen::Index slice) {
-  const Eigen::Index rows = heads_tensor.dimension(0), block = heads_tensor.dimension(1);
-  return Eigen::Map<const GptMatrix<T>>(heads_tensor.data() + slice * rows * block, rows, block);
-}
-
-/// Rows [row0, row0 + n_embd) of a features x tokens matrix as head-major slices (head_size x block x
-/// (batch * heads)): q, k and v from the fused projection, or the gradient of the merged heads.
-template <class T>
-void split_heads(const GptMatrix<T>& tokens, Eigen::Index row0, const GptShape& shape, std::int64_t batch,
-                 std::int64_t block, GptTensor3<T>& heads_tensor) {
-  const auto hs = static_cast<Eigen::Index>(shape.head_size()), t_count = static_cast<Eigen::Index>(block);
-  heads_tensor.resize(hs, t_count, static_cast<Eigen::Index>(batch * shape.heads));
-  for_each_head_slice(shape, batch, [&](Eigen::Index b, Eigen::Index h, Eigen::Index slice) {
-    head_slice(heads_tensor, slice) = token_rows(tokens.data(), tokens.rows(), t_count, b, row0 + h * hs, hs);
-  });
-}
-
-/// The inverse of split_heads: head-major slices back into rows [row0, row0 + n_embd) of `out` (features x
-/// tokens).
-template <class T>
-void merge_heads(const GptTensor3<T>& heads_tensor, const GptShape& shape, std::int64_t batch,
-                 std::int64_t block, GptMatrix<T>& out, Eigen::Index row0) {
-  const auto hs = static_cast<Eigen::Index>(shape.head_size()), t_count = static_cast<Eigen::Index>(block);
-  for_each_head_slice(shape, batch, [&](Eigen::Index b, Eigen::Index h, Eigen::Index slice) {
-    token_rows(out.data(), out.rows(), t_count, b, row0 + h * hs, hs) = head_slice(heads_tensor, slice);
-  });
-}
 
 /// `to` = `from` converted (or copied, between the same types) by xax's kernels, which share large arrays
 /// among the threads; an Eigen assignment runs on one.
@@ -294,15 +237,9 @@ void gpt_forward(const GptParams<T>& params, const GptShape& shape, const TokenB
     auto& layer = ws.layers[l];
     // Attention: x_mid = x + proj(attention(ln_1(x))).
     xax::layer_norm(layer.residual_in, p.ln_1.gain, p.ln_1.bias, layer.ln_1_out, layer.ln_1);
-    xax::matmul(p.attn_w, layer.ln_1_out, p.attn_b, ws.qkv);
-    detail::split_heads(ws.qkv, 0, shape, batch.batch, block, layer.q);
-    detail::split_heads(ws.qkv, c, shape, batch.batch, block, layer.k);
-    detail::split_heads(ws.qkv, 2 * c, shape, batch.batch, block, layer.v);
-    xax::batched_matmul(layer.k, layer.q, ws.scores, {.transpose_a = true});  // keys x queries, fp32
-    xax::causal_softmax(ws.scores, layer.probs, scale);
-    xax::batched_matmul(layer.v, layer.probs, ws.dy_heads);  // head_size x queries
-    layer.attn_merged.resize(c, tokens);
-    detail::merge_heads(ws.dy_heads, shape, batch.batch, block, layer.attn_merged, 0);
+    xax::matmul(p.attn_w, layer.ln_1_out, p.attn_b, layer.qkv);
+    xax::causal_self_attention(layer.qkv.topRows(c), layer.qkv.middleRows(c, c), layer.qkv.bottomRows(c),
+                               shape.attention_layout(block), scale, layer.attn_merged, layer.probs);
     detail::cast_matrix(layer.residual_in, layer.residual_mid);  // a copy, shared among the threads
     xax::matmul(p.attn_proj_w, layer.attn_merged, p.attn_proj_b, layer.residual_mid, {.accumulate = true});
     // MLP: x_next = x_mid + proj(gelu(fc(ln_2(x_mid)))).
@@ -365,17 +302,11 @@ double gpt_loss_and_gradients(const GptParams<T>& params, const GptShape& shape,
     xax::matmul(ws.d_t, layer.attn_merged, g.attn_proj_w, {.transpose_b = true});
     xax::row_sums(ws.d_residual, g.attn_proj_b);
     xax::matmul(p.attn_proj_w, ws.d_t, ws.d_small, {.transpose_a = true});  // d merged heads
-    // d_small holds one head after another in each column, as qkv holds q.
-    detail::split_heads(ws.d_small, 0, shape, batch.batch, block, ws.dy_heads);
-    xax::batched_matmul(ws.dy_heads, layer.probs, ws.dv, {.transpose_b = true});  // dV = dY P^T
-    xax::batched_matmul(layer.v, ws.dy_heads, ws.dprobs, {.transpose_a = true});  // dP = V^T dY (fp32)
-    xax::causal_softmax_backward(layer.probs, ws.dprobs, ws.dscores, scale);
-    xax::batched_matmul(layer.q, ws.dscores, ws.dk, {.transpose_b = true});  // dK = Q dS^T
-    xax::batched_matmul(layer.k, ws.dscores, ws.dq);                         // dQ = K dS
     ws.dqkv.resize(3 * c, static_cast<Eigen::Index>(batch.batch * block));
-    detail::merge_heads(ws.dq, shape, batch.batch, block, ws.dqkv, 0);
-    detail::merge_heads(ws.dk, shape, batch.batch, block, ws.dqkv, c);
-    detail::merge_heads(ws.dv, shape, batch.batch, block, ws.dqkv, 2 * c);
+    xax::causal_self_attention_backward(layer.qkv.topRows(c), layer.qkv.middleRows(c, c),
+                                        layer.qkv.bottomRows(c), layer.probs, ws.d_small,
+                                        shape.attention_layout(block), scale, ws.dqkv.topRows(c),
+                                        ws.dqkv.middleRows(c, c), ws.dqkv.bottomRows(c));
     xax::matmul(ws.dqkv, layer.ln_1_out, g.attn_w, {.transpose_b = true});
     xax::row_sums(ws.dqkv, g.attn_b);
     xax::matmul(p.attn_w, ws.dqkv, ws.d_small, {.transpose_a = true});

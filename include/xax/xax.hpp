@@ -8,6 +8,7 @@
 #include <xax/nn/mlp.hpp>
 #include <xax/ops/activation.hpp>
 #include <xax/ops/batched_matmul.hpp>
+#include <xax/ops/causal_attention.hpp>
 #include <xax/ops/causal_softmax.hpp>
 #include <xax/ops/convert.hpp>
 #include <xax/ops/embedding.hpp>

@@ -115,6 +115,25 @@ inline std::string shape3_string(Eigen::Index rows, Eigen::Index cols, Eigen::In
   return std::to_string(rows) + "x" + std::to_string(cols) + "x" + std::to_string(batch);
 }
 
+/// `count` products c_i = act(op(a_i) op(b_i) [+ c_i]) of consecutive contiguous column-major slices (a_i is
+/// a_rows x a_cols, b_i b_rows x b_cols, c_i m x n), on the calling thread's share of xax's threads: one 3-D
+/// oneDNN primitive where xax::matmul's rules would give a slice to oneDNN, else one xax::matmul per slice.
+/// Shapes and aliasing are the caller's to check.
+template <class In, class Out>
+void batched_products(const In* a, Eigen::Index a_rows, Eigen::Index a_cols, const In* b, Eigen::Index b_rows,
+                      Eigen::Index b_cols, Out* c, Eigen::Index m, Eigen::Index n, Eigen::Index k,
+                      Eigen::Index count, const MatmulOptions& options) {
+  if (run_batch_on_onednn(a, a_rows, a_cols, b, b_rows, b_cols, c, m, n, k, count, options)) return;
+  using InMatrix = Eigen::Matrix<In, Eigen::Dynamic, Eigen::Dynamic>;
+  using OutMatrix = Eigen::Matrix<Out, Eigen::Dynamic, Eigen::Dynamic>;
+  for (Eigen::Index i = 0; i < count; ++i) {
+    const Eigen::Map<const InMatrix> a_slice(a + i * a_rows * a_cols, a_rows, a_cols);
+    const Eigen::Map<const InMatrix> b_slice(b + i * b_rows * b_cols, b_rows, b_cols);
+    Eigen::Map<OutMatrix> c_slice(c + i * m * n, m, n);
+    matmul(a_slice, b_slice, c_slice, options);
+  }
+}
+
 }  // namespace detail
 
 /// `c_i = act(op(a_i) op(b_i) [+ c_i])` for every slice i, as xax::matmul with `options` (no bias) would
@@ -179,25 +198,15 @@ void batched_matmul(const A& a, const B& b, C&& c, const MatmulOptions& options 
                      detail::shape3_string(m, n, batch) +
                      (options.accumulate ? " (an accumulating output must already have that shape)" : ""));
   }
-  using InMatrix = Eigen::Matrix<In, Eigen::Dynamic, Eigen::Dynamic>;
-  using OutMatrix = Eigen::Matrix<Out, Eigen::Dynamic, Eigen::Dynamic>;
   const Eigen::Index a_rows = a.dimension(0), a_cols = a.dimension(1);
   const Eigen::Index b_rows = b.dimension(0), b_cols = b.dimension(1);
   const auto* a_data = a.data();
   const auto* b_data = b.data();
   Out* c_data = c.data();
   const auto run_slices = [&](Eigen::Index first, Eigen::Index last) {
-    if (detail::run_batch_on_onednn(a_data + first * a_rows * a_cols, a_rows, a_cols,
-                                    b_data + first * b_rows * b_cols, b_rows, b_cols, c_data + first * m * n,
-                                    m, n, k, last - first, options)) {
-      return;
-    }
-    for (Eigen::Index i = first; i < last; ++i) {
-      const Eigen::Map<const InMatrix> a_slice(a_data + i * a_rows * a_cols, a_rows, a_cols);
-      const Eigen::Map<const InMatrix> b_slice(b_data + i * b_rows * b_cols, b_rows, b_cols);
-      Eigen::Map<OutMatrix> c_slice(c_data + i * m * n, m, n);
-      matmul(a_slice, b_slice, c_slice, options);
-    }
+    detail::batched_products(a_data + first * a_rows * a_cols, a_rows, a_cols,
+                             b_data + first * b_rows * b_cols, b_rows, b_cols, c_data + first * m * n, m, n,
+                             k, last - first, options);
   };
   // Attention's slices (head_size x block, e.g. 32 x 64) are far too small for one product to use two
   // threads, so on several threads the slices are shared out instead: each thread runs whole products on

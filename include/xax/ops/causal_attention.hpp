@@ -1,0 +1,393 @@
+#pragma once
+/// \file
+/// Multi-head causal self-attention as one op: for every sequence and head, Y = V P with
+/// P = causal_softmax(scale K^T Q), the scores and the softmax in fp32 and every product accumulated in
+/// fp32, rounded once into the output.
+///
+/// The operands are in the layout xax's matmuls write: features x tokens matrices, one token per column,
+/// in which head h is rows [h * head_size, (h + 1) * head_size) and sequence b is columns
+/// [b * length, (b + 1) * length). q, k and v may be row blocks of one fused projection, and the outputs may
+/// be row blocks of one gradient matrix:
+///
+///     const xax::AttentionLayout layout{.heads = 4, .sequence_length = 64};
+///     xax::causal_self_attention(qkv.topRows(c), qkv.middleRows(c, c), qkv.bottomRows(c), layout, scale,
+///                                y, probs);                       // probs: length x length x (batch *
+///                                heads)
+///     xax::causal_self_attention_backward(qkv.topRows(c), qkv.middleRows(c, c), qkv.bottomRows(c), probs,
+///                                         dy, layout, scale, dqkv.topRows(c), dqkv.middleRows(c, c),
+///                                         dqkv.bottomRows(c));
+///
+/// What one op buys over batched_matmul + causal_softmax + batched_matmul on split-out heads: each thread
+/// takes whole (sequence, head) slices and runs them start to finish, a few at a time so that they stay in
+/// its cache. It gathers the heads from the token layout itself, its fp32 scores never leave its scratch,
+/// and it writes the output back in token layout. The forward and the backward are one fork/join each,
+/// instead of one per product, softmax and head copy.
+///
+/// The probabilities are kept for the backward (length x length per slice, in the compute type), as the
+/// unfused ops keep them. This is not FlashAttention's tiling with a running max and sum: at GPT block sizes
+/// a slice's scores fit in cache, and recomputing them in the backward would add a product.
+///
+/// Every product goes through batched_matmul's dispatch (one 3-D oneDNN primitive per group of slices where
+/// xax::matmul would use oneDNN, else one xax::matmul per slice), and the softmax is causal_softmax's. On
+/// one thread the results are bit for bit those of the unfused ops; tests/test_causal_attention.cpp checks
+/// it, and that two threads give the same bits as one.
+
+#include <xax/detail/eigen.hpp>
+#include <xax/detail/eigen_tensor.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <initializer_list>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <xax/detail/parallel.hpp>
+#include <xax/detail/scratch.hpp>
+#include <xax/ops/batched_matmul.hpp>
+#include <xax/ops/causal_softmax.hpp>
+#include <xax/ops/matmul.hpp>
+#include <xax/ops/matmul_concepts.hpp>
+#include <xax/ops/reduce.hpp>
+#include <xax/utils/error.hpp>
+
+namespace xax {
+
+/// How attention's features x tokens operands divide into heads (equal row blocks) and sequences (equal
+/// column blocks, each attended causally on its own).
+struct AttentionLayout {
+  Eigen::Index heads = 1;
+  Eigen::Index sequence_length = 0;
+};
+
+namespace detail {
+
+/// The slices of one attention call: slice s is head s % heads of sequence s / heads, as a head_size x
+/// length block of every features x tokens operand.
+struct AttentionSlices {
+  Eigen::Index heads = 0;
+  Eigen::Index head_size = 0;
+  Eigen::Index length = 0;
+  Eigen::Index count = 0;
+
+  /// Where slice `s` starts in a features x tokens operand with leading dimension `ld`.
+  [[nodiscard]] Eigen::Index offset(Eigen::Index s, Eigen::Index ld) const {
+    return (s / heads) * length * ld + (s % heads) * head_size;
+  }
+  [[nodiscard]] Eigen::Index head_elements() const { return head_size * length; }
+  [[nodiscard]] Eigen::Index score_elements() const { return length * length; }
+  /// Slices a thread runs together: enough to amortise a oneDNN call, few enough that their fp32 scores
+  /// (32 KiB per 64-token slice) stay in a core's L2.
+  [[nodiscard]] Eigen::Index group() const { return std::max<Eigen::Index>(1, 32768 / score_elements()); }
+};
+
+/// A features x tokens operand: its data and leading dimension.
+template <class S>
+struct TokenOperand {
+  S* data;
+  Eigen::Index ld;
+};
+
+template <class M>
+auto token_operand(M&& m) {
+  return TokenOperand<std::remove_pointer_t<decltype(m.data())>>{m.data(), leading_dimension(m)};
+}
+
+/// Copies slices [first, first + count) of a token operand into consecutive head_size x length matrices.
+template <class S>
+void gather_heads(const AttentionSlices& slices, TokenOperand<const S> from, Eigen::Index first,
+                  Eigen::Index count, S* to) {
+  using Matrix = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic>;
+  for (Eigen::Index i = 0; i < count; ++i) {
+    Eigen::Map<Matrix>(to + i * slices.head_elements(), slices.head_size, slices.length) =
+        Eigen::Map<const Matrix, 0, Eigen::OuterStride<>>(from.data + slices.offset(first + i, from.ld),
+                                                          slices.head_size, slices.length,
+                                                          Eigen::OuterStride<>(from.ld));
+  }
+}
+
+/// The inverse of gather_heads: consecutive head_size x length matrices into slices of a token operand.
+template <class S>
+void scatter_heads(const AttentionSlices& slices, const S* from, Eigen::Index first, Eigen::Index count,
+                   TokenOperand<S> to) {
+  using Matrix = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic>;
+  for (Eigen::Index i = 0; i < count; ++i) {
+    Eigen::Map<Matrix, 0, Eigen::OuterStride<>>(to.data + slices.offset(first + i, to.ld), slices.head_size,
+                                                slices.length, Eigen::OuterStride<>(to.ld)) =
+        Eigen::Map<const Matrix>(from + i * slices.head_elements(), slices.head_size, slices.length);
+  }
+}
+
+/// Runs `work(first, count)` over every group of slices, the slices shared among xax's threads in contiguous
+/// ranges; the first exception is rethrown after the parallel region, which it cannot leave.
+template <class Work>
+void for_each_slice_group(const AttentionSlices& slices, std::size_t bytes_per_slice, Work&& work) {
+  std::exception_ptr failure;
+  parallel_blocks(static_cast<std::size_t>(slices.count), bytes_per_slice, 1,
+                  [&](std::size_t begin, std::size_t end) noexcept {
+                    try {
+                      const auto last = static_cast<Eigen::Index>(end);
+                      for (auto first = static_cast<Eigen::Index>(begin); first < last;
+                           first += slices.group())
+                        work(first, std::min(slices.group(), last - first));
+                    } catch (...) {
+#if defined(_OPENMP)
+#pragma omp critical(xax_causal_attention_failure)
+#endif
+                      if (!failure) failure = std::current_exception();
+                    }
+                  });
+  if (failure) std::rethrow_exception(failure);
+}
+
+template <class Q, class K, class V>
+AttentionSlices check_attention(const Q& q, const K& k, const V& v, const AttentionLayout& layout,
+                                float scale, const char* function) {
+  const std::string name = std::string("xax::") + function;
+  if (layout.heads < 1 || layout.sequence_length < 1) {
+    throw ConfigError(name + ": the layout has " + std::to_string(layout.heads) +
+                      " heads and sequence length " + std::to_string(layout.sequence_length) +
+                      "; both must be >= 1");
+  }
+  if (k.rows() != q.rows() || k.cols() != q.cols() || v.rows() != q.rows() || v.cols() != q.cols()) {
+    throw ShapeError(name + ": q is " + shape_string(q.rows(), q.cols()) + ", k " +
+                     shape_string(k.rows(), k.cols()) + " and v " + shape_string(v.rows(), v.cols()) +
+                     "; self-attention needs all three features x tokens with the same shape");
+  }
+  if (q.rows() % layout.heads != 0) {
+    throw ShapeError(name + ": " + std::to_string(q.rows()) + " features do not split into " +
+                     std::to_string(layout.heads) + " heads; the features must be a multiple of the heads");
+  }
+  if (q.cols() % layout.sequence_length != 0) {
+    throw ShapeError(name + ": " + std::to_string(q.cols()) + " tokens do not split into sequences of " +
+                     std::to_string(layout.sequence_length) +
+                     "; the tokens (columns) must be a multiple of the sequence length");
+  }
+  check_causal_shape(layout.sequence_length, layout.sequence_length, scale, function);
+  return {layout.heads, q.rows() / layout.heads, layout.sequence_length,
+          q.cols() / layout.sequence_length * layout.heads};
+}
+
+/// Where a column-major operand lies in memory.
+struct StoredOperand {
+  std::uintptr_t data;
+  Eigen::Index rows, cols, ld;
+  std::size_t element_size;
+};
+
+template <class M>
+StoredOperand matrix_storage(const M& m) {
+  return {reinterpret_cast<std::uintptr_t>(m.data()), m.rows(), m.cols(), leading_dimension(m),
+          sizeof(typename M::Scalar)};
+}
+
+template <class M>
+StoredOperand tensor_storage(const M& m) {
+  return {reinterpret_cast<std::uintptr_t>(m.data()), m.size(), 1, std::max<Eigen::Index>(m.size(), 1),
+          sizeof(typename M::Scalar)};
+}
+
+/// Whether two operands share an element. Row blocks of one matrix (q, k and v of a fused projection, or
+/// their gradients) interleave in memory without sharing one: with the same leading dimension and element
+/// size, the blocks' rows and columns are compared; otherwise any overlap of the address ranges counts.
+inline bool share_elements(const StoredOperand& a, const StoredOperand& b) {
+  const auto [a_first, a_last] =
+      address_range(reinterpret_cast<const void*>(a.data), a.rows, a.cols, a.ld, a.element_size);
+  const auto [b_first, b_last] =
+      address_range(reinterpret_cast<const void*>(b.data), b.rows, b.cols, b.ld, b.element_size);
+  if (!(a_first < b_last && b_first < a_last)) return false;
+  if (a.ld != b.ld || a.element_size != b.element_size) return true;
+  const StoredOperand& low = a.data <= b.data ? a : b;
+  const StoredOperand& high = a.data <= b.data ? b : a;
+  const std::uintptr_t bytes = high.data - low.data;
+  if (bytes % low.element_size != 0) return true;
+  const auto offset = static_cast<Eigen::Index>(bytes / low.element_size);
+  const Eigen::Index row = offset % low.ld, col = offset / low.ld;
+  if (row + high.rows > low.ld) return true;  // wraps into the next column: not a block of the same matrix
+  return row < low.rows && col < low.cols;    // high's rows start inside low's, or low's start before high's
+}
+
+/// Throws when an output shares an element with any of `operands`: the op reads its inputs while writing
+/// its outputs, and each output in one pass.
+inline void check_no_overlap(const StoredOperand& output, std::initializer_list<StoredOperand> operands,
+                             const char* function, const char* what) {
+  for (const StoredOperand& operand : operands) {
+    if (share_elements(output, operand)) {
+      throw Error(std::string("xax::") + function + ": " + what +
+                  " shares memory with another operand; write it into separate storage");
+    }
+  }
+}
+
+}  // namespace detail
+
+/// Causal self-attention of every head of every sequence: y = V P per slice, P = causal_softmax(scale K^T Q)
+/// (see causal_softmax), in the layout described above. `probs` (length x length x (sequences * heads),
+/// slice sequence * heads + head; a plain Eigen::Tensor is resized) keeps P for the backward; `y` (features
+/// x tokens, T or float; a plain matrix is resized) must not share storage with any input. Throws
+/// ConfigError for a layout without heads or length and a scale that is not finite and > 0, ShapeError for
+/// operands that do not split into the layout, and Error for overlapping storage.
+template <matmul_operand Q, matmul_operand K, matmul_operand V, class Y, class Probs>
+requires matmul_output<std::remove_reference_t<Y>> && batched_output<std::remove_reference_t<Probs>>
+void causal_self_attention(const Q& q, const K& k, const V& v, const AttentionLayout& layout, float scale,
+                           Y&& y, Probs&& probs) {
+  using T = typename Q::Scalar;
+  using Out = typename std::remove_reference_t<Y>::Scalar;
+  static_assert(std::is_same_v<typename K::Scalar, T> && std::is_same_v<typename V::Scalar, T>,
+                "xax::causal_self_attention: q, k and v must have the same scalar");
+  static_assert(std::is_same_v<typename std::remove_reference_t<Probs>::Scalar, T>,
+                "xax::causal_self_attention: the probabilities are kept in the inputs' scalar");
+  static_assert(std::is_same_v<Out, T> || std::is_same_v<Out, float>,
+                "xax::causal_self_attention: the output must hold the inputs' scalar or float");
+  static_assert(!Q::IsRowMajor && !K::IsRowMajor && !V::IsRowMajor,
+                "xax::causal_self_attention: the operands must be column-major (features x tokens)");
+  const detail::AttentionSlices slices =
+      detail::check_attention(q, k, v, layout, scale, "causal_self_attention");
+  const auto inputs = {detail::matrix_storage(q), detail::matrix_storage(k), detail::matrix_storage(v)};
+  detail::check_no_overlap(detail::matrix_storage(y), inputs, "causal_self_attention", "the output");
+  detail::check_no_overlap(detail::tensor_storage(probs), inputs, "causal_self_attention",
+                           "the probabilities");
+  detail::prepare_output(y, q.rows(), q.cols(), "causal_self_attention", "the output");
+  detail::prepare_output3(probs, layout.sequence_length, layout.sequence_length, slices.count,
+                          "causal_self_attention", "the probabilities");
+  detail::check_no_overlap(detail::matrix_storage(y), {detail::tensor_storage(probs)},
+                           "causal_self_attention", "the output");
+  if (slices.count == 0) return;
+
+  const auto q_in = detail::token_operand(q), k_in = detail::token_operand(k),
+             v_in = detail::token_operand(v);
+  const auto y_out = detail::token_operand(y);
+  T* const p_data = probs.data();
+  const Eigen::Index hs = slices.head_size, length = slices.length, heads = slices.head_elements();
+  const std::size_t bytes_per_slice = static_cast<std::size_t>(4 * heads) * sizeof(T) +
+                                      static_cast<std::size_t>(slices.score_elements()) * sizeof(T);
+  detail::for_each_slice_group(slices, bytes_per_slice, [&](Eigen::Index first, Eigen::Index count) {
+    const Eigen::Index group = slices.group();
+    thread_local detail::ScratchBuffer<T> head_scratch;
+    thread_local detail::ScratchBuffer<float> score_scratch;
+    thread_local detail::ScratchBuffer<Out> out_scratch;
+    T* const q_heads = head_scratch.get(static_cast<std::size_t>(3 * group * heads));
+    T* const k_heads = q_heads + group * heads;
+    T* const v_heads = k_heads + group * heads;
+    float* const scores = score_scratch.get(static_cast<std::size_t>(group * slices.score_elements()));
+    Out* const y_heads = out_scratch.get(static_cast<std::size_t>(group * heads));
+    T* const p = p_data + first * slices.score_elements();
+    detail::gather_heads(slices, q_in, first, count, q_heads);
+    detail::gather_heads(slices, k_in, first, count, k_heads);
+    detail::gather_heads(slices, v_in, first, count, v_heads);
+    detail::batched_products(k_heads, hs, length, q_heads, hs, length, scores, length, length, hs, count,
+                             {.transpose_a = true});  // K^T Q: keys x queries
+    detail::causal_softmax_columns(static_cast<const float*>(scores), length, p, length,
+                                   {static_cast<std::size_t>(length), static_cast<std::size_t>(length),
+                                    static_cast<std::size_t>(length * count)},
+                                   scale);
+    detail::batched_products(v_heads, hs, length, static_cast<const T*>(p), length, length, y_heads, hs,
+                             length, length, count, {});  // V P: head_size x queries
+    detail::scatter_heads(slices, static_cast<const Out*>(y_heads), first, count, y_out);
+  });
+}
+
+/// The gradients of causal_self_attention with respect to q, k and v, from its inputs, its kept `probs` and
+/// the output's gradient `dy` (features x tokens, the inputs' scalar): per slice dV = dY P^T, dS =
+/// causal_softmax_backward(P, V^T dY) (dP in fp32), dK = Q dS^T and dQ = K dS, each accumulated in fp32.
+/// `dq`, `dk`, `dv` (features x tokens, one scalar, T or float; plain matrices are resized) must not share
+/// storage with each other or with any input. Throws as the forward does, and ShapeError when `probs` or
+/// `dy` do not have the forward's shapes.
+template <matmul_operand Q, matmul_operand K, matmul_operand V, batched_operand Probs, matmul_operand DY,
+          class DQ, class DK, class DV>
+requires matmul_output<std::remove_reference_t<DQ>> && matmul_output<std::remove_reference_t<DK>> &&
+    matmul_output<std::remove_reference_t<DV>>
+void causal_self_attention_backward(const Q& q, const K& k, const V& v, const Probs& probs, const DY& dy,
+                                    const AttentionLayout& layout, float scale, DQ&& dq, DK&& dk, DV&& dv) {
+  using T = typename Q::Scalar;
+  using D = typename std::remove_reference_t<DQ>::Scalar;
+  static_assert(
+      std::is_same_v<typename K::Scalar, T> && std::is_same_v<typename V::Scalar, T> &&
+          std::is_same_v<std::remove_const_t<typename Probs::Scalar>, T> &&
+          std::is_same_v<typename DY::Scalar, T>,
+      "xax::causal_self_attention_backward: q, k, v, the probabilities and dy must have the same scalar");
+  static_assert(std::is_same_v<typename std::remove_reference_t<DK>::Scalar, D> &&
+                    std::is_same_v<typename std::remove_reference_t<DV>::Scalar, D>,
+                "xax::causal_self_attention_backward: dq, dk and dv must have the same scalar");
+  static_assert(std::is_same_v<D, T> || std::is_same_v<D, float>,
+                "xax::causal_self_attention_backward: the gradients must hold the inputs' scalar or float");
+  static_assert(!Q::IsRowMajor && !K::IsRowMajor && !V::IsRowMajor && !DY::IsRowMajor,
+                "xax::causal_self_attention_backward: the operands must be column-major (features x tokens)");
+  constexpr const char* function = "causal_self_attention_backward";
+  const detail::AttentionSlices slices = detail::check_attention(q, k, v, layout, scale, function);
+  if (dy.rows() != q.rows() || dy.cols() != q.cols()) {
+    throw ShapeError(std::string("xax::") + function + ": dy is " +
+                     detail::shape_string(dy.rows(), dy.cols()) + " but the output was " +
+                     detail::shape_string(q.rows(), q.cols()));
+  }
+  if (probs.dimension(0) != slices.length || probs.dimension(1) != slices.length ||
+      probs.dimension(2) != slices.count) {
+    throw ShapeError(std::string("xax::") + function + ": the probabilities are " +
+                     detail::shape3_string(probs.dimension(0), probs.dimension(1), probs.dimension(2)) +
+                     " but the forward gave " +
+                     detail::shape3_string(slices.length, slices.length, slices.count) +
+                     "; pass the ones causal_self_attention wrote");
+  }
+  const auto inputs = {detail::matrix_storage(q), detail::matrix_storage(k), detail::matrix_storage(v),
+                       detail::matrix_storage(dy), detail::tensor_storage(probs)};
+  detail::check_no_overlap(detail::matrix_storage(dq), inputs, function, "dq");
+  detail::check_no_overlap(detail::matrix_storage(dk), inputs, function, "dk");
+  detail::check_no_overlap(detail::matrix_storage(dv), inputs, function, "dv");
+  detail::prepare_output(dq, q.rows(), q.cols(), function, "dq");
+  detail::prepare_output(dk, q.rows(), q.cols(), function, "dk");
+  detail::prepare_output(dv, q.rows(), q.cols(), function, "dv");
+  detail::check_no_overlap(detail::matrix_storage(dq),
+                           {detail::matrix_storage(dk), detail::matrix_storage(dv)}, function, "dq");
+  detail::check_no_overlap(detail::matrix_storage(dk), {detail::matrix_storage(dv)}, function, "dk");
+  if (slices.count == 0) return;
+
+  const auto q_in = detail::token_operand(q), k_in = detail::token_operand(k),
+             v_in = detail::token_operand(v);
+  const auto dy_in = detail::token_operand(dy);
+  const auto dq_out = detail::token_operand(dq), dk_out = detail::token_operand(dk),
+             dv_out = detail::token_operand(dv);
+  const T* const p_data = probs.data();
+  const Eigen::Index hs = slices.head_size, length = slices.length, heads = slices.head_elements();
+  const std::size_t bytes_per_slice = static_cast<std::size_t>(4 * heads) * sizeof(T) +
+                                      static_cast<std::size_t>(3 * heads) * sizeof(D) +
+                                      static_cast<std::size_t>(slices.score_elements()) * sizeof(T);
+  detail::for_each_slice_group(slices, bytes_per_slice, [&](Eigen::Index first, Eigen::Index count) {
+    const Eigen::Index group = slices.group(), scores = group * slices.score_elements();
+    thread_local detail::ScratchBuffer<T> head_scratch;
+    thread_local detail::ScratchBuffer<float> dp_scratch;
+    thread_local detail::ScratchBuffer<D> gradient_scratch;
+    T* const q_heads = head_scratch.get(static_cast<std::size_t>(4 * group * heads + scores));
+    T* const k_heads = q_heads + group * heads;
+    T* const v_heads = k_heads + group * heads;
+    T* const dy_heads = v_heads + group * heads;
+    T* const ds = dy_heads + group * heads;
+    float* const dp = dp_scratch.get(static_cast<std::size_t>(scores));
+    D* const dq_heads = gradient_scratch.get(static_cast<std::size_t>(3 * group * heads));
+    D* const dk_heads = dq_heads + group * heads;
+    D* const dv_heads = dk_heads + group * heads;
+    const T* const p = p_data + first * slices.score_elements();
+    const detail::AttentionColumns columns{static_cast<std::size_t>(length), static_cast<std::size_t>(length),
+                                           static_cast<std::size_t>(length * count)};
+    detail::gather_heads(slices, q_in, first, count, q_heads);
+    detail::gather_heads(slices, k_in, first, count, k_heads);
+    detail::gather_heads(slices, v_in, first, count, v_heads);
+    detail::gather_heads(slices, dy_in, first, count, dy_heads);
+    detail::batched_products(static_cast<const T*>(dy_heads), hs, length, p, length, length, dv_heads, hs,
+                             length, length, count, {.transpose_b = true});  // dV = dY P^T
+    detail::batched_products(static_cast<const T*>(v_heads), hs, length, static_cast<const T*>(dy_heads), hs,
+                             length, dp, length, length, hs, count, {.transpose_a = true});  // dP = V^T dY
+    detail::causal_softmax_backward_columns(p, length, static_cast<const float*>(dp), length, ds, length,
+                                            columns, scale);
+    detail::batched_products(static_cast<const T*>(q_heads), hs, length, static_cast<const T*>(ds), length,
+                             length, dk_heads, hs, length, length, count,
+                             {.transpose_b = true});  // dK = Q dS^T
+    detail::batched_products(static_cast<const T*>(k_heads), hs, length, static_cast<const T*>(ds), length,
+                             length, dq_heads, hs, length, length, count, {});  // dQ = K dS
+    detail::scatter_heads(slices, static_cast<const D*>(dq_heads), first, count, dq_out);
+    detail::scatter_heads(slices, static_cast<const D*>(dk_heads), first, count, dk_out);
+    detail::scatter_heads(slices, static_cast<const D*>(dv_heads), first, count, dv_out);
+  });
+}
+
+}  // namespace xax
