@@ -27,10 +27,12 @@
 /// unfused ops keep them. This is not FlashAttention's tiling with a running max and sum: at GPT block sizes
 /// a slice's scores fit in cache, and recomputing them in the backward would add a product.
 ///
-/// Every product goes through batched_matmul's dispatch (one 3-D oneDNN primitive per group of slices where
-/// xax::matmul would use oneDNN, else one xax::matmul per slice), and the softmax is causal_softmax's. On
-/// one thread the results are bit for bit those of the unfused ops; tests/test_causal_attention.cpp checks
-/// it, and that two threads give the same bits as one.
+/// The products follow xax::matmul's dispatch. Where it would multiply T natively, each group of slices runs
+/// as one 3-D oneDNN primitive (batched_matmul's), or one product per slice without oneDNN. Where it would
+/// widen T's products to fp32 (no native 16-bit dot product), the heads are widened as they are gathered
+/// and the products run in fp32 on the group, not as one widened product per slice. The softmax is
+/// causal_softmax's. On one thread the results are bit for bit those of the unfused ops, and two threads
+/// give the bits of one; tests/test_causal_attention.cpp checks both on the machine it runs on.
 
 #include <xax/detail/eigen.hpp>
 #include <xax/detail/eigen_tensor.hpp>
@@ -43,6 +45,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <xax/detail/convert.hpp>
 #include <xax/detail/parallel.hpp>
 #include <xax/detail/scratch.hpp>
 #include <xax/ops/batched_matmul.hpp>
@@ -94,28 +97,43 @@ auto token_operand(M&& m) {
   return TokenOperand<std::remove_pointer_t<decltype(m.data())>>{m.data(), leading_dimension(m)};
 }
 
-/// Copies slices [first, first + count) of a token operand into consecutive head_size x length matrices.
-template <class S>
-void gather_heads(const AttentionSlices& slices, TokenOperand<const S> from, Eigen::Index first,
-                  Eigen::Index count, S* to) {
-  using Matrix = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic>;
-  for (Eigen::Index i = 0; i < count; ++i) {
-    Eigen::Map<Matrix>(to + i * slices.head_elements(), slices.head_size, slices.length) =
-        Eigen::Map<const Matrix, 0, Eigen::OuterStride<>>(from.data + slices.offset(first + i, from.ld),
-                                                          slices.head_size, slices.length,
-                                                          Eigen::OuterStride<>(from.ld));
+/// `cols` columns of `rows` elements from `from` (leading dimension `ld_from`) to `to` (`ld_to`), converted
+/// when the scalars differ. A head's column is short (head_size elements): a plain copy is an inlined Eigen
+/// assignment, and only conversions go through xax's vector kernels, one call per column.
+template <class From, class To>
+void copy_columns(const From* from, Eigen::Index ld_from, To* to, Eigen::Index ld_to, Eigen::Index rows,
+                  Eigen::Index cols) {
+  if constexpr (std::is_same_v<From, To>) {
+    using Matrix = Eigen::Matrix<From, Eigen::Dynamic, Eigen::Dynamic>;
+    Eigen::Map<Matrix, 0, Eigen::OuterStride<>>(to, rows, cols, Eigen::OuterStride<>(ld_to)) =
+        Eigen::Map<const Matrix, 0, Eigen::OuterStride<>>(from, rows, cols, Eigen::OuterStride<>(ld_from));
+  } else {
+    for (Eigen::Index c = 0; c < cols; ++c)
+      convert_serial(from + c * ld_from, to + c * ld_to, static_cast<std::size_t>(rows));
   }
 }
 
-/// The inverse of gather_heads: consecutive head_size x length matrices into slices of a token operand.
-template <class S>
-void scatter_heads(const AttentionSlices& slices, const S* from, Eigen::Index first, Eigen::Index count,
-                   TokenOperand<S> to) {
-  using Matrix = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic>;
+/// Copies slices [first, first + count) of a token operand into consecutive head_size x length matrices,
+/// converted to C (widened, where the products run in fp32).
+template <class S, class C>
+void gather_heads(const AttentionSlices& slices, TokenOperand<const S> from, Eigen::Index first,
+                  Eigen::Index count, C* to) {
   for (Eigen::Index i = 0; i < count; ++i) {
-    Eigen::Map<Matrix, 0, Eigen::OuterStride<>>(to.data + slices.offset(first + i, to.ld), slices.head_size,
-                                                slices.length, Eigen::OuterStride<>(to.ld)) =
-        Eigen::Map<const Matrix>(from + i * slices.head_elements(), slices.head_size, slices.length);
+    const S* column = from.data + slices.offset(first + i, from.ld);
+    C* out = to + i * slices.head_elements();
+    copy_columns(column, from.ld, out, slices.head_size, slices.head_size, slices.length);
+  }
+}
+
+/// The inverse of gather_heads: consecutive head_size x length matrices into slices of a token operand,
+/// rounded once to its scalar.
+template <class C, class S>
+void scatter_heads(const AttentionSlices& slices, const C* from, Eigen::Index first, Eigen::Index count,
+                   TokenOperand<S> to) {
+  for (Eigen::Index i = 0; i < count; ++i) {
+    const C* in = from + i * slices.head_elements();
+    S* column = to.data + slices.offset(first + i, to.ld);
+    copy_columns(in, slices.head_size, column, to.ld, slices.head_size, slices.length);
   }
 }
 
@@ -220,6 +238,119 @@ inline void check_no_overlap(const StoredOperand& output, std::initializer_list<
   }
 }
 
+/// `from` converted into `scratch` when C is not T, else `from` itself.
+template <class C, class T>
+const C* as_product_operand(const T* from, std::size_t count, C* scratch) {
+  if constexpr (std::is_same_v<C, T>) {
+    static_cast<void>(count);
+    static_cast<void>(scratch);
+    return from;
+  } else {
+    convert_serial(from, scratch, count);
+    return scratch;
+  }
+}
+
+/// The forward of every slice, its products' operands in C: T itself, or fp32 where xax::matmul would
+/// widen T's products (no native 16-bit dot product; widens_products). Widened, the heads are converted as
+/// they are gathered, at no pass of their own, and the products run as fp32 primitives on whole groups
+/// instead of one widened product per slice. The values multiplied are the same either way: widening is
+/// exact, and P and dS are rounded to T first.
+template <class C, class T, class Out>
+void attention_forward(const AttentionSlices& slices, TokenOperand<const T> q, TokenOperand<const T> k,
+                       TokenOperand<const T> v, TokenOperand<Out> y, T* probs, float scale) {
+  using Product = std::conditional_t<std::is_same_v<C, T>, Out, float>;  // what the products write
+  constexpr bool widened = !std::is_same_v<C, T>;
+  const Eigen::Index hs = slices.head_size, length = slices.length, heads = slices.head_elements();
+  const Eigen::Index scores = slices.score_elements();
+  const std::size_t bytes_per_slice =
+      static_cast<std::size_t>(4 * heads) * sizeof(T) + static_cast<std::size_t>(scores) * sizeof(T);
+  for_each_slice_group(slices, bytes_per_slice, [&](Eigen::Index first, Eigen::Index count) {
+    const Eigen::Index group = slices.group();
+    thread_local ScratchBuffer<C> operand_scratch;
+    thread_local ScratchBuffer<float> score_scratch;
+    thread_local ScratchBuffer<Product> product_scratch;
+    C* const q_heads =
+        operand_scratch.get(static_cast<std::size_t>(3 * group * heads + (widened ? group * scores : 0)));
+    C* const k_heads = q_heads + group * heads;
+    C* const v_heads = k_heads + group * heads;
+    C* const widened_probs = v_heads + group * heads;  // only when widened
+    float* const s = score_scratch.get(static_cast<std::size_t>(group * scores));
+    Product* const y_heads = product_scratch.get(static_cast<std::size_t>(group * heads));
+    T* const p = probs + first * scores;
+    gather_heads(slices, q, first, count, q_heads);
+    gather_heads(slices, k, first, count, k_heads);
+    gather_heads(slices, v, first, count, v_heads);
+    batched_products(static_cast<const C*>(k_heads), hs, length, static_cast<const C*>(q_heads), hs, length,
+                     s, length, length, hs, count, {.transpose_a = true});  // K^T Q: keys x queries
+    causal_softmax_columns(static_cast<const float*>(s), length, p, length,
+                           {static_cast<std::size_t>(length), static_cast<std::size_t>(length),
+                            static_cast<std::size_t>(length * count)},
+                           scale);
+    const C* const p_operand =
+        as_product_operand(static_cast<const T*>(p), static_cast<std::size_t>(count * scores), widened_probs);
+    batched_products(static_cast<const C*>(v_heads), hs, length, p_operand, length, length, y_heads, hs,
+                     length, length, count, {});  // V P: head_size x queries
+    scatter_heads(slices, static_cast<const Product*>(y_heads), first, count, y);
+  });
+}
+
+/// The backward of every slice, its products' operands in C (see attention_forward).
+template <class C, class T, class D>
+void attention_backward(const AttentionSlices& slices, TokenOperand<const T> q, TokenOperand<const T> k,
+                        TokenOperand<const T> v, TokenOperand<const T> dy, const T* probs, TokenOperand<D> dq,
+                        TokenOperand<D> dk, TokenOperand<D> dv, float scale) {
+  using Product = std::conditional_t<std::is_same_v<C, T>, D, float>;
+  constexpr bool widened = !std::is_same_v<C, T>;
+  const Eigen::Index hs = slices.head_size, length = slices.length, heads = slices.head_elements();
+  const Eigen::Index scores = slices.score_elements();
+  const std::size_t bytes_per_slice = static_cast<std::size_t>(4 * heads) * sizeof(T) +
+                                      static_cast<std::size_t>(3 * heads) * sizeof(D) +
+                                      static_cast<std::size_t>(scores) * sizeof(T);
+  for_each_slice_group(slices, bytes_per_slice, [&](Eigen::Index first, Eigen::Index count) {
+    const Eigen::Index group = slices.group();
+    thread_local ScratchBuffer<C> operand_scratch;
+    thread_local ScratchBuffer<T> ds_scratch;
+    thread_local ScratchBuffer<float> dp_scratch;
+    thread_local ScratchBuffer<Product> product_scratch;
+    C* const q_heads =
+        operand_scratch.get(static_cast<std::size_t>(4 * group * heads + (widened ? 2 * group * scores : 0)));
+    C* const k_heads = q_heads + group * heads;
+    C* const v_heads = k_heads + group * heads;
+    C* const dy_heads = v_heads + group * heads;
+    C* const widened_probs = dy_heads + group * heads;     // only when widened
+    C* const widened_ds = widened_probs + group * scores;  // only when widened
+    T* const ds = ds_scratch.get(static_cast<std::size_t>(group * scores));
+    float* const dp = dp_scratch.get(static_cast<std::size_t>(group * scores));
+    Product* const dq_heads = product_scratch.get(static_cast<std::size_t>(3 * group * heads));
+    Product* const dk_heads = dq_heads + group * heads;
+    Product* const dv_heads = dk_heads + group * heads;
+    const T* const p = probs + first * scores;
+    const auto elements = static_cast<std::size_t>(count * scores);
+    gather_heads(slices, q, first, count, q_heads);
+    gather_heads(slices, k, first, count, k_heads);
+    gather_heads(slices, v, first, count, v_heads);
+    gather_heads(slices, dy, first, count, dy_heads);
+    const C* const p_operand = as_product_operand(p, elements, widened_probs);
+    batched_products(static_cast<const C*>(dy_heads), hs, length, p_operand, length, length, dv_heads, hs,
+                     length, length, count, {.transpose_b = true});  // dV = dY P^T
+    batched_products(static_cast<const C*>(v_heads), hs, length, static_cast<const C*>(dy_heads), hs, length,
+                     dp, length, length, hs, count, {.transpose_a = true});  // dP = V^T dY
+    causal_softmax_backward_columns(p, length, static_cast<const float*>(dp), length, ds, length,
+                                    {static_cast<std::size_t>(length), static_cast<std::size_t>(length),
+                                     static_cast<std::size_t>(length * count)},
+                                    scale);
+    const C* const ds_operand = as_product_operand(static_cast<const T*>(ds), elements, widened_ds);
+    batched_products(static_cast<const C*>(q_heads), hs, length, ds_operand, length, length, dk_heads, hs,
+                     length, length, count, {.transpose_b = true});  // dK = Q dS^T
+    batched_products(static_cast<const C*>(k_heads), hs, length, ds_operand, length, length, dq_heads, hs,
+                     length, length, count, {});  // dQ = K dS
+    scatter_heads(slices, static_cast<const Product*>(dq_heads), first, count, dq);
+    scatter_heads(slices, static_cast<const Product*>(dk_heads), first, count, dk);
+    scatter_heads(slices, static_cast<const Product*>(dv_heads), first, count, dv);
+  });
+}
+
 }  // namespace detail
 
 /// Causal self-attention of every head of every sequence: y = V P per slice, P = causal_softmax(scale K^T Q)
@@ -257,35 +388,11 @@ void causal_self_attention(const Q& q, const K& k, const V& v, const AttentionLa
 
   const auto q_in = detail::token_operand(q), k_in = detail::token_operand(k),
              v_in = detail::token_operand(v);
-  const auto y_out = detail::token_operand(y);
-  T* const p_data = probs.data();
-  const Eigen::Index hs = slices.head_size, length = slices.length, heads = slices.head_elements();
-  const std::size_t bytes_per_slice = static_cast<std::size_t>(4 * heads) * sizeof(T) +
-                                      static_cast<std::size_t>(slices.score_elements()) * sizeof(T);
-  detail::for_each_slice_group(slices, bytes_per_slice, [&](Eigen::Index first, Eigen::Index count) {
-    const Eigen::Index group = slices.group();
-    thread_local detail::ScratchBuffer<T> head_scratch;
-    thread_local detail::ScratchBuffer<float> score_scratch;
-    thread_local detail::ScratchBuffer<Out> out_scratch;
-    T* const q_heads = head_scratch.get(static_cast<std::size_t>(3 * group * heads));
-    T* const k_heads = q_heads + group * heads;
-    T* const v_heads = k_heads + group * heads;
-    float* const scores = score_scratch.get(static_cast<std::size_t>(group * slices.score_elements()));
-    Out* const y_heads = out_scratch.get(static_cast<std::size_t>(group * heads));
-    T* const p = p_data + first * slices.score_elements();
-    detail::gather_heads(slices, q_in, first, count, q_heads);
-    detail::gather_heads(slices, k_in, first, count, k_heads);
-    detail::gather_heads(slices, v_in, first, count, v_heads);
-    detail::batched_products(k_heads, hs, length, q_heads, hs, length, scores, length, length, hs, count,
-                             {.transpose_a = true});  // K^T Q: keys x queries
-    detail::causal_softmax_columns(static_cast<const float*>(scores), length, p, length,
-                                   {static_cast<std::size_t>(length), static_cast<std::size_t>(length),
-                                    static_cast<std::size_t>(length * count)},
-                                   scale);
-    detail::batched_products(v_heads, hs, length, static_cast<const T*>(p), length, length, y_heads, hs,
-                             length, length, count, {});  // V P: head_size x queries
-    detail::scatter_heads(slices, static_cast<const Out*>(y_heads), first, count, y_out);
-  });
+  if (detail::widens_products<T>()) {
+    detail::attention_forward<float>(slices, q_in, k_in, v_in, detail::token_operand(y), probs.data(), scale);
+  } else {
+    detail::attention_forward<T>(slices, q_in, k_in, v_in, detail::token_operand(y), probs.data(), scale);
+  }
 }
 
 /// The gradients of causal_self_attention with respect to q, k and v, from its inputs, its kept `probs` and
@@ -347,47 +454,13 @@ void causal_self_attention_backward(const Q& q, const K& k, const V& v, const Pr
   const auto dy_in = detail::token_operand(dy);
   const auto dq_out = detail::token_operand(dq), dk_out = detail::token_operand(dk),
              dv_out = detail::token_operand(dv);
-  const T* const p_data = probs.data();
-  const Eigen::Index hs = slices.head_size, length = slices.length, heads = slices.head_elements();
-  const std::size_t bytes_per_slice = static_cast<std::size_t>(4 * heads) * sizeof(T) +
-                                      static_cast<std::size_t>(3 * heads) * sizeof(D) +
-                                      static_cast<std::size_t>(slices.score_elements()) * sizeof(T);
-  detail::for_each_slice_group(slices, bytes_per_slice, [&](Eigen::Index first, Eigen::Index count) {
-    const Eigen::Index group = slices.group(), scores = group * slices.score_elements();
-    thread_local detail::ScratchBuffer<T> head_scratch;
-    thread_local detail::ScratchBuffer<float> dp_scratch;
-    thread_local detail::ScratchBuffer<D> gradient_scratch;
-    T* const q_heads = head_scratch.get(static_cast<std::size_t>(4 * group * heads + scores));
-    T* const k_heads = q_heads + group * heads;
-    T* const v_heads = k_heads + group * heads;
-    T* const dy_heads = v_heads + group * heads;
-    T* const ds = dy_heads + group * heads;
-    float* const dp = dp_scratch.get(static_cast<std::size_t>(scores));
-    D* const dq_heads = gradient_scratch.get(static_cast<std::size_t>(3 * group * heads));
-    D* const dk_heads = dq_heads + group * heads;
-    D* const dv_heads = dk_heads + group * heads;
-    const T* const p = p_data + first * slices.score_elements();
-    const detail::AttentionColumns columns{static_cast<std::size_t>(length), static_cast<std::size_t>(length),
-                                           static_cast<std::size_t>(length * count)};
-    detail::gather_heads(slices, q_in, first, count, q_heads);
-    detail::gather_heads(slices, k_in, first, count, k_heads);
-    detail::gather_heads(slices, v_in, first, count, v_heads);
-    detail::gather_heads(slices, dy_in, first, count, dy_heads);
-    detail::batched_products(static_cast<const T*>(dy_heads), hs, length, p, length, length, dv_heads, hs,
-                             length, length, count, {.transpose_b = true});  // dV = dY P^T
-    detail::batched_products(static_cast<const T*>(v_heads), hs, length, static_cast<const T*>(dy_heads), hs,
-                             length, dp, length, length, hs, count, {.transpose_a = true});  // dP = V^T dY
-    detail::causal_softmax_backward_columns(p, length, static_cast<const float*>(dp), length, ds, length,
-                                            columns, scale);
-    detail::batched_products(static_cast<const T*>(q_heads), hs, length, static_cast<const T*>(ds), length,
-                             length, dk_heads, hs, length, length, count,
-                             {.transpose_b = true});  // dK = Q dS^T
-    detail::batched_products(static_cast<const T*>(k_heads), hs, length, static_cast<const T*>(ds), length,
-                             length, dq_heads, hs, length, length, count, {});  // dQ = K dS
-    detail::scatter_heads(slices, static_cast<const D*>(dq_heads), first, count, dq_out);
-    detail::scatter_heads(slices, static_cast<const D*>(dk_heads), first, count, dk_out);
-    detail::scatter_heads(slices, static_cast<const D*>(dv_heads), first, count, dv_out);
-  });
+  if (detail::widens_products<T>()) {
+    detail::attention_backward<float>(slices, q_in, k_in, v_in, dy_in, probs.data(), dq_out, dk_out, dv_out,
+                                      scale);
+  } else {
+    detail::attention_backward<T>(slices, q_in, k_in, v_in, dy_in, probs.data(), dq_out, dk_out, dv_out,
+                                  scale);
+  }
 }
 
 }  // namespace xax
