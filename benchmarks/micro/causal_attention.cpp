@@ -1,6 +1,7 @@
 // One attention layer's forward and backward at the character-level GPT's shapes (n_embd 128, 4 heads, block
 // 64, batch 12), through xax::causal_self_attention next to the unfused ops the GPT used before it (heads
-// copied out of the fused projection into 3-D tensors, batched_matmul, causal_softmax, heads copied back):
+// copied out of the fused projection into 3-D tensors, batched_matmul, causal_softmax, heads copied back,
+// the copies shared among the threads):
 //
 //     xax_micro_benchmarks --benchmark_filter='^CausalAttention/' --benchmark_repetitions=7
 //         --benchmark_enable_random_interleaving=true --benchmark_report_aggregates_only=true
@@ -19,6 +20,7 @@
 #include <xax/ops/causal_softmax.hpp>
 #include <xax/ops/matmul.hpp>
 #include <xax/utils/dtype.hpp>
+#include <xax/utils/threads.hpp>
 
 namespace {
 
@@ -47,6 +49,16 @@ auto head_block(M&& m, Eigen::Index s) {
   return m.block((s % heads) * head_size, (s / heads) * block, head_size, block);
 }
 
+// The head copies shared among xax's threads, as the GPT shared them.
+template <class Copy>
+void for_each_slice(Copy&& copy) {
+  [[maybe_unused]] const int threads = xax::num_threads();
+#if defined(_OPENMP)
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+#endif
+  for (Eigen::Index s = 0; s < slices; ++s) copy(s);
+}
+
 template <class T>
 struct UnfusedAttention {
   Tensor3<T> q, k, v, y, dy, dq, dk, dv, dscores;
@@ -55,13 +67,15 @@ struct UnfusedAttention {
   template <class M>
   static void split(const M& m, Tensor3<T>& t) {
     t.resize(head_size, block, slices);
-    for (Eigen::Index s = 0; s < slices; ++s)
+    for_each_slice([&](Eigen::Index s) {
       Eigen::Map<Matrix<T>>(t.data() + s * head_size * block, head_size, block) = head_block(m, s);
+    });
   }
   template <class M>
   static void merge(const Tensor3<T>& t, M&& m) {
-    for (Eigen::Index s = 0; s < slices; ++s)
+    for_each_slice([&](Eigen::Index s) {
       head_block(m, s) = Eigen::Map<const Matrix<T>>(t.data() + s * head_size * block, head_size, block);
+    });
   }
 
   void forward(const Matrix<T>& qkv, Matrix<T>& merged, Tensor3<T>& probs) {
