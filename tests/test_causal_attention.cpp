@@ -263,6 +263,31 @@ TYPED_TEST(CausalAttentionTyped, TwoThreadsGiveTheBitsOfOne) {
   EXPECT_TRUE(same_bits(two_threads.dqkv, one_thread.dqkv));
 }
 
+TEST(CausalAttention, FewLongSequencesRunEachProductOnEveryThread) {
+  // 2 slices on 2 threads: too few to share out, so the groups run one after another.
+  const ThreadCount two(2);
+  constexpr Eigen::Index long_length = 200, long_features = 16;
+  const Matrix<float> qkv = xax_test::random_matrix<float>(3 * long_features, long_length, 10);
+  Matrix<float> y;
+  Tensor3<float> probs;
+  xax::causal_self_attention(qkv.topRows(long_features), qkv.middleRows(long_features, long_features),
+                             qkv.bottomRows(long_features), {.heads = 2, .sequence_length = long_length},
+                             0.5f, y, probs);
+  for (Eigen::Index h = 0; h < 2; ++h) {
+    const Eigen::MatrixXd q = xax_test::to_double(qkv.block(h * 8, 0, 8, long_length));
+    const Eigen::MatrixXd k = xax_test::to_double(qkv.block(long_features + h * 8, 0, 8, long_length));
+    const Eigen::MatrixXd v = xax_test::to_double(qkv.block(2 * long_features + h * 8, 0, 8, long_length));
+    const Eigen::MatrixXd s = 0.5 * k.transpose() * q;
+    Eigen::MatrixXd p = Eigen::MatrixXd::Zero(long_length, long_length);
+    for (Eigen::Index i = 0; i < long_length; ++i) {
+      const Eigen::ArrayXd e = (s.col(i).head(i + 1).array() - s.col(i).head(i + 1).maxCoeff()).exp();
+      p.col(i).head(i + 1) = e / e.sum();
+    }
+    EXPECT_TRUE(xax_test::near_reference(y.block(h * 8, 0, 8, long_length), v * p, 1e-5, 1e-5))
+        << "head " << h;
+  }
+}
+
 TEST(CausalAttention, SequencesOfOneTokenAttendToThemselves) {
   const Matrix<float> q = xax_test::random_matrix<float>(6, 5, 3),
                       k = xax_test::random_matrix<float>(6, 5, 4),

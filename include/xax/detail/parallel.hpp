@@ -5,6 +5,7 @@
 // pages, which is what the hardware prefetchers handle best, and a single fork/join is paid per pass.
 
 #include <cstddef>
+#include <exception>
 #include <span>
 #include <type_traits>
 #include <xax/utils/threads.hpp>
@@ -74,6 +75,24 @@ void parallel_blocks(std::size_t n, std::size_t bytes_per_element, std::size_t g
     f(begin, end);
     return true;
   });
+}
+
+/// parallel_blocks for a block function that may throw. An exception cannot leave an OpenMP region, so the
+/// first one thrown is kept, the other blocks still run, and it is rethrown after the join.
+template <class F>
+void parallel_blocks_rethrowing(std::size_t n, std::size_t bytes_per_element, std::size_t grain, F&& f) {
+  std::exception_ptr failure;
+  parallel_blocks(n, bytes_per_element, grain, [&](std::size_t begin, std::size_t end) noexcept {
+    try {
+      f(begin, end);
+    } catch (...) {
+#if defined(_OPENMP)
+#pragma omp critical(xax_parallel_blocks_failure)
+#endif
+      if (!failure) failure = std::current_exception();
+    }
+  });
+  if (failure) std::rethrow_exception(failure);
 }
 
 /// The size of one array in a multi-array pass: its elements, and the bytes of memory traffic per element.

@@ -37,7 +37,6 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
-#include <exception>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -221,20 +220,10 @@ void batched_matmul(const A& a, const B& b, C&& c, const MatmulOptions& options 
     run_slices(0, batch);
     return;
   }
-  // An exception cannot leave an OpenMP region: the first one is kept and rethrown after it.
-  std::exception_ptr failure;
-  detail::parallel_blocks(static_cast<std::size_t>(batch), slice_bytes, 1,
-                          [&](std::size_t begin, std::size_t end) noexcept {
-                            try {
-                              run_slices(static_cast<Eigen::Index>(begin), static_cast<Eigen::Index>(end));
-                            } catch (...) {
-#if defined(_OPENMP)
-#pragma omp critical(xax_batched_matmul_failure)
-#endif
-                              if (!failure) failure = std::current_exception();
-                            }
-                          });
-  if (failure) std::rethrow_exception(failure);
+  detail::parallel_blocks_rethrowing(
+      static_cast<std::size_t>(batch), slice_bytes, 1, [&](std::size_t begin, std::size_t end) {
+        run_slices(static_cast<Eigen::Index>(begin), static_cast<Eigen::Index>(end));
+      });
 }
 
 }  // namespace xax

@@ -10,9 +10,9 @@
 /// be row blocks of one gradient matrix:
 ///
 ///     const xax::AttentionLayout layout{.heads = 4, .sequence_length = 64};
+///     // probs: length x length x (batch * heads), kept for the backward
 ///     xax::causal_self_attention(qkv.topRows(c), qkv.middleRows(c, c), qkv.bottomRows(c), layout, scale,
-///                                y, probs);                       // probs: length x length x (batch *
-///                                heads)
+///                                y, probs);
 ///     xax::causal_self_attention_backward(qkv.topRows(c), qkv.middleRows(c, c), qkv.bottomRows(c), probs,
 ///                                         dy, layout, scale, dqkv.topRows(c), dqkv.middleRows(c, c),
 ///                                         dqkv.bottomRows(c));
@@ -40,7 +40,6 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <exception>
 #include <initializer_list>
 #include <string>
 #include <type_traits>
@@ -54,6 +53,7 @@
 #include <xax/ops/matmul_concepts.hpp>
 #include <xax/ops/reduce.hpp>
 #include <xax/utils/error.hpp>
+#include <xax/utils/threads.hpp>
 
 namespace xax {
 
@@ -137,26 +137,26 @@ void scatter_heads(const AttentionSlices& slices, const C* from, Eigen::Index fi
   }
 }
 
-/// Runs `work(first, count)` over every group of slices, the slices shared among xax's threads in contiguous
-/// ranges; the first exception is rethrown after the parallel region, which it cannot leave.
+/// Runs `work(first, count)` over every group of slices [begin, end).
+template <class Work>
+void for_each_group_in(const AttentionSlices& slices, Eigen::Index begin, Eigen::Index end, Work& work) {
+  for (Eigen::Index first = begin; first < end; first += slices.group())
+    work(first, std::min(slices.group(), end - first));
+}
+
+/// Runs `work(first, count)` over every group of slices. On several threads each takes a contiguous range of
+/// slices, and the products and softmax inside run on it alone; with fewer than two slices per thread (a few
+/// long sequences) the groups run one after another instead, each product and softmax on every thread.
 template <class Work>
 void for_each_slice_group(const AttentionSlices& slices, std::size_t bytes_per_slice, Work&& work) {
-  std::exception_ptr failure;
-  parallel_blocks(static_cast<std::size_t>(slices.count), bytes_per_slice, 1,
-                  [&](std::size_t begin, std::size_t end) noexcept {
-                    try {
-                      const auto last = static_cast<Eigen::Index>(end);
-                      for (auto first = static_cast<Eigen::Index>(begin); first < last;
-                           first += slices.group())
-                        work(first, std::min(slices.group(), last - first));
-                    } catch (...) {
-#if defined(_OPENMP)
-#pragma omp critical(xax_causal_attention_failure)
-#endif
-                      if (!failure) failure = std::current_exception();
-                    }
-                  });
-  if (failure) std::rethrow_exception(failure);
+  if (slices.count < 2 * num_threads()) {
+    for_each_group_in(slices, 0, slices.count, work);
+    return;
+  }
+  parallel_blocks_rethrowing(
+      static_cast<std::size_t>(slices.count), bytes_per_slice, 1, [&](std::size_t begin, std::size_t end) {
+        for_each_group_in(slices, static_cast<Eigen::Index>(begin), static_cast<Eigen::Index>(end), work);
+      });
 }
 
 template <class Q, class K, class V>
