@@ -12,8 +12,6 @@
 
 #include "micro/common.hpp"
 
-#include <cstdint>
-#include <random>
 #include <string>
 #include <xax/ops/batched_matmul.hpp>
 #include <xax/ops/causal_attention.hpp>
@@ -33,15 +31,6 @@ template <class T>
 using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
 template <class T>
 using Tensor3 = Eigen::Tensor<T, 3>;
-
-template <class T>
-Matrix<T> normal_matrix(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  Matrix<T> m(rows, cols);
-  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(normal(rng));
-  return m;
-}
 
 // Slice s (head s % heads of sequence s / heads) of a features x tokens matrix.
 template <class M>
@@ -103,8 +92,8 @@ struct UnfusedAttention {
 template <class T>
 void run_attention(benchmark::State& state, bool fused, int threads) {
   const xax_bench::ThreadScope scope(threads);
-  const Matrix<T> qkv = normal_matrix<T>(3 * embedding, tokens, 1);
-  const Matrix<T> d_merged = normal_matrix<T>(embedding, tokens, 2);
+  const Matrix<T> qkv = xax_bench::normal_matrix<T>(3 * embedding, tokens, 1);
+  const Matrix<T> d_merged = xax_bench::normal_matrix<T>(embedding, tokens, 2);
   Matrix<T> merged(embedding, tokens), dqkv(3 * embedding, tokens);
   Tensor3<T> probs;
   UnfusedAttention<T> unfused;

@@ -3,8 +3,10 @@
 
 #include <benchmark/benchmark.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <random>
 #include <string>
 #include <xax/ops/matmul.hpp>
 #include <xax/task/train_step.hpp>
@@ -13,6 +15,17 @@
 #include <xax/utils/threads.hpp>
 
 namespace xax_bench {
+
+/// A rows x cols matrix of N(0, 1) samples rounded to T, deterministic in `seed`.
+template <class T>
+Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> normal_matrix(Eigen::Index rows, Eigen::Index cols,
+                                                               std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> m(rows, cols);
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(normal(rng));
+  return m;
+}
 
 /// Sets xax's compute threads (the threads inside one operation, not Google Benchmark's ->Threads()) for
 /// one benchmark and restores the previous count afterwards.

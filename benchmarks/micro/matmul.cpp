@@ -19,8 +19,6 @@
 
 #include "micro/common.hpp"
 
-#include <cstdint>
-#include <random>
 #include <string>
 #include <xax/ops/matmul.hpp>
 #include <xax/utils/dtype.hpp>
@@ -32,15 +30,6 @@ template <class T>
 using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
 
 using xax_bench::ThreadScope;
-
-template <class T>
-Matrix<T> normal_matrix(Eigen::Index n, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  Matrix<T> m(n, n);
-  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(normal(rng));
-  return m;
-}
 
 template <class T>
 Eigen::MatrixXd to_double(const Matrix<T>& m) {
@@ -55,8 +44,8 @@ enum class Path { xax_default, eigen_native, xax_eigen_backend };
 template <class T>
 void run_matmul(benchmark::State& state, Eigen::Index n, int threads, Path path) {
   const ThreadScope scope(threads);
-  const Matrix<T> a = normal_matrix<T>(n, 1);
-  const Matrix<T> b = normal_matrix<T>(n, 2);
+  const Matrix<T> a = xax_bench::normal_matrix<T>(n, n, 1);
+  const Matrix<T> b = xax_bench::normal_matrix<T>(n, n, 2);
   Eigen::MatrixXf c(n, n);
   const auto multiply = [&] {
     if constexpr (std::is_same_v<T, float>) {
