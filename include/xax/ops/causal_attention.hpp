@@ -223,7 +223,7 @@ inline bool share_elements(const StoredOperand& a, const StoredOperand& b) {
   const auto offset = static_cast<Eigen::Index>(bytes / low.element_size);
   const Eigen::Index row = offset % low.ld, col = offset / low.ld;
   if (row + high.rows > low.ld) return true;  // wraps into the next column: not a block of the same matrix
-  return row < low.rows && col < low.cols;    // high's rows start inside low's, or low's start before high's
+  return row < low.rows && col < low.cols;    // both the rows and the columns intersect
 }
 
 /// Throws when an output shares an element with any of `operands`: the op reads its inputs while writing
