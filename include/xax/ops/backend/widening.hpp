@@ -97,6 +97,8 @@ inline Workspace& workspace() {
 template <class In>
 void add_block(const void* stored, Eigen::Index ld, Eigen::Index row, Eigen::Index col, Eigen::Index rows,
                Eigen::Index cols, float* out, ConversionBatch& batch) {
+  // An empty block (an operand of an empty reduction) may be stored at nullptr, and offsetting nullptr is UB.
+  if (rows == 0 || cols == 0) return;
   const auto* in = static_cast<const In*>(stored) + row + col * ld;
   if (ld == rows) {
     batch.add(in, out, static_cast<std::size_t>(rows * cols));
