@@ -119,6 +119,15 @@ Target zero_target() {
   return {Eigen::Vector2f::Zero(), Eigen::Vector2f::Zero()};
 }
 
+// The mixin tasks' loss_and_grads: (params - target) * scale, the scaled gradient of half the squared
+// distance to the target; the loss itself is reported as 0.
+template <class T>
+double scaled_distance_grads(const Weights<T>& params, const Target& target, float scale, Weights<T>& grads) {
+  grads.w = ((params.w.template cast<float>() - target.w) * scale).template cast<T>();
+  grads.b = ((params.b.template cast<float>() - target.b) * scale).template cast<T>();
+  return 0;
+}
+
 template <class A, class B>
 bool bitwise_equal(const A& a, const B& b) {
   return a.size() == b.size() &&
@@ -276,8 +285,14 @@ struct MixinConfig : xax::MixedPrecisionConfig {
   [[nodiscard]] xax::OptimizerOptions optimizer_options() const { return xax::optim::AdamWOptions{}; }
 };
 
+// The policies the mixin tasks below run: float32, both halves of "mixed" (whichever half_dtype() this CPU
+// prefers) and float16. Listing them compiles four TrainSteps per task instead of nine.
+using TestedPolicies = xax::PolicyList<xax::Policy<float>, xax::Policy<float, xax::bfloat16, float>,
+                                       xax::Policy<float, xax::float16, float>, xax::Policy<xax::float16>>;
+
 class LionTask : public xax::MixedPrecisionMixin<LionTask, MixinConfig> {
  public:
+  using compiled_policies = TestedPolicies;
   template <class T>
   using params_type = Weights<T>;
   using batch_type = Target;
@@ -289,9 +304,7 @@ class LionTask : public xax::MixedPrecisionMixin<LionTask, MixinConfig> {
 
   template <class T>
   double loss_and_grads(const Weights<T>& params, const Target& target, float scale, Weights<T>& grads) {
-    grads.w = ((params.w.template cast<float>() - target.w) * scale).template cast<T>();
-    grads.b = ((params.b.template cast<float>() - target.b) * scale).template cast<T>();
-    return 0;
+    return scaled_distance_grads(params, target, scale, grads);
   }
 
  private:
@@ -400,9 +413,95 @@ TEST(UnscaledGradientsHook, GradientsChangedInTheHookChangeTheUpdate) {
   EXPECT_EQ(trainer.params().b, Eigen::Vector2f(0.0f, 0.0f));
 }
 
+// compiled_policies: a config that asks for an unlisted policy is refused before anything runs, naming what
+// it asked for and what the task compiles.
+template <class Listed>
+class ListedPoliciesTask : public xax::MixedPrecisionMixin<ListedPoliciesTask<Listed>, MixinConfig> {
+ public:
+  using compiled_policies = Listed;
+  template <class T>
+  using params_type = Weights<T>;
+  using batch_type = Target;
+
+  explicit ListedPoliciesTask(MixinConfig config) : config_(std::move(config)) {}
+  const MixinConfig& config() const { return config_; }
+  Weights<float> init_params() const {
+    ++init_params_calls;
+    return initial_weights();
+  }
+
+  template <class T>
+  double loss_and_grads(const Weights<T>& params, const Target& target, float scale, Weights<T>& grads) {
+    return scaled_distance_grads(params, target, scale, grads);
+  }
+
+  mutable int init_params_calls = 0;
+
+ private:
+  MixinConfig config_;
+};
+
+TEST(CompiledPolicies, ATaskTrainsUnderEachListedPairWithAnyOutput) {
+  using Task = ListedPoliciesTask<xax::PolicyList<xax::Policy<float>, xax::Policy<xax::bfloat16>>>;
+  using xax::DType;
+  // The output dtype is applied at run time: a listed params x compute pair runs with any output.
+  for (const auto& [policy, expected] :
+       {std::pair{"float32", xax::PolicySpec{DType::float32, DType::float32, DType::float32}},
+        std::pair{"bfloat16", xax::PolicySpec{DType::bfloat16, DType::bfloat16, DType::bfloat16}},
+        std::pair{"params=float32,output=float16",
+                  xax::PolicySpec{DType::float32, DType::float32, DType::float16}},
+        std::pair{"params=bfloat16,output=float32",
+                  xax::PolicySpec{DType::bfloat16, DType::bfloat16, DType::float32}}}) {
+    MixinConfig config;
+    config.enable_mixed_precision = true;
+    config.precision_policy = policy;
+    config.loss_scaling = "none";
+    Task task(config);
+    EXPECT_TRUE(task.train_step(zero_target()).finite) << policy;
+    EXPECT_EQ(task.policy(), expected) << policy;
+    EXPECT_EQ(task.init_params_calls, 1) << policy;
+  }
+}
+
+TEST(CompiledPolicies, AnUnlistedPairIsAConfigErrorBeforeInitParams) {
+  using Task =
+      ListedPoliciesTask<xax::PolicyList<xax::Policy<float>, xax::Policy<float, xax::bfloat16, float>>>;
+  MixinConfig config;
+  config.enable_mixed_precision = true;
+  config.precision_policy = "float16";
+  Task task(config);
+  try {
+    task.train_step(zero_target());
+    FAIL() << "expected ConfigError";
+  } catch (const xax::ConfigError& error) {
+    EXPECT_STREQ(
+        error.what(),
+        "config field 'precision_policy': 'float16' (params=float16,compute=float16,output=float16) is "
+        "not accepted by this task; expected a policy with the params and compute of one of its "
+        "compiled_policies: params=float32,compute=float32 | params=float32,compute=bfloat16; to run it, "
+        "list xax::Policy<xax::float16, xax::float16> in compiled_policies");
+  }
+  EXPECT_EQ(task.init_params_calls, 0);
+}
+
+TEST(CompiledPolicies, DisabledMixedPrecisionNeedsFloat32Listed) {
+  using Task = ListedPoliciesTask<xax::PolicyList<xax::Policy<float, xax::bfloat16, float>>>;
+  MixinConfig config;
+  config.enable_mixed_precision = false;
+  Task task(config);
+  EXPECT_THAT(
+      [&] { task.train_step(zero_target()); },
+      ::testing::ThrowsMessage<xax::ConfigError>(::testing::HasSubstr(
+          "config field 'enable_mixed_precision': false (params=float32,compute=float32,output=float32) "
+          "is not accepted by this task; expected a policy with the params and compute of one of its "
+          "compiled_policies: params=float32,compute=bfloat16; to run it, list xax::Policy<float, float>")));
+  EXPECT_EQ(task.init_params_calls, 0);
+}
+
 // The mixin forwards the task's hook.
 class HookedLionTask : public xax::MixedPrecisionMixin<HookedLionTask, MixinConfig> {
  public:
+  using compiled_policies = TestedPolicies;
   template <class T>
   using params_type = Weights<T>;
   using batch_type = Target;
@@ -412,9 +511,7 @@ class HookedLionTask : public xax::MixedPrecisionMixin<HookedLionTask, MixinConf
 
   template <class T>
   double loss_and_grads(const Weights<T>& params, const Target& target, float scale, Weights<T>& grads) {
-    grads.w = ((params.w.template cast<float>() - target.w) * scale).template cast<T>();
-    grads.b = ((params.b.template cast<float>() - target.b) * scale).template cast<T>();
-    return 0;
+    return scaled_distance_grads(params, target, scale, grads);
   }
   void on_unscaled_gradients(Weights<float>& grads, const xax::UnscaledGradients&) { seen = grads; }
 
@@ -773,6 +870,7 @@ TYPED_TEST(BatchCast, BatchesMadeInTheComputeTypeTrainAsCastOnes) {
 // The mixin forwards the declaration: loss_and_grads and evaluate both receive the cast batch.
 class CastBatchTask : public xax::MixedPrecisionMixin<CastBatchTask, MixinConfig> {
  public:
+  using compiled_policies = TestedPolicies;
   template <class T>
   using params_type = Weights<T>;
   using batch_type = FeatureBatch<float>;
@@ -817,6 +915,7 @@ struct FitConfig : xax::TrainConfig, xax::MixedPrecisionConfig {};
 class FitCastBatchTask : public xax::TrainMixin<FitCastBatchTask, FitConfig>,
                          public xax::MixedPrecisionMixin<FitCastBatchTask, FitConfig> {
  public:
+  using compiled_policies = TestedPolicies;
   template <class T>
   using params_type = Weights<T>;
   using batch_type = FeatureBatch<float>;
@@ -874,6 +973,7 @@ TEST(BatchCast, FitFreesEachBatchOnceTheStepHasCastIt) {
 class FitMakesBatchesTask : public xax::TrainMixin<FitMakesBatchesTask, FitConfig>,
                             public xax::MixedPrecisionMixin<FitMakesBatchesTask, FitConfig> {
  public:
+  using compiled_policies = TestedPolicies;
   template <class T>
   using params_type = Weights<T>;
   using batch_type = FeatureBatch<float>;

@@ -3,6 +3,7 @@
 
 #include <map>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 #include <xax/utils/policy.hpp>
@@ -130,6 +131,54 @@ TEST(VisitPolicy, RejectsAnOutOfRangeDtype) {
   const PolicySpec bad{static_cast<DType>(42), f32, f32};
   EXPECT_THROW(xax::visit_policy(bad, [](auto) {}), xax::ConfigError);
 }
+
+using MixedAndDefault = xax::PolicyList<xax::Policy<float>, xax::Policy<float, xax::bfloat16, float>,
+                                        xax::Policy<float, xax::float16, float>>;
+
+TEST(VisitListedPolicy, CallsTheListedPolicyEqualToTheSpec) {
+  for (const PolicySpec spec :
+       {PolicySpec{f32, f32, f32}, PolicySpec{f32, bf16, f32}, PolicySpec{f32, f16, f32}}) {
+    const PolicySpec seen = xax::visit_policy<MixedAndDefault>(spec, []<class P>(P) { return P::spec(); });
+    EXPECT_EQ(seen, spec);
+  }
+}
+
+TEST(VisitListedPolicy, CompilesTheListedPoliciesAlone) {
+  // A callable that does not compile for double params: visit_policy<List> must never instantiate it there.
+  const auto float_params_only = []<class P>(P) {
+    static_assert(!std::is_same_v<typename P::param_type, double>);
+    return 1;
+  };
+  EXPECT_EQ(xax::visit_policy<MixedAndDefault>(PolicySpec{f32, bf16, f32}, float_params_only), 1);
+}
+
+TEST(VisitListedPolicy, RejectsAnUnlistedSpecNamingItAndTheListed) {
+  int calls = 0;
+  try {
+    // float16 output is not listed, though its params and compute are.
+    xax::visit_policy<MixedAndDefault>(PolicySpec{f32, f16, f16}, [&](auto) { ++calls; });
+    FAIL() << "expected ConfigError";
+  } catch (const xax::ConfigError& error) {
+    EXPECT_STREQ(
+        error.what(),
+        "precision policy params=float32,compute=float16,output=float16 is not one of the listed "
+        "policies; accepted: params=float32,compute=float32,output=float32 | "
+        "params=float32,compute=bfloat16,output=float32 | params=float32,compute=float16,output=float32");
+  }
+  EXPECT_EQ(calls, 0);
+}
+
+TEST(VisitListedPolicy, TheFirstOfRepeatedPoliciesIsCalledOnce) {
+  int calls = 0;
+  xax::visit_policy<xax::PolicyList<xax::Policy<float>, xax::Policy<float>>>(PolicySpec{f32, f32, f32},
+                                                                             [&](auto) { ++calls; });
+  EXPECT_EQ(calls, 1);
+}
+
+static_assert(xax::policy_list<MixedAndDefault>);
+static_assert(!xax::policy_list<xax::PolicyList<>>, "an empty list would reject every policy");
+static_assert(!xax::policy_list<xax::Policy<float>>);
+static_assert(!xax::policy_list<std::tuple<xax::Policy<float>>>);
 
 // ------------------------------------------------------------------------------------------------------------
 // Compile-time policies over trees, typed across the compute precisions.

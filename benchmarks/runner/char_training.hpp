@@ -94,6 +94,7 @@ struct CharRecorder {
 class CharGptTask : public xax::TrainMixin<CharGptTask, GptConfig>,
                     public xax::MixedPrecisionMixin<CharGptTask, GptConfig> {
  public:
+  using compiled_policies = BenchmarkPolicies;
   template <class T>
   using params_type = GptParams<T>;
   using batch_type = TokenBatch;

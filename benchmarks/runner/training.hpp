@@ -37,6 +37,14 @@
 
 namespace xax_bench {
 
+/// The params × compute pairs of every policy `--policies` can name: its commas separate policies, so each is a
+/// preset, a dtype name, or a single key=dtype pair (`c=bf16` is params float32, compute bfloat16), and
+/// options.hpp refuses float64 params or compute. The benchmark's tasks compile these five pairs alone
+/// (MixedPrecisionMixin's compiled_policies, whose output dtype is applied at run time) rather than all nine.
+using BenchmarkPolicies = xax::PolicyList<xax::Policy<float>, xax::Policy<float, xax::bfloat16, float>,
+                                          xax::Policy<float, xax::float16, float>, xax::Policy<xax::bfloat16>,
+                                          xax::Policy<xax::float16>>;
+
 /// What to train, on which configuration.
 struct TrainingSetup {
   std::string configuration = "standard";
@@ -149,6 +157,7 @@ class BasicMlpTask : public xax::TrainMixin<BasicMlpTask<Extra>, MlpConfig>,
   using MixedPrecisionMixin = xax::MixedPrecisionMixin<BasicMlpTask<Extra>, MlpConfig>;
 
  public:
+  using compiled_policies = BenchmarkPolicies;
   template <class T>
   using params_type = xax::nn::MlpParams<T>;
   using batch_type = MlpBatch<float>;

@@ -187,6 +187,10 @@ class ParallelTask : public xax::TrainMixin<ParallelTask, ParallelConfig>,
                      public xax::MixedPrecisionMixin<ParallelTask, ParallelConfig>,
                      public xax::distributed::DataParallelMixin<ParallelTask> {
  public:
+  // Its config runs "mixed" alone, whose compute type half_dtype() picks per CPU: both halves are compiled,
+  // and no other policy.
+  using compiled_policies =
+      xax::PolicyList<xax::Policy<float, xax::bfloat16, float>, xax::Policy<float, xax::float16, float>>;
   template <class T>
   using params_type = Net<T>;
   using batch_type = Batch;

@@ -191,4 +191,56 @@ decltype(auto) visit_policy(const PolicySpec& spec, F&& f) {
   });
 }
 
+/// A compile-time list of policies: what `visit_policy<PolicyList<...>>` and a MixedPrecisionMixin task's
+/// `compiled_policies` compile, instead of every combination.
+template <precision_policy... Policies>
+struct PolicyList {};
+
+namespace detail {
+template <class T>
+inline constexpr bool is_policy_list = false;
+template <class... Policies>
+inline constexpr bool is_policy_list<PolicyList<Policies...>> = true;
+
+template <class F, class First, class... Rest>
+decltype(auto) visit_listed_policy(const PolicySpec& spec, F& f, PolicyList<First, Rest...> /*unvisited*/) {
+  if constexpr (sizeof...(Rest) == 0) {
+    return f(First{});  // the caller has checked that spec is listed
+  } else {
+    if (spec == First::spec()) return f(First{});
+    return visit_listed_policy(spec, f, PolicyList<Rest...>{});
+  }
+}
+}  // namespace detail
+
+/// A non-empty xax::PolicyList.
+template <class List>
+concept policy_list = detail::is_policy_list<List> && !std::is_same_v<List, PolicyList<>>;
+
+/// Whether `List` holds the policy that `spec` describes.
+template <class... Policies>
+constexpr bool lists_policy(PolicyList<Policies...> /*list*/, const PolicySpec& spec) {
+  return ((Policies::spec() == spec) || ...);
+}
+
+/// The listed policies' specs, separated by " | ", for messages.
+template <class... Policies>
+std::string policy_list_text(PolicyList<Policies...> /*list*/) {
+  std::string text;
+  ((text += (text.empty() ? "" : " | ") + Policies::spec().str()), ...);
+  return text;
+}
+
+/// Calls `f(P{})` with the policy P of `List` whose spec() equals `spec`, so that `f` is compiled for the
+/// listed policies alone, where the unlisted `visit_policy` compiles all 64. Throws ConfigError naming `spec`
+/// and the listed policies when none matches. `f` must return the same type for each.
+template <policy_list List, class F>
+decltype(auto) visit_policy(const PolicySpec& spec, F&& f) {
+  if (!lists_policy(List{}, spec)) {
+    throw ConfigError("precision policy " + spec.str() +
+                      " is not one of the listed policies; accepted: " + policy_list_text(List{}));
+  }
+  return detail::visit_listed_policy(spec, f, List{});
+}
+
 }  // namespace xax

@@ -25,6 +25,20 @@
 /// `const MyBatch<T>&` (see xax::declares_batch_cast). Optionally
 /// the task defines `template <class T> double evaluate(const params_type<T>&, const batch_type&)` for
 /// MixedPrecisionMixin::evaluate_batch, which runs it in the policy's compute type.
+///
+/// By default the mixin compiles a TrainStep for each of the nine params × compute pairs of float16, bfloat16
+/// and float32, so that any policy string runs; those nine are most of a task's compile time. A task that
+/// declares `using compiled_policies = xax::PolicyList<...>;` compiles the params × compute pairs of the
+/// listed policies alone (the output dtype is applied at run time, so any output runs with a listed pair).
+/// "mixed" computes in half_dtype(), bfloat16 or float16 by CPU, so a task that runs it on every CPU lists
+/// both:
+///
+///     using compiled_policies = xax::PolicyList<xax::Policy<float>,
+///                                               xax::Policy<float, xax::bfloat16, float>,
+///                                               xax::Policy<float, xax::float16, float>>;
+///
+/// A config that asks for an unlisted pair throws ConfigError when the engine is built (the first step),
+/// before init_params is called.
 
 #include <cfloat>
 #include <cmath>
@@ -199,6 +213,57 @@ struct MixedPrecisionConfig {
 };
 
 namespace detail {
+
+// MixedPrecisionMixin compiles a TrainStep per listed params × compute pair, which float64 params or compute
+// would not fit (see validate_mixed_precision).
+template <class List>
+inline constexpr bool lists_half_or_float_policies = false;
+template <precision_policy... Policies>
+inline constexpr bool lists_half_or_float_policies<PolicyList<Policies...>> =
+    ((!std::is_same_v<typename Policies::param_type, double> &&
+      !std::is_same_v<typename Policies::compute_type, double>)&&...);
+
+template <class Policy>
+bool has_params_and_compute_of(const PolicySpec& spec) {
+  return Policy::spec().param == spec.param && Policy::spec().compute == spec.compute;
+}
+
+// Whether a listed policy has `spec`'s params and compute: the mixin applies the output dtype at run time, so
+// a listed policy stands for its params × compute pair.
+template <class... Policies>
+bool lists_params_and_compute(PolicyList<Policies...> /*list*/, const PolicySpec& spec) {
+  return (has_params_and_compute_of<Policies>(spec) || ...);
+}
+
+// Calls f(P{}) with the first listed policy P that has `spec`'s params and compute, if there is one.
+template <class F, class... Policies>
+void visit_listed_params_and_compute(PolicyList<Policies...> /*list*/, const PolicySpec& spec, F& f) {
+  static_cast<void>(((has_params_and_compute_of<Policies>(spec) && (f(Policies{}), true)) || ...));
+}
+
+inline std::string params_and_compute_text(const PolicySpec& spec) {
+  std::string text = "params=";
+  text += dtype_name(spec.param);
+  text += ",compute=";
+  text += dtype_name(spec.compute);
+  return text;
+}
+
+// "params=float32,compute=bfloat16 | ...": the listed pairs, for messages.
+template <class... Policies>
+std::string compiled_pairs_text(PolicyList<Policies...> /*list*/) {
+  std::string text;
+  ((text += (text.empty() ? "" : " | ") + params_and_compute_text(Policies::spec())), ...);
+  return text;
+}
+
+// How a C++ user spells the policy that runs `spec`'s pair: `xax::Policy<float, xax::bfloat16>`.
+inline std::string policy_spelling(const PolicySpec& spec) {
+  const auto scalar = [](DType dtype) -> std::string {
+    return dtype == DType::float32 ? "float" : "xax::" + std::string(dtype_name(dtype));
+  };
+  return "xax::Policy<" + scalar(spec.param) + ", " + scalar(spec.compute) + ">";
+}
 
 // The step engine behind MixedPrecisionMixin: an interface over the task's types, and one implementation per
 // compile-time policy, each a TrainStep whose "derived trainer" forwards to the task. This interface is the
@@ -514,22 +579,55 @@ class MixedPrecisionMixin {
     validate_config(config);
     const MixedPrecisionConfig& mp = config;
     const PolicySpec spec = mp.policy_spec();
+    if constexpr (requires { typename Derived::compiled_policies; }) {
+      using Listed = typename Derived::compiled_policies;
+      static_assert(policy_list<Listed>,
+                    "xax::MixedPrecisionMixin: `compiled_policies` must be a non-empty xax::PolicyList, e.g. "
+                    "xax::PolicyList<xax::Policy<float>, xax::Policy<float, xax::bfloat16, float>>");
+      static_assert(
+          !policy_list<Listed> || detail::lists_half_or_float_policies<Listed>,
+          "xax::MixedPrecisionMixin: `compiled_policies` may list float16, bfloat16 or float32 params "
+          "and compute only; for float64 inherit xax::TrainStep with your policy directly");
+      // Before init_params and its synchronisation across processes: nothing has run when this throws.
+      if constexpr (policy_list<Listed>) {
+        if (!detail::lists_params_and_compute(Listed{}, spec)) {
+          const std::string asked = mp.enable_mixed_precision
+                                        ? "config field 'precision_policy': '" + mp.precision_policy + "'"
+                                        : std::string("config field 'enable_mixed_precision': false");
+          throw ConfigError(
+              asked + " (" + spec.str() +
+              ") is not accepted by this task; expected a policy with the params and compute of "
+              "one of its compiled_policies: " +
+              detail::compiled_pairs_text(Listed{}) + "; to run it, list " + detail::policy_spelling(spec) +
+              " in compiled_policies");
+        }
+      }
+    }
     auto initial = derived().init_params();
     // A data-parallel task starts every process from one set of initial params (rank 0's).
     if constexpr (requires(Derived & task) { task.synchronize_initial_params(initial); })
       derived().synchronize_initial_params(initial);
     std::unique_ptr<detail::StepEngine<Derived>> engine;
     const auto build_engine = [&](auto&& optimizer) {
-      // Only float16/bfloat16/float32 params and compute are compiled (validate_mixed_precision rejects
-      // float64): nine TrainStep instantiations rather than visit_policy's 64.
-      visit_policy(spec, [&]<class P>(P) {
+      // One TrainStep per (params, compute) pair: the output dtype is applied at run time. Only
+      // float16/bfloat16/float32 params and compute are compiled (validate_mixed_precision rejects float64),
+      // so nine TrainStep instantiations rather than visit_policy's 64, or the task's compiled_policies.
+      const auto make_engine = [&]<class P>(P) {
         using Param = typename P::param_type;
         using Compute = typename P::compute_type;
         if constexpr (!std::is_same_v<Param, double> && !std::is_same_v<Compute, double>) {
           engine = std::make_unique<detail::PolicyStepEngine<Derived, Policy<Param, Compute, float>>>(
               spec.output, initial, optimizer, mp.make_loss_scale(), mp.train_step_options());
         }
-      });
+      };
+      if constexpr (requires { typename Derived::compiled_policies; }) {
+        if constexpr (policy_list<typename Derived::compiled_policies>) {
+          // The check above found a listed policy with the spec's params and compute.
+          detail::visit_listed_params_and_compute(typename Derived::compiled_policies{}, spec, make_engine);
+        }
+      } else {
+        visit_policy(spec, make_engine);
+      }
     };
     if constexpr (requires(Derived & task, const typename Derived::template params_type<float>& like) {
                     task.make_optimizer(like);
