@@ -56,6 +56,10 @@ inline Data make_data(std::int64_t examples, std::uint64_t seed = 7) {
   return data;
 }
 
+/// The policies "mixed" runs, for a task's compiled_policies: half_dtype() picks its compute type per CPU.
+using MixedOnAnyCpu =
+    xax::PolicyList<xax::Policy<float, xax::bfloat16, float>, xax::Policy<float, xax::float16, float>>;
+
 struct TaskConfig : xax::TrainConfig, xax::MixedPrecisionConfig {
   std::int64_t hidden = 16;
   double loss_weight = 1.0;  // multiplies the loss; a tiny weight makes tiny gradients, as small losses do

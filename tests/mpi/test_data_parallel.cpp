@@ -187,10 +187,7 @@ class ParallelTask : public xax::TrainMixin<ParallelTask, ParallelConfig>,
                      public xax::MixedPrecisionMixin<ParallelTask, ParallelConfig>,
                      public xax::distributed::DataParallelMixin<ParallelTask> {
  public:
-  // Its config runs "mixed" alone, whose compute type half_dtype() picks per CPU: both halves are compiled,
-  // and no other policy.
-  using compiled_policies =
-      xax::PolicyList<xax::Policy<float, xax::bfloat16, float>, xax::Policy<float, xax::float16, float>>;
+  using compiled_policies = xax_test::MixedOnAnyCpu;  // its config runs "mixed" alone
   template <class T>
   using params_type = Net<T>;
   using batch_type = Batch;
