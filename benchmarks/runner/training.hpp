@@ -37,8 +37,8 @@
 
 namespace xax_bench {
 
-/// The params × compute pairs of every policy `--policies` can name: its commas separate policies, so each is a
-/// preset, a dtype name, or a single key=dtype pair (`c=bf16` is params float32, compute bfloat16), and
+/// The params × compute pairs of every policy `--policies` can name: its commas separate policies, so each is
+/// a preset, a dtype name, or a single key=dtype pair (`c=bf16` is params float32, compute bfloat16), and
 /// options.hpp refuses float64 params or compute. The benchmark's tasks compile these five pairs alone
 /// (MixedPrecisionMixin's compiled_policies, whose output dtype is applied at run time) rather than all nine.
 using BenchmarkPolicies = xax::PolicyList<xax::Policy<float>, xax::Policy<float, xax::bfloat16, float>,
