@@ -197,6 +197,59 @@ TEST(Config, LoadsJson) {
   EXPECT_THAT([&] { xax::load_config_json(config, path.string()); },
               ::testing::ThrowsMessage<xax::ConfigError>(HasSubstr("cannot open config file")));
 }
+
+// A config file is refused, and the config left unchanged, for anything but one object of fields, each once,
+// each with its field's JSON type.
+TEST(Config, JsonIsRefusedForWhatItCannotMean) {
+  const xax_test::ScratchDirectory scratch("xax_test_config");
+  const auto path = scratch / "config.json";
+  const auto refusal = [&](const std::string& text) {
+    std::ofstream(path) << text;
+    ToyConfig config;
+    try {
+      xax::load_config_json(config, path.string());
+    } catch (const xax::ConfigError& error) {
+      EXPECT_EQ(config.rate, 0.5) << text;
+      EXPECT_EQ(config.name, "toy") << text;
+      return std::string(error.what());
+    }
+    return std::string("accepted");
+  };
+  EXPECT_THAT(refusal(R"({"rate": 0.25} trailing)"), HasSubstr("is not valid JSON"));
+  EXPECT_THAT(refusal(R"({"rate": 0.25}{"rate": 0.75})"), HasSubstr("is not valid JSON"));
+  EXPECT_EQ(refusal(R"({"rate": 0.25, "rate": 0.75})"),
+            "config file '" + path.string() + "' sets field 'rate' twice; each field may appear once");
+  EXPECT_EQ(refusal(R"({"name": null})"),
+            "config field 'name': a JSON null is not accepted; expected a JSON string (a non-empty string)");
+  EXPECT_EQ(refusal(R"({"name": ["a", "b"]})"),
+            "config field 'name': a JSON array is not accepted; expected a JSON string (a non-empty string)");
+  EXPECT_EQ(
+      refusal(R"({"name": 42})"),
+      "config field 'name': a JSON number is not accepted; expected a JSON string (a non-empty string)");
+  EXPECT_EQ(
+      refusal(R"({"rate": "0.25"})"),
+      "config field 'rate': a JSON string is not accepted; expected a JSON number (a number in (0, 1])");
+  EXPECT_EQ(refusal(R"({"flag": 1})"),
+            "config field 'flag': a JSON number is not accepted; expected a JSON boolean (true or false)");
+  EXPECT_EQ(refusal(R"({"count": {"n": 1}})"),
+            "config field 'count': a JSON object is not accepted; expected a JSON number (an integer >= 0)");
+  // A duplicate inside a value is the value's own business; the value is refused for its type.
+  EXPECT_THAT(refusal(R"({"name": {"a": 1, "a": 2}})"), HasSubstr("a JSON object is not accepted"));
+}
+
+// A value nested deeper than any serializer's recursion is refused like any other wrong type, not turned back
+// into text first (which overflowed the stack).
+TEST(Config, DeeplyNestedJsonIsRefusedWithoutRecursion) {
+  const xax_test::ScratchDirectory scratch("xax_test_config");
+  const auto path = scratch / "deep.json";
+  constexpr int depth = 200000;
+  for (const std::string key : {"name", "unknown"}) {
+    std::ofstream(path) << "{\"" << key << "\": " << std::string(depth, '[') << std::string(depth, ']')
+                        << "}";
+    ToyConfig config;
+    EXPECT_THROW(xax::load_config_json(config, path.string()), xax::ConfigError) << key;
+  }
+}
 #endif
 
 }  // namespace

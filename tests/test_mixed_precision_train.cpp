@@ -581,6 +581,22 @@ TEST(MixedPrecisionConfig, SeedDefaults) {
   EXPECT_EQ(config.loss_scale_backoff_factor, 0.5);
 }
 
+// precision_policy is checked while mixed precision is disabled, as the loss-scale fields are, and a scale
+// above FLT_MAX is told the range it left.
+TEST(MixedPrecisionConfig, FieldsAreCheckedWhileDisabledAndNameTheirRange) {
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = false;
+  EXPECT_THAT([&] { xax::set_config_field(config, "precision_policy", "bogus"); },
+              ::testing::ThrowsMessage<xax::ConfigError>(HasSubstr("config field 'precision_policy': ")));
+  EXPECT_THAT([&] { xax::set_config_field(config, "precision_policy", "float64"); },
+              ::testing::ThrowsMessage<xax::ConfigError>(HasSubstr("(float64 params or compute)")));
+  EXPECT_EQ(config.precision_policy, xax_test::default_config().precision_policy);
+  EXPECT_THAT([&] { xax::set_config_field(config, "loss_scale_max", "1e39"); },
+              ::testing::ThrowsMessage<xax::ConfigError>(
+                  HasSubstr("config field 'loss_scale_max' = 1e+39 is not accepted: it must be a number from "
+                            "1.1754944e-38 to 3.4028235e+38")));
+}
+
 TEST(MixedPrecisionConfig, DisabledMeansFloat32WithoutScaling) {
   TaskConfig config = xax_test::default_config();
   config.enable_mixed_precision = false;

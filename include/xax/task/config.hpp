@@ -16,6 +16,7 @@
 /// MixedPrecisionConfig or the user's own section, parses the text by the field's type and validates the
 /// whole config, changing nothing if either fails.
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <concepts>
@@ -142,14 +143,15 @@ void validate_config(const Config& config) {
 
 namespace detail {
 
-// Parses `text` into the field named `key` without validating the config: a set of several fields may pass
-// through states that are invalid only until the last of them is set (loss_scale_value and loss_scale_min).
-template <config_struct Config>
-void assign_config_field(Config& config, std::string_view key, std::string_view text) {
+// Finds the field named `key` and lets `assign(name, field, accepted)` set it, without validating the config:
+// a set of several fields may pass through states that are invalid only until the last of them is set
+// (loss_scale_value and loss_scale_min). Throws ConfigError, listing the accepted names, for an unknown key.
+template <config_struct Config, class Assign>
+void assign_config_field(Config& config, std::string_view key, Assign&& assign) {
   bool found = false;
   visit_config_sections(config, [&]<class T>(std::string_view name, T& field, std::string_view accepted) {
     if (name != key) return;
-    field = parse_config_value<T>(name, text, accepted);
+    assign(name, field, accepted);
     found = true;
   });
   if (!found) {
@@ -158,6 +160,15 @@ void assign_config_field(Config& config, std::string_view key, std::string_view 
       (accepted += accepted.empty() ? "" : ", ") += name;
     throw ConfigError("unknown config field '" + std::string(key) + "'; accepted: " + accepted);
   }
+}
+
+// Parses `text` into the field named `key`, as the command line gives it.
+template <config_struct Config>
+void assign_config_text(Config& config, std::string_view key, std::string_view text) {
+  assign_config_field(config, key,
+                      [text]<class T>(std::string_view name, T& field, std::string_view accepted) {
+                        field = parse_config_value<T>(name, text, accepted);
+                      });
 }
 
 }  // namespace detail
@@ -169,7 +180,7 @@ void assign_config_field(Config& config, std::string_view key, std::string_view 
 template <config_struct Config>
 void set_config_field(Config& config, std::string_view key, std::string_view text) {
   Config candidate = config;
-  detail::assign_config_field(candidate, key, text);
+  detail::assign_config_text(candidate, key, text);
   validate_config(candidate);
   config = std::move(candidate);
 }
@@ -186,33 +197,78 @@ void apply_config_args(Config& config, std::span<const std::string_view> args) {
       throw ConfigError("config argument '" + std::string(arg) +
                         "' is not of the form key=value, e.g. learning_rate=0.01");
     }
-    detail::assign_config_field(candidate, arg.substr(0, equals), arg.substr(equals + 1));
+    detail::assign_config_text(candidate, arg.substr(0, equals), arg.substr(equals + 1));
   }
   validate_config(candidate);
   config = std::move(candidate);
 }
 
-/// Applies a JSON object of field values (numbers, booleans or strings by the field's type), then validates.
-/// Needs nlohmann-json (Debian nlohmann-json3-dev).
+#if defined(XAX_HAS_NLOHMANN_JSON) && XAX_HAS_NLOHMANN_JSON
+namespace detail {
+
+// A config file is data, not text to coerce: each value must have its field's JSON type, so that `null` for a
+// path or "0.5" for a rate is refused rather than guessed at. Numbers still go through the command line's
+// text parser (from their JSON spelling, which for a scalar is short), so that both accept exactly the same
+// values.
+template <config_value T>
+void assign_json_value(std::string_view name, T& field, std::string_view accepted,
+                       const nlohmann::json& value) {
+  const auto wrong_type = [&](std::string_view expected) {
+    return ConfigError("config field '" + std::string(name) + "': a JSON " + value.type_name() +
+                       " is not accepted; expected a JSON " + std::string(expected) + " (" +
+                       std::string(accepted) + ")");
+  };
+  if constexpr (std::same_as<T, bool>) {
+    if (!value.is_boolean()) throw wrong_type("boolean");
+    field = value.template get<bool>();
+  } else if constexpr (std::same_as<T, std::string>) {
+    if (!value.is_string()) throw wrong_type("string");
+    field = value.template get<std::string>();
+  } else {
+    if (!value.is_number()) throw wrong_type("number");
+    field = parse_config_value<T>(name, value.dump(), accepted);
+  }
+}
+
+}  // namespace detail
+#endif
+
+/// Applies a JSON object of field values, then validates. Each value must have its field's JSON type (a
+/// boolean, a number or a string), each field may appear once, and nothing may follow the object; any other
+/// file is a ConfigError that leaves `config` unchanged. Needs nlohmann-json (Debian nlohmann-json3-dev).
 template <config_struct Config>
 void load_config_json(Config& config, const std::string& path) {
 #if defined(XAX_HAS_NLOHMANN_JSON) && XAX_HAS_NLOHMANN_JSON
   std::ifstream file(path);
   if (!file) throw ConfigError("cannot open config file '" + path + "'");
+  std::vector<std::string> keys;  // the object's own keys so far, to refuse a second value for one field
+  const auto refuse_duplicate_keys = [&](int depth, nlohmann::json::parse_event_t event,
+                                         nlohmann::json& parsed) {
+    if (event != nlohmann::json::parse_event_t::key || depth != 1) return true;
+    std::string key = parsed.template get<std::string>();
+    if (std::find(keys.begin(), keys.end(), key) != keys.end()) {
+      throw ConfigError("config file '" + path + "' sets field '" + key +
+                        "' twice; each field may appear once");
+    }
+    keys.push_back(std::move(key));
+    return true;
+  };
   nlohmann::json json;
   try {
-    file >> json;
+    json = nlohmann::json::parse(file, refuse_duplicate_keys);  // strict: content after the value is an error
   } catch (const nlohmann::json::exception& error) {
     throw ConfigError("config file '" + path + "' is not valid JSON: " + error.what());
   }
   if (!json.is_object())
     throw ConfigError("config file '" + path + "' must hold a JSON object of field values");
   Config candidate = config;  // committed only once every field parsed and the whole config is valid
-  for (const auto& [key, value] : json.items()) {
-    // Each value goes through the same text parser as the command line, so both accept exactly the same
-    // values.
-    const std::string text = value.is_string() ? value.template get<std::string>() : value.dump();
-    detail::assign_config_field(candidate, key, text);
+  for (const auto& item : json.items()) {
+    // A variable, not a structured binding: clang 14 cannot capture those.
+    const nlohmann::json& value = item.value();
+    detail::assign_config_field(candidate, item.key(),
+                                [&value](std::string_view name, auto& field, std::string_view accepted) {
+                                  detail::assign_json_value(name, field, accepted, value);
+                                });
   }
   validate_config(candidate);
   config = std::move(candidate);

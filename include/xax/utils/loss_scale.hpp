@@ -136,8 +136,9 @@ template <class Real>
 void require_scale_in_range(std::string_view where, std::string_view field, Real value) {
   if (!finite_as_float(value) || !(static_cast<float>(value) >= smallest_loss_scale)) {
     reject(where, field, shortest_text(value),
-           "a finite number of at least " + shortest_text(smallest_loss_scale) +
-               " (the smallest normal float; a smaller scale has no finite reciprocal to unscale with)");
+           "a number from " + shortest_text(smallest_loss_scale) + " to " + shortest_text(FLT_MAX) +
+               " (from the smallest normal float, since a smaller scale has no finite reciprocal to unscale "
+               "with, to the largest float)");
   }
 }
 

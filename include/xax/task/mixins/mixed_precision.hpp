@@ -104,12 +104,7 @@ struct MixedPrecisionConfig {
 
   /// The policy this config runs: float32 throughout when mixed precision is disabled.
   [[nodiscard]] PolicySpec policy_spec() const {
-    if (!enable_mixed_precision) return get_policy("default");
-    try {
-      return get_policy(precision_policy);
-    } catch (const ConfigError& error) {
-      throw ConfigError(std::string("config field 'precision_policy': ") + error.what());
-    }
+    return enable_mixed_precision ? requested_policy() : get_policy("default");
   }
 
   /// The loss-scale kind this config runs: "none" when mixed precision is disabled; for "auto", "dynamic"
@@ -176,7 +171,9 @@ struct MixedPrecisionConfig {
       return ConfigError(std::string("config field '") + field + "': " + value +
                          " is not accepted; expected " + accepted);
     };
-    const PolicySpec spec = policy_spec();
+    // The policy is checked even while mixed precision is disabled, as the loss-scale fields are: a typo
+    // must not wait until the day it is switched on.
+    const PolicySpec spec = requested_policy();
     for (const DType dtype : {spec.param, spec.compute}) {
       if (dtype == DType::float64) {
         throw reject(
@@ -209,6 +206,16 @@ struct MixedPrecisionConfig {
     return {.max_grad_norm = max_grad_norm,
             .max_overflows_at_min_scale = max_overflows_at_min_scale,
             .master_rounding = rounding};
+  }
+
+ private:
+  // precision_policy parsed, whether or not mixed precision is enabled.
+  [[nodiscard]] PolicySpec requested_policy() const {
+    try {
+      return get_policy(precision_policy);
+    } catch (const ConfigError& error) {
+      throw ConfigError(std::string("config field 'precision_policy': ") + error.what());
+    }
   }
 };
 
