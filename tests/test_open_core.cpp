@@ -684,6 +684,41 @@ TYPED_TEST(MasterRounding, BuiltInOptimizersUpdateHalfMastersInPlaceWithTheCopys
   EXPECT_FALSE(bitwise_equal(sgd.params().w, before.w));
 }
 
+// A skipped step changes nothing, stochastic rounding's random stream included: the updates after it round
+// as they would have without it, on the built-in half-master path and through the fp32 copy alike.
+TYPED_TEST(MasterRounding, ASkippedStepLeavesLaterStochasticRoundingAsItWas) {
+  using Half = TypeParam;
+  const auto stochastic = xax::optim::MasterRounding::stochastic_rounding;
+  const xax::optim::AdamWOptions options{.learning_rate = 1e-2, .weight_decay = 0.1};
+  const Weights<float> like{Eigen::VectorXf::Zero(3000), Eigen::VectorXf::Zero(700)};
+  const auto noise = [](int step) {
+    std::mt19937 rng(static_cast<unsigned>(step));
+    Vector v{Eigen::VectorXf(3000)};
+    for (auto& x : v.v) x = std::normal_distribution<float>(0.0f, 0.01f)(rng);
+    return v;
+  };
+  Vector poisoned = noise(0);
+  poisoned.v(1234) = std::numeric_limits<float>::quiet_NaN();
+
+  HalfMasters<Half, xax::optim::AdamWOptions> built_in(stochastic, options),
+      built_in_skipping(stochastic, options);
+  const auto door = [&] { return AdamWThroughTheDoor{xax::optim::AdamW<Weights<float>>(like, options)}; };
+  HalfMasters<Half, AdamWThroughTheDoor> through_copy(stochastic, door()),
+      through_copy_skipping(stochastic, door());
+  for (int step = 0; step < 4; ++step) {
+    if (step == 2) {
+      ASSERT_FALSE(built_in_skipping.train_step(poisoned).finite);
+      ASSERT_FALSE(through_copy_skipping.train_step(poisoned).finite);
+    }
+    for (auto* trainer : {&built_in, &built_in_skipping}) trainer->train_step(noise(step));
+    for (auto* trainer : {&through_copy, &through_copy_skipping}) trainer->train_step(noise(step));
+  }
+  EXPECT_TRUE(bitwise_equal(built_in_skipping.params().w, built_in.params().w));
+  EXPECT_TRUE(bitwise_equal(built_in_skipping.params().b, built_in.params().b));
+  EXPECT_TRUE(bitwise_equal(through_copy_skipping.params().w, through_copy.params().w));
+  EXPECT_TRUE(bitwise_equal(through_copy_skipping.params().b, through_copy.params().b));
+}
+
 TEST(MasterRounding, KahanWithoutACompensationTreeIsAClearError) {
   xax::optim::AdamW<Weights<float>> adamw(Weights<float>{Eigen::VectorXf::Zero(4), Eigen::VectorXf::Zero(1)});
   Weights<xax::float16> masters =

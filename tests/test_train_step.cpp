@@ -366,6 +366,21 @@ TEST(TrainStep, AccumulatedGradientsAreUnscaledByOneOverScaleTimesKRoundedOnce) 
   EXPECT_EQ(trainer.params().w(0), expected);
 }
 
+// fp32 gradients of 3e38 have a global norm (1.2e39, taken in double) beyond FLT_MAX, so the clip factor
+// max_norm / norm is below the smallest normal float: rounded to float before the multiply, it lost its digits
+// (1e-6) or became 0 (1e-7, so the masters did not move at all).
+TEST(TrainStep, ClippingHugeFiniteGradientsKeepsTheClipFactorsDigits) {
+  for (const double max_norm : {1.0, 1e-6, 1e-7}) {
+    FloatRegression trainer(Weights<float>{Eigen::VectorXf::Zero(16)}, plain_sgd, xax::NoOpLossScale{},
+                            {.max_grad_norm = max_norm});
+    const xax::StepResult result = trainer.train_step(Target{Eigen::VectorXf::Constant(16, -3e38f)});
+    ASSERT_TRUE(result.finite);
+    ASSERT_GT(result.grad_norm, static_cast<double>(FLT_MAX));
+    // SGD at lr 1 from w = 0: w is minus the clipped gradient, whose norm is max_norm.
+    EXPECT_NEAR(trainer.params().w.cast<double>().norm(), max_norm, max_norm * 1e-6) << max_norm;
+  }
+}
+
 TEST(TrainStep, InvalidOptionsAreReportedWithTheirExactValue) {
   EXPECT_THAT(
       [] { FloatRegression trainer(ones(1), plain_sgd, xax::NoOpLossScale{}, {.max_grad_norm = -1e-9}); },

@@ -338,6 +338,8 @@ template <class S>
 using ArrayMap = Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>;
 
 // Multiplies every gradient by `factor` rounded to the leaf's type, as torch.nn.utils.clip_grad_norm_ does.
+// A factor below the type's normal range (gradients whose norm, taken in double, exceeds FLT_MAX) would lose
+// its digits or become 0 when rounded first, so each product is then taken in double and rounded once.
 template <class Tree>
 void scale_in_place(Tree& tree, double factor) {
   for_each_leaf(
@@ -345,7 +347,13 @@ void scale_in_place(Tree& tree, double factor) {
         if constexpr (floating_leaf<L>) {
           using S = leaf_scalar_t<L>;
           const auto x = leaf_span(leaf);
-          ArrayMap<S>(x.data(), static_cast<Eigen::Index>(x.size())) *= static_cast<S>(factor);
+          ArrayMap<S> values(x.data(), static_cast<Eigen::Index>(x.size()));
+          const S rounded_factor = static_cast<S>(factor);
+          if (rounded_factor >= std::numeric_limits<S>::min()) {
+            values *= rounded_factor;
+          } else {
+            values = (values.template cast<double>() * factor).template cast<S>();
+          }
         }
       },
       tree);
@@ -905,6 +913,10 @@ struct TrainStep<Derived, Policy, LossScaleT>::State {
   std::int64_t skipped = 0;
   std::int64_t overflows_at_floor = 0;
 
+  // The number of the update being applied, counting from 1, which keys stochastic rounding's random stream.
+  // Skipped steps do not count: a skip must leave every later update as it would have been without it.
+  [[nodiscard]] std::int64_t update_number() const { return calls - skipped; }
+
   [[nodiscard]] const auto& compute_params() const {
     if constexpr (std::is_same_v<compute_type, param_type>) {
       return masters;
@@ -966,7 +978,7 @@ struct TrainStep<Derived, Policy, LossScaleT>::State {
       // The built-in optimizers widen, update and round the masters chunk by chunk; another optimizer updates
       // the fp32 `work` copy, which is then rounded back (made on its first use, so only then is it held).
       const bool kahan = rounding == optim::MasterRounding::kahan;
-      if (!optimizer->step_half_masters(masters, grads, {rounding, options.rounding_seed, calls},
+      if (!optimizer->step_half_masters(masters, grads, {rounding, options.rounding_seed, update_number()},
                                         kahan ? &compensation : nullptr)) {
         tree_cast_into(masters, work);
         if (rounding == optim::MasterRounding::round_to_nearest) {
@@ -995,7 +1007,7 @@ struct TrainStep<Derived, Policy, LossScaleT>::State {
         } else {
           // The rounding the built-in optimizers' step_half_masters applies, chunk by chunk.
           const optim::detail::HalfStore<H> store{
-              rounding, optim::detail::rounding_key(options.rounding_seed, calls, leaf)};
+              rounding, optim::detail::rounding_key(options.rounding_seed, update_number(), leaf)};
           H* const carried = compensation_leaf != nullptr ? leaf_span(*compensation_leaf).data() : nullptr;
           alignas(64) float old[optim::detail::update_chunk];
           for (std::size_t first = 0; first < param.size(); first += optim::detail::update_chunk) {
