@@ -2,12 +2,14 @@
 #include <gtest/gtest.h>
 
 #include <unistd.h>
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <initializer_list>
 #include <string>
+#include <system_error>
 #include <vector>
 #include <xax_datasets/fashion_mnist.hpp>
 #include <xax_datasets/idx.hpp>
@@ -21,6 +23,7 @@ namespace {
 
 using ::testing::AllOf;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 using Bytes = std::vector<std::uint8_t>;
 
@@ -48,7 +51,10 @@ class IdxFiles : public ::testing::Test {
            ("xax_test_idx_" + std::string(info->name()) + "_" + std::to_string(::getpid()));
     std::filesystem::create_directories(dir_);
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
+  void TearDown() override {
+    for (int fd : pipe_read_ends_) ::close(fd);
+    std::filesystem::remove_all(dir_);
+  }
 
   std::filesystem::path write_plain(const std::string& name, const Bytes& bytes) const {
     const auto path = dir_ / name;
@@ -69,6 +75,17 @@ class IdxFiles : public ::testing::Test {
   }
 #endif
 
+  /// A path naming the read end of a pipe that holds `bytes` and then ends: input that cannot be rewound,
+  /// as from `cat file | program /dev/stdin`. `bytes` must fit the pipe's buffer (64 KiB on Linux).
+  std::filesystem::path write_pipe(const Bytes& bytes) {
+    std::array<int, 2> ends{};
+    EXPECT_EQ(::pipe(ends.data()), 0);
+    pipe_read_ends_.push_back(ends[0]);
+    EXPECT_EQ(::write(ends[1], bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
+    ::close(ends[1]);
+    return "/dev/fd/" + std::to_string(ends[0]);
+  }
+
   static Bytes read_all(const std::filesystem::path& path) {
     std::ifstream in(path, std::ios::binary);
     return Bytes(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
@@ -85,6 +102,7 @@ class IdxFiles : public ::testing::Test {
   }
 
   std::filesystem::path dir_;
+  std::vector<int> pipe_read_ends_;
 };
 
 TEST_F(IdxFiles, ReadsPlainImages) {
@@ -121,6 +139,17 @@ TEST_F(IdxFiles, ReadsLabels) {
 TEST_F(IdxFiles, MissingFileNamesThePath) {
   const auto path = dir_ / "no-such-file.gz";
   EXPECT_THAT(read_error(path), AllOf(HasSubstr(path.string()), HasSubstr("does not exist")));
+}
+
+// A path that exists but cannot be resolved must say why, not claim the file is missing.
+TEST_F(IdxFiles, UncheckablePathSaysWhy) {
+  std::filesystem::create_symlink(dir_ / "loop2", dir_ / "loop1");
+  std::filesystem::create_symlink(dir_ / "loop1", dir_ / "loop2");
+  const std::string error = read_error(dir_ / "loop1");
+  EXPECT_THAT(error,
+              AllOf(HasSubstr((dir_ / "loop1").string()), HasSubstr("cannot be checked"),
+                    HasSubstr(std::make_error_code(std::errc::too_many_symbolic_link_levels).message())));
+  EXPECT_THAT(error, Not(HasSubstr("does not exist")));
 }
 
 TEST_F(IdxFiles, DirectoryIsRejected) {
@@ -229,6 +258,21 @@ TEST_F(IdxFiles, WrongTypeOrRankForImagesAndLabelsIsRejected) {
   EXPECT_THROW((void)xax::read_idx_labels(images_as_labels, 10), xax::DataError);
 }
 
+// Input that cannot be rewound (a pipe, /dev/stdin) is read from its first byte: sniffing for gzip must
+// not lose the bytes it looked at, which would make a valid file fail and a file with two bytes too many
+// pass.
+TEST_F(IdxFiles, ReadsFromAPipe) {
+  const Bytes file = idx_bytes(0x08, {3, 2, 4}, iota_bytes(24));
+  const xax::IdxArray array = xax::read_idx(write_pipe(file));
+  EXPECT_EQ(array.shape, (std::vector<std::size_t>{3, 2, 4}));
+  EXPECT_EQ(array.bytes, iota_bytes(24));
+
+  Bytes shifted{0, 0};
+  shifted.insert(shifted.end(), file.begin(), file.end());
+  EXPECT_THAT(read_error(write_pipe(shifted)), HasSubstr("unknown dtype code 0x00"));
+  EXPECT_THAT(read_error(write_pipe({0})), HasSubstr("shorter than the 4-byte"));
+}
+
 #if defined(XAX_HAS_ZLIB) && XAX_HAS_ZLIB
 
 TEST_F(IdxFiles, ReadsGzippedFilesLikePlainOnes) {
@@ -282,6 +326,40 @@ TEST_F(IdxFiles, GzipChecksumMismatchIsRejected) {
   Bytes compressed = read_all(write_gzip("whole.gz", file));
   compressed[compressed.size() - 8] ^= 0xFF;  // first byte of the CRC-32
   EXPECT_THAT(read_error(write_plain("bad-crc.gz", compressed)), HasSubstr("corrupt"));
+}
+
+// Bytes after the gzip stream that are not another gzip member (half of another file, a bad download) are
+// corruption, as the same bytes after a plain IDX file are: zlib's gzread would drop them silently.
+TEST_F(IdxFiles, NonGzipBytesAfterTheGzipStreamAreRejected) {
+  const Bytes file = idx_bytes(0x08, {3}, {1, 2, 3});
+  const Bytes compressed = read_all(write_gzip("whole.gz", file));
+  for (const std::string& tail : {std::string("THIS IS NOT GZIP"), std::string(1, '\0'),
+                                  std::string(1, '\x1f'), std::string(512, '\0')}) {
+    Bytes bytes = compressed;
+    bytes.insert(bytes.end(), tail.begin(), tail.end());
+    const auto path = write_plain("trailing.gz", bytes);
+    EXPECT_THAT(read_error(path), AllOf(HasSubstr(path.string()), HasSubstr("after the end of the gzip data"),
+                                        HasSubstr("another gzip member")))
+        << tail.size() << " trailing bytes";
+  }
+}
+
+// RFC 1952 makes a gzip file a series of members, which gunzip and zlib decompress as one stream: `cat a.gz
+// b.gz` is valid gzip and reads as the concatenation, a member boundary falling anywhere in the IDX data.
+TEST_F(IdxFiles, ConcatenatedGzipMembersReadAsOneStream) {
+  const Bytes file = idx_bytes(0x08, {3, 2, 4}, iota_bytes(24));
+  Bytes members = read_all(write_gzip("head.gz", Bytes(file.begin(), file.begin() + 6)));
+  const Bytes tail = read_all(write_gzip("tail.gz", Bytes(file.begin() + 6, file.end())));
+  members.insert(members.end(), tail.begin(), tail.end());
+  const xax::IdxArray array = xax::read_idx(write_plain("members.gz", members));
+  EXPECT_EQ(array.shape, (std::vector<std::size_t>{3, 2, 4}));
+  EXPECT_EQ(array.bytes, iota_bytes(24));
+  EXPECT_EQ(xax::read_idx(write_pipe(members)).bytes, iota_bytes(24));
+
+  // A member whose data goes beyond what the header declares is found as in a single stream.
+  const Bytes extra = read_all(write_gzip("extra.gz", {7}));
+  members.insert(members.end(), extra.begin(), extra.end());
+  EXPECT_THAT(read_error(write_plain("extra-member.gz", members)), HasSubstr("more data than the header"));
 }
 
 TEST_F(IdxFiles, BadMagicInsideGzipIsRejected) {

@@ -192,6 +192,40 @@ TEST_F(CorpusFiles, MissingOrEmptyDataIsAClearError) {
   EXPECT_THROW(xax_bench::load_char_corpus(dir_ / "short.txt", 8), xax::DataError);
 }
 
+/// The message of the DataError that loading `path` as the --text corpus throws ("" if it does not throw).
+std::string text_error(const std::filesystem::path& path) {
+  try {
+    (void)xax_bench::load_char_corpus(path, 8);
+  } catch (const xax::DataError& error) {
+    return error.what();
+  }
+  return "";
+}
+
+// --text takes a regular file: a directory read as empty, and a device such as /dev/zero never ends (it was
+// read until std::bad_alloc).
+TEST_F(CorpusFiles, TextMustBeARegularFile) {
+  std::filesystem::create_directory(dir_ / "adir");
+  const std::string directory = text_error(dir_ / "adir");
+  EXPECT_NE(directory.find((dir_ / "adir").string()), std::string::npos) << directory;
+  EXPECT_NE(directory.find("is a directory"), std::string::npos) << directory;
+  EXPECT_NE(directory.find("a regular text file"), std::string::npos) << directory;
+  const std::string device = text_error("/dev/zero");
+  EXPECT_NE(device.find("not a regular file"), std::string::npos) << device;
+  EXPECT_NE(device.find("a regular text file"), std::string::npos) << device;
+  EXPECT_NE(text_error(dir_ / "absent.txt").find("does not exist"), std::string::npos);
+}
+
+// The size is checked before reading: a (sparse) file one byte over the limit is refused at once.
+TEST_F(CorpusFiles, TextOverTheSizeLimitIsRefusedBeforeReading) {
+  const auto path = dir_ / "huge.txt";
+  write("huge.txt", "");
+  std::filesystem::resize_file(path, xax_bench::max_text_bytes + 1);
+  const std::string error = text_error(path);
+  EXPECT_NE(error.find(std::to_string(xax_bench::max_text_bytes + 1) + " bytes"), std::string::npos) << error;
+  EXPECT_NE(error.find("at most " + std::to_string(xax_bench::max_text_bytes)), std::string::npos) << error;
+}
+
 TEST_F(CorpusFiles, SplitsNinetyTenWithASortedByteVocabulary) {
   std::string text;
   for (int i = 0; i < 100; ++i) text += static_cast<char>(i % 2 == 0 ? 'b' : 'a');

@@ -9,7 +9,9 @@
 /// An IDX file is a 4-byte magic number (two zero bytes, a dtype code, the number of dimensions), one
 /// big-endian uint32 per dimension, then the elements in row-major order, big-endian. Every way a file can
 /// disagree with that (bad magic, unknown dtype code, fewer or more bytes than the dimensions say, a corrupt
-/// or truncated gzip stream, a missing file) throws xax::DataError naming the file and what was wrong.
+/// or truncated gzip stream, bytes after the gzip data, a missing file) throws xax::DataError naming the file
+/// and what was wrong. A gzipped file may hold several gzip members, read as one stream as gunzip does. Pipes
+/// and /dev/stdin are read like files.
 ///
 /// Gzipped files need zlib: with it (the xax_datasets CMake target links it when found and defines
 /// XAX_HAS_ZLIB), plain and gzipped files are both read. Without it, plain files are still read and a gzipped
@@ -19,12 +21,15 @@
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <limits>
 #include <memory>
+#include <new>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -121,94 +126,187 @@ inline std::uint32_t read_big_endian_u32(const std::uint8_t* bytes) {
          std::uint32_t{bytes[3]};
 }
 
-/// A byte stream over a plain or gzipped file. read() returns fewer bytes than asked only at the end of the
-/// data; a corrupt stream throws. With zlib, gzread reads plain files unchanged, so one path serves both.
+/// A byte stream over a plain or gzipped file, which may be a pipe or /dev/stdin. read() returns fewer bytes
+/// than asked only at the end of the data; a corrupt stream throws.
 class IdxByteSource {
  public:
   explicit IdxByteSource(const std::filesystem::path& file) : file_(file) {
     std::error_code error;
     const auto status = std::filesystem::status(file, error);
-    if (!std::filesystem::exists(status)) throw_idx_error(file, "the file does not exist");
+    if (status.type() == std::filesystem::file_type::not_found)
+      throw_idx_error(file, "the file does not exist");
+    // The path exists but stat failed (a symlink loop, a directory on the way that may not be searched):
+    // "does not exist" would send the user looking for the wrong problem.
+    if (error) throw_idx_error(file, "cannot be checked: " + error.message());
     if (std::filesystem::is_directory(status)) throw_idx_error(file, "is a directory, not a file");
-#if XAX_IDX_GZIP
-    handle_.reset(gzopen(file.c_str(), "rb"));
-    if (!handle_) throw_idx_error(file, "cannot be opened for reading (permissions?)");
-    // The default 8 KiB buffer makes reading Fashion-MNIST's 47 MB of pixels several times slower; a small
-    // file keeps it rather than allocating 768 KiB of buffers (which dominated reading many small files).
-    constexpr std::uintmax_t large_buffer = 1u << 18;
-    const std::uintmax_t size = std::filesystem::file_size(file, error);
-    if (!error && size > large_buffer / 8) gzbuffer(handle_.get(), static_cast<unsigned>(large_buffer));
-#else
     handle_.reset(std::fopen(file.c_str(), "rb"));
-    if (!handle_) throw_idx_error(file, "cannot be opened for reading (permissions?)");
-    std::array<unsigned char, 2> magic{};
-    if (std::fread(magic.data(), 1, magic.size(), handle_.get()) == magic.size() && magic[0] == 0x1f &&
-        magic[1] == 0x8b) {
+    if (!handle_) {
+      const int open_error = errno;
+      throw_idx_error(file, "cannot be opened for reading: " + std::generic_category().message(open_error));
+    }
+    // The first two bytes tell gzip from plain data. They are kept and served by read() rather than
+    // rewound over: a pipe cannot be rewound, and a failed rewind would silently drop them.
+    head_size_ = std::fread(head_.data(), 1, head_.size(), handle_.get());
+    check_read_error();
+    const bool gzip = head_size_ == 2 && head_[0] == 0x1f && head_[1] == 0x8b;
+#if XAX_IDX_GZIP
+    if (gzip) start_gzip(status);
+#else
+    if (gzip) {
       throw_idx_error(
           file,
           "is gzip-compressed, but this build of xax has no zlib; install zlib (Debian: zlib1g-dev) "
           "and reconfigure with CMake, or decompress the file with gunzip");
     }
-    std::rewind(handle_.get());
 #endif
   }
 
   /// Reads up to `size` bytes into `out`; returns how many were read (less than `size` only at the end).
   std::size_t read(std::uint8_t* out, std::size_t size) {
-    std::size_t done = 0;
-    while (done < size) {
 #if XAX_IDX_GZIP
-      // gzread takes an unsigned count and returns an int: read in chunks that fit both.
-      const std::size_t chunk = std::min<std::size_t>(size - done, std::size_t{1} << 30);
-      const int got = gzread(handle_.get(), out + done, static_cast<unsigned>(chunk));
-      if (got < 0) throw_gzip_error();
-      if (got == 0) {
-        check_clean_end();
-        break;
-      }
-      done += static_cast<std::size_t>(got);
-#else
+    if (inflate_) return read_gzip(out, size);
+#endif
+    std::size_t done = 0;
+    for (; head_used_ < head_size_ && done < size; ++head_used_) out[done++] = head_[head_used_];
+    while (done < size) {
       const std::size_t got = std::fread(out + done, 1, size - done, handle_.get());
-      if (std::ferror(handle_.get()) != 0) throw_idx_error(file_, "a read error occurred");
+      check_read_error();
       if (got == 0) break;
       done += got;
-#endif
     }
     return done;
   }
 
  private:
-#if XAX_IDX_GZIP
-  struct GzClose {
-    void operator()(gzFile handle) const { gzclose(handle); }
-  };
-  std::unique_ptr<gzFile_s, GzClose> handle_;
+  void check_read_error() {
+    if (std::ferror(handle_.get()) != 0) {
+      const int read_error = errno;
+      throw_idx_error(file_, "a read error occurred: " + std::generic_category().message(read_error));
+    }
+  }
 
-  // gzread reports a gzip stream cut short as a plain end of data; gzerror tells the two apart.
-  void check_clean_end() {
-    int code = Z_OK;
-    const char* text = gzerror(handle_.get(), &code);
-    if (code != Z_OK) throw_gzip_error(code, text);
+#if XAX_IDX_GZIP
+  // zlib's inflate rather than gzread: gzread silently drops whatever follows the gzip data when it is not
+  // another gzip member, so a file with junk appended would read as valid.
+  struct InflateEnd {
+    void operator()(z_stream* stream) const {
+      inflateEnd(stream);
+      delete stream;
+    }
+  };
+
+  void start_gzip(const std::filesystem::file_status& status) {
+    // Large reads keep Fashion-MNIST's 26 MB of compressed pixels quick to read (zlib's default 8 KiB made
+    // it several times slower); a small file gets a buffer of its own size, as allocating large buffers
+    // dominated reading many small files.
+    constexpr std::size_t large_buffer = std::size_t{1} << 18;
+    std::size_t buffer = large_buffer;
+    std::error_code error;
+    const std::uintmax_t size =
+        std::filesystem::is_regular_file(status) ? std::filesystem::file_size(file_, error) : large_buffer;
+    if (!error)
+      buffer = static_cast<std::size_t>(std::clamp<std::uintmax_t>(size, head_.size(), large_buffer));
+    input_ = std::make_unique_for_overwrite<std::uint8_t[]>(buffer);
+    input_size_ = buffer;
+    std::copy_n(head_.data(), head_size_, input_.get());
+    head_used_ = head_size_;
+
+    auto stream = std::make_unique<z_stream>();
+    // 16 + MAX_WBITS: the gzip format only (header, CRC-32 and length checked), with the largest window.
+    const int code = inflateInit2(stream.get(), 16 + MAX_WBITS);
+    if (code == Z_MEM_ERROR) throw std::bad_alloc();
+    if (code != Z_OK) throw_gzip_error("zlib could not be initialised", code);
+    inflate_.reset(stream.release());
+    inflate_->next_in = input_.get();
+    inflate_->avail_in = static_cast<uInt>(head_size_);
+    input_read_ = head_size_;
   }
-  void throw_gzip_error() {
-    int code = Z_OK;
-    const char* text = gzerror(handle_.get(), &code);
-    throw_gzip_error(code, text);
+
+  std::size_t read_gzip(std::uint8_t* out, std::size_t size) {
+    z_stream& stream = *inflate_;
+    std::size_t done = 0;
+    while (done < size) {
+      if (member_ended_ && !start_next_member()) break;
+      if (stream.avail_in == 0 && fill_input() == 0) {
+        throw_idx_error(file_,
+                        "the gzip stream is truncated (the file ends inside a gzip member); download or "
+                        "reinstall the file");
+      }
+      // avail_out is an unsigned int: inflate in chunks that fit it.
+      const std::size_t chunk = std::min<std::size_t>(size - done, std::size_t{1} << 30);
+      stream.next_out = out + done;
+      stream.avail_out = static_cast<uInt>(chunk);
+      const int code = inflate(&stream, Z_NO_FLUSH);
+      done += chunk - stream.avail_out;
+      if (code == Z_STREAM_END) {
+        member_ended_ = true;
+      } else if (code == Z_MEM_ERROR) {
+        throw std::bad_alloc();
+      } else if (code != Z_OK) {
+        // With input and output space both available inflate always progresses, so anything but Z_OK here
+        // (Z_DATA_ERROR, also for a wrong CRC-32 or length) means the data is bad.
+        throw_gzip_error("the gzip stream is corrupt", code);
+      }
+    }
+    return done;
   }
-  [[noreturn]] void throw_gzip_error(int code, const char* text) {
-    std::string problem = code == Z_BUF_ERROR ? "the gzip stream is truncated" : "the gzip stream is corrupt";
+
+  // RFC 1952 makes a gzip file a series of members, and gunzip and zlib decompress them as one stream (`cat
+  // a.gz b.gz > c.gz` is valid gzip), so another member may follow the one that ended: it is accepted.
+  // Anything else after the gzip data (half of another file, a corrupted tail, zero padding) is refused, as
+  // bytes after a plain IDX file's data are. Returns false at a clean end of the file.
+  bool start_next_member() {
+    z_stream& stream = *inflate_;
+    if (stream.avail_in < 2) fill_input();
+    if (stream.avail_in == 0) return false;
+    if (stream.avail_in < 2 || stream.next_in[0] != 0x1f || stream.next_in[1] != 0x8b) {
+      throw_idx_error(file_, "the file holds bytes after the end of the gzip data, at byte offset " +
+                                 std::to_string(input_read_ - stream.avail_in) +
+                                 ", that do not start another gzip member (a gzip file is one or more gzip "
+                                 "members and nothing else); the file is corrupt or has data appended: "
+                                 "download or reinstall it");
+    }
+    if (inflateReset(&stream) != Z_OK) throw_gzip_error("zlib could not be reset", Z_STREAM_ERROR);
+    member_ended_ = false;
+    return true;
+  }
+
+  // Moves the input not yet consumed to the front of the buffer and reads more after it; returns how many
+  // bytes were read (0 at the end of the file).
+  std::size_t fill_input() {
+    z_stream& stream = *inflate_;
+    const std::size_t kept = stream.avail_in;
+    if (kept > 0) std::memmove(input_.get(), stream.next_in, kept);
+    const std::size_t got = std::fread(input_.get() + kept, 1, input_size_ - kept, handle_.get());
+    check_read_error();
+    stream.next_in = input_.get();
+    stream.avail_in = static_cast<uInt>(kept + got);
+    input_read_ += got;
+    return got;
+  }
+
+  [[noreturn]] void throw_gzip_error(std::string_view what, int code) {
+    std::string problem(what);
     problem += " (zlib: ";
-    problem += text != nullptr ? text : "unknown error";
+    problem += inflate_ && inflate_->msg != nullptr ? inflate_->msg : zError(code);
     problem += "); download or reinstall the file";
     throw_idx_error(file_, problem);
   }
-#else
+
+  std::unique_ptr<z_stream, InflateEnd> inflate_;  // null for plain data
+  std::unique_ptr<std::uint8_t[]> input_;
+  std::size_t input_size_ = 0;
+  std::uint64_t input_read_ = 0;  // bytes read from the file so far, for the offset in messages
+  bool member_ended_ = false;
+#endif
   struct FileClose {
     void operator()(std::FILE* handle) const { std::fclose(handle); }
   };
   std::unique_ptr<std::FILE, FileClose> handle_;
-#endif
   std::filesystem::path file_;
+  std::array<std::uint8_t, 2> head_{};
+  std::size_t head_size_ = 0;
+  std::size_t head_used_ = 0;
 };
 
 inline bool valid_idx_type_code(std::uint8_t code) {
