@@ -5,6 +5,7 @@
 #include <bit>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <map>
 #include <string>
@@ -184,6 +185,35 @@ TEST(Tree, ZipMismatchedStructureThrows) {
   }
   Eigen::Tensor<float, 3> t1(2, 3, 4), t2(2, 4, 3);
   EXPECT_THROW(xax::for_each_leaf([](auto&, auto&) {}, t1, t2), xax::ShapeError);
+}
+
+// An array's size was never compared with the node it is zipped with: a shorter node was read past its end
+// (ASan: stack-buffer-overflow) and a longer one's extra leaves were ignored. Two arrays of different sizes,
+// tuples and structs are compile errors (static_assert); an array against a vector is checked at run time.
+TEST(Tree, ZipAndCastCheckAnArraysSizeAgainstAVector) {
+  std::array<Eigen::VectorXf, 3> three{Eigen::VectorXf::Ones(2), Eigen::VectorXf::Ones(2),
+                                       Eigen::VectorXf::Ones(2)};
+  std::vector<Eigen::VectorXf> two(2, Eigen::VectorXf::Ones(2));
+  EXPECT_THAT(
+      [&] { xax::for_each_leaf([](auto&, auto&) {}, three, two); },
+      ::testing::ThrowsMessage<xax::ShapeError>(HasSubstr("an array of 3 elements zipped with a node of 2")));
+  std::vector<Eigen::VectorXf> four(4, Eigen::VectorXf::Ones(2));
+  EXPECT_THROW(xax::for_each_leaf([](auto&, auto&) {}, three, four), xax::ShapeError);
+  std::array<float, 2> source{1, 2};
+  std::vector<double> shorter(1);
+  EXPECT_THROW(xax::tree_cast_into(source, shorter), xax::ShapeError);
+}
+
+// A map with its own order keeps it when rebound, so the tree still zips with its own cast.
+TEST(Tree, ACastMapKeepsItsComparator) {
+  using Ordered = std::map<std::string, Eigen::VectorXf, std::greater<>>;
+  static_assert(std::is_same_v<xax::rebind_scalar_t<Ordered, float>, Ordered>);
+  Ordered params{{"a", Eigen::VectorXf::Ones(2)}, {"b", Eigen::VectorXf::Zero(3)}};
+  const auto half = xax::tree_cast<xax::bfloat16>(params);
+  std::vector<std::string> paths;
+  xax::for_each_leaf_with_path(
+      [&](const xax::TreePath& path, auto&, auto&) { paths.push_back(path.display()); }, params, half);
+  EXPECT_EQ(paths, (std::vector<std::string>{"[\"b\"]", "[\"a\"]"}));
 }
 
 TEST(Tree, CastIntoReusesStorageAndAdaptsStructure) {

@@ -25,7 +25,9 @@
 #include <array>
 #include <concepts>
 #include <cstddef>
+#include <iterator>
 #include <map>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
@@ -371,6 +373,20 @@ void check_same_layout([[maybe_unused]] const TreePath& path, [[maybe_unused]] c
   }
 }
 
+// A std::array zipped with another node: its size is the other array's at compile time, or a vector's at run
+// time. Unchecked, a shorter node was read past its end and a longer one's extra leaves were ignored.
+template <class A, class Other>
+void require_same_array_size(const TreePath& path, const A& array, const Other& other) {
+  if constexpr (is_std_array<std::remove_const_t<Other>>::value) {
+    static_assert(std::tuple_size_v<std::remove_const_t<Other>> == std::tuple_size_v<std::remove_const_t<A>>,
+                  "xax: zipped trees differ in structure: std::arrays of different sizes");
+  } else if (std::size(other) != array.size()) {
+    throw ShapeError("tree structure does not match at '" + path.display() + "': an array of " +
+                     std::to_string(array.size()) + " elements zipped with a node of " +
+                     std::to_string(std::size(other)));
+  }
+}
+
 template <class F, class T0, class... Ts>
 void walk(F& f, TreePath& path, T0& first, Ts&... rest) {
   using U = std::remove_const_t<T0>;
@@ -422,12 +438,15 @@ void walk(F& f, TreePath& path, T0& first, Ts&... rest) {
           iterators);
     }
   } else if constexpr (is_std_array<U>::value) {
+    (require_same_array_size(path, first, rest), ...);
     for (std::size_t i = 0; i < first.size(); ++i) {
       path.push_index(i);
       walk(f, path, first[i], rest[i]...);
       path.pop();
     }
   } else if constexpr (is_tuple_like_node<U>::value) {
+    static_assert(((std::tuple_size_v<std::remove_const_t<Ts>> == std::tuple_size_v<U>)&&...),
+                  "xax: zipped trees differ in structure: tuples (or pairs) of different sizes");
     const auto walk_element = [&]<std::size_t I>(std::integral_constant<std::size_t, I>) {
       path.push_index(I);
       walk(f, path, std::get<I>(first), std::get<I>(rest)...);
@@ -439,6 +458,8 @@ void walk(F& f, TreePath& path, T0& first, Ts&... rest) {
     (std::make_index_sequence<std::tuple_size_v<U>>{});
   } else if constexpr (reflected_struct<U>) {
     constexpr auto names = field_names<U>();
+    static_assert(((std::tuple_size_v<field_types_t<std::remove_const_t<Ts>>> == names.size()) && ...),
+                  "xax: zipped trees differ in structure: structs with different numbers of fields");
     // One field of every tree at a time; a separate lambda keeps the field index and the tree pack apart.
     const auto walk_field = [&]<std::size_t I>(std::integral_constant<std::size_t, I>) {
       path.push_field(names[I]);
@@ -576,13 +597,18 @@ requires scalar_leaf<T>
 struct rebind<T, S> : rebind_leaf_scalar<T, S> {
 };
 
+// A node keeps its comparator and allocator: a map rebound to the default order would iterate its keys in
+// another order than the tree it came from, and no longer zip with it.
 template <class T, class A, class S>
 struct rebind<std::vector<T, A>, S> {
-  using type = std::vector<rebind_t<T, S>>;
+  using type =
+      std::vector<rebind_t<T, S>, typename std::allocator_traits<A>::template rebind_alloc<rebind_t<T, S>>>;
 };
 template <class T, class C, class A, class S>
 struct rebind<std::map<std::string, T, C, A>, S> {
-  using type = std::map<std::string, rebind_t<T, S>>;
+  using type = std::map<
+      std::string, rebind_t<T, S>, C,
+      typename std::allocator_traits<A>::template rebind_alloc<std::pair<const std::string, rebind_t<T, S>>>>;
 };
 template <class T, std::size_t N, class S>
 struct rebind<std::array<T, N>, S> {

@@ -112,18 +112,23 @@ void cast_into(TreePath& path, const Src& src, Dst& dst, ConversionBatch& batch)
       path.pop();
     }
   } else if constexpr (is_std_array<Src>::value) {
+    require_same_array_size(path, src, dst);
     for (std::size_t i = 0; i < src.size(); ++i) {
       path.push_index(i);
       cast_into(path, src[i], dst[i], batch);
       path.pop();
     }
   } else if constexpr (is_tuple_like_node<Src>::value) {
+    static_assert(std::tuple_size_v<Dst> == std::tuple_size_v<Src>,
+                  "xax: a cast's trees differ in structure: tuples (or pairs) of different sizes");
     [&]<std::size_t... I>(std::index_sequence<I...>) {
       ((path.push_index(I), cast_into(path, std::get<I>(src), std::get<I>(dst), batch), path.pop()), ...);
     }
     (std::make_index_sequence<std::tuple_size_v<Src>>{});
   } else if constexpr (reflected_struct<Src>) {
     constexpr auto names = field_names<Src>();
+    static_assert(std::tuple_size_v<field_types_t<Dst>> == names.size(),
+                  "xax: a cast's trees differ in structure: structs with different numbers of fields");
     [&]<std::size_t... I>(std::index_sequence<I...>) {
       ((path.push_field(names[I]),
         cast_into(path, std::get<I>(tie_fields(src)), std::get<I>(tie_fields(dst)), batch), path.pop()),
