@@ -8,8 +8,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <type_traits>
+#include <vector>
 #include <xax/utils/dtype.hpp>
 
 namespace xax_test {
@@ -69,5 +71,33 @@ template <class M>
 }
 
 using Scalars = ::testing::Types<float, xax::bfloat16, xax::float16>;
+
+/// A vector output of `size` elements at the start of a buffer of NaNs four times as long: a kernel that
+/// writes it as anything but `size` adjacent elements leaves a NaN in it or writes past it, which
+/// `only_vector_written` reports, without corrupting the heap as an overflowing VectorXf would.
+template <class T>
+struct GuardedVector {
+  explicit GuardedVector(Eigen::Index size)
+      : buffer(static_cast<std::size_t>(4 * size + 4),
+               static_cast<T>(std::numeric_limits<float>::quiet_NaN())),
+        vector(buffer.data(), size) {}
+  GuardedVector(const GuardedVector&) = delete;
+  GuardedVector& operator=(const GuardedVector&) = delete;
+
+  ::testing::AssertionResult only_vector_written() const {
+    for (std::size_t i = 0; i < buffer.size(); ++i) {
+      const bool inside = static_cast<Eigen::Index>(i) < vector.size();
+      if (std::isnan(static_cast<float>(buffer[i])) == inside) {
+        return ::testing::AssertionFailure()
+               << "element " << i << " of the buffer is " << static_cast<float>(buffer[i])
+               << " but the vector has " << vector.size() << " elements";
+      }
+    }
+    return ::testing::AssertionSuccess();
+  }
+
+  std::vector<T> buffer;
+  Eigen::Map<Vector<T>> vector;
+};
 
 }  // namespace xax_test

@@ -384,4 +384,35 @@ TEST(CausalAttention, OutputsSharingStorageWithOperandsAreRefused) {
   EXPECT_EQ(qkv, before);
 }
 
+// One feature (one head of size 1) into vector outputs: a 1 x tokens result, which a vector type takes as
+// adjacent elements; it must equal the result in a plain matrix.
+TYPED_TEST(CausalAttentionTyped, OneFeatureIntoVectorOutputs) {
+  using T = TypeParam;
+  const xax::AttentionLayout one_feature{.heads = 1, .sequence_length = 4};
+  const Matrix<T> q = xax_test::random_matrix<T>(1, 8, 51), k = xax_test::random_matrix<T>(1, 8, 52),
+                  v = xax_test::random_matrix<T>(1, 8, 53), dy = xax_test::random_matrix<T>(1, 8, 54);
+  Matrix<T> y;
+  Tensor3<T> probs, probs_vector;
+  xax::causal_self_attention(q, k, v, one_feature, 1.0f, y, probs);
+  xax_test::GuardedVector<T> y_vector(8);
+  xax::causal_self_attention(q, k, v, one_feature, 1.0f, y_vector.vector, probs_vector);
+  EXPECT_TRUE(y_vector.only_vector_written());
+  for (Eigen::Index n = 0; n < 8; ++n)
+    EXPECT_EQ(static_cast<float>(y_vector.vector(n)), static_cast<float>(y(0, n)));
+
+  Matrix<T> dq, dk, dv;
+  xax::causal_self_attention_backward(q, k, v, probs, dy, one_feature, 1.0f, dq, dk, dv);
+  xax_test::GuardedVector<T> dq_vector(8), dk_vector(8), dv_vector(8);
+  xax::causal_self_attention_backward(q, k, v, probs, dy, one_feature, 1.0f, dq_vector.vector,
+                                      dk_vector.vector, dv_vector.vector);
+  EXPECT_TRUE(dq_vector.only_vector_written());
+  EXPECT_TRUE(dk_vector.only_vector_written());
+  EXPECT_TRUE(dv_vector.only_vector_written());
+  for (Eigen::Index n = 0; n < 8; ++n) {
+    EXPECT_EQ(static_cast<float>(dq_vector.vector(n)), static_cast<float>(dq(0, n)));
+    EXPECT_EQ(static_cast<float>(dk_vector.vector(n)), static_cast<float>(dk(0, n)));
+    EXPECT_EQ(static_cast<float>(dv_vector.vector(n)), static_cast<float>(dv(0, n)));
+  }
+}
+
 }  // namespace

@@ -146,4 +146,28 @@ TYPED_TEST(CausalSoftmaxTyped, ColumnsOfEveryLengthAroundThePaddingMatchReferenc
   }
 }
 
+// The output must not share memory with the scores (nor dscores with probs or dprobs): a partial overlap
+// reads probabilities as scores, and a plain output that a scores Map points into would be freed by its
+// resize.
+TEST(CausalSoftmax, OutputsSharingMemoryWithInputsAreRejected) {
+  Eigen::MatrixXf m = Eigen::MatrixXf::Random(4, 6);
+  const Eigen::MatrixXf original = m;
+  EXPECT_THROW(xax::causal_softmax(m.leftCols(4), m.rightCols(4), 1.0f), xax::ShapeError);
+  EXPECT_THROW(xax::causal_softmax_backward(m.leftCols(2), m.middleCols(2, 2), m.middleCols(3, 2), 1.0f),
+               xax::ShapeError);
+  EXPECT_EQ(m, original);
+
+  Eigen::MatrixXf buffer = Eigen::MatrixXf::Random(4, 16);
+  const Eigen::Map<const Eigen::MatrixXf> scores(buffer.data(), 4, 4);
+  EXPECT_THROW(xax::causal_softmax(scores, buffer, 1.0f), xax::ShapeError);
+  EXPECT_EQ(buffer.cols(), 16);
+
+  Tensor3<float> storage(4, 4, 3);
+  storage.setRandom();
+  const Eigen::TensorMap<const Tensor3<float>> first(storage.data(), 4, 4, 2);
+  Eigen::TensorMap<Tensor3<float>> second(storage.data() + 16, 4, 4, 2);
+  EXPECT_THROW(xax::causal_softmax(first, second, 1.0f), xax::ShapeError);
+  EXPECT_THROW(xax::causal_softmax_backward(first, first, second, 1.0f), xax::ShapeError);
+}
+
 }  // namespace

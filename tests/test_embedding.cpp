@@ -128,4 +128,57 @@ TEST(Embedding, RejectsTokensOutsideTheTableAndBadShapes) {
       xax::ShapeError);
 }
 
+// A one-feature table (1 x vocabulary) gives a 1 x tokens output; a vector type takes it as the adjacent
+// elements of that row, and the backward's vector table gradient likewise.
+TYPED_TEST(EmbeddingTyped, OneFeatureIntoVectorOutputs) {
+  using T = TypeParam;
+  Matrix<T> table(1, 3);
+  table << static_cast<T>(10.0f), static_cast<T>(20.0f), static_cast<T>(30.0f);
+  const std::vector<std::int32_t> tokens{2, 1, 0, 2};
+  xax_test::GuardedVector<T> out(4);
+  xax::embedding(table, tokens, out.vector);
+  EXPECT_TRUE(out.only_vector_written());
+  const float expected[] = {30.0f, 20.0f, 10.0f, 30.0f};
+  for (Eigen::Index n = 0; n < 4; ++n) EXPECT_EQ(static_cast<float>(out.vector(n)), expected[n]) << n;
+
+  Matrix<T> dout(1, 4);
+  dout << static_cast<T>(1.0f), static_cast<T>(2.0f), static_cast<T>(3.0f), static_cast<T>(4.0f);
+  xax_test::GuardedVector<T> dtable(3);
+  xax::embedding_backward(dout, tokens, dtable.vector, 3);
+  EXPECT_TRUE(dtable.only_vector_written());
+  EXPECT_EQ(static_cast<float>(dtable.vector(0)), 3.0f);
+  EXPECT_EQ(static_cast<float>(dtable.vector(1)), 2.0f);
+  EXPECT_EQ(static_cast<float>(dtable.vector(2)), 5.0f);
+}
+
+// The output must not share memory with the table (or the gradient with dout): the table itself as the
+// output would be resized under the gather, and a table gradient over dout is zeroed before dout is read.
+TEST(Embedding, OutputsSharingMemoryWithInputsAreRejected) {
+  Eigen::MatrixXf wte = Eigen::MatrixXf::Random(8, 5);
+  const Eigen::MatrixXf original = wte;
+  const std::vector<std::int32_t> tokens{1, 2, 3};
+  EXPECT_THROW(xax::embedding(wte, tokens, wte), xax::ShapeError);
+  EXPECT_EQ(wte, original);
+  EXPECT_THROW(xax::embedding(wte.leftCols(4), tokens, wte.rightCols(3)), xax::ShapeError);
+  EXPECT_THROW(xax::embedding(wte.leftCols(2), std::vector<std::int32_t>{0, 1}, wte.middleCols(1, 2),
+                              {.accumulate = true}),
+               xax::ShapeError);
+  EXPECT_EQ(wte, original);
+
+  std::vector<float> storage(4 * 3, 1.0f);
+  const Eigen::Map<const Eigen::MatrixXf> dout(storage.data(), 4, 3);
+  Eigen::Map<Eigen::MatrixXf> dtable(storage.data(), 4, 3);
+  EXPECT_THROW(xax::embedding_backward(dout, std::vector<std::int32_t>{0, 0, 0}, dtable, 3), xax::ShapeError);
+  EXPECT_EQ(storage, std::vector<float>(4 * 3, 1.0f));
+}
+
+// A negative vocabulary is a ShapeError, not a resize to a negative size (even with no tokens to check).
+TEST(Embedding, NegativeVocabularyIsRejected) {
+  const Eigen::MatrixXf dout(4, 0);
+  Eigen::MatrixXf dtable;
+  EXPECT_THROW(xax::embedding_backward(dout, std::vector<std::int32_t>{}, dtable, -1), xax::ShapeError);
+  EXPECT_THROW(xax::embedding_backward(dout, std::vector<std::int32_t>{}, dtable, -1, {.accumulate = true}),
+               xax::ShapeError);
+}
+
 }  // namespace

@@ -96,4 +96,51 @@ TEST(GeluTanh, RejectsMismatchedShapes) {
   EXPECT_THROW(xax::gelu_tanh(Eigen::MatrixXf::Zero(3, 3).eval(), fixed), xax::ShapeError);
 }
 
+// A 1 x n input into a vector type: written as the n adjacent elements of the 1 x n result.
+TYPED_TEST(GeluTanhTyped, OneRowIntoAVectorOutput) {
+  using T = TypeParam;
+  Matrix<T> x(1, 4);
+  x << static_cast<T>(0.5f), static_cast<T>(-1.0f), static_cast<T>(2.0f), static_cast<T>(3.0f);
+  Matrix<T> expected;
+  xax::gelu_tanh(x, expected);
+  xax_test::GuardedVector<T> y(4);
+  xax::gelu_tanh(x, y.vector);
+  EXPECT_TRUE(y.only_vector_written());
+  for (Eigen::Index j = 0; j < 4; ++j)
+    EXPECT_EQ(static_cast<float>(y.vector(j)), static_cast<float>(expected(0, j)));
+  const Matrix<T> dy = Matrix<T>::Ones(1, 4);
+  Matrix<T> expected_dx;
+  xax::gelu_tanh_backward(x, dy, expected_dx);
+  xax_test::GuardedVector<T> dx(4);
+  xax::gelu_tanh_backward(x, dy, dx.vector);
+  EXPECT_TRUE(dx.only_vector_written());
+  for (Eigen::Index j = 0; j < 4; ++j)
+    EXPECT_EQ(static_cast<float>(dx.vector(j)), static_cast<float>(expected_dx(0, j)));
+}
+
+// Exactly in place is documented and works (ForwardAndBackwardMatchReference); any other sharing of memory
+// between the output and an input is a ShapeError: a partial overlap reads results as inputs, and a plain
+// output that an input Map points into would be freed by its resize.
+TEST(GeluTanh, OutputsPartlySharingMemoryWithInputsAreRejected) {
+  Eigen::MatrixXf m(2, 4);
+  m << 1, 2, 3, 4, 1, 2, 3, 4;
+  const Eigen::MatrixXf original = m;
+  EXPECT_THROW(xax::gelu_tanh(m.leftCols(3), m.rightCols(3)), xax::ShapeError);
+  EXPECT_THROW(xax::gelu_tanh_backward(m.leftCols(3), m.leftCols(3), m.rightCols(3)), xax::ShapeError);
+  EXPECT_THROW(xax::gelu_tanh_backward(m.leftCols(3), m.rightCols(3), m.leftCols(3)), xax::ShapeError);
+  EXPECT_EQ(m, original);
+
+  Eigen::MatrixXf buffer = Eigen::MatrixXf::Random(16, 8);
+  const Eigen::Map<const Eigen::MatrixXf> x(buffer.data(), 16, 2);
+  EXPECT_THROW(xax::gelu_tanh(x, buffer), xax::ShapeError);
+  EXPECT_EQ(buffer.cols(), 8);
+
+  // Column blocks of one matrix that share no element are separate operands.
+  Eigen::MatrixXf wide = original;
+  xax::gelu_tanh(wide.leftCols(2), wide.rightCols(2));
+  Eigen::MatrixXf expected;
+  xax::gelu_tanh(original.leftCols(2).eval(), expected);
+  EXPECT_EQ(Eigen::MatrixXf(wide.rightCols(2)), expected);
+}
+
 }  // namespace

@@ -169,6 +169,83 @@ TEST(LayerNorm, RejectsBadShapesAndEpsilon) {
   EXPECT_THROW(xax::layer_norm_backward(x, g, other, x, dx, dg, db), xax::ShapeError);
 }
 
+// One feature (1 x n input) into a vector type: written as the n adjacent elements of the 1 x n result.
+TYPED_TEST(LayerNormTyped, OneFeatureIntoAVectorOutput) {
+  using T = TypeParam;
+  Matrix<T> x(1, 4);
+  x << static_cast<T>(0.5f), static_cast<T>(-1.0f), static_cast<T>(2.0f), static_cast<T>(3.0f);
+  const Vector<T> gain = Vector<T>::Ones(1), bias = Vector<T>::Constant(1, static_cast<T>(7.0f));
+  xax_test::GuardedVector<T> y(4);
+  xax::LayerNormStatistics stats;
+  xax::layer_norm(x, gain, bias, y.vector, stats);
+  EXPECT_TRUE(y.only_vector_written());
+  for (Eigen::Index j = 0; j < 4; ++j) EXPECT_EQ(static_cast<float>(y.vector(j)), 7.0f) << j;
+}
+
+// The gain and bias, and accumulated dgain and dbias, may be 1 x n rows of a column-major parameter matrix:
+// their elements are a column apart, and are read and written there.
+TYPED_TEST(LayerNormTyped, ParametersMayBeRowsOfAMatrix) {
+  using T = TypeParam;
+  constexpr Eigen::Index features = 6, columns = 5;
+  const Matrix<T> x = xax_test::random_matrix<T>(features, columns, 41);
+  const Matrix<T> dy = xax_test::random_matrix<T>(features, columns, 42);
+  Matrix<T> parameters = xax_test::random_matrix<T>(3, features, 43, 0.5f, 1.5f);  // gain, bias, spare
+  const Vector<T> gain = parameters.row(0).transpose(), bias = parameters.row(1).transpose();
+
+  xax::LayerNormStatistics stats, stats_rows;
+  Eigen::MatrixXf y, y_rows;
+  xax::layer_norm(x, gain, bias, y, stats);
+  xax::layer_norm(x, parameters.topRows(1), parameters.middleRows(1, 1), y_rows, stats_rows);
+  EXPECT_EQ(y_rows, y);
+
+  Eigen::MatrixXf dx, dx_rows;
+  Eigen::VectorXf dgain = Eigen::VectorXf::Constant(features, 1.0f),
+                  dbias = Eigen::VectorXf::Constant(features, 2.0f);
+  Eigen::MatrixXf gradients(3, features);  // dgain, dbias, and a row that must stay as it is
+  gradients.row(0).setConstant(1.0f);
+  gradients.row(1).setConstant(2.0f);
+  gradients.row(2).setConstant(-5.0f);
+  const xax::LayerNormBackwardOptions accumulate{.accumulate_parameter_gradients = true};
+  xax::layer_norm_backward(x, gain, stats, dy, dx, dgain, dbias, accumulate);
+  xax::layer_norm_backward(x, parameters.topRows(1), stats, dy, dx_rows, gradients.topRows(1),
+                           gradients.middleRows(1, 1), accumulate);
+  EXPECT_EQ(dx_rows, dx);
+  EXPECT_EQ(Eigen::VectorXf(gradients.row(0).transpose()), dgain);
+  EXPECT_EQ(Eigen::VectorXf(gradients.row(1).transpose()), dbias);
+  EXPECT_EQ(gradients.row(2), Eigen::RowVectorXf::Constant(features, -5.0f));
+}
+
+// layer_norm reads its input while writing its output: an output that shares memory with an input is a
+// ShapeError, whether it overlaps in part or is a plain matrix an input Map points into (resizing it would
+// free what the Map reads). The same for the backward's three outputs, against the inputs and each other.
+TEST(LayerNorm, OutputsSharingMemoryWithOperandsAreRejected) {
+  Eigen::MatrixXf m = Eigen::MatrixXf::Random(4, 5);
+  const Eigen::MatrixXf original = m;
+  const Eigen::VectorXf gain = Eigen::VectorXf::Ones(4), bias = Eigen::VectorXf::Zero(4);
+  xax::LayerNormStatistics stats;
+  EXPECT_THROW(xax::layer_norm(m.leftCols(3), gain, bias, m.rightCols(3), stats), xax::ShapeError);
+  EXPECT_EQ(m, original);
+
+  Eigen::MatrixXf buffer = Eigen::MatrixXf::Random(16, 8);
+  const Eigen::Map<const Eigen::MatrixXf> x(buffer.data(), 16, 2);
+  const Eigen::VectorXf gain16 = Eigen::VectorXf::Ones(16), bias16 = Eigen::VectorXf::Zero(16);
+  EXPECT_THROW(xax::layer_norm(x, gain16, bias16, buffer, stats), xax::ShapeError);
+  EXPECT_EQ(buffer.cols(), 8);
+
+  Eigen::MatrixXf y;
+  xax::layer_norm(m, gain, bias, y, stats);
+  Eigen::MatrixXf dy = Eigen::MatrixXf::Random(4, 5), dx;
+  Eigen::VectorXf dgain, dbias;
+  EXPECT_THROW(xax::layer_norm_backward(m, gain, stats, dy, dy, dgain, dbias), xax::ShapeError);
+  EXPECT_THROW(xax::layer_norm_backward(m, gain, stats, dy, m, dgain, dbias), xax::ShapeError);
+  Eigen::MatrixXf storage = Eigen::MatrixXf::Zero(4, 7);
+  EXPECT_THROW(
+      xax::layer_norm_backward(m, gain, stats, dy, storage.leftCols(5), storage.col(4), storage.col(6)),
+      xax::ShapeError);
+  EXPECT_THROW(xax::layer_norm_backward(m, gain, stats, dy, dx, storage.col(0), storage.col(0)),
+               xax::ShapeError);
+}
+
 }  // namespace
 
 namespace {

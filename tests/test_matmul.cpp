@@ -7,8 +7,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <string>
+#include <vector>
 #include <xax/ops/matmul.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
@@ -378,6 +380,111 @@ TEST(Matmul, BackendQueries) {
     EXPECT_THROW(xax::matmul(Eigen::MatrixXf::Ones(2, 2).eval(), Eigen::MatrixXf::Ones(2, 2).eval(), c,
                              {.backend = xax::MatmulBackend::onednn}),
                  xax::ConfigError);
+  }
+}
+
+/// The backends this build can run.
+std::vector<xax::MatmulBackend> available_backends() {
+  std::vector<xax::MatmulBackend> backends;
+  for (const auto backend :
+       {xax::MatmulBackend::automatic, xax::MatmulBackend::eigen, xax::MatmulBackend::onednn})
+    if (xax::matmul_backend_available(backend)) backends.push_back(backend);
+  return backends;
+}
+
+// Activation::relu documents that NaN propagates (the loss scaler must see it) on every backend, with or
+// without a bias, accumulating or not, into float or the inputs' type. oneDNN's relu post-op computes
+// max(x, 0), which turned NaN into 0.
+TYPED_TEST(MatmulTyped, ReluPropagatesNanOnEveryBackend) {
+  using T = TypeParam;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  Matrix<T> w(3, 2);
+  w << static_cast<T>(1.0f), static_cast<T>(1.0f), static_cast<T>(-1.0f), static_cast<T>(-1.0f),
+      static_cast<T>(2.0f), static_cast<T>(0.0f);
+  Matrix<T> x = Matrix<T>::Ones(2, 3);
+  x(1, 0) = static_cast<T>(nan);  // column 0 of w x is NaN
+  const Vector<T> bias = Vector<T>::Zero(3);
+  const auto check = [](const auto& y, const std::string& what) {
+    for (Eigen::Index i = 0; i < 3; ++i) {
+      EXPECT_TRUE(std::isnan(static_cast<float>(y(i, 0)))) << what << " row " << i;
+    }
+    // The other columns: 2 -> 2, -2 -> 0, 2 -> 2.
+    for (Eigen::Index j = 1; j < 3; ++j) {
+      EXPECT_EQ(static_cast<float>(y(0, j)), 2.0f) << what;
+      EXPECT_EQ(static_cast<float>(y(1, j)), 0.0f) << what;
+      EXPECT_FALSE(std::signbit(static_cast<float>(y(1, j)))) << what;
+      EXPECT_EQ(static_cast<float>(y(2, j)), 2.0f) << what;
+    }
+  };
+  for (const auto backend : available_backends()) {
+    const std::string name(xax::matmul_backend_name(backend));
+    const xax::MatmulOptions options{.activation = xax::Activation::relu, .backend = backend};
+    Matrix<T> y;
+    xax::matmul(w, x, y, options);
+    check(y, name + " " + xax::last_matmul_implementation());
+    xax::matmul(w, x, bias, y, options);
+    check(y, name + " with bias " + xax::last_matmul_implementation());
+    Eigen::MatrixXf y_float;
+    xax::matmul(w, x, bias, y_float, options);
+    check(y_float, name + " float output " + xax::last_matmul_implementation());
+    Eigen::MatrixXf accumulated = Eigen::MatrixXf::Zero(3, 3);
+    xax::MatmulOptions accumulate = options;
+    accumulate.accumulate = true;
+    xax::matmul(w, x, accumulated, accumulate);
+    check(accumulated, name + " accumulating " + xax::last_matmul_implementation());
+  }
+}
+
+// An operand whose outer stride is smaller than its rows (a sliding window over a signal, 1-D convolution
+// as a product; stride 0 repeats one column) is read as Eigen reads it: element (i, j) at data[i + j * s].
+TYPED_TEST(MatmulTyped, OperandsWithOverlappingColumnsAreReadAsEigenReadsThem) {
+  using T = TypeParam;
+  std::vector<T> signal(64, static_cast<T>(100.0f));  // padding: the unfixed code read into it
+  for (std::size_t i = 0; i < 6; ++i) signal[i] = static_cast<T>(static_cast<float>(i + 1));
+  const Matrix<T> kernel = random_matrix<T>(2, 3, 21, 0.0f, 1.0f);  // positive: no cancellation
+  for (const Eigen::Index stride : {Eigen::Index{0}, Eigen::Index{1}, Eigen::Index{2}}) {
+    const Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>> windows(signal.data(), 3, 4,
+                                                                       Eigen::OuterStride<>(stride));
+    MatrixXd windows_d(3, 4);
+    for (Eigen::Index j = 0; j < 4; ++j)
+      for (Eigen::Index i = 0; i < 3; ++i)
+        windows_d(i, j) = static_cast<double>(static_cast<float>(windows(i, j)));
+    for (const auto backend : available_backends()) {
+      Eigen::MatrixXf y;
+      xax::matmul(kernel, windows, y, {.backend = backend});  // as B
+      expect_near_reference(Matrix<float>(y), to_double(kernel) * windows_d, 3, "kernel * windows");
+      Eigen::MatrixXf yt;
+      xax::matmul(windows, kernel, yt,
+                  {.transpose_a = true, .transpose_b = true, .backend = backend});  // as A
+      expect_near_reference(Matrix<float>(yt), windows_d.transpose() * to_double(kernel).transpose(), 3,
+                            "windows^T kernel^T");
+    }
+  }
+  // An output whose columns overlap cannot take separate columns of a product.
+  std::vector<float> storage(64, 0.0f);
+  Eigen::Map<Eigen::MatrixXf, 0, Eigen::OuterStride<>> overlapping(storage.data(), 2, 4,
+                                                                   Eigen::OuterStride<>(1));
+  const Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>> windows(signal.data(), 3, 4,
+                                                                     Eigen::OuterStride<>(3));
+  EXPECT_THROW(xax::matmul(kernel, windows, overlapping), xax::ShapeError);
+}
+
+// A 1 x n block of a column-major matrix (a bias kept as a row of a parameter matrix) passes as a vector of
+// n, but its elements are a column apart: they are read there, not as n adjacent elements.
+TYPED_TEST(MatmulTyped, BiasFromARowOfAMatrixIsReadThroughItsStride) {
+  using T = TypeParam;
+  Matrix<T> parameters(3, 4);
+  for (Eigen::Index j = 0; j < 4; ++j)
+    for (Eigen::Index i = 0; i < 3; ++i)
+      parameters(i, j) = static_cast<T>(static_cast<float>((j + 1) * (i == 0 ? 1 : 10 * i)));
+  const Matrix<T> w = Matrix<T>::Zero(4, 2), x = Matrix<T>::Zero(2, 3);
+  for (const auto backend : available_backends()) {
+    Matrix<T> y;
+    xax::matmul(w, x, parameters.topRows(1), y, {.backend = backend});
+    for (Eigen::Index j = 0; j < 3; ++j)
+      for (Eigen::Index i = 0; i < 4; ++i)
+        EXPECT_EQ(static_cast<float>(y(i, j)), static_cast<float>(i + 1))
+            << xax::matmul_backend_name(backend);
   }
 }
 

@@ -19,6 +19,7 @@
 
 namespace {
 
+using xax_test::GuardedVector;
 using xax_test::half_ulp;
 using xax_test::Matrix;
 using xax_test::random_matrix;
@@ -219,6 +220,99 @@ TEST(Softmax, FixedSizeOutputsAreCheckedNotResized) {
   EXPECT_THROW(xax::softmax(Eigen::MatrixXf::Zero(3, 3).eval(), fixed), xax::ShapeError);
   xax::softmax(Eigen::MatrixXf::Zero(2, 2).eval(), fixed);
   EXPECT_EQ(fixed, (Eigen::Matrix<float, 2, 2>::Constant(0.5f)));
+}
+
+// One row of logits (1 x n) into a vector type: the vector keeps its n x 1 shape and must be written as the n
+// adjacent elements of the 1 x n result, not a column of n elements apart.
+TYPED_TEST(ReduceTyped, OneRowOfLogitsIntoAVectorOutput) {
+  using T = TypeParam;
+  Matrix<T> logits(1, 4);
+  logits << static_cast<T>(0.5f), static_cast<T>(-1.0f), static_cast<T>(2.0f), static_cast<T>(3.0f);
+  GuardedVector<T> log_probabilities(4);
+  xax::log_softmax(logits, log_probabilities.vector);
+  EXPECT_TRUE(log_probabilities.only_vector_written());
+  for (Eigen::Index j = 0; j < 4; ++j) EXPECT_EQ(static_cast<float>(log_probabilities.vector(j)), 0.0f) << j;
+
+  GuardedVector<T> probabilities(4);
+  xax::softmax(logits, probabilities.vector);
+  EXPECT_TRUE(probabilities.only_vector_written());
+  for (Eigen::Index j = 0; j < 4; ++j) EXPECT_EQ(static_cast<float>(probabilities.vector(j)), 1.0f) << j;
+
+  // One class: the gradient softmax - onehot is 0 everywhere.
+  GuardedVector<T> dlogits(4);
+  EXPECT_EQ(xax::softmax_cross_entropy(logits, std::vector<std::int32_t>(4, 0), dlogits.vector), 0.0f);
+  EXPECT_TRUE(dlogits.only_vector_written());
+  for (Eigen::Index j = 0; j < 4; ++j) EXPECT_EQ(static_cast<float>(dlogits.vector(j)), 0.0f) << j;
+}
+
+// A 1 x n row of a column-major matrix holds its elements a column apart: row_sums reads and writes them
+// there, and leaves the other rows alone.
+TYPED_TEST(ReduceTyped, RowSumsAccumulateIntoARowOfAMatrix) {
+  using T = TypeParam;
+  Matrix<T> accumulators = Matrix<T>::Zero(3, 4);
+  accumulators(0, 2) = static_cast<T>(1.0f);
+  const Matrix<T> x = Matrix<T>::Ones(4, 5);
+  xax::row_sums(x, accumulators.topRows(1), /*accumulate=*/true);
+  Matrix<T> expected = Matrix<T>::Zero(3, 4);
+  expected.row(0).setConstant(static_cast<T>(5.0f));
+  expected(0, 2) = static_cast<T>(6.0f);
+  EXPECT_EQ(to_double(accumulators), to_double(expected));
+}
+
+// A Map whose outer stride is below its rows has overlapping columns: a ShapeError, not reads at other
+// addresses. (The buffer is long enough that the unfixed code read no further than it.)
+TEST(Reduce, OperandsWithOverlappingColumnsAreRejected) {
+  std::vector<float> signal(64, 1.0f);
+  for (std::size_t i = 0; i < 6; ++i) signal[i] = static_cast<float>(i + 1);
+  for (const Eigen::Index stride : {Eigen::Index{0}, Eigen::Index{1}}) {
+    const Eigen::Map<const Eigen::MatrixXf, 0, Eigen::OuterStride<>> windows(signal.data(), 3, 4,
+                                                                             Eigen::OuterStride<>(stride));
+    Eigen::MatrixXf out;
+    Eigen::VectorXf sums;
+    EXPECT_THROW(xax::softmax(windows, out), xax::ShapeError) << stride;
+    EXPECT_THROW(xax::log_softmax(windows, out), xax::ShapeError) << stride;
+    EXPECT_THROW(xax::logsumexp(windows, sums), xax::ShapeError) << stride;
+    EXPECT_THROW(xax::softmax_cross_entropy(windows, std::vector<std::int32_t>{0, 1, 2, 0}), xax::ShapeError);
+    EXPECT_THROW(xax::softmax_cross_entropy(windows, std::vector<std::int32_t>{0, 1, 2, 0}, out),
+                 xax::ShapeError);
+    EXPECT_THROW(xax::row_sums(windows, sums), xax::ShapeError) << stride;
+  }
+  // An output with overlapping columns cannot hold separate columns either.
+  std::vector<float> storage(64, 0.0f);
+  Eigen::Map<Eigen::MatrixXf, 0, Eigen::OuterStride<>> overlapping(storage.data(), 3, 4,
+                                                                   Eigen::OuterStride<>(1));
+  EXPECT_THROW(xax::softmax(Eigen::MatrixXf::Zero(3, 4).eval(), overlapping), xax::ShapeError);
+}
+
+// The reductions read their inputs while writing their outputs: an output that shares memory with the
+// logits is a ShapeError, whether it overlaps them in part or is a plain matrix that a logits Map points into
+// (resizing it would free what the Map reads).
+TEST(Reduce, OutputsSharingMemoryWithTheLogitsAreRejected) {
+  Eigen::MatrixXf s(3, 3);
+  s << 0, 1, 2, 1, 2, 3, 2, 3, 4;
+  const Eigen::MatrixXf original = s;
+  EXPECT_THROW(xax::softmax(s.leftCols(2), s.rightCols(2)), xax::ShapeError);
+  EXPECT_THROW(xax::log_softmax(s.leftCols(2), s.rightCols(2)), xax::ShapeError);
+  EXPECT_THROW(xax::softmax_cross_entropy(s.leftCols(2), std::vector<std::int32_t>{0, 1}, s.rightCols(2)),
+               xax::ShapeError);
+  EXPECT_THROW(xax::logsumexp(s.leftCols(2), s.col(2)), xax::ShapeError);
+  EXPECT_THROW(xax::row_sums(s.leftCols(2), s.col(1)), xax::ShapeError);
+  EXPECT_EQ(s, original);
+
+  Eigen::MatrixXf buffer = Eigen::MatrixXf::Random(16, 8);
+  const Eigen::Map<const Eigen::MatrixXf> x(buffer.data(), 16, 2);
+  EXPECT_THROW(xax::softmax(x, buffer), xax::ShapeError);
+  EXPECT_THROW(xax::log_softmax(x, buffer), xax::ShapeError);
+  EXPECT_EQ(buffer.rows(), 16);
+  EXPECT_EQ(buffer.cols(), 8);
+
+  // Separate storage, and columns of one matrix that do not overlap, are fine.
+  Eigen::MatrixXf wide(3, 4);
+  wide.leftCols(2) = original.leftCols(2);
+  xax::softmax(wide.leftCols(2), wide.rightCols(2));
+  Eigen::MatrixXf reference;
+  xax::softmax(original.leftCols(2).eval(), reference);
+  EXPECT_EQ(Eigen::MatrixXf(wide.rightCols(2)), reference);
 }
 
 }  // namespace

@@ -179,7 +179,7 @@ void batched_matmul(const A& a, const B& b, C&& c, const MatmulOptions& options 
     return range.first < c_range.second && c_range.first < range.second;
   };
   if (overlaps_c(a_range) || overlaps_c(b_range)) {
-    throw Error(
+    throw ShapeError(
         "xax::batched_matmul: the output shares memory with an input; write the products into a "
         "separate tensor");
   }

@@ -94,7 +94,7 @@ struct TokenOperand {
 
 template <class M>
 auto token_operand(M&& m) {
-  return TokenOperand<std::remove_pointer_t<decltype(m.data())>>{m.data(), leading_dimension(m)};
+  return TokenOperand<std::remove_pointer_t<decltype(m.data())>>{m.data(), leading_dimension(m, "attention")};
 }
 
 /// `cols` columns of `rows` elements from `from` (leading dimension `ld_from`) to `to` (`ld_to`), converted
@@ -185,57 +185,6 @@ AttentionSlices check_attention(const Q& q, const K& k, const V& v, const Attent
   check_causal_shape(layout.sequence_length, layout.sequence_length, scale, function);
   return {layout.heads, q.rows() / layout.heads, layout.sequence_length,
           q.cols() / layout.sequence_length * layout.heads};
-}
-
-/// Where a column-major operand lies in memory.
-struct StoredOperand {
-  std::uintptr_t data;
-  Eigen::Index rows, cols, ld;
-  std::size_t element_size;
-};
-
-template <class M>
-StoredOperand matrix_storage(const M& m) {
-  return {reinterpret_cast<std::uintptr_t>(m.data()), m.rows(), m.cols(), leading_dimension(m),
-          sizeof(typename M::Scalar)};
-}
-
-template <class M>
-StoredOperand tensor_storage(const M& m) {
-  return {reinterpret_cast<std::uintptr_t>(m.data()), m.size(), 1, std::max<Eigen::Index>(m.size(), 1),
-          sizeof(typename M::Scalar)};
-}
-
-/// Whether two operands share an element. Row blocks of one matrix (q, k and v of a fused projection, or
-/// their gradients) interleave in memory without sharing one: with the same leading dimension and element
-/// size, the blocks' rows and columns are compared; otherwise any overlap of the address ranges counts.
-inline bool share_elements(const StoredOperand& a, const StoredOperand& b) {
-  const auto [a_first, a_last] =
-      address_range(reinterpret_cast<const void*>(a.data), a.rows, a.cols, a.ld, a.element_size);
-  const auto [b_first, b_last] =
-      address_range(reinterpret_cast<const void*>(b.data), b.rows, b.cols, b.ld, b.element_size);
-  if (!(a_first < b_last && b_first < a_last)) return false;
-  if (a.ld != b.ld || a.element_size != b.element_size) return true;
-  const StoredOperand& low = a.data <= b.data ? a : b;
-  const StoredOperand& high = a.data <= b.data ? b : a;
-  const std::uintptr_t bytes = high.data - low.data;
-  if (bytes % low.element_size != 0) return true;
-  const auto offset = static_cast<Eigen::Index>(bytes / low.element_size);
-  const Eigen::Index row = offset % low.ld, col = offset / low.ld;
-  if (row + high.rows > low.ld) return true;  // wraps into the next column: not a block of the same matrix
-  return row < low.rows && col < low.cols;    // both the rows and the columns intersect
-}
-
-/// Throws when an output shares an element with any of `operands`: the op reads its inputs while writing
-/// its outputs, and each output in one pass.
-inline void check_no_overlap(const StoredOperand& output, std::initializer_list<StoredOperand> operands,
-                             const char* function, const char* what) {
-  for (const StoredOperand& operand : operands) {
-    if (share_elements(output, operand)) {
-      throw Error(std::string("xax::") + function + ": " + what +
-                  " shares memory with another operand; write it into separate storage");
-    }
-  }
 }
 
 /// `from` converted into `scratch` when C is not T, else `from` itself.
@@ -373,25 +322,31 @@ void causal_self_attention(const Q& q, const K& k, const V& v, const AttentionLa
                 "xax::causal_self_attention: the output must hold the inputs' scalar or float");
   static_assert(!Q::IsRowMajor && !K::IsRowMajor && !V::IsRowMajor,
                 "xax::causal_self_attention: the operands must be column-major (features x tokens)");
-  const detail::AttentionSlices slices =
-      detail::check_attention(q, k, v, layout, scale, "causal_self_attention");
-  const auto inputs = {detail::matrix_storage(q), detail::matrix_storage(k), detail::matrix_storage(v)};
-  detail::check_no_overlap(detail::matrix_storage(y), inputs, "causal_self_attention", "the output");
+  constexpr const char* function = "causal_self_attention";
+  const detail::AttentionSlices slices = detail::check_attention(q, k, v, layout, scale, function);
+  const auto inputs = {detail::matrix_storage(q, function), detail::matrix_storage(k, function),
+                       detail::matrix_storage(v, function)};
+  detail::check_no_overlap(detail::matrix_storage(y, function), inputs, "causal_self_attention",
+                           "the output");
   detail::check_no_overlap(detail::tensor_storage(probs), inputs, "causal_self_attention",
                            "the probabilities");
-  detail::prepare_output(y, q.rows(), q.cols(), "causal_self_attention", "the output");
+  // A vector output of a 1-feature input keeps its own shape: write it at the leading dimension returned.
+  const Eigen::Index ldy =
+      detail::prepare_output(y, q.rows(), q.cols(), "causal_self_attention", "the output");
   detail::prepare_output3(probs, layout.sequence_length, layout.sequence_length, slices.count,
                           "causal_self_attention", "the probabilities");
-  detail::check_no_overlap(detail::matrix_storage(y), {detail::tensor_storage(probs)},
+  detail::check_no_overlap(detail::matrix_storage(y, function), {detail::tensor_storage(probs)},
                            "causal_self_attention", "the output");
   if (slices.count == 0) return;
 
   const auto q_in = detail::token_operand(q), k_in = detail::token_operand(k),
              v_in = detail::token_operand(v);
   if (detail::widens_products<T>()) {
-    detail::attention_forward<float>(slices, q_in, k_in, v_in, detail::token_operand(y), probs.data(), scale);
+    detail::attention_forward<float>(slices, q_in, k_in, v_in, detail::TokenOperand<Out>{y.data(), ldy},
+                                     probs.data(), scale);
   } else {
-    detail::attention_forward<T>(slices, q_in, k_in, v_in, detail::token_operand(y), probs.data(), scale);
+    detail::attention_forward<T>(slices, q_in, k_in, v_in, detail::TokenOperand<Out>{y.data(), ldy},
+                                 probs.data(), scale);
   }
 }
 
@@ -436,24 +391,32 @@ void causal_self_attention_backward(const Q& q, const K& k, const V& v, const Pr
                      detail::shape3_string(slices.length, slices.length, slices.count) +
                      "; pass the ones causal_self_attention wrote");
   }
-  const auto inputs = {detail::matrix_storage(q), detail::matrix_storage(k), detail::matrix_storage(v),
-                       detail::matrix_storage(dy), detail::tensor_storage(probs)};
-  detail::check_no_overlap(detail::matrix_storage(dq), inputs, function, "dq");
-  detail::check_no_overlap(detail::matrix_storage(dk), inputs, function, "dk");
-  detail::check_no_overlap(detail::matrix_storage(dv), inputs, function, "dv");
-  detail::prepare_output(dq, q.rows(), q.cols(), function, "dq");
-  detail::prepare_output(dk, q.rows(), q.cols(), function, "dk");
-  detail::prepare_output(dv, q.rows(), q.cols(), function, "dv");
-  detail::check_no_overlap(detail::matrix_storage(dq),
-                           {detail::matrix_storage(dk), detail::matrix_storage(dv)}, function, "dq");
-  detail::check_no_overlap(detail::matrix_storage(dk), {detail::matrix_storage(dv)}, function, "dk");
+  const auto inputs = {detail::matrix_storage(q, function), detail::matrix_storage(k, function),
+                       detail::matrix_storage(v, function), detail::matrix_storage(dy, function),
+                       detail::tensor_storage(probs)};
+  detail::check_no_overlap(detail::matrix_storage(dq, function), inputs, function, "dq");
+  detail::check_no_overlap(detail::matrix_storage(dk, function), inputs, function, "dk");
+  detail::check_no_overlap(detail::matrix_storage(dv, function), inputs, function, "dv");
+  // The outputs against each other before any is resized too: a resize frees storage another may point into.
+  detail::check_no_overlap(detail::matrix_storage(dq, function),
+                           {detail::matrix_storage(dk, function), detail::matrix_storage(dv, function)},
+                           function, "dq");
+  detail::check_no_overlap(detail::matrix_storage(dk, function), {detail::matrix_storage(dv, function)},
+                           function, "dk");
+  const Eigen::Index ldq = detail::prepare_output(dq, q.rows(), q.cols(), function, "dq");
+  const Eigen::Index ldk = detail::prepare_output(dk, q.rows(), q.cols(), function, "dk");
+  const Eigen::Index ldv = detail::prepare_output(dv, q.rows(), q.cols(), function, "dv");
+  detail::check_no_overlap(detail::matrix_storage(dq, function),
+                           {detail::matrix_storage(dk, function), detail::matrix_storage(dv, function)},
+                           function, "dq");
+  detail::check_no_overlap(detail::matrix_storage(dk, function), {detail::matrix_storage(dv, function)},
+                           function, "dk");
   if (slices.count == 0) return;
 
   const auto q_in = detail::token_operand(q), k_in = detail::token_operand(k),
              v_in = detail::token_operand(v);
   const auto dy_in = detail::token_operand(dy);
-  const auto dq_out = detail::token_operand(dq), dk_out = detail::token_operand(dk),
-             dv_out = detail::token_operand(dv);
+  const detail::TokenOperand<D> dq_out{dq.data(), ldq}, dk_out{dk.data(), ldk}, dv_out{dv.data(), ldv};
   if (detail::widens_products<T>()) {
     detail::attention_backward<float>(slices, q_in, k_in, v_in, dy_in, probs.data(), dq_out, dk_out, dv_out,
                                       scale);

@@ -146,6 +146,13 @@ void prepare_output3(Out& out, Eigen::Index rows, Eigen::Index cols, Eigen::Inde
   }
 }
 
+/// The storage of a 3-D operand, all its slices as one column.
+template <class M>
+StoredOperand tensor_storage(const M& m) {
+  return {reinterpret_cast<std::uintptr_t>(m.data()), m.size(), 1, std::max<Eigen::Index>(m.size(), 1),
+          sizeof(typename M::Scalar)};
+}
+
 template <class A, class B>
 void require_same_shape3(const A& a, const B& b, const char* function) {
   if (a.dimension(0) != b.dimension(0) || a.dimension(1) != b.dimension(1) ||
@@ -168,6 +175,8 @@ requires batched_output<std::remove_reference_t<Probs>>
 void causal_softmax(const Scores& scores, Probs&& probs, float scale) {
   const Eigen::Index keys = scores.dimension(0), queries = scores.dimension(1), batch = scores.dimension(2);
   detail::check_causal_shape(keys, queries, scale, "causal_softmax");
+  detail::check_no_overlap(detail::tensor_storage(probs), {detail::tensor_storage(scores)}, "causal_softmax",
+                           "the output");
   detail::prepare_output3(probs, keys, queries, batch, "causal_softmax", "the output");
   if (keys == 0) return;
   const detail::AttentionColumns shape{static_cast<std::size_t>(keys), static_cast<std::size_t>(queries),
@@ -181,13 +190,17 @@ requires matmul_output<std::remove_reference_t<Probs>>
 void causal_softmax(const Scores& scores, Probs&& probs, float scale) {
   static_assert(!Scores::IsRowMajor, "xax::causal_softmax: the scores must be column-major (keys x queries)");
   detail::check_causal_shape(scores.rows(), scores.cols(), scale, "causal_softmax");
-  detail::prepare_output(probs, scores.rows(), scores.cols(), "causal_softmax", "the output");
+  detail::check_no_overlap(detail::matrix_storage(probs, "causal_softmax"),
+                           {detail::matrix_storage(scores, "causal_softmax")}, "causal_softmax",
+                           "the output");
+  const Eigen::Index ldx = detail::leading_dimension(scores, "causal_softmax");
+  const Eigen::Index ldy =
+      detail::prepare_output(probs, scores.rows(), scores.cols(), "causal_softmax", "the output");
   if (scores.rows() == 0) return;
   const detail::AttentionColumns shape{static_cast<std::size_t>(scores.rows()),
                                        static_cast<std::size_t>(scores.cols()),
                                        static_cast<std::size_t>(scores.cols())};
-  detail::causal_softmax_columns(scores.data(), detail::leading_dimension(scores), probs.data(),
-                                 detail::leading_dimension(probs), shape, scale);
+  detail::causal_softmax_columns(scores.data(), ldx, probs.data(), ldy, shape, scale);
 }
 
 /// The gradient of causal_softmax with respect to its scores, from its output `probs` and the output's
@@ -199,6 +212,9 @@ void causal_softmax_backward(const Probs& probs, const DProbs& dprobs, DScores&&
   const Eigen::Index keys = probs.dimension(0), queries = probs.dimension(1), batch = probs.dimension(2);
   detail::check_causal_shape(keys, queries, scale, "causal_softmax_backward");
   detail::require_same_shape3(probs, dprobs, "causal_softmax_backward");
+  detail::check_no_overlap(detail::tensor_storage(dscores),
+                           {detail::tensor_storage(probs), detail::tensor_storage(dprobs)},
+                           "causal_softmax_backward", "the output");
   detail::prepare_output3(dscores, keys, queries, batch, "causal_softmax_backward", "the output");
   if (keys == 0) return;
   const detail::AttentionColumns shape{static_cast<std::size_t>(keys), static_cast<std::size_t>(queries),
@@ -219,14 +235,21 @@ void causal_softmax_backward(const Probs& probs, const DProbs& dprobs, DScores&&
                      detail::shape_string(probs.rows(), probs.cols()) + " but their gradient is " +
                      detail::shape_string(dprobs.rows(), dprobs.cols()) + "; they must have the same shape");
   }
-  detail::prepare_output(dscores, probs.rows(), probs.cols(), "causal_softmax_backward", "the output");
+  constexpr const char* function = "causal_softmax_backward";
+  detail::check_no_overlap(
+      detail::matrix_storage(dscores, function),
+      {detail::matrix_storage(probs, function), detail::matrix_storage(dprobs, function)}, function,
+      "the output");
+  const Eigen::Index ldp = detail::leading_dimension(probs, function),
+                     ldd = detail::leading_dimension(dprobs, function);
+  const Eigen::Index lds =
+      detail::prepare_output(dscores, probs.rows(), probs.cols(), function, "the output");
   if (probs.rows() == 0) return;
   const detail::AttentionColumns shape{static_cast<std::size_t>(probs.rows()),
                                        static_cast<std::size_t>(probs.cols()),
                                        static_cast<std::size_t>(probs.cols())};
-  detail::causal_softmax_backward_columns(probs.data(), detail::leading_dimension(probs), dprobs.data(),
-                                          detail::leading_dimension(dprobs), dscores.data(),
-                                          detail::leading_dimension(dscores), shape, scale);
+  detail::causal_softmax_backward_columns(probs.data(), ldp, dprobs.data(), ldd, dscores.data(), lds, shape,
+                                          scale);
 }
 
 }  // namespace xax

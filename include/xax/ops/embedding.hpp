@@ -67,21 +67,27 @@ void embedding(const Table& table, const Tokens& tokens, Out&& out, const Embedd
   detail::check_token_ids(ids, table.cols(), "embedding");
   const Eigen::Index features = table.rows();
   const auto count = static_cast<Eigen::Index>(ids.size());
+  // Checked before the output is resized, which would free the storage of a table or tokens inside it.
+  detail::check_no_overlap(detail::matrix_storage(out, "embedding"),
+                           {detail::matrix_storage(table, "embedding"), detail::label_storage(ids)},
+                           "embedding", "the output");
+  const Eigen::Index ldt = detail::leading_dimension(table, "embedding");
+  Eigen::Index ldo = 0;
   if (options.accumulate) {
+    ldo = detail::leading_dimension(out, "embedding");
     if (out.rows() != features || out.cols() != count) {
       throw ShapeError("xax::embedding: the accumulated output is " +
                        detail::embedding_shape(out.rows(), out.cols()) + " but must be " +
                        detail::embedding_shape(features, count) + " (features x tokens)");
     }
   } else {
-    detail::prepare_output(out, features, count, "embedding", "the output");
+    ldo = detail::prepare_output(out, features, count, "embedding", "the output");
   }
   using S = typename Table::Scalar;
   using O = typename std::remove_reference_t<Out>::Scalar;
   const auto rows = static_cast<std::size_t>(features);
   const S* source = table.data();
   O* destination = out.data();
-  const Eigen::Index ldt = detail::leading_dimension(table), ldo = detail::leading_dimension(out);
   const bool accumulate = options.accumulate;
   const std::int32_t* id = ids.data();
   detail::parallel_blocks(ids.size(), rows * (sizeof(S) + sizeof(O)), 1,
@@ -119,22 +125,32 @@ void embedding_backward(const DOut& dout, const Tokens& tokens, DTable&& dtable,
                      " columns but there are " + std::to_string(ids.size()) +
                      " tokens; give one token per column");
   }
+  if (vocabulary < 0) {
+    throw ShapeError("xax::embedding_backward: the vocabulary is " + std::to_string(vocabulary) +
+                     "; give the number of columns of the table (>= 0)");
+  }
   detail::check_token_ids(ids, vocabulary, "embedding_backward");
   const Eigen::Index features = dout.rows();
+  // dtable is zeroed (or read) before dout is, and a resize would free storage dout points into.
+  detail::check_no_overlap(detail::matrix_storage(dtable, "embedding_backward"),
+                           {detail::matrix_storage(dout, "embedding_backward"), detail::label_storage(ids)},
+                           "embedding_backward", "the table gradient");
+  const Eigen::Index ldd = detail::leading_dimension(dout, "embedding_backward");
+  Eigen::Index ldt = 0;
   if (options.accumulate) {
+    ldt = detail::leading_dimension(dtable, "embedding_backward");
     if (dtable.rows() != features || dtable.cols() != vocabulary) {
       throw ShapeError("xax::embedding_backward: the accumulated table gradient is " +
                        detail::embedding_shape(dtable.rows(), dtable.cols()) + " but must be " +
                        detail::embedding_shape(features, vocabulary) + " (features x vocabulary)");
     }
   } else {
-    detail::prepare_output(dtable, features, vocabulary, "embedding_backward", "the table gradient");
+    ldt = detail::prepare_output(dtable, features, vocabulary, "embedding_backward", "the table gradient");
   }
   using D = typename DOut::Scalar;
   using O = typename std::remove_reference_t<DTable>::Scalar;
   const auto rows = static_cast<std::size_t>(features);
   const auto columns = static_cast<std::size_t>(vocabulary);
-  const Eigen::Index ldd = detail::leading_dimension(dout), ldt = detail::leading_dimension(dtable);
   // A float table gradient is summed in place; a 16-bit one in an fp32 copy, rounded once at the end.
   float* sums = nullptr;
   Eigen::Index lds = ldt;

@@ -56,12 +56,12 @@ inline void gelu_tanh_backward_block(const float* x, const float* dy, float* dx,
   }
 }
 
-/// Calls `pass(first elements of a, b, out, count)` on the whole storage when every operand is contiguous,
-/// else column by column through the leading dimensions.
-template <class A, class Out, class Pass>
-void for_each_column_run(const A& a, Out& out, const Pass& pass) {
+/// Calls `pass(first elements of a, out, count)` on the whole storage when both operands are contiguous,
+/// else column by column through the leading dimensions (`ldo`: the output's, from prepare_output).
+template <class A, class Pass>
+void for_each_column_run(const A& a, Eigen::Index ldo, const char* function, const Pass& pass) {
   const Eigen::Index rows = a.rows(), cols = a.cols();
-  const Eigen::Index lda = leading_dimension(a), ldo = leading_dimension(out);
+  const Eigen::Index lda = leading_dimension(a, function);
   if (lda == rows && ldo == rows) {
     pass(Eigen::Index{0}, Eigen::Index{0}, static_cast<std::size_t>(rows * cols));
     return;
@@ -76,13 +76,17 @@ template <matmul_operand X, class Y>
 requires matmul_output<std::remove_reference_t<Y>>
 void gelu_tanh(const X& x, Y&& y) {
   static_assert(!X::IsRowMajor, "xax::gelu_tanh: the input must be column-major");
-  detail::prepare_output(y, x.rows(), x.cols(), "gelu_tanh", "the output");
-  detail::for_each_column_run(x, y, [&](Eigen::Index x_offset, Eigen::Index y_offset, std::size_t n) {
-    detail::map_as_float(x.data() + x_offset, y.data() + y_offset, n,
-                         [](const float* in, float* out, std::size_t count) noexcept {
-                           detail::gelu_tanh_block(in, out, count);
-                         });
-  });
+  // Element by element, so y may be exactly x; any other overlap would read results as inputs.
+  detail::check_no_overlap(detail::matrix_storage(y, "gelu_tanh"), {detail::matrix_storage(x, "gelu_tanh")},
+                           "gelu_tanh", "the output", /*in_place=*/true);
+  const Eigen::Index ldy = detail::prepare_output(y, x.rows(), x.cols(), "gelu_tanh", "the output");
+  detail::for_each_column_run(
+      x, ldy, "gelu_tanh", [&](Eigen::Index x_offset, Eigen::Index y_offset, std::size_t n) {
+        detail::map_as_float(x.data() + x_offset, y.data() + y_offset, n,
+                             [](const float* in, float* out, std::size_t count) noexcept {
+                               detail::gelu_tanh_block(in, out, count);
+                             });
+      });
 }
 
 /// dx = dy * gelu_tanh'(x), from the forward's input `x`, in fp32, rounded once into `dx` (resized when
@@ -96,9 +100,15 @@ void gelu_tanh_backward(const X& x, const DY& dy, DX&& dx) {
                      std::to_string(x.cols()) + " but the output's gradient is " + std::to_string(dy.rows()) +
                      "x" + std::to_string(dy.cols()) + "; they must have the same shape");
   }
-  detail::prepare_output(dx, x.rows(), x.cols(), "gelu_tanh_backward", "dx");
-  const Eigen::Index ldx = detail::leading_dimension(x), ldd = detail::leading_dimension(dy),
-                     ldo = detail::leading_dimension(dx);
+  constexpr const char* function = "gelu_tanh_backward";
+  // dx may be exactly dy (gelu_tanh_backward_block reads each element of dy before writing it), not x.
+  const detail::StoredOperand dx_storage = detail::matrix_storage(dx, function);
+  detail::check_no_overlap(dx_storage, {detail::matrix_storage(x, function)}, function, "dx");
+  detail::check_no_overlap(dx_storage, {detail::matrix_storage(dy, function)}, function, "dx",
+                           /*in_place=*/true);
+  const Eigen::Index ldx = detail::leading_dimension(x, function),
+                     ldd = detail::leading_dimension(dy, function);
+  const Eigen::Index ldo = detail::prepare_output(dx, x.rows(), x.cols(), function, "dx");
   const auto run = [&](Eigen::Index x_offset, Eigen::Index d_offset, Eigen::Index o_offset, std::size_t n) {
     detail::map2_as_float(x.data() + x_offset, dy.data() + d_offset, dx.data() + o_offset, n,
                           [](const float* in, const float* grad, float* out, std::size_t count) noexcept {

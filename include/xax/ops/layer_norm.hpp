@@ -78,25 +78,30 @@ void layer_norm(const X& x, const Gain& gain, const Bias& bias, Y&& y, LayerNorm
   if (features == 0) throw ShapeError("xax::layer_norm: the input has no rows (features) to normalise");
   detail::check_feature_vector(gain, features, "layer_norm", "the gain");
   detail::check_feature_vector(bias, features, "layer_norm", "the bias");
-  detail::prepare_output(y, features, columns, "layer_norm", "the output");
+  const Eigen::Index ldx = detail::leading_dimension(x, "layer_norm");
+  detail::check_no_overlap(
+      detail::matrix_storage(y, "layer_norm"),
+      {detail::matrix_storage(x, "layer_norm"), detail::vector_storage(gain), detail::vector_storage(bias)},
+      "layer_norm", "the output");
+  const Eigen::Index ldy = detail::prepare_output(y, features, columns, "layer_norm", "the output");
   stats.mean.resize(columns);
   stats.inverse_std.resize(columns);
 
   using T = typename X::Scalar;
   using O = typename std::remove_reference_t<Y>::Scalar;
   const auto rows = static_cast<std::size_t>(features);
-  // The gain and bias are widened once, not once per column.
+  // The gain and bias are widened once, not once per column (through their strides: either may be a row of
+  // a parameter matrix).
   thread_local detail::ScratchBuffer<float> parameter_scratch;
   float* parameters = parameter_scratch.get(2 * rows);
-  detail::widen(gain.data(), parameters, rows);
-  detail::widen(bias.data(), parameters + rows, rows);
+  detail::gather_vector(gain, parameters);
+  detail::gather_vector(bias, parameters + rows);
   const float* gain_f = parameters;
   const float* bias_f = parameters + rows;
   const T* x_data = x.data();
   O* y_data = y.data();
   float* mean = stats.mean.data();
   float* inverse_std = stats.inverse_std.data();
-  const Eigen::Index ldx = detail::leading_dimension(x), ldy = detail::leading_dimension(y);
   const auto n = static_cast<Eigen::Index>(rows);
   detail::parallel_blocks(
       static_cast<std::size_t>(columns), rows * (sizeof(T) + sizeof(O)), 1,
@@ -143,18 +148,37 @@ void layer_norm_backward(const X& x, const Gain& gain, const LayerNormStatistics
                      " columns but the input has " + std::to_string(columns) +
                      "; pass the statistics of the forward of this input");
   }
+  // Every output is checked against the inputs and the other outputs before any is resized: a resize frees
+  // the storage another operand may point into.
+  constexpr const char* function = "layer_norm_backward";
+  const Eigen::Index ldx = detail::leading_dimension(x, function),
+                     ldd = detail::leading_dimension(dy, function);
+  const auto inputs = {detail::matrix_storage(x, function), detail::vector_storage(gain),
+                       detail::matrix_storage(dy, function), detail::vector_storage(stats.mean),
+                       detail::vector_storage(stats.inverse_std)};
+  const detail::StoredOperand dx_storage = detail::matrix_storage(dx, function);
+  const detail::StoredOperand dgain_storage = detail::vector_storage(dgain);
+  detail::check_no_overlap(dx_storage, inputs, function, "dx");
+  detail::check_no_overlap(dgain_storage, inputs, function, "dgain");
+  detail::check_no_overlap(detail::vector_storage(dbias), inputs, function, "dbias");
+  detail::check_no_overlap(dx_storage, {dgain_storage, detail::vector_storage(dbias)}, function, "dx");
+  detail::check_no_overlap(dgain_storage, {detail::vector_storage(dbias)}, function, "dgain");
+  Eigen::Index ldo = 0;
   if (options.accumulate_input_gradient) {
+    ldo = detail::leading_dimension(dx, function);
     if (dx.rows() != features || dx.cols() != columns) {
       throw ShapeError("xax::layer_norm_backward: the accumulated dx is " + std::to_string(dx.rows()) + "x" +
                        std::to_string(dx.cols()) + " but must be " + std::to_string(features) + "x" +
                        std::to_string(columns));
     }
   } else {
-    detail::prepare_output(dx, features, columns, "layer_norm_backward", "dx");
+    ldo = detail::prepare_output(dx, features, columns, "layer_norm_backward", "dx");
   }
   if (options.accumulate_parameter_gradients) {
     detail::check_feature_vector(dgain, features, "layer_norm_backward", "the accumulated dgain");
     detail::check_feature_vector(dbias, features, "layer_norm_backward", "the accumulated dbias");
+    detail::check_vector_output(dgain, function, "the accumulated dgain");
+    detail::check_vector_output(dbias, function, "the accumulated dbias");
   } else {
     detail::prepare_output(dgain, features, 1, "layer_norm_backward", "dgain");
     detail::prepare_output(dbias, features, 1, "layer_norm_backward", "dbias");
@@ -162,8 +186,6 @@ void layer_norm_backward(const X& x, const Gain& gain, const LayerNormStatistics
   if (features == 0) return;
 
   using O = typename std::remove_reference_t<DX>::Scalar;
-  using OG = typename std::remove_reference_t<DGain>::Scalar;
-  using OB = typename std::remove_reference_t<DBias>::Scalar;
   const auto rows = static_cast<std::size_t>(features);
   const auto n = static_cast<Eigen::Index>(rows);
   // The columns are cut into chunks of a fixed size, each summing its own partial dgain and dbias; the
@@ -177,17 +199,16 @@ void layer_norm_backward(const X& x, const Gain& gain, const LayerNormStatistics
   float* dgain_sum = buffer + rows;
   float* dbias_sum = buffer + 2 * rows;
   float* partial = buffer + 3 * rows;  // chunk i: dgain at 2 i rows, dbias at (2 i + 1) rows
-  detail::widen(gain.data(), gain_f, rows);
+  // The gain, and accumulated dgain and dbias, may be rows of parameter matrices: read through strides.
+  detail::gather_vector(gain, gain_f);
   Eigen::Map<Eigen::ArrayXf> sum_g(dgain_sum, n), sum_b(dbias_sum, n);
   if (options.accumulate_parameter_gradients) {
-    detail::widen(static_cast<const OG*>(dgain.data()), dgain_sum, rows);
-    detail::widen(static_cast<const OB*>(dbias.data()), dbias_sum, rows);
+    detail::gather_vector(dgain, dgain_sum);
+    detail::gather_vector(dbias, dbias_sum);
   } else {
     sum_g.setZero();
     sum_b.setZero();
   }
-  const Eigen::Index ldx = detail::leading_dimension(x), ldd = detail::leading_dimension(dy),
-                     ldo = detail::leading_dimension(dx);
   const float inverse_n = 1.0f / static_cast<float>(n);
   const auto* x_data = x.data();
   const auto* dy_data = dy.data();
@@ -237,8 +258,8 @@ void layer_norm_backward(const X& x, const Gain& gain, const LayerNormStatistics
     sum_g += Eigen::Map<const Eigen::ArrayXf>(partial + 2 * chunk * n, n);
     sum_b += Eigen::Map<const Eigen::ArrayXf>(partial + (2 * chunk + 1) * n, n);
   }
-  detail::convert_serial(static_cast<const float*>(dgain_sum), dgain.data(), rows);
-  detail::convert_serial(static_cast<const float*>(dbias_sum), dbias.data(), rows);
+  detail::scatter_vector(static_cast<const float*>(dgain_sum), dgain);
+  detail::scatter_vector(static_cast<const float*>(dbias_sum), dbias);
 }
 
 }  // namespace xax

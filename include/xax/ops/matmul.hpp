@@ -209,24 +209,16 @@ inline std::size_t matmul_scratch_bytes() {
   return bytes;
 }
 
-/// The stored column-major matrix behind `x`, and whether `x` is its transpose (x row-major).
+/// The stored column-major matrix behind `x`, and whether `x` is its transpose (x row-major). Its columns
+/// must not overlap (matmul_impl copies such operands first).
 template <class M>
 std::pair<MatmulOperand, bool> stored_operand(const M& x) {
+  const Eigen::Index ld = leading_dimension(x, "matmul");
   if constexpr (M::IsRowMajor) {
-    return {{x.data(), x.cols(), x.rows(), std::max<Eigen::Index>({x.outerStride(), x.cols(), 1})}, true};
+    return {{x.data(), x.cols(), x.rows(), ld}, true};
   } else {
-    return {{x.data(), x.rows(), x.cols(), std::max<Eigen::Index>({x.outerStride(), x.rows(), 1})}, false};
+    return {{x.data(), x.rows(), x.cols(), ld}, false};
   }
-}
-
-/// The address range [first, last) a stored matrix spans.
-inline std::pair<std::uintptr_t, std::uintptr_t> address_range(const void* data, Eigen::Index rows,
-                                                               Eigen::Index cols, Eigen::Index ld,
-                                                               std::size_t element_size) {
-  const auto first = reinterpret_cast<std::uintptr_t>(data);
-  if (rows == 0 || cols == 0) return {first, first};
-  const auto count = static_cast<std::uintptr_t>((cols - 1) * ld + rows);
-  return {first, first + count * element_size};
 }
 
 /// Runs a checked problem on the requested backend.
@@ -291,6 +283,31 @@ void matmul_impl(const A& a, const B& b, const Bias* bias, C& c, const MatmulOpt
       std::is_same_v<In, typename B::Scalar>,
       "xax::matmul: A and B must have the same scalar; convert one (xax::convert, .cast<T>()) first");
 
+  // What a GEMM cannot describe by a leading dimension is multiplied from a contiguous copy, read as Eigen
+  // reads it: an operand whose columns overlap (a sliding-window Map, outer stride < rows, or 0 to repeat a
+  // column), and a bias whose elements are not adjacent (a 1 x n block of a column-major matrix, such as
+  // `params.topRows(1)`, holds them a column apart). The copies are taken before C is resized, so they are
+  // also safe from an output that owns their storage.
+  if (has_overlapping_columns(a)) {
+    const typename A::PlainObject copy = a;
+    matmul_impl(copy, b, bias, c, options);
+    return;
+  }
+  if (has_overlapping_columns(b)) {
+    const typename B::PlainObject copy = b;
+    matmul_impl(a, copy, bias, c, options);
+    return;
+  }
+  if constexpr (!std::is_same_v<Bias, Eigen::Matrix<typename Bias::Scalar, Eigen::Dynamic, 1>>) {
+    if (bias != nullptr && vector_increment(*bias) != 1) {
+      Eigen::Matrix<typename Bias::Scalar, Eigen::Dynamic, 1> copy(bias->size());
+      for (Eigen::Index i = 0; i < bias->size(); ++i)
+        copy(i) = bias->rows() == 1 ? bias->coeff(0, i) : bias->coeff(i, 0);
+      matmul_impl(a, b, &copy, c, options);
+      return;
+    }
+  }
+
   const auto [a_stored, a_flipped] = stored_operand(a);
   const auto [b_stored, b_flipped] = stored_operand(b);
   const bool transpose_a = options.transpose_a != a_flipped;
@@ -333,19 +350,15 @@ void matmul_impl(const A& a, const B& b, const Bias* bias, C& c, const MatmulOpt
   if (!resizable || options.accumulate) require_output_shape();
 
   // The backends read the inputs while writing C, as Eigen's noalias() products do, so C must not share
-  // memory with an input. This is decided on C's storage before any resize: resizing first would free the
-  // storage an aliased input still points to.
-  const auto a_range = address_range(a_stored.data, a_stored.rows, a_stored.cols, a_stored.ld, sizeof(In));
-  const auto b_range = address_range(b_stored.data, b_stored.rows, b_stored.cols, b_stored.ld, sizeof(In));
-  const auto bias_range = bias != nullptr ? address_range(bias->data(), bias->size(), 1, bias->size(),
-                                                          sizeof(typename Bias::Scalar))
-                                          : std::pair<std::uintptr_t, std::uintptr_t>{0, 0};
-  const auto c_range = address_range(c.data(), c.rows(), c.cols(),
-                                     std::max<Eigen::Index>({c.outerStride(), c.rows(), 1}), sizeof(Out));
-  const auto overlaps = [&c_range](std::pair<std::uintptr_t, std::uintptr_t> range) {
-    return range.first < c_range.second && c_range.first < range.second;
+  // memory with an input (any overlap of the address ranges counts). This is decided on C's storage before
+  // any resize: resizing first would free the storage an aliased input still points to. C's columns must not
+  // overlap either (matrix_storage throws ShapeError).
+  const StoredOperand c_storage = matrix_storage(c, "matmul");
+  const auto overlaps = [&c_storage](const StoredOperand& operand) {
+    return ranges_overlap(c_storage, operand);
   };
-  if (overlaps(a_range) || overlaps(b_range) || overlaps(bias_range)) {
+  if (overlaps(matrix_storage(a, "matmul")) || overlaps(matrix_storage(b, "matmul")) ||
+      (bias != nullptr && overlaps(vector_storage(*bias)))) {
     if constexpr (resizable) {
       // A matrix that owns its storage can take the product like Eigen's `c = a * c`: computed into a
       // temporary, then moved in.
@@ -359,7 +372,7 @@ void matmul_impl(const A& a, const B& b, const Bias* bias, C& c, const MatmulOpt
       c = std::move(product);
       return;
     } else {
-      throw Error(
+      throw ShapeError(
           "xax::matmul: the output overlaps an input; write the product into a separate matrix (or pass a "
           "plain Matrix as the output, which then takes the product through a temporary)");
     }
@@ -377,7 +390,7 @@ void matmul_impl(const A& a, const B& b, const Bias* bias, C& c, const MatmulOpt
   problem.transpose_a = transpose_a;
   problem.transpose_b = transpose_b;
   problem.c = c.data();
-  problem.ldc = std::max<Eigen::Index>({c.outerStride(), m, 1});
+  problem.ldc = leading_dimension(c, "matmul");
   if (bias != nullptr) {
     problem.bias = bias->data();
     problem.bias_type = dtype_of<typename Bias::Scalar>;

@@ -77,7 +77,9 @@ void for_each_float_chunk(const T* x, std::size_t n, F&& f) noexcept {
 }
 
 /// max and log(sum(exp(x - max))) of one column, in fp32 (the sum of each block in float, of the blocks in
-/// double). A column of -inf gives shift 0 and a log-sum of -inf, so that log-softmax is NaN-free there.
+/// double). A column of -inf gives shift 0 and a log-sum of -inf rather than an inf - inf shift: log-sum-exp
+/// is then -inf, softmax 0/0 = NaN and log-softmax -inf - (-inf) = NaN, as in PyTorch (a fully masked
+/// column has no distribution).
 struct LogSumExp {
   float shift = 0;    ///< the finite maximum subtracted before exp (0 when the maximum is not finite)
   float log_sum = 0;  ///< log(sum(exp(x - shift)))
@@ -124,21 +126,66 @@ void map_column(const T* x, Out* out, std::size_t n, const Block& block) noexcep
   }
 }
 
-template <class M>
-Eigen::Index leading_dimension(const M& m) {
-  return std::max<Eigen::Index>({m.outerStride(), m.rows(), 1});
-}
-
-/// Resizes a plain output to rows x cols, or checks the shape of any other output.
+/// Resizes a plain output to rows x cols, or checks the shape of any other output, and returns the leading
+/// dimension at which the kernels write the columns of the rows x cols result. A vector type (VectorXf) of
+/// rows * cols elements also takes a 1 x n or n x 1 result; its elements are contiguous (unit inner
+/// stride), so column j of the result starts at element j * rows whatever the vector's own shape. Check the
+/// output against the inputs (check_no_overlap) before: a resize frees the storage an input may point into.
 template <class Out>
-void prepare_output(Out& out, Eigen::Index rows, Eigen::Index cols, const char* function, const char* what) {
+Eigen::Index prepare_output(Out& out, Eigen::Index rows, Eigen::Index cols, const char* function,
+                            const char* what) {
   resize_plain_if_possible(out, rows, cols);
+  if (out.rows() == rows && out.cols() == cols) return leading_dimension(out, function);
   const bool vector_ok =
       (rows == 1 || cols == 1) && (out.rows() == 1 || out.cols() == 1) && out.size() == rows * cols;
-  if (!(out.rows() == rows && out.cols() == cols) && !(Out::IsVectorAtCompileTime && vector_ok)) {
+  if (Out::IsVectorAtCompileTime && vector_ok) return std::max<Eigen::Index>(rows, 1);
+  throw ShapeError(std::string("xax::") + function + ": " + what + " is " +
+                   shape_string(out.rows(), out.cols()) + " but must be " + shape_string(rows, cols));
+}
+
+/// Throws ShapeError when a vector that an op writes element by element has elements that overlap (a Map
+/// with outer stride 0 or less used as a 1 x n row).
+template <class V>
+void check_vector_output(const V& v, const char* function, const char* what) {
+  if (v.size() > 1 && vector_increment(v) < 1) {
     throw ShapeError(std::string("xax::") + function + ": " + what + " is " +
-                     shape_string(out.rows(), out.cols()) + " but must be " + shape_string(rows, cols));
+                     shape_string(v.rows(), v.cols()) + " with its elements " +
+                     std::to_string(vector_increment(v)) +
+                     " apart, so they overlap; pass a vector whose elements are distinct");
   }
+}
+
+/// Widens the elements of a vector operand into `out` (n floats). The vector may be a column or a row, its
+/// elements at any spacing: a 1 x n block of a column-major matrix (`m.topRows(1)`) holds them a column
+/// apart, and is read through its strides, not as n adjacent elements.
+template <class V>
+void gather_vector(const V& v, float* out) {
+  if (vector_increment(v) == 1) {
+    convert_serial(v.data(), out, static_cast<std::size_t>(v.size()));
+    return;
+  }
+  const bool one_row = v.rows() == 1;
+  for (Eigen::Index k = 0; k < v.size(); ++k)
+    out[k] = static_cast<float>(one_row ? v.coeff(0, k) : v.coeff(k, 0));
+}
+
+/// Rounds n floats once into the elements of a vector operand (any spacing; see gather_vector).
+template <class V>
+void scatter_vector(const float* in, V& v) {
+  using O = typename V::Scalar;
+  if (vector_increment(v) == 1) {
+    convert_serial(in, v.data(), static_cast<std::size_t>(v.size()));
+    return;
+  }
+  const bool one_row = v.rows() == 1;
+  for (Eigen::Index k = 0; k < v.size(); ++k)
+    (one_row ? v.coeffRef(0, k) : v.coeffRef(k, 0)) = convert_scalar<O>(in[k]);
+}
+
+/// The storage of a label or token vector, to check outputs against it.
+inline StoredOperand label_storage(std::span<const std::int32_t> labels) {
+  return {reinterpret_cast<std::uintptr_t>(labels.data()), static_cast<Eigen::Index>(labels.size()), 1,
+          std::max<Eigen::Index>(static_cast<Eigen::Index>(labels.size()), 1), sizeof(std::int32_t)};
 }
 
 inline void check_labels(std::span<const std::int32_t> labels, Eigen::Index classes, Eigen::Index samples,
@@ -215,13 +262,14 @@ inline double* per_column_scratch(std::size_t columns) {
 template <class Logits, class Out, class MakeBlock>
 void map_columns_after_log_sum_exp(const Logits& logits, Out& out, const char* function,
                                    const MakeBlock& make_block) {
-  prepare_output(out, logits.rows(), logits.cols(), function, "the output");
+  check_no_overlap(matrix_storage(out, function), {matrix_storage(logits, function)}, function, "the output");
+  const Eigen::Index ldx = leading_dimension(logits, function);
+  const Eigen::Index ldy = prepare_output(out, logits.rows(), logits.cols(), function, "the output");
   using T = typename Logits::Scalar;
   using O = typename Out::Scalar;
   const auto rows = static_cast<std::size_t>(logits.rows());
   const T* x = logits.data();
   O* y = out.data();
-  const Eigen::Index ldx = leading_dimension(logits), ldy = leading_dimension(out);
   parallel_blocks(static_cast<std::size_t>(logits.cols()), rows * (sizeof(T) + sizeof(O)), 1,
                   [=, &make_block](std::size_t begin, std::size_t end) noexcept {
                     for (auto j = static_cast<Eigen::Index>(begin); j < static_cast<Eigen::Index>(end); ++j) {
@@ -265,10 +313,12 @@ requires matmul_output<std::remove_reference_t<Out>>
 void logsumexp(const Logits& logits, Out&& out) {
   static_assert(!Logits::IsRowMajor,
                 "xax::logsumexp: the logits must be column-major (one sample per column)");
+  detail::check_no_overlap(detail::matrix_storage(out, "logsumexp"),
+                           {detail::matrix_storage(logits, "logsumexp")}, "logsumexp", "the output");
+  const Eigen::Index ldx = detail::leading_dimension(logits, "logsumexp");
   detail::prepare_output(out, logits.cols(), 1, "logsumexp", "the output (one element per column)");
   using O = typename std::remove_reference_t<Out>::Scalar;
   const auto rows = static_cast<std::size_t>(logits.rows());
-  const Eigen::Index ldx = detail::leading_dimension(logits);
   for (Eigen::Index j = 0; j < logits.cols(); ++j) {
     out.data()[j] =
         detail::convert_scalar<O>(detail::column_log_sum_exp(logits.data() + j * ldx, rows).value());
@@ -283,7 +333,7 @@ float softmax_cross_entropy(const Logits& logits, const Labels& labels) {
   const std::span<const std::int32_t> label = detail::label_span(labels);
   detail::check_labels(label, logits.rows(), logits.cols(), "softmax_cross_entropy");
   const auto rows = static_cast<std::size_t>(logits.rows());
-  const Eigen::Index ldx = detail::leading_dimension(logits);
+  const Eigen::Index ldx = detail::leading_dimension(logits, "softmax_cross_entropy");
   double total = 0;
   for (Eigen::Index j = 0; j < logits.cols(); ++j) {
     const auto* column = logits.data() + j * ldx;
@@ -303,7 +353,13 @@ float softmax_cross_entropy(const Logits& logits, const Labels& labels, DLogits&
   static_assert(!Logits::IsRowMajor, "xax::softmax_cross_entropy: the logits must be column-major");
   const std::span<const std::int32_t> label = detail::label_span(labels);
   detail::check_labels(label, logits.rows(), logits.cols(), "softmax_cross_entropy");
-  detail::prepare_output(dlogits, logits.rows(), logits.cols(), "softmax_cross_entropy", "dlogits");
+  detail::check_no_overlap(
+      detail::matrix_storage(dlogits, "softmax_cross_entropy"),
+      {detail::matrix_storage(logits, "softmax_cross_entropy"), detail::label_storage(label)},
+      "softmax_cross_entropy", "dlogits");
+  const Eigen::Index ldx = detail::leading_dimension(logits, "softmax_cross_entropy");
+  const Eigen::Index ldd =
+      detail::prepare_output(dlogits, logits.rows(), logits.cols(), "softmax_cross_entropy", "dlogits");
   if (logits.cols() == 0) return 0.0f;
   using T = typename Logits::Scalar;
   using O = typename std::remove_reference_t<DLogits>::Scalar;
@@ -311,7 +367,6 @@ float softmax_cross_entropy(const Logits& logits, const Labels& labels, DLogits&
   const auto columns = static_cast<std::size_t>(logits.cols());
   const T* x = logits.data();
   O* dx = dlogits.data();
-  const Eigen::Index ldx = detail::leading_dimension(logits), ldd = detail::leading_dimension(dlogits);
   const float scale = gradient_scale / static_cast<float>(columns);
   double* losses = detail::per_column_scratch(columns);
   const std::int32_t* label_data = label.data();
@@ -359,24 +414,26 @@ template <matmul_operand X, class Out>
 requires matmul_output<std::remove_reference_t<Out>>
 void row_sums(const X& x, Out&& out, bool accumulate = false) {
   static_assert(!X::IsRowMajor, "xax::row_sums: the input must be column-major");
+  const Eigen::Index ldx = detail::leading_dimension(x, "row_sums");
+  detail::check_no_overlap(detail::vector_storage(out), {detail::matrix_storage(x, "row_sums")}, "row_sums",
+                           "the output");
   if (accumulate) {
     if (out.size() != x.rows() || (out.rows() != 1 && out.cols() != 1)) {
       throw ShapeError("xax::row_sums: the accumulated output has " + std::to_string(out.size()) +
                        " elements but the input has " + std::to_string(x.rows()) + " rows");
     }
+    detail::check_vector_output(out, "row_sums", "the accumulated output");
   } else {
     detail::prepare_output(out, x.rows(), 1, "row_sums", "the output (one element per row)");
   }
-  using O = typename std::remove_reference_t<Out>::Scalar;
   const auto rows = static_cast<std::size_t>(x.rows());
   thread_local detail::ScratchBuffer<float> scratch;
   float* sums = scratch.get(rows);
   if (accumulate) {
-    detail::convert_serial(static_cast<const O*>(out.data()), sums, rows);
+    detail::gather_vector(out, sums);  // a row of a matrix too, through its strides
   } else {
     std::fill(sums, sums + rows, 0.0f);
   }
-  const Eigen::Index ldx = detail::leading_dimension(x);
   const Eigen::Index cols = x.cols();
   using T = typename X::Scalar;
   // The threads share the rows, each adding its rows' elements column after column: every sum takes the same
@@ -394,7 +451,7 @@ void row_sums(const X& x, Out&& out, bool accumulate = false) {
                                    });
     }
   });
-  detail::convert_serial(static_cast<const float*>(sums), out.data(), rows);
+  detail::scatter_vector(static_cast<const float*>(sums), out);
 }
 
 }  // namespace xax

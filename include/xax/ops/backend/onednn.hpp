@@ -44,6 +44,7 @@
 #include <string>
 #include <unordered_map>
 #include <xax/detail/convert.hpp>
+#include <xax/detail/parallel.hpp>
 #include <xax/detail/scratch.hpp>
 #include <xax/ops/activation.hpp>
 #include <xax/ops/backend/native_kernel.hpp>
@@ -292,9 +293,10 @@ class ThreadContext {
     attributes.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     dnnl::post_ops post_ops;
     if (key.accumulate) post_ops.append_sum(1.0f);
-    if (key.activation == Activation::relu) {
-      post_ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
-    } else if (key.activation == Activation::gelu) {
+    // No ReLU post-op: oneDNN 2.6 computes it as max(x, 0), which turns NaN into 0, and so do clip, clip_v2
+    // and bounded_relu (measured; tests/test_matmul.cpp checks the result). Activation::relu promises that
+    // NaN propagates, for the loss scaler's overflow check, so try_run applies it afterwards (relu_output).
+    if (key.activation == Activation::gelu) {
       post_ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_gelu_erf, 0.0f, 0.0f);
     }
     attributes.set_post_ops(post_ops);
@@ -381,6 +383,45 @@ inline PrimitiveKey key_of(const MatmulProblem& p) {
   return key;
 }
 
+/// ReLU over C, in place, after a primitive that ran without it: `x < 0 ? 0 : x` on a float C, as the Eigen
+/// backend computes it, so that NaN propagates. A 16-bit C holds the rounded sum: rounding keeps the sign,
+/// so zeroing what is <= 0 (NaN compares false) gives the bits of relu-then-round, +0 included.
+template <class O>
+void relu_output(O* c, Eigen::Index m, Eigen::Index n, Eigen::Index ldc, Eigen::Index batch,
+                 Eigen::Index c_batch_stride) {
+  const auto columns = static_cast<std::size_t>(n * batch);
+  parallel_blocks(columns, static_cast<std::size_t>(m) * 2 * sizeof(O), 1,
+                  [=](std::size_t begin, std::size_t end) noexcept {
+                    const O zero = convert_scalar<O>(0.0f);
+                    for (auto q = static_cast<Eigen::Index>(begin); q < static_cast<Eigen::Index>(end); ++q) {
+                      O* column = c + (q / n) * c_batch_stride + (q % n) * ldc;
+                      if constexpr (std::is_same_v<O, float>) {
+                        activation_block(Activation::relu, column, column, static_cast<std::size_t>(m));
+                      } else {
+                        for (Eigen::Index i = 0; i < m; ++i) {
+                          if (static_cast<float>(column[i]) <= 0.0f) column[i] = zero;
+                        }
+                      }
+                    }
+                  });
+}
+
+inline void relu_output(const MatmulProblem& p) {
+  switch (p.output) {
+    case DType::float32:
+      relu_output(static_cast<float*>(p.c), p.m, p.n, p.ldc, p.batch, p.c_batch_stride);
+      return;
+    case DType::bfloat16:
+      relu_output(static_cast<bfloat16*>(p.c), p.m, p.n, p.ldc, p.batch, p.c_batch_stride);
+      return;
+    case DType::float16:
+      relu_output(static_cast<float16*>(p.c), p.m, p.n, p.ldc, p.batch, p.c_batch_stride);
+      return;
+    case DType::float64:
+      return;
+  }
+}
+
 /// Which half-precision kernels try_run accepts.
 enum class HalfKernels {
   native_only,  ///< MatmulBackend::automatic: only kernels with native half dot products
@@ -399,6 +440,7 @@ inline bool try_run(const MatmulProblem& p, HalfKernels accept = HalfKernels::na
   if (!cached.supported) return false;
   if (p.input != DType::float32 && !cached.native_half && accept == HalfKernels::native_only) return false;
   context.execute(cached, p.a.data, p.b.data, p.c, p.bias);
+  if (p.activation == Activation::relu) relu_output(p);
   last_matmul_implementation_record() = cached.implementation;
   return true;
 }
