@@ -461,4 +461,32 @@ TEST(Mlp, BadInputsThrow) {
                xax::ShapeError);
 }
 
+// Inputs stored in the workspace (the logits of an earlier forward) were freed by the workspace's resize or
+// overwritten by the forward (ASan: heap-use-after-free), and gradients written into the params themselves
+// were computed from weights already overwritten.
+TEST(Mlp, InputsInTheWorkspaceAndGradsThatAreTheParamsAreRefused) {
+  const auto wide = xax::nn::mlp_init({4, 3}, 18);
+  const auto deep = xax::nn::mlp_init({3, 5, 5, 2}, 19);
+  xax::nn::MlpWorkspace<float> workspace;
+  xax::nn::MlpParams<float> grads;
+  const std::vector<std::int32_t> labels{0, 1};
+  const Eigen::MatrixXf& logits = xax::nn::mlp_forward(wide, Eigen::MatrixXf::Ones(4, 2).eval(), workspace);
+  EXPECT_THAT(
+      [&] { xax::nn::mlp_loss_and_gradients(deep, logits, labels, grads, workspace); },
+      ::testing::ThrowsMessage<xax::ShapeError>(::testing::HasSubstr("share memory with the workspace")));
+  EXPECT_THROW(xax::nn::mlp_forward(deep, logits, workspace), xax::ShapeError);
+  xax::nn::MlpWorkspace<float> other;
+  const Eigen::MatrixXf copied = logits;
+  EXPECT_NO_THROW(xax::nn::mlp_loss_and_gradients(deep, logits, labels, grads, other));
+  EXPECT_NO_THROW(xax::nn::mlp_loss_and_gradients(deep, copied, labels, grads, workspace));
+
+  auto params = xax::nn::mlp_init({6, 5, 3}, 20);
+  EXPECT_THAT(
+      [&] {
+        xax::nn::mlp_loss_and_gradients(params, Eigen::MatrixXf::Ones(6, 2).eval(), labels, params,
+                                        workspace);
+      },
+      ::testing::ThrowsMessage<xax::ShapeError>(::testing::HasSubstr("grads is the params themselves")));
+}
+
 }  // namespace

@@ -132,6 +132,27 @@ void check_mlp_inputs(const MlpParams<T>& params, const Input& inputs) {
   }
 }
 
+// The workspace is overwritten (and its matrices resized) by the call, so inputs stored in it, such as the
+// logits an earlier mlp_forward returned from it, would be read after they were freed or overwritten.
+template <class T, class Input>
+void check_inputs_outside_workspace(const Input& inputs, const MlpWorkspace<T>& workspace,
+                                    const char* function) {
+  const auto stored_inputs = xax::detail::matrix_storage(inputs, function);
+  const auto check = [&](const Matrix<T>& buffer) {
+    if (xax::detail::ranges_overlap(stored_inputs, xax::detail::matrix_storage(buffer, function))) {
+      throw ShapeError(
+          std::string("xax::nn::") + function +
+          ": the inputs share memory with the workspace (e.g. the logits an earlier mlp_forward "
+          "returned from it), which this call overwrites; copy them first or use another workspace");
+    }
+  };
+  check(workspace.input);
+  for (const Matrix<T>& buffer : workspace.outputs) check(buffer);
+  for (const Matrix<T>& buffer : workspace.pre_activations) check(buffer);
+  check(workspace.grad);
+  check(workspace.grad_below);
+}
+
 template <class T, class X>
 void forward_pass(const MlpParams<T>& params, const X& x, MlpWorkspace<T>& workspace, Activation hidden) {
   const std::size_t layers = params.layers.size();
@@ -161,6 +182,7 @@ const Matrix<T>& mlp_forward(const MlpParams<T>& params, const Input& inputs, Ml
   static_assert(!Input::IsRowMajor,
                 "xax::nn::mlp_forward: the inputs must be column-major (features x batch)");
   detail::check_mlp_inputs(params, inputs);
+  detail::check_inputs_outside_workspace(inputs, workspace, "mlp_forward");
   detail::forward_pass(params, detail::inputs_in(inputs, workspace), workspace, hidden_activation);
   return workspace.logits();
 }
@@ -185,6 +207,15 @@ float mlp_loss_and_gradients(const MlpParams<T>& params, const Input& inputs, co
                       " is not accepted; give a finite value > 0 (1 for no scaling)");
   }
   detail::check_mlp_inputs(params, inputs);
+  detail::check_inputs_outside_workspace(inputs, workspace, "mlp_loss_and_gradients");
+  if constexpr (std::is_same_v<G, T>) {
+    // The backward reads each layer's weights while it writes that layer's gradients.
+    if (static_cast<const void*>(&grads) == static_cast<const void*>(&params)) {
+      throw ShapeError(
+          "xax::nn::mlp_loss_and_gradients: grads is the params themselves; the backward reads the weights "
+          "while it writes the gradients, so pass a separate MlpParams for the gradients");
+    }
+  }
   const std::size_t layers = params.layers.size();
   if (options.accumulate) {
     if (grads.layers.size() != layers) {
