@@ -1,18 +1,32 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <array>
+#include <chrono>
+#include <csignal>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <limits>
 #include <map>
 #include <new>
+#include <span>
+#include <stdexcept>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 #include <xax/task/checkpoint.hpp>
+#include <xax/task/mixins/train.hpp>
 #include <xax/utils/tree_cast.hpp>
 
 #include "checkpoint_bytes.hpp"
@@ -83,6 +97,37 @@ class CheckpointTest : public ::testing::Test {
  protected:
   xax_test::ScratchDirectory scratch_{"xax_checkpoint_test"};
   const std::filesystem::path& dir_ = scratch_.path();
+};
+
+// The names in `dir`, sorted: what a write left behind.
+std::vector<std::string> names_in(const std::filesystem::path& dir) {
+  std::vector<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) names.push_back(entry.path().filename());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+// While alive, files this process writes cannot grow past `bytes` (write() fails with EFBIG rather than
+// raising SIGXFSZ): a disk that fills up, for any user, root included.
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(rlim_t bytes) {
+    previous_signal_ = std::signal(SIGXFSZ, SIG_IGN);
+    ::getrlimit(RLIMIT_FSIZE, &previous_);
+    rlimit limit = previous_;
+    limit.rlim_cur = bytes;
+    ::setrlimit(RLIMIT_FSIZE, &limit);
+  }
+  ~FileSizeLimit() {
+    ::setrlimit(RLIMIT_FSIZE, &previous_);
+    std::signal(SIGXFSZ, previous_signal_);
+  }
+  FileSizeLimit(const FileSizeLimit&) = delete;
+  FileSizeLimit& operator=(const FileSizeLimit&) = delete;
+
+ private:
+  rlimit previous_{};
+  void (*previous_signal_)(int) = nullptr;
 };
 
 template <class T>
@@ -264,18 +309,21 @@ TEST_F(CheckpointTest, AFailedWriteLeavesThePreviousCheckpointIntact) {
   first.add_string("generation", "1");
   first.write(path);
 
-  // The temporary file cannot be created where a directory of that name stands.
-  std::filesystem::create_directories(dir_ / "keep.xax.tmp");
+  // The disk "fills up" halfway through the temporary file.
   xax::CheckpointWriter second;
   second.add_string("generation", "2");
-  EXPECT_THAT([&] { second.write(path); }, ::testing::ThrowsMessage<xax::CheckpointError>(
-                                               HasSubstr("previous checkpoint, if any, is unchanged")));
+  second.add_tree("big", Eigen::VectorXf::Constant(1 << 16, 2.0f).eval());
+  {
+    const FileSizeLimit limit(4096);
+    EXPECT_THAT([&] { second.write(path); }, ::testing::ThrowsMessage<xax::CheckpointError>(
+                                                 HasSubstr("previous checkpoint, if any, is unchanged")));
+  }
   EXPECT_EQ(xax::CheckpointReader(path).read_string("generation"), "1");
+  EXPECT_EQ(names_in(dir_), std::vector<std::string>{"keep.xax"}) << "the temporary file is removed";
 
-  std::filesystem::remove_all(dir_ / "keep.xax.tmp");
   second.write(path);
   EXPECT_EQ(xax::CheckpointReader(path).read_string("generation"), "2");
-  EXPECT_FALSE(std::filesystem::exists(dir_ / "keep.xax.tmp")) << "no temporary file is left behind";
+  EXPECT_EQ(names_in(dir_), std::vector<std::string>{"keep.xax"}) << "no temporary file is left behind";
 }
 
 TEST_F(CheckpointTest, WritingIntoAMissingDirectoryThrows) {
@@ -403,8 +451,10 @@ TEST(CheckpointCrafted, ElementCodesKindsStringsAndDuplicatesAreChecked) {
 }
 
 TEST(CheckpointCrafted, AnotherFormatVersionIsRefusedByName) {
-  EXPECT_THAT(parse_error(with_crc(checkpoint_header(0, 2))).what(),
-              HasSubstr("has format version 2; this xax reads version 1"));
+  EXPECT_THAT(parse_error(with_crc(checkpoint_header(0, 3))).what(),
+              HasSubstr("has format version 3; this xax reads versions 1 and 2"));
+  EXPECT_THAT(parse_error(with_crc(checkpoint_header(0, 0))).what(), HasSubstr("has format version 0"));
+  EXPECT_NO_THROW((void)xax::CheckpointReader::from_bytes(with_crc(checkpoint_header(0, 1))));
 }
 
 // Regression: the reader demanded 32 bytes, but a checkpoint with no entries has 28, so it refused what the
@@ -429,14 +479,18 @@ TEST_F(CheckpointTest, ADirectoryOrAnEmptyPathIsACheckpointError) {
 
 TEST_F(CheckpointTest, AFailedFirstWriteLeavesNoCheckpointAndTouchesNothingElse) {
   const auto path = dir_ / "first.xax";
-  // The temporary file cannot be created where a directory of that name stands; the directory is the user's.
+  // A directory at the name older versions used for their temporary file is someone else's: it stays.
   std::filesystem::create_directories(dir_ / "first.xax.tmp");
   xax::CheckpointWriter writer;
   writer.add_string("generation", "1");
-  EXPECT_THAT([&] { writer.write(path); },
-              ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr("cannot write checkpoint")));
+  writer.add_tree("big", Eigen::VectorXf::Constant(1 << 16, 2.0f).eval());
+  {
+    const FileSizeLimit limit(4096);
+    EXPECT_THAT([&] { writer.write(path); },
+                ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr("cannot write checkpoint")));
+  }
   EXPECT_FALSE(std::filesystem::exists(path)) << "no checkpoint appears, not even a partial one";
-  EXPECT_TRUE(std::filesystem::is_directory(dir_ / "first.xax.tmp")) << "what was not ours stays";
+  EXPECT_EQ(names_in(dir_), std::vector<std::string>{"first.xax.tmp"}) << "what was not ours stays";
   EXPECT_THAT([&] { xax::CheckpointReader{path}; },
               ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr("cannot open checkpoint")));
 
@@ -444,8 +498,367 @@ TEST_F(CheckpointTest, AFailedFirstWriteLeavesNoCheckpointAndTouchesNothingElse)
   std::filesystem::remove(dir_ / "first.xax.tmp");
   std::filesystem::create_directories(path / "occupied");
   EXPECT_THROW(writer.write(path), xax::CheckpointError);
-  EXPECT_FALSE(std::filesystem::exists(dir_ / "first.xax.tmp")) << "the temporary file is removed";
+  EXPECT_EQ(names_in(dir_), std::vector<std::string>{"first.xax"}) << "the temporary file is removed";
   EXPECT_TRUE(std::filesystem::exists(path / "occupied"));
+}
+
+// ----- Bool leaves -----
+
+// Regression: a bool payload byte other than 0 or 1 (under a valid checksum) was copied into a bool, whose
+// every later use is undefined behaviour. The parser refuses it before any tree sees it.
+TEST(CheckpointCrafted, ABoolByteOtherThanZeroOrOneIsRefused) {
+  for (const char byte : {'\x02', '\x7f', '\xff'}) {
+    EXPECT_THAT(
+        parse_error(checkpoint_of({{"flags", 0, 16, {3, 1}, std::string{'\x00', '\x01', byte}}})).what(),
+        HasSubstr("entry 0 'flags' holds byte " + std::to_string(static_cast<unsigned char>(byte)) +
+                  " at element 2; bool bytes must be 0 or 1"));
+  }
+  EXPECT_THAT(parse_error(checkpoint_of({{"flag", 0, 16, {}, std::string(1, '\x02')}})).what(),
+              HasSubstr("bool bytes must be 0 or 1"));
+  const auto reader =
+      xax::CheckpointReader::from_bytes(checkpoint_of({{"flag", 0, 16, {}, std::string(1, '\x01')}}));
+  bool flag = false;
+  reader.read_tree("flag", flag);
+  EXPECT_TRUE(flag);
+}
+
+// ----- Storage order -----
+
+using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using RowTensor = Eigen::Tensor<float, 3, Eigen::RowMajor>;
+
+template <class Tree>
+std::string bytes_of(const Tree& tree) {
+  xax::CheckpointWriter writer;
+  writer.add_tree("w", tree);
+  return writer.bytes();
+}
+
+// Regression: entries held each leaf's storage as it was, so a row-major leaf restored into a column-major
+// one of the same shape (or the other way round) came back transposed, without an error. Every entry now
+// holds its elements in column-major order whatever the leaf's layout, and each leaf is reordered on the way
+// in and out.
+TEST(CheckpointLayout, RowAndColumnMajorLeavesRestoreEachOtherElementForElement) {
+  RowMatrix row(2, 3);
+  row << 1, 2, 3, 4, 5, 6;
+  const Eigen::MatrixXf column = row;
+  EXPECT_EQ(bytes_of(row), bytes_of(column)) << "the file does not depend on the leaf's layout";
+
+  Eigen::MatrixXf into_column(2, 3);
+  xax::CheckpointReader::from_bytes(bytes_of(row)).read_tree("w", into_column);
+  EXPECT_EQ(into_column, column);
+  RowMatrix into_row(2, 3);
+  xax::CheckpointReader::from_bytes(bytes_of(column)).read_tree("w", into_row);
+  EXPECT_EQ(into_row, row);
+  RowMatrix resized;
+  xax::CheckpointReader::from_bytes(bytes_of(column))
+      .read_tree("w", resized, xax::LeafShapes::from_checkpoint);
+  EXPECT_EQ(resized, row);
+
+  RowTensor row_tensor(2, 3, 4);
+  Eigen::Tensor<float, 3> column_tensor(2, 3, 4);
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 3; ++j) {
+      for (int k = 0; k < 4; ++k) {
+        row_tensor(i, j, k) = static_cast<float>(100 * i + 10 * j + k);
+        column_tensor(i, j, k) = row_tensor(i, j, k);
+      }
+    }
+  }
+  EXPECT_EQ(bytes_of(row_tensor), bytes_of(column_tensor));
+  Eigen::Tensor<float, 3> tensor_back(2, 3, 4);
+  xax::CheckpointReader::from_bytes(bytes_of(row_tensor)).read_tree("w", tensor_back);
+  RowTensor row_tensor_back;
+  xax::CheckpointReader::from_bytes(bytes_of(column_tensor))
+      .read_tree("w", row_tensor_back, xax::LeafShapes::from_checkpoint);
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 3; ++j) {
+      for (int k = 0; k < 4; ++k) {
+        EXPECT_EQ(tensor_back(i, j, k), row_tensor(i, j, k));
+        EXPECT_EQ(row_tensor_back(i, j, k), row_tensor(i, j, k));
+      }
+    }
+  }
+  Eigen::TensorFixedSize<float, Eigen::Sizes<2, 2>, Eigen::RowMajor> fixed_row;
+  fixed_row.setValues({{1, 2}, {3, 4}});
+  Eigen::Tensor<float, 2> fixed_back(2, 2);
+  xax::CheckpointReader::from_bytes(bytes_of(fixed_row)).read_tree("w", fixed_back);
+  EXPECT_EQ(fixed_back(0, 1), 2.0f);
+  EXPECT_EQ(fixed_back(1, 0), 3.0f);
+}
+
+// Format version 1 stored each leaf in its writer's storage order without recording it. For a column-major
+// leaf (Eigen's default, and every leaf xax's own train state has) the old and the new reading agree, so such
+// files still load as they always did; for a row-major leaf whose layout matters they do not, and the file
+// cannot say which was meant, so the read is refused.
+TEST(CheckpointLayout, VersionOneFilesLoadWhereTheirOrderIsUnambiguous) {
+  RowMatrix row(2, 3);
+  row << 1, 2, 3, 4, 5, 6;
+  const Eigen::MatrixXf column = row;
+  std::string version_one = bytes_of(column);
+  const std::uint32_t one = 1;
+  std::memcpy(version_one.data() + sizeof(xax::detail::checkpoint_magic) + sizeof(std::uint32_t), &one, 4);
+  version_one = with_crc(version_one.substr(0, version_one.size() - 4));
+  const auto reader = xax::CheckpointReader::from_bytes(version_one, "old.xax");
+
+  Eigen::MatrixXf into_column(2, 3);
+  reader.read_tree("w", into_column);
+  EXPECT_EQ(into_column, column);
+  RowMatrix into_row = RowMatrix::Zero(2, 3);
+  EXPECT_THAT([&] { reader.read_tree("w", into_row); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(
+                  HasSubstr("checkpoint 'old.xax': entry 'w' was written in format version 1, which did not "
+                            "record whether its elements are in row- or column-major order, so it cannot be "
+                            "restored into a row-major leaf of shape 2x3")));
+  EXPECT_EQ(into_row, RowMatrix::Zero(2, 3)) << "a refused read changes nothing";
+
+  // A leaf with at most one dimension above 1 has one order only.
+  Eigen::Matrix<float, 1, Eigen::Dynamic, Eigen::RowMajor> row_vector(3);
+  row_vector << 1, 2, 3;
+  std::string vector_one = bytes_of(row_vector);
+  std::memcpy(vector_one.data() + sizeof(xax::detail::checkpoint_magic) + sizeof(std::uint32_t), &one, 4);
+  vector_one = with_crc(vector_one.substr(0, vector_one.size() - 4));
+  Eigen::Matrix<float, 1, Eigen::Dynamic, Eigen::RowMajor> vector_back(3);
+  xax::CheckpointReader::from_bytes(vector_one).read_tree("w", vector_back);
+  EXPECT_EQ(vector_back, row_vector);
+}
+
+// ----- Compile-time maximum sizes -----
+
+// Regression: with LeafShapes::from_checkpoint, a dynamic dimension with a compile-time maximum (Eigen's
+// MaxRows/MaxCols, inline storage) was resized to any stored size, and the copy ran past the inline buffer.
+TEST(CheckpointShapes, AStoredSizeAboveALeafsCompileTimeMaximumIsRefused) {
+  const Eigen::MatrixXf big = Eigen::MatrixXf::Constant(16, 3, 7.0f);
+  const auto reader = xax::CheckpointReader::from_bytes(bytes_of(big));
+  Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, 0, 4, 4> small;
+  EXPECT_THAT([&] { reader.read_tree("w", small, xax::LeafShapes::from_checkpoint); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(
+                  HasSubstr("entry 'w' has shape 16x3 but the live leaf has 0x0, more rows than the tree's "
+                            "leaf can hold (at most 4, its MaxRowsAtCompileTime)")));
+  EXPECT_EQ(small.size(), 0);
+  Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, 0, 16, 2> narrow;
+  EXPECT_THAT([&] { reader.read_tree("w", narrow, xax::LeafShapes::from_checkpoint); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr(
+                  "more columns than the tree's leaf can hold (at most 2, its MaxColsAtCompileTime)")));
+  Eigen::Matrix<float, Eigen::Dynamic, 3, 0, 16, 3> fits;
+  reader.read_tree("w", fits, xax::LeafShapes::from_checkpoint);
+  EXPECT_EQ(fits, big);
+}
+
+// ----- Trees under one another's prefix -----
+
+// Regression: add_tree("model", m) and add_tree("model.ema", e) were both accepted, but read_tree("model", m)
+// counts every tensor under "model." as its own and refused the file the writer had just written. The
+// writer now refuses a tree prefix that extends another tree's (with '.' or '['), in either order.
+TEST(CheckpointPrefixes, ATreeUnderAnotherTreesPrefixIsRefusedByTheWriter) {
+  const Eigen::MatrixXf w = Eigen::MatrixXf::Ones(2, 2);
+  for (const auto& [first, second] : std::vector<std::pair<std::string, std::string>>{
+           {"model", "model.ema"}, {"model.ema", "model"}, {"a", "a[0]"}, {"", "x"}, {"x", ""}}) {
+    xax::CheckpointWriter writer;
+    writer.add_tree(first, w);
+    EXPECT_THAT(
+        [&] { writer.add_tree(second, w); },
+        ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr(
+            "would be counted as part of the tree under '" + std::min(first, second) +
+            "' when it is read; give each tree a prefix that neither extends another's with '.' or '[' "
+            "nor is extended by one (e.g. 'model_ema' beside 'model')")))
+        << first << " then " << second;
+  }
+  xax::CheckpointWriter same;
+  same.add_tree("a", w);
+  EXPECT_THAT([&] { same.add_tree("a", w); }, ::testing::ThrowsMessage<xax::CheckpointError>(
+                                                  HasSubstr("a tree was already added under 'a'")));
+
+  // Siblings, and strings under a tree's prefix (tensors alone are counted), are fine and read back.
+  xax::CheckpointWriter writer;
+  writer.add_tree("model", w);
+  writer.add_tree("model_ema", Eigen::MatrixXf::Constant(2, 2, 2.0f).eval());
+  writer.add_tree("modelx", 1.0f);
+  writer.add_string("model.note", "a string");
+  const auto reader = xax::CheckpointReader::from_bytes(writer.bytes());
+  Eigen::MatrixXf model(2, 2), ema(2, 2);
+  reader.read_tree("model", model);
+  reader.read_tree("model_ema", ema);
+  EXPECT_EQ(model, w);
+  EXPECT_EQ(ema(1, 1), 2.0f);
+}
+
+// ----- The temporary file -----
+
+// Regression: the temporary file was always "<path>.tmp", opened with O_CREAT|O_TRUNC. A symbolic link there
+// was followed (the file it named was overwritten and <path> became the link), a FIFO made write() block
+// forever, and an unrelated file there was truncated and renamed away. Each write now creates a file of its
+// own beside the target (O_EXCL, never following a link) and leaves every other name alone.
+TEST_F(CheckpointTest, WhateverStandsAtTheOldTemporaryNameIsLeftAlone) {
+  xax::CheckpointWriter writer;
+  writer.add_tree("p", Eigen::VectorXf::Constant(16, 1.0f).eval());
+
+  { std::ofstream(dir_ / "victim.txt") << "precious user data\n"; }
+  std::filesystem::create_symlink(dir_ / "victim.txt", dir_ / "link.xax.tmp");
+  writer.write(dir_ / "link.xax");
+  EXPECT_EQ(xax_test::read_bytes(dir_ / "victim.txt"), "precious user data\n");
+  EXPECT_TRUE(std::filesystem::is_regular_file(std::filesystem::symlink_status(dir_ / "link.xax")));
+  EXPECT_TRUE(std::filesystem::is_symlink(dir_ / "link.xax.tmp"));
+
+  { std::ofstream(dir_ / "other.xax.tmp") << "someone else's file\n"; }
+  writer.write(dir_ / "other.xax");
+  EXPECT_EQ(xax_test::read_bytes(dir_ / "other.xax.tmp"), "someone else's file\n");
+  EXPECT_NO_THROW(xax::CheckpointReader{dir_ / "other.xax"});
+
+  ASSERT_EQ(::mkfifo((dir_ / "fifo.xax.tmp").c_str(), 0600), 0);
+  auto done = std::async(std::launch::async, [&] { writer.write(dir_ / "fifo.xax"); });
+  if (done.wait_for(std::chrono::seconds(20)) != std::future_status::ready) {
+    ADD_FAILURE() << "write() blocked on the FIFO at fifo.xax.tmp";
+    // Open the FIFO's read end so that the blocked write can finish and the test end.
+    const int reader = ::open((dir_ / "fifo.xax.tmp").c_str(), O_RDONLY | O_NONBLOCK);
+    done.wait();
+    ::close(reader);
+  }
+  EXPECT_NO_THROW(done.get());
+  EXPECT_NO_THROW(xax::CheckpointReader{dir_ / "fifo.xax"});
+  EXPECT_TRUE(std::filesystem::is_fifo(dir_ / "fifo.xax.tmp"));
+  EXPECT_EQ(names_in(dir_), (std::vector<std::string>{"fifo.xax", "fifo.xax.tmp", "link.xax", "link.xax.tmp",
+                                                      "other.xax", "other.xax.tmp", "victim.txt"}));
+}
+
+// Regression: two writes to one path shared the temporary file, so one could rename it over the path while
+// the other was still writing into it, report success, and leave a corrupt file at the path. Each write has
+// its own temporary file now, so whichever rename comes last leaves a complete checkpoint.
+TEST_F(CheckpointTest, ConcurrentWritesToOnePathEachLeaveACompleteCheckpoint) {
+  const auto path = dir_ / "shared.xax";
+  std::array<xax::CheckpointWriter, 2> writers;
+  for (std::size_t w = 0; w < writers.size(); ++w) {
+    writers[w].add_string("writer", std::to_string(w));
+    writers[w].add_tree("p", Eigen::VectorXf::Constant(1 << 18, static_cast<float>(w)).eval());
+  }
+  std::array<std::string, 2> failures;
+  const auto run = [&](std::size_t w) {
+    try {
+      for (int round = 0; round < 20; ++round) {
+        writers[w].write(path);
+        // Just after this write returned, the file at the path is some writer's complete checkpoint.
+        const xax::CheckpointReader reader(path);
+        const std::string who = reader.read_string("writer");
+        if (who != "0" && who != "1") throw std::runtime_error("unknown writer " + who);
+      }
+    } catch (const std::exception& error) {
+      failures[w] = error.what();
+    }
+  };
+  std::thread other(run, 1);
+  run(0);
+  other.join();
+  EXPECT_EQ(failures[0], "");
+  EXPECT_EQ(failures[1], "");
+  EXPECT_EQ(names_in(dir_), std::vector<std::string>{"shared.xax"});
+}
+
+// Regression: the new file was created 0644 whatever the old one's mode, so a checkpoint made private
+// (chmod 600) became readable by everyone at the next save. A replaced checkpoint keeps its mode; a new one
+// gets the default 0666 less the umask.
+TEST_F(CheckpointTest, AReplacedCheckpointKeepsItsModeAndANewOneFollowsTheUmask) {
+  const auto mode_of = [](const std::filesystem::path& p) {
+    struct stat s {};
+    EXPECT_EQ(::stat(p.c_str(), &s), 0);
+    return s.st_mode & 07777;
+  };
+  xax::CheckpointWriter writer;
+  writer.add_string("x", "y");
+  const mode_t previous_umask = ::umask(027);
+  writer.write(dir_ / "new.xax");
+  EXPECT_EQ(mode_of(dir_ / "new.xax"), 0640u);
+  ::umask(0);
+  writer.write(dir_ / "open.xax");
+  EXPECT_EQ(mode_of(dir_ / "open.xax"), 0666u);
+  ::umask(previous_umask);
+
+  for (const mode_t mode : {0600u, 0644u, 0400u}) {
+    ASSERT_EQ(::chmod((dir_ / "new.xax").c_str(), mode), 0);
+    writer.write(dir_ / "new.xax");
+    EXPECT_EQ(mode_of(dir_ / "new.xax"), mode);
+  }
+}
+
+TEST_F(CheckpointTest, APathWithoutAFileNameIsRefused) {
+  xax::CheckpointWriter writer;
+  writer.add_string("x", "y");
+  EXPECT_THAT([&] { writer.write(""); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr("the path is empty")));
+  EXPECT_THAT([&] { writer.write(dir_ / ""); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr("names a directory, not a file")));
+  EXPECT_TRUE(names_in(dir_).empty());
+}
+
+// ----- The loop position of TrainMixin -----
+
+// A task with a trivial step: what is tested is the loop position load_checkpoint accepts and fit() uses.
+class LoopTask : public xax::TrainMixin<LoopTask, xax::TrainConfig> {
+ public:
+  using batch_type = int;
+  explicit LoopTask(xax::TrainConfig config) : TrainMixin(std::move(config)) { set_log_stream(nullptr); }
+  [[nodiscard]] std::int64_t num_examples() const { return examples; }
+  std::int64_t examples = 16;
+  [[nodiscard]] int make_batch(std::span<const std::int64_t>) const { return 0; }
+  xax::StepResult train_step(std::vector<int>) { return {}; }
+  void save_train_state(xax::CheckpointWriter&) const {}
+  void load_train_state(const xax::CheckpointReader&) {}
+};
+
+xax::TrainConfig loop_config() {
+  xax::TrainConfig config;
+  config.batch_size = 4;  // 4 batches per epoch
+  config.epochs = 2;
+  config.progress = false;
+  return config;
+}
+
+// Regression: load_checkpoint required only that the loop position be >= 0, so a crafted 'loop' entry with a
+// batch in epoch or a step count near INT64_MAX was accepted and fit() overflowed signed integers. The batch
+// in epoch is now at most the batches of an epoch, and the step count leaves room for the next step.
+TEST_F(CheckpointTest, ALoopPositionNoRunCanReachIsRefused) {
+  const auto path = dir_ / "loop.xax";
+  const auto load_with = [&](std::size_t index, std::int64_t value) {
+    LoopTask written(loop_config());
+    written.save_checkpoint(path);
+    xax_test::edit_checkpoint(path, [&](std::vector<RawEntry>& entries) {
+      xax_test::entry_named(entries, "loop[" + std::to_string(index) + "]").payload =
+          xax_test::pod_bytes(value);
+    });
+    LoopTask live(loop_config());
+    live.load_checkpoint(path);
+    return live;
+  };
+  constexpr std::int64_t max = std::numeric_limits<std::int64_t>::max();
+  for (const std::int64_t batch : {std::int64_t{5}, max - 1, max}) {
+    EXPECT_THAT(
+        [&] { (void)load_with(2, batch); },
+        ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr(
+            "batch in epoch " + std::to_string(batch) +
+            ", but an epoch of the task's 16 examples has 4 "
+            "batches of batch_size 4; expected at most 4 (the checkpoint was written for another data "
+            "set or batch_size)")));
+  }
+  EXPECT_THAT([&] { (void)load_with(0, max); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr(
+                  "step " + std::to_string(max) + ", epoch 0, batch in epoch 0; expected a step < " +
+                  std::to_string(max) + ", so that the next step can be counted")));
+
+  LoopTask end_of_epoch = load_with(2, 4);  // a checkpoint written after an epoch's last step
+  EXPECT_EQ(end_of_epoch.fit().steps, 4) << "the second epoch";
+  // fit() checks the position against the epoch it runs, should the data have shrunk since the load.
+  LoopTask shrunk = load_with(2, 3);
+  shrunk.examples = 8;
+  EXPECT_THAT(
+      [&] { (void)shrunk.fit(); },
+      ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr(
+          "the loop position, batch 3 of the epoch (from a checkpoint or an earlier fit), is past the 2 "
+          "batches an epoch of 8 examples has at batch_size 4")));
+  // The largest step count a checkpoint may hold is accepted, and fit() refuses the step that would pass it
+  // rather than overflow.
+  LoopTask last = load_with(0, max - 1);
+  EXPECT_THAT([&] { (void)last.fit(); },
+              ::testing::ThrowsMessage<xax::Error>(HasSubstr("the step count " + std::to_string(max - 1))));
+  EXPECT_EQ(last.fit_steps(), max - 1);
 }
 
 }  // namespace

@@ -40,6 +40,30 @@ FuzzModel<T> make_fuzz_model() {
   return m;
 }
 
+// Leaves whose storage is not a plain column-major buffer: row-major ones, which the reader reorders from the
+// file's column-major order, and a matrix with compile-time maximum sizes (inline storage), which may take a
+// stored size up to its maximum only.
+struct FuzzLayouts {
+  Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> rows;
+  Eigen::Tensor<float, 3, Eigen::RowMajor> row_tensor;
+  Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, 0, 4, 3> bounded;
+  Eigen::Array<bool, Eigen::Dynamic, 1> mask;
+  XAX_FIELDS(rows, row_tensor, bounded, mask);
+};
+
+inline FuzzLayouts make_fuzz_layouts() {
+  FuzzLayouts m;
+  m.rows.resize(2, 3);
+  m.rows << 1, 2, 3, 4, 5, 6;
+  m.row_tensor.resize(2, 1, 3);
+  m.row_tensor.setConstant(1.5f);
+  m.row_tensor(1, 0, 2) = -2.0f;
+  m.bounded = Eigen::MatrixXf::Constant(3, 2, 0.75f);
+  m.mask.resize(3);
+  m.mask << true, false, true;
+  return m;
+}
+
 template <class Tree>
 bool bitwise_equal(const Tree& a, const Tree& b) {
   bool equal = true;

@@ -43,6 +43,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         reader.read_tree("half", half, shapes);
       } catch (const xax::CheckpointError&) {
       }
+      xax_fuzz::FuzzLayouts layouts = xax_fuzz::make_fuzz_layouts();
+      const xax_fuzz::FuzzLayouts layouts_before = layouts;
+      try {
+        reader.read_tree("layouts", layouts, shapes);
+      } catch (const xax::CheckpointError&) {
+        if (!xax_fuzz::bitwise_equal(layouts, layouts_before)) std::abort();
+      }
     }
     for (const char* name : {"note", "model.step", "loop.rng", ""}) {
       try {

@@ -37,6 +37,11 @@ int main(int argc, char** argv) {
   half.add_tree("model", reshaped);
   half.write(dir / "model_bfloat16_reshaped.xax");
 
+  // Row-major leaves (stored column-major), a matrix with compile-time maximum sizes and bool elements.
+  xax::CheckpointWriter layouts;
+  layouts.add_tree("layouts", xax_fuzz::make_fuzz_layouts());
+  layouts.write(dir / "layouts.xax");
+
   xax::CheckpointWriter strings;
   strings.add_string("note", std::string("binary\0safe", 11));
   strings.add_string("", "");

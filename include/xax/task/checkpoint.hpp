@@ -2,22 +2,43 @@
 /// \file
 /// Checkpoints of trees and strings: a versioned binary file with a CRC-32, written atomically.
 ///
-/// A write goes to a temporary file beside the target, is flushed to disk, and is renamed over the target, so
-/// a crash or a failed write leaves the previous checkpoint intact. A read verifies the magic, the format
-/// version and the checksum before it parses anything. A valid checksum proves nothing about who wrote the
-/// file, so the parser then trusts no field: each is bounded by the end of the data, and each entry must have
-/// a known kind and element type and non-negative dimensions whose element count fits in 64 bits and matches
-/// its payload size. Every mismatch between the file and the tree being restored (missing entry, dtype, rank,
-/// shape, dynamic sizes included, entry count) is a CheckpointError that names the entry, and leaves the tree
+/// A write goes to a temporary file of its own beside the target (a new name each time, created exclusively,
+/// never through a link), is flushed to disk, takes the mode of the checkpoint it replaces (a new one gets
+/// 0666 less the umask), and is renamed over the target; the directory is then flushed so that the rename
+/// survives a power cut. A crash or a failed write leaves the previous checkpoint intact, and concurrent
+/// writes to one path each leave a complete checkpoint there (the last rename wins). A read verifies the
+/// magic, the format version and the checksum before it parses anything. A valid checksum proves nothing
+/// about who wrote the file, so the parser then trusts no field: each is bounded by the end of the data, and
+/// each entry must have a known kind and element type and non-negative dimensions whose element count fits in
+/// 64 bits and matches its payload size, and a bool element must be the byte 0 or 1. Every mismatch between
+/// the file and the tree being restored (missing entry, dtype, rank, shape, dynamic sizes and compile-time
+/// maximum sizes included, entry count) is a CheckpointError that names the entry, and leaves the tree
 /// unchanged.
 ///
 /// Layout (little-endian): "XAXCKPT\0", u32 byte-order mark 0x01020304, u32 format version, u64 entry count,
 /// entries, u32 CRC-32 of all preceding bytes. An entry: u32 name length, name, u8 kind (0 tensor, 1 string),
-/// u8 element code, u8 rank, i64 dims[rank], u64 payload bytes, payload.
+/// u8 element code, u8 rank, i64 dims[rank], u64 payload bytes, payload. Entries are sorted by name.
+///
+/// Version 2 (written since row-major leaves were made to round-trip) holds a tensor's elements in
+/// column-major order (the first index fastest, Eigen's default) whatever the storage order of the leaf it
+/// was written from; row-major leaves are reordered on the way out and in. Version 1 held each leaf in its
+/// own storage order without recording which. It is otherwise the same, and is still read: column-major
+/// leaves (and leaves with at most one dimension above 1, which have one order only) take it as they always
+/// did, and a row-major leaf with two dimensions above 1 refuses it, since the file cannot say which order it
+/// holds.
+///
+/// A tree's entries are those named `prefix`, `prefix.*` and `prefix[*`, and the reader requires that there
+/// be exactly as many as the tree has leaves, so the writer refuses a tree whose prefix extends another
+/// tree's with '.' or '[' (or is extended by one): "model" and "model.ema" cannot both be trees of one
+/// checkpoint.
 
 #include <xax/detail/eigen_tensor.hpp>
 
+#include <algorithm>
+#include <array>
+#include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <concepts>
 #include <cstdint>
 #include <cstdio>
@@ -28,6 +49,7 @@
 #include <limits>
 #include <map>
 #include <new>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -46,13 +68,17 @@
 #endif
 #if __has_include(<unistd.h>) && __has_include(<fcntl.h>)
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #define XAX_CHECKPOINT_HAS_POSIX 1
 #endif
 
 namespace xax {
 
-inline constexpr std::uint32_t checkpoint_format_version = 1;
+/// The format version this xax writes. It reads this one and every version back to
+/// checkpoint_oldest_format_version (see the file comment for what changed).
+inline constexpr std::uint32_t checkpoint_format_version = 2;
+inline constexpr std::uint32_t checkpoint_oldest_format_version = 1;
 
 namespace detail {
 
@@ -137,6 +163,77 @@ inline std::size_t element_size(std::uint8_t code) {
   return 0;
 }
 
+/// Copies the `shape`d elements at `from` into `to`, from row-major to column-major order (`to_column_major`)
+/// or back. Bytes on at least one side, so memcpy: the payload holds no T objects.
+template <class T, std::size_t N>
+void copy_reordered(const char* from, char* to, const std::array<Eigen::Index, N>& shape,
+                    bool to_column_major) {
+  std::size_t total = 1;
+  for (const Eigen::Index d : shape) total *= static_cast<std::size_t>(d);
+  if (total == 0) return;
+  // Walks the destination in its own order, keeping the offset of the same element in the source.
+  std::array<std::size_t, N> from_stride{};
+  std::size_t stride = 1;
+  for (std::size_t step = 0; step < N; ++step) {
+    const std::size_t axis = to_column_major ? N - 1 - step : step;  // the source's fastest axis first
+    from_stride[axis] = stride;
+    stride *= static_cast<std::size_t>(shape[axis]);
+  }
+  std::array<std::size_t, N> index{};
+  std::size_t offset = 0;
+  for (std::size_t k = 0; k < total; ++k) {
+    std::memcpy(to + k * sizeof(T), from + offset * sizeof(T), sizeof(T));
+    for (std::size_t step = 0; step < N; ++step) {
+      const std::size_t axis = to_column_major ? step : N - 1 - step;  // the destination's fastest axis first
+      if (++index[axis] < static_cast<std::size_t>(shape[axis])) {
+        offset += from_stride[axis];
+        break;
+      }
+      offset -= (index[axis] - 1) * from_stride[axis];
+      index[axis] = 0;
+    }
+  }
+}
+
+/// Whether a row-major leaf of this shape stores its elements in another order than column-major.
+template <class L, std::size_t N>
+bool reordered_in_file(const std::array<Eigen::Index, N>& shape) {
+  if constexpr (leaf_row_major<L>()) {
+    return layout_matters(shape);
+  } else {
+    return false;
+  }
+}
+
+/// Random characters for a temporary file name. O_EXCL makes the name unique; the randomness only makes a
+/// name that is taken unlikely, so any failure of std::random_device is no error.
+inline std::string random_suffix() {
+  static std::atomic<std::uint64_t> calls{0};
+  std::uint64_t seed =
+      calls.fetch_add(1) * 0x9E3779B97F4A7C15ull ^
+      static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+#if defined(XAX_CHECKPOINT_HAS_POSIX)
+  seed ^= static_cast<std::uint64_t>(::getpid()) << 40;
+#endif
+  try {
+    std::random_device device;
+    seed ^= (static_cast<std::uint64_t>(device()) << 32) ^ device();
+  } catch (...) {
+  }
+  std::mt19937_64 generator(seed);
+  constexpr std::string_view alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+  std::string suffix(8, '\0');
+  for (char& c : suffix) c = alphabet[generator() % alphabet.size()];
+  return suffix;
+}
+
+/// Whether the entries of a tree under `prefix` include `name`: the reader counts them as the tree's.
+inline bool entry_under(std::string_view prefix, std::string_view name) {
+  if (prefix.empty()) return true;
+  if (!name.starts_with(prefix)) return false;
+  return name.size() == prefix.size() || name[prefix.size()] == '.' || name[prefix.size()] == '[';
+}
+
 }  // namespace detail
 
 /// How CheckpointReader::read_tree treats the shapes of dynamic-size leaves.
@@ -149,20 +246,27 @@ enum class LeafShapes {
 class CheckpointWriter {
  public:
   /// Adds every leaf of `tree` as an entry named `prefix.path` (just `prefix` for a root leaf).
+  /// Elements are stored in column-major order whatever the leaf's layout. Throws CheckpointError if the
+  /// prefix is one a tree was already added under, or extends one with '.' or '[' (or is extended by one).
   template <class Tree>
   void add_tree(std::string_view prefix, const Tree& tree) {
+    add_tree_prefix(prefix);
     for_each_leaf_with_path(
         [&]<class L>(const TreePath& path, const L& leaf) {
           using Scalar = leaf_scalar_t<L>;
           detail::CheckpointEntry entry;
           entry.element = detail::element_code<Scalar>();
-          if constexpr (!scalar_leaf<L>) {
-            for (const Eigen::Index d : detail::leaf_shape(leaf))
-              entry.dims.push_back(static_cast<std::int64_t>(d));
-          }
+          const auto shape = detail::leaf_shape(leaf);
+          for (const Eigen::Index d : shape) entry.dims.push_back(static_cast<std::int64_t>(d));
           const auto span = leaf_span(leaf);
           const auto* first = reinterpret_cast<const char*>(span.data());
-          entry.payload.assign(first, first + span.size_bytes());
+          if (detail::reordered_in_file<L>(shape)) {
+            // One element order in every file, so that a leaf of either layout restores the other.
+            entry.payload.resize(span.size_bytes());
+            detail::copy_reordered<Scalar>(first, entry.payload.data(), shape, true);
+          } else {
+            entry.payload.assign(first, first + span.size_bytes());
+          }
           add_entry(detail::checkpoint_entry_name(prefix, path), std::move(entry));
         },
         tree);
@@ -196,53 +300,96 @@ class CheckpointWriter {
     return out;
   }
 
-  /// Writes to `path` atomically: temporary file, flush to disk, rename. On failure the temporary file is
-  /// removed, any previous checkpoint at `path` is untouched, and CheckpointError says what failed.
+  /// Writes to `path` atomically: a temporary file of this call's own beside it (created exclusively, never
+  /// through a link), flushed to disk, given the mode of the file it replaces, renamed over `path`, and the
+  /// directory flushed. On failure the temporary file is removed, any previous checkpoint at `path` is
+  /// untouched, and CheckpointError says what failed.
   void write(const std::filesystem::path& path) const {
+    if (path.empty()) throw CheckpointError("cannot write checkpoint: the path is empty; give a file path");
+    if (!path.has_filename()) {
+      throw CheckpointError("cannot write checkpoint '" + path.string() +
+                            "': the path names a directory, not a file; give a file path");
+    }
     const std::string data = bytes();
-    std::filesystem::path temporary = path;
-    temporary += ".tmp";
-    // Only a temporary file this call created is removed: whatever else stands at that name is not ours.
-    bool created = false;
+    std::filesystem::path temporary;
     const auto fail = [&](const std::string& what) {
+      // Only the temporary file this call created is removed: its name is unique to it.
       std::error_code ignored;
-      if (created) std::filesystem::remove(temporary, ignored);
+      if (!temporary.empty()) std::filesystem::remove(temporary, ignored);
       return CheckpointError("cannot write checkpoint '" + path.string() + "': " + what +
                              "; the previous checkpoint, if any, is unchanged");
     };
 #if defined(XAX_CHECKPOINT_HAS_POSIX)
-    const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) throw fail(std::strerror(errno));
-    created = true;
+    // A fixed temporary name would be shared by concurrent writers (one renaming the file while the other
+    // still writes into it) and would open whatever stands there: a link's target, a FIFO that blocks, a
+    // user's file. O_EXCL makes the name this call's own and refuses links; another random name is tried if
+    // it is taken.
+    int fd = -1;
+    for (int attempt = 0; fd < 0; ++attempt) {
+      temporary = path;
+      temporary += ".tmp." + detail::random_suffix();
+      fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
+      if (fd >= 0) break;
+      const int open_errno = errno;
+      temporary.clear();  // not ours: nothing to remove
+      if ((open_errno != EEXIST && open_errno != EINTR) || attempt >= 100)
+        throw fail(std::strerror(open_errno));
+    }
+    const auto fail_closing = [&](const char* step) {
+      const int step_errno = errno;  // before anything else can change it
+      const std::string reason = std::string(step) + ": " + std::strerror(step_errno);
+      ::close(fd);
+      return fail(reason);
+    };
+    // Created 0666 less the umask (and any default ACL), as a new file is; a replaced checkpoint keeps its
+    // mode, so that one made private stays private.
+    struct stat old {};
+    if (::stat(path.c_str(), &old) == 0 && S_ISREG(old.st_mode) &&
+        ::fchmod(fd, old.st_mode & static_cast<mode_t>(07777)) != 0)
+      throw fail_closing("setting the mode of the temporary file");
     std::size_t written = 0;
     while (written < data.size()) {
       const ::ssize_t n = ::write(fd, data.data() + written, data.size() - written);
       if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) {
-        const std::string reason = std::strerror(errno);
-        ::close(fd);
-        throw fail(reason);
+      if (n < 0) throw fail_closing("writing the temporary file");
+      if (n == 0) {
+        errno = EIO;
+        throw fail_closing("writing the temporary file");
       }
       written += static_cast<std::size_t>(n);
     }
-    if (::fsync(fd) != 0) {
-      const std::string reason = std::strerror(errno);
-      ::close(fd);
-      throw fail(reason);
+    if (::fsync(fd) != 0) throw fail_closing("flushing the temporary file");
+    if (::close(fd) != 0) throw fail(std::string("closing the temporary file: ") + std::strerror(errno));
+    if (::rename(temporary.c_str(), path.c_str()) != 0) {
+      throw fail(std::string("renaming the temporary file over it: ") + std::strerror(errno));
     }
-    if (::close(fd) != 0) throw fail(std::strerror(errno));
+    // The rename is an entry of the directory: until the directory is flushed, a power cut can undo it.
+    const std::filesystem::path directory = path.has_parent_path() ? path.parent_path() : ".";
+    const int dir_fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    // Some file systems cannot flush a directory (EINVAL): there is nothing more to do then.
+    if (dir_fd < 0 || (::fsync(dir_fd) != 0 && errno != EINVAL)) {
+      const int sync_errno = errno;
+      const std::string reason = std::strerror(sync_errno);
+      if (dir_fd >= 0) ::close(dir_fd);
+      throw CheckpointError("checkpoint '" + path.string() + "' was written, but flushing its directory '" +
+                            directory.string() + "' failed (" + reason +
+                            "), so a power cut may still bring back the previous checkpoint");
+    }
+    ::close(dir_fd);
 #else
+    // Without POSIX: a temporary name of this call's own, but no exclusive creation or directory flush.
+    temporary = path;
+    temporary += ".tmp." + detail::random_suffix();
     {
       std::ofstream file(temporary, std::ios::binary | std::ios::trunc);
-      created = file.is_open();
       file.write(data.data(), static_cast<std::streamsize>(data.size()));
       file.flush();
       if (!file) throw fail("write failed");
     }
-#endif
     std::error_code error;
     std::filesystem::rename(temporary, path, error);
     if (error) throw fail(error.message());
+#endif
   }
 
  private:
@@ -252,7 +399,32 @@ class CheckpointWriter {
     }
   }
 
+  // read_tree(prefix) takes every tensor under `prefix.` and `prefix[` for its tree's and requires as many
+  // as the tree has leaves (which is what catches a checkpoint of another model structure). A tree under
+  // another tree's prefix would be counted as part of it, so the writer refuses to write such a file, rather
+  // than the reader guessing which entries are whose.
+  void add_tree_prefix(std::string_view prefix) {
+    for (const std::string& other : tree_prefixes_) {
+      if (other == prefix) {
+        throw CheckpointError("checkpoint: a tree was already added under '" + other +
+                              "'; give each tree its own prefix");
+      }
+      const bool under_other = detail::entry_under(other, prefix);
+      if (under_other || detail::entry_under(prefix, other)) {
+        const std::string outer = under_other ? other : std::string(prefix);
+        const std::string whose = under_other ? std::string("its entries")
+                                              : "the entries of the tree already under '" + other + "'";
+        throw CheckpointError("checkpoint: cannot add a tree under '" + std::string(prefix) + "': " + whose +
+                              " would be counted as part of the tree under '" + outer +
+                              "' when it is read; give each tree a prefix that neither extends another's "
+                              "with '.' or '[' nor is extended by one (e.g. 'model_ema' beside 'model')");
+      }
+    }
+    tree_prefixes_.emplace_back(prefix);
+  }
+
   std::map<std::string, detail::CheckpointEntry> entries_;
+  std::vector<std::string> tree_prefixes_;
 };
 
 /// A checkpoint read from disk and verified (magic, byte order, version, checksum) before anything is parsed.
@@ -330,7 +502,14 @@ class CheckpointReader {
             leaf.resize(dims);
           }
           const auto span = leaf_span(leaf);
-          if (!entry.payload.empty()) std::memcpy(span.data(), entry.payload.data(), entry.payload.size());
+          const auto shape = detail::leaf_shape(leaf);
+          if (detail::reordered_in_file<L>(shape)) {
+            // The file holds column-major order (check_leaf refused a version 1 entry here).
+            detail::copy_reordered<leaf_scalar_t<L>>(entry.payload.data(),
+                                                     reinterpret_cast<char*>(span.data()), shape, false);
+          } else if (!entry.payload.empty()) {
+            std::memcpy(span.data(), entry.payload.data(), entry.payload.size());
+          }
         },
         tree);
   }
@@ -351,7 +530,8 @@ class CheckpointReader {
   }
 
   // Whether `entry` can be copied into `leaf`: same element type and shape, where with
-  // LeafShapes::from_checkpoint a dimension the leaf can resize may differ.
+  // LeafShapes::from_checkpoint a dimension the leaf can resize may differ, up to the leaf's compile-time
+  // maximum; and an element order the file records for this leaf.
   template <class L>
   void check_leaf(const std::string& name, const detail::CheckpointEntry& entry, const L& leaf,
                   LeafShapes shapes) const {
@@ -361,7 +541,7 @@ class CheckpointReader {
                   detail::element_name(detail::element_code<Scalar>()));
     }
     const auto live = detail::leaf_shape(leaf);
-    const auto mismatch = [&](const char* why) {
+    const auto mismatch = [&](const std::string& why) {
       return error("entry '" + name + "' has shape " + detail::shape_string(entry.dims) +
                    " but the live leaf has " + detail::shape_string(live) + why);
     };
@@ -376,6 +556,26 @@ class CheckpointReader {
                 : "; the checkpoint was written for another model shape");
       }
       if (!resizable_dimension<L>(i)) throw mismatch(", a size the tree's fixed-size leaf cannot take");
+      // A dynamic dimension with a compile-time maximum lives in inline storage of that size: resize() to
+      // more would write past it.
+      const std::int64_t most = max_dimension<L>(i);
+      if (most >= 0 && entry.dims[i] > most) {
+        throw mismatch(std::string(", more ") + (i == 0 ? "rows" : "columns") +
+                       " than the tree's leaf can hold (at most " + std::to_string(most) + ", its " +
+                       (i == 0 ? "MaxRowsAtCompileTime" : "MaxColsAtCompileTime") + ")");
+      }
+    }
+    if constexpr (detail::leaf_row_major<L>()) {
+      auto stored = live;
+      for (std::size_t i = 0; i < stored.size(); ++i) stored[i] = static_cast<Eigen::Index>(entry.dims[i]);
+      if (version_ < 2 && detail::layout_matters(stored)) {
+        throw error("entry '" + name + "' was written in format version " + std::to_string(version_) +
+                    ", which did not record whether its elements are in row- or column-major order, so it "
+                    "cannot be restored into a row-major leaf of shape " +
+                    detail::shape_string(entry.dims) +
+                    "; read it into a column-major leaf (Eigen's default), which takes it as version 1 did, "
+                    "or write the checkpoint again with this xax");
+      }
     }
   }
 
@@ -392,6 +592,18 @@ class CheckpointReader {
     }
   }
 
+  // The compile-time maximum of a resizable dimension, -1 for none. Eigen::Tensor has none: it always
+  // allocates.
+  template <class L>
+  static constexpr std::int64_t max_dimension(std::size_t i) {
+    if constexpr (eigen_plain_object<L>) {
+      const Eigen::Index most = i == 0 ? L::MaxRowsAtCompileTime : L::MaxColsAtCompileTime;
+      return most == Eigen::Dynamic ? -1 : static_cast<std::int64_t>(most);
+    } else {
+      return -1;
+    }
+  }
+
   const detail::CheckpointEntry& find(const std::string& name, detail::EntryKind kind) const {
     const auto it = entries_.find(name);
     if (it == entries_.end()) throw error("has no entry '" + name + "'");
@@ -399,12 +611,12 @@ class CheckpointReader {
     return it->second;
   }
 
+  // The tensors a tree under `prefix` takes for its own (CheckpointWriter refuses trees under one another's
+  // prefix, so in a file it wrote these are exactly the tree's entries).
   std::size_t count_under(std::string_view prefix) const {
     std::size_t count = 0;
     for (const auto& [name, entry] : entries_) {
-      if (entry.kind != detail::EntryKind::tensor || !name.starts_with(prefix)) continue;
-      const char next = name.size() > prefix.size() ? name[prefix.size()] : '\0';
-      if (prefix.empty() || next == '\0' || next == '.' || next == '[') ++count;
+      if (entry.kind == detail::EntryKind::tensor && detail::entry_under(prefix, name)) ++count;
     }
     return count;
   }
@@ -423,10 +635,12 @@ class CheckpointReader {
     if (mark != detail::checkpoint_byte_order_mark)
       throw error("was written on a machine of another byte order");
     std::memcpy(&version, data.data() + sizeof(detail::checkpoint_magic) + sizeof(mark), sizeof(version));
-    if (version != checkpoint_format_version) {
-      throw error("has format version " + std::to_string(version) + "; this xax reads version " +
+    if (version < checkpoint_oldest_format_version || version > checkpoint_format_version) {
+      throw error("has format version " + std::to_string(version) + "; this xax reads versions " +
+                  std::to_string(checkpoint_oldest_format_version) + " and " +
                   std::to_string(checkpoint_format_version));
     }
+    version_ = version;
     const std::size_t end = data.size() - sizeof(stored_crc);
     std::memcpy(&stored_crc, data.data() + end, sizeof(stored_crc));
     if (detail::crc32_of(data, end) != stored_crc) {
@@ -477,6 +691,8 @@ class CheckpointReader {
                     " bytes left)");
       }
       check_layout(what, entry, size);
+      if (entry.kind == detail::EntryKind::tensor && entry.element == detail::element_code<bool>())
+        check_bools(what, data.data() + offset, static_cast<std::size_t>(size));
       entry.payload.assign(data.begin() + static_cast<std::ptrdiff_t>(offset),
                            data.begin() + static_cast<std::ptrdiff_t>(offset + size));
       offset += size;
@@ -530,7 +746,20 @@ class CheckpointReader {
     }
   }
 
+  // A bool holds 0 or 1 and nothing else: copying any other byte into one is undefined behaviour.
+  void check_bools(const std::string& what, const char* payload, std::size_t size) const {
+    static_assert(sizeof(bool) == 1, "xax checkpoints store a bool as one byte");
+    for (std::size_t k = 0; k < size; ++k) {
+      const auto byte = static_cast<unsigned char>(payload[k]);
+      if (byte > 1) {
+        throw error(what + " holds byte " + std::to_string(byte) + " at element " + std::to_string(k) +
+                    "; bool bytes must be 0 or 1");
+      }
+    }
+  }
+
   std::string path_;
+  std::uint32_t version_ = checkpoint_format_version;
   std::map<std::string, detail::CheckpointEntry> entries_;
 };
 

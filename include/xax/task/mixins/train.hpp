@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <span>
@@ -264,6 +265,17 @@ TrainSummary TrainMixin<Derived, Config>::fit() {
                            : std::string()));
   }
 
+  // load_checkpoint bounded a loaded position by this epoch length; data that shrank since would put it past
+  // the epoch, where the loop's arithmetic would no longer be bounded either.
+  if (batch_in_epoch_ > batches_per_epoch) {
+    throw CheckpointError("xax::TrainMixin::fit: the loop position, batch " +
+                          std::to_string(batch_in_epoch_) +
+                          " of the epoch (from a checkpoint or an earlier fit), is past the " +
+                          std::to_string(batches_per_epoch) + " batches an epoch of " +
+                          std::to_string(examples) + " examples has at batch_size " + std::to_string(batch) +
+                          "; it was reached with another data set or batch_size");
+  }
+
   TrainSummary summary;
   const auto start = std::chrono::steady_clock::now();
   // A task that makes its batches in any scalar (makes_batches_in) has the step make them, in its compute
@@ -291,6 +303,12 @@ TrainSummary TrainMixin<Derived, Config>::fit() {
     }
     while (batch_in_epoch_ + micro_per_step <= batches_per_epoch) {
       if (config_.max_steps > 0 && fit_steps_ >= config_.max_steps) break;
+      // The count stays below INT64_MAX, so that load_checkpoint (which requires room for the next step)
+      // takes every checkpoint fit writes; only a crafted checkpoint starts this close.
+      if (fit_steps_ >= std::numeric_limits<std::int64_t>::max() - 1) {
+        throw CheckpointError("xax::TrainMixin::fit: the step count " + std::to_string(fit_steps_) +
+                              " is the largest fit counts (INT64_MAX - 1); no further step is taken");
+      }
       micro.clear();
       micro_examples.clear();
       for (std::int64_t m = 0; m < micro_per_step; ++m) {
@@ -394,10 +412,31 @@ void TrainMixin<Derived, Config>::load_checkpoint(const std::filesystem::path& p
   std::array<std::int64_t, 3> loop{};
   reader.read_tree("loop", loop);
   const auto [global_step, epoch, batch_in_epoch] = loop;
-  if (global_step < 0 || epoch < 0 || batch_in_epoch < 0) {
-    throw CheckpointError("checkpoint '" + path.string() + "': entry 'loop' holds step " +
-                          std::to_string(global_step) + ", epoch " + std::to_string(epoch) +
-                          ", batch in epoch " + std::to_string(batch_in_epoch) + "; each must be >= 0");
+  const auto refuse = [&](const std::string& expected) {
+    return CheckpointError("checkpoint '" + path.string() + "': entry 'loop' holds step " +
+                           std::to_string(global_step) + ", epoch " + std::to_string(epoch) +
+                           ", batch in epoch " + std::to_string(batch_in_epoch) + "; " + expected);
+  };
+  if (global_step < 0 || epoch < 0 || batch_in_epoch < 0) throw refuse("each must be >= 0");
+  // Upper bounds too: fit() adds to these, so a crafted position near INT64_MAX would overflow it. fit()
+  // counts at most INT64_MAX - 1 steps (it refuses the step after that), and a position within an epoch is
+  // at most the epoch's batches. (The epoch needs no bound: one past the configured epochs runs nothing.)
+  if (global_step >= std::numeric_limits<std::int64_t>::max()) {
+    throw refuse("expected a step < " + std::to_string(std::numeric_limits<std::int64_t>::max()) +
+                 ", so that the next step can be counted");
+  }
+  if constexpr (task_data<Derived>) {
+    const std::int64_t examples = derived().num_examples();
+    const std::int64_t batch = config_.batch_size;
+    // A batch_size above the examples is fit()'s ConfigError, not the checkpoint's.
+    if (batch >= 1 && batch <= examples && batch_in_epoch > examples / batch) {
+      throw CheckpointError("checkpoint '" + path.string() + "': entry 'loop' holds batch in epoch " +
+                            std::to_string(batch_in_epoch) + ", but an epoch of the task's " +
+                            std::to_string(examples) + " examples has " + std::to_string(examples / batch) +
+                            " batches of batch_size " + std::to_string(batch) + "; expected at most " +
+                            std::to_string(examples / batch) +
+                            " (the checkpoint was written for another data set or batch_size)");
+    }
   }
   const std::mt19937_64 rng = detail::parse_rng_state(reader.read_string("loop.rng"), "loop.rng");
   const std::mt19937_64 epoch_rng =
