@@ -309,6 +309,19 @@ TEST(BroadcastTree, EveryRankTakesRootsValues) {
   if (comm.size() > 1) {
     Grads uneven = make_grads(0, 37, 11, comm.rank() == 0 ? 14 : 13);
     EXPECT_THROW(xax::distributed::broadcast_tree(comm, uneven), xax::ShapeError);
+    // The same leaf and element counts, other leaves: only the rank with the shorter leaf failed its
+    // broadcast (MPI_ERR_TRUNCATE), and a transposed leaf passed. Every rank must refuse both.
+    const bool root = comm.rank() == 0;
+    Grads swapped = make_grads(0, root ? 4 : 2, 1, root ? 2 : 4);
+    try {
+      xax::distributed::broadcast_tree(comm, swapped);
+      ADD_FAILURE() << "leaves of other shapes were broadcast";
+    } catch (const xax::ShapeError& error) {
+      EXPECT_NE(std::string(error.what()).find("differ in shape or scalar type"), std::string::npos)
+          << error.what();
+    }
+    Grads transposed = make_grads(0, root ? 2 : 3, root ? 3 : 2);
+    EXPECT_THROW(xax::distributed::broadcast_tree(comm, transposed), xax::ShapeError);
   }
 }
 

@@ -44,6 +44,7 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+#include <xax/detail/random.hpp>
 #include <xax/distributed/communicator.hpp>
 #include <xax/ops/convert.hpp>
 #include <xax/task/train_step.hpp>
@@ -170,22 +171,55 @@ std::size_t capacity_bytes(const std::vector<T>& v) {
 
 }  // namespace detail
 
-/// Throws ShapeError on every rank unless every rank's tree has the same number of floating leaves and
-/// elements (a cheap guard against ranks built with different models, which would otherwise corrupt or
-/// hang the collectives).
+namespace detail {
+
+// A digest of every leaf's shape and scalar type, in walk order. Counts alone let {4, 2} elements on one rank
+// pass against {2, 4} on another, and then only the rank whose leaf is shorter failed its broadcast.
+template <class Tree>
+std::uint64_t tree_shape_digest(const Tree& tree) {
+  std::uint64_t digest = 0;
+  const auto add = [&digest](std::uint64_t value) { digest = xax::detail::mix64(digest ^ value); };
+  for_each_leaf(
+      [&]<class L>(const L& leaf) {
+        using S = leaf_scalar_t<L>;
+        if constexpr (floating_scalar<S>) {
+          add(static_cast<std::uint64_t>(dtype_of<S>) + 1);
+        } else {
+          add(std::uint64_t{1} << 32 | sizeof(S));  // an integer or bool leaf, by its size
+        }
+        const auto shape = xax::detail::leaf_shape(leaf);
+        add(shape.size());
+        for (const Eigen::Index dimension : shape) add(static_cast<std::uint64_t>(dimension));
+      },
+      tree);
+  return digest;
+}
+
+}  // namespace detail
+
+/// Throws ShapeError on every rank unless every rank's tree has the same leaves: the same number, and each
+/// of the same shape and scalar type (a cheap guard against ranks built with different models, which would
+/// otherwise corrupt or hang the collectives).
 template <class Tree>
 void check_same_structure(const Communicator& comm, const Tree& tree, const char* what) {
-  const std::int64_t mine[2] = {static_cast<std::int64_t>(leaf_count(tree)),
-                                static_cast<std::int64_t>(floating_element_count(tree))};
-  std::int64_t low[2] = {};
-  std::int64_t high[2] = {};
-  comm.all_reduce(mine, low, 2, MPI_MIN);
-  comm.all_reduce(mine, high, 2, MPI_MAX);
+  const std::int64_t mine[3] = {static_cast<std::int64_t>(leaf_count(tree)),
+                                static_cast<std::int64_t>(floating_element_count(tree)),
+                                static_cast<std::int64_t>(detail::tree_shape_digest(tree))};
+  std::int64_t low[3] = {};
+  std::int64_t high[3] = {};
+  comm.all_reduce(mine, low, 3, MPI_MIN);
+  comm.all_reduce(mine, high, 3, MPI_MAX);
   if (low[0] != high[0] || low[1] != high[1]) {
     throw ShapeError(std::string(what) + ": the ranks hold different trees (leaves from " +
                      std::to_string(low[0]) + " to " + std::to_string(high[0]) + ", elements from " +
                      std::to_string(low[1]) + " to " + std::to_string(high[1]) + " across " +
                      std::to_string(comm.size()) + " ranks); every rank must build the same model");
+  }
+  if (low[2] != high[2]) {
+    throw ShapeError(std::string(what) + ": the ranks hold trees of " + std::to_string(low[0]) +
+                     " leaves and " + std::to_string(low[1]) +
+                     " elements whose leaves differ in shape or scalar type across " +
+                     std::to_string(comm.size()) + " ranks; every rank must build the same model");
   }
 }
 
