@@ -97,6 +97,7 @@ xax_bench::TrainingSetup standard_setup(const Options& options, const std::strin
   setup.loss_scaling = loss_scaling_for(options, xax::get_policy(policy));
   setup.layer_sizes = {784, 512, 512, 10};
   setup.batch_size = options.batch_size;
+  setup.batch_size_given = options.batch_size_given;
   setup.epochs = options.epochs;
   setup.learning_rate = options.learning_rate;
   setup.seed = options.seed;
@@ -115,6 +116,8 @@ xax_bench::TrainingSetup memory_probe_setup(const Options& options, const std::s
   setup.configuration = "activation-heavy";
   setup.layer_sizes = {784, options.memory_hidden, options.memory_hidden, 10};
   setup.batch_size = options.memory_batch_size;
+  setup.batch_size_given = options.memory_batch_size_given;
+  setup.batch_size_option = "--memory-batch-size";
   setup.epochs = 1;
   setup.max_steps = options.memory_steps;
   setup.evaluate = false;
@@ -123,10 +126,12 @@ xax_bench::TrainingSetup memory_probe_setup(const Options& options, const std::s
   return setup;
 }
 
+// The run of `policy` by what it is, not how it was spelt: the fp32 reference is found as "default" whether
+// --policies said default, f32, full or params=float32.
 const TrainingRun* find_run(const BenchmarkReport& report, const std::string& configuration,
                             const std::string& policy) {
   for (const TrainingRun& run : report.training) {
-    if (run.configuration == configuration && run.policy == policy) return &run;
+    if (run.configuration == configuration && xax_bench::same_policy(run.policy, policy)) return &run;
   }
   return nullptr;
 }
@@ -134,11 +139,12 @@ const TrainingRun* find_run(const BenchmarkReport& report, const std::string& co
 void add_accuracy_checks(BenchmarkReport& report, const Options& options) {
   const TrainingRun* reference = find_run(report, "standard", "default");
   if (reference == nullptr) {
-    report.notes.push_back("no accuracy check: --policies has no 'default' (fp32) run to compare against");
+    report.notes.push_back(
+        "no accuracy check: --policies has no fp32 policy (default, f32, float32, full) to compare against");
     return;
   }
   for (const TrainingRun& run : report.training) {
-    if (run.configuration != "standard" || run.policy == "default") continue;
+    if (run.configuration != "standard" || xax_bench::is_fp32_reference(run.policy)) continue;
     xax_bench::AccuracyCheck check;
     check.policy = run.policy;
     check.accuracy = run.test_accuracy;
@@ -154,7 +160,7 @@ void add_memory_checks(BenchmarkReport& report) {
   const TrainingRun* reference = find_run(report, "activation-heavy", "default");
   if (reference == nullptr) return;
   for (const TrainingRun& run : report.training) {
-    if (run.configuration != "activation-heavy" || run.policy == "default") continue;
+    if (run.configuration != "activation-heavy" || xax_bench::is_fp32_reference(run.policy)) continue;
     xax_bench::MemoryCheck check;
     check.policy = run.policy;
     const auto ratio = [](std::size_t a, std::size_t b) {
@@ -368,7 +374,24 @@ int run(int argc, char** argv, const ProcessGroup& group) {
     const xax_bench::LoadedData data = xax_bench::load_data(options);
     report.dataset = data.splits.name;
     report.dataset_note = data.note;
-    say << "  data: " << data.note << "\n\nTraining MLP 784-512-512-10, batch " << options.batch_size << ", "
+    // Before any run: a typed batch larger than the split is refused here, and a reduced default is printed
+    // as the batch that trains, with where it came from.
+    const auto batch_text = [&](std::int64_t asked, bool given, const std::string& option) {
+      const std::int64_t batch =
+          xax_bench::effective_batch_size(asked, given, option, data.splits.train.size());
+      if (batch == asked) return std::to_string(batch);
+      report.notes.push_back(option + "'s default " + std::to_string(asked) + " is larger than the " +
+                             std::to_string(data.splits.train.size()) + " training samples, so those runs " +
+                             "train with batch " + std::to_string(batch));
+      return std::to_string(batch) + " (" + option + "'s default " + std::to_string(asked) +
+             ", reduced to the training samples)";
+    };
+    const std::string batch = batch_text(options.batch_size, options.batch_size_given, "--batch-size");
+    const std::string memory_batch =
+        options.skip_memory_probe
+            ? std::string()
+            : batch_text(options.memory_batch_size, options.memory_batch_size_given, "--memory-batch-size");
+    say << "  data: " << data.note << "\n\nTraining MLP 784-512-512-10, batch " << batch << ", "
         << options.epochs << " epoch(s), AdamW with cosine decay";
     if (options.accumulation_steps > 1)
       say << ", " << options.accumulation_steps << " micro-batches per step";
@@ -381,8 +404,8 @@ int run(int argc, char** argv, const ProcessGroup& group) {
     add_accuracy_checks(report, options);
     if (!options.skip_memory_probe) {
       say << "\nActivation-heavy memory probe: MLP 784-" << options.memory_hidden << "-"
-          << options.memory_hidden << "-10, batch " << options.memory_batch_size << ", "
-          << options.memory_steps << " step(s):\n"
+          << options.memory_hidden << "-10, batch " << memory_batch << ", " << options.memory_steps
+          << " step(s):\n"
           << std::flush;
       for (const std::string& policy : options.policies) {
         report.training.push_back(xax_bench::run_training(memory_probe_setup(options, policy), data.splits));

@@ -16,6 +16,7 @@
 #include <concepts>
 #include <cstdio>
 #include <exception>
+#include <new>
 #include <span>
 #include <string>
 #include <string_view>
@@ -25,6 +26,10 @@
 // The seed's MyConfig: the training and mixed-precision fields, with the seed's values, plus one of our own.
 struct MyConfig : xax::TrainConfig, xax::MixedPrecisionConfig {
   std::int64_t hidden = 128;
+  // An MLP 784-16384-16384-10 already holds 281 million parameters (about 4.5 GB with its masters, gradients
+  // and AdamW moments), far beyond what this example is for; a larger width would only end in an allocation
+  // failure, so validate() refuses it with the accepted range instead.
+  static constexpr std::int64_t max_hidden = 16384;
 
   MyConfig() {
     enable_mixed_precision = true;
@@ -38,11 +43,14 @@ struct MyConfig : xax::TrainConfig, xax::MixedPrecisionConfig {
 
   template <class Self, class Visit>
   static void visit_fields(Self& self, Visit&& visit) {
-    visit("hidden", self.hidden, "an integer >= 1");
+    visit("hidden", self.hidden, "an integer from 1 to 16384");
   }
   void validate() const {
-    if (hidden < 1)
-      throw xax::ConfigError("config field 'hidden': " + std::to_string(hidden) + " is not >= 1");
+    if (hidden < 1 || hidden > max_hidden) {
+      throw xax::ConfigError("config field 'hidden': " + std::to_string(hidden) +
+                             " is out of range; accepted: an integer from 1 to " +
+                             std::to_string(max_hidden));
+    }
   }
 };
 
@@ -144,5 +152,12 @@ int main(int argc, char** argv) {
   } catch (const xax::Error& error) {
     std::fprintf(stderr, "custom_trainer: %s\n", error.what());
     return 2;
+  } catch (const std::bad_alloc&) {
+    // Not a bad value but a configuration this machine cannot hold: say so rather than terminate.
+    std::fprintf(stderr, "custom_trainer: out of memory; try a smaller hidden or batch_size\n");
+    return 1;
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "custom_trainer: unexpected error: %s\n", error.what());
+    return 1;
   }
 }

@@ -135,11 +135,11 @@ inline std::vector<std::filesystem::path> write_csv_files(const BenchmarkReport&
     for (const TrainingRun& run : report.training) {
       if (!is_char(run)) continue;
       for (const LossPoint& p : run.loss_curve)
-        char_curves.cell(run.policy).cell("train").cell(p.step).cell(p.loss).end_row();
+        char_curves.cell(run.policy_label()).cell("train").cell(p.step).cell(p.loss).end_row();
       for (const LossPoint& p : run.val_curve)
-        char_curves.cell(run.policy).cell("val").cell(p.step).cell(p.loss).end_row();
+        char_curves.cell(run.policy_label()).cell("val").cell(p.step).cell(p.loss).end_row();
       for (const LossPoint& p : run.loss_scale_curve)
-        char_scale.cell(run.policy).cell(p.step).cell(p.loss).end_row();
+        char_scale.cell(run.policy_label()).cell(p.step).cell(p.loss).end_row();
     }
     written.push_back(char_curves.path());
     written.push_back(char_scale.path());

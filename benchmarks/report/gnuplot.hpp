@@ -134,15 +134,15 @@ inline std::string char_loss_curves_script(const BenchmarkReport& report) {
   int colour = 0;
   for (const TrainingRun& run : report.training) {
     if (run.workload != "char-transformer") continue;
-    const std::string policy = gnuplot_quote(run.policy);
+    const std::string policy = gnuplot_quote(run.policy_label());
     const std::string lc = " lc " + std::to_string(++colour);
     plot += (plot.empty() ? "plot " : ", \\\n     ");
     plot += "'char_loss_curves.csv' skip 1 using 3:(strcol(1) eq " + policy +
             " && strcol(2) eq 'train' ? $4 : NaN) with lines lw 1" + lc + " title " +
-            gnuplot_quote(run.policy + " train") +
+            gnuplot_quote(run.policy_label() + " train") +
             ", \\\n     'char_loss_curves.csv' skip 1 using 3:(strcol(1) eq " + policy +
             " && strcol(2) eq 'val' ? $4 : NaN) with linespoints lw 2 dt 2" + lc + " title " +
-            gnuplot_quote(run.policy + " validation");
+            gnuplot_quote(run.policy_label() + " validation");
   }
   if (plot.empty()) return {};
   return "set title 'Character-level GPT: training loss (mean per interval) and validation loss'\n"
@@ -155,8 +155,8 @@ inline std::string char_loss_scale_script(const BenchmarkReport& report) {
   for (const TrainingRun& run : report.training) {
     if (run.workload != "char-transformer") continue;
     plot += (plot.empty() ? "plot " : ", \\\n     ");
-    plot += "'char_loss_scale.csv' skip 1 using 2:(strcol(1) eq " + gnuplot_quote(run.policy) +
-            " ? $3 : NaN) with steps lw 2 title " + gnuplot_quote(run.policy);
+    plot += "'char_loss_scale.csv' skip 1 using 2:(strcol(1) eq " + gnuplot_quote(run.policy_label()) +
+            " ? $3 : NaN) with steps lw 2 title " + gnuplot_quote(run.policy_label());
   }
   if (plot.empty()) return {};
   return "set title 'Character-level GPT: loss scale after each step'\nset xlabel 'step'\n"

@@ -2,6 +2,7 @@
 // What mixed_precision_benchmark measured, independent of how it is written out: report.json is the record
 // (json_report.hpp); the CSV files and gnuplot scripts (csv.hpp, gnuplot.hpp) only draw the plots.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <nlohmann/json.hpp>
@@ -114,9 +115,17 @@ struct TrainingRun {
   [[nodiscard]] std::size_t peak_rss_growth_bytes() const {
     return peak_rss_bytes > rss_before_bytes ? peak_rss_bytes - rss_before_bytes : 0;
   }
+  /// The policy as tables and plots show it: a key=dtype spec's commas become spaces, because gnuplot's
+  /// strcol() ends a CSV field at a comma even inside quotes, and the plot's line for the run would stay
+  /// empty.
+  [[nodiscard]] std::string policy_label() const {
+    std::string text = policy;
+    std::replace(text.begin(), text.end(), ',', ' ');
+    return text;
+  }
   /// "mixed" or "mixed (activation-heavy)": a label that tells runs apart in tables and plots.
   [[nodiscard]] std::string label() const {
-    return configuration == "standard" ? policy : policy + " (" + configuration + ")";
+    return configuration == "standard" ? policy_label() : policy_label() + " (" + configuration + ")";
   }
 };
 

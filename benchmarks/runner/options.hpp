@@ -7,16 +7,24 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <filesystem>
 #include <iostream>
+#include <limits>
 #include <optional>
-#include <set>
 #include <string>
+#include <string_view>
+#include <system_error>
 #include <thread>
 #include <vector>
 #include <xax/utils/error.hpp>
 #include <xax/utils/policy.hpp>
+
+#include "runner/batch_size.hpp"
+#include "runner/policies.hpp"
 
 namespace xax_bench {
 
@@ -25,9 +33,11 @@ struct Options {
   std::string dataset = "auto";  ///< fashion-mnist, synthetic, or auto (Fashion-MNIST when installed)
   int epochs = 10;
   int threads = 1;
+  /// Each a preset, a dtype name or a key=dtype spec (runner/policies.hpp), all different policies.
   std::vector<std::string> policies{"default", "mixed", "float16"};
   std::string loss_scaling = "auto";  ///< auto: dynamic where compute is float16, none otherwise
   std::int64_t batch_size = 256;
+  bool batch_size_given = false;  ///< typed, so never reduced to a smaller train split (effective_batch_size)
   double learning_rate = 1e-3;
   std::int64_t train_samples = 0;  ///< 0: the whole split
   std::int64_t test_samples = 0;
@@ -35,6 +45,7 @@ struct Options {
   double accuracy_tolerance_pp = 0.3;
 
   std::int64_t memory_batch_size = 8192;  ///< the activation-heavy configuration
+  bool memory_batch_size_given = false;
   std::int64_t memory_hidden = 1024;
   std::int64_t memory_steps = 4;
 
@@ -90,6 +101,62 @@ inline bool is_benchmark_flag(const std::string& arg) {
   return arg.starts_with("--benchmark_") || arg == "--v" || arg.starts_with("--v=");
 }
 
+namespace detail {
+
+/// CLI11 2.1.2 converts integers with strtoll/strtoull in base 0, so "010" would be octal 8, "0x100" 256,
+/// "-1" a seed of 2^64-1 and an overflowing value the largest one. An integer option's text must therefore
+/// be plain decimal, checked before CLI11 converts it; the range check (CLI::Range) follows.
+template <std::integral Int>
+CLI::Validator decimal_integer() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        const std::string range = "from " + std::to_string(std::numeric_limits<Int>::min()) + " to " +
+                                  std::to_string(std::numeric_limits<Int>::max());
+        const bool negative = !text.empty() && text.front() == '-';
+        const std::string_view digits = std::string_view(text).substr(negative ? 1 : 0);
+        if (digits.empty() ||
+            !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+          return "'" + text + "' is not a decimal integer; accepted: decimal digits" +
+                 (std::is_signed_v<Int> ? std::string(" with an optional '-'") : std::string()) +
+                 " (no '+', 0x, exponent or spaces)";
+        }
+        if (digits.size() > 1 && digits.front() == '0') {
+          return "'" + text + "' has a leading zero (read as octal by CLI11); accepted: a decimal integer " +
+                 "without leading zeros";
+        }
+        if (negative && std::is_unsigned_v<Int>) {
+          return "'" + text + "' is negative; accepted: a decimal integer " + range;
+        }
+        Int value{};
+        const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+        if (error != std::errc{} || end != text.data() + text.size()) {
+          return "'" + text + "' is out of range; accepted: a decimal integer " + range;
+        }
+        return {};
+      },
+      "", "DECIMAL");
+}
+
+/// CLI::Range lets NaN through (every comparison with it is false), and CLI11 would also read "inf" and hex
+/// floats, so a real-valued option's text must be a finite decimal number, checked before the range.
+inline CLI::Validator finite_decimal() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        double value = 0;
+        const auto [end, error] =
+            std::from_chars(text.data(), text.data() + text.size(), value, std::chars_format::general);
+        if (error != std::errc{} || end != text.data() + text.size() || !std::isfinite(value)) {
+          return "'" + text +
+                 "' is not a finite decimal number; accepted: e.g. 0.001 or 1e-3 (no nan, inf, " +
+                 "'+' or hex)";
+        }
+        return {};
+      },
+      "", "FINITE");
+}
+
+}  // namespace detail
+
 inline ParsedOptions parse_options(int argc, char** argv) {
   Options o;
   o.threads = available_cpus();
@@ -123,44 +190,62 @@ inline ParsedOptions parse_options(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "fashion-mnist", "synthetic"}))
       ->capture_default_str();
   app.add_option("--epochs", o.epochs, "training epochs per policy")
+      ->check(detail::decimal_integer<int>())
       ->check(CLI::Range(1, 1000))
       ->capture_default_str();
   app.add_option("--threads", o.threads, "compute threads (default: the CPUs this process may use)")
+      ->check(detail::decimal_integer<int>())
       ->check(CLI::Range(1, 1024))
       ->capture_default_str();
-  app.add_option("--policies", o.policies,
-                 "comma-separated precision policies: presets (default, mixed, float16, half) or dtype names")
-      ->delimiter(',')
-      ->capture_default_str();
+  // Split by split_policy_list rather than CLI11's delimiter, which would cut a key=dtype spec at its commas.
+  std::vector<std::string> policy_arguments;
+  app.add_option("--policies", policy_arguments,
+                 "comma-separated precision policies: presets (default, mixed, float16, half), dtype names "
+                 "(bf16, f16, f32, ...), or key=dtype specs, whose consecutive pairs form one policy "
+                 "(params=float32,compute=bfloat16,output=float32); two key=dtype policies go in separate "
+                 "arguments (--policies c=bf16 c=f16); each policy at most once")
+      ->default_str("default,mixed,float16");
   app.add_option("--loss-scaling", o.loss_scaling,
                  "none, static, dynamic, or auto (dynamic where compute is float16, none otherwise)")
       ->check(CLI::IsMember({"auto", "none", "static", "dynamic"}))
       ->capture_default_str();
-  app.add_option("--batch-size", o.batch_size, "training batch size")
+  app.add_option("--batch-size", o.batch_size,
+                 "training batch size (at most the training samples; the default is reduced to them)")
+      ->check(detail::decimal_integer<std::int64_t>())
       ->check(CLI::Range(1, 1 << 20))
       ->capture_default_str();
   app.add_option("--learning-rate", o.learning_rate, "AdamW's peak learning rate (cosine decay to 0)")
+      ->check(detail::finite_decimal())
       ->check(CLI::Range(1e-8, 10.0))
       ->capture_default_str();
   app.add_option("--train-samples", o.train_samples, "use the first N training samples (0: all)")
+      ->check(detail::decimal_integer<std::int64_t>())
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   app.add_option("--test-samples", o.test_samples, "use the first N test samples (0: all)")
+      ->check(detail::decimal_integer<std::int64_t>())
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
-  app.add_option("--seed", o.seed, "seed of the initial weights and the data order")->capture_default_str();
+  app.add_option("--seed", o.seed, "seed of the initial weights and the data order (0 to 2^64-1)")
+      ->check(detail::decimal_integer<std::uint64_t>())
+      ->capture_default_str();
   app.add_option("--accuracy-tolerance", o.accuracy_tolerance_pp,
                  "how far (in percentage points) a reduced-precision run's test accuracy may be from fp32's")
+      ->check(detail::finite_decimal())
       ->check(CLI::Range(0.0, 100.0))
       ->capture_default_str();
   app.add_option("--memory-batch-size", o.memory_batch_size,
-                 "batch size of the activation-heavy memory probe")
+                 "batch size of the activation-heavy memory probe (at most the training samples; the "
+                 "default is reduced to them)")
+      ->check(detail::decimal_integer<std::int64_t>())
       ->check(CLI::Range(1, 1 << 20))
       ->capture_default_str();
   app.add_option("--memory-hidden", o.memory_hidden, "hidden width of the activation-heavy memory probe")
+      ->check(detail::decimal_integer<std::int64_t>())
       ->check(CLI::Range(1, 1 << 16))
       ->capture_default_str();
   app.add_option("--memory-steps", o.memory_steps, "training steps of the activation-heavy memory probe")
+      ->check(detail::decimal_integer<std::int64_t>())
       ->check(CLI::Range(1, 100000))
       ->capture_default_str();
   app.add_option("--out", o.out, "directory for report.json, CSVs and plots (created if needed)")
@@ -182,32 +267,41 @@ inline ParsedOptions parse_options(int argc, char** argv) {
                  "the character-level GPT's corpus (any text file; default: the fortune files of Debian's "
                  "fortunes package)");
   app.add_option("--gpt-steps", o.gpt_steps, "training steps of the character-level GPT per policy")
+      ->check(detail::decimal_integer<std::int64_t>())
       ->check(CLI::Range(1, 1000000))
       ->capture_default_str();
   app.add_option("--gpt-batch-size", o.gpt_batch_size, "the GPT's batch size (windows per step)")
+      ->check(detail::decimal_integer<std::int64_t>())
       ->check(CLI::Range(1, 1 << 16))
       ->capture_default_str();
   app.add_option("--gpt-block-size", o.gpt_block_size, "the GPT's context length (block_size)")
+      ->check(detail::decimal_integer<std::int64_t>())
       ->check(CLI::Range(1, 1 << 14))
       ->capture_default_str();
   app.add_option("--gpt-layers", o.gpt_layers, "the GPT's transformer blocks (n_layer)")
+      ->check(detail::decimal_integer<std::int64_t>())
       ->check(CLI::Range(1, 256))
       ->capture_default_str();
   app.add_option("--gpt-heads", o.gpt_heads, "the GPT's attention heads (n_head)")
+      ->check(detail::decimal_integer<std::int64_t>())
       ->check(CLI::Range(1, 256))
       ->capture_default_str();
   app.add_option("--gpt-embd", o.gpt_embedding, "the GPT's width (n_embd, a multiple of n_head)")
+      ->check(detail::decimal_integer<std::int64_t>())
       ->check(CLI::Range(1, 1 << 14))
       ->capture_default_str();
   app.add_option("--gpt-eval-interval", o.gpt_eval_interval, "steps between the GPT's validation estimates")
+      ->check(detail::decimal_integer<std::int64_t>())
       ->check(CLI::Range(1, 1000000))
       ->capture_default_str();
   app.add_option("--gpt-eval-batches", o.gpt_eval_batches, "batches per validation estimate (fixed windows)")
+      ->check(detail::decimal_integer<std::int64_t>())
       ->check(CLI::Range(1, 100000))
       ->capture_default_str();
   app.add_option("--accumulation-steps", o.accumulation_steps,
                  "micro-batches per MLP training step, each of --batch-size / N examples (0: 1, or the world "
                  "size under mpirun, where the ranks share them)")
+      ->check(detail::decimal_integer<std::int64_t>())
       ->check(CLI::Range(std::int64_t{0}, std::int64_t{1} << 20))
       ->capture_default_str();
   app.add_flag("--data-parallel", o.data_parallel,
@@ -219,11 +313,13 @@ inline ParsedOptions parse_options(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--zero-stage", o.zero_stage,
                  "data-parallel: 0 (optimizer state on every rank) or 1 (sharded over the ranks, ZeRO-1)")
+      ->check(detail::decimal_integer<std::int64_t>())
       ->check(CLI::IsMember({std::int64_t{0}, std::int64_t{1}}))
       ->capture_default_str();
   app.add_option("--bucket-size", o.bucket_size,
                  "data-parallel: gradient elements reduced per bucket, bounding the reducer's receive, sum "
                  "and gather buffers (0: the whole gradient in one bucket)")
+      ->check(detail::decimal_integer<std::int64_t>())
       ->check(CLI::Range(std::int64_t{0}, std::int64_t{1} << 40))
       ->capture_default_str();
   bool no_progress = false;
@@ -236,6 +332,8 @@ inline ParsedOptions parse_options(int argc, char** argv) {
     return {std::nullopt, app.exit(error)};
   }
   o.progress = !no_progress;
+  o.batch_size_given = app.count("--batch-size") > 0;
+  o.memory_batch_size_given = app.count("--memory-batch-size") > 0;
 
   const auto fail = [](const std::string& message) {
     std::cerr << "mixed_precision_benchmark: " << message << "\nRun with --help for the options.\n";
@@ -247,21 +345,35 @@ inline ParsedOptions parse_options(int argc, char** argv) {
     return fail("--gpt-embd " + std::to_string(o.gpt_embedding) + " is not a multiple of --gpt-heads " +
                 std::to_string(o.gpt_heads));
   }
+  if (app.count("--policies") > 0) {
+    try {
+      o.policies = split_policy_list(policy_arguments);
+    } catch (const xax::ConfigError& error) {
+      return fail(error.what());
+    }
+  }
   if (o.policies.empty()) return fail("--policies is empty; give e.g. default,mixed,float16");
+  std::vector<xax::PolicySpec> specs;
   for (const std::string& policy : o.policies) {
     try {
-      const xax::PolicySpec spec = xax::get_policy(policy);
-      if (spec.param == xax::DType::float64 || spec.compute == xax::DType::float64) {
-        return fail("--policies: '" + policy +
-                    "' computes or stores in float64; the benchmark compares float32 "
-                    "against 16-bit types, so give default, mixed, float16, half, bf16 or f16");
-      }
+      specs.push_back(xax::get_policy(policy));
     } catch (const xax::ConfigError& error) {
       return fail(std::string("--policies: ") + error.what());
     }
-  }
-  if (std::set<std::string>(o.policies.begin(), o.policies.end()).size() != o.policies.size()) {
-    return fail("--policies names a policy twice");
+    if (!compiles_params_and_compute(BenchmarkPolicies{}, specs.back())) {
+      return fail("--policies: '" + policy + "' (" + specs.back().str() +
+                  ") has params and compute the benchmark does not compile; accepted params/compute "
+                  "pairs (any output): " +
+                  compiled_pairs_text(BenchmarkPolicies{}) + ", e.g. default, mixed, float16, bf16");
+    }
+    // Compared as specs: "default", "f32" and "full" are one policy, which would train twice and leave the
+    // accuracy check comparing fp32 with itself.
+    for (std::size_t earlier = 0; earlier + 1 < specs.size(); ++earlier) {
+      if (specs[earlier] == specs.back()) {
+        return fail("--policies: '" + o.policies[earlier] + "' and '" + policy + "' are the same policy (" +
+                    specs.back().str() + "); give each policy once");
+      }
+    }
   }
   return {std::move(o), 0};
 }

@@ -32,18 +32,12 @@
 #endif
 
 #include "report/results.hpp"
+#include "runner/batch_size.hpp"
 #include "runner/memory.hpp"
+#include "runner/policies.hpp"
 #include "runner/progress.hpp"
 
 namespace xax_bench {
-
-/// The params × compute pairs of every policy `--policies` can name: its commas separate policies, so each is
-/// a preset, a dtype name, or a single key=dtype pair (`c=bf16` is params float32, compute bfloat16), and
-/// options.hpp refuses float64 params or compute. The benchmark's tasks compile these five pairs alone
-/// (MixedPrecisionMixin's compiled_policies, whose output dtype is applied at run time) rather than all nine.
-using BenchmarkPolicies = xax::PolicyList<xax::Policy<float>, xax::Policy<float, xax::bfloat16, float>,
-                                          xax::Policy<float, xax::float16, float>, xax::Policy<xax::bfloat16>,
-                                          xax::Policy<xax::float16>>;
 
 /// What to train, on which configuration.
 struct TrainingSetup {
@@ -52,6 +46,10 @@ struct TrainingSetup {
   std::string loss_scaling = "none";
   std::vector<std::int64_t> layer_sizes{784, 512, 512, 10};
   std::int64_t batch_size = 256;
+  /// Whether the user typed batch_size (then it must fit the train split) and under which option, for
+  /// effective_batch_size and the messages.
+  bool batch_size_given = false;
+  std::string batch_size_option = "--batch-size";
   int epochs = 1;
   std::int64_t max_steps = 0;  ///< 0: all epochs
   double learning_rate = 1e-3;
@@ -402,10 +400,17 @@ inline TrainingRun run_training(const TrainingSetup& setup, const xax::Classific
     throw xax::ConfigError("--accumulation-steps " + std::to_string(setup.accumulation_steps) +
                            " is not >= 1; a step is split into that many micro-batches");
   }
-  const std::int64_t global_batch = std::min<std::int64_t>(setup.batch_size, data.train.size());
+  const std::int64_t global_batch = effective_batch_size(setup.batch_size, setup.batch_size_given,
+                                                         setup.batch_size_option, data.train.size());
   if (global_batch % setup.accumulation_steps != 0) {
-    throw xax::ConfigError("--batch-size " + std::to_string(global_batch) + " is not a multiple of " +
-                           "--accumulation-steps " + std::to_string(setup.accumulation_steps) +
+    // Quotes the batch as typed, or says where a reduced default came from.
+    const std::string batch =
+        global_batch == setup.batch_size
+            ? setup.batch_size_option + " " + std::to_string(global_batch)
+            : "the batch " + std::to_string(global_batch) + " (" + setup.batch_size_option + "'s default " +
+                  std::to_string(setup.batch_size) + ", reduced to the training samples)";
+    throw xax::ConfigError(batch + " is not a multiple of --accumulation-steps " +
+                           std::to_string(setup.accumulation_steps) +
                            "; the global batch is split into micro-batches of equal size");
   }
   detail::MlpConfig config;

@@ -181,6 +181,19 @@ TEST_F(ReportFiles, JsonFileParsesBackToTheSameValues) {
   EXPECT_EQ(nlohmann::json::parse(read(path)), xax_bench::to_json(report));
 }
 
+// --policies takes key=dtype specs such as "params=float32,compute=bfloat16,output=float32"; gnuplot's
+// strcol() ends a CSV field at a comma even inside quotes, so a label with commas would match no row and its
+// plot line would stay empty. Labels show such a spec with spaces.
+TEST(RunLabels, AKeyDtypeSpecIsLabelledWithoutCommas) {
+  const std::string spec = "params=float32,compute=bfloat16,output=float32";
+  EXPECT_EQ(make_run(spec, "standard", 0.9, 3.5).label(), "params=float32 compute=bfloat16 output=float32");
+  EXPECT_EQ(make_run(spec, "activation-heavy", 0, 40.0).label(),
+            "params=float32 compute=bfloat16 output=float32 (activation-heavy)");
+  EXPECT_EQ(make_run(spec, "char-transformer", 0.3, 12.0).policy_label(),
+            "params=float32 compute=bfloat16 output=float32");
+  EXPECT_EQ(make_run("mixed", "standard", 0.9, 3.5).label(), "mixed");
+}
+
 // gnuplot reads training.csv by column number; the number training_column() gives for a name must be the
 // column that holds that quantity, row by row, or the step-time and memory plots show the wrong bars.
 TEST_F(ReportFiles, TrainingCsvColumnsHoldWhatThePlotsReadFromThem) {

@@ -30,6 +30,8 @@
 
 struct ParallelConfig : xax::TrainConfig, xax::MixedPrecisionConfig, xax::distributed::DataParallelConfig {
   std::int64_t hidden = 256;
+  // As in custom_trainer: a wider MLP would only end in an allocation failure on the machines this is for.
+  static constexpr std::int64_t max_hidden = 16384;
   ParallelConfig() {
     enable_mixed_precision = true;
     precision_policy = "mixed";
@@ -42,11 +44,14 @@ struct ParallelConfig : xax::TrainConfig, xax::MixedPrecisionConfig, xax::distri
   }
   template <class Self, class Visit>
   static void visit_fields(Self& self, Visit&& visit) {
-    visit("hidden", self.hidden, "an integer >= 1");
+    visit("hidden", self.hidden, "an integer from 1 to 16384");
   }
   void validate() const {
-    if (hidden < 1)
-      throw xax::ConfigError("config field 'hidden': " + std::to_string(hidden) + " is not >= 1");
+    if (hidden < 1 || hidden > max_hidden) {
+      throw xax::ConfigError("config field 'hidden': " + std::to_string(hidden) +
+                             " is out of range; accepted: an integer from 1 to " +
+                             std::to_string(max_hidden));
+    }
   }
 };
 
