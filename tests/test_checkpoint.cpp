@@ -652,8 +652,10 @@ TEST(CheckpointShapes, AStoredSizeAboveALeafsCompileTimeMaximumIsRefused) {
 // writer now refuses a tree prefix that extends another tree's (with '.' or '['), in either order.
 TEST(CheckpointPrefixes, ATreeUnderAnotherTreesPrefixIsRefusedByTheWriter) {
   const Eigen::MatrixXf w = Eigen::MatrixXf::Ones(2, 2);
-  for (const auto& [first, second] : std::vector<std::pair<std::string, std::string>>{
+  for (const auto& prefixes : std::vector<std::pair<std::string, std::string>>{
            {"model", "model.ema"}, {"model.ema", "model"}, {"a", "a[0]"}, {"", "x"}, {"x", ""}}) {
+    const std::string& first = prefixes.first;  // not a structured binding: clang 14 cannot capture one
+    const std::string& second = prefixes.second;
     xax::CheckpointWriter writer;
     writer.add_tree(first, w);
     EXPECT_THAT(

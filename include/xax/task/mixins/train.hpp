@@ -411,7 +411,8 @@ void TrainMixin<Derived, Config>::load_checkpoint(const std::filesystem::path& p
   const CheckpointReader reader(path);
   std::array<std::int64_t, 3> loop{};
   reader.read_tree("loop", loop);
-  const auto [global_step, epoch, batch_in_epoch] = loop;
+  // Named variables, not a structured binding: clang 14 cannot capture those in the lambda below.
+  const std::int64_t global_step = loop[0], epoch = loop[1], batch_in_epoch = loop[2];
   const auto refuse = [&](const std::string& expected) {
     return CheckpointError("checkpoint '" + path.string() + "': entry 'loop' holds step " +
                            std::to_string(global_step) + ", epoch " + std::to_string(epoch) +
