@@ -168,31 +168,9 @@ inline std::size_t element_size(std::uint8_t code) {
 template <class T, std::size_t N>
 void copy_reordered(const char* from, char* to, const std::array<Eigen::Index, N>& shape,
                     bool to_column_major) {
-  std::size_t total = 1;
-  for (const Eigen::Index d : shape) total *= static_cast<std::size_t>(d);
-  if (total == 0) return;
-  // Walks the destination in its own order, keeping the offset of the same element in the source.
-  std::array<std::size_t, N> from_stride{};
-  std::size_t stride = 1;
-  for (std::size_t step = 0; step < N; ++step) {
-    const std::size_t axis = to_column_major ? N - 1 - step : step;  // the source's fastest axis first
-    from_stride[axis] = stride;
-    stride *= static_cast<std::size_t>(shape[axis]);
-  }
-  std::array<std::size_t, N> index{};
-  std::size_t offset = 0;
-  for (std::size_t k = 0; k < total; ++k) {
-    std::memcpy(to + k * sizeof(T), from + offset * sizeof(T), sizeof(T));
-    for (std::size_t step = 0; step < N; ++step) {
-      const std::size_t axis = to_column_major ? step : N - 1 - step;  // the destination's fastest axis first
-      if (++index[axis] < static_cast<std::size_t>(shape[axis])) {
-        offset += from_stride[axis];
-        break;
-      }
-      offset -= (index[axis] - 1) * from_stride[axis];
-      index[axis] = 0;
-    }
-  }
+  for_each_reordered(shape, to_column_major, !to_column_major, [&](std::size_t k, std::size_t from_offset) {
+    std::memcpy(to + k * sizeof(T), from + from_offset * sizeof(T), sizeof(T));
+  });
 }
 
 /// Whether a row-major leaf of this shape stores its elements in another order than column-major.

@@ -343,6 +343,39 @@ bool layout_matters(const std::array<Eigen::Index, N>& shape) {
   return std::count_if(shape.begin(), shape.end(), [](Eigen::Index d) { return d > 1; }) > 1;
 }
 
+/// Calls `f(k, offset)` for every element of a `shape`d leaf: k counts the elements in the destination
+/// layout's memory order, offset is the same element's position in the source layout's. The one index walk
+/// behind every change of layout (tree_cast_into, checkpoints).
+template <std::size_t N, class F>
+void for_each_reordered(const std::array<Eigen::Index, N>& shape, bool src_row_major, bool dst_row_major,
+                        F&& f) {
+  std::size_t total = 1;
+  for (const Eigen::Index dim : shape) total *= static_cast<std::size_t>(dim);
+  if (total == 0) return;
+  std::array<std::size_t, N> src_stride{};
+  std::size_t stride = 1;
+  for (std::size_t step = 0; step < N; ++step) {
+    const std::size_t axis = src_row_major ? N - 1 - step : step;
+    src_stride[axis] = stride;
+    stride *= static_cast<std::size_t>(shape[axis]);
+  }
+  std::array<std::size_t, N> index{};
+  std::size_t src_offset = 0;
+  for (std::size_t k = 0; k < total; ++k) {
+    f(k, src_offset);
+    // Advance the multi-index by one in the destination's memory order, keeping src_offset in step.
+    for (std::size_t step = 0; step < N; ++step) {
+      const std::size_t axis = dst_row_major ? N - 1 - step : step;
+      if (++index[axis] < static_cast<std::size_t>(shape[axis])) {
+        src_offset += src_stride[axis];
+        break;
+      }
+      src_offset -= (index[axis] - 1) * src_stride[axis];
+      index[axis] = 0;
+    }
+  }
+}
+
 template <class L0, class L>
 void check_same_shape(const TreePath& path, const L0& first, const L& other) {
   const auto a = leaf_shape(first);

@@ -24,36 +24,13 @@ namespace xax {
 
 namespace detail {
 
-/// Converts between leaves of the same shape whose layouts differ, element (i, j, ...) to (i, j, ...): walks
-/// `dst` in its memory order and reads `src` through its own strides.
+/// Converts between leaves of the same shape whose layouts differ, element (i, j, ...) to (i, j, ...).
 template <class SrcScalar, class DstScalar, std::size_t N>
 void convert_reordered(const SrcScalar* src, bool src_row_major, DstScalar* dst, bool dst_row_major,
                        const std::array<Eigen::Index, N>& dims) {
-  std::size_t total = 1;
-  for (const Eigen::Index dim : dims) total *= static_cast<std::size_t>(dim);
-  if (total == 0) return;
-  std::array<std::size_t, N> src_stride{};
-  std::size_t stride = 1;
-  for (std::size_t step = 0; step < N; ++step) {
-    const std::size_t axis = src_row_major ? N - 1 - step : step;
-    src_stride[axis] = stride;
-    stride *= static_cast<std::size_t>(dims[axis]);
-  }
-  std::array<std::size_t, N> index{};
-  std::size_t src_offset = 0;
-  for (std::size_t k = 0; k < total; ++k) {
+  for_each_reordered(dims, src_row_major, dst_row_major, [&](std::size_t k, std::size_t src_offset) {
     dst[k] = convert_scalar<DstScalar>(src[src_offset]);
-    // Advance the multi-index by one in dst's memory order, keeping src_offset in step.
-    for (std::size_t step = 0; step < N; ++step) {
-      const std::size_t axis = dst_row_major ? N - 1 - step : step;
-      if (++index[axis] < static_cast<std::size_t>(dims[axis])) {
-        src_offset += src_stride[axis];
-        break;
-      }
-      src_offset -= (index[axis] - 1) * src_stride[axis];
-      index[axis] = 0;
-    }
-  }
+  });
 }
 
 // Leaves are resized during the walk and converted afterwards, all in one pass (ConversionBatch): a tree of
