@@ -166,6 +166,10 @@ void run_char_workload(BenchmarkReport& report, const Options& options, std::ost
     std::ofstream out(corpus_file, std::ios::binary);
     for (const std::int32_t id : corpus.train) out.put(corpus.vocabulary[static_cast<std::size_t>(id)]);
     for (const std::int32_t id : corpus.val) out.put(corpus.vocabulary[static_cast<std::size_t>(id)]);
+    // A short file (a full disk) would have the peer train on other text than xax did.
+    out.close();
+    if (!out)
+      throw xax::DataError("cannot write the corpus for the PyTorch peer to '" + corpus_file.string() + "'");
   }
   for (const CharTrainingSetup& xax_setup : setups) {
     // The peer knows the presets default and mixed; a run of either, however spelt, is compared under its

@@ -20,8 +20,16 @@ struct LoadedData {
 
 namespace detail {
 
-inline void keep_first(xax::ClassificationDataset& split, std::int64_t samples) {
-  if (samples <= 0 || samples >= split.size()) return;
+// Keeps the first `samples` examples (0: all). More than the split holds is refused rather than quietly
+// running on fewer than asked for.
+inline void keep_first(xax::ClassificationDataset& split, std::int64_t samples, const std::string& option,
+                       const std::string& split_name) {
+  if (samples > split.size()) {
+    throw xax::ConfigError(option + " " + std::to_string(samples) + " is more than the " +
+                           std::to_string(split.size()) + " samples of the " + split_name +
+                           "; accepted: 0 (all) to " + std::to_string(split.size()));
+  }
+  if (samples <= 0 || samples == split.size()) return;
   split.features = split.features.leftCols(samples).eval();
   split.labels = split.labels.head(samples).eval();
 }
@@ -57,8 +65,10 @@ inline LoadedData load_data(const Options& options) {
                     : "synthetic stand-in: Fashion-MNIST is not installed (Debian: apt-get install "
                       "dataset-fashion-mnist)";
   }
-  detail::keep_first(data.splits.train, options.train_samples);
-  detail::keep_first(data.splits.test, options.test_samples);
+  detail::keep_first(data.splits.train, options.train_samples, "--train-samples",
+                     data.splits.name + " train split");
+  detail::keep_first(data.splits.test, options.test_samples, "--test-samples",
+                     data.splits.name + " test split");
   xax::validate_dataset(data.splits.train, data.splits.name + " train split");
   xax::validate_dataset(data.splits.test, data.splits.name + " test split");
   data.note += "; " + std::to_string(data.splits.train.size()) + " train / " +

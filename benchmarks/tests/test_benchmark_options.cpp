@@ -10,6 +10,7 @@
 #include <xax/utils/policy.hpp>
 
 #include "runner/batch_size.hpp"
+#include "runner/dataset.hpp"
 #include "runner/options.hpp"
 #include "runner/policies.hpp"
 
@@ -169,6 +170,23 @@ TEST(BenchmarkBatchSize, ATypedBatchLargerThanTheSplitIsRefused) {
 TEST(BenchmarkBatchSize, ADefaultLargerThanTheSplitIsReduced) {
   EXPECT_EQ(xax_bench::effective_batch_size(8192, false, "--memory-batch-size", 2048), 2048);
   EXPECT_EQ(xax_bench::effective_batch_size(256, false, "--batch-size", 60000), 256);
+}
+
+// More --train-samples than the split holds was quietly ignored (the whole split ran); it is refused.
+TEST(Samples, MoreThanTheSplitHoldsIsRefused) {
+  xax::ClassificationDataset split{Eigen::MatrixXf::Zero(2, 10), Eigen::VectorX<std::int32_t>::Zero(10), 2};
+  xax_bench::detail::keep_first(split, 4, "--train-samples", "toy train split");
+  EXPECT_EQ(split.size(), 4);
+  xax_bench::detail::keep_first(split, 0, "--train-samples", "toy train split");
+  EXPECT_EQ(split.size(), 4);
+  try {
+    xax_bench::detail::keep_first(split, 5, "--train-samples", "toy train split");
+    ADD_FAILURE() << "kept 4 samples for 5";
+  } catch (const xax::ConfigError& error) {
+    EXPECT_STREQ(
+        error.what(),
+        "--train-samples 5 is more than the 4 samples of the toy train split; accepted: 0 (all) to 4");
+  }
 }
 
 }  // namespace
