@@ -367,8 +367,8 @@ TEST(TrainStep, AccumulatedGradientsAreUnscaledByOneOverScaleTimesKRoundedOnce) 
 }
 
 // fp32 gradients of 3e38 have a global norm (1.2e39, taken in double) beyond FLT_MAX, so the clip factor
-// max_norm / norm is below the smallest normal float: rounded to float before the multiply, it lost its digits
-// (1e-6) or became 0 (1e-7, so the masters did not move at all).
+// max_norm / norm is below the smallest normal float: rounded to float before the multiply, it lost its
+// digits (1e-6) or became 0 (1e-7, so the masters did not move at all).
 TEST(TrainStep, ClippingHugeFiniteGradientsKeepsTheClipFactorsDigits) {
   for (const double max_norm : {1.0, 1e-6, 1e-7}) {
     FloatRegression trainer(Weights<float>{Eigen::VectorXf::Zero(16)}, plain_sgd, xax::NoOpLossScale{},
