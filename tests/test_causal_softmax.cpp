@@ -170,4 +170,17 @@ TEST(CausalSoftmax, OutputsSharingMemoryWithInputsAreRejected) {
   EXPECT_THROW(xax::causal_softmax_backward(first, first, second, 1.0f), xax::ShapeError);
 }
 
+// Exactly in place is the one overlap allowed: each column is read into fp32 before it is written.
+TEST(CausalSoftmax, RunsInPlaceForwardAndBackward) {
+  const Eigen::MatrixXf scores = Eigen::MatrixXf::Random(6, 6), dprobs = Eigen::MatrixXf::Random(6, 6);
+  Eigen::MatrixXf probs, in_place = scores;
+  xax::causal_softmax(scores, probs, 0.5f);
+  xax::causal_softmax(in_place, in_place, 0.5f);
+  EXPECT_EQ(in_place, probs);
+  Eigen::MatrixXf dscores, dscores_in_place = dprobs;
+  xax::causal_softmax_backward(probs, dprobs, dscores, 0.5f);
+  xax::causal_softmax_backward(probs, dscores_in_place, dscores_in_place, 0.5f);
+  EXPECT_EQ(dscores_in_place, dscores);
+}
+
 }  // namespace

@@ -279,4 +279,16 @@ TEST(LayerNorm, BackwardOverManyColumnsDoesNotDependOnTheThreadCount) {
   EXPECT_TRUE(xax_test::near_reference(db_two, reference.db, 1e-5, 1e-3));
 }
 
+// Exactly in place is the one overlap allowed: a column's statistics are taken before it is written.
+TEST(LayerNorm, RunsInPlace) {
+  const Eigen::MatrixXf x = Eigen::MatrixXf::Random(37, 5);
+  const Eigen::VectorXf gain = Eigen::VectorXf::Random(37), bias = Eigen::VectorXf::Random(37);
+  xax::LayerNormStatistics stats, in_place_stats;
+  Eigen::MatrixXf expected, in_place = x;
+  xax::layer_norm(x, gain, bias, expected, stats);
+  xax::layer_norm(in_place, gain, bias, in_place, in_place_stats);
+  EXPECT_EQ(in_place, expected);
+  EXPECT_EQ(in_place_stats.mean, stats.mean);
+}
+
 }  // namespace

@@ -315,4 +315,17 @@ TEST(Reduce, OutputsSharingMemoryWithTheLogitsAreRejected) {
   EXPECT_EQ(Eigen::MatrixXf(wide.rightCols(2)), reference);
 }
 
+// Exactly in place is the one overlap allowed: each column is read before its own elements are written.
+TEST(Reduce, SoftmaxAndLogSoftmaxRunInPlace) {
+  const Eigen::MatrixXf x = Eigen::MatrixXf::Random(37, 5);
+  Eigen::MatrixXf expected, in_place = x;
+  xax::softmax(x, expected);
+  xax::softmax(in_place, in_place);
+  EXPECT_EQ(in_place, expected);
+  in_place = x;
+  xax::log_softmax(x, expected);
+  xax::log_softmax(in_place, in_place);
+  EXPECT_EQ(in_place, expected);
+}
+
 }  // namespace

@@ -149,8 +149,7 @@ void prepare_output3(Out& out, Eigen::Index rows, Eigen::Index cols, Eigen::Inde
 /// The storage of a 3-D operand, all its slices as one column.
 template <class M>
 StoredOperand tensor_storage(const M& m) {
-  return {reinterpret_cast<std::uintptr_t>(m.data()), m.size(), 1, std::max<Eigen::Index>(m.size(), 1),
-          sizeof(typename M::Scalar)};
+  return contiguous_storage(m.data(), m.size(), sizeof(typename M::Scalar));
 }
 
 template <class A, class B>
@@ -168,15 +167,16 @@ void require_same_shape3(const A& a, const B& b, const char* function) {
 
 /// Causal softmax of every slice of `scores` (keys x queries x batch): probs(j, i) = softmax over the
 /// visible keys j <= i + keys - queries of scale * scores(j, i), and 0 for the keys it may not see. Computed
-/// in fp32, rounded once into `probs` (a plain Eigen::Tensor is resized). Throws ShapeError when there are
-/// fewer keys than queries and ConfigError for a scale that is not finite and > 0.
+/// in fp32, rounded once into `probs` (a plain Eigen::Tensor is resized), which may be `scores` (in place).
+/// Throws ShapeError when there are fewer keys than queries and ConfigError for a scale that is not finite
+/// and > 0.
 template <batched_operand Scores, class Probs>
 requires batched_output<std::remove_reference_t<Probs>>
 void causal_softmax(const Scores& scores, Probs&& probs, float scale) {
   const Eigen::Index keys = scores.dimension(0), queries = scores.dimension(1), batch = scores.dimension(2);
   detail::check_causal_shape(keys, queries, scale, "causal_softmax");
   detail::check_no_overlap(detail::tensor_storage(probs), {detail::tensor_storage(scores)}, "causal_softmax",
-                           "the output");
+                           "the output", true);
   detail::prepare_output3(probs, keys, queries, batch, "causal_softmax", "the output");
   if (keys == 0) return;
   const detail::AttentionColumns shape{static_cast<std::size_t>(keys), static_cast<std::size_t>(queries),
@@ -191,8 +191,8 @@ void causal_softmax(const Scores& scores, Probs&& probs, float scale) {
   static_assert(!Scores::IsRowMajor, "xax::causal_softmax: the scores must be column-major (keys x queries)");
   detail::check_causal_shape(scores.rows(), scores.cols(), scale, "causal_softmax");
   detail::check_no_overlap(detail::matrix_storage(probs, "causal_softmax"),
-                           {detail::matrix_storage(scores, "causal_softmax")}, "causal_softmax",
-                           "the output");
+                           {detail::matrix_storage(scores, "causal_softmax")}, "causal_softmax", "the output",
+                           true);
   const Eigen::Index ldx = detail::leading_dimension(scores, "causal_softmax");
   const Eigen::Index ldy =
       detail::prepare_output(probs, scores.rows(), scores.cols(), "causal_softmax", "the output");
@@ -205,7 +205,8 @@ void causal_softmax(const Scores& scores, Probs&& probs, float scale) {
 
 /// The gradient of causal_softmax with respect to its scores, from its output `probs` and the output's
 /// gradient `dprobs`: dscores(j, i) = scale * p(j, i) * (dp(j, i) - sum_k p(k, i) dp(k, i)) over the visible
-/// keys and exactly 0 for masked ones, in fp32, rounded once. `scale` is the forward's.
+/// keys and exactly 0 for masked ones, in fp32, rounded once. `dscores` may be `dprobs` (in place). `scale`
+/// is the forward's.
 template <batched_operand Probs, batched_operand DProbs, class DScores>
 requires batched_output<std::remove_reference_t<DScores>>
 void causal_softmax_backward(const Probs& probs, const DProbs& dprobs, DScores&& dscores, float scale) {
@@ -214,7 +215,7 @@ void causal_softmax_backward(const Probs& probs, const DProbs& dprobs, DScores&&
   detail::require_same_shape3(probs, dprobs, "causal_softmax_backward");
   detail::check_no_overlap(detail::tensor_storage(dscores),
                            {detail::tensor_storage(probs), detail::tensor_storage(dprobs)},
-                           "causal_softmax_backward", "the output");
+                           "causal_softmax_backward", "the output", true);
   detail::prepare_output3(dscores, keys, queries, batch, "causal_softmax_backward", "the output");
   if (keys == 0) return;
   const detail::AttentionColumns shape{static_cast<std::size_t>(keys), static_cast<std::size_t>(queries),
@@ -239,7 +240,7 @@ void causal_softmax_backward(const Probs& probs, const DProbs& dprobs, DScores&&
   detail::check_no_overlap(
       detail::matrix_storage(dscores, function),
       {detail::matrix_storage(probs, function), detail::matrix_storage(dprobs, function)}, function,
-      "the output");
+      "the output", true);
   const Eigen::Index ldp = detail::leading_dimension(probs, function),
                      ldd = detail::leading_dimension(dprobs, function);
   const Eigen::Index lds =

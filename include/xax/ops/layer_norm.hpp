@@ -7,9 +7,9 @@
 /// The gain and bias may be float while the input is 16-bit, so that a model can keep its norm parameters in
 /// fp32 under a 16-bit compute policy; gradients of the gain and bias are summed in fp32 and rounded once.
 ///
-///     xax::LayerNormStatistics stats;                        // per column mean and 1/std, fp32, for
-///     backward xax::layer_norm(x, gain, bias, y, stats);              // y = (x - mean) / sqrt(var + eps) *
-///     gain + bias xax::layer_norm_backward(x, gain, stats, dy, dx, dgain, dbias);
+///     xax::LayerNormStatistics stats;                      // per column mean and 1/std, fp32
+///     xax::layer_norm(x, gain, bias, y, stats);            // y = (x - mean) / sqrt(var + eps) * gain + bias
+///     xax::layer_norm_backward(x, gain, stats, dy, dx, dgain, dbias);
 
 #include <xax/detail/eigen.hpp>
 
@@ -64,7 +64,8 @@ void check_feature_vector(const V& v, Eigen::Index features, const char* functio
 /// `y = (x - mean) / sqrt(var + epsilon) * gain + bias` over the rows of every column, with the mean and the
 /// (biased) variance computed in fp32 and the result rounded once into `y` (resized when plain). `stats`
 /// receives what layer_norm_backward needs. `gain` and `bias` are vectors of x's rows, of x's scalar or
-/// float. Throws ShapeError for mismatched shapes and ConfigError for a negative or non-finite epsilon.
+/// float. `y` may be `x` (in place: each column's statistics are taken before it is written). Throws
+/// ShapeError for mismatched shapes and ConfigError for a negative or non-finite epsilon.
 template <matmul_operand X, matmul_operand Gain, matmul_operand Bias, class Y>
 requires matmul_output<std::remove_reference_t<Y>>
 void layer_norm(const X& x, const Gain& gain, const Bias& bias, Y&& y, LayerNormStatistics& stats,
@@ -82,7 +83,7 @@ void layer_norm(const X& x, const Gain& gain, const Bias& bias, Y&& y, LayerNorm
   detail::check_no_overlap(
       detail::matrix_storage(y, "layer_norm"),
       {detail::matrix_storage(x, "layer_norm"), detail::vector_storage(gain), detail::vector_storage(bias)},
-      "layer_norm", "the output");
+      "layer_norm", "the output", true);
   const Eigen::Index ldy = detail::prepare_output(y, features, columns, "layer_norm", "the output");
   stats.mean.resize(columns);
   stats.inverse_std.resize(columns);

@@ -88,14 +88,16 @@ StoredOperand matrix_storage(const M& m, const char* function) {
           M::IsRowMajor ? m.rows() : m.cols(), leading_dimension(m, function), sizeof(typename M::Scalar)};
 }
 
+/// The storage of `count` adjacent elements (a contiguous tensor, a label vector), as one column.
+inline StoredOperand contiguous_storage(const void* data, Eigen::Index count, std::size_t element_size) {
+  return {reinterpret_cast<std::uintptr_t>(data), count, 1, std::max<Eigen::Index>(count, 1), element_size};
+}
+
 /// A vector operand's storage, one element per column when its elements are not adjacent.
 template <class V>
 StoredOperand vector_storage(const V& v) {
   const Eigen::Index increment = vector_increment(v);
-  if (increment == 1) {
-    return {reinterpret_cast<std::uintptr_t>(v.data()), v.size(), 1, std::max<Eigen::Index>(v.size(), 1),
-            sizeof(typename V::Scalar)};
-  }
+  if (increment == 1) return contiguous_storage(v.data(), v.size(), sizeof(typename V::Scalar));
   return {reinterpret_cast<std::uintptr_t>(v.data()), 1, v.size(), std::max<Eigen::Index>(increment, 1),
           sizeof(typename V::Scalar)};
 }

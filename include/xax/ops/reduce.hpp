@@ -184,8 +184,7 @@ void scatter_vector(const float* in, V& v) {
 
 /// The storage of a label or token vector, to check outputs against it.
 inline StoredOperand label_storage(std::span<const std::int32_t> labels) {
-  return {reinterpret_cast<std::uintptr_t>(labels.data()), static_cast<Eigen::Index>(labels.size()), 1,
-          std::max<Eigen::Index>(static_cast<Eigen::Index>(labels.size()), 1), sizeof(std::int32_t)};
+  return contiguous_storage(labels.data(), static_cast<Eigen::Index>(labels.size()), sizeof(std::int32_t));
 }
 
 inline void check_labels(std::span<const std::int32_t> labels, Eigen::Index classes, Eigen::Index samples,
@@ -262,7 +261,9 @@ inline double* per_column_scratch(std::size_t columns) {
 template <class Logits, class Out, class MakeBlock>
 void map_columns_after_log_sum_exp(const Logits& logits, Out& out, const char* function,
                                    const MakeBlock& make_block) {
-  check_no_overlap(matrix_storage(out, function), {matrix_storage(logits, function)}, function, "the output");
+  // Each column is read into fp32 blocks before its own elements are written, so `out` may be `logits`.
+  check_no_overlap(matrix_storage(out, function), {matrix_storage(logits, function)}, function, "the output",
+                   true);
   const Eigen::Index ldx = leading_dimension(logits, function);
   const Eigen::Index ldy = prepare_output(out, logits.rows(), logits.cols(), function, "the output");
   using T = typename Logits::Scalar;
@@ -281,7 +282,8 @@ void map_columns_after_log_sum_exp(const Logits& logits, Out& out, const char* f
 
 }  // namespace detail
 
-/// softmax of every column, in fp32, rounded once into `out` (resized when it is a plain matrix).
+/// softmax of every column, in fp32, rounded once into `out` (resized when it is a plain matrix). `out` may
+/// be `logits` (in place).
 template <matmul_operand Logits, class Out>
 requires matmul_output<std::remove_reference_t<Out>>
 void softmax(const Logits& logits, Out&& out) {
@@ -294,7 +296,7 @@ void softmax(const Logits& logits, Out&& out) {
   });
 }
 
-/// log-softmax of every column (x - logsumexp(x)), in fp32, rounded once into `out`.
+/// log-softmax of every column (x - logsumexp(x)), in fp32, rounded once into `out`, which may be `logits`.
 template <matmul_operand Logits, class Out>
 requires matmul_output<std::remove_reference_t<Out>>
 void log_softmax(const Logits& logits, Out&& out) {
