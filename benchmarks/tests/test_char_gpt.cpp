@@ -4,10 +4,13 @@
 
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
+
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <thread>
 #include <xax/utils/error.hpp>
 #include <xax/utils/tree.hpp>
 #include <xax/utils/tree_cast.hpp>
@@ -211,9 +214,21 @@ TEST_F(CorpusFiles, TextMustBeARegularFile) {
   EXPECT_NE(directory.find("is a directory"), std::string::npos) << directory;
   EXPECT_NE(directory.find("a regular text file"), std::string::npos) << directory;
   const std::string device = text_error("/dev/zero");
-  EXPECT_NE(device.find("not a regular file"), std::string::npos) << device;
+  EXPECT_NE(device.find("not a regular file or a pipe"), std::string::npos) << device;
   EXPECT_NE(device.find("a regular text file"), std::string::npos) << device;
   EXPECT_NE(text_error(dir_ / "absent.txt").find("does not exist"), std::string::npos);
+}
+
+// A pipe (--text /dev/stdin, --text <(...)) is read like a file, up to the limit.
+TEST_F(CorpusFiles, TextMayComeThroughAPipe) {
+  const auto fifo = dir_ / "pipe";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  std::string text;
+  for (int i = 0; i < 200; ++i) text += "to be or not to be\n";
+  std::thread writer([&] { std::ofstream(fifo, std::ios::binary) << text; });
+  const auto corpus = xax_bench::load_char_corpus(fifo, 8);
+  writer.join();
+  EXPECT_EQ(corpus.characters, text.size());
 }
 
 // The size is checked before reading: a (sparse) file one byte over the limit is refused at once.

@@ -43,22 +43,24 @@ namespace detail {
 
 [[noreturn]] inline void throw_text_error(const std::filesystem::path& path, const std::string& problem) {
   throw xax::DataError("the text file '" + path.string() + "' " + problem +
-                       "; a corpus is read from a regular text file of at most " +
+                       "; a corpus is read from a regular text file (or a pipe) of at most " +
                        std::to_string(max_text_bytes) + " bytes (1 GiB)");
 }
 
-/// The bytes of the regular file `path`, refusing anything else before reading: a directory would read as
-/// empty, and a device such as /dev/zero or a pipe may never end.
+/// The bytes of the regular file or pipe `path` (`--text /dev/stdin`, `--text <(...)`), refusing anything
+/// else before reading: a directory would read as empty, and a device such as /dev/zero never ends. A pipe
+/// may not end either, so every read stops at the limit.
 inline std::string read_whole_file(const std::filesystem::path& path) {
   std::error_code error;
   const auto status = std::filesystem::status(path, error);
   if (status.type() == std::filesystem::file_type::not_found) throw_text_error(path, "does not exist");
   if (error) throw_text_error(path, "cannot be checked: " + error.message());
   if (std::filesystem::is_directory(status)) throw_text_error(path, "is a directory");
-  if (!std::filesystem::is_regular_file(status)) {
-    throw_text_error(path, "is not a regular file (it is a device, pipe or socket, which may never end)");
+  const bool pipe = status.type() == std::filesystem::file_type::fifo;
+  if (!std::filesystem::is_regular_file(status) && !pipe) {
+    throw_text_error(path, "is not a regular file or a pipe (it is a device or a socket)");
   }
-  const std::uintmax_t size = std::filesystem::file_size(path, error);
+  const std::uintmax_t size = pipe ? 0 : std::filesystem::file_size(path, error);
   if (error) throw_text_error(path, "cannot be measured: " + error.message());
   if (size > max_text_bytes)
     throw_text_error(path, "holds " + std::to_string(size) + " bytes, over the limit");

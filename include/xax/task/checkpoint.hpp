@@ -22,10 +22,9 @@
 /// Version 2 (written since row-major leaves were made to round-trip) holds a tensor's elements in
 /// column-major order (the first index fastest, Eigen's default) whatever the storage order of the leaf it
 /// was written from; row-major leaves are reordered on the way out and in. Version 1 held each leaf in its
-/// own storage order without recording which. It is otherwise the same, and is still read: column-major
-/// leaves (and leaves with at most one dimension above 1, which have one order only) take it as they always
-/// did, and a row-major leaf with two dimensions above 1 refuses it, since the file cannot say which order it
-/// holds.
+/// own storage order without recording which. It is otherwise the same, and is still read as it always was:
+/// each leaf takes the bytes in its own order, so a program resumes from the files it wrote (only a leaf
+/// whose layout changed since would read its elements in the other order, as it did before version 2).
 ///
 /// A tree's entries are those named `prefix`, `prefix.*` and `prefix[*`, and the reader requires that there
 /// be exactly as many as the tree has leaves, so the writer refuses a tree whose prefix extends another
@@ -341,19 +340,16 @@ class CheckpointWriter {
     if (::rename(temporary.c_str(), path.c_str()) != 0) {
       throw fail(std::string("renaming the temporary file over it: ") + std::strerror(errno));
     }
-    // The rename is an entry of the directory: until the directory is flushed, a power cut can undo it.
+    // The rename is an entry of the directory: until the directory is flushed, a power cut can undo it. The
+    // flush is best effort: the checkpoint is in place once renamed, and a directory that cannot be opened
+    // (write-only) or flushed (EINVAL, ENOTSUP on some network and FUSE file systems) is no reason to report
+    // a save that happened as failed.
     const std::filesystem::path directory = path.has_parent_path() ? path.parent_path() : ".";
     const int dir_fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    // Some file systems cannot flush a directory (EINVAL): there is nothing more to do then.
-    if (dir_fd < 0 || (::fsync(dir_fd) != 0 && errno != EINVAL)) {
-      const int sync_errno = errno;
-      const std::string reason = std::strerror(sync_errno);
-      if (dir_fd >= 0) ::close(dir_fd);
-      throw CheckpointError("checkpoint '" + path.string() + "' was written, but flushing its directory '" +
-                            directory.string() + "' failed (" + reason +
-                            "), so a power cut may still bring back the previous checkpoint");
+    if (dir_fd >= 0) {
+      static_cast<void>(::fsync(dir_fd));
+      ::close(dir_fd);
     }
-    ::close(dir_fd);
 #else
     // Without POSIX: a temporary name of this call's own, but no exclusive creation or directory flush.
     temporary = path;
@@ -481,8 +477,8 @@ class CheckpointReader {
           }
           const auto span = leaf_span(leaf);
           const auto shape = detail::leaf_shape(leaf);
-          if (detail::reordered_in_file<L>(shape)) {
-            // The file holds column-major order (check_leaf refused a version 1 entry here).
+          if (version_ >= 2 && detail::reordered_in_file<L>(shape)) {
+            // The file holds column-major order; a version 1 file holds the leaf's own, as it was read then.
             detail::copy_reordered<leaf_scalar_t<L>>(entry.payload.data(),
                                                      reinterpret_cast<char*>(span.data()), shape, false);
           } else if (!entry.payload.empty()) {
@@ -541,18 +537,6 @@ class CheckpointReader {
         throw mismatch(std::string(", more ") + (i == 0 ? "rows" : "columns") +
                        " than the tree's leaf can hold (at most " + std::to_string(most) + ", its " +
                        (i == 0 ? "MaxRowsAtCompileTime" : "MaxColsAtCompileTime") + ")");
-      }
-    }
-    if constexpr (detail::leaf_row_major<L>()) {
-      auto stored = live;
-      for (std::size_t i = 0; i < stored.size(); ++i) stored[i] = static_cast<Eigen::Index>(entry.dims[i]);
-      if (version_ < 2 && detail::layout_matters(stored)) {
-        throw error("entry '" + name + "' was written in format version " + std::to_string(version_) +
-                    ", which did not record whether its elements are in row- or column-major order, so it "
-                    "cannot be restored into a row-major leaf of shape " +
-                    detail::shape_string(entry.dims) +
-                    "; read it into a column-major leaf (Eigen's default), which takes it as version 1 did, "
-                    "or write the checkpoint again with this xax");
       }
     }
   }

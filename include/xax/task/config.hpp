@@ -16,7 +16,6 @@
 /// MixedPrecisionConfig or the user's own section, parses the text by the field's type and validates the
 /// whole config, changing nothing if either fails.
 
-#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <concepts>
@@ -28,6 +27,7 @@
 #include <string_view>
 #include <system_error>
 #include <type_traits>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 #include <xax/utils/error.hpp>
@@ -241,16 +241,16 @@ void load_config_json(Config& config, const std::string& path) {
 #if defined(XAX_HAS_NLOHMANN_JSON) && XAX_HAS_NLOHMANN_JSON
   std::ifstream file(path);
   if (!file) throw ConfigError("cannot open config file '" + path + "'");
-  std::vector<std::string> keys;  // the object's own keys so far, to refuse a second value for one field
+  std::unordered_set<std::string>
+      keys;  // the object's own keys so far, to refuse a second value for one field
   const auto refuse_duplicate_keys = [&](int depth, nlohmann::json::parse_event_t event,
                                          nlohmann::json& parsed) {
     if (event != nlohmann::json::parse_event_t::key || depth != 1) return true;
     std::string key = parsed.template get<std::string>();
-    if (std::find(keys.begin(), keys.end(), key) != keys.end()) {
+    if (!keys.insert(key).second) {
       throw ConfigError("config file '" + path + "' sets field '" + key +
                         "' twice; each field may appear once");
     }
-    keys.push_back(std::move(key));
     return true;
   };
   nlohmann::json json;

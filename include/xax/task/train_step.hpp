@@ -92,8 +92,9 @@ struct TrainStepOptions {
   /// gradients is skipped but not counted here (the scale did not cause it).
   std::int64_t max_overflows_at_min_scale = 100;
   /// How half-precision masters (float16 or bfloat16 params) take their fp32 update: round to nearest (small
-  /// updates are lost), stochastic rounding (unbiased; its random stream is keyed by rounding_seed, the step
-  /// count, the leaf and the element, so a resumed run rounds identically), or Kahan compensation (a
+  /// updates are lost), stochastic rounding (unbiased; its random stream is keyed by rounding_seed, the
+  /// number of the update (applied_steps(), so a skipped step shifts nothing), the leaf and the element, so a
+  /// resumed run rounds identically), or Kahan compensation (a
   /// half-precision compensation tree, checkpointed). fp32 masters ignore it.
   optim::MasterRounding master_rounding = optim::MasterRounding::round_to_nearest;
   std::uint64_t rounding_seed = 0;
@@ -338,8 +339,9 @@ template <class S>
 using ArrayMap = Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>;
 
 // Multiplies every gradient by `factor` rounded to the leaf's type, as torch.nn.utils.clip_grad_norm_ does.
-// A factor below the type's normal range (gradients whose norm, taken in double, exceeds FLT_MAX) would lose
-// its digits or become 0 when rounded first, so each product is then taken in double and rounded once.
+// A factor below the type's normal range would lose its digits or become 0 when rounded first, so it is then
+// applied in a wider type: float for half leaves (a half gradient's norm is far below FLT_MAX), double for
+// float leaves (whose norm, taken in double, can exceed FLT_MAX).
 template <class Tree>
 void scale_in_place(Tree& tree, double factor) {
   for_each_leaf(
@@ -351,6 +353,8 @@ void scale_in_place(Tree& tree, double factor) {
           const S rounded_factor = static_cast<S>(factor);
           if (rounded_factor >= std::numeric_limits<S>::min()) {
             values *= rounded_factor;
+          } else if constexpr (half_scalar<S>) {
+            values = (values.template cast<float>() * static_cast<float>(factor)).template cast<S>();
           } else {
             values = (values.template cast<double>() * factor).template cast<S>();
           }

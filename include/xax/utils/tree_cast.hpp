@@ -89,7 +89,11 @@ void cast_into(TreePath& path, const Src& src, Dst& dst, ConversionBatch& batch)
       path.pop();
     }
   } else if constexpr (is_std_array<Src>::value) {
-    require_same_array_size(path, src, dst);
+    if constexpr (is_std_vector<Dst>::value) {
+      dst.resize(src.size());  // a cast resizes the destination's vectors
+    } else {
+      require_same_array_size(path, src, dst);
+    }
     for (std::size_t i = 0; i < src.size(); ++i) {
       path.push_index(i);
       cast_into(path, src[i], dst[i], batch);

@@ -265,17 +265,8 @@ TrainSummary TrainMixin<Derived, Config>::fit() {
                            : std::string()));
   }
 
-  // load_checkpoint bounded a loaded position by this epoch length; data that shrank since would put it past
-  // the epoch, where the loop's arithmetic would no longer be bounded either.
-  if (batch_in_epoch_ > batches_per_epoch) {
-    throw CheckpointError("xax::TrainMixin::fit: the loop position, batch " +
-                          std::to_string(batch_in_epoch_) +
-                          " of the epoch (from a checkpoint or an earlier fit), is past the " +
-                          std::to_string(batches_per_epoch) + " batches an epoch of " +
-                          std::to_string(examples) + " examples has at batch_size " + std::to_string(batch) +
-                          "; it was reached with another data set or batch_size");
-  }
-
+  // A position past this epoch (the data or batch_size changed since it was reached) ends the epoch, as the
+  // loop below does for any position at its end; load_checkpoint bounded it, so nothing overflows.
   TrainSummary summary;
   const auto start = std::chrono::steady_clock::now();
   // A task that makes its batches in any scalar (makes_batches_in) has the step make them, in its compute
