@@ -4,8 +4,9 @@
 ///
 /// A write goes to a temporary file of its own beside the target (a new name each time, created exclusively,
 /// never through a link), is flushed to disk, takes the mode of the checkpoint it replaces (a new one gets
-/// 0666 less the umask), and is renamed over the target; the directory is then flushed so that the rename
-/// survives a power cut. A crash or a failed write leaves the previous checkpoint intact, and concurrent
+/// 0666 less the umask), and is renamed over the target; the directory is then flushed, where the file system
+/// allows it, so that the rename survives a power cut. A crash or a failed write leaves the previous
+/// checkpoint intact (and, if the process dies, a stray `<path>.tmp.XXXXXXXX` beside it), and concurrent
 /// writes to one path each leave a complete checkpoint there (the last rename wins). A read verifies the
 /// magic, the format version and the checksum before it parses anything. A valid checksum proves nothing
 /// about who wrote the file, so the parser then trusts no field: each is bounded by the end of the data, and
