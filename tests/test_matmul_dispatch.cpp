@@ -13,14 +13,17 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <xax/ops/backend/native_kernel.hpp>
 #include <xax/ops/matmul.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
 #include <xax/utils/platform.hpp>
 #include <xax/utils/policy.hpp>
+#include <xax/utils/threads.hpp>
 
 #include "cpu_flags.hpp"
 
@@ -137,6 +140,7 @@ struct ClassUnderTest {
   bool os_amx_bf16 = false;
   bool os_fp16 = false;
   bool os_avx512f = false;
+  bool os_avx2 = false;  // avx2, fma and f16c: what xax's AVX2 kernels need
 };
 
 ClassUnderTest class_under_test() {
@@ -153,6 +157,7 @@ ClassUnderTest class_under_test() {
     c.os_amx_bf16 = flags->contains("amx_bf16");
     c.os_fp16 = flags->contains("avx512_fp16");
     c.os_avx512f = flags->contains("avx512f");
+    c.os_avx2 = flags->contains("avx2") && flags->contains("fma") && flags->contains("f16c");
   }
   return c;
 }
@@ -175,6 +180,12 @@ class CpuClass : public ::testing::Test {
     const CpuIsa cap = std::min(cls_.xax_cap, cls_.onednn_cap);
     return built_with_onednn && ((cls_.os_bf16 && cap >= CpuIsa::avx512_core_bf16) ||
                                  (cls_.os_amx_bf16 && cap >= CpuIsa::avx512_core_amx));
+  }
+  // A half product without a native kernel runs on xax's AVX2 GEMM where the class has AVX2 but not AVX-512
+  // (oneDNN's fp32 kernel is twice as wide there), or on any AVX2 class without oneDNN.
+  [[nodiscard]] bool half_products_run_on_xax_avx2_gemm() const {
+    const bool avx512 = cls_.os_avx512f && cls_.xax_cap >= CpuIsa::avx512_core;
+    return cls_.os_avx2 && cls_.xax_cap >= CpuIsa::avx2 && (!built_with_onednn || !avx512);
   }
   ClassUnderTest cls_;
 };
@@ -213,6 +224,9 @@ TEST_F(CpuClass, Bfloat16ProductsGoToOneDnnOnlyWhereItsKernelIsNative) {
     EXPECT_THAT(kernel, ::testing::StartsWith("onednn:"));
     EXPECT_TRUE(xax::detail::native_half_kernel(kernel.substr(7), DType::bfloat16)) << kernel;
     EXPECT_EQ(kernel, support.kernel);
+  } else if (half_products_run_on_xax_avx2_gemm()) {
+    EXPECT_EQ(kernel, "xax:avx2_gemm (bfloat16 packed to float32)");
+    EXPECT_EQ(kernel, support.kernel);
   } else {
     EXPECT_THAT(kernel, ::testing::EndsWith("(bfloat16 widened to float32 in panels)"));
     EXPECT_THAT(kernel, ::testing::StartsWith(built_with_onednn ? "onednn:" : "eigen:"));
@@ -227,6 +241,7 @@ TEST_F(CpuClass, TheWideningPathsFp32KernelStaysWithinTheClass) {
   if (!built_with_onednn) GTEST_SKIP() << "no oneDNN in this build: the fp32 GEMM is Eigen's";
   const xax::HalfMatmulSupport support = xax::half_matmul_support(DType::float16);
   if (support.native) GTEST_SKIP() << "float16 products are native here: " << support.kernel;
+  if (half_products_run_on_xax_avx2_gemm()) GTEST_SKIP() << "half products run on " << support.kernel;
   // oneDNN's fp32 kernel name carries the ISA it was generated for.
   const std::string fp32_kernel = support.kernel.substr(0, support.kernel.find(' '));
   const CpuIsa cap = std::min(cls_.xax_cap, cls_.onednn_cap);
@@ -245,8 +260,10 @@ TEST_F(CpuClass, Float16IsNativeOnlyWithAvx512Fp16) {
   Matrix<xax::float16> c;
   xax::matmul(a, a, c, {.transpose_b = true});
   if (!support.native) {
-    EXPECT_THAT(xax::last_matmul_implementation(),
-                ::testing::HasSubstr("float16 widened to float32 in panels"));
+    EXPECT_THAT(
+        xax::last_matmul_implementation(),
+        ::testing::HasSubstr(half_products_run_on_xax_avx2_gemm() ? "float16 packed to float32"
+                                                                  : "float16 widened to float32 in panels"));
   }
   EXPECT_THROW(static_cast<void>(xax::half_matmul_support(DType::float32)), xax::ConfigError);
 }
@@ -430,6 +447,202 @@ TEST(Widening, ScratchIsBoundedByThePanelsAndReleased) {
   for (Eigen::Index j = 0; j < n; j += 97) {
     for (Eigen::Index i = 0; i < 3; ++i) {
       EXPECT_NEAR(static_cast<float>(c(i, j)), reference(i, j), 2e-3 * std::abs(reference(i, j)) + 1e-2);
+    }
+  }
+  xax::release_matmul_scratch();
+  EXPECT_EQ(xax::detail::matmul_scratch_bytes(), 0u);
+}
+
+// --- xax's AVX2 GEMM (packing_gemm.hpp)
+// ----------------------------------------------------------------------
+
+template <class T>
+class PackingGemm : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!xax::detail::packing_gemm::supported(xax::cpu_features())) {
+      GTEST_SKIP() << "this CPU (class) has no AVX2 with FMA and F16C";
+    }
+  }
+};
+TYPED_TEST_SUITE(PackingGemm, HalfTypes);
+
+struct GemmShape {
+  Eigen::Index m, n, k;
+};
+
+// Every shape the kernel cuts differently: tiles and panels with remainders in each dimension (m not a
+// multiple of 16, n not of 6), one depth below the 8 the packing transposes at once, one depth slice and
+// several (with a half output, the fp32 panel buffer), more rows than one A block (144), and a column panel
+// narrower than n (the fp32 buffer's limit). Each with every transposition, padded leading dimensions,
+// accumulation, a bias of either type and each activation, into float and half outputs, on one thread and on
+// two: every element must match a double reference to the fp32-accumulation bound plus one output rounding.
+TYPED_TEST(PackingGemm, EveryShapeAndEpilogueMatchesADoubleReference) {
+  using T = TypeParam;
+  const int threads_before = xax::num_threads();
+  const GemmShape shapes[] = {{16, 6, 8},     {1, 1, 1},     {37, 29, 7},  {101, 77, 300},
+                              {160, 13, 600}, {300, 31, 65}, {17, 4100, 9}};
+  int failures = 0;
+  for (const int threads : {1, 2}) {
+    xax::set_num_threads(threads);
+    for (const GemmShape shape : shapes) {
+      const Eigen::Index m = shape.m, n = shape.n, k = shape.k;
+      for (int variant = 0; variant < 8; ++variant) {
+        const bool transpose_a = (variant & 1) != 0, transpose_b = (variant & 2) != 0;
+        const bool accumulate = (variant & 4) != 0;
+        const xax::Activation activation = variant % 3 == 0   ? xax::Activation::relu
+                                           : variant % 3 == 1 ? xax::Activation::none
+                                                              : xax::Activation::gelu;
+        const bool half_bias = variant % 2 == 0;
+        const Eigen::Index pad = 3;  // every operand has a leading dimension beyond its rows
+        const Eigen::Index a_rows = transpose_a ? k : m, a_cols = transpose_a ? m : k;
+        const Eigen::Index b_rows = transpose_b ? n : k, b_cols = transpose_b ? k : n;
+        const Matrix<T> a = normal_matrix<T>(a_rows + pad, a_cols, 1);
+        const Matrix<T> b = normal_matrix<T>(b_rows + pad, b_cols, 2);
+        const Matrix<T> bias_half = normal_matrix<T>(m, 1, 3);
+        const Vector<float> bias_float = bias_half.template cast<float>();
+        const Matrix<T> old_c = normal_matrix<T>(m + pad, n, 4);
+        const Eigen::MatrixXd stored_a = to_double(a).topRows(a_rows);
+        const Eigen::MatrixXd stored_b = to_double(b).topRows(b_rows);
+        const Eigen::MatrixXd op_a = transpose_a ? Eigen::MatrixXd(stored_a.transpose()) : stored_a;
+        const Eigen::MatrixXd op_b = transpose_b ? Eigen::MatrixXd(stored_b.transpose()) : stored_b;
+        const Eigen::MatrixXd old = to_double(old_c).topRows(m);
+        Eigen::MatrixXd reference = op_a * op_b;
+        Eigen::MatrixXd magnitude = op_a.cwiseAbs() * op_b.cwiseAbs() + Eigen::MatrixXd::Ones(m, n) * 3;
+        if (accumulate) {
+          reference += old;
+          magnitude += old.cwiseAbs();
+        }
+        reference.colwise() += to_double(bias_half).col(0);
+        if (activation == xax::Activation::relu) reference = reference.cwiseMax(0.0);
+        if (activation == xax::Activation::gelu) {
+          reference =
+              reference.unaryExpr([](double x) { return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0))); });
+        }
+
+        const auto run = [&](auto& c) {
+          xax::detail::MatmulProblem p;
+          p.input = xax::dtype_of<T>;
+          p.output = xax::dtype_of<typename std::remove_reference_t<decltype(c)>::Scalar>;
+          p.a = {a.data(), a_rows, a_cols, a.rows()};
+          p.b = {b.data(), b_rows, b_cols, b.rows()};
+          p.transpose_a = transpose_a;
+          p.transpose_b = transpose_b;
+          p.c = c.data();
+          p.ldc = c.rows();
+          p.bias = half_bias ? static_cast<const void*>(bias_half.data()) : bias_float.data();
+          p.bias_type = half_bias ? xax::dtype_of<T> : DType::float32;
+          p.m = m;
+          p.n = n;
+          p.k = k;
+          p.accumulate = accumulate;
+          p.activation = activation;
+          xax::detail::packing_gemm::run(p);
+        };
+        Matrix<float> c_float = old_c.template cast<float>();
+        run(c_float);
+        Matrix<T> c_half = old_c;
+        run(c_half);
+        EXPECT_EQ(xax::last_matmul_implementation(), std::string("xax:avx2_gemm (") +
+                                                         std::string(xax::dtype_name(xax::dtype_of<T>)) +
+                                                         " packed to float32)");
+        for (Eigen::Index j = 0; j < n; ++j) {
+          for (Eigen::Index i = 0; i < m + pad; ++i) {
+            if (i >= m) {  // the padding rows are not C's: untouched
+              if (c_half(i, j) != old_c(i, j) && ++failures < 5) ADD_FAILURE() << "padding row written";
+              continue;
+            }
+            const double fp32_bound = magnitude(i, j) * 2e-6;
+            const double half_bound = fp32_bound + unit_roundoff<T>() * std::abs(reference(i, j));
+            if (!(std::abs(c_float(i, j) - reference(i, j)) <= fp32_bound) && ++failures < 5) {
+              ADD_FAILURE() << "float output (" << i << ", " << j << ") " << c_float(i, j) << " vs "
+                            << reference(i, j) << "; m n k " << m << " " << n << " " << k << ", variant "
+                            << variant << ", threads " << threads;
+            }
+            if (!(std::abs(static_cast<float>(c_half(i, j)) - reference(i, j)) <= half_bound) &&
+                ++failures < 5) {
+              ADD_FAILURE() << "half output (" << i << ", " << j << ") " << static_cast<float>(c_half(i, j))
+                            << " vs " << reference(i, j) << "; m n k " << m << " " << n << " " << k
+                            << ", variant " << variant << ", threads " << threads;
+            }
+          }
+        }
+      }
+    }
+  }
+  xax::set_num_threads(threads_before);
+  EXPECT_EQ(failures, 0);
+}
+
+// The fused ReLU keeps a NaN (a finite loss over non-finite gradients would hide an overflow from the loss
+// scale) and applies to the sum with the bias, as activation_block does.
+TYPED_TEST(PackingGemm, ReluAfterTheBiasKeepsNan) {
+  using T = TypeParam;
+  Matrix<T> a = Matrix<T>::Zero(32, 4);
+  a(3, 0) = T(std::numeric_limits<float>::quiet_NaN());
+  a(5, 0) = T(-1.0f);
+  a(6, 0) = T(-1.0f);
+  const Matrix<T> b = Matrix<T>::Ones(4, 12);
+  Vector<float> bias = Vector<float>::Zero(32);
+  bias(6) = 3.0f;
+  for (const bool half_output : {false, true}) {
+    Matrix<float> c_float(32, 12);
+    Matrix<T> c_half(32, 12);
+    xax::detail::MatmulProblem p;
+    p.input = xax::dtype_of<T>;
+    p.output = half_output ? xax::dtype_of<T> : DType::float32;
+    p.a = {a.data(), 32, 4, 32};
+    p.b = {b.data(), 4, 12, 4};
+    p.c = half_output ? static_cast<void*>(c_half.data()) : c_float.data();
+    p.ldc = 32;
+    p.bias = bias.data();
+    p.m = 32;
+    p.n = 12;
+    p.k = 4;
+    p.activation = xax::Activation::relu;
+    xax::detail::packing_gemm::run(p);
+    const Matrix<float> c = half_output ? Matrix<float>(c_half.template cast<float>()) : c_float;
+    for (Eigen::Index j = 0; j < 12; ++j) {
+      EXPECT_TRUE(std::isnan(c(3, j))) << "column " << j;
+      EXPECT_EQ(c(5, j), 0.0f);
+      EXPECT_EQ(c(6, j), 2.0f);
+      EXPECT_EQ(c(0, j), 0.0f);
+    }
+  }
+}
+
+// The scratch of a product far larger than its blocks stays within them (packed B slice, one A block per
+// thread, the fp32 panel buffer of a half output, the bias) and is released.
+TEST(PackingGemmScratch, IsBoundedByTheBlocksAndReleased) {
+  if (!xax::detail::packing_gemm::supported(xax::cpu_features())) GTEST_SKIP() << "no AVX2 with FMA and F16C";
+  namespace pg = xax::detail::packing_gemm;
+  xax::release_matmul_scratch();
+  constexpr Eigen::Index m = 2000, k = 1500, n = 3500;
+  const Matrix<xax::float16> a = normal_matrix<xax::float16>(m, k, 7);
+  const Matrix<xax::float16> b = normal_matrix<xax::float16>(k, n, 8);
+  Matrix<xax::float16> c(m, n);
+  xax::detail::MatmulProblem p;
+  p.input = p.output = DType::float16;
+  p.a = {a.data(), m, k, m};
+  p.b = {b.data(), k, n, k};
+  p.c = c.data();
+  p.ldc = m;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  pg::run(p);
+  const std::size_t bound =
+      static_cast<std::size_t>(pg::nc_max * pg::kc_max + xax::num_threads() * pg::mc_max * pg::kc_max +
+                               pg::fp32_panel_max) *
+      sizeof(float);
+  const std::size_t used = pg::workspace().bytes();
+  EXPECT_GT(used, 0u);
+  EXPECT_LE(used, bound);
+  const Eigen::MatrixXd reference = to_double(a).bottomRows(2) * to_double(b);
+  for (Eigen::Index j = 0; j < n; j += 97) {
+    for (Eigen::Index i = 0; i < 2; ++i) {
+      EXPECT_NEAR(static_cast<float>(c(m - 2 + i, j)), reference(i, j),
+                  2e-3 * std::abs(reference(i, j)) + 1e-2);
     }
   }
   xax::release_matmul_scratch();

@@ -413,7 +413,8 @@ TYPED_TEST(MlpWidened, OnTwoThreadsOnlyOneThreadHoldsWideningPanels) {
 #pragma omp parallel num_threads(2)
     {
       team = omp_get_num_threads();
-      panel_bytes[omp_get_thread_num()] = xax::detail::widening::workspace().bytes();
+      panel_bytes[omp_get_thread_num()] =
+          xax::detail::widening::workspace().bytes() + xax::detail::packing_gemm::workspace().bytes();
     }
   };
 #pragma omp parallel num_threads(2)

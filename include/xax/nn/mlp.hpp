@@ -233,9 +233,10 @@ float mlp_loss_and_gradients(const MlpParams<T>& params, const Input& inputs, co
   const float loss = softmax_cross_entropy(workspace.logits(), labels, workspace.grad, options.loss_scale);
   // Products this CPU widens to fp32 (float16 without AVX512-FP16, bf16 without AVX512_BF16) run one after
   // the other, each on every thread: side by side, each thread would hold its own widening panels (up to
-  // 10 MiB), which cost the float16 policy its memory target on two threads (1.49x against 1.58x on one,
-  // activation-heavy probe), and running them side by side was no faster (TrainStep/float16/threads:2 and
-  // TrainStep/mixed at the AVX512_CORE and AVX2 caps, within the noise; Zen 4, 2026-12-01).
+  // 10 MiB; packed blocks on xax's AVX2 GEMM), which cost the float16 policy its memory target on two threads
+  // (1.49x against 1.58x on one, activation-heavy probe), and running them side by side was no faster
+  // (TrainStep/float16/threads:2 and TrainStep/mixed at the AVX512_CORE and AVX2 caps, within the noise; Zen
+  // 4, 2026-12-01).
   const bool one_after_the_other = xax::detail::widens_products<T>();
   for (std::size_t i = layers; i-- > 0;) {
     // workspace.grad holds dL/dz of layer i (z = w x + b, before the activation).

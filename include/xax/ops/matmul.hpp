@@ -18,10 +18,12 @@
 /// Backends: oneDNN when xax is configured with it (XAX_HAS_ONEDNN), and a portable Eigen path. Dispatch is
 /// by capability, per product: a bf16 or f16 product goes to a oneDNN kernel only where that kernel runs
 /// native half dot products (AVX512_BF16, AMX, AVX512-FP16) and xax's CPU detection (capped by
-/// XAX_MAX_CPU_ISA) agrees; everywhere else the operands are widened to fp32 in bounded panels and the fp32
-/// GEMM runs, so a half product is never slower than the fp32 one and never needs fp32 copies of whole
-/// operands. `half_matmul_support()` says what this CPU does for each half type,
-/// `last_matmul_implementation()` which kernel ran. Both backends honour xax::set_num_threads().
+/// XAX_MAX_CPU_ISA) agrees; everywhere else the operands are widened to fp32 and multiplied with fp32
+/// accumulation, never as fp32 copies of whole operands: on AVX2 CPUs without AVX-512 (and on any AVX2 CPU
+/// in a build without oneDNN) by xax's own GEMM, which widens as it packs and rounds as it stores
+/// (ops/backend/packing_gemm.hpp), elsewhere in bounded panels for the fp32 GEMM. `half_matmul_support()`
+/// says what this CPU does for each half type, `last_matmul_implementation()` which kernel ran. Both backends
+/// honour xax::set_num_threads().
 ///
 /// Eigen's own `Matrix<bfloat16>` product is what this replaces: it accumulates in bf16 (3.6e-2 relative
 /// error at K=1024, a -21 % bias on positive data) and runs at a sixth of the float speed.
@@ -41,6 +43,7 @@
 #include <xax/ops/backend/eigen.hpp>
 #include <xax/ops/backend/native_kernel.hpp>
 #include <xax/ops/backend/onednn.hpp>
+#include <xax/ops/backend/packing_gemm.hpp>
 #include <xax/ops/backend/problem.hpp>
 #include <xax/ops/backend/widening.hpp>
 #include <xax/ops/matmul_concepts.hpp>
@@ -53,7 +56,8 @@ namespace xax {
 /// Which implementation runs a matmul.
 enum class MatmulBackend {
   /// float: oneDNN where built, else Eigen. bf16/f16: a oneDNN kernel where it multiplies them natively, else
-  /// panels widened to float for the fp32 GEMM (oneDNN's where built, else Eigen's).
+  /// xax's AVX2 GEMM (AVX2 without AVX-512, or any AVX2 CPU without oneDNN), else panels widened to float for
+  /// the fp32 GEMM (oneDNN's where built, else Eigen's).
   automatic,
   eigen,   ///< always available: half panels widened to float, Eigen's float GEMM, round once
   onednn,  ///< only in builds configured with oneDNN (ConfigError otherwise); any oneDNN kernel, emulated
@@ -124,9 +128,10 @@ inline void run_float_panel(const MatmulProblem& panel) {
   eigen_backend::run_float(panel);
 }
 
-/// Whether xax::matmul's automatic backend widens products of T into fp32 panels on this CPU: a half type
-/// without a native kernel here (always, without oneDNN). Each such product holds up to a thread's panels of
-/// scratch (widening.hpp), so a caller may prefer not to run two of them side by side.
+/// Whether xax::matmul's automatic backend widens products of T to fp32 on this CPU: a half type without a
+/// native kernel here (always, without oneDNN). Each such product holds up to a thread's packed blocks or
+/// widened panels of scratch (packing_gemm.hpp, widening.hpp), so a caller may prefer not to run two of them
+/// side by side.
 template <class T>
 bool widens_products() {
   if constexpr (std::is_same_v<T, bfloat16> || std::is_same_v<T, float16>) {
@@ -171,8 +176,14 @@ inline HalfMatmulSupport half_matmul_support(DType dtype) {
     support.explanation = name + " products run natively (" + support.kernel + ", fp32 accumulation)";
     return support;
   }
-  support.kernel = fp32_kernel + " (" + std::string(dtype_name(dtype)) + " widened to float32 in panels)";
-  const std::string widened = name + " products are widened to fp32 in panels for " + fp32_kernel;
+  std::string widened;
+  if (detail::packing_gemm::runs_products_of(dtype, cpu)) {
+    support.kernel = detail::packing_gemm::implementation_name(dtype);
+    widened = name + " products run on xax's AVX2 GEMM, packed to fp32";
+  } else {
+    support.kernel = fp32_kernel + " (" + std::string(dtype_name(dtype)) + " widened to float32 in panels)";
+    widened = name + " products are widened to fp32 in panels for " + fp32_kernel;
+  }
   if (!cpu_native) {
     support.explanation =
         "this CPU has no native " + name + " dot product: mixed saves memory, not time (" + widened +
@@ -193,6 +204,7 @@ inline HalfMatmulSupport half_matmul_support(DType dtype) {
 /// different sizes, or before measuring the next one's peak memory.
 inline void release_matmul_scratch() {
   detail::widening::workspace().release();
+  detail::packing_gemm::workspace().release();
 #if defined(XAX_HAS_ONEDNN) && XAX_HAS_ONEDNN
   detail::onednn_backend::thread_context().release_scratch();
 #endif
@@ -202,7 +214,7 @@ namespace detail {
 
 /// The calling thread's matmul scratch in bytes (for tests of the bound and of release_matmul_scratch()).
 inline std::size_t matmul_scratch_bytes() {
-  std::size_t bytes = widening::workspace().bytes();
+  std::size_t bytes = widening::workspace().bytes() + packing_gemm::workspace().bytes();
 #if defined(XAX_HAS_ONEDNN) && XAX_HAS_ONEDNN
   bytes += onednn_backend::thread_context().scratch_bytes();
 #endif
@@ -253,7 +265,9 @@ inline void run_matmul(const MatmulProblem& problem, MatmulBackend backend) {
 #if defined(XAX_HAS_ONEDNN) && XAX_HAS_ONEDNN
       if (onednn_backend::try_run(problem, onednn_backend::HalfKernels::native_only)) return;
 #endif
-      if (half) {
+      if (half && packing_gemm::applies(problem, cpu_features())) {
+        packing_gemm::run(problem);
+      } else if (half) {
         widening::run(problem, run_float_panel);
       } else {
         eigen_backend::run(problem);

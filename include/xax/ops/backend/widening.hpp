@@ -1,7 +1,9 @@
 #pragma once
-// The widening path for half-precision matmuls on CPUs (or backends) without native half dot products: the
-// bf16/f16 operands are widened to float one bounded panel at a time, an fp32 GEMM multiplies the panels and
-// accumulates in fp32 across them, and the result is rounded once into a half output.
+// The widening path for half-precision matmuls on CPUs (or backends) without native half dot products, where
+// xax's own AVX2 GEMM (packing_gemm.hpp) does not run them (AVX-512 CPUs, whose fp32 kernel is twice as wide;
+// an explicitly requested backend; a CPU without AVX2): the bf16/f16 operands are widened to float one
+// bounded panel at a time, an fp32 GEMM multiplies the panels and accumulates in fp32 across them, and the
+// result is rounded once into a half output.
 //
 // Why panels. Widening whole operands needs fp32 copies of them, which made the float16 policy use *more*
 // memory than fp32 in an activation-heavy configuration (issue 12: fp32 / f16 peak RSS growth 0.69): the
