@@ -17,7 +17,8 @@
 // Accumulation is fp32 throughout. With a half output and a depth beyond one slice, the partial sums of a
 // column panel are kept in an fp32 buffer (never rounded in between), and C is rounded once, after the
 // bias and activation. Scratch is bounded whatever the operands' size: the packed B slice (3 MiB), that
-// buffer (4 MiB), an A block per thread (144 KiB) and the widened bias.
+// buffer (4 MiB; 6 columns of C where m exceeds 174,762), an A block per thread (144 KiB) and the widened
+// bias.
 
 #include <xax/detail/eigen.hpp>
 
@@ -244,23 +245,39 @@ struct Tile {
 };
 
 /// The 16 x 6 product of one A micro-panel and one B micro-panel over `depth`.
-[[gnu::always_inline]] XAX_TARGET_AVX2 inline void multiply_tile(Eigen::Index depth, const float* a,
-                                                                 const float* b, Tile& c) {
-  // Local accumulators, copied out once: accumulating in `c` directly let GCC keep the tile in memory
-  // (its address escapes to the store functions), a store per FMA and 2.5x the time.
-  __m256 sums[2 * nr];
-  for (auto& sum : sums) sum = _mm256_setzero_ps();
+///
+/// The twelve accumulators are named variables and the six columns unrolled by hand: with an array and a
+/// loop over the columns, GCC at -O2 kept the array on the stack (a load and a store around every FMA, 3.5x
+/// slower), and accumulating into `c` directly did the same at -O3 (its address escapes to the store
+/// functions). Not always_inline: inlined into an OpenMP region's outlined function, which does not inherit
+/// the target attribute, clang 14 compiled the FMAs as calls to fmaf (50x slower).
+XAX_TARGET_AVX2 inline void multiply_tile(Eigen::Index depth, const float* a, const float* b, Tile& c) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
 #pragma GCC unroll 4
   for (Eigen::Index p = 0; p < depth; ++p, a += mr, b += nr) {
     const __m256 upper = _mm256_loadu_ps(a);
     const __m256 lower = _mm256_loadu_ps(a + 8);
-    for (int j = 0; j < nr; ++j) {
-      const __m256 bj = _mm256_broadcast_ss(b + j);
-      sums[2 * j] = _mm256_fmadd_ps(upper, bj, sums[2 * j]);
-      sums[2 * j + 1] = _mm256_fmadd_ps(lower, bj, sums[2 * j + 1]);
-    }
+    __m256 bj = _mm256_broadcast_ss(b);
+    c00 = _mm256_fmadd_ps(upper, bj, c00);
+    c01 = _mm256_fmadd_ps(lower, bj, c01);
+    bj = _mm256_broadcast_ss(b + 1);
+    c10 = _mm256_fmadd_ps(upper, bj, c10);
+    c11 = _mm256_fmadd_ps(lower, bj, c11);
+    bj = _mm256_broadcast_ss(b + 2);
+    c20 = _mm256_fmadd_ps(upper, bj, c20);
+    c21 = _mm256_fmadd_ps(lower, bj, c21);
+    bj = _mm256_broadcast_ss(b + 3);
+    c30 = _mm256_fmadd_ps(upper, bj, c30);
+    c31 = _mm256_fmadd_ps(lower, bj, c31);
+    bj = _mm256_broadcast_ss(b + 4);
+    c40 = _mm256_fmadd_ps(upper, bj, c40);
+    c41 = _mm256_fmadd_ps(lower, bj, c41);
+    bj = _mm256_broadcast_ss(b + 5);
+    c50 = _mm256_fmadd_ps(upper, bj, c50);
+    c51 = _mm256_fmadd_ps(lower, bj, c51);
   }
-  for (int i = 0; i < 2 * nr; ++i) c.lanes[i] = sums[i];
+  c = Tile{{c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51}};
 }
 
 /// Where a tile's sums go, and what joins them: tile = sums [+ fp32 partial sums] [+ old half C] [+ bias,
@@ -361,136 +378,170 @@ XAX_TARGET_AVX2 inline void store_partial_tile(Tile& c, Eigen::Index rows, Eigen
   }
 }
 
-/// Runs `p` (In inputs, Out output, k > 0) on this GEMM.
+/// The start of part `index` when [0, extent) is cut into `parts` pieces, at multiples of `grain`.
+inline Eigen::Index part_start(Eigen::Index extent, int index, int parts, Eigen::Index grain) {
+  return static_cast<Eigen::Index>(
+      block_start(static_cast<std::size_t>(extent), static_cast<std::size_t>(index),
+                  static_cast<std::size_t>(parts), static_cast<std::size_t>(grain)));
+}
+
+/// One product, cut into blocks and parts; the buffers are allocated before the parallel region.
 template <class In, class Out>
-XAX_TARGET_AVX2 void run_typed(const MatmulProblem& p) {
-  const Eigen::Index m = p.m, n = p.n, k = p.k;
-  const auto* a = static_cast<const In*>(p.a.data);
-  const auto* b = static_cast<const In*>(p.b.data);
-  auto* c = static_cast<Out*>(p.c);
-  const Eigen::Index a_row_step = p.transpose_a ? p.a.ld : 1;
-  const Eigen::Index a_depth_step = p.transpose_a ? 1 : p.a.ld;
-  const Eigen::Index b_depth_step = p.transpose_b ? p.b.ld : 1;
-  const Eigen::Index b_col_step = p.transpose_b ? 1 : p.b.ld;
-
-  // Depth slices of (nearly) equal size: a thin last slice would run the tile at a fraction of its speed.
-  const Eigen::Index slices = (k + kc_max - 1) / kc_max;
-  const Eigen::Index kc = (k + slices - 1) / slices;
-  constexpr bool half_output = !std::is_same_v<Out, float>;
-  const bool buffered = half_output && slices > 1;
-  Eigen::Index nc = std::min(n, nc_max);
-  if (buffered) nc = std::min(nc, std::max(nr, fp32_panel_max / m / nr * nr));
-
-  int threads = 1;
-#if defined(_OPENMP)
-  if (!omp_in_parallel() &&
-      2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k) >= parallel_min_flops) {
-    threads = num_threads();
-  }
-#endif
-  // The threads form a grid: row parts each pack their own A blocks (no work repeated); column parts, for
-  // products too short to give every thread 32 rows, share them.
-  int row_parts = static_cast<int>(std::clamp<Eigen::Index>(m / (2 * mr), 1, threads));
-  while (threads % row_parts != 0) --row_parts;
-  const int column_parts = threads / row_parts;
-
-  Workspace& ws = workspace();
-  const Eigen::Index b_panels_max = (nc + nr - 1) / nr;
-  float* const packed_b = ws.packed_b.get(static_cast<std::size_t>(b_panels_max * nr * kc));
-  const Eigen::Index a_block = mc_max * kc;
-  float* const packed_a = ws.packed_a.get(static_cast<std::size_t>(threads * a_block));
-  float* const fp32_panel = buffered ? ws.fp32_panel.get(static_cast<std::size_t>(m * nc)) : nullptr;
+struct Plan {
+  const In* a = nullptr;
+  const In* b = nullptr;
+  Out* c = nullptr;
+  Eigen::Index m = 0, n = 0, k = 0, ldc = 0;
+  Eigen::Index a_row_step = 0, a_depth_step = 0, b_depth_step = 0, b_col_step = 0;
+  Eigen::Index kc = 0, nc = 0;
+  bool buffered = false;  ///< a half C deeper than one slice: partial sums in fp32_panel (ld m)
+  bool accumulate = false;
+  Activation activation = Activation::none;
   const float* bias = nullptr;
-  if (p.bias != nullptr) {
-    if (p.bias_type == DType::float32) {
-      bias = static_cast<const float*>(p.bias);
-    } else {
-      float* widened = ws.bias.get(static_cast<std::size_t>(m));
-      if (p.bias_type == DType::bfloat16) {
-        convert_n(static_cast<const bfloat16*>(p.bias), widened, static_cast<std::size_t>(m));
-      } else {
-        convert_n(static_cast<const float16*>(p.bias), widened, static_cast<std::size_t>(m));
+  float* packed_b = nullptr;
+  float* packed_a = nullptr;  ///< one A block of mc_max x kc per part
+  float* fp32_panel = nullptr;
+  int parts = 1;  ///< row_parts x column_parts: row parts pack their own A blocks, column parts share them
+  int row_parts = 1;
+  int column_parts = 1;
+};
+
+/// Part `part`'s tiles of the column panel [jc, jc + width) over the depth slice [pc, pc + depth), with
+/// that slice of op(B) packed. Its own function, with the target attribute, so that the tile kernels inline
+/// into AVX2 code: an OpenMP region's outlined body does not inherit the attribute.
+template <class In, class Out>
+XAX_TARGET_AVX2 void multiply_part(const Plan<In, Out>& plan, int part, Eigen::Index jc, Eigen::Index width,
+                                   Eigen::Index pc, Eigen::Index depth) {
+  constexpr bool half_output = !std::is_same_v<Out, float>;
+  const bool first = pc == 0, last = pc + depth >= plan.k;
+  const Eigen::Index panels = (width + nr - 1) / nr;
+  const int row_part = part / plan.column_parts, column_part = part % plan.column_parts;
+  const Eigen::Index row_end = part_start(plan.m, row_part + 1, plan.row_parts, mr);
+  const Eigen::Index panel_begin = part_start(panels, column_part, plan.column_parts, 1);
+  const Eigen::Index panel_end = part_start(panels, column_part + 1, plan.column_parts, 1);
+  float* const packed_a = plan.packed_a + part * mc_max * plan.kc;
+  for (Eigen::Index ic = part_start(plan.m, row_part, plan.row_parts, mr); ic < row_end; ic += mc_max) {
+    const Eigen::Index height = std::min(mc_max, row_end - ic);
+    pack_a(plan.a + ic * plan.a_row_step + pc * plan.a_depth_step, plan.a_row_step, plan.a_depth_step, height,
+           depth, packed_a);
+    for (Eigen::Index s = panel_begin; s < panel_end; ++s) {
+      const Eigen::Index j = jc + s * nr;
+      const Eigen::Index cols = std::min(nr, plan.n - j);
+      for (Eigen::Index r0 = 0; r0 < height; r0 += mr) {
+        const Eigen::Index i = ic + r0;
+        const Eigen::Index rows = std::min(mr, height - r0);
+        Tile tile;
+        multiply_tile(depth, packed_a + r0 * depth, plan.packed_b + s * nr * depth, tile);
+        TileTarget<Out> target;
+        target.finish = last;
+        target.bias = plan.bias != nullptr ? plan.bias + i : nullptr;
+        target.activation = plan.activation;
+        if constexpr (half_output) {
+          target.out = plan.c + i + j * plan.ldc;
+          target.out_ld = plan.ldc;
+          target.add_out = first && plan.accumulate;
+          target.store_out = last;
+          if (plan.buffered) {
+            target.fp32 = plan.fp32_panel + i + (j - jc) * plan.m;
+            target.fp32_ld = plan.m;
+            target.add_fp32 = !first;
+          }
+        } else {
+          target.fp32 = plan.c + i + j * plan.ldc;
+          target.fp32_ld = plan.ldc;
+          target.add_fp32 = !first || plan.accumulate;
+        }
+        if (rows == mr && cols == nr && !(last && plan.activation == Activation::gelu)) {
+          store_tile(tile, target);
+        } else {
+          store_partial_tile(tile, rows, cols, target);
+        }
       }
-      bias = widened;
     }
   }
-  const bool accumulate = p.accumulate;
-  const Activation activation = p.activation;
-  const Eigen::Index ldc = p.ldc;
+}
+
+/// Runs `p` (In inputs, Out output, k > 0) on this GEMM.
+template <class In, class Out>
+void run_typed(const MatmulProblem& p) {
+  Plan<In, Out> plan;
+  plan.m = p.m;
+  plan.n = p.n;
+  plan.k = p.k;
+  plan.a = static_cast<const In*>(p.a.data);
+  plan.b = static_cast<const In*>(p.b.data);
+  plan.c = static_cast<Out*>(p.c);
+  plan.ldc = p.ldc;
+  plan.a_row_step = p.transpose_a ? p.a.ld : 1;
+  plan.a_depth_step = p.transpose_a ? 1 : p.a.ld;
+  plan.b_depth_step = p.transpose_b ? p.b.ld : 1;
+  plan.b_col_step = p.transpose_b ? 1 : p.b.ld;
+  plan.accumulate = p.accumulate;
+  plan.activation = p.activation;
+
+  // Depth slices of (nearly) equal size: a thin last slice would run the tile at a fraction of its speed.
+  const Eigen::Index slices = (p.k + kc_max - 1) / kc_max;
+  plan.kc = (p.k + slices - 1) / slices;
+  plan.buffered = !std::is_same_v<Out, float> && slices > 1;
+  plan.nc = std::min(p.n, nc_max);
+  if (plan.buffered) plan.nc = std::min(plan.nc, std::max(nr, fp32_panel_max / p.m / nr * nr));
 
 #if defined(_OPENMP)
-#pragma omp parallel num_threads(threads) if (threads > 1)
+  const double flops = 2.0 * static_cast<double>(p.m) * static_cast<double>(p.n) * static_cast<double>(p.k);
+  if (!omp_in_parallel() && flops >= parallel_min_flops) plan.parts = num_threads();
+#endif
+  // Row parts pack their own A blocks (no work repeated); products too short to give every part 32 rows
+  // split their columns too, and those parts pack the same A blocks.
+  plan.row_parts = static_cast<int>(std::clamp<Eigen::Index>(p.m / (2 * mr), 1, plan.parts));
+  while (plan.parts % plan.row_parts != 0) --plan.row_parts;
+  plan.column_parts = plan.parts / plan.row_parts;
+
+  Workspace& ws = workspace();
+  const Eigen::Index panels_max = (plan.nc + nr - 1) / nr;
+  plan.packed_b = ws.packed_b.get(static_cast<std::size_t>(panels_max * nr * plan.kc));
+  plan.packed_a = ws.packed_a.get(static_cast<std::size_t>(plan.parts * mc_max * plan.kc));
+  if (plan.buffered) plan.fp32_panel = ws.fp32_panel.get(static_cast<std::size_t>(p.m * plan.nc));
+  if (p.bias != nullptr) {
+    if (p.bias_type == DType::float32) {
+      plan.bias = static_cast<const float*>(p.bias);
+    } else {
+      float* widened = ws.bias.get(static_cast<std::size_t>(p.m));
+      if (p.bias_type == DType::bfloat16) {
+        convert_n(static_cast<const bfloat16*>(p.bias), widened, static_cast<std::size_t>(p.m));
+      } else {
+        convert_n(static_cast<const float16*>(p.bias), widened, static_cast<std::size_t>(p.m));
+      }
+      plan.bias = widened;
+    }
+  }
+
+  const Plan<In, Out>& shared = plan;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(shared.parts) if (shared.parts > 1)
 #endif
   {
-    // The grid was planned for `threads` parts; a runtime may grant fewer threads (OMP_THREAD_LIMIT, nested
-    // regions), so each thread takes the parts its number, plus multiples of the team's size, name.
+    // The runtime may grant fewer threads than parts (OMP_THREAD_LIMIT, nested regions): each thread takes
+    // the parts its number, plus multiples of the team's size, names.
 #if defined(_OPENMP)
     const int thread = omp_get_thread_num(), team = omp_get_num_threads();
 #else
     const int thread = 0, team = 1;
 #endif
-    const auto part_start = [](Eigen::Index extent, int index, int parts, Eigen::Index grain) {
-      return static_cast<Eigen::Index>(
-          block_start(static_cast<std::size_t>(extent), static_cast<std::size_t>(index),
-                      static_cast<std::size_t>(parts), static_cast<std::size_t>(grain)));
-    };
-    for (Eigen::Index jc = 0; jc < n; jc += nc) {
-      const Eigen::Index width = std::min(nc, n - jc);
+    for (Eigen::Index jc = 0; jc < shared.n; jc += shared.nc) {
+      const Eigen::Index width = std::min(shared.nc, shared.n - jc);
       const Eigen::Index panels = (width + nr - 1) / nr;
-      for (Eigen::Index pc = 0; pc < k; pc += kc) {
-        const Eigen::Index depth = std::min(kc, k - pc);
-        const bool first = pc == 0, last = pc + depth >= k;
-        for (int part = thread; part < threads; part += team) {
-          pack_b(b + pc * b_depth_step + jc * b_col_step, b_depth_step, b_col_step, depth, width,
-                 part_start(panels, part, threads, 1), part_start(panels, part + 1, threads, 1), packed_b);
+      for (Eigen::Index pc = 0; pc < shared.k; pc += shared.kc) {
+        const Eigen::Index depth = std::min(shared.kc, shared.k - pc);
+        for (int part = thread; part < shared.parts; part += team) {
+          pack_b(shared.b + pc * shared.b_depth_step + jc * shared.b_col_step, shared.b_depth_step,
+                 shared.b_col_step, depth, width, part_start(panels, part, shared.parts, 1),
+                 part_start(panels, part + 1, shared.parts, 1), shared.packed_b);
         }
 #if defined(_OPENMP)
 #pragma omp barrier
 #endif
-        for (int part = thread; part < threads; part += team) {
-          const int row_part = part / column_parts, column_part = part % column_parts;
-          const Eigen::Index row_end = part_start(m, row_part + 1, row_parts, mr);
-          const Eigen::Index panel_begin = part_start(panels, column_part, column_parts, 1);
-          const Eigen::Index panel_end = part_start(panels, column_part + 1, column_parts, 1);
-          float* const part_a = packed_a + part * a_block;
-          for (Eigen::Index ic = part_start(m, row_part, row_parts, mr); ic < row_end; ic += mc_max) {
-            const Eigen::Index height = std::min(mc_max, row_end - ic);
-            pack_a(a + ic * a_row_step + pc * a_depth_step, a_row_step, a_depth_step, height, depth, part_a);
-            for (Eigen::Index s = panel_begin; s < panel_end; ++s) {
-              const Eigen::Index j = jc + s * nr;
-              const Eigen::Index cols = std::min(nr, n - j);
-              for (Eigen::Index r0 = 0; r0 < height; r0 += mr) {
-                const Eigen::Index i = ic + r0;
-                const Eigen::Index rows = std::min(mr, height - r0);
-                Tile tile;
-                multiply_tile(depth, part_a + r0 * depth, packed_b + s * nr * depth, tile);
-                TileTarget<Out> target;
-                target.finish = last;
-                target.bias = bias != nullptr ? bias + i : nullptr;
-                target.activation = activation;
-                if constexpr (half_output) {
-                  target.out = c + i + j * ldc;
-                  target.out_ld = ldc;
-                  target.add_out = first && accumulate;
-                  target.store_out = last;
-                  if (buffered) {
-                    target.fp32 = fp32_panel + i + (j - jc) * m;
-                    target.fp32_ld = m;
-                    target.add_fp32 = !first;
-                  }
-                } else {
-                  target.fp32 = c + i + j * ldc;
-                  target.fp32_ld = ldc;
-                  target.add_fp32 = !first || accumulate;
-                }
-                if (rows == mr && cols == nr && !(last && activation == Activation::gelu)) {
-                  store_tile(tile, target);
-                } else {
-                  store_partial_tile(tile, rows, cols, target);
-                }
-              }
-            }
-          }
+        for (int part = thread; part < shared.parts; part += team) {
+          multiply_part(shared, part, jc, width, pc, depth);
         }
 #if defined(_OPENMP)
 #pragma omp barrier  // the next slice overwrites packed_b
