@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <vector>
 #include <xax/ops/backend/native_kernel.hpp>
 #include <xax/ops/batched_matmul.hpp>
@@ -211,8 +212,9 @@ TYPED_TEST(BatchedMatmulTyped, AttentionShapesMatchDoubleReferenceOnEveryPath) {
   }
 }
 
-// The batch takes the 3-D primitive exactly where xax::matmul would give one slice to oneDNN, and runs on
-// the same kernel; elsewhere each slice takes xax::matmul's own path.
+// The batch takes the 3-D primitive exactly where oneDNN runs the slices natively (float in every oneDNN
+// build, even where one fp32 product runs on xax's AVX2 GEMM; half types where xax::matmul gives one slice
+// to oneDNN), and runs on the same kernel; elsewhere each slice takes xax::matmul's own path.
 TYPED_TEST(BatchedMatmulTyped, TakesTheBatchedPrimitiveExactlyWhereMatmulWouldUseOneDnn) {
   using T = TypeParam;
   constexpr Eigen::Index head = 32, tokens = 64, batch = 6;
@@ -221,10 +223,15 @@ TYPED_TEST(BatchedMatmulTyped, TakesTheBatchedPrimitiveExactlyWhereMatmulWouldUs
   const Eigen::Map<const Matrix<T>> k0(k.data(), head, tokens), q0(q.data(), head, tokens);
   Matrix<float> one_slice;
   xax::matmul(k0, q0, one_slice, {.transpose_a = true});
-  const std::string slice_kernel = xax::last_matmul_implementation();
+  std::string slice_kernel = xax::last_matmul_implementation();
   // The 2-D path may use oneDNN's fp32 kernel on widened panels: that is not a oneDNN product of T.
-  const bool onednn_runs_slice =
+  bool onednn_runs_slice =
       slice_kernel.starts_with("onednn:") && slice_kernel.find("widened") == std::string::npos;
+  if (std::is_same_v<T, float> && built_with_onednn) {
+    xax::matmul(k0, q0, one_slice, {.transpose_a = true, .backend = xax::MatmulBackend::onednn});
+    slice_kernel = xax::last_matmul_implementation();
+    onednn_runs_slice = true;
+  }
 
   Tensor3<float> scores;
   xax::batched_matmul(k, q, scores, {.transpose_a = true});

@@ -14,6 +14,7 @@
 #include <xax/ops/matmul.hpp>
 #include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
+#include <xax/utils/platform.hpp>
 
 #include "op_testing.hpp"
 
@@ -373,9 +374,15 @@ TEST(Matmul, BackendQueries) {
   EXPECT_TRUE(xax::matmul_backend_available(xax::MatmulBackend::automatic));
   Eigen::MatrixXf c;
   xax::matmul(Eigen::MatrixXf::Ones(8, 8).eval(), Eigen::MatrixXf::Ones(8, 8).eval(), c);
-  EXPECT_THAT(
-      xax::last_matmul_implementation(),
-      ::testing::StartsWith(std::string(xax::matmul_backend_name(xax::default_matmul_backend())) + ":"));
+  // fp32 products run on xax's own AVX2 GEMM where it applies (AVX2 CPUs without AVX-512, or any AVX2 CPU
+  // in a build without oneDNN), else on the build's default backend.
+  if (xax::detail::packing_gemm::runs_products_of(xax::DType::float32, xax::cpu_features())) {
+    EXPECT_EQ(xax::last_matmul_implementation(), "xax:avx2_gemm (float32)");
+  } else {
+    EXPECT_THAT(
+        xax::last_matmul_implementation(),
+        ::testing::StartsWith(std::string(xax::matmul_backend_name(xax::default_matmul_backend())) + ":"));
+  }
   if (!xax::matmul_backend_available(xax::MatmulBackend::onednn)) {
     EXPECT_THROW(xax::matmul(Eigen::MatrixXf::Ones(2, 2).eval(), Eigen::MatrixXf::Ones(2, 2).eval(), c,
                              {.backend = xax::MatmulBackend::onednn}),

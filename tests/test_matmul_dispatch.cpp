@@ -181,9 +181,9 @@ class CpuClass : public ::testing::Test {
     return built_with_onednn && ((cls_.os_bf16 && cap >= CpuIsa::avx512_core_bf16) ||
                                  (cls_.os_amx_bf16 && cap >= CpuIsa::avx512_core_amx));
   }
-  // A half product without a native kernel runs on xax's AVX2 GEMM where the class has AVX2 but not AVX-512
-  // (oneDNN's fp32 kernel is twice as wide there), or on any AVX2 class without oneDNN.
-  [[nodiscard]] bool half_products_run_on_xax_avx2_gemm() const {
+  // An fp32 product, and a half product without a native kernel, runs on xax's AVX2 GEMM where the class has
+  // AVX2 but not AVX-512 (oneDNN's fp32 kernel is twice as wide there), or on any AVX2 class without oneDNN.
+  [[nodiscard]] bool products_run_on_xax_avx2_gemm() const {
     const bool avx512 = cls_.os_avx512f && cls_.xax_cap >= CpuIsa::avx512_core;
     return cls_.os_avx2 && cls_.xax_cap >= CpuIsa::avx2 && (!built_with_onednn || !avx512);
   }
@@ -224,7 +224,7 @@ TEST_F(CpuClass, Bfloat16ProductsGoToOneDnnOnlyWhereItsKernelIsNative) {
     EXPECT_THAT(kernel, ::testing::StartsWith("onednn:"));
     EXPECT_TRUE(xax::detail::native_half_kernel(kernel.substr(7), DType::bfloat16)) << kernel;
     EXPECT_EQ(kernel, support.kernel);
-  } else if (half_products_run_on_xax_avx2_gemm()) {
+  } else if (products_run_on_xax_avx2_gemm()) {
     EXPECT_EQ(kernel, "xax:avx2_gemm (bfloat16 packed to float32)");
     EXPECT_EQ(kernel, support.kernel);
   } else {
@@ -237,11 +237,33 @@ TEST_F(CpuClass, Bfloat16ProductsGoToOneDnnOnlyWhereItsKernelIsNative) {
   EXPECT_EQ(says_no_native, !cpu_has_native_bf16()) << support.explanation;
 }
 
+TEST_F(CpuClass, Float32ProductsRunOnXaxsGemmWhereHalfOnesDo) {
+  SCOPED_TRACE("XAX_MAX_CPU_ISA=" + environment("XAX_MAX_CPU_ISA"));
+  const Matrix<float> a = Matrix<float>::Random(96, 200);
+  const Matrix<float> b = Matrix<float>::Random(200, 72);
+  Matrix<float> c;
+  xax::matmul(a, b, c);
+  const std::string kernel = xax::last_matmul_implementation();
+  if (products_run_on_xax_avx2_gemm()) {
+    EXPECT_EQ(kernel, "xax:avx2_gemm (float32)");
+  } else {
+    EXPECT_THAT(kernel, ::testing::StartsWith(built_with_onednn ? "onednn:" : "eigen:"));
+  }
+  const Eigen::MatrixXd a64 = a.cast<double>(), b64 = b.cast<double>();
+  const Eigen::MatrixXd reference = a64 * b64;
+  const Eigen::MatrixXd magnitude = a64.cwiseAbs() * b64.cwiseAbs();
+  EXPECT_TRUE(((c.cast<double>() - reference).cwiseAbs().array() <= 2e-6 * magnitude.array()).all())
+      << kernel;
+  // An explicit backend is what it says, whatever the class.
+  xax::matmul(a, b, c, {.backend = xax::MatmulBackend::eigen});
+  EXPECT_THAT(xax::last_matmul_implementation(), ::testing::StartsWith("eigen:"));
+}
+
 TEST_F(CpuClass, TheWideningPathsFp32KernelStaysWithinTheClass) {
   if (!built_with_onednn) GTEST_SKIP() << "no oneDNN in this build: the fp32 GEMM is Eigen's";
   const xax::HalfMatmulSupport support = xax::half_matmul_support(DType::float16);
   if (support.native) GTEST_SKIP() << "float16 products are native here: " << support.kernel;
-  if (half_products_run_on_xax_avx2_gemm()) GTEST_SKIP() << "half products run on " << support.kernel;
+  if (products_run_on_xax_avx2_gemm()) GTEST_SKIP() << "half products run on " << support.kernel;
   // oneDNN's fp32 kernel name carries the ISA it was generated for.
   const std::string fp32_kernel = support.kernel.substr(0, support.kernel.find(' '));
   const CpuIsa cap = std::min(cls_.xax_cap, cls_.onednn_cap);
@@ -262,8 +284,8 @@ TEST_F(CpuClass, Float16IsNativeOnlyWithAvx512Fp16) {
   if (!support.native) {
     EXPECT_THAT(
         xax::last_matmul_implementation(),
-        ::testing::HasSubstr(half_products_run_on_xax_avx2_gemm() ? "float16 packed to float32"
-                                                                  : "float16 widened to float32 in panels"));
+        ::testing::HasSubstr(products_run_on_xax_avx2_gemm() ? "float16 packed to float32"
+                                                             : "float16 widened to float32 in panels"));
   }
   EXPECT_THROW(static_cast<void>(xax::half_matmul_support(DType::float32)), xax::ConfigError);
 }
@@ -465,7 +487,9 @@ class PackingGemm : public ::testing::Test {
     }
   }
 };
-TYPED_TEST_SUITE(PackingGemm, HalfTypes);
+// fp32 products run on it too (packed by a plain copy); their "half output" below is a second float one.
+using PackedTypes = ::testing::Types<float, xax::bfloat16, xax::float16>;
+TYPED_TEST_SUITE(PackingGemm, PackedTypes);
 
 struct GemmShape {
   Eigen::Index m, n, k;
@@ -546,9 +570,13 @@ TYPED_TEST(PackingGemm, EveryShapeAndEpilogueMatchesADoubleReference) {
         run(c_float);
         Matrix<T> c_half = old_c;
         run(c_half);
-        EXPECT_EQ(xax::last_matmul_implementation(), std::string("xax:avx2_gemm (") +
-                                                         std::string(xax::dtype_name(xax::dtype_of<T>)) +
-                                                         " packed to float32)");
+        EXPECT_EQ(xax::last_matmul_implementation(),
+                  xax::detail::packing_gemm::implementation_name(xax::dtype_of<T>));
+        const std::string expected_name =
+            std::is_same_v<T, float>
+                ? std::string("xax:avx2_gemm (float32)")
+                : "xax:avx2_gemm (" + std::string(xax::dtype_name(xax::dtype_of<T>)) + " packed to float32)";
+        EXPECT_EQ(xax::last_matmul_implementation(), expected_name);
         for (Eigen::Index j = 0; j < n; ++j) {
           for (Eigen::Index i = 0; i < m + pad; ++i) {
             if (i >= m) {  // the padding rows are not C's: untouched

@@ -4,13 +4,15 @@
 /// `op(A_i) op(B_i)` with fp32 accumulation and one rounding to the output type, so a 16-bit batch never
 /// accumulates in 16 bits.
 ///
-/// Dispatch follows xax::matmul's rules. Where oneDNN is built in and would run the slices' product itself
-/// (float always; bf16 / f16 only where its kernel multiplies them natively and XAX_MAX_CPU_ISA agrees;
+/// Dispatch. Where oneDNN is built in and has a native kernel for the slices' product (float always;
+/// bf16 / f16 only where its kernel multiplies them natively and XAX_MAX_CPU_ISA agrees;
 /// MatmulBackend::onednn takes any oneDNN kernel), the whole batch -- or each thread's share of it -- runs as
 /// ONE 3-D oneDNN matmul primitive: attention's slices are so small (64x32 * 32x64) that one primitive call
 /// per slice cost more than the product. `last_matmul_implementation()` then names the kernel with
-/// "(3-D, batch N)". Everywhere else (no oneDNN, MatmulBackend::eigen, half types without a native kernel,
-/// an empty inner dimension) each slice goes through xax::matmul: Eigen, or panels widened to fp32.
+/// "(3-D, batch N)". This holds for float where a single fp32 product would run on xax's AVX2 GEMM: one
+/// primitive over the batch costs less than a call per tiny slice. Everywhere else (no oneDNN,
+/// MatmulBackend::eigen, half types without a native kernel, an empty inner dimension) each slice goes
+/// through xax::matmul: xax's AVX2 GEMM, Eigen, or panels widened to fp32.
 ///
 /// Threads. On several threads, slices too small to use every thread alone (attention's are) are shared
 /// out: each thread takes a contiguous range of slices and runs it as one single-threaded primitive (or one
@@ -71,9 +73,9 @@ namespace detail {
 /// xax::matmul decides); smaller ones are shared out between the threads, one whole product per thread.
 inline constexpr double batched_slice_parallel_flops = 16.0 * 1024 * 1024;
 
-/// Runs `count` consecutive slices as one 3-D oneDNN primitive where xax::matmul's dispatch rules would
-/// give a single slice to oneDNN; returns false, having done nothing, where they would not (the caller then
-/// runs each slice through xax::matmul) and in builds without oneDNN.
+/// Runs `count` consecutive slices as one 3-D oneDNN primitive where oneDNN has a native kernel for them
+/// (see the file comment); returns false, having done nothing, where it has not (the caller then runs each
+/// slice through xax::matmul) and in builds without oneDNN.
 template <class In, class Out>
 bool run_batch_on_onednn([[maybe_unused]] const In* a, [[maybe_unused]] Eigen::Index a_rows,
                          [[maybe_unused]] Eigen::Index a_cols, [[maybe_unused]] const In* b,
@@ -116,7 +118,7 @@ inline std::string shape3_string(Eigen::Index rows, Eigen::Index cols, Eigen::In
 
 /// `count` products c_i = act(op(a_i) op(b_i) [+ c_i]) of consecutive contiguous column-major slices (a_i is
 /// a_rows x a_cols, b_i b_rows x b_cols, c_i m x n), on the calling thread's share of xax's threads: one 3-D
-/// oneDNN primitive where xax::matmul's rules would give a slice to oneDNN, else one xax::matmul per slice.
+/// oneDNN primitive where oneDNN runs the slices natively, else one xax::matmul per slice.
 /// Shapes and aliasing are the caller's to check.
 template <class In, class Out>
 void batched_products(const In* a, Eigen::Index a_rows, Eigen::Index a_cols, const In* b, Eigen::Index b_rows,

@@ -21,7 +21,9 @@
 /// XAX_MAX_CPU_ISA) agrees; everywhere else the operands are widened to fp32 and multiplied with fp32
 /// accumulation, never as fp32 copies of whole operands: on AVX2 CPUs without AVX-512 (and on any AVX2 CPU
 /// in a build without oneDNN) by xax's own GEMM, which widens as it packs and rounds as it stores
-/// (ops/backend/packing_gemm.hpp), elsewhere in bounded panels for the fp32 GEMM. `half_matmul_support()`
+/// (ops/backend/packing_gemm.hpp), elsewhere in bounded panels for the fp32 GEMM. On those AVX2 CPUs, fp32
+/// products run on xax's GEMM too (it is faster there than oneDNN's gemm:jit), so fp32 and 16-bit compute
+/// share one kernel and their ratio measures the precision alone. `half_matmul_support()`
 /// says what this CPU does for each half type, `last_matmul_implementation()` which kernel ran. Both backends
 /// honour xax::set_num_threads().
 ///
@@ -55,7 +57,8 @@ namespace xax {
 
 /// Which implementation runs a matmul.
 enum class MatmulBackend {
-  /// float: oneDNN where built, else Eigen. bf16/f16: a oneDNN kernel where it multiplies them natively, else
+  /// float: xax's AVX2 GEMM on AVX2 CPUs without AVX-512 (or any AVX2 CPU without oneDNN), else oneDNN where
+  /// built, else Eigen. bf16/f16: a oneDNN kernel where it multiplies them natively, else
   /// xax's AVX2 GEMM (AVX2 without AVX-512, or any AVX2 CPU without oneDNN), else panels widened to float for
   /// the fp32 GEMM (oneDNN's where built, else Eigen's).
   automatic,
@@ -87,7 +90,8 @@ constexpr bool matmul_backend_available(MatmulBackend backend) {
 #endif
 }
 
-/// The backend `MatmulBackend::automatic` prefers in this build: onednn or eigen.
+/// The backend `MatmulBackend::automatic` prefers in this build: onednn or eigen. (Where xax's own AVX2 GEMM
+/// applies, automatic runs it before either; it has no MatmulBackend value of its own.)
 constexpr MatmulBackend default_matmul_backend() {
   return matmul_backend_available(MatmulBackend::onednn) ? MatmulBackend::onednn : MatmulBackend::eigen;
 }
@@ -179,7 +183,7 @@ inline HalfMatmulSupport half_matmul_support(DType dtype) {
   std::string widened;
   if (detail::packing_gemm::runs_products_of(dtype, cpu)) {
     support.kernel = detail::packing_gemm::implementation_name(dtype);
-    widened = name + " products run on xax's AVX2 GEMM, packed to fp32";
+    widened = name + " products run on xax's AVX2 GEMM, packed to fp32, as fp32 products do";
   } else {
     support.kernel = fp32_kernel + " (" + std::string(dtype_name(dtype)) + " widened to float32 in panels)";
     widened = name + " products are widened to fp32 in panels for " + fp32_kernel;
@@ -261,11 +265,18 @@ inline void run_matmul(const MatmulProblem& problem, MatmulBackend backend) {
           "oneDNN (Debian: libdnnl-dev) and configure with -DXAX_WITH_ONEDNN=ON, or use "
           "MatmulBackend::automatic");
 #endif
-    case MatmulBackend::automatic:
+    case MatmulBackend::automatic: {
+      // xax's AVX2 GEMM takes what it applies to, except half products that oneDNN runs natively (which
+      // needs AVX-512, where it applies to none today; the order keeps a native kernel first regardless).
+      const bool xax_gemm = packing_gemm::applies(problem, cpu_features());
+      if (xax_gemm && !half) {
+        packing_gemm::run(problem);
+        return;
+      }
 #if defined(XAX_HAS_ONEDNN) && XAX_HAS_ONEDNN
       if (onednn_backend::try_run(problem, onednn_backend::HalfKernels::native_only)) return;
 #endif
-      if (half && packing_gemm::applies(problem, cpu_features())) {
+      if (xax_gemm) {
         packing_gemm::run(problem);
       } else if (half) {
         widening::run(problem, run_float_panel);
@@ -273,6 +284,7 @@ inline void run_matmul(const MatmulProblem& problem, MatmulBackend backend) {
         eigen_backend::run(problem);
       }
       return;
+    }
     case MatmulBackend::eigen:
       eigen_backend::run(problem);
       return;

@@ -1,5 +1,6 @@
 #pragma once
-// xax's own GEMM for half-precision products on AVX2 CPUs without native half dot products (issue 12).
+// xax's own GEMM for AVX2 CPUs without AVX-512: half-precision products there have no native dot product
+// (issue 12), and fp32 products run on it too.
 //
 // Why it exists. There, a bf16 or f16 product used to be widened to fp32 panels (widening.hpp) and handed to
 // oneDNN's fp32 GEMM, which then copies those panels once more into its own packed layout, and a half output
@@ -7,6 +8,11 @@
 // from the 16-bit storage (the widening is free inside the copy it makes regardless) and rounds each tile of
 // the result as it leaves the registers: the product costs what an fp32 product costs, so 16-bit compute
 // stops being slower than fp32 where it cannot be faster.
+//
+// fp32 products run on it as well (their packing is a plain copy), for two reasons. It is faster there than
+// oneDNN 2.6's AVX2 gemm:jit on every shape measured (README, "xax's own AVX2 GEMM"), and fp32 is the
+// baseline every mixed-precision figure is a ratio to: with both on one kernel, mixed vs fp32 compares
+// precisions, not GEMM implementations.
 //
 // The algorithm is the classic one (Goto and van de Geijn, "Anatomy of High-Performance Matrix
 // Multiplication", 2008; BLIS's loop order): C is cut into nc-wide column panels, the depth into kc slices;
@@ -66,6 +72,7 @@ inline bool supported(const CpuFeatures& cpu) {
 
 /// The name last_matmul_implementation() reports for a product of `input`.
 inline std::string implementation_name(DType input) {
+  if (input == DType::float32) return "xax:avx2_gemm (float32)";
   return "xax:avx2_gemm (" + std::string(dtype_name(input)) + " packed to float32)";
 }
 
@@ -98,25 +105,30 @@ inline Workspace& workspace() {
 #if XAX_X86_KERNELS
 XAX_SIMD_DIAGNOSTICS_BEGIN
 
-// --- reading 16-bit storage as float ---
+// --- reading the operands' storage as float ---
 
 template <class In>
 XAX_TARGET_AVX2 inline float widen_one(In value) {
-  const auto bits = std::bit_cast<std::uint16_t>(value);
-  if constexpr (std::is_same_v<In, bfloat16>) {
-    return std::bit_cast<float>(std::uint32_t{bits} << 16);
+  if constexpr (std::is_same_v<In, float>) {
+    return value;
+  } else if constexpr (std::is_same_v<In, bfloat16>) {
+    return std::bit_cast<float>(std::uint32_t{std::bit_cast<std::uint16_t>(value)} << 16);
   } else {
-    return _cvtsh_ss(bits);
+    return _cvtsh_ss(std::bit_cast<std::uint16_t>(value));
   }
 }
 
 template <class In>
 XAX_TARGET_AVX2 inline __m256 widen_eight(const In* source) {
-  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(source));
-  if constexpr (std::is_same_v<In, bfloat16>) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+  if constexpr (std::is_same_v<In, float>) {
+    return _mm256_loadu_ps(source);
   } else {
-    return _mm256_cvtph_ps(halves);
+    const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(source));
+    if constexpr (std::is_same_v<In, bfloat16>) {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+    } else {
+      return _mm256_cvtph_ps(halves);
+    }
   }
 }
 
@@ -555,11 +567,12 @@ void run_typed(const MatmulProblem& p) {
 XAX_SIMD_DIAGNOSTICS_END
 #endif  // XAX_X86_KERNELS
 
-/// Whether xax::matmul's automatic backend runs half products of `input` here: on AVX2 without AVX-512
-/// (where oneDNN's fp32 kernel has twice the vector width, widening for it stays faster), or on any AVX2 CPU
-/// in a build without oneDNN (Eigen's GEMM is compiled for the build's baseline ISA).
+/// Whether xax::matmul's automatic backend runs products of `input` (float32, bfloat16, float16) here: on
+/// AVX2 without AVX-512 (where oneDNN's fp32 kernel has twice the vector width, it stays faster, for half
+/// products on widened panels), or on any AVX2 CPU in a build without oneDNN (Eigen's GEMM is compiled for
+/// the build's baseline ISA).
 inline bool runs_products_of(DType input, const CpuFeatures& cpu) {
-  if (input != DType::bfloat16 && input != DType::float16) return false;
+  if (input != DType::float32 && input != DType::bfloat16 && input != DType::float16) return false;
   if (!supported(cpu)) return false;
 #if defined(XAX_HAS_ONEDNN) && XAX_HAS_ONEDNN
   return !supports_avx512_kernels(cpu);
@@ -568,7 +581,9 @@ inline bool runs_products_of(DType input, const CpuFeatures& cpu) {
 #endif
 }
 
-/// Whether it runs `p`: one of those products with an output of float or the inputs' type and a depth.
+/// Whether it runs `p`: one of those products, not batched, with an output of float or the inputs' type and
+/// a depth. (A batch of small slices, attention's, runs as one oneDNN primitive where oneDNN's kernel is
+/// native: batched_matmul.hpp.)
 inline bool applies(const MatmulProblem& p, const CpuFeatures& cpu) {
   return runs_products_of(p.input, cpu) && p.k > 0 && p.batch == 1 &&
          (p.output == DType::float32 || p.output == p.input) &&
@@ -578,7 +593,9 @@ inline bool applies(const MatmulProblem& p, const CpuFeatures& cpu) {
 /// Runs `p`, for which applies() holds.
 inline void run(const MatmulProblem& p) {
 #if XAX_X86_KERNELS
-  if (p.input == DType::bfloat16) {
+  if (p.input == DType::float32) {
+    run_typed<float, float>(p);
+  } else if (p.input == DType::bfloat16) {
     p.output == DType::float32 ? run_typed<bfloat16, float>(p) : run_typed<bfloat16, bfloat16>(p);
   } else {
     p.output == DType::float32 ? run_typed<float16, float>(p) : run_typed<float16, float16>(p);
