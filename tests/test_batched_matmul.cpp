@@ -130,6 +130,19 @@ TEST(BatchedMatmul, RejectsMismatchedShapes) {
                xax::ShapeError);
 }
 
+// An integer cast to Activation or MatmulBackend that names none of their values is refused before the
+// output is resized, not skipped by a switch.
+TEST(BatchedMatmul, RejectsOptionsOutsideTheirEnumsBeforeResizing) {
+  const Tensor3<float> a = random_tensor<float>(3, 4, 2, 1);
+  const Tensor3<float> b = random_tensor<float>(4, 5, 2, 2);
+  Tensor3<float> c(1, 1, 1);
+  EXPECT_THROW(xax::batched_matmul(a, b, c, {.activation = static_cast<xax::Activation>(7)}),
+               xax::ConfigError);
+  EXPECT_THROW(xax::batched_matmul(a, b, c, {.backend = static_cast<xax::MatmulBackend>(9)}),
+               xax::ConfigError);
+  EXPECT_EQ(c.size(), 1);
+}
+
 }  // namespace
 
 namespace {

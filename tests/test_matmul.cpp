@@ -369,6 +369,29 @@ TEST(Matmul, HalfPlainOutputAliasingAnInputOfAnotherShape) {
   }
 }
 
+// An integer cast to Activation or MatmulBackend that names none of their values is a ConfigError raised
+// before C is resized: a switch over the activation skipped the epilogue (silently un-activated output), and
+// the bad backend was found only after C had been resized.
+TEST(Matmul, OptionsOutsideTheirEnumsAreRefusedBeforeCChanges) {
+  const Eigen::MatrixXf a = Eigen::MatrixXf::Ones(4, 3), b = Eigen::MatrixXf::Ones(3, 5);
+  Eigen::MatrixXf c = Eigen::MatrixXf::Constant(2, 2, 7.0f);
+  try {
+    xax::matmul(a, b, c, {.activation = static_cast<xax::Activation>(7)});
+    ADD_FAILURE() << "no error";
+  } catch (const xax::ConfigError& error) {
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("Activation value 7 is not accepted; expected"));
+  }
+  try {
+    xax::matmul(a, b, c, {.backend = static_cast<xax::MatmulBackend>(9)});
+    ADD_FAILURE() << "no error";
+  } catch (const xax::ConfigError& error) {
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("MatmulBackend value 9 is not accepted; expected"));
+  }
+  EXPECT_EQ(c.rows(), 2);
+  EXPECT_EQ(c.cols(), 2);
+  EXPECT_EQ(c(1, 1), 7.0f);
+}
+
 TEST(Matmul, BackendQueries) {
   EXPECT_TRUE(xax::matmul_backend_available(xax::MatmulBackend::eigen));
   EXPECT_TRUE(xax::matmul_backend_available(xax::MatmulBackend::automatic));

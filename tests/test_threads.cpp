@@ -18,6 +18,13 @@ TEST(Threads, RejectsCountsBelowOne) {
   EXPECT_THROW(xax::set_num_threads(-3), xax::ConfigError);
 }
 
+TEST(Threads, RejectsCountsAboveTheMaximum) {
+  const int before = xax::num_threads();
+  EXPECT_THROW(xax::set_num_threads(xax::max_num_threads + 1), xax::ConfigError);
+  EXPECT_THROW(xax::set_num_threads(100000), xax::ConfigError);
+  EXPECT_EQ(xax::num_threads(), before) << "a refused count changes nothing";
+}
+
 TEST(Threads, SetThenRead) {
   const int before = xax::num_threads();
   xax::set_num_threads(1);
@@ -77,6 +84,18 @@ TEST(Threads, MatmulKeepsTheCallingThreadsOpenMPDefault) {
   worker.join();
   EXPECT_EQ(after, 1);
   xax::set_num_threads(before);
+}
+
+// An OpenMP default beyond max_num_threads (ctest runs this with OMP_NUM_THREADS=100000) is capped, as
+// OMP_THREAD_LIMIT caps a team: a product big enough to use every thread then runs, where a team of 100000
+// overflowed the stack of the forking thread inside libgomp (SIGSEGV).
+TEST(Threads, TheOpenMpDefaultIsCappedAtTheMaximum) {
+  if (xax::detail::configured_num_threads().load() != 0) GTEST_SKIP() << "set_num_threads ran before";
+  EXPECT_EQ(xax::num_threads(), std::min(omp_get_max_threads(), xax::max_num_threads));
+  const Eigen::MatrixXf a = Eigen::MatrixXf::Ones(256, 256);
+  Eigen::MatrixXf c;
+  xax::matmul(a, a, c);
+  EXPECT_EQ(c(255, 255), 256.0f);
 }
 #endif
 

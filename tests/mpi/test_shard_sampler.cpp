@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <set>
 #include <vector>
 #include <xax/distributed/communicator.hpp>
@@ -77,6 +78,24 @@ TEST(ShardSampler, BadSettingsAreConfigErrors) {
   ShardSampler sampler(options, 0, 1);
   EXPECT_THROW(static_cast<void>(sampler.micro_shard(0, 4, 0)), xax::ConfigError);
   EXPECT_THROW(static_cast<void>(sampler.micro_shard(0, 0, 4)), xax::ConfigError);
+}
+
+// An example count whose permutation cannot be held is a ConfigError, not std::length_error or
+// std::bad_alloc: beyond what a vector can index when the sampler is made, and beyond what can be
+// allocated (2^59 examples: 4 EiB) when the epoch's permutation is built.
+TEST(ShardSampler, ExampleCountsTooLargeToPermuteAreConfigErrors) {
+  EXPECT_THROW(ShardSampler({.examples = std::numeric_limits<std::int64_t>::max(), .global_batch = 4}, 0, 1),
+               xax::ConfigError);
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "AddressSanitizer aborts on an allocation this large instead of throwing std::bad_alloc";
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+  GTEST_SKIP() << "AddressSanitizer aborts on an allocation this large instead of throwing std::bad_alloc";
+#endif
+#endif
+  ShardSampler sampler({.examples = std::int64_t{1} << 59, .global_batch = 4}, 0, 1);
+  EXPECT_THROW(static_cast<void>(sampler.micro_shard(0, 0, 0)), xax::ConfigError);
+  EXPECT_THROW(static_cast<void>(sampler.micro_shard(0, 0, 0)), xax::ConfigError) << "and again";
 }
 
 }  // namespace

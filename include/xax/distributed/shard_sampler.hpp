@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <new>
 #include <numeric>
 #include <random>
 #include <span>
@@ -57,6 +58,12 @@ class ShardSampler {
     if (options.examples < options.global_batch) {
       throw reject("global_batch " + std::to_string(options.global_batch) + " exceeds the " +
                    std::to_string(options.examples) + " examples; expected global_batch <= examples");
+    }
+    // Each epoch's permutation is held whole, 8 bytes per example.
+    if (static_cast<std::uint64_t>(options.examples) > order_.max_size()) {
+      throw reject("examples " + std::to_string(options.examples) +
+                   " is not accepted: an epoch's permutation holds 8 bytes per example; expected at most " +
+                   std::to_string(order_.max_size()));
     }
     if (options.micro_shards % world_size != 0) {
       throw reject("micro_shards " + std::to_string(options.micro_shards) +
@@ -107,7 +114,15 @@ class ShardSampler {
  private:
   void permute(std::int64_t epoch) {
     if (epoch == epoch_) return;
-    order_.resize(static_cast<std::size_t>(options_.examples));
+    try {
+      order_.resize(static_cast<std::size_t>(options_.examples));
+    } catch (const std::bad_alloc&) {  // the strong guarantee: order_ and epoch_ are as they were
+      throw ConfigError("xax::distributed::ShardSampler: the permutation of " +
+                        std::to_string(options_.examples) + " examples needs " +
+                        std::to_string(options_.examples / (std::int64_t{1} << 27)) +
+                        " GiB (8 bytes per example), which could not be allocated; expected a data set whose "
+                        "example count fits in memory");
+    }
     std::iota(order_.begin(), order_.end(), std::int64_t{0});
     // Each epoch's generator is keyed by (seed, epoch), so any epoch can be rebuilt on its own (a resumed run
     // needs no history). std::shuffle's algorithm belongs to the standard library, which all processes of a

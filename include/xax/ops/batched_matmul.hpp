@@ -152,6 +152,7 @@ void batched_matmul(const A& a, const B& b, C&& c, const MatmulOptions& options 
                 "xax::batched_matmul: A and B must have the same scalar; convert one first");
   static_assert(std::is_same_v<Out, In> || std::is_same_v<Out, float>,
                 "xax::batched_matmul: the output must hold the inputs' scalar or float");
+  detail::check_matmul_options(options, "xax::batched_matmul");
   const Eigen::Index batch = a.dimension(2);
   if (b.dimension(2) != batch) {
     throw ShapeError("xax::batched_matmul: A is " +

@@ -301,6 +301,24 @@ void check_matmul_scalars() {
                 "xax::matmul: the bias must hold the inputs' scalar or float");
 }
 
+/// Throws ConfigError for an activation or backend that is none of its enumerators (an integer cast to the
+/// enum), before anything is resized or computed: a switch over them would otherwise skip the epilogue.
+inline void check_matmul_options(const MatmulOptions& options, std::string_view function) {
+  const Activation activation = options.activation;
+  if (activation != Activation::none && activation != Activation::relu && activation != Activation::gelu) {
+    throw ConfigError(std::string(function) + ": Activation value " +
+                      std::to_string(static_cast<int>(activation)) +
+                      " is not accepted; expected Activation::none, Activation::relu or Activation::gelu");
+  }
+  const MatmulBackend backend = options.backend;
+  if (backend != MatmulBackend::automatic && backend != MatmulBackend::eigen &&
+      backend != MatmulBackend::onednn) {
+    throw ConfigError(std::string(function) + ": MatmulBackend value " +
+                      std::to_string(static_cast<int>(backend)) +
+                      " is not accepted; expected MatmulBackend::automatic, ::eigen or ::onednn");
+  }
+}
+
 template <class A, class B, class C, class Bias>
 void matmul_impl(const A& a, const B& b, const Bias* bias, C& c, const MatmulOptions& options) {
   using In = typename A::Scalar;
@@ -308,6 +326,7 @@ void matmul_impl(const A& a, const B& b, const Bias* bias, C& c, const MatmulOpt
   static_assert(
       std::is_same_v<In, typename B::Scalar>,
       "xax::matmul: A and B must have the same scalar; convert one (xax::convert, .cast<T>()) first");
+  check_matmul_options(options, "xax::matmul");
 
   // What a GEMM cannot describe by a leading dimension is multiplied from a contiguous copy, read as Eigen
   // reads it: an operand whose columns overlap (a sliding-window Map, outer stride < rows, or 0 to repeat a

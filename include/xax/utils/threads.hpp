@@ -16,6 +16,7 @@
 
 #include <xax/detail/eigen.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <string>
 #include <xax/utils/error.hpp>
@@ -26,6 +27,11 @@
 
 namespace xax {
 
+/// The most threads xax runs an operation on. No CPU xax targets has more hardware threads, and an OpenMP
+/// team far larger overflows the stack of the thread that forks it (libgomp keeps each member's start data
+/// there: OMP_NUM_THREADS=100000 crashed inside GOMP_parallel).
+inline constexpr int max_num_threads = 1024;
+
 namespace detail {
 /// The count set_num_threads() chose, or 0 before the first call.
 inline std::atomic<int>& configured_num_threads() {
@@ -35,22 +41,25 @@ inline std::atomic<int>& configured_num_threads() {
 }  // namespace detail
 
 /// The thread count xax operations use, on every thread: set_num_threads()'s value, or before any call the
-/// OpenMP default (OMP_NUM_THREADS, else the CPUs this process may use). 1 without OpenMP.
+/// OpenMP default (OMP_NUM_THREADS, else the CPUs this process may use) capped at max_num_threads, as
+/// OMP_THREAD_LIMIT caps a team (that default is read from every thread, where no error can be thrown
+/// safely). 1 without OpenMP.
 inline int num_threads() {
 #if defined(_OPENMP)
   const int configured = detail::configured_num_threads().load(std::memory_order_relaxed);
-  return configured > 0 ? configured : omp_get_max_threads();
+  return configured > 0 ? configured : std::min(omp_get_max_threads(), max_num_threads);
 #else
   return 1;
 #endif
 }
 
 /// Sets the compute threads of every xax operation, on every thread, and Eigen's (a global count); see the
-/// file comment for oneDNN and OpenMP. Throws ConfigError for a count below 1. Without OpenMP every operation
-/// is single-threaded and only 1 is accepted.
+/// file comment for oneDNN and OpenMP. Throws ConfigError for a count below 1 or above max_num_threads.
+/// Without OpenMP every operation is single-threaded and only 1 is accepted.
 inline void set_num_threads(int threads) {
-  if (threads < 1) {
-    throw ConfigError("thread count " + std::to_string(threads) + " is not accepted; give 1 or more");
+  if (threads < 1 || threads > max_num_threads) {
+    throw ConfigError("thread count " + std::to_string(threads) + " is not accepted; give 1 to " +
+                      std::to_string(max_num_threads));
   }
 #if defined(_OPENMP)
   detail::configured_num_threads().store(threads, std::memory_order_relaxed);
