@@ -40,6 +40,7 @@ inline CharTrainingSetup char_setup(const Options& options, const std::string& p
   setup.steps = options.gpt_steps;
   setup.eval_interval = options.gpt_eval_interval;
   setup.eval_batches = options.gpt_eval_batches;
+  setup.final_eval_batches = options.gpt_final_eval_batches;
   setup.seed = options.seed;
   setup.progress = options.progress;
   return setup;

@@ -60,6 +60,7 @@ struct Options {
   std::int64_t gpt_embedding = 128;
   std::int64_t gpt_eval_interval = 100;
   std::int64_t gpt_eval_batches = 20;
+  std::int64_t gpt_final_eval_batches = 200;  ///< nanoGPT's eval_iters
 
   std::filesystem::path out = "mixed_precision_report";
   bool skip_micro = false;
@@ -295,6 +296,11 @@ inline ParsedOptions parse_options(int argc, char** argv) {
       ->check(CLI::Range(1, 1000000))
       ->capture_default_str();
   app.add_option("--gpt-eval-batches", o.gpt_eval_batches, "batches per validation estimate (fixed windows)")
+      ->check(detail::decimal_integer<std::int64_t>())
+      ->check(CLI::Range(1, 100000))
+      ->capture_default_str();
+  app.add_option("--gpt-final-eval-batches", o.gpt_final_eval_batches,
+                 "batches of the final validation loss, for xax and the PyTorch peer (nanoGPT's eval_iters)")
       ->check(detail::decimal_integer<std::int64_t>())
       ->check(CLI::Range(1, 100000))
       ->capture_default_str();

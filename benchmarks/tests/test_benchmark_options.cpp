@@ -133,6 +133,16 @@ TEST(BenchmarkNumbers, IntegersAreDecimalOnly) {
   EXPECT_EQ(parsed.options->gpt_steps, 256);
 }
 
+TEST(BenchmarkNumbers, TheGptsFinalValidationBatchesAreNanoGptsByDefaultAndPositive) {
+  const ParsedOptions defaults = parse({});
+  ASSERT_TRUE(defaults.options);
+  EXPECT_EQ(defaults.options->gpt_final_eval_batches, 200);
+  expect_refused({"--gpt-final-eval-batches", "0"}, {"--gpt-final-eval-batches"});
+  const ParsedOptions parsed = parse({"--gpt-final-eval-batches", "8"});
+  ASSERT_TRUE(parsed.options);
+  EXPECT_EQ(parsed.options->gpt_final_eval_batches, 8);
+}
+
 TEST(BenchmarkNumbers, TheSeedIsRefusedNegativeOrTooLarge) {
   expect_refused({"--seed", "-1"}, {"--seed", "negative", "18446744073709551615"});
   expect_refused({"--seed", "18446744073709551616"}, {"--seed", "out of range"});

@@ -486,6 +486,9 @@ TEST_F(CharRun, LossesStartAtUniformAndPoliciesAgree) {
     if (run.at("loss_scaling") == "none") {
       for (const nlohmann::json& point : scales) EXPECT_EQ(point.at("loss_scale"), 1.0);
     }
+    // The final validation loss is over --gpt-final-eval-batches 3 batches of windows.
+    EXPECT_EQ(run.at("test_samples").get<std::int64_t>(),
+              3 * run.at("batch_size").get<std::int64_t>() * run.at("layer_sizes").at(1).get<std::int64_t>());
     EXPECT_NEAR(run.at("tokens_per_s").get<double>(),
                 run.at("throughput_samples_per_s").get<double>() * run.at("layer_sizes").at(1).get<double>(),
                 1e-6);
