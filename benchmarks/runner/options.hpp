@@ -351,6 +351,13 @@ inline ParsedOptions parse_options(int argc, char** argv) {
     return fail("--gpt-embd " + std::to_string(o.gpt_embedding) + " is not a multiple of --gpt-heads " +
                 std::to_string(o.gpt_heads));
   }
+  // The intermediate estimates read the first of the final validation's windows; more would be cut silently.
+  if (o.gpt_eval_batches > o.gpt_final_eval_batches) {
+    return fail("--gpt-eval-batches " + std::to_string(o.gpt_eval_batches) +
+                " exceeds --gpt-final-eval-batches " + std::to_string(o.gpt_final_eval_batches) +
+                ": the intermediate estimates use the final validation's first batches; give at most " +
+                std::to_string(o.gpt_final_eval_batches));
+  }
   if (app.count("--policies") > 0) {
     try {
       o.policies = split_policy_list(policy_arguments);

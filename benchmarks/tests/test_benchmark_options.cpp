@@ -138,9 +138,16 @@ TEST(BenchmarkNumbers, TheGptsFinalValidationBatchesAreNanoGptsByDefaultAndPosit
   ASSERT_TRUE(defaults.options);
   EXPECT_EQ(defaults.options->gpt_final_eval_batches, 200);
   expect_refused({"--gpt-final-eval-batches", "0"}, {"--gpt-final-eval-batches"});
-  const ParsedOptions parsed = parse({"--gpt-final-eval-batches", "8"});
+  const ParsedOptions parsed = parse({"--gpt-final-eval-batches", "8", "--gpt-eval-batches", "8"});
   ASSERT_TRUE(parsed.options);
   EXPECT_EQ(parsed.options->gpt_final_eval_batches, 8);
+  EXPECT_EQ(parsed.options->gpt_eval_batches, 8);
+}
+
+TEST(BenchmarkNumbers, IntermediateGptEstimatesAreRefusedMoreBatchesThanTheFinalOne) {
+  expect_refused({"--gpt-final-eval-batches", "10"},
+                 {"--gpt-eval-batches 20 exceeds --gpt-final-eval-batches 10", "give at most 10"});
+  expect_refused({"--gpt-eval-batches", "5", "--gpt-final-eval-batches", "4"}, {"give at most 4"});
 }
 
 TEST(BenchmarkNumbers, TheSeedIsRefusedNegativeOrTooLarge) {
