@@ -4,7 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -193,6 +195,31 @@ TEST_F(CorpusFiles, MissingOrEmptyDataIsAClearError) {
   EXPECT_THROW(xax_bench::load_char_corpus(dir_ / "no_such_file.txt", 8), xax::DataError);
   write("short.txt", "abcdefghij");
   EXPECT_THROW(xax_bench::load_char_corpus(dir_ / "short.txt", 8), xax::DataError);
+}
+
+// A directory that exists but cannot be opened: the process may open no more files (the one way to make
+// opendir fail for root, who passes every permission check).
+TEST_F(CorpusFiles, AFortuneDirectoryThatCannotBeListedIsAClearError) {
+  write("a", "first\n%\n");
+  rlimit saved{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &saved), 0);
+  const int lowest_free = ::dup(0);  // the next descriptor open() would return
+  ASSERT_GE(lowest_free, 0);
+  ::close(lowest_free);
+  rlimit none_left = saved;
+  none_left.rlim_cur = static_cast<rlim_t>(lowest_free);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &none_left), 0);
+  std::string message;
+  try {
+    xax_bench::load_fortunes(dir_);
+  } catch (const xax::DataError& error) {
+    message = error.what();
+  } catch (const std::exception& error) {
+    message = std::string("not a DataError: ") + error.what();
+  }
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &saved), 0);
+  EXPECT_NE(message.find("cannot be listed"), std::string::npos) << message;
+  EXPECT_NE(message.find("--text FILE"), std::string::npos) << message;
 }
 
 /// The message of the DataError that loading `path` as the --text corpus throws ("" if it does not throw).

@@ -115,13 +115,24 @@ inline std::string load_fortunes(const std::filesystem::path& directory) {
         "' is not a directory; on Debian: apt-get install fortunes (or give any text file with "
         "--text FILE)");
   }
+  // The error_code overloads throughout: the throwing ones would escape as std::filesystem_error, not
+  // DataError.
+  const auto cannot_list = [&] {
+    throw xax::DataError("the fortune directory '" + directory.string() + "' cannot be listed: " +
+                         error.message() + "; give a text file with --text FILE instead");
+  };
   std::vector<std::filesystem::path> files;
-  for (const auto& entry : std::filesystem::directory_iterator(directory)) {
-    if (entry.is_symlink() || !entry.is_regular_file()) continue;
-    const std::string extension = entry.path().extension().string();
+  std::filesystem::directory_iterator entry(directory, error);
+  if (error) cannot_list();
+  for (; entry != std::filesystem::directory_iterator(); entry.increment(error)) {
+    if (error) cannot_list();
+    std::error_code ignored;  // an entry that vanished or cannot be checked is skipped, as a non-file is
+    if (entry->is_symlink(ignored) || !entry->is_regular_file(ignored)) continue;
+    const std::string extension = entry->path().extension().string();
     if (extension == ".dat" || extension == ".u8") continue;
-    files.push_back(entry.path());
+    files.push_back(entry->path());
   }
+  if (error) cannot_list();
   std::sort(files.begin(), files.end());
   std::string text;
   for (const auto& file : files) text += detail::fortune_text(detail::read_whole_file(file));
