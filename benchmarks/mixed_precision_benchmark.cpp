@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <iostream>
 #include <map>
+#include <new>
 #include <regex>
 #include <set>
 #include <stdexcept>
@@ -525,6 +526,11 @@ int main(int argc, char** argv) {
     return run(argc, argv, ProcessGroup{});
   } catch (const xax::Error& error) {
     std::cerr << "mixed_precision_benchmark: " << error.what() << '\n';
+  } catch (const std::bad_alloc&) {
+    std::cerr
+        << "mixed_precision_benchmark: out of memory (std::bad_alloc): the configuration needs more memory "
+           "than this process may have; give a smaller --batch-size, --memory-batch-size, --memory-hidden, "
+           "--train-samples, --gpt-batch-size or --gpt-block-size\n";
   } catch (const std::exception& error) {
     std::cerr << "mixed_precision_benchmark: unexpected error: " << error.what() << '\n';
   }

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cmath>
 #include <concepts>
+#include <cstddef>
 #include <cstdint>
 #include <numbers>
 #include <span>
@@ -19,9 +20,11 @@
 #include <xax/optim/param_groups.hpp>
 #include <xax/task/mixins/mixed_precision.hpp>
 #include <xax/task/mixins/train.hpp>
+#include <xax/utils/dtype.hpp>
 #include <xax/utils/error.hpp>
 #include <xax/utils/policy.hpp>
 
+#include "report/format.hpp"
 #include "report/results.hpp"
 #include "runner/memory.hpp"
 #include "runner/progress.hpp"
@@ -61,6 +64,28 @@ inline double nanogpt_learning_rate(std::int64_t step, const CharTrainingSetup& 
                        static_cast<double>(std::max<std::int64_t>(setup.steps - setup.warmup_steps, 1));
   const double coefficient = 0.5 * (1.0 + std::cos(std::numbers::pi * std::min(ratio, 1.0)));
   return setup.min_learning_rate + coefficient * (setup.learning_rate - setup.min_learning_rate);
+}
+
+/// Throws xax::ConfigError when the GPT of `setup` would keep more activations between its forward and
+/// backward than `memory_bytes` (the machine's memory) holds. Refused before anything is allocated: the
+/// alternative is std::bad_alloc midway, or, where the kernel overcommits, the OOM killer.
+inline void require_gpt_fits(const CharTrainingSetup& setup, std::uint64_t memory_bytes) {
+  const std::size_t compute_bytes = xax::dtype_size(xax::get_policy(setup.policy).compute);
+  const GptShape& shape = setup.shape;
+  const double bytes = gpt_activation_bytes(shape, setup.batch_size, shape.block_size, compute_bytes);
+  if (bytes <= static_cast<double>(memory_bytes)) return;
+  const auto block = static_cast<double>(shape.block_size);
+  const double probs = static_cast<double>(shape.layers) * static_cast<double>(setup.batch_size) *
+                       static_cast<double>(shape.heads) * block * block * static_cast<double>(compute_bytes);
+  constexpr double gib = 1024.0 * 1024.0 * 1024.0;
+  throw xax::ConfigError("the GPT at --gpt-batch-size " + std::to_string(setup.batch_size) +
+                         " and --gpt-block-size " + std::to_string(shape.block_size) + " keeps " +
+                         fixed(bytes / gib, 1) + " GiB of activations per step under '" + setup.policy +
+                         "' (its attention probabilities, batch x heads x block^2 per layer, are " +
+                         fixed(probs / gib, 1) + " GiB of them), more than this machine's " +
+                         fixed(static_cast<double>(memory_bytes) / gib, 1) +
+                         " GiB of memory; give a smaller --gpt-batch-size or --gpt-block-size, or fewer "
+                         "--gpt-layers");
 }
 
 namespace detail {

@@ -126,7 +126,10 @@ void run_char_workload(BenchmarkReport& report, const Options& options, std::ost
   for (const std::string& policy : options.policies) {
     setups.push_back(char_setup(options, policy, loss_scaling_for(options, xax::get_policy(policy)),
                                 static_cast<std::int64_t>(corpus.vocabulary.size())));
-    report.training.push_back(run_char_training(setups.back(), corpus));
+    require_gpt_fits(setups.back(), physical_memory_bytes());
+  }
+  for (const CharTrainingSetup& setup : setups) {
+    report.training.push_back(run_char_training(setup, corpus));
     const TrainingRun& run = report.training.back();
     say << "  " << run.policy << ": val loss " << fixed(run.val_loss.value_or(NAN), 4) << ", train loss "
         << fixed(run.final_train_loss, 4) << ", step " << fixed(run.step_time_ms, 2) << " ms ("

@@ -3,8 +3,12 @@
 // (VmHWM). Writing 5 to /proc/self/clear_refs resets the peak to the current RSS (Linux >= 4.0), which lets
 // every training run be measured on its own inside one process.
 
+#include <unistd.h>
+
 #include <cstddef>
+#include <cstdint>
 #include <fstream>
+#include <limits>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -34,6 +38,15 @@ inline std::size_t current_rss_bytes() {
 }
 inline std::size_t peak_rss_bytes() {
   return proc_status_bytes("VmHWM").value_or(0);
+}
+
+/// The machine's physical memory in bytes, or the largest value where it cannot be read (nothing is then
+/// refused for its size).
+inline std::uint64_t physical_memory_bytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES);
+  const long page_size = ::sysconf(_SC_PAGESIZE);
+  if (pages <= 0 || page_size <= 0) return std::numeric_limits<std::uint64_t>::max();
+  return static_cast<std::uint64_t>(pages) * static_cast<std::uint64_t>(page_size);
 }
 
 /// The 1-minute load average (/proc/loadavg), or 0 where there is none.

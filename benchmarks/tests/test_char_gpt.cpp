@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -105,6 +106,52 @@ TEST(CharGpt, GradientsMatchFiniteDifferences) {
     ++checked;
   }
   EXPECT_EQ(checked, 150);
+}
+
+template <class T>
+void expect_activation_bytes_follow_from_the_shape() {
+  const GptShape shape = tiny_shape();
+  const TokenBatch batch = tiny_batch();
+  const GptParams<T> params = xax::tree_cast<T>(tiny_params());
+  GptParams<float> grads;
+  xax_bench::GptWorkspace<T> ws;
+  xax_bench::gpt_loss_and_gradients(params, shape, batch, 1.0f, grads, ws);
+  EXPECT_EQ(static_cast<double>(ws.activation_bytes()),
+            xax_bench::gpt_activation_bytes(shape, batch.batch, batch.block, sizeof(T)));
+}
+
+TEST(CharGpt, ActivationBytesFollowFromTheShape) {
+  expect_activation_bytes_follow_from_the_shape<float>();
+  expect_activation_bytes_follow_from_the_shape<xax::bfloat16>();
+}
+
+TEST(CharGpt, AConfigurationTooLargeForTheMachinesMemoryIsRefusedBeforeAllocating) {
+  constexpr std::uint64_t gib = std::uint64_t{1} << 30;
+  xax_bench::CharTrainingSetup setup;  // nanoGPT's CPU configuration: a few MiB of activations
+  setup.shape.vocabulary = 65;
+  EXPECT_NO_THROW(xax_bench::require_gpt_fits(setup, gib));
+  // Block 8192 at batch 8: 4 layers x 8 x 4 heads x 8192^2 x 4 bytes = 32 GiB of probabilities alone.
+  setup.shape.block_size = 8192;
+  setup.batch_size = 8;
+  try {
+    xax_bench::require_gpt_fits(setup, 16 * gib);
+    FAIL() << "no error";
+  } catch (const xax::ConfigError& error) {
+    const std::string message = error.what();
+    EXPECT_NE(message.find("--gpt-block-size 8192"), std::string::npos) << message;
+    EXPECT_NE(message.find("are 32.0 GiB of them"), std::string::npos) << message;
+    EXPECT_NE(message.find("16.0 GiB of memory"), std::string::npos) << message;
+  }
+  // In bf16 the same probabilities take half: 16 GiB, plus the rest.
+  setup.policy = "mixed";
+  EXPECT_THROW(xax_bench::require_gpt_fits(setup, 16 * gib), xax::ConfigError);
+  EXPECT_NO_THROW(xax_bench::require_gpt_fits(setup, 32 * gib));
+  // The largest shape the command line admits: 2^61 bytes of probabilities, against a machine of 1 TiB.
+  setup.shape.block_size = 16384;
+  setup.batch_size = 65536;
+  setup.shape.layers = 256;
+  setup.shape.heads = 256;
+  EXPECT_THROW(xax_bench::require_gpt_fits(setup, 1024 * gib), xax::ConfigError);
 }
 
 template <class T>
