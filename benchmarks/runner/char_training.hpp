@@ -74,9 +74,7 @@ inline void require_gpt_fits(const CharTrainingSetup& setup, std::uint64_t memor
   const GptShape& shape = setup.shape;
   const double bytes = gpt_activation_bytes(shape, setup.batch_size, shape.block_size, compute_bytes);
   if (bytes <= static_cast<double>(memory_bytes)) return;
-  const auto block = static_cast<double>(shape.block_size);
-  const double probs = static_cast<double>(shape.layers) * static_cast<double>(setup.batch_size) *
-                       static_cast<double>(shape.heads) * block * block * static_cast<double>(compute_bytes);
+  const double probs = gpt_probability_bytes(shape, setup.batch_size, shape.block_size, compute_bytes);
   constexpr double gib = 1024.0 * 1024.0 * 1024.0;
   throw xax::ConfigError("the GPT at --gpt-batch-size " + std::to_string(setup.batch_size) +
                          " and --gpt-block-size " + std::to_string(shape.block_size) + " keeps " +

@@ -193,22 +193,32 @@ struct GptWorkspace {
   }
 };
 
+/// The bytes of the attention probabilities a step keeps at `batch` windows of `block` tokens, in a compute
+/// type of `compute_bytes`: batch * heads * block^2 per layer, the part of the activations that grows
+/// fastest. In double, as gpt_activation_bytes.
+inline double gpt_probability_bytes(const GptShape& shape, std::int64_t batch, std::int64_t block,
+                                    std::size_t compute_bytes) {
+  const auto length = static_cast<double>(block);
+  return static_cast<double>(shape.layers) * static_cast<double>(batch) * static_cast<double>(shape.heads) *
+         length * length * static_cast<double>(compute_bytes);
+}
+
 /// What GptWorkspace<T>::activation_bytes() comes to after a step at `batch` windows of `block` tokens, with
 /// `compute_bytes` = sizeof(T), computed from the shape alone: to refuse a configuration before allocating
-/// it. In double, which cannot wrap round whatever the shape. The attention probabilities (batch * heads *
-/// block^2 per layer) grow fastest.
+/// it. In double, which cannot wrap round whatever the shape.
 inline double gpt_activation_bytes(const GptShape& shape, std::int64_t batch, std::int64_t block,
                                    std::size_t compute_bytes) {
   const double tokens = static_cast<double>(batch) * static_cast<double>(block);
   const double features = static_cast<double>(shape.embedding) * tokens;  // one n_embd x tokens matrix
   const auto c = static_cast<double>(compute_bytes);
-  const double probs = static_cast<double>(block) * static_cast<double>(block) * static_cast<double>(batch) *
-                       static_cast<double>(shape.heads);
-  // Residuals in and mid in fp32; ln_1, ln_2, qkv (3), attn_merged, fc_out and gelu_out (4 each) in T.
-  const double per_layer = 2 * features * 4 + (2 + 3 + 1 + 4 + 4) * features * c + probs * c;
+  // Per layer: residuals in and mid in fp32; ln_1, ln_2, qkv (3), attn_merged, fc_out and gelu_out (4 each)
+  // in T; the probabilities.
+  const double layers =
+      static_cast<double>(shape.layers) * (2 * features * 4 + (2 + 3 + 1 + 4 + 4) * features * c);
   const double logits = static_cast<double>(shape.vocabulary) * tokens;
   // residual_out (fp32), ln_f_out (T), logits (fp32) and their gradient (T).
-  return static_cast<double>(shape.layers) * per_layer + features * (4 + c) + logits * (4 + c);
+  return layers + gpt_probability_bytes(shape, batch, block, compute_bytes) + features * (4 + c) +
+         logits * (4 + c);
 }
 
 namespace detail {
