@@ -107,14 +107,16 @@ XAX_SIMD_DIAGNOSTICS_BEGIN
 
 // --- reading the operands' storage as float ---
 
+// f16 is widened by F16C's vcvtph2ps alone, not by convert.hpp's conversions, which also keep a signalling
+// NaN signalling: the product's FMAs quiet it regardless, and the packing copy saves their five extra
+// instructions per eight values.
+
 template <class In>
 XAX_TARGET_AVX2 inline float widen_one(In value) {
-  if constexpr (std::is_same_v<In, float>) {
-    return value;
-  } else if constexpr (std::is_same_v<In, bfloat16>) {
-    return std::bit_cast<float>(std::uint32_t{std::bit_cast<std::uint16_t>(value)} << 16);
-  } else {
+  if constexpr (std::is_same_v<In, float16>) {
     return _cvtsh_ss(std::bit_cast<std::uint16_t>(value));
+  } else {
+    return convert_scalar<float>(value);
   }
 }
 
@@ -125,7 +127,7 @@ XAX_TARGET_AVX2 inline __m256 widen_eight(const In* source) {
   } else {
     const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(source));
     if constexpr (std::is_same_v<In, bfloat16>) {
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+      return bfloat16_to_float_avx2_lanes(halves);
     } else {
       return _mm256_cvtph_ps(halves);
     }
