@@ -57,6 +57,17 @@ using xax_bench::mib;
 using xax_bench::Options;
 using xax_bench::TrainingRun;
 
+// The OpenMP wait policy of this process, as the runtime read it from the environment at start-up.
+std::string openmp_wait_note() {
+  const char* policy = std::getenv("OMP_WAIT_POLICY");
+  std::string note = "OpenMP threads wait at joins by " +
+                     (policy != nullptr ? "OMP_WAIT_POLICY=" + std::string(policy)
+                                        : std::string("the runtime's default (OMP_WAIT_POLICY unset)"));
+  if (const char* spin = std::getenv("GOMP_SPINCOUNT"); spin != nullptr)
+    note += ", GOMP_SPINCOUNT=" + std::string(spin);
+  return note;
+}
+
 // The processes this run is one of: under mpirun (a build with MPI), the MLP trains data-parallel over all of
 // them and rank 0 alone prints and writes the report.
 struct ProcessGroup {
@@ -351,11 +362,16 @@ int run(int argc, char** argv, const ProcessGroup& group) {
   report.notes.insert(report.notes.end(), group_notes.begin(), group_notes.end());
   report.load_average_start = xax_bench::load_average();
   if (report.load_average_start > 0.5 * xax_bench::available_cpus()) {
-    report.notes.push_back("the machine was already busy when the benchmark started (load average " +
-                           xax_bench::fixed(report.load_average_start, 2) + " on " +
-                           std::to_string(xax_bench::available_cpus()) +
-                           " CPUs): timings, multi-threaded ones most, are noisy; re-run on an idle machine");
+    report.notes.push_back(
+        "the machine was already busy when the benchmark started (load average " +
+        xax_bench::fixed(report.load_average_start, 2) + " on " +
+        std::to_string(xax_bench::available_cpus()) +
+        " CPUs): timings, multi-threaded ones most, are noisy; re-run on an idle machine, or "
+        "with OMP_WAIT_POLICY=passive where it stays shared (README, Threads on a shared machine)");
   }
+  // How OpenMP's threads wait at a join moves multi-threaded times by 10 % alone and by a factor of 1.6
+  // beside another process (README, Threads on a shared machine), so the report says which way they waited.
+  report.notes.push_back(openmp_wait_note());
   say << "mixed_precision_benchmark (xax " << report.xax_version << ")\n  CPU: " << report.cpu_features
       << "\n  half type: " << report.half_dtype << "; matmul backend: " << report.matmul_backend
       << "; threads: " << options.threads << "\n";

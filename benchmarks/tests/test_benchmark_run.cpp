@@ -164,6 +164,20 @@ TEST_F(MlpRun, EveryRequestedPolicyTrainedOnEachConfiguration) {
   EXPECT_TRUE(report_.at("micro_benchmarks").is_null()) << "--skip-micro was given";
 }
 
+// Multi-threaded times depend on how OpenMP's threads wait (README, Threads on a shared machine).
+TEST_F(MlpRun, TheReportSaysHowOpenMpThreadsWaited) {
+  // ctest starts the run and this test with the same environment.
+  const char* policy = std::getenv("OMP_WAIT_POLICY");
+  const std::string expected =
+      "OpenMP threads wait at joins by " +
+      (policy != nullptr ? "OMP_WAIT_POLICY=" + std::string(policy)
+                         : std::string("the runtime's default (OMP_WAIT_POLICY unset)"));
+  bool found = false;
+  for (const nlohmann::json& note : report_.at("notes"))
+    found = found || note.get<std::string>().starts_with(expected);
+  EXPECT_TRUE(found) << "no note \"" << expected << "\" in " << report_.at("notes").dump(2);
+}
+
 TEST_F(MlpRun, EveryRunIsSound) {
   for (const nlohmann::json& run : report_.at("training")) expect_sound_run(run);
 }
