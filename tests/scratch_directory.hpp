@@ -16,9 +16,11 @@ namespace xax_test {
 
 class ScratchDirectory {
  public:
-  /// `stem` says whose directory it is when one is left behind, e.g. "xax_checkpoint_test".
-  explicit ScratchDirectory(const std::string& stem) {
-    std::string pattern = (std::filesystem::temp_directory_path() / (stem + "_XXXXXX")).string();
+  /// `stem` says whose directory it is when one is left behind, e.g. "xax_checkpoint_test"; it is made in
+  /// `parent`, the temporary directory by default.
+  explicit ScratchDirectory(const std::string& stem,
+                            const std::filesystem::path& parent = std::filesystem::temp_directory_path()) {
+    std::string pattern = (parent / (stem + "_XXXXXX")).string();
     if (::mkdtemp(pattern.data()) == nullptr) {
       throw std::system_error(errno, std::generic_category(), "mkdtemp " + pattern);
     }

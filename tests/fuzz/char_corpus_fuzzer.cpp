@@ -15,34 +15,14 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
-#include <string_view>
-#include <system_error>
 #include <vector>
 #include <xax/utils/error.hpp>
 
+#include "../scratch_directory.hpp"
 #include "scratch_file.hpp"
 #include "workloads/char_data.hpp"
 
 namespace {
-
-// A directory for load_fortunes, holding one fortune file, beside the scratch files.
-class ScratchDirectory {
- public:
-  explicit ScratchDirectory(std::string_view name) : path_(xax_fuzz::scratch_path(name)) {
-    std::filesystem::create_directories(path_);
-  }
-  ~ScratchDirectory() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  ScratchDirectory(const ScratchDirectory&) = delete;
-  ScratchDirectory& operator=(const ScratchDirectory&) = delete;
-
-  [[nodiscard]] const std::filesystem::path& path() const { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
 
 const std::filesystem::path& text_file() {
   static const xax_fuzz::ScratchFile file("xax_char_corpus_fuzzer.txt");
@@ -50,7 +30,9 @@ const std::filesystem::path& text_file() {
 }
 
 const std::filesystem::path& fortune_directory() {
-  static const ScratchDirectory directory("xax_char_corpus_fuzzer.fortunes");
+  // Made once per process (mkdtemp keeps parallel jobs apart); the file in it is rewritten for every input.
+  static const xax_test::ScratchDirectory directory("xax_char_corpus_fuzzer_fortunes",
+                                                    xax_fuzz::scratch_root());
   return directory.path();
 }
 

@@ -12,20 +12,19 @@
 
 namespace xax_fuzz {
 
-/// Where a harness keeps its scratch file or directory `name`: in /dev/shm (else the temporary directory),
-/// prefixed by the process id, which keeps parallel jobs apart.
-inline std::filesystem::path scratch_path(std::string_view name) {
+/// Where harnesses keep their scratch files: /dev/shm, else the temporary directory.
+inline std::filesystem::path scratch_root() {
   std::error_code error;
-  const std::filesystem::path directory = std::filesystem::is_directory("/dev/shm", error)
-                                              ? std::filesystem::path("/dev/shm")
-                                              : std::filesystem::temp_directory_path();
-  return directory / (std::to_string(::getpid()) + "_" + std::string(name));
+  return std::filesystem::is_directory("/dev/shm", error) ? std::filesystem::path("/dev/shm")
+                                                          : std::filesystem::temp_directory_path();
 }
 
 class ScratchFile {
  public:
-  /// `name` tells the fuzzers' files apart, e.g. "xax_idx_fuzzer.idx".
-  explicit ScratchFile(std::string_view name) : path_(scratch_path(name)) {}
+  /// `name` tells the fuzzers' files apart, e.g. "xax_idx_fuzzer.idx"; the process id keeps parallel jobs
+  /// apart.
+  explicit ScratchFile(std::string_view name)
+      : path_(scratch_root() / (std::to_string(::getpid()) + "_" + std::string(name))) {}
   ~ScratchFile() {
     std::error_code ignored;
     std::filesystem::remove(path_, ignored);
