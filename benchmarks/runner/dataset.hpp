@@ -2,12 +2,15 @@
 // Choosing and loading the data set: Fashion-MNIST where Debian's package (or $XAX_FASHION_MNIST_DIR)
 // provides it, the synthetic stand-in otherwise, and always saying which.
 
+#include <cstdint>
 #include <string>
 #include <xax/utils/error.hpp>
 #include <xax_datasets/dataset.hpp>
 #include <xax_datasets/fashion_mnist.hpp>
 #include <xax_datasets/synthetic.hpp>
 
+#include "report/format.hpp"
+#include "runner/memory.hpp"
 #include "runner/options.hpp"
 
 namespace xax_bench {
@@ -36,6 +39,24 @@ inline void keep_first(xax::ClassificationDataset& split, std::int64_t samples, 
 
 }  // namespace detail
 
+/// Throws xax::ConfigError when the synthetic set `synthetic` asks for (made in memory whole: features x
+/// samples floats per split) exceeds `memory_bytes`, the machine's memory. Refused before it is made: the
+/// alternative is std::bad_alloc, or, where the kernel overcommits, the OOM killer.
+inline void require_synthetic_fits(const xax::SyntheticClassificationOptions& synthetic,
+                                   std::uint64_t memory_bytes) {
+  const double samples =
+      static_cast<double>(synthetic.train_samples) + static_cast<double>(synthetic.test_samples);
+  const double bytes =
+      samples * (static_cast<double>(synthetic.features) * sizeof(float) + sizeof(std::int32_t));
+  if (bytes <= static_cast<double>(memory_bytes)) return;
+  constexpr double gib = 1024.0 * 1024.0 * 1024.0;
+  throw xax::ConfigError(
+      "--train-samples " + std::to_string(synthetic.train_samples) + " and --test-samples " +
+      std::to_string(synthetic.test_samples) + " make a synthetic set of " + fixed(bytes / gib, 1) +
+      " GiB, more than this machine's " + fixed(static_cast<double>(memory_bytes) / gib, 1) +
+      " GiB of memory; give fewer samples");
+}
+
 /// Loads what `options.dataset` asks for. Throws xax::DataError when Fashion-MNIST is asked for and missing
 /// or corrupt.
 inline LoadedData load_data(const Options& options) {
@@ -59,6 +80,7 @@ inline LoadedData load_data(const Options& options) {
     if (options.train_samples > 0) synthetic.train_samples = options.train_samples;
     if (options.test_samples > 0) synthetic.test_samples = options.test_samples;
     synthetic.seed += options.seed;
+    require_synthetic_fits(synthetic, physical_memory_bytes());
     data.splits = xax::make_synthetic_classification(synthetic);
     data.note = options.dataset == "synthetic"
                     ? "synthetic stand-in for Fashion-MNIST, as asked (--dataset synthetic)"

@@ -206,4 +206,22 @@ TEST(Samples, MoreThanTheSplitHoldsIsRefused) {
   }
 }
 
+// A synthetic set larger than the machine's memory is refused before it is made, not left to bad_alloc or
+// the OOM killer.
+TEST(Samples, ASyntheticSetLargerThanTheMachinesMemoryIsRefused) {
+  constexpr std::uint64_t gib = std::uint64_t{1} << 30;
+  xax::SyntheticClassificationOptions synthetic;  // 70,000 samples of 784 floats: 0.2 GiB
+  EXPECT_NO_THROW(xax_bench::require_synthetic_fits(synthetic, gib));
+  synthetic.train_samples = 10'000'000;  // 29.2 GiB with the test split
+  try {
+    xax_bench::require_synthetic_fits(synthetic, 16 * gib);
+    ADD_FAILURE() << "no error";
+  } catch (const xax::ConfigError& error) {
+    EXPECT_STREQ(
+        error.what(),
+        "--train-samples 10000000 and --test-samples 10000 make a synthetic set of 29.3 GiB, more than "
+        "this machine's 16.0 GiB of memory; give fewer samples");
+  }
+}
+
 }  // namespace
