@@ -58,7 +58,7 @@ inline void require_synthetic_fits(const xax::SyntheticClassificationOptions& sy
 }
 
 /// Loads what `options.dataset` asks for. Throws xax::DataError when Fashion-MNIST is asked for and missing
-/// or corrupt.
+/// or corrupt, and xax::ConfigError for a synthetic set larger than the machine's memory.
 inline LoadedData load_data(const Options& options) {
   LoadedData data;
   const std::optional<std::filesystem::path> fashion_dir = xax::find_fashion_mnist();
