@@ -21,6 +21,11 @@ inline std::string mib(std::size_t bytes) {
   return fixed(static_cast<double>(bytes) / 1048576.0, 1) + " MiB";
 }
 
+/// Bytes as GiB with one decimal: "34.1 GiB". A double, as the estimates of a configuration's memory are.
+inline std::string gib(double bytes) {
+  return fixed(bytes / (1024.0 * 1024.0 * 1024.0), 1) + " GiB";
+}
+
 /// A loss scale in its shortest exact-looking form: 1, 32768, 0.5.
 inline std::string scale_text(float scale) {
   char text[32];

@@ -75,15 +75,12 @@ inline void require_gpt_fits(const CharTrainingSetup& setup, std::uint64_t memor
   const double bytes = gpt_activation_bytes(shape, setup.batch_size, shape.block_size, compute_bytes);
   if (bytes <= static_cast<double>(memory_bytes)) return;
   const double probs = gpt_probability_bytes(shape, setup.batch_size, shape.block_size, compute_bytes);
-  constexpr double gib = 1024.0 * 1024.0 * 1024.0;
-  throw xax::ConfigError("the GPT at --gpt-batch-size " + std::to_string(setup.batch_size) +
-                         " and --gpt-block-size " + std::to_string(shape.block_size) + " keeps " +
-                         fixed(bytes / gib, 1) + " GiB of activations per step under '" + setup.policy +
-                         "' (its attention probabilities, batch x heads x block^2 per layer, are " +
-                         fixed(probs / gib, 1) + " GiB of them), more than this machine's " +
-                         fixed(static_cast<double>(memory_bytes) / gib, 1) +
-                         " GiB of memory; give a smaller --gpt-batch-size or --gpt-block-size, or fewer "
-                         "--gpt-layers");
+  throw xax::ConfigError(
+      "the GPT at --gpt-batch-size " + std::to_string(setup.batch_size) + " and --gpt-block-size " +
+      std::to_string(shape.block_size) + " keeps " + gib(bytes) + " of activations per step under '" +
+      setup.policy + "' (its attention probabilities, batch x heads x block^2 per layer, are " + gib(probs) +
+      " of them), more than this machine's " + gib(static_cast<double>(memory_bytes)) +
+      " of memory; give a smaller --gpt-batch-size or --gpt-block-size, or fewer --gpt-layers");
 }
 
 namespace detail {

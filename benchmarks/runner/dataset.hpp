@@ -49,12 +49,10 @@ inline void require_synthetic_fits(const xax::SyntheticClassificationOptions& sy
   const double bytes =
       samples * (static_cast<double>(synthetic.features) * sizeof(float) + sizeof(std::int32_t));
   if (bytes <= static_cast<double>(memory_bytes)) return;
-  constexpr double gib = 1024.0 * 1024.0 * 1024.0;
-  throw xax::ConfigError(
-      "--train-samples " + std::to_string(synthetic.train_samples) + " and --test-samples " +
-      std::to_string(synthetic.test_samples) + " make a synthetic set of " + fixed(bytes / gib, 1) +
-      " GiB, more than this machine's " + fixed(static_cast<double>(memory_bytes) / gib, 1) +
-      " GiB of memory; give fewer samples");
+  throw xax::ConfigError("--train-samples " + std::to_string(synthetic.train_samples) +
+                         " and --test-samples " + std::to_string(synthetic.test_samples) +
+                         " make a synthetic set of " + gib(bytes) + ", more than this machine's " +
+                         gib(static_cast<double>(memory_bytes)) + " of memory; give fewer samples");
 }
 
 /// Loads what `options.dataset` asks for. Throws xax::DataError when Fashion-MNIST is asked for and missing
