@@ -506,6 +506,12 @@ int run(int argc, char** argv, const ProcessGroup& group) {
   return 0;
 }
 
+// What running out of memory says: the options that shrink what the benchmark holds.
+constexpr const char* out_of_memory_message =
+    "out of memory (std::bad_alloc): the configuration needs more memory than this process may have; give a "
+    "smaller --batch-size, --memory-batch-size, --memory-hidden, --train-samples, --gpt-batch-size or "
+    "--gpt-block-size";
+
 #if XAX_HAS_MPI
 // Started by an MPI launcher (Open MPI's mpirun, MPICH's Hydra, a PMIx launcher such as srun), or asked for
 // with
@@ -534,7 +540,11 @@ int main(int argc, char** argv) {
       group.data_parallel = true;
       MPI_Comm_rank(MPI_COMM_WORLD, &group.rank);
       MPI_Comm_size(MPI_COMM_WORLD, &group.size);
-      return run(argc, argv, group);
+      try {
+        return run(argc, argv, group);
+      } catch (const std::bad_alloc&) {
+        throw std::runtime_error(out_of_memory_message);  // the stack unwound: there is memory for a message
+      }
     });
   }
 #endif
@@ -543,10 +553,7 @@ int main(int argc, char** argv) {
   } catch (const xax::Error& error) {
     std::cerr << "mixed_precision_benchmark: " << error.what() << '\n';
   } catch (const std::bad_alloc&) {
-    std::cerr
-        << "mixed_precision_benchmark: out of memory (std::bad_alloc): the configuration needs more memory "
-           "than this process may have; give a smaller --batch-size, --memory-batch-size, --memory-hidden, "
-           "--train-samples, --gpt-batch-size or --gpt-block-size\n";
+    std::cerr << "mixed_precision_benchmark: " << out_of_memory_message << '\n';
   } catch (const std::exception& error) {
     std::cerr << "mixed_precision_benchmark: unexpected error: " << error.what() << '\n';
   }

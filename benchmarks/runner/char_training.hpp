@@ -67,20 +67,20 @@ inline double nanogpt_learning_rate(std::int64_t step, const CharTrainingSetup& 
 }
 
 /// Throws xax::ConfigError when the GPT of `setup` would keep more activations between its forward and
-/// backward than `memory_bytes` (the machine's memory) holds. Refused before anything is allocated: the
-/// alternative is std::bad_alloc midway, or, where the kernel overcommits, the OOM killer.
-inline void require_gpt_fits(const CharTrainingSetup& setup, std::uint64_t memory_bytes) {
+/// backward than `budget` (the memory this process may use) holds. Refused before anything is allocated:
+/// the alternative is std::bad_alloc midway, or, where the kernel overcommits, the OOM killer.
+inline void require_gpt_fits(const CharTrainingSetup& setup, const MemoryBudget& budget) {
   const std::size_t compute_bytes = xax::dtype_size(xax::get_policy(setup.policy).compute);
   const GptShape& shape = setup.shape;
   const double bytes = gpt_activation_bytes(shape, setup.batch_size, shape.block_size, compute_bytes);
-  if (bytes <= static_cast<double>(memory_bytes)) return;
+  if (bytes <= static_cast<double>(budget.bytes)) return;
   const double probs = gpt_probability_bytes(shape, setup.batch_size, shape.block_size, compute_bytes);
-  throw xax::ConfigError(
-      "the GPT at --gpt-batch-size " + std::to_string(setup.batch_size) + " and --gpt-block-size " +
-      std::to_string(shape.block_size) + " keeps " + gib(bytes) + " of activations per step under '" +
-      setup.policy + "' (its attention probabilities, batch x heads x block^2 per layer, are " + gib(probs) +
-      " of them), more than this machine's " + gib(static_cast<double>(memory_bytes)) +
-      " of memory; give a smaller --gpt-batch-size or --gpt-block-size, or fewer --gpt-layers");
+  throw xax::ConfigError("the GPT at --gpt-batch-size " + std::to_string(setup.batch_size) +
+                         " and --gpt-block-size " + std::to_string(shape.block_size) + " keeps " +
+                         gib(bytes) + " of activations per step under '" + setup.policy +
+                         "' (its attention probabilities, batch x heads x block^2 per layer, are " +
+                         gib(probs) + " of them), more than " + budget.describe() +
+                         "; give a smaller --gpt-batch-size or --gpt-block-size, or fewer --gpt-layers");
 }
 
 namespace detail {

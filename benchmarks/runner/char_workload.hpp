@@ -126,7 +126,7 @@ void run_char_workload(BenchmarkReport& report, const Options& options, std::ost
   for (const std::string& policy : options.policies) {
     setups.push_back(char_setup(options, policy, loss_scaling_for(options, xax::get_policy(policy)),
                                 static_cast<std::int64_t>(corpus.vocabulary.size())));
-    require_gpt_fits(setups.back(), physical_memory_bytes());
+    require_gpt_fits(setups.back(), memory_budget());
   }
   for (const CharTrainingSetup& setup : setups) {
     report.training.push_back(run_char_training(setup, corpus));

@@ -40,23 +40,23 @@ inline void keep_first(xax::ClassificationDataset& split, std::int64_t samples, 
 }  // namespace detail
 
 /// Throws xax::ConfigError when the synthetic set `synthetic` asks for (made in memory whole: features x
-/// samples floats per split) exceeds `memory_bytes`, the machine's memory. Refused before it is made: the
-/// alternative is std::bad_alloc, or, where the kernel overcommits, the OOM killer.
+/// samples floats per split) exceeds `budget`, the memory this process may use. Refused before it is made:
+/// the alternative is std::bad_alloc, or, where the kernel overcommits, the OOM killer.
 inline void require_synthetic_fits(const xax::SyntheticClassificationOptions& synthetic,
-                                   std::uint64_t memory_bytes) {
+                                   const MemoryBudget& budget) {
   const double samples =
       static_cast<double>(synthetic.train_samples) + static_cast<double>(synthetic.test_samples);
   const double bytes =
       samples * (static_cast<double>(synthetic.features) * sizeof(float) + sizeof(std::int32_t));
-  if (bytes <= static_cast<double>(memory_bytes)) return;
+  if (bytes <= static_cast<double>(budget.bytes)) return;
   throw xax::ConfigError("--train-samples " + std::to_string(synthetic.train_samples) +
                          " and --test-samples " + std::to_string(synthetic.test_samples) +
-                         " make a synthetic set of " + gib(bytes) + ", more than this machine's " +
-                         gib(static_cast<double>(memory_bytes)) + " of memory; give fewer samples");
+                         " make a synthetic set of " + gib(bytes) + ", more than " + budget.describe() +
+                         "; give fewer samples");
 }
 
 /// Loads what `options.dataset` asks for. Throws xax::DataError when Fashion-MNIST is asked for and missing
-/// or corrupt, and xax::ConfigError for a synthetic set larger than the machine's memory.
+/// or corrupt, and xax::ConfigError for a synthetic set larger than the memory this process may use.
 inline LoadedData load_data(const Options& options) {
   LoadedData data;
   const std::optional<std::filesystem::path> fashion_dir = xax::find_fashion_mnist();
@@ -78,7 +78,7 @@ inline LoadedData load_data(const Options& options) {
     if (options.train_samples > 0) synthetic.train_samples = options.train_samples;
     if (options.test_samples > 0) synthetic.test_samples = options.test_samples;
     synthetic.seed += options.seed;
-    require_synthetic_fits(synthetic, physical_memory_bytes());
+    require_synthetic_fits(synthetic, memory_budget());
     data.splits = xax::make_synthetic_classification(synthetic);
     data.note = options.dataset == "synthetic"
                     ? "synthetic stand-in for Fashion-MNIST, as asked (--dataset synthetic)"

@@ -1,21 +1,29 @@
 #pragma once
 // Process memory as the kernel counts it (/proc/self/status): the resident set now (VmRSS) and its peak
 // (VmHWM). Writing 5 to /proc/self/clear_refs resets the peak to the current RSS (Linux >= 4.0), which lets
-// every training run be measured on its own inside one process.
+// every training run be measured on its own inside one process. And the memory the process may use at all
+// (memory_budget): the machine's, or its cgroup's limit where that is lower.
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <charconv>
 #include <cstddef>
 #include <cstdint>
+#include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <system_error>
 
 #if defined(__GLIBC__)
 #include <malloc.h>
 #endif
+
+#include "report/format.hpp"
 
 namespace xax_bench {
 
@@ -47,6 +55,115 @@ inline std::uint64_t physical_memory_bytes() {
   const long page_size = ::sysconf(_SC_PAGESIZE);
   if (pages <= 0 || page_size <= 0) return std::numeric_limits<std::uint64_t>::max();
   return static_cast<std::uint64_t>(pages) * static_cast<std::uint64_t>(page_size);
+}
+
+/// A memory limit set on a cgroup, and the file it was read from.
+struct CgroupMemoryLimit {
+  std::uint64_t bytes = 0;
+  std::filesystem::path file;
+};
+
+namespace detail {
+
+/// The number in a cgroup limit file ("max", v2's "no limit", and anything unreadable give nullopt).
+inline std::optional<std::uint64_t> read_limit_file(const std::filesystem::path& file) {
+  std::ifstream in(file);
+  std::string text;
+  if (!std::getline(in, text)) return std::nullopt;  // one line, the number and its newline
+  std::uint64_t value = 0;
+  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (error != std::errc{} || end != text.data() + text.size()) return std::nullopt;
+  return value;
+}
+
+}  // namespace detail
+
+/// The smallest memory limit on this process's cgroups, given /proc/self/cgroup's text (lines of
+/// "id:controllers:path") and where the cgroup filesystems are mounted: memory.max under `mount_root`
+/// (cgroup v2) and memory.limit_in_bytes under `mount_root`/memory (v1's memory controller). The limit of
+/// every cgroup from the process's own up to the root applies, so each is read. A container sees its own
+/// cgroup mounted as the root while /proc may still name the host's path; walking up to the root then finds
+/// it. v1's "no limit" is a number larger than any machine's memory, so taking the smallest needs no special
+/// case. nullopt where no limit is set or nothing can be read.
+inline std::optional<CgroupMemoryLimit> cgroup_memory_limit(std::string_view proc_self_cgroup,
+                                                            const std::filesystem::path& mount_root) {
+  std::optional<CgroupMemoryLimit> smallest;
+  const auto consider = [&](const std::filesystem::path& hierarchy, const std::filesystem::path& cgroup,
+                            const char* file_name) {
+    std::filesystem::path cgroup_path = cgroup.relative_path();
+    while (true) {
+      const std::filesystem::path file = hierarchy / cgroup_path / file_name;
+      if (const std::optional<std::uint64_t> bytes = detail::read_limit_file(file)) {
+        if (!smallest || *bytes < smallest->bytes) smallest = CgroupMemoryLimit{*bytes, file};
+      }
+      if (cgroup_path.empty()) break;
+      cgroup_path = cgroup_path.parent_path();
+    }
+  };
+  std::size_t line_start = 0;
+  while (line_start < proc_self_cgroup.size()) {
+    std::size_t line_end = proc_self_cgroup.find('\n', line_start);
+    if (line_end == std::string_view::npos) line_end = proc_self_cgroup.size();
+    const std::string_view line = proc_self_cgroup.substr(line_start, line_end - line_start);
+    line_start = line_end + 1;
+    const std::size_t first_colon = line.find(':');
+    const std::size_t second_colon =
+        first_colon == std::string_view::npos ? std::string_view::npos : line.find(':', first_colon + 1);
+    if (second_colon == std::string_view::npos) continue;
+    const std::string_view id = line.substr(0, first_colon);
+    const std::string_view controllers = line.substr(first_colon + 1, second_colon - first_colon - 1);
+    // The kernel writes absolute paths without "..": anything else is not its text, and is not followed.
+    const std::filesystem::path cgroup(line.substr(second_colon + 1));
+    if (!cgroup.is_absolute() ||
+        std::any_of(cgroup.begin(), cgroup.end(),
+                    [](const std::filesystem::path& part) { return part == ".."; })) {
+      continue;
+    }
+    if (id == "0" && controllers.empty()) {
+      consider(mount_root, cgroup, "memory.max");
+      continue;
+    }
+    for (std::size_t begin = 0; begin <= controllers.size();) {
+      std::size_t end = controllers.find(',', begin);
+      if (end == std::string_view::npos) end = controllers.size();
+      if (controllers.substr(begin, end - begin) == "memory") {
+        consider(mount_root / "memory", cgroup, "memory.limit_in_bytes");
+      }
+      begin = end + 1;
+    }
+  }
+  return smallest;
+}
+
+/// The memory this process may use: the machine's, or less where a cgroup (a container, a systemd slice, a
+/// batch scheduler's job) caps it.
+struct MemoryBudget {
+  std::uint64_t bytes = std::numeric_limits<std::uint64_t>::max();
+  /// The cgroup limit file that sets the budget; empty when it is the machine's physical memory.
+  std::filesystem::path cgroup_file;
+
+  /// The budget of a process that only the machine's `bytes` of memory limit.
+  [[nodiscard]] static MemoryBudget machine(std::uint64_t bytes) { return {bytes, {}}; }
+
+  /// How a message names the budget: "this machine's 23.5 GiB of memory", or "the 4.0 GiB of memory its
+  /// cgroup allows (/sys/fs/cgroup/memory.max)".
+  [[nodiscard]] std::string describe() const {
+    if (cgroup_file.empty()) return "this machine's " + gib(static_cast<double>(bytes)) + " of memory";
+    return "the " + gib(static_cast<double>(bytes)) + " of memory its cgroup allows (" +
+           cgroup_file.string() + ")";
+  }
+};
+
+/// The smaller of the machine's physical memory and this process's cgroup limits (Linux; elsewhere, the
+/// physical memory alone).
+inline MemoryBudget memory_budget() {
+  MemoryBudget budget = MemoryBudget::machine(physical_memory_bytes());
+  std::ifstream proc_self_cgroup("/proc/self/cgroup");
+  const std::string text{std::istreambuf_iterator<char>(proc_self_cgroup), std::istreambuf_iterator<char>()};
+  if (const std::optional<CgroupMemoryLimit> limit = cgroup_memory_limit(text, "/sys/fs/cgroup")) {
+    if (limit->bytes < budget.bytes) budget = {limit->bytes, limit->file};
+  }
+  return budget;
 }
 
 /// The 1-minute load average (/proc/loadavg), or 0 where there is none.

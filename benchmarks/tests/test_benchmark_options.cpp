@@ -211,10 +211,10 @@ TEST(Samples, MoreThanTheSplitHoldsIsRefused) {
 TEST(Samples, ASyntheticSetLargerThanTheMachinesMemoryIsRefused) {
   constexpr std::uint64_t gib = std::uint64_t{1} << 30;
   xax::SyntheticClassificationOptions synthetic;  // 70,000 samples of 784 floats: 0.2 GiB
-  EXPECT_NO_THROW(xax_bench::require_synthetic_fits(synthetic, gib));
+  EXPECT_NO_THROW(xax_bench::require_synthetic_fits(synthetic, xax_bench::MemoryBudget::machine(gib)));
   synthetic.train_samples = 10'000'000;  // 29.2 GiB with the test split
   try {
-    xax_bench::require_synthetic_fits(synthetic, 16 * gib);
+    xax_bench::require_synthetic_fits(synthetic, xax_bench::MemoryBudget::machine(16 * gib));
     ADD_FAILURE() << "no error";
   } catch (const xax::ConfigError& error) {
     EXPECT_STREQ(

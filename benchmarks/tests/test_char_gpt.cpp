@@ -129,12 +129,12 @@ TEST(CharGpt, AConfigurationTooLargeForTheMachinesMemoryIsRefusedBeforeAllocatin
   constexpr std::uint64_t gib = std::uint64_t{1} << 30;
   xax_bench::CharTrainingSetup setup;  // nanoGPT's CPU configuration: a few MiB of activations
   setup.shape.vocabulary = 65;
-  EXPECT_NO_THROW(xax_bench::require_gpt_fits(setup, gib));
+  EXPECT_NO_THROW(xax_bench::require_gpt_fits(setup, xax_bench::MemoryBudget::machine(gib)));
   // Block 8192 at batch 8: 4 layers x 8 x 4 heads x 8192^2 x 4 bytes = 32 GiB of probabilities alone.
   setup.shape.block_size = 8192;
   setup.batch_size = 8;
   try {
-    xax_bench::require_gpt_fits(setup, 16 * gib);
+    xax_bench::require_gpt_fits(setup, xax_bench::MemoryBudget::machine(16 * gib));
     FAIL() << "no error";
   } catch (const xax::ConfigError& error) {
     const std::string message = error.what();
@@ -144,14 +144,16 @@ TEST(CharGpt, AConfigurationTooLargeForTheMachinesMemoryIsRefusedBeforeAllocatin
   }
   // In bf16 the same probabilities take half: 16 GiB, plus the rest.
   setup.policy = "mixed";
-  EXPECT_THROW(xax_bench::require_gpt_fits(setup, 16 * gib), xax::ConfigError);
-  EXPECT_NO_THROW(xax_bench::require_gpt_fits(setup, 32 * gib));
+  EXPECT_THROW(xax_bench::require_gpt_fits(setup, xax_bench::MemoryBudget::machine(16 * gib)),
+               xax::ConfigError);
+  EXPECT_NO_THROW(xax_bench::require_gpt_fits(setup, xax_bench::MemoryBudget::machine(32 * gib)));
   // The largest shape the command line admits: 2^61 bytes of probabilities, against a machine of 1 TiB.
   setup.shape.block_size = 16384;
   setup.batch_size = 65536;
   setup.shape.layers = 256;
   setup.shape.heads = 256;
-  EXPECT_THROW(xax_bench::require_gpt_fits(setup, 1024 * gib), xax::ConfigError);
+  EXPECT_THROW(xax_bench::require_gpt_fits(setup, xax_bench::MemoryBudget::machine(1024 * gib)),
+               xax::ConfigError);
 }
 
 template <class T>
