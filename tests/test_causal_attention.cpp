@@ -2,6 +2,7 @@
 // bit for bit against the unfused ops (head copies, batched_matmul, causal_softmax) on one thread, the same
 // bits on two threads as on one, operands that are row blocks of one fused projection, and errors.
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -407,6 +408,24 @@ TEST(CausalAttention, OutputsSharingStorageWithOperandsAreRefused) {
                                           small, 1.0f, grads.topRows(8), grads.bottomRows(8), qkv.topRows(8)),
       xax::Error);
   EXPECT_EQ(qkv, before);
+}
+
+// The output and the probabilities against each other before either is resized: a plain one of them was
+// freed by its resize while the other still pointed into it (a write after free).
+TEST(CausalAttention, AnOutputInsideTheOtherOutputsStorageIsRefusedBeforeAnyResize) {
+  const xax::AttentionLayout one_head{.heads = 1, .sequence_length = 8};
+  const Matrix<float> q = xax_test::random_matrix<float>(4, 8, 61),
+                      k = xax_test::random_matrix<float>(4, 8, 62),
+                      v = xax_test::random_matrix<float>(4, 8, 63);
+  Tensor3<float> probs(100, 1, 1);  // to be resized to 8 x 8 x 1
+  Eigen::Map<Matrix<float>> y_in_probs(probs.data(), 4, 8);
+  EXPECT_THAT([&] { xax::causal_self_attention(q, k, v, one_head, 0.5f, y_in_probs, probs); },
+              ::testing::ThrowsMessage<xax::ShapeError>(::testing::HasSubstr("the output shares memory")));
+  EXPECT_EQ(probs.dimension(0), 100) << "nothing resized";
+  Matrix<float> y(10, 10);  // to be resized to 4 x 8
+  Eigen::TensorMap<Tensor3<float>> probs_in_y(y.data(), 8, 8, 1);
+  EXPECT_THROW(xax::causal_self_attention(q, k, v, one_head, 0.5f, y, probs_in_y), xax::ShapeError);
+  EXPECT_EQ(y.rows(), 10) << "nothing resized";
 }
 
 // One feature (one head of size 1) into vector outputs: a 1 x tokens result, which a vector type takes as

@@ -451,6 +451,33 @@ TEST(Convert, PublicConvertOnVectorsAndSpans) {
   xax::convert(std::vector<float>{}, empty_out);
 }
 
+// The pass runs in vector lanes and on several threads: a shifted overlap read elements already written
+// (std::memcpy on overlapping ranges for the same type, a race between the threads' blocks). Only the same
+// array of the same type is accepted, and left as it is.
+TEST(Convert, OverlappingSourceAndDestinationAreRefused) {
+  std::vector<float> values(1 << 20);
+  for (std::size_t i = 0; i < values.size(); ++i) values[i] = static_cast<float>(i);
+  const std::vector<float> before = values;
+  const std::size_t n = values.size() - 1;
+  EXPECT_THAT(
+      [&] { xax::convert(std::span<const float>(values.data(), n), std::span<float>(values.data() + 1, n)); },
+      ::testing::ThrowsMessage<xax::ShapeError>(::testing::StartsWith(
+          "xax::convert: the source and the destination overlap; give separate storage")));
+  EXPECT_THROW(xax::convert(std::span<const float>(values.data() + 1, n), std::span<float>(values.data(), n)),
+               xax::ShapeError);
+  EXPECT_EQ(values, before);
+  // Another type over the same bytes: float read, bfloat16 written over its first half.
+  EXPECT_THROW(xax::convert(std::span<const float>(values.data(), 8),
+                            std::span<xax::bfloat16>(reinterpret_cast<xax::bfloat16*>(values.data()), 8)),
+               xax::ShapeError);
+  EXPECT_EQ(values, before);
+  xax::convert(values, values);  // the same array: nothing to do
+  EXPECT_EQ(values, before);
+  // Adjacent ranges do not overlap.
+  xax::convert(std::span<const float>(values.data(), 4), std::span<float>(values.data() + 4, 4));
+  EXPECT_EQ(values[7], 3.0f);
+}
+
 TEST(Convert, SizeMismatchThrowsShapeErrorNamingBothSizes) {
   const std::vector<float> master(5);
   std::vector<bfloat16> half(4);

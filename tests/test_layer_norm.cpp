@@ -2,6 +2,7 @@
 // finite differences), with 16-bit inputs and fp32 or 16-bit gains, fp32 statistics, accumulation and
 // errors.
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <xax/ops/layer_norm.hpp>
@@ -244,6 +245,37 @@ TEST(LayerNorm, OutputsSharingMemoryWithOperandsAreRejected) {
       xax::ShapeError);
   EXPECT_THROW(xax::layer_norm_backward(m, gain, stats, dy, dx, storage.col(0), storage.col(0)),
                xax::ShapeError);
+}
+
+// One empty plain object passed as two of the backward's outputs has no storage to overlap until it is
+// resized: it was resized twice, dgain lost to dbias, or dx's writes landing past dgain's smaller buffer.
+// So is the forward's statistics, which are outputs too: an input or y inside them was freed by their
+// resize.
+TEST(LayerNorm, OneObjectAsTwoOutputsOrAnOperandInsideTheStatisticsIsRejected) {
+  const Eigen::MatrixXf x = xax_test::random_matrix<float>(4, 8, 41),
+                        dy = xax_test::random_matrix<float>(4, 8, 42);
+  const Eigen::VectorXf gain = Eigen::VectorXf::Ones(4), bias = Eigen::VectorXf::Zero(4);
+  xax::LayerNormStatistics stats;
+  Eigen::MatrixXf y;
+  xax::layer_norm(x, gain, bias, y, stats);
+  Eigen::MatrixXf dx;
+  Eigen::VectorXf same_vector, dbias;
+  EXPECT_THAT([&] { xax::layer_norm_backward(x, gain, stats, dy, dx, same_vector, same_vector); },
+              ::testing::ThrowsMessage<xax::ShapeError>(::testing::HasSubstr("dgain shares memory")));
+  Eigen::MatrixXf same_matrix;
+  EXPECT_THAT([&] { xax::layer_norm_backward(x, gain, stats, dy, same_matrix, same_matrix, dbias); },
+              ::testing::ThrowsMessage<xax::ShapeError>(::testing::HasSubstr("dx shares memory")));
+
+  xax::LayerNormStatistics holder;
+  holder.mean = Eigen::VectorXf::Random(64);
+  const Eigen::Map<const Eigen::MatrixXf> x_in_stats(holder.mean.data(), 4, 16);
+  EXPECT_THAT(
+      [&] { xax::layer_norm(x_in_stats, gain, bias, y, holder); },
+      ::testing::ThrowsMessage<xax::ShapeError>(::testing::HasSubstr("the statistics' mean shares memory")));
+  EXPECT_EQ(holder.mean.size(), 64) << "nothing resized";
+  holder.inverse_std = Eigen::VectorXf::Zero(64);
+  Eigen::Map<Eigen::MatrixXf> y_in_stats(holder.inverse_std.data(), 4, 8);
+  EXPECT_THROW(xax::layer_norm(x, gain, bias, y_in_stats, holder), xax::ShapeError);
 }
 
 }  // namespace

@@ -302,6 +302,31 @@ TEST(Matmul, ShapeMismatchThrowsWithBothShapes) {
   EXPECT_THROW(xax::matmul(a, Eigen::MatrixXf(4, 6), Eigen::MatrixXf(3, 2), c), xax::ShapeError);
 }
 
+// A bias must be a vector whatever its storage. A matrix with as many elements as the output has rows was
+// accepted when its elements were not adjacent (a block, or any plain matrix): it was copied down its first
+// column first, reading past that column, or past the storage with a small outer stride.
+TYPED_TEST(MatmulTyped, ABiasThatIsNotAVectorIsRefusedWhateverItsStorage) {
+  using T = TypeParam;
+  using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+  const Matrix a = Matrix::Zero(6, 2), b = Matrix::Zero(2, 1);
+  Matrix params = Matrix::Ones(4, 3);
+  Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic> c;
+  EXPECT_THAT([&] { xax::matmul(a, b, params.topRows(2), c); },
+              ::testing::ThrowsMessage<xax::ShapeError>(::testing::StrEq(
+                  "xax::matmul: the bias is 2x3 but must be a vector of length 6 (the rows of the output)")));
+  EXPECT_THROW(xax::matmul(a, b, Matrix(params.topRows(2)), c), xax::ShapeError);
+  std::vector<T> storage(3, T(1.0f));
+  const Eigen::Map<const Matrix, 0, Eigen::OuterStride<>> repeated(storage.data(), 3, 4,
+                                                                   Eigen::OuterStride<>(0));
+  EXPECT_THROW(xax::matmul(Matrix::Zero(12, 2).eval(), b, repeated, c), xax::ShapeError);
+  // A row of a matrix is a vector a column apart: still accepted, and read element by element.
+  Matrix rows(2, 6);
+  rows.row(0) = Eigen::RowVectorXf::LinSpaced(6, 1.0f, 6.0f).template cast<T>();
+  rows.row(1).setZero();
+  xax::matmul(a, b, rows.topRows(1), c);
+  EXPECT_EQ(c, Eigen::VectorXf::LinSpaced(6, 1.0f, 6.0f));
+}
+
 TEST(Matmul, OutputViewOverlappingAnInputThrows) {
   Eigen::MatrixXf a = Eigen::MatrixXf::Ones(4, 4);
   Eigen::Map<Eigen::MatrixXf> view(a.data(), 4, 4);

@@ -330,6 +330,10 @@ void causal_self_attention(const Q& q, const K& k, const V& v, const AttentionLa
                            "the output");
   detail::check_no_overlap(detail::tensor_storage(probs), inputs, "causal_self_attention",
                            "the probabilities");
+  // The outputs against each other before either is resized, as a resize frees storage the other may point
+  // into, and again after, when their storage is final.
+  detail::check_no_overlap(detail::matrix_storage(y, function), {detail::tensor_storage(probs)},
+                           "causal_self_attention", "the output");
   // A vector output of a 1-feature input keeps its own shape: write it at the leading dimension returned.
   const Eigen::Index ldy =
       detail::prepare_output(y, q.rows(), q.cols(), "causal_self_attention", "the output");

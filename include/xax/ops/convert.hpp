@@ -14,6 +14,7 @@
 #include <xax/detail/convert.hpp>
 
 #include <cstddef>
+#include <cstdint>
 #include <ranges>
 #include <string>
 #include <type_traits>
@@ -33,8 +34,9 @@ concept writable_floating_array =
     floating_array<R> && !std::is_const_v<std::remove_reference_t<std::ranges::range_reference_t<R>>>;
 
 /// Converts every element of `src` into the element of `dst` at the same index, e.g. float to bfloat16.
-/// Throws ShapeError when the sizes differ. `src` and `dst` must not overlap unless they are the same array
-/// of the same type.
+/// Throws ShapeError when the sizes differ, or when `src` and `dst` overlap other than as the same array of
+/// the same type (which is left as it is): the pass is split across threads and vector lanes, so a shifted
+/// overlap would read elements already overwritten.
 template <floating_array Src, writable_floating_array Dst>
 void convert(const Src& src, Dst&& dst) {
   const auto size = static_cast<std::size_t>(std::ranges::size(src));
@@ -50,6 +52,12 @@ void convert(const Src& src, Dst&& dst) {
   To* to = std::ranges::data(dst);
   if constexpr (std::is_same_v<From, To>) {
     if (static_cast<const void*>(from) == static_cast<const void*>(to)) return;
+  }
+  const auto first = [](const auto* p) { return reinterpret_cast<std::uintptr_t>(p); };
+  if (size > 0 && first(from) < first(to + size) && first(to) < first(from + size)) {
+    throw ShapeError(
+        "xax::convert: the source and the destination overlap; give separate storage (or, for "
+        "the same type, the same array, which is left as it is)");
   }
   detail::convert_n(from, to, size);
 }

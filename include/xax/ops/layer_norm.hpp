@@ -84,9 +84,21 @@ void layer_norm(const X& x, const Gain& gain, const Bias& bias, Y&& y, LayerNorm
       detail::matrix_storage(y, "layer_norm"),
       {detail::matrix_storage(x, "layer_norm"), detail::vector_storage(gain), detail::vector_storage(bias)},
       "layer_norm", "the output", true);
+  // The statistics are outputs too: checked against the inputs and y before anything is resized (a resize
+  // frees storage an input may point into), and against y again after.
+  const auto check_statistics = [&] {
+    const auto others = {detail::matrix_storage(x, "layer_norm"), detail::vector_storage(gain),
+                         detail::vector_storage(bias), detail::matrix_storage(y, "layer_norm")};
+    detail::check_no_overlap(detail::vector_storage(stats.mean), others, "layer_norm",
+                             "the statistics' mean");
+    detail::check_no_overlap(detail::vector_storage(stats.inverse_std), others, "layer_norm",
+                             "the statistics' inverse_std");
+  };
+  check_statistics();
   const Eigen::Index ldy = detail::prepare_output(y, features, columns, "layer_norm", "the output");
   stats.mean.resize(columns);
   stats.inverse_std.resize(columns);
+  check_statistics();
 
   using T = typename X::Scalar;
   using O = typename std::remove_reference_t<Y>::Scalar;
@@ -184,6 +196,11 @@ void layer_norm_backward(const X& x, const Gain& gain, const LayerNormStatistics
     detail::prepare_output(dgain, features, 1, "layer_norm_backward", "dgain");
     detail::prepare_output(dbias, features, 1, "layer_norm_backward", "dbias");
   }
+  // And against each other again once resized: one object passed as two outputs has no storage to overlap
+  // while empty, and would then be resized twice, the first shape's writes landing in the second's buffer.
+  detail::check_no_overlap(detail::matrix_storage(dx, function),
+                           {detail::vector_storage(dgain), detail::vector_storage(dbias)}, function, "dx");
+  detail::check_no_overlap(detail::vector_storage(dgain), {detail::vector_storage(dbias)}, function, "dgain");
   if (features == 0) return;
 
   using O = typename std::remove_reference_t<DX>::Scalar;

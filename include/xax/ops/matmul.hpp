@@ -327,6 +327,13 @@ void matmul_impl(const A& a, const B& b, const Bias* bias, C& c, const MatmulOpt
       std::is_same_v<In, typename B::Scalar>,
       "xax::matmul: A and B must have the same scalar; convert one (xax::convert, .cast<T>()) first");
   check_matmul_options(options, "xax::matmul");
+  // The bias's shape first: the copy below of a bias whose elements are not adjacent reads size() elements
+  // down its first column, which is past a matrix's (or its parent's) columns when it is not a vector.
+  if (const Eigen::Index m = options.transpose_a ? a.cols() : a.rows();
+      bias != nullptr && ((bias->rows() != 1 && bias->cols() != 1) || bias->size() != m)) {
+    throw ShapeError("xax::matmul: the bias is " + shape_string(bias->rows(), bias->cols()) +
+                     " but must be a vector of length " + std::to_string(m) + " (the rows of the output)");
+  }
 
   // What a GEMM cannot describe by a leading dimension is multiplied from a contiguous copy, read as Eigen
   // reads it: an operand whose columns overlap (a sliding-window Map, outer stride < rows, or 0 to repeat a
@@ -367,10 +374,6 @@ void matmul_impl(const A& a, const B& b, const Bias* bias, C& c, const MatmulOpt
                      ") but op(B) is " + shape_string(k_b, n) + " (B is " + shape_string(b.rows(), b.cols()) +
                      (options.transpose_b ? ", transposed" : "") +
                      "); the columns of op(A) must equal the rows of op(B)");
-  }
-  if (bias != nullptr && ((bias->rows() != 1 && bias->cols() != 1) || bias->size() != m)) {
-    throw ShapeError("xax::matmul: the bias is " + shape_string(bias->rows(), bias->cols()) +
-                     " but must be a vector of length " + std::to_string(m) + " (the rows of the output)");
   }
   constexpr bool resizable = std::is_same_v<typename C::PlainObject, C>;
   const auto require_output_shape = [&] {
