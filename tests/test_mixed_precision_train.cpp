@@ -248,6 +248,27 @@ TEST(MixedPrecisionTrain, OverflowAtTheMinimumScaleRaisesLossScaleError) {
   EXPECT_EQ(task.skipped_steps(), 4) << "the step that throws is not taken";
 }
 
+// The configured output type rounds the reported loss once, from the step's double: output=float64 keeps
+// every digit (it came back rounded to float before), and the others are that double rounded to them.
+TEST(MixedPrecisionTrain, TheReportedLossIsRoundedOnceToTheOutputType) {
+  const auto first_loss = [](const std::string& output) {
+    TaskConfig config = xax_test::default_config();
+    config.enable_mixed_precision = true;
+    config.precision_policy = "params=float32,compute=float32,output=" + output;
+    ClassifierTask task(config, xax_test::make_data(64));
+    std::vector<std::int64_t> examples(32);
+    for (std::size_t i = 0; i < examples.size(); ++i) examples[i] = static_cast<std::int64_t>(i);
+    return task.train_step(task.make_batch(examples)).loss;
+  };
+  const double exact = first_loss("float64");
+  ASSERT_NE(exact, static_cast<double>(static_cast<float>(exact)))
+      << "a mean of 32 cross-entropies in double is not a float: this is what shows a rounding";
+  EXPECT_EQ(first_loss("float32"), static_cast<double>(static_cast<float>(exact)));
+  EXPECT_EQ(first_loss("bfloat16"),
+            static_cast<double>(static_cast<xax::bfloat16>(static_cast<float>(exact))));
+  EXPECT_EQ(first_loss("float16"), static_cast<double>(static_cast<xax::float16>(static_cast<float>(exact))));
+}
+
 TEST(MixedPrecisionTrain, AccumulationEqualsOneLargeBatchWithinRounding) {
   TaskConfig config = xax_test::default_config();
   config.enable_mixed_precision = false;
@@ -335,6 +356,31 @@ TEST_F(CheckpointResume, ResumedRunIsBitIdenticalToAnUninterruptedOne) {
     ASSERT_FALSE(resumed.results.empty());
     EXPECT_EQ(resumed.results.back().loss, uninterrupted.results.back().loss) << policy;
   }
+}
+
+// A checkpoint saved from on_epoch_end resumes at the next epoch: it held the finished epoch at batch 0, so a
+// resumed fit trained that epoch over again.
+TEST_F(CheckpointResume, ACheckpointSavedAtAnEpochsEndResumesAtTheNextEpoch) {
+  TaskConfig config = xax_test::default_config();
+  config.epochs = 3;
+  ClassifierTask uninterrupted(config, xax_test::make_data(256));
+  uninterrupted.fit();
+  EXPECT_EQ(uninterrupted.epochs_finished, (std::vector<std::int64_t>{0, 1, 2}));
+
+  TaskConfig one_epoch = config;
+  one_epoch.epochs = 1;
+  ClassifierTask first(one_epoch, xax_test::make_data(256));
+  first.checkpoint_at_epoch_end = path_;
+  first.fit();
+  EXPECT_EQ(first.epoch(), 1) << "the hook ran with the loop at the next epoch";
+
+  ClassifierTask resumed(config, xax_test::make_data(256));
+  resumed.load_checkpoint(path_);
+  EXPECT_EQ(resumed.epoch(), 1);
+  resumed.fit();
+  EXPECT_EQ(resumed.epochs_finished, (std::vector<std::int64_t>{1, 2}));
+  EXPECT_EQ(resumed.fit_steps(), uninterrupted.fit_steps());
+  EXPECT_TRUE(bitwise_equal(uninterrupted.params_float32(), resumed.params_float32()));
 }
 
 TEST_F(CheckpointResume, CorruptCheckpointIsRefusedAndTheOldOneSurvives) {

@@ -174,6 +174,14 @@ TEST(AdamW, InvalidOptionsThrow) {
   EXPECT_THROW(xax::optim::AdamW<Params32>(p, Options{.beta1 = 1.0}), xax::ConfigError);
   EXPECT_THROW(xax::optim::AdamW<Params32>(p, Options{.beta2 = -0.1}), xax::ConfigError);
   EXPECT_THROW(xax::optim::AdamW<Params32>(p, Options{.eps = -1e-8}), xax::ConfigError);
+  // 0 (or a value float rounds to 0) makes 0 / 0 of any element whose gradients have all been 0.
+  EXPECT_THAT(
+      [&] { xax::optim::AdamW<Params32>(p, Options{.eps = 0}); },
+      ::testing::ThrowsMessage<xax::ConfigError>(::testing::StrEq(
+          "xax::optim::AdamW: eps = 0 is not accepted; give a finite value > 0 (1e-8 by default); 0 makes "
+          "the update of an element whose gradients have all been 0 a NaN")));
+  EXPECT_THROW(xax::optim::AdamW<Params32>(p, Options{.eps = 1e-50}), xax::ConfigError);
+  EXPECT_NO_THROW(xax::optim::AdamW<Params32>(p, Options{.eps = 1e-30}));
   EXPECT_THROW(xax::optim::AdamW<Params32>(p, Options{.weight_decay = INFINITY}), xax::ConfigError);
   try {
     xax::optim::AdamW<Params32>(p, Options{.beta1 = 1.5});

@@ -18,6 +18,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <stdexcept>
 #include <string>
 #include <vector>
 #include <xax/task/train_step.hpp>
@@ -342,6 +343,97 @@ TEST(TrainStep, LossScaleErrorLeavesTheStepUntakenAndTheCountsConsistent) {
   EXPECT_FALSE(trainer.train_step(overflowing).finite) << "the overflow count started again from 0";
 }
 
+// A trainer whose hook or gradients go wrong on demand. A step that throws after the finiteness check must
+// change nothing: not the params, not the optimizer, not the counts, and not the number the next update's
+// stochastic rounding is keyed by.
+template <class Policy>
+class FaultyRegression : public xax::TrainStep<FaultyRegression<Policy>, Policy, xax::LossScale> {
+ public:
+  template <class T>
+  using params_type = Weights<T>;
+  using batch_type = Target;
+  enum class Fault { none, hook_throws, gradient_too_short };
+
+  FaultyRegression(const Weights<float>& initial, xax::TrainStepOptions options) {
+    this->reset_train_state(initial, xax::optim::AdamWOptions{.learning_rate = 0.01}, xax::NoOpLossScale{},
+                            options);
+  }
+
+  template <class T>
+  double loss_and_grads(const Weights<T>& params, const Target& target, float scale, Weights<T>& grads) {
+    gradient_size_given = grads.w.size();
+    const Eigen::VectorXf difference = params.w.template cast<float>() - target.value;
+    grads.w = (difference * scale).template cast<T>();
+    if (fault == Fault::gradient_too_short) grads.w.conservativeResize(grads.w.size() - 1);
+    return 0.5 * difference.template cast<double>().squaredNorm();
+  }
+  void on_unscaled_gradients(Weights<float>& /*grads*/, const xax::UnscaledGradients& /*info*/) {
+    if (fault == Fault::hook_throws) throw std::runtime_error("the hook failed");
+  }
+
+  [[nodiscard]] std::int64_t optimizer_steps() const {
+    return this->template optimizer<xax::optim::AdamW<Weights<float>>>().state().step;
+  }
+
+  Fault fault = Fault::none;
+  Eigen::Index gradient_size_given = -1;
+};
+
+template <class Policy>
+class TrainStepThrowing : public ::testing::Test {
+ protected:
+  using Trainer = FaultyRegression<Policy>;
+  // Stochastic rounding of half masters is keyed by the update's number: a count moved by a step that threw
+  // would round every later update differently from a run that never saw it.
+  static constexpr xax::TrainStepOptions options{
+      .master_rounding = xax::optim::MasterRounding::stochastic_rounding, .rounding_seed = 7};
+  Trainer faulty{ones(5), options};
+  Trainer reference{ones(5), options};
+  const Target first{Eigen::VectorXf::LinSpaced(5, -1.0f, 1.0f)};
+  const Target second{Eigen::VectorXf::LinSpaced(5, 2.0f, 0.5f)};
+
+  void expect_same_state(const char* when) {
+    EXPECT_TRUE(bitwise_equal(faulty.params().w, reference.params().w)) << when;
+    EXPECT_EQ(faulty.train_step_calls(), reference.train_step_calls()) << when;
+    EXPECT_EQ(faulty.applied_steps(), reference.applied_steps()) << when;
+    EXPECT_EQ(faulty.skipped_steps(), reference.skipped_steps()) << when;
+    EXPECT_EQ(faulty.optimizer_steps(), faulty.applied_steps())
+        << when << ": applied_steps() is the optimizer's";
+  }
+  // The reference takes `second` once; the faulty trainer, after its throw, takes it too.
+  void expect_the_next_step_as_without_the_throw() {
+    expect_same_state("after the throw");
+    faulty.fault = Trainer::Fault::none;
+    EXPECT_TRUE(faulty.train_step(second).finite);
+    EXPECT_EQ(faulty.gradient_size_given, 5) << "the next call got the params' shapes";
+    EXPECT_TRUE(reference.train_step(second).finite);
+    expect_same_state("after the next step");
+  }
+};
+using ThrowingPolicies = ::testing::Types<xax::Policy<float>, xax::Policy<float, xax::bfloat16, float>,
+                                          xax::Policy<xax::bfloat16>, xax::Policy<xax::float16>>;
+TYPED_TEST_SUITE(TrainStepThrowing, ThrowingPolicies);
+
+TYPED_TEST(TrainStepThrowing, AHookThatThrowsLeavesTheStepUntaken) {
+  ASSERT_TRUE(this->faulty.train_step(this->first).finite);
+  ASSERT_TRUE(this->reference.train_step(this->first).finite);
+  this->faulty.fault = TestFixture::Trainer::Fault::hook_throws;
+  EXPECT_THAT([&] { (void)this->faulty.train_step(this->second); },
+              ::testing::ThrowsMessage<std::runtime_error>(::testing::StrEq("the hook failed")));
+  this->expect_the_next_step_as_without_the_throw();
+}
+
+TYPED_TEST(TrainStepThrowing, GradientsNotShapedLikeTheParamsAreNamedAndTheNextStepRecovers) {
+  ASSERT_TRUE(this->faulty.train_step(this->first).finite);
+  ASSERT_TRUE(this->reference.train_step(this->first).finite);
+  this->faulty.fault = TestFixture::Trainer::Fault::gradient_too_short;
+  EXPECT_THAT([&] { (void)this->faulty.train_step(this->second); },
+              ::testing::ThrowsMessage<xax::ShapeError>(::testing::StartsWith(
+                  "xax::TrainStep: loss_and_grads wrote gradients that are not shaped like the params (tree "
+                  "leaves do not match at 'w': shape 5x1 vs 4x1")));
+  this->expect_the_next_step_as_without_the_throw();
+}
+
 TEST(TrainStep, AccumulatedGradientsAreUnscaledByOneOverScaleTimesKRoundedOnce) {
   // scale 1000.37 (as a float) and k = 3: 1 / (scale * 3) computed in double and rounded once is
   // 0x1.5d6564p-12; every way of computing it in float is one ulp above.
@@ -648,6 +740,19 @@ TEST(TrainStepSetLossScale, SetsTheScaleTheNextStepUses) {
   EXPECT_THAT([&] { user.set_loss_scale(4); }, ::testing::ThrowsMessage<xax::ConfigError>(
                                                    ::testing::HasSubstr("kind 'capped' cannot be set")));
   EXPECT_EQ(user.current_loss_scale(), 2.0f);
+}
+
+// Overflows at one scale do not count toward LossScaleError at a scale set by hand: the error would name the
+// new scale as having overflowed more often than it did.
+TEST(TrainStepSetLossScale, RestartsTheCountOfOverflowsAtTheMinimumScale) {
+  ScaledRegression<xax::StaticLossScale> fixed(ones(3), xax::StaticLossScale(8),
+                                               {.max_overflows_at_min_scale = 2});
+  EXPECT_EQ(run(fixed, "x"), (std::vector<float>{8}));
+  fixed.set_loss_scale(4);
+  EXPECT_EQ(run(fixed, "x"), (std::vector<float>{4})) << "the first overflow at 4, not the second";
+  EXPECT_THAT([&] { (void)fixed.train_step(overflowing_target); },
+              ::testing::ThrowsMessage<xax::LossScaleError>(
+                  ::testing::HasSubstr("2 consecutive steps overflowed with the loss scale at 4,")));
 }
 
 // The state lives behind a plain pointer (Derived is incomplete where TrainStep is defined), so copies and

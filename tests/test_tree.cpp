@@ -255,6 +255,29 @@ TEST(Tree, CastIntoAFixedSizeMatrixOfAnotherShapeThrows) {
   EXPECT_TRUE(two_rows.isConstant(1.5f));
 }
 
+// A dynamic leaf with a compile-time maximum (inline storage) cannot grow past it: a larger source is the
+// ShapeError, not Eigen's assertion, nor, without assertions, a write past the inline buffer. Up to the
+// maximum it is resized as any dynamic leaf.
+template <class Scalar>
+void expect_cast_respects_compile_time_maximum() {
+  Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, 0, 4, 4> bounded;
+  EXPECT_THROW(xax::tree_cast_into(Eigen::MatrixXf::Ones(8, 8).eval(), bounded), xax::ShapeError);
+  EXPECT_THROW(xax::tree_cast_into(Eigen::MatrixXf::Ones(2, 5).eval(), bounded), xax::ShapeError);
+  EXPECT_EQ(bounded.size(), 0) << "nothing resized";
+  xax::tree_cast_into(Eigen::MatrixXf::Constant(4, 3, 1.5f).eval(), bounded);
+  EXPECT_EQ(bounded.rows(), 4);
+  EXPECT_EQ(bounded.cols(), 3);
+  EXPECT_TRUE(bounded.template cast<float>().isConstant(1.5f));
+  Eigen::Matrix<Scalar, Eigen::Dynamic, 1, 0, 3, 1> short_vector;
+  EXPECT_THROW(xax::tree_cast_into(Eigen::VectorXf::Ones(4).eval(), short_vector), xax::ShapeError);
+}
+
+TEST(Tree, CastIntoALeafWithACompileTimeMaximumNeverGrowsPastIt) {
+  expect_cast_respects_compile_time_maximum<float>();
+  expect_cast_respects_compile_time_maximum<xax::bfloat16>();
+  expect_cast_respects_compile_time_maximum<xax::float16>();
+}
+
 // A leaf of another layout holds the same elements in another order: element (i, j) must land on (i, j).
 TEST(Tree, CastIntoAnotherLayoutKeepsEveryElementInPlace) {
   Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> row_major(2, 3);

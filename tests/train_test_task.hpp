@@ -10,6 +10,7 @@
 #include <limits>
 #include <random>
 #include <span>
+#include <string>
 #include <vector>
 #include <xax/task/mixins/mixed_precision.hpp>
 #include <xax/task/mixins/train.hpp>
@@ -156,11 +157,18 @@ class ClassifierTask : public xax::TrainMixin<ClassifierTask, TaskConfig>,
   }
 
   void on_step(std::int64_t, const xax::StepResult& result) { results.push_back(result); }
+  // Records the epochs finished and, when a path is set, saves a checkpoint there at the end of each.
+  void on_epoch_end(std::int64_t epoch) {
+    epochs_finished.push_back(epoch);
+    if (!checkpoint_at_epoch_end.empty()) save_checkpoint(checkpoint_at_epoch_end);
+  }
 
   // Fault injection: on this call of loss_and_grads (counted from 0), grads.w2(0, 0) becomes inject_value.
   std::int64_t inject_at_call = -1;
   float inject_value = std::numeric_limits<float>::infinity();
   std::vector<xax::StepResult> results;
+  std::vector<std::int64_t> epochs_finished;
+  std::string checkpoint_at_epoch_end;
 
   const Data& data() const { return data_; }
 

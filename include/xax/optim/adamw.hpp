@@ -195,7 +195,12 @@ class AdamW {
                            o.learning_rate, "a finite value >= 0");
     detail::require_option(o.beta1 >= 0 && o.beta1 < 1, "AdamW", "beta1", o.beta1, "a value in [0, 1)");
     detail::require_option(o.beta2 >= 0 && o.beta2 < 1, "AdamW", "beta2", o.beta2, "a value in [0, 1)");
-    detail::require_option(std::isfinite(o.eps) && o.eps >= 0, "AdamW", "eps", o.eps, "a finite value >= 0");
+    // eps keeps the denominator of an element whose gradients have all been 0 away from 0: without it that
+    // element's update is 0 / 0, a NaN parameter on a step that reports itself finite. It is applied in the
+    // params' precision, so it must stay > 0 in float too.
+    detail::require_option(std::isfinite(o.eps) && static_cast<float>(o.eps) > 0, "AdamW", "eps", o.eps,
+                           "a finite value > 0 (1e-8 by default); 0 makes the update of an element whose "
+                           "gradients have all been 0 a NaN");
     detail::require_option(std::isfinite(o.weight_decay) && o.weight_decay >= 0, "AdamW", "weight_decay",
                            o.weight_decay, "a finite value >= 0");
   }

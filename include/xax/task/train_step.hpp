@@ -488,8 +488,10 @@ class TrainStep {
   }
   /// Sets the scale by hand between steps (PyTorch's `scaler.update(new_scale)`), through the loss scale's
   /// `set_loss_scale(float)`: a static scale takes any finite value >= FLT_MIN; a dynamic one a value within
-  /// [min_scale, max_scale], and restarts its growth counter and hysteresis. Throws ConfigError, changing
-  /// nothing, for a bad value or a kind that cannot be set (no-op, or a user type without set_loss_scale).
+  /// [min_scale, max_scale], and restarts its growth counter and hysteresis. The count of consecutive
+  /// overflows toward max_overflows_at_min_scale restarts too: they were overflows at another scale. Throws
+  /// ConfigError, changing nothing, for a bad value or a kind that cannot be set (no-op, or a user type
+  /// without set_loss_scale).
   void set_loss_scale(float scale) {
     detail::visit_loss_scale(state().loss_scale, [&]<class S>(S& held) {
       if constexpr (requires { held.set_loss_scale(scale); }) {
@@ -500,6 +502,7 @@ class TrainStep {
                           "' cannot be set by hand; use static or dynamic loss scaling to set it");
       }
     });
+    state().overflows_at_floor = 0;
   }
   /// Calls to train_step that returned, skipped ones included (one per call, whatever the micro-batches):
   /// applied_steps() + skipped_steps(). TrainMixin::fit_steps() counts only the steps its fit() ran.
@@ -813,10 +816,29 @@ class TrainStep {
     }
   }
 
+  // The gradients loss_and_grads wrote must have the params' shapes. Checked right after the call, before
+  // anything is cast, reduced or counted, so that a mismatch is named as the trainer's and the step changes
+  // nothing. Returns the mismatch (tree_cast's ShapeError text), if any.
+  template <class Params, class Grads>
+  static std::optional<std::string> gradient_shape_mismatch(const Params& params, const Grads& grads) {
+    try {
+      for_each_leaf([](const auto&, const auto&) noexcept {}, params, grads);
+    } catch (const ShapeError& error) {
+      return std::string(error.what());
+    }
+    return std::nullopt;
+  }
+  static ShapeError gradient_shape_error(const std::string& mismatch) {
+    return ShapeError("xax::TrainStep: loss_and_grads wrote gradients that are not shaped like the params (" +
+                      mismatch +
+                      "). Give every gradient leaf its parameter's shape; this step was not taken");
+  }
+
   std::unique_ptr<State> state_;
 
   // The policy a checkpoint records and must match on load: Policy, unless the derived trainer runs under a
-  // policy of its own (MixedPrecisionMixin's engine compiles float outputs and rounds to the configured one).
+  // policy of its own (MixedPrecisionMixin's engine compiles a double output and rounds to the configured
+  // one).
   template <class D>
   PolicySpec recorded_policy() const {
     if constexpr (requires(const D& trainer) {
@@ -917,9 +939,10 @@ struct TrainStep<Derived, Policy, LossScaleT>::State {
   std::int64_t skipped = 0;
   std::int64_t overflows_at_floor = 0;
 
-  // The number of the update being applied, counting from 1, which keys stochastic rounding's random stream.
-  // Skipped steps do not count: a skip must leave every later update as it would have been without it.
-  [[nodiscard]] std::int64_t update_number() const { return calls - skipped; }
+  // The number of the update being applied, counting from 1, which keys stochastic rounding's random stream:
+  // read during the update, before `calls` counts the step. Skipped steps do not count: a skip must leave
+  // every later update as it would have been without it.
+  [[nodiscard]] std::int64_t update_number() const { return calls - skipped + 1; }
 
   [[nodiscard]] const auto& compute_params() const {
     if constexpr (std::is_same_v<compute_type, param_type>) {
@@ -1093,10 +1116,21 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::run_step(std::size_t micro_ba
       }
       micro_loss =
           static_cast<double>(derived().loss_and_grads(compute_params, std::as_const(batch), scale, target));
+      if (const auto mismatch = gradient_shape_mismatch(compute_params, target)) {
+        // Shaped anew, so that the next call does not inherit the trainer's shapes.
+        s.grads = tree_cast<update_type>(compute_params);
+        fill_floating(s.grads, 0.0);
+        s.micro_shaped = false;
+        throw gradient_shape_error(*mismatch);
+      }
       if (!first) detail::add_in_place(s.grads, s.grads_micro);
     } else {
       micro_loss = static_cast<double>(
           derived().loss_and_grads(compute_params, std::as_const(batch), scale, s.compute_grads));
+      if (const auto mismatch = gradient_shape_mismatch(compute_params, s.compute_grads)) {
+        s.compute_grads = zeros_like(compute_params);  // shaped anew, as above
+        throw gradient_shape_error(*mismatch);
+      }
       if (cast_in_unscale) {
         // Cast below, in the unscale pass.
       } else if (first) {
@@ -1172,7 +1206,6 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::run_step(std::size_t micro_ba
         "compute type (bfloat16 or float32)");
   }
 
-  ++s.calls;
   if (finite) {
     result.grad_norm = unscaled.norm;
     if constexpr (unscaled_gradients_hook<D, typename State::template Params<update_type>>) {
@@ -1187,6 +1220,9 @@ StepResult TrainStep<Derived, Policy, LossScaleT>::run_step(std::size_t micro_ba
   } else {
     ++s.skipped;
   }
+  // Counted once the step is taken: a hook or an optimizer that throws above leaves every counter (and with
+  // them the next update's number) as it was.
+  ++s.calls;
   s.overflows_at_floor = overflows_at_floor;
   // The scale follows the gradients alone (DESIGN §4).
   detail::visit_loss_scale(s.loss_scale, [&](auto& l) { l.adjust(grads_finite); });

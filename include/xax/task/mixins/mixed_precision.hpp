@@ -433,7 +433,7 @@ class PolicyStepEngine final : public StepEngine<Task>,
   void load(const CheckpointReader& reader) override { Step::load_train_state(reader); }
 
   // What TrainStep records in and demands of a checkpoint: the configured policy, output type included,
-  // rather than the float output this engine is compiled with.
+  // rather than the double output this engine is compiled with.
   [[nodiscard]] PolicySpec checkpoint_policy() const {
     PolicySpec spec = StepPolicy::spec();
     spec.output = output_;
@@ -616,14 +616,15 @@ class MixedPrecisionMixin {
       derived().synchronize_initial_params(initial);
     std::unique_ptr<detail::StepEngine<Derived>> engine;
     const auto build_engine = [&](auto&& optimizer) {
-      // One TrainStep per (params, compute) pair: the output dtype is applied at run time. Only
+      // One TrainStep per (params, compute) pair: the output dtype is applied at run time (round_to_output),
+      // so the engine's own output is double, which leaves the loss unrounded until then. Only
       // float16/bfloat16/float32 params and compute are compiled (validate_mixed_precision rejects float64),
       // so nine TrainStep instantiations rather than visit_policy's 64, or the task's compiled_policies.
       const auto make_engine = [&]<class P>(P) {
         using Param = typename P::param_type;
         using Compute = typename P::compute_type;
         if constexpr (!std::is_same_v<Param, double> && !std::is_same_v<Compute, double>) {
-          engine = std::make_unique<detail::PolicyStepEngine<Derived, Policy<Param, Compute, float>>>(
+          engine = std::make_unique<detail::PolicyStepEngine<Derived, Policy<Param, Compute, double>>>(
               spec.output, initial, optimizer, mp.make_loss_scale(), mp.train_step_options());
         }
       };

@@ -16,9 +16,11 @@
 /// 16-bit step never holds an fp32 batch (a task that wraps the step, to time it say, wraps that one).
 ///
 /// and may define `void on_step(std::int64_t step, const xax::StepResult&)` and `void
-/// on_epoch_end(std::int64_t epoch)` hooks.
+/// on_epoch_end(std::int64_t epoch)` hooks. on_epoch_end receives the epoch just finished, and runs with the
+/// loop already at the start of the next (epoch() is one more): a checkpoint it saves resumes there.
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <concepts>
@@ -236,7 +238,10 @@ TrainSummary TrainMixin<Derived, Config>::fit() {
       "make_batch(std::span<const std::int64_t> example_indices) const`");
   using Batch = typename Derived::batch_type;
   const std::int64_t examples = derived().num_examples();
-  if (examples < 1) throw ConfigError("the task has no training examples (num_examples() returned 0)");
+  if (examples < 1) {
+    throw ConfigError("the task has no training examples (num_examples() returned " +
+                      std::to_string(examples) + "); expected at least 1");
+  }
   // Both checks run before the first step: a config that cannot make one full step per epoch would
   // otherwise train nothing and return normally, and a clamped batch would train with another batch size
   // than the one configured.
@@ -265,6 +270,20 @@ TrainSummary TrainMixin<Derived, Config>::fit() {
                            : std::string()));
   }
 
+  // Processes training together (DataParallelMixin) must agree on every number that decides which steps fit
+  // takes: one with fewer would return while the others waited in the next step's collective for ever.
+  if constexpr (requires(std::span<const std::int64_t> values, std::span<const char* const> names) {
+                  derived().verify_fit_agrees(values, names);
+                }) {
+    const std::array<std::int64_t, 9> values{examples,          batch,        micro_per_step, config_.epochs,
+                                             config_.max_steps, config_.seed, fit_steps_,     epoch_,
+                                             batch_in_epoch_};
+    static constexpr std::array<const char*, 9> names{
+        "num_examples()", "batch_size", "accumulation_steps",    "epochs", "max_steps", "seed",
+        "the step count", "the epoch",  "the batch in the epoch"};
+    derived().verify_fit_agrees(values, names);
+  }
+
   // A position past this epoch (the data or batch_size changed since it was reached) ends the epoch, as the
   // loop below does for any position at its end; load_checkpoint bounded it, so nothing overflows.
   TrainSummary summary;
@@ -280,7 +299,7 @@ TrainSummary TrainMixin<Derived, Config>::fit() {
     micro.reserve(static_cast<std::size_t>(micro_per_step));
   }
 
-  for (; epoch_ < config_.epochs; ++epoch_) {
+  while (epoch_ < config_.epochs) {
     if (resumed_) {
       // Rebuild the interrupted epoch's order from its starting generator, then continue from the saved
       // state.
@@ -361,8 +380,12 @@ TrainSummary TrainMixin<Derived, Config>::fit() {
       }
     }
     if (config_.max_steps > 0 && fit_steps_ >= config_.max_steps) break;
+    // The position moves to the next epoch before the hook: a checkpoint saved from on_epoch_end then
+    // resumes at the next epoch, not at the start of the finished one.
+    const std::int64_t finished = epoch_;
+    ++epoch_;
     batch_in_epoch_ = 0;
-    if constexpr (requires { derived().on_epoch_end(epoch_); }) derived().on_epoch_end(epoch_);
+    if constexpr (requires { derived().on_epoch_end(finished); }) derived().on_epoch_end(finished);
   }
   summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return summary;
