@@ -150,6 +150,29 @@ TEST(Activations, ShapeMismatchThrows) {
   EXPECT_EQ(fitting, (Eigen::Matrix<float, 2, 2>::Zero()));
 }
 
+// The layers combine their operands' storage element by element: a row-major operand beside a column-major
+// one was silently transposed (relu of a column-major x into a row-major y gave x's elements in the wrong
+// places). Vectors and single rows or columns have one order either way and stay accepted.
+TEST(Activations, OperandsOfDifferentStorageOrdersAreRefused) {
+  using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const Eigen::MatrixXf x = random_matrix(2, 3, 21, -1.0f, 1.0f);
+  RowMajor y;
+  EXPECT_THAT([&] { xax::nn::relu(x, y); },
+              ::testing::ThrowsMessage<xax::ShapeError>(::testing::StartsWith(
+                  "xax::nn::relu: the output is row-major but the input is column-major")));
+  EXPECT_THROW(xax::nn::gelu(x, y), xax::ShapeError);
+  const RowMajor dy = RowMajor::Ones(2, 3);
+  Eigen::MatrixXf dx;
+  EXPECT_THROW(xax::nn::relu_backward(x, dy, dx), xax::ShapeError);
+  EXPECT_THROW(xax::nn::gelu_backward(x, dy, dx), xax::ShapeError);
+  RowMajor both_row_major;
+  xax::nn::relu(RowMajor(x), both_row_major);
+  EXPECT_EQ(Eigen::MatrixXf(both_row_major), x.cwiseMax(0.0f));
+  Eigen::RowVectorXf row_out;
+  xax::nn::relu(Eigen::MatrixXf(x.topRows(1)), row_out);
+  EXPECT_EQ(Eigen::MatrixXf(row_out), x.topRows(1).cwiseMax(0.0f));
+}
+
 TEST(Loss, CrossEntropyGradientMatchesFiniteDifferences) {
   Eigen::MatrixXf logits = random_matrix(4, 6, 10, -2.0f, 2.0f);
   const std::vector<std::int32_t> labels{0, 3, 2, 1, 1, 3};
@@ -465,6 +488,34 @@ TEST(Mlp, BadInputsThrow) {
 // Inputs stored in the workspace (the logits of an earlier forward) were freed by the workspace's resize or
 // overwritten by the forward (ASan: heap-use-after-free), and gradients written into the params themselves
 // were computed from weights already overwritten.
+// Accumulating into gradients of another model is refused before anything is added: the backward runs from
+// the last layer, which was accumulated before a lower layer's mismatch was found, leaving the sums of
+// earlier micro-batches half-updated.
+TEST(Mlp, RefusedAccumulationLeavesTheGradientsAsTheyWere) {
+  const auto params = xax::nn::mlp_init({6, 5, 3}, 1);
+  auto grads = xax::nn::mlp_init({7, 5, 3}, 2);  // the first layer 5x7, not 5x6
+  const auto before = grads;
+  xax::nn::MlpWorkspace<float> workspace;
+  const std::vector<std::int32_t> labels{0, 1};
+  EXPECT_THAT(
+      [&] {
+        xax::nn::mlp_loss_and_gradients(params, Eigen::MatrixXf::Ones(6, 2).eval(), labels, grads, workspace,
+                                        {.accumulate = true});
+      },
+      ::testing::ThrowsMessage<xax::ShapeError>(::testing::HasSubstr(
+          "accumulating into layer 0's gradients of w 5x7 and b of 5 elements, but its params are w 5x6")));
+  for (std::size_t i = 0; i < grads.layers.size(); ++i) {
+    EXPECT_EQ(grads.layers[i].w, before.layers[i].w) << "layer " << i;
+    EXPECT_EQ(grads.layers[i].b, before.layers[i].b) << "layer " << i;
+  }
+  xax::nn::LinearParams<float> layer{Eigen::MatrixXf::Zero(3, 4), Eigen::VectorXf::Zero(2)};
+  EXPECT_THROW(
+      xax::nn::linear_backward_params(Eigen::MatrixXf::Ones(4, 2).eval(), Eigen::MatrixXf::Ones(3, 2).eval(),
+                                      layer, /*accumulate=*/true),
+      xax::ShapeError);
+  EXPECT_TRUE(layer.w.isZero()) << "w was accumulated before b's mismatch was found";
+}
+
 TEST(Mlp, InputsInTheWorkspaceAndGradsThatAreTheParamsAreRefused) {
   const auto wide = xax::nn::mlp_init({4, 3}, 18);
   const auto deep = xax::nn::mlp_init({3, 5, 5, 2}, 19);

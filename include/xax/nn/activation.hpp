@@ -35,6 +35,26 @@ concept writable_dense_tensor =
 
 namespace detail {
 
+/// Throws ShapeError when `a` and `b` store their elements in different orders (one row-major, the other
+/// column-major, with more than one row and column): the layers combine their storage element by element,
+/// which would transpose one of them.
+template <class A, class B>
+void require_same_layout([[maybe_unused]] const A& a, [[maybe_unused]] const B& b,
+                         [[maybe_unused]] const char* function, [[maybe_unused]] const char* a_name,
+                         [[maybe_unused]] const char* b_name) {
+  if constexpr (static_cast<bool>(std::remove_cvref_t<A>::IsRowMajor) !=
+                static_cast<bool>(std::remove_cvref_t<B>::IsRowMajor)) {
+    if (a.rows() > 1 && a.cols() > 1) {
+      const auto order = [](bool row_major) { return row_major ? "row-major" : "column-major"; };
+      throw ShapeError(std::string("xax::nn::") + function + ": " + a_name + " is " +
+                       order(std::remove_cvref_t<A>::IsRowMajor) + " but " + b_name + " is " +
+                       order(std::remove_cvref_t<B>::IsRowMajor) +
+                       "; give them the same storage order (the layer combines them element by element in "
+                       "storage order)");
+    }
+  }
+}
+
 /// Gives `out` the shape of `like`: resizes a plain object that can take it, checks anything else.
 template <class Out, class Like>
 void shape_like(Out& out, const Like& like, const char* function) {
@@ -44,6 +64,7 @@ void shape_like(Out& out, const Like& like, const char* function) {
                      xax::detail::shape_string(out.rows(), out.cols()) + " but the input is " +
                      xax::detail::shape_string(like.rows(), like.cols()));
   }
+  require_same_layout(out, like, function, "the output", "the input");
 }
 
 template <class A, class B>
@@ -76,6 +97,7 @@ void relu(const X& x, Y&& y) {
 template <dense_tensor Y, dense_tensor DY, writable_dense_tensor DX>
 void relu_backward(const Y& y, const DY& dy, DX&& dx) {
   detail::require_same_shape(y, dy, "relu_backward", "the output", "its gradient");
+  detail::require_same_layout(y, dy, "relu_backward", "the output", "its gradient");
   detail::shape_like(dx, y, "relu_backward");
   xax::detail::map2_as_float(y.data(), dy.data(), dx.data(), detail::size_of(y.size()),
                              [](const float* out, const float* grad, float* result, std::size_t n) noexcept {
@@ -97,6 +119,7 @@ void gelu(const X& x, Y&& y) {
 template <dense_tensor X, dense_tensor DY, writable_dense_tensor DX>
 void gelu_backward(const X& x, const DY& dy, DX&& dx) {
   detail::require_same_shape(x, dy, "gelu_backward", "the input", "the output's gradient");
+  detail::require_same_layout(x, dy, "gelu_backward", "the input", "the output's gradient");
   detail::shape_like(dx, x, "gelu_backward");
   xax::detail::map2_as_float(x.data(), dy.data(), dx.data(), detail::size_of(x.size()),
                              [](const float* in, const float* grad, float* result, std::size_t n) noexcept {

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <xax/detail/format.hpp>
 #include <xax/detail/random.hpp>
 #include <xax/ops/activation.hpp>
 #include <xax/ops/matmul.hpp>
@@ -97,6 +98,16 @@ void linear_backward_params(const X& x, const DZ& dz, LinearParams<G>& grads, bo
   if (x.cols() != dz.cols()) {
     throw ShapeError("xax::nn::linear_backward_params: x has " + std::to_string(x.cols()) +
                      " samples (columns) but dz has " + std::to_string(dz.cols()));
+  }
+  // Accumulating, both gradients are checked before either is added to: a refusal must leave the sums of
+  // earlier micro-batches as they were.
+  if (accumulate &&
+      (grads.w.rows() != dz.rows() || grads.w.cols() != x.rows() || grads.b.size() != dz.rows())) {
+    throw ShapeError("xax::nn::linear_backward_params: accumulating into gradients of w " +
+                     xax::detail::shape_string(grads.w.rows(), grads.w.cols()) + " and b of " +
+                     std::to_string(grads.b.size()) + " elements, but this layer's are w " +
+                     xax::detail::shape_string(dz.rows(), x.rows()) + " and b of " +
+                     std::to_string(dz.rows()));
   }
   matmul(dz, x, grads.w, {.transpose_b = true, .accumulate = accumulate});
   row_sums(dz, grads.b, accumulate);

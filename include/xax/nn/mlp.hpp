@@ -223,6 +223,19 @@ float mlp_loss_and_gradients(const MlpParams<T>& params, const Input& inputs, co
                        std::to_string(grads.layers.size()) + " layers for an MLP of " +
                        std::to_string(layers));
     }
+    // Every layer before any is added to: the backward runs from the last layer, and a refusal at a lower
+    // one must leave the sums of earlier micro-batches as they were.
+    for (std::size_t i = 0; i < layers; ++i) {
+      const auto& p = params.layers[i];
+      const auto& g = grads.layers[i];
+      if (g.w.rows() != p.w.rows() || g.w.cols() != p.w.cols() || g.b.size() != p.b.size()) {
+        throw ShapeError("xax::nn::mlp_loss_and_gradients: accumulating into layer " + std::to_string(i) +
+                         "'s gradients of w " + xax::detail::shape_string(g.w.rows(), g.w.cols()) +
+                         " and b of " + std::to_string(g.b.size()) + " elements, but its params are w " +
+                         xax::detail::shape_string(p.w.rows(), p.w.cols()) + " and b of " +
+                         std::to_string(p.b.size()));
+      }
+    }
   } else {
     grads.layers.resize(layers);
   }
