@@ -467,6 +467,21 @@ TEST_F(CheckpointTest, ACheckpointWithNoEntriesRoundTrips) {
   EXPECT_NO_THROW(reader.read_tree("model", none)) << "an empty tree has nothing to read";
 }
 
+// Every name a file may have can be written: a name of 243 to 255 bytes left no room for the temporary
+// file's suffix, and every write failed with "File name too long". Nothing is left behind either way.
+TEST_F(CheckpointTest, ACheckpointWithTheLongestFileNameIsWritten) {
+  for (const std::size_t length : {242U, 243U, 250U, 255U}) {
+    const std::filesystem::path path = dir_ / (std::string(length - 4, 'c') + ".xax");
+    xax::CheckpointWriter writer;
+    writer.add_string("note", "long");
+    ASSERT_NO_THROW(writer.write(path)) << length;
+    ASSERT_NO_THROW(writer.write(path)) << length << ", over the first";
+    EXPECT_EQ(xax::CheckpointReader(path).read_string("note"), "long");
+    EXPECT_EQ(names_in(dir_), std::vector<std::string>{path.filename()});
+    std::filesystem::remove(path);
+  }
+}
+
 // Regression: a directory or an empty path gave std::length_error or std::bad_alloc.
 TEST_F(CheckpointTest, ADirectoryOrAnEmptyPathIsACheckpointError) {
   EXPECT_THAT([&] { xax::CheckpointReader{dir_}; }, ::testing::ThrowsMessage<xax::CheckpointError>(

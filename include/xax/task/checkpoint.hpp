@@ -205,6 +205,20 @@ inline std::string random_suffix() {
   return suffix;
 }
 
+/// A temporary name beside `path` for one write (the rename over `path` must stay in its directory):
+/// `<name>.tmp.<random>`, or, where that would pass the 255 bytes a file name may have on Linux's file
+/// systems, `.xax.tmp.<random>`, so that every name a checkpoint may have can be written.
+inline std::filesystem::path temporary_beside(const std::filesystem::path& path) {
+  const std::string suffix = ".tmp." + random_suffix();
+  constexpr std::size_t longest_name = 255;
+  if (path.filename().native().size() + suffix.size() <= longest_name) {
+    std::filesystem::path temporary = path;
+    temporary += suffix;
+    return temporary;
+  }
+  return path.parent_path() / (".xax" + suffix);
+}
+
 /// Whether the entries of a tree under `prefix` include `name`: the reader counts them as the tree's.
 inline bool entry_under(std::string_view prefix, std::string_view name) {
   if (prefix.empty()) return true;
@@ -304,8 +318,7 @@ class CheckpointWriter {
     // it is taken.
     int fd = -1;
     for (int attempt = 0; fd < 0; ++attempt) {
-      temporary = path;
-      temporary += ".tmp." + detail::random_suffix();
+      temporary = detail::temporary_beside(path);
       fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
       if (fd >= 0) break;
       const int open_errno = errno;
@@ -353,8 +366,7 @@ class CheckpointWriter {
     }
 #else
     // Without POSIX: a temporary name of this call's own, but no exclusive creation or directory flush.
-    temporary = path;
-    temporary += ".tmp." + detail::random_suffix();
+    temporary = detail::temporary_beside(path);
     {
       std::ofstream file(temporary, std::ios::binary | std::ios::trunc);
       file.write(data.data(), static_cast<std::streamsize>(data.size()));
