@@ -2,6 +2,7 @@
 // is sharded over the ranks, and the masters stay bit-identical to the unsharded (stage 0) run at the same
 // world size and to one process, skipped steps included; checkpoints resume bit-identically on the same world
 // size and re-shard onto another.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <unistd.h>
@@ -133,6 +134,12 @@ TEST(ZeroShardLayout, ShardsAreNearEqualRunsOfWholeBlocks) {
   EXPECT_EQ(pieces[0].count, 352u);
   EXPECT_EQ(pieces[1].leaf, 1u);
   EXPECT_EQ(pieces[1].shard_offset, 352u);
+  // A shard the layout does not have is a ConfigError naming the ones it has (it was std::out_of_range).
+  EXPECT_THAT([&] { static_cast<void>(layout.shard_size(4)); },
+              ::testing::ThrowsMessage<xax::ConfigError>(
+                  ::testing::HasSubstr("shard 4 is not accepted; this layout has shards 0 to 3")));
+  EXPECT_THROW(static_cast<void>(layout.shard_begin(-1)), xax::ConfigError);
+  EXPECT_THROW(static_cast<void>(layout.segments(7)), xax::ConfigError);
   // More ranks than blocks: some shards are empty, none overlap.
   const xax::distributed::ZeroShardLayout tiny({10, 3}, 4);
   std::size_t covered = 0;
@@ -176,6 +183,73 @@ TEST(ZeroOne, MastersAreBitIdenticalToStageZeroAndToOneProcessWithASkippedStep) 
   EXPECT_TRUE(same_bits(flat(clean.gather_params()), flat(single.gather_params())))
       << "world size " << world << ": ZeRO-1 masters differ from one process's";
   EXPECT_LT(single_results.back().loss, single_results.front().loss);
+}
+
+// Leaves whose sizes are not a multiple of the vector width put the next leaf's piece of a shard at an
+// unaligned offset of the shard's flat arrays. Eigen runs the elements before the first aligned one as
+// scalars, whose square root differed in the last bit from the vector one: sharded masters then drifted from
+// stage 0 (and from one process) in a few elements of every such leaf.
+template <class T>
+struct OddNet {
+  Eigen::Matrix<T, Eigen::Dynamic, 1> bias;    // 3 elements: the next leaf starts at offset 3
+  Eigen::Matrix<T, Eigen::Dynamic, 1> weight;  // 67: and the one after at 70
+  Eigen::Matrix<T, Eigen::Dynamic, 1> more;    // 2000
+  XAX_FIELDS(bias, weight, more);
+};
+
+struct OddBatch {
+  int id = 0;
+};
+
+class OddLeavesTrainer : public xax::TrainStep<OddLeavesTrainer, MixedPolicy>,
+                         public xax::distributed::DataParallelMixin<OddLeavesTrainer> {
+ public:
+  template <class T>
+  using params_type = OddNet<T>;
+  using batch_type = OddBatch;
+  explicit OddLeavesTrainer(int zero_stage) : DataParallelMixin(ReducerOptions{}, zero_stage) {
+    OddNet<float> initial{Eigen::VectorXf::LinSpaced(3, -0.01f, 0.01f),
+                          Eigen::VectorXf::LinSpaced(67, -0.01f, 0.01f),
+                          Eigen::VectorXf::LinSpaced(2000, -0.01f, 0.01f)};
+    synchronize_initial_params(initial);
+    reset_train_state(
+        initial, [&](const OddNet<float>& like) { return sharded_optimizer(like, adamw); },
+        xax::DynamicLossScale{});
+  }
+  template <class T>
+  double loss_and_grads(const OddNet<T>& p, const OddBatch& batch, float scale, OddNet<T>& g) {
+    double loss = 0;
+    const auto leaf = [&](const auto& values, auto& grads) {
+      grads.resize(values.size());
+      for (Eigen::Index i = 0; i < values.size(); ++i) {
+        const float d = static_cast<float>(values[i]) - 0.001f * static_cast<float>((batch.id * 7 + i) % 5);
+        loss += 0.5 * d * d;
+        grads[i] = T(d * scale);
+      }
+    };
+    leaf(p.bias, g.bias);
+    leaf(p.weight, g.weight);
+    leaf(p.more, g.more);
+    return loss;
+  }
+};
+
+TEST(ZeroOneShardedMasters, LeavesAtUnalignedShardOffsetsAreUpdatedBitIdenticallyToStageZero) {
+  OddLeavesTrainer stage0(0), stage1(1);
+  const int world = stage0.world_size(), rank = stage0.rank();
+  for (int step = 0; step < 20; ++step) {
+    std::vector<OddBatch> mine;
+    for (int m = rank * 4 / world; m < (rank + 1) * 4 / world; ++m) mine.push_back({step * 4 + m});
+    stage0.train_step(std::span<const OddBatch>(mine));
+    stage1.train_step(std::span<const OddBatch>(mine));
+  }
+  const OddNet<float> whole = stage0.gather_params(), sharded = stage1.gather_params();
+  const auto bits = [](const Eigen::VectorXf& v) {
+    return std::vector<float>(v.data(), v.data() + v.size());
+  };
+  EXPECT_TRUE(same_bits(bits(whole.bias), bits(sharded.bias)));
+  EXPECT_TRUE(same_bits(bits(whole.weight), bits(sharded.weight)));
+  EXPECT_TRUE(same_bits(bits(whole.more), bits(sharded.more)));
 }
 
 TEST(ZeroOne, ClippedBfloat16WireRunIsBitIdenticalToStageZero) {
@@ -523,6 +597,42 @@ TEST(ZeroOneShardedMasters, StageZeroCheckpointResumesUnderShardedMastersAndBack
   }
 }
 
+// Two checkpoints with the same masters but another loss scale (as on either side of a skipped step): ranks
+// that read different ones passed the check, then summed gradients scaled differently and drifted apart.
+TEST(DataParallelLoad, ReplicaCheckAfterLoadComparesTheLossScaleAndStepCountsToo) {
+  for (const int zero_stage : {0, 1}) {
+    SCOPED_TRACE("zero_stage " + std::to_string(zero_stage));
+    ParallelTrainer trainer(zero_stage);
+    const Communicator& comm = trainer.communicator();
+    const auto first = shared_path(comm, "scale_first");
+    const auto second = shared_path(comm, "scale_second");
+    train(trainer, trainer.rank(), trainer.world_size(), 0, 1);
+    save(trainer, first);
+    trainer.set_loss_scale(1024);
+    save(trainer, second);
+    if (trainer.world_size() > 1) {
+      ParallelTrainer resumed(zero_stage);
+      const bool odd_one = resumed.rank() == resumed.world_size() - 1;
+      resumed.load_train_state(xax::CheckpointReader(odd_one ? second : first));
+      try {
+        resumed.verify_loaded_state();
+        ADD_FAILURE() << "ranks that read checkpoints of different loss scales passed the replica check";
+      } catch (const xax::distributed::ReplicaMismatchError& error) {
+        EXPECT_EQ(error.differing_ranks(), std::vector<int>{resumed.world_size() - 1}) << error.what();
+        EXPECT_THAT(error.what(), ::testing::HasSubstr("loss scale, step counts and loop position"));
+      }
+    }
+    ParallelTrainer same(zero_stage);
+    same.load_train_state(xax::CheckpointReader(second));
+    EXPECT_NO_THROW(same.verify_loaded_state());
+    comm.barrier();
+    if (comm.rank() == 0) {
+      std::filesystem::remove(first);
+      std::filesystem::remove(second);
+    }
+  }
+}
+
 TEST(ZeroOneShardedMasters, ReplicaCheckAfterLoadComparesTheWholeMastersEachRankRead) {
   ParallelTrainer trainer(1);
   const Communicator& comm = trainer.communicator();
@@ -566,10 +676,10 @@ class ParallelTask : public xax::TrainMixin<ParallelTask, ParallelConfig>,
   template <class T>
   using params_type = Net<T>;
   using batch_type = Batch;
-  explicit ParallelTask(const ParallelConfig& config)
+  explicit ParallelTask(const ParallelConfig& config, std::int64_t task_examples = examples)
       : TrainMixin(config),
         DataParallelMixin(static_cast<const xax::distributed::DataParallelConfig&>(config)),
-        inner_(config, xax_test::make_data(examples)) {}
+        inner_(config, xax_test::make_data(task_examples)) {}
   Net<float> init_params() const { return inner_.init_params(); }
   auto make_optimizer(const Net<float>& like) const {
     return sharded_optimizer(like, config().optimizer_options());
@@ -591,6 +701,22 @@ ParallelConfig parallel_config(int zero_stage) {
   config.weight_decay = 0.01;
   config.zero_stage = zero_stage;
   return config;
+}
+
+// Ranks that see data sets of different sizes (each loading its own file) would take different numbers of
+// steps: the one with fewer returned from fit while the others waited in a collective for ever. fit refuses
+// on every rank before the first step, naming what differs.
+TEST(ZeroOneMixin, FitRefusesRanksThatDisagreeOnTheirData) {
+  int world = 1, rank = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &world);
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  if (world < 2) GTEST_SKIP() << "needs two ranks";
+  ParallelTask task(parallel_config(0), rank == world - 1 ? examples - 64 : examples);
+  EXPECT_THAT([&] { task.fit(); },
+              ::testing::ThrowsMessage<xax::ConfigError>(::testing::HasSubstr(
+                  "processes disagree on num_examples() (from " + std::to_string(examples - 64) + " to " +
+                  std::to_string(examples) + ")")));
+  EXPECT_EQ(task.fit_steps(), 0);
 }
 
 TEST(ZeroOneMixin, FitWithCheckpointsIsBitIdenticalToOneProcessAndResumes) {
@@ -624,6 +750,26 @@ TEST(ZeroOneMixin, FitWithCheckpointsIsBitIdenticalToOneProcessAndResumes) {
   if (comm.rank() == 0) std::filesystem::remove(config.checkpoint_path);
 }
 
+// A ZeRO-1 trainer whose on_unscaled_gradients hook is a template (a member template cannot be declared in a
+// local class).
+class TemplateHook : public Model,
+                     public xax::TrainStep<TemplateHook, MixedPolicy>,
+                     public xax::distributed::DataParallelMixin<TemplateHook> {
+ public:
+  TemplateHook() : DataParallelMixin(ReducerOptions{}, 1) {
+    auto initial = task.init_params();
+    synchronize_initial_params(initial);
+    reset_train_state(
+        initial, [&](const Net<float>& like) { return sharded_optimizer(like, adamw); },
+        xax::DynamicLossScale{});
+  }
+  template <class Grads>
+  void on_unscaled_gradients(Grads& /*grads*/, const xax::UnscaledGradients& /*info*/) {
+    ++hook_calls;
+  }
+  int hook_calls = 0;
+};
+
 TEST(ZeroOne, MisuseIsAConfigErrorOrCheckpointError) {
   xax::distributed::DataParallelConfig config;
   EXPECT_EQ(config.checked_zero_stage(), 0);
@@ -653,6 +799,13 @@ TEST(ZeroOne, MisuseIsAConfigErrorOrCheckpointError) {
   };
   Unsharded unsharded;
   EXPECT_THROW(train(unsharded, unsharded.rank(), unsharded.world_size(), 0, 1), xax::ConfigError);
+
+  // Stage 1 with an on_unscaled_gradients hook written as a template: it has no address to take, and used
+  // to be called with this rank's shard of the gradients alone instead of being refused.
+  TemplateHook hooked;
+  EXPECT_THAT([&] { train(hooked, hooked.rank(), hooked.world_size(), 0, 1); },
+              ::testing::ThrowsMessage<xax::ConfigError>(::testing::HasSubstr("on_unscaled_gradients")));
+  EXPECT_EQ(hooked.hook_calls, 0);
 
   // Saving a sharded state without gathering it first.
   ParallelTrainer trainer(1);

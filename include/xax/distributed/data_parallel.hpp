@@ -44,13 +44,16 @@
 /// train_step (xax::distributed::ShardSampler picks them).
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
+#include <xax/detail/random.hpp>
 #include <xax/distributed/communicator.hpp>
 #include <xax/distributed/gradient_reducer.hpp>
 #include <xax/distributed/replica_check.hpp>
@@ -165,7 +168,9 @@ class DataParallelMixin {
           "params_type<float>& like) const { return sharded_optimizer(like, config().optimizer_options()); "
           "}`), or set zero_stage 0");
     }
-    if constexpr (requires { &Derived::on_unscaled_gradients; }) {
+    // By call as TrainStep calls it: a hook written as a template (or overloaded) has no address to take,
+    // and would otherwise see this rank's shard alone.
+    if constexpr (requires { &Derived::on_unscaled_gradients; } || unscaled_gradients_hook<Derived, Grads>) {
       throw ConfigError(
           "zero_stage 1 leaves each rank only its shard of the summed gradients, so on_unscaled_gradients "
           "would see a partial tree; remove the hook or set zero_stage 0");
@@ -287,6 +292,28 @@ class DataParallelMixin {
     broadcast_tree(communicator(), params, 0);
   }
 
+  /// TrainMixin's before-fit hook: collective. Throws ConfigError on every rank alike, naming each number
+  /// the ranks disagree on and its range, unless all of `values` (named by `names`) are the same on every
+  /// rank.
+  void verify_fit_agrees(std::span<const std::int64_t> values, std::span<const char* const> names) {
+    std::vector<std::int64_t> lowest(values.size()), highest(values.size());
+    communicator().all_reduce(values.data(), lowest.data(), values.size(), MPI_MIN);
+    communicator().all_reduce(values.data(), highest.data(), values.size(), MPI_MAX);
+    std::string differing;
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      if (lowest[i] == highest[i]) continue;
+      differing += (differing.empty() ? "" : ", ") + std::string(names[i]) + " (from " +
+                   std::to_string(lowest[i]) + " to " + std::to_string(highest[i]) + ")";
+    }
+    if (!differing.empty()) {
+      throw ConfigError(
+          "xax::distributed::DataParallelMixin: the " + std::to_string(world_size()) +
+          " processes disagree on " + differing +
+          "; every process must load the whole data set and the same config (fit gives each its "
+          "share of every step) and resume from the same checkpoint");
+    }
+  }
+
   /// TrainMixin's checkpoint hook: rank 0 writes; the state is the same on every rank (under ZeRO-1,
   /// prepare_checkpoint gathered its shards to rank 0).
   [[nodiscard]] bool writes_checkpoints() const { return rank() == 0; }
@@ -295,6 +322,12 @@ class DataParallelMixin {
   /// throws ReplicaMismatchError on every rank, naming the ranks, unless every rank now holds the same
   /// masters (see xax/distributed/replica_check.hpp: a CRC-32 of each rank's masters, all-gathered).
   void verify_loaded_state() {
+    // The masters alone do not show every difference: two checkpoints on either side of a skipped step hold
+    // the same masters but another loss scale, other step counts and another loop position, and ranks that
+    // resumed from them would sum gradients at different scales (or, under fit, take different numbers of
+    // steps and wait for each other for ever).
+    verify_replica_digests_equal(communicator(), train_state_digest(),
+                                 "loss scale, step counts and loop position after a checkpoint load");
     if (zero_stage_ == 1 && zero_registry_->live() != nullptr) {
       // Sharded masters: no rank holds them whole any more, so each compares the digest of the whole masters
       // it read (taken before it kept its shard); gathering the shards would hide a difference.
@@ -330,6 +363,24 @@ class DataParallelMixin {
   DataParallelMixin& operator=(const DataParallelMixin&) = delete;
 
  private:
+  // A digest of what a train state holds beside the masters (and the optimizer state, which is the masters'
+  // history): the loss scale, the step counts and, under TrainMixin, the loop position.
+  [[nodiscard]] std::uint64_t train_state_digest() {
+    Derived& task = data_parallel_task();
+    std::uint64_t digest = 0;
+    const auto add = [&digest](std::uint64_t value) {
+      digest = xax::detail::mix64(digest + 0x9e3779b97f4a7c15ull + value);
+    };
+    if constexpr (requires { task.current_loss_scale(); })
+      add(std::bit_cast<std::uint32_t>(task.current_loss_scale()));
+    if constexpr (requires { task.skipped_steps(); }) add(static_cast<std::uint64_t>(task.skipped_steps()));
+    if constexpr (requires { task.train_step_calls(); })
+      add(static_cast<std::uint64_t>(task.train_step_calls()));
+    if constexpr (requires { task.fit_steps(); }) add(static_cast<std::uint64_t>(task.fit_steps()));
+    if constexpr (requires { task.epoch(); }) add(static_cast<std::uint64_t>(task.epoch()));
+    return digest;
+  }
+
   const ZeroShardLayout& live_layout() const {
     if (zero_registry_->live() == nullptr) {
       throw ConfigError(

@@ -69,6 +69,7 @@
 #include <xax/detail/convert.hpp>
 #include <xax/detail/eigen.hpp>
 #include <xax/detail/parallel.hpp>
+#include <xax/detail/scratch.hpp>
 #include <xax/distributed/communicator.hpp>
 #include <xax/optim/adamw.hpp>
 #include <xax/optim/sgd.hpp>
@@ -129,8 +130,8 @@ class ZeroShardLayout {
   /// Elements of the flat parameter vector (N).
   [[nodiscard]] std::size_t elements() const { return leaf_offsets_.back(); }
   /// Shard q is the flat range [shard_begin(q), shard_end(q)).
-  [[nodiscard]] std::size_t shard_begin(int q) const { return bounds_.at(static_cast<std::size_t>(q)); }
-  [[nodiscard]] std::size_t shard_end(int q) const { return bounds_.at(static_cast<std::size_t>(q) + 1); }
+  [[nodiscard]] std::size_t shard_begin(int q) const { return bounds_[checked_shard(q)]; }
+  [[nodiscard]] std::size_t shard_end(int q) const { return bounds_[checked_shard(q) + 1]; }
   [[nodiscard]] std::size_t shard_size(int q) const { return shard_end(q) - shard_begin(q); }
   [[nodiscard]] const std::vector<std::size_t>& leaf_sizes() const { return leaf_sizes_; }
   /// The flat offset of floating leaf l's first element.
@@ -138,6 +139,7 @@ class ZeroShardLayout {
 
   /// Shard q's pieces, leaf by leaf, in flat order.
   [[nodiscard]] std::vector<ZeroSegment> segments(int q) const {
+    static_cast<void>(checked_shard(q));
     std::vector<ZeroSegment> pieces;
     const std::size_t first = shard_begin(q);
     const std::size_t last = shard_end(q);
@@ -150,6 +152,15 @@ class ZeroShardLayout {
   }
 
  private:
+  // `q` as an index of bounds_, or ConfigError when it names no shard.
+  [[nodiscard]] std::size_t checked_shard(int q) const {
+    if (q < 0 || q >= shards()) {
+      throw ConfigError("xax::distributed::ZeroShardLayout: shard " + std::to_string(q) +
+                        " is not accepted; this layout has shards 0 to " + std::to_string(shards() - 1));
+    }
+    return static_cast<std::size_t>(q);
+  }
+
   std::vector<std::size_t> leaf_sizes_;
   std::vector<std::size_t> leaf_offsets_{0};
   std::vector<std::size_t> bounds_{0, 0};
@@ -701,13 +712,36 @@ class ZeroOptimizer {
                                        chunk(i, std::min(optim::detail::update_chunk, end - i), arithmetic);
                                    });
     };
+    // Eigen runs the elements before the first aligned destination, like the last ones, as scalars, and its
+    // scalar square root (exact) can differ in the last bit from the vector one (EIGEN_FAST_MATH). A piece
+    // sits at any offset of the shard's flat arrays, while optim's update runs on leaves that start aligned:
+    // where a chunk's destinations are not aligned, it runs on aligned copies, so that every element takes
+    // the path the same element of the whole leaf takes, and the update is bit for bit the unsharded one.
+    const auto aligned = [](const float* p) {
+      constexpr std::uintptr_t packet_alignment = EIGEN_MAX_ALIGN_BYTES > 0 ? EIGEN_MAX_ALIGN_BYTES : 1;
+      return reinterpret_cast<std::uintptr_t>(p) % packet_alignment == 0;
+    };
     if (const auto* adamw = std::get_if<optim::AdamWOptions>(&options_)) {
       const auto constants = optim::detail::AdamWConstants<float>::make(*adamw, step, leaf);
       float* const m = first + piece.shard_offset;
       float* const v = second + piece.shard_offset;
-      chunks(7 * sizeof(float), [&constants, m, v](const float* in, const float* grad, float* out,
-                                                   std::size_t i, std::size_t n) noexcept {
-        constants.update(in, grad, m + i, v + i, out, n);
+      chunks(7 * sizeof(float), [&constants, m, v, &aligned](const float* in, const float* grad, float* out,
+                                                             std::size_t i, std::size_t n) noexcept {
+        if (aligned(out)) {  // then m + i and v + i are too: the same offset in arrays alike
+          constants.update(in, grad, m + i, v + i, out, n);
+          return;
+        }
+        thread_local xax::detail::ScratchBuffer<float> scratch;
+        float* const copies = scratch.get(3 * optim::detail::update_chunk);
+        float* const m_copy = copies;
+        float* const v_copy = copies + optim::detail::update_chunk;
+        float* const out_copy = copies + 2 * optim::detail::update_chunk;
+        std::copy_n(m + i, n, m_copy);
+        std::copy_n(v + i, n, v_copy);
+        constants.update(in, grad, m_copy, v_copy, out_copy, n);
+        std::copy_n(m_copy, n, m + i);
+        std::copy_n(v_copy, n, v + i);
+        std::copy_n(out_copy, n, out);
       });
     } else {
       const auto& sgd = std::get<optim::SgdOptions>(options_);
@@ -715,9 +749,20 @@ class ZeroOptimizer {
           static_cast<float>(sgd.learning_rate * leaf.learning_rate_scale), static_cast<float>(sgd.momentum),
           static_cast<float>(leaf.weight_decay), sgd.nesterov, step == 1};
       float* const buffer = first != nullptr ? first + piece.shard_offset : nullptr;
-      chunks(4 * sizeof(float), [&constants, buffer](const float* in, const float* grad, float* out,
-                                                     std::size_t i, std::size_t n) noexcept {
-        constants.update(in, grad, buffer != nullptr ? buffer + i : nullptr, out, n);
+      chunks(4 * sizeof(float), [&constants, buffer, &aligned](const float* in, const float* grad, float* out,
+                                                               std::size_t i, std::size_t n) noexcept {
+        if (aligned(out)) {
+          constants.update(in, grad, buffer != nullptr ? buffer + i : nullptr, out, n);
+          return;
+        }
+        thread_local xax::detail::ScratchBuffer<float> scratch;
+        float* const copies = scratch.get(2 * optim::detail::update_chunk);
+        float* const buffer_copy = buffer != nullptr ? copies : nullptr;
+        float* const out_copy = copies + optim::detail::update_chunk;
+        if (buffer != nullptr) std::copy_n(buffer + i, n, buffer_copy);
+        constants.update(in, grad, buffer_copy, out_copy, n);
+        if (buffer != nullptr) std::copy_n(buffer_copy, n, buffer + i);
+        std::copy_n(out_copy, n, out);
       });
     }
   }
