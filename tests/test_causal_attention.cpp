@@ -428,6 +428,26 @@ TEST(CausalAttention, AnOutputInsideTheOtherOutputsStorageIsRefusedBeforeAnyResi
   EXPECT_EQ(y.rows(), 10) << "nothing resized";
 }
 
+// One empty matrix as two gradients has no storage to overlap until it is resized: it would be resized twice,
+// dk's writes landing in dv's buffer. The outputs are compared again once all are resized.
+TEST(CausalAttention, OneObjectAsTwoGradientsIsRefused) {
+  const xax::AttentionLayout one_head{.heads = 1, .sequence_length = 8};
+  const Matrix<float> q = xax_test::random_matrix<float>(4, 8, 64),
+                      k = xax_test::random_matrix<float>(4, 8, 65),
+                      v = xax_test::random_matrix<float>(4, 8, 66),
+                      dy = xax_test::random_matrix<float>(4, 8, 67);
+  Matrix<float> y;
+  Tensor3<float> probs;
+  xax::causal_self_attention(q, k, v, one_head, 0.5f, y, probs);
+  Matrix<float> dq, same;
+  EXPECT_THAT(
+      [&] { xax::causal_self_attention_backward(q, k, v, probs, dy, one_head, 0.5f, dq, same, same); },
+      ::testing::ThrowsMessage<xax::ShapeError>(::testing::HasSubstr("dk shares memory with dv")));
+  EXPECT_THAT(
+      [&] { xax::causal_self_attention_backward(q, k, v, probs, dy, one_head, 0.5f, same, dq, same); },
+      ::testing::ThrowsMessage<xax::ShapeError>(::testing::HasSubstr("dq shares memory with dv")));
+}
+
 // One feature (one head of size 1) into vector outputs: a 1 x tokens result, which a vector type takes as
 // adjacent elements; it must equal the result in a plain matrix.
 TYPED_TEST(CausalAttentionTyped, OneFeatureIntoVectorOutputs) {

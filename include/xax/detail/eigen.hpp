@@ -33,17 +33,16 @@ namespace xax::detail {
 
 /// Resizes a plain Eigen output to rows x cols where its compile-time sizes allow that shape, and leaves it
 /// alone otherwise, so that the caller's shape check reports a ShapeError: resizing a fixed-size matrix to
-/// another shape is an Eigen assertion (undefined behaviour without assertions). Expressions are left alone.
+/// another shape (a column vector to a row), or a dynamic one past its compile-time maximum, is an Eigen
+/// assertion (without assertions, a write past the inline storage). Expressions are left alone.
 template <class Out>
 void resize_plain_if_possible(Out& out, Eigen::Index rows, Eigen::Index cols) {
   if constexpr (std::is_same_v<typename Out::PlainObject, Out>) {
     constexpr auto allows = [](Eigen::Index wanted, int fixed, int max) {
       return (fixed == Eigen::Dynamic || fixed == wanted) && (max == Eigen::Dynamic || wanted <= max);
     };
-    if constexpr (Out::IsVectorAtCompileTime) {
-      if (allows(rows * cols, Out::SizeAtCompileTime, Out::MaxSizeAtCompileTime)) out.resize(rows * cols);
-    } else if (allows(rows, Out::RowsAtCompileTime, Out::MaxRowsAtCompileTime) &&
-               allows(cols, Out::ColsAtCompileTime, Out::MaxColsAtCompileTime)) {
+    if (allows(rows, Out::RowsAtCompileTime, Out::MaxRowsAtCompileTime) &&
+        allows(cols, Out::ColsAtCompileTime, Out::MaxColsAtCompileTime)) {
       out.resize(rows, cols);
     }
   }

@@ -54,6 +54,7 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -62,6 +63,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <variant>
@@ -712,36 +714,15 @@ class ZeroOptimizer {
                                        chunk(i, std::min(optim::detail::update_chunk, end - i), arithmetic);
                                    });
     };
-    // Eigen runs the elements before the first aligned destination, like the last ones, as scalars, and its
-    // scalar square root (exact) can differ in the last bit from the vector one (EIGEN_FAST_MATH). A piece
-    // sits at any offset of the shard's flat arrays, while optim's update runs on leaves that start aligned:
-    // where a chunk's destinations are not aligned, it runs on aligned copies, so that every element takes
-    // the path the same element of the whole leaf takes, and the update is bit for bit the unsharded one.
-    const auto aligned = [](const float* p) {
-      constexpr std::uintptr_t packet_alignment = EIGEN_MAX_ALIGN_BYTES > 0 ? EIGEN_MAX_ALIGN_BYTES : 1;
-      return reinterpret_cast<std::uintptr_t>(p) % packet_alignment == 0;
-    };
     if (const auto* adamw = std::get_if<optim::AdamWOptions>(&options_)) {
       const auto constants = optim::detail::AdamWConstants<float>::make(*adamw, step, leaf);
       float* const m = first + piece.shard_offset;
       float* const v = second + piece.shard_offset;
-      chunks(7 * sizeof(float), [&constants, m, v, &aligned](const float* in, const float* grad, float* out,
-                                                             std::size_t i, std::size_t n) noexcept {
-        if (aligned(out)) {  // then m + i and v + i are too: the same offset in arrays alike
-          constants.update(in, grad, m + i, v + i, out, n);
-          return;
-        }
-        thread_local xax::detail::ScratchBuffer<float> scratch;
-        float* const copies = scratch.get(3 * optim::detail::update_chunk);
-        float* const m_copy = copies;
-        float* const v_copy = copies + optim::detail::update_chunk;
-        float* const out_copy = copies + 2 * optim::detail::update_chunk;
-        std::copy_n(m + i, n, m_copy);
-        std::copy_n(v + i, n, v_copy);
-        constants.update(in, grad, m_copy, v_copy, out_copy, n);
-        std::copy_n(m_copy, n, m + i);
-        std::copy_n(v_copy, n, v + i);
-        std::copy_n(out_copy, n, out);
+      chunks(7 * sizeof(float), [&constants, m, v](const float* in, const float* grad, float* out,
+                                                   std::size_t i, std::size_t n) noexcept {
+        update_on_aligned_storage(
+            out, n, std::array{m + i, v + i},
+            [&](float* m_i, float* v_i, float* out_i) { constants.update(in, grad, m_i, v_i, out_i, n); });
       });
     } else {
       const auto& sgd = std::get<optim::SgdOptions>(options_);
@@ -749,22 +730,46 @@ class ZeroOptimizer {
           static_cast<float>(sgd.learning_rate * leaf.learning_rate_scale), static_cast<float>(sgd.momentum),
           static_cast<float>(leaf.weight_decay), sgd.nesterov, step == 1};
       float* const buffer = first != nullptr ? first + piece.shard_offset : nullptr;
-      chunks(4 * sizeof(float), [&constants, buffer, &aligned](const float* in, const float* grad, float* out,
-                                                               std::size_t i, std::size_t n) noexcept {
-        if (aligned(out)) {
-          constants.update(in, grad, buffer != nullptr ? buffer + i : nullptr, out, n);
-          return;
-        }
-        thread_local xax::detail::ScratchBuffer<float> scratch;
-        float* const copies = scratch.get(2 * optim::detail::update_chunk);
-        float* const buffer_copy = buffer != nullptr ? copies : nullptr;
-        float* const out_copy = copies + optim::detail::update_chunk;
-        if (buffer != nullptr) std::copy_n(buffer + i, n, buffer_copy);
-        constants.update(in, grad, buffer_copy, out_copy, n);
-        if (buffer != nullptr) std::copy_n(buffer_copy, n, buffer + i);
-        std::copy_n(out_copy, n, out);
+      chunks(4 * sizeof(float), [&constants, buffer](const float* in, const float* grad, float* out,
+                                                     std::size_t i, std::size_t n) noexcept {
+        update_on_aligned_storage(
+            out, n, std::array{buffer != nullptr ? buffer + i : nullptr},
+            [&](float* buffer_i, float* out_i) { constants.update(in, grad, buffer_i, out_i, n); });
       });
     }
+  }
+
+  // Runs `update(state[0] ..., out)` over n elements, where `out` is a chunk of a piece and `state` its
+  // optimizer state at the same offset (a null state array stays null). Eigen runs the elements before the
+  // first aligned destination, like the last ones, as scalars, and its scalar square root (exact) can differ
+  // in the last bit from the vector one (EIGEN_FAST_MATH). A piece sits at any offset of the shard's flat
+  // arrays, while optim's update runs on leaves that start aligned: where `out` is not aligned, the update
+  // runs on aligned copies, so that every element takes the path the same element of the whole leaf takes,
+  // and the update is bit for bit the unsharded one.
+  template <std::size_t States, class Update>
+  static void update_on_aligned_storage(float* out, std::size_t n, const std::array<float*, States>& state,
+                                        const Update& update) noexcept {
+    constexpr std::uintptr_t packet_alignment = EIGEN_MAX_ALIGN_BYTES > 0 ? EIGEN_MAX_ALIGN_BYTES : 1;
+    if (reinterpret_cast<std::uintptr_t>(out) % packet_alignment == 0) {
+      // Then the state is aligned too: the same offset in arrays alike.
+      std::apply([&](auto*... state_i) { update(state_i..., out); }, state);
+      return;
+    }
+    constexpr std::size_t chunk = optim::detail::update_chunk;
+    thread_local xax::detail::ScratchBuffer<float> scratch;
+    float* const copies = scratch.get((States + 1) * chunk);
+    std::array<float*, States> state_copies{};
+    for (std::size_t k = 0; k < States; ++k) {
+      if (state[k] == nullptr) continue;
+      state_copies[k] = copies + k * chunk;
+      std::copy_n(state[k], n, state_copies[k]);
+    }
+    float* const out_copy = copies + States * chunk;
+    std::apply([&](auto*... state_i) { update(state_i..., out_copy); }, state_copies);
+    for (std::size_t k = 0; k < States; ++k) {
+      if (state[k] != nullptr) std::copy_n(state_copies[k], n, state[k]);
+    }
+    std::copy_n(out_copy, n, out);
   }
 
   // step_half_masters after the compensation check: `compensation` is a tree shaped like the masters, or

@@ -330,17 +330,18 @@ void causal_self_attention(const Q& q, const K& k, const V& v, const AttentionLa
                            "the output");
   detail::check_no_overlap(detail::tensor_storage(probs), inputs, "causal_self_attention",
                            "the probabilities");
-  // The outputs against each other before either is resized, as a resize frees storage the other may point
-  // into, and again after, when their storage is final.
-  detail::check_no_overlap(detail::matrix_storage(y, function), {detail::tensor_storage(probs)},
-                           "causal_self_attention", "the output");
+  const auto check_outputs_apart = [&] {
+    detail::check_outputs_apart({{detail::matrix_storage(y, function), "the output"},
+                                 {detail::tensor_storage(probs), "the probabilities"}},
+                                function);
+  };
+  check_outputs_apart();
   // A vector output of a 1-feature input keeps its own shape: write it at the leading dimension returned.
   const Eigen::Index ldy =
       detail::prepare_output(y, q.rows(), q.cols(), "causal_self_attention", "the output");
   detail::prepare_output3(probs, layout.sequence_length, layout.sequence_length, slices.count,
                           "causal_self_attention", "the probabilities");
-  detail::check_no_overlap(detail::matrix_storage(y, function), {detail::tensor_storage(probs)},
-                           "causal_self_attention", "the output");
+  check_outputs_apart();
   if (slices.count == 0) return;
 
   const auto q_in = detail::token_operand(q), k_in = detail::token_operand(k),
@@ -401,20 +402,17 @@ void causal_self_attention_backward(const Q& q, const K& k, const V& v, const Pr
   detail::check_no_overlap(detail::matrix_storage(dq, function), inputs, function, "dq");
   detail::check_no_overlap(detail::matrix_storage(dk, function), inputs, function, "dk");
   detail::check_no_overlap(detail::matrix_storage(dv, function), inputs, function, "dv");
-  // The outputs against each other before any is resized too: a resize frees storage another may point into.
-  detail::check_no_overlap(detail::matrix_storage(dq, function),
-                           {detail::matrix_storage(dk, function), detail::matrix_storage(dv, function)},
-                           function, "dq");
-  detail::check_no_overlap(detail::matrix_storage(dk, function), {detail::matrix_storage(dv, function)},
-                           function, "dk");
+  const auto check_outputs_apart = [&] {
+    detail::check_outputs_apart({{detail::matrix_storage(dq, function), "dq"},
+                                 {detail::matrix_storage(dk, function), "dk"},
+                                 {detail::matrix_storage(dv, function), "dv"}},
+                                function);
+  };
+  check_outputs_apart();
   const Eigen::Index ldq = detail::prepare_output(dq, q.rows(), q.cols(), function, "dq");
   const Eigen::Index ldk = detail::prepare_output(dk, q.rows(), q.cols(), function, "dk");
   const Eigen::Index ldv = detail::prepare_output(dv, q.rows(), q.cols(), function, "dv");
-  detail::check_no_overlap(detail::matrix_storage(dq, function),
-                           {detail::matrix_storage(dk, function), detail::matrix_storage(dv, function)},
-                           function, "dq");
-  detail::check_no_overlap(detail::matrix_storage(dk, function), {detail::matrix_storage(dv, function)},
-                           function, "dk");
+  check_outputs_apart();
   if (slices.count == 0) return;
 
   const auto q_in = detail::token_operand(q), k_in = detail::token_operand(k),

@@ -84,21 +84,24 @@ void layer_norm(const X& x, const Gain& gain, const Bias& bias, Y&& y, LayerNorm
       detail::matrix_storage(y, "layer_norm"),
       {detail::matrix_storage(x, "layer_norm"), detail::vector_storage(gain), detail::vector_storage(bias)},
       "layer_norm", "the output", true);
-  // The statistics are outputs too: checked against the inputs and y before anything is resized (a resize
-  // frees storage an input may point into), and against y again after.
-  const auto check_statistics = [&] {
-    const auto others = {detail::matrix_storage(x, "layer_norm"), detail::vector_storage(gain),
-                         detail::vector_storage(bias), detail::matrix_storage(y, "layer_norm")};
-    detail::check_no_overlap(detail::vector_storage(stats.mean), others, "layer_norm",
-                             "the statistics' mean");
-    detail::check_no_overlap(detail::vector_storage(stats.inverse_std), others, "layer_norm",
-                             "the statistics' inverse_std");
+  // The statistics are outputs too: checked against the inputs before anything is resized (a resize frees
+  // storage an input may point into).
+  const auto inputs = {detail::matrix_storage(x, "layer_norm"), detail::vector_storage(gain),
+                       detail::vector_storage(bias)};
+  detail::check_no_overlap(detail::vector_storage(stats.mean), inputs, "layer_norm", "the statistics' mean");
+  detail::check_no_overlap(detail::vector_storage(stats.inverse_std), inputs, "layer_norm",
+                           "the statistics' inverse_std");
+  const auto check_outputs_apart = [&] {
+    detail::check_outputs_apart({{detail::vector_storage(stats.mean), "the statistics' mean"},
+                                 {detail::vector_storage(stats.inverse_std), "the statistics' inverse_std"},
+                                 {detail::matrix_storage(y, "layer_norm"), "the output"}},
+                                "layer_norm");
   };
-  check_statistics();
+  check_outputs_apart();
   const Eigen::Index ldy = detail::prepare_output(y, features, columns, "layer_norm", "the output");
   stats.mean.resize(columns);
   stats.inverse_std.resize(columns);
-  check_statistics();
+  check_outputs_apart();
 
   using T = typename X::Scalar;
   using O = typename std::remove_reference_t<Y>::Scalar;
@@ -169,13 +172,16 @@ void layer_norm_backward(const X& x, const Gain& gain, const LayerNormStatistics
   const auto inputs = {detail::matrix_storage(x, function), detail::vector_storage(gain),
                        detail::matrix_storage(dy, function), detail::vector_storage(stats.mean),
                        detail::vector_storage(stats.inverse_std)};
-  const detail::StoredOperand dx_storage = detail::matrix_storage(dx, function);
-  const detail::StoredOperand dgain_storage = detail::vector_storage(dgain);
-  detail::check_no_overlap(dx_storage, inputs, function, "dx");
-  detail::check_no_overlap(dgain_storage, inputs, function, "dgain");
+  detail::check_no_overlap(detail::matrix_storage(dx, function), inputs, function, "dx");
+  detail::check_no_overlap(detail::vector_storage(dgain), inputs, function, "dgain");
   detail::check_no_overlap(detail::vector_storage(dbias), inputs, function, "dbias");
-  detail::check_no_overlap(dx_storage, {dgain_storage, detail::vector_storage(dbias)}, function, "dx");
-  detail::check_no_overlap(dgain_storage, {detail::vector_storage(dbias)}, function, "dgain");
+  const auto check_outputs_apart = [&] {
+    detail::check_outputs_apart({{detail::matrix_storage(dx, function), "dx"},
+                                 {detail::vector_storage(dgain), "dgain"},
+                                 {detail::vector_storage(dbias), "dbias"}},
+                                function);
+  };
+  check_outputs_apart();
   Eigen::Index ldo = 0;
   if (options.accumulate_input_gradient) {
     ldo = detail::leading_dimension(dx, function);
@@ -196,11 +202,7 @@ void layer_norm_backward(const X& x, const Gain& gain, const LayerNormStatistics
     detail::prepare_output(dgain, features, 1, "layer_norm_backward", "dgain");
     detail::prepare_output(dbias, features, 1, "layer_norm_backward", "dbias");
   }
-  // And against each other again once resized: one object passed as two outputs has no storage to overlap
-  // while empty, and would then be resized twice, the first shape's writes landing in the second's buffer.
-  detail::check_no_overlap(detail::matrix_storage(dx, function),
-                           {detail::vector_storage(dgain), detail::vector_storage(dbias)}, function, "dx");
-  detail::check_no_overlap(detail::vector_storage(dgain), {detail::vector_storage(dbias)}, function, "dgain");
+  check_outputs_apart();
   if (features == 0) return;
 
   using O = typename std::remove_reference_t<DX>::Scalar;

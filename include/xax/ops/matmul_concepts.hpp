@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#include <iterator>
 #include <string>
 #include <utility>
 #include <xax/detail/format.hpp>
@@ -157,6 +158,27 @@ inline void check_no_overlap(const StoredOperand& output, std::initializer_list<
       throw ShapeError(std::string("xax::") + function + ": " + what +
                        " shares memory with an input; write it into separate storage" +
                        (in_place ? " (or exactly over the input, in place)" : ""));
+    }
+  }
+}
+
+/// An op's output, by its storage and the name an error gives it.
+struct NamedOutput {
+  StoredOperand storage;
+  const char* name;
+};
+
+/// Throws ShapeError when two of an op's outputs share an element. Call it before any output is resized, as a
+/// resize frees storage another output may point into, and again once all are resized: one object passed as
+/// two outputs has no storage to overlap while it is empty, and would otherwise be resized twice, the first
+/// shape's writes landing in the second's buffer.
+inline void check_outputs_apart(std::initializer_list<NamedOutput> outputs, const char* function) {
+  for (auto a = outputs.begin(); a != outputs.end(); ++a) {
+    for (auto b = std::next(a); b != outputs.end(); ++b) {
+      if (share_elements(a->storage, b->storage)) {
+        throw ShapeError(std::string("xax::") + function + ": " + a->name + " shares memory with " + b->name +
+                         "; write each output into separate storage");
+      }
     }
   }
 }

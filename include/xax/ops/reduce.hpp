@@ -134,7 +134,13 @@ void map_column(const T* x, Out* out, std::size_t n, const Block& block) noexcep
 template <class Out>
 Eigen::Index prepare_output(Out& out, Eigen::Index rows, Eigen::Index cols, const char* function,
                             const char* what) {
-  resize_plain_if_possible(out, rows, cols);
+  if constexpr (Out::IsVectorAtCompileTime) {
+    constexpr bool row_vector = Out::RowsAtCompileTime == 1;
+    if (rows == 1 || cols == 1)
+      resize_plain_if_possible(out, row_vector ? 1 : rows * cols, row_vector ? rows * cols : 1);
+  } else {
+    resize_plain_if_possible(out, rows, cols);
+  }
   if (out.rows() == rows && out.cols() == cols) return leading_dimension(out, function);
   const bool vector_ok =
       (rows == 1 || cols == 1) && (out.rows() == 1 || out.cols() == 1) && out.size() == rows * cols;

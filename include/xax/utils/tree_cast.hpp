@@ -48,14 +48,7 @@ void cast_leaf_into(const TreePath& path, const Src& src, Dst& dst, ConversionBa
     return;
   } else {
     if constexpr (eigen_plain_object<Dst> && eigen_dense_leaf<Src>) {
-      // A fixed dimension cannot change, nor a dynamic one grow past its compile-time maximum (Eigen asserts,
-      // and without assertions writes past the inline storage): check_same_shape then reports the mismatch.
-      const auto fits = [](Eigen::Index fixed, Eigen::Index most, Eigen::Index size) {
-        return fixed == Eigen::Dynamic ? most == Eigen::Dynamic || size <= most : size == fixed;
-      };
-      if (fits(Dst::RowsAtCompileTime, Dst::MaxRowsAtCompileTime, src.rows()) &&
-          fits(Dst::ColsAtCompileTime, Dst::MaxColsAtCompileTime, src.cols()))
-        dst.resize(src.rows(), src.cols());
+      resize_plain_if_possible(dst, src.rows(), src.cols());  // check_same_shape reports any other shape
     } else if constexpr (requires { dst.resize(src.dimensions()); } && eigen_tensor_leaf<Src>) {
       if constexpr (!requires { Dst::Dimensions::total_size; }) dst.resize(src.dimensions());
     }
