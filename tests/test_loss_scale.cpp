@@ -626,6 +626,12 @@ struct HalvingScale {
 };
 static_assert(xax::loss_scale<HalvingScale> && !xax::checkpointable_loss_scale<HalvingScale>);
 
+// A kind held per object passed the concept, then failed to compile inside TrainStep::set_loss_scale.
+struct HalvingScaleWithAMemberKind : HalvingScale {
+  std::string_view kind = "halving";
+};
+static_assert(!xax::loss_scale<HalvingScaleWithAMemberKind>, "the kind must be static");
+
 TEST(LossScaleAtMin, UsesTheScalesOwnAnswerOrAsksACopy) {
   EXPECT_TRUE(xax::loss_scale_at_min(NoOpLossScale()));
   EXPECT_TRUE(xax::loss_scale_at_min(StaticLossScale(4)));

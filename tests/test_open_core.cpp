@@ -10,6 +10,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 #include <xax/task/mixins/mixed_precision.hpp>
@@ -221,6 +222,45 @@ TEST(UserOptimizer, LionStateIsCheckpointedAndRestoredBitIdentically) {
     EXPECT_STREQ(error.what(), "checkpoint was written with optimizer lion, not adamw");
   }
   EXPECT_EQ(adamw.params().w, initial_weights().w);
+}
+
+// float params with a double compute copy (get_policy accepts "params=float32,compute=float64"): the built-in
+// optimizers' half-master update was instantiated for the double copy and failed to compile. The gradients
+// here do not depend on the compute type, so the run is bit for bit the all-float one.
+TEST(UserOptimizer, BuiltInOptimizersTrainFloatParamsWithADoubleComputeCopy) {
+  using DoubleCompute = Regression<xax::Policy<float, double, float>>;
+  for (const bool sgd : {false, true}) {
+    const auto optimizer = [sgd]() -> xax::OptimizerOptions {
+      if (sgd) return xax::optim::SgdOptions{.learning_rate = 0.25, .momentum = 0.5};
+      return xax::optim::AdamWOptions{.learning_rate = 0.25};
+    };
+    DoubleCompute mixed(initial_weights(), optimizer());
+    FloatRegression reference(initial_weights(), optimizer());
+    for (int step = 0; step < 3; ++step) {
+      mixed.train_step(zero_target());
+      reference.train_step(zero_target());
+    }
+    EXPECT_TRUE(bitwise_equal(mixed.params().w, reference.params().w)) << (sgd ? "Sgd" : "AdamW");
+    EXPECT_TRUE(bitwise_equal(mixed.params().b, reference.params().b)) << (sgd ? "Sgd" : "AdamW");
+  }
+}
+
+// A name() returning std::string_view is a name: it was taken for none ("custom"), so a checkpoint of this
+// optimizer loaded into a run of any other unnamed one without a word.
+struct LionNamedByAView : Lion<Params> {
+  using Lion<Params>::Lion;
+  [[nodiscard]] static std::string_view name() { return "lion_by_view"; }
+};
+
+TEST(UserOptimizer, ANameReturnedAsAStringViewIsRecordedAndChecked) {
+  FloatRegression trainer(initial_weights(), [](const Params& like) { return LionNamedByAView(like); });
+  trainer.train_step(zero_target());
+  xax::CheckpointWriter writer;
+  trainer.save_train_state(writer);
+  const auto reader = xax::CheckpointReader::from_bytes(writer.bytes());
+  EXPECT_EQ(reader.read_string("train.optimizer"), "lion_by_view");
+  FloatRegression lion = lion_trainer();
+  EXPECT_THROW(lion.load_train_state(reader), xax::CheckpointError);
 }
 
 TEST(UserOptimizer, ANegativeStepCountInTheCheckpointIsRefused) {
@@ -731,6 +771,29 @@ TEST(MasterRounding, KahanWithoutACompensationTreeIsAClearError) {
     EXPECT_THAT(e.what(), ::testing::HasSubstr("compensation"));
   }
   EXPECT_EQ(adamw.state().step, 0);
+}
+
+// A rounding cast from an out-of-range integer matched no branch of the update: the step count moved and
+// every parameter stayed as it was.
+TEST(MasterRounding, AnUnknownRoundingIsAConfigErrorBeforeAnyUpdate) {
+  const auto unknown = static_cast<xax::optim::MasterRounding>(3);
+  xax::optim::AdamW<Weights<float>> adamw(Weights<float>{Eigen::VectorXf::Zero(4), Eigen::VectorXf::Zero(1)});
+  Weights<xax::float16> masters =
+      xax::tree_cast<xax::float16>(Weights<float>{Eigen::VectorXf::Ones(4), Eigen::VectorXf::Ones(1)});
+  const Weights<float> grads{Eigen::VectorXf::Ones(4), Eigen::VectorXf::Ones(1)};
+  EXPECT_THAT([&] { adamw.step_half_masters(masters, grads, {.rounding = unknown}, nullptr); },
+              ::testing::ThrowsMessage<xax::ConfigError>(::testing::HasSubstr(
+                  "AdamW::step_half_masters: the rounding 3 is not accepted; give round_to_nearest")));
+  EXPECT_EQ(adamw.state().step, 0);
+
+  using Bf16Weights = Weights<xax::bfloat16>;
+  const Bf16Weights like = xax::tree_cast<xax::bfloat16>(grads);
+  EXPECT_THAT([&] { xax::optim::AdamW<Bf16Weights>(like, {}, {.rounding = unknown}); },
+              ::testing::ThrowsMessage<xax::ConfigError>(
+                  ::testing::HasSubstr("AdamW: the bf16 update's rounding 3 is not accepted")));
+  EXPECT_THAT([&] { xax::optim::Sgd<Bf16Weights>(like, {}, {.rounding = unknown}); },
+              ::testing::ThrowsMessage<xax::ConfigError>(
+                  ::testing::HasSubstr("Sgd: the bf16 update's rounding 3 is not accepted")));
 }
 
 TEST(MasterRounding, ConfigChoosesItAndRefusesOtherNames) {

@@ -8,6 +8,8 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <map>
+#include <string>
 #include <vector>
 #include <xax/optim/adamw.hpp>
 #include <xax/optim/sgd.hpp>
@@ -497,12 +499,31 @@ Layer<T> layer_of(T w, T b, T gain) {
 
 TEST(ParamGroups, BiasAndNormPredicatesMatchTheUsualNames) {
   using xax::optim::is_bias_or_norm;
-  for (const char* path : {"b", "layers[1].b", "attn.bias", "rnn.bias_hh", "proj_bias", "ln_f.ln_gain",
-                           "gain", "blocks[0].norm1.w", "final_norm.scale", "LayerNorm.weight", "gamma",
-                           "layers[\"out\"].b", "biases[3]"}) {
+  for (const char* path : {"b",
+                           "layers[1].b",
+                           "attn.bias",
+                           "rnn.bias_hh",
+                           "proj_bias",
+                           "ln_f.ln_gain",
+                           "gain",
+                           "blocks[0].norm1.w",
+                           "final_norm.scale",
+                           "LayerNorm.weight",
+                           "gamma",
+                           "layers[\"out\"].b",
+                           "biases[3]",
+                           "[\"b\"]",
+                           "[\"fc1.bias\"]",
+                           "[\"bias\"][2]",
+                           "blocks[0][\"attn.c_proj.bias\"]",
+                           "[\"ln_f.weight\"]",
+                           "h[0].ln_1.w",
+                           "ln2.scale"}) {
     EXPECT_TRUE(is_bias_or_norm(path)) << path;
   }
-  for (const char* path : {"w", "layers[1].w", "embed", "attn.qkv", "layers[\"b\"].w", "bw", "abnormal_w"}) {
+  for (const char* path :
+       {"w", "layers[1].w", "embed", "attn.qkv", "layers[\"b\"].w", "bw", "abnormal_w", "[\"fc1.weight\"]",
+        "[\"bias.net\"].w", "[\"\"]", "[\"]", "\"]", "kiln.w", "lnx.w"}) {
     EXPECT_FALSE(is_bias_or_norm(path)) << path;
   }
 }
@@ -520,6 +541,25 @@ TEST(ParamGroups, AdamWDecaysTheWeightButNotTheBiasOrNormGain) {
   EXPECT_EQ(params.w, Eigen::Vector2f::Constant(1.875f));
   EXPECT_EQ(params.b, Eigen::Vector2f::Constant(4.0f));
   EXPECT_EQ(params.norm_gain, Eigen::Vector2f::Constant(8.0f));
+}
+
+// A map keyed by PyTorch-style names: the key's last dotted part is the field. Without it, "fc1.bias" was
+// decayed (the key was not read at all) while "ln.norm" was not.
+TEST(ParamGroups, MapKeysAreMatchedByTheirLastDottedName) {
+  using Tree = std::map<std::string, Eigen::Vector2f>;
+  Tree params{{"fc1.bias", Eigen::Vector2f::Constant(4.0f)},
+              {"fc1.weight", Eigen::Vector2f::Constant(2.0f)},
+              {"ln.norm", Eigen::Vector2f::Constant(8.0f)}};
+  const Tree grads = xax::zeros_like(params);
+  xax::optim::AdamW<Tree> adamw(
+      params, {.learning_rate = 0.125,
+               .weight_decay = 0.5,
+               .groups = xax::optim::ParamGroups{}.no_weight_decay_if(xax::optim::is_bias_or_norm)});
+  adamw.step(params, grads);
+  EXPECT_EQ(params.at("fc1.weight"), Eigen::Vector2f::Constant(1.875f));
+  EXPECT_EQ(params.at("fc1.bias"), Eigen::Vector2f::Constant(4.0f));
+  EXPECT_EQ(params.at("ln.norm"), Eigen::Vector2f::Constant(8.0f));
+  EXPECT_TRUE(xax::optim::field_is("bias")("[\"fc1.bias\"]"));
 }
 
 // The fused step that writes a bf16 copy (TrainStep's compute copy) applies the groups too.

@@ -94,6 +94,38 @@ TEST(Tree, CountsLeavesElementsAndBytes) {
   EXPECT_EQ(xax::payload_bytes(m), floats * sizeof(float) + sizeof(std::int32_t));
 }
 
+// A parameter after the scalar that defaults to a type over it: the cast takes the new scalar's default. It
+// kept Linear<float> (Net<bfloat16, Linear<float>>), whose leaves the cast then silently left float.
+template <class T>
+struct DefaultedLinear {
+  Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> w;
+  XAX_FIELDS(w);
+};
+template <class T, class Layer = DefaultedLinear<T>>
+struct NetWithADefaultedLayer {
+  Eigen::Matrix<T, Eigen::Dynamic, 1> bias;
+  Layer layer;
+  XAX_FIELDS(bias, layer);
+};
+static_assert(std::is_same_v<xax::rebind_scalar_t<NetWithADefaultedLayer<float>, xax::bfloat16>,
+                             NetWithADefaultedLayer<xax::bfloat16>>);
+// Given explicitly, another type is kept, as a full-precision field is.
+static_assert(std::is_same_v<
+              xax::rebind_scalar_t<NetWithADefaultedLayer<float, DefaultedLinear<double>>, xax::bfloat16>,
+              NetWithADefaultedLayer<xax::bfloat16, DefaultedLinear<double>>>);
+
+TEST(Tree, CastOfAStructSpelledWithItsDefaultsCastsTheDefaultedFields) {
+  const NetWithADefaultedLayer<float> net{Eigen::VectorXf::Constant(2, 1.0f / 3),
+                                          {Eigen::MatrixXf::Constant(2, 2, 1.0f / 3)}};
+  const auto cast = xax::tree_cast<xax::bfloat16>(net);
+  EXPECT_EQ(cast.layer.w(1, 1), xax::bfloat16(1.0f / 3));
+  EXPECT_EQ(cast.bias(0), xax::bfloat16(1.0f / 3));
+}
+
+// std::vector<bool> has no addressable elements: it passed the concept, then failed deep inside every walk.
+static_assert(!xax::tree<std::vector<bool>>);
+static_assert(xax::tree<std::vector<Eigen::Array<bool, Eigen::Dynamic, 1>>>);
+
 TEST(Tree, RootLeafAndStdNodes) {
   EXPECT_THAT(xax::leaf_paths(Eigen::MatrixXf(2, 2)), ElementsAre("<root>"));
   const std::pair<float, std::array<Eigen::VectorXd, 2>> tree{1.0f, {Eigen::VectorXd(1), Eigen::VectorXd(2)}};

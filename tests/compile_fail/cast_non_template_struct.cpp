@@ -1,4 +1,4 @@
-// expected-error: static.assert[a-z]* failed.*casting this struct .* must be a class template whose first
+// expected-error: casting this struct changes the scalar .* parameters are types, the first one its
 // Casting a struct whose floating fields would change type needs the struct to be a template over its scalar.
 #include <xax/utils/tree.hpp>
 #include <xax/utils/tree_cast.hpp>

@@ -453,9 +453,11 @@ class ZeroOptimizer {
   /// too, so that every rank ends the step with the same masters and compensation. ShapeError when the trees
   /// differ, ConfigError for Kahan without a compensation tree, Error once this optimizer owns fp32 masters.
   template <tree Masters>
-  void step_half_masters(Masters& masters, const Params& grads, const optim::HalfMasterUpdate& update,
-                         std::type_identity_t<Masters>* compensation) requires
-      std::is_same_v<rebind_scalar_t<Masters, float>, Params> {
+  void step_half_masters(
+      Masters& masters, const Params& grads, const optim::HalfMasterUpdate& update,
+      std::type_identity_t<Masters>*
+          compensation) requires(optim::detail::half_master_tree<Masters>&&
+                                     std::is_same_v<rebind_scalar_t<Masters, float>, Params>) {
     if (owns_masters_) {
       throw Error(
           "xax::distributed::ZeroOptimizer::step_half_masters: this optimizer owns fp32 masters (sharded); "

@@ -122,6 +122,7 @@ class AdamW {
                  BF16UpdateOptions bf16 = {}) requires bf16_params<Params> : options_(options),
                                                                              bf16_(bf16) {
     validate(options_);
+    detail::require_known_rounding(bf16_.rounding, "xax::optim::AdamW: the bf16 update's rounding");
     leaves_ = options_.groups.resolve(like, options_.weight_decay);
     state_.m = tree_cast<float>(like);
     fill_floating(state_.m, 0.0);
@@ -165,7 +166,7 @@ class AdamW {
   void step_half_masters(
       Masters& masters, const Params& grads, const HalfMasterUpdate& update,
       std::type_identity_t<Masters>*
-          compensation) requires(master_params<Params>&&
+          compensation) requires(master_params<Params>&& detail::half_master_tree<Masters>&&
                                      std::is_same_v<rebind_scalar_t<Masters, float>, Params>) {
     const std::int64_t step = state_.step + 1;
     detail::with_compensation(compensation, update, "AdamW", [&](auto& carried) {

@@ -127,6 +127,17 @@ concept bf16_params =
 template <class P>
 concept optimizer_params = master_params<P> || bf16_params<P>;
 
+namespace detail {
+template <class T>
+struct is_half_or_float : std::bool_constant<half_scalar<T> || std::is_same_v<T, float>> {};
+
+/// Masters step_half_masters updates in place: float16 or bfloat16 leaves, and float ones where a leaf keeps
+/// full precision (full_precision_t), but no double, which has no half-master update (a float/double policy
+/// updates its fp32 params and writes the double copy instead).
+template <class M>
+concept half_master_tree = tree<M> && all_floating_leaves<M, is_half_or_float>::value;
+}  // namespace detail
+
 /// The tree an optimizer keeps its moments in: the params' own type for masters, fp32 for bf16 params.
 template <optimizer_params P>
 using moments_t = std::conditional_t<master_params<P>, P, rebind_scalar_t<P, float>>;
@@ -140,6 +151,20 @@ inline void require_option(bool accepted, const char* optimizer, const char* opt
     throw ConfigError(std::string("xax::optim::") + optimizer + ": " + option + " = " +
                       xax::detail::shortest_text(value) + " is not accepted; give " + expected);
   }
+}
+
+/// Throws ConfigError unless `rounding` is one of BF16Update's values: one cast from an integer (read from a
+/// config, say) may be any, and would otherwise leave every parameter unchanged while the step count moves.
+/// `what` names the setting in the message.
+inline void require_known_rounding(BF16Update rounding, const std::string& what) {
+  switch (rounding) {
+    case BF16Update::round_to_nearest:
+    case BF16Update::stochastic_rounding:
+    case BF16Update::kahan:
+      return;
+  }
+  throw ConfigError(what + " " + std::to_string(static_cast<int>(rounding)) +
+                    " is not accepted; give round_to_nearest, stochastic_rounding or kahan");
 }
 
 template <class Params>
@@ -203,7 +228,9 @@ constexpr std::uint32_t rounding_key(std::uint64_t seed, std::int64_t step, std:
 }
 
 /// 32 random bits for element `index` of a stream (Wellons' lowbias32 hash: 32-bit multiplies and shifts,
-/// which vectorise).
+/// which vectorise). Only the low 32 bits of the index count: in a leaf of more than 2^32 elements, elements
+/// 2^32 apart draw the same bits at a step. Each rounding stays unbiased; only those pairs are correlated,
+/// and a 64-bit index would cost the hot loop 64-bit multiplies that AVX2 does not have.
 constexpr std::uint32_t random_bits(std::uint32_t key, std::size_t index) noexcept {
   std::uint32_t x = static_cast<std::uint32_t>(index) * 0x9e3779b1u + key;
   x ^= x >> 16;

@@ -117,9 +117,16 @@ class ParamGroups {
 
 namespace detail {
 
-/// The field name a path ends with, without trailing indices or keys: `layers[1].b` -> `b`.
+/// The field name a path ends with, without trailing indices: `layers[1].b` -> `b`. A trailing string key is
+/// a name too, and a dotted one (PyTorch's state-dict names) counts by its last part: `["fc1.bias"]` ->
+/// `bias`.
 inline std::string_view last_field(std::string_view path) {
-  while (!path.empty() && path.back() == ']') {
+  while (path.ends_with(']')) {
+    if (const std::size_t open = path.rfind("[\"");
+        path.ends_with("\"]") && open != std::string_view::npos && open + 4 <= path.size()) {
+      path = path.substr(open + 2, path.size() - open - 4);
+      break;
+    }
     const std::size_t open = path.rfind('[');
     if (open == std::string_view::npos) break;
     path = path.substr(0, open);
@@ -140,17 +147,18 @@ inline bool ends_with(std::string_view text, std::string_view suffix) {
 
 }  // namespace detail
 
-/// Whether the leaf is a bias: its field is `b` or `bias`, or its name starts with `bias` or ends with `_b`
-/// or `_bias` (case-insensitive).
+/// Whether the leaf is a bias: its field (a map key's last dotted part: `["fc1.bias"]`) is `b` or `bias`, or
+/// starts with `bias` or ends with `_b` or `_bias` (case-insensitive).
 inline bool is_bias(std::string_view path) {
   const std::string name = detail::lower(detail::last_field(path));
   return name == "b" || name.starts_with("bias") || detail::ends_with(name, "_b") ||
          detail::ends_with(name, "_bias");
 }
 
-/// Whether the leaf belongs to a normalisation layer: a name on its path starts or ends with `norm`, trailing
-/// digits aside (`norm1`, `final_norm`, `LayerNorm`, `batchnorm`, not `abnormal`), or its field is `gain` or
-/// `gamma`, starts with `ln_` or ends with `_gain` (case-insensitive).
+/// Whether the leaf belongs to a normalisation layer: a name on its path starts or ends with `norm`, or is
+/// `ln` or starts with `ln_`, trailing digits aside (`norm1`, `final_norm`, `LayerNorm`, `batchnorm`, GPT-2's
+/// `ln_1` and `ln_f`; not `abnormal`), or its field is `gain` or `gamma` or ends with `_gain`
+/// (case-insensitive).
 inline bool is_norm(std::string_view path) {
   const std::string lowered = detail::lower(path);
   std::size_t begin = 0;
@@ -159,12 +167,15 @@ inline bool is_norm(std::string_view path) {
     std::string_view name =
         std::string_view(lowered).substr(begin, end == std::string::npos ? std::string::npos : end - begin);
     while (!name.empty() && std::isdigit(static_cast<unsigned char>(name.back())) != 0) name.remove_suffix(1);
-    if (name.starts_with("norm") || detail::ends_with(name, "norm")) return true;
+    if (name.starts_with("norm") || detail::ends_with(name, "norm") || name == "ln" ||
+        name.starts_with("ln_")) {
+      return true;
+    }
     if (end == std::string::npos) break;
     begin = end + 1;
   }
   const std::string name = detail::lower(detail::last_field(path));
-  return name == "gain" || name == "gamma" || name.starts_with("ln_") || detail::ends_with(name, "_gain");
+  return name == "gain" || name == "gamma" || detail::ends_with(name, "_gain");
 }
 
 /// Biases and normalisation parameters: the leaves transformers train without weight decay.
@@ -178,7 +189,8 @@ inline PathPredicate path_contains(std::string text) {
       [text = std::move(text)](std::string_view path) { return path.find(text) != std::string_view::npos; };
 }
 
-/// A predicate true for leaves whose field (the path's last name, without indices) is `name`.
+/// A predicate true for leaves whose field (the path's last name, without indices; a map key's last dotted
+/// part) is `name`.
 inline PathPredicate field_is(std::string name) {
   return [name = std::move(name)](std::string_view path) { return detail::last_field(path) == name; };
 }

@@ -135,9 +135,11 @@ class OptimizerModel final : public AnyOptimizer<Params, Copy> {
     }
   }
   [[nodiscard]] std::string name() const override {
-    if constexpr (requires {
-                    { optimizer_.name() } -> std::convertible_to<std::string>;
-                  }) {
+    if constexpr (requires { optimizer_.name(); }) {
+      // A name() of another type must not pass for no name: the checkpoint check on load would then be lost.
+      static_assert(
+          std::constructible_from<std::string, decltype(optimizer_.name())>,
+          "xax: an optimizer's name() must return text (std::string, std::string_view or const char*)");
       return std::string(optimizer_.name());
     } else {
       return "custom";

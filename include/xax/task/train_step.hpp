@@ -749,12 +749,7 @@ class TrainStep {
       throw ConfigError("max_grad_norm " + detail::shortest_text(options.max_grad_norm) +
                         " is not accepted; give a finite value >= 0 (0 disables clipping)");
     }
-    if (options.master_rounding != optim::MasterRounding::round_to_nearest &&
-        options.master_rounding != optim::MasterRounding::stochastic_rounding &&
-        options.master_rounding != optim::MasterRounding::kahan) {
-      throw ConfigError("master_rounding " + std::to_string(static_cast<int>(options.master_rounding)) +
-                        " is not accepted; give round_to_nearest, stochastic_rounding or kahan");
-    }
+    optim::detail::require_known_rounding(options.master_rounding, "master_rounding");
     if (options.max_overflows_at_min_scale < 0) {
       throw ConfigError("max_overflows_at_min_scale " + std::to_string(options.max_overflows_at_min_scale) +
                         " is not accepted; give 0 (never stop) or more");

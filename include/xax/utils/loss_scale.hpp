@@ -433,20 +433,23 @@ class DynamicLossScale : public detail::MultiplyingLossScale<DynamicLossScale> {
 /// A loss scale of any of the three kinds, for a kind chosen at run time ("none", "static", "dynamic").
 using LossScale = std::variant<NoOpLossScale, StaticLossScale, DynamicLossScale>;
 
-/// What a train step needs from a loss scale: a name for its kind (recorded in checkpoints), the current
-/// scale and its reciprocal, scale() and unscale() of scalars and trees returning the same type, and adjust()
-/// after each step. TrainStep accepts any such type (and the LossScale variant).
+/// What a train step needs from a loss scale: a name for its kind (`static constexpr std::string_view kind`,
+/// recorded in checkpoints), the current scale and its reciprocal, scale() and unscale() of scalars and trees
+/// returning the same type, and adjust() after each step. TrainStep accepts any such type (and the LossScale
+/// variant).
 ///
 /// Optional members TrainStep uses when present:
 /// - `bool at_min_scale() const`: whether an overflow can no longer lower the scale (for LossScaleError).
-/// Without
-///   it, see loss_scale_at_min().
+///   Without it, see loss_scale_at_min().
 /// - `void set_loss_scale(float)`: set the scale by hand (TrainStep::set_loss_scale).
 /// - the state of checkpointable_loss_scale, for save_train_state and load_train_state.
 template <class T>
 concept loss_scale = std::copyable<T> &&
     requires(T& scaler, const T& const_scaler, bool grads_finite, float value, const Eigen::MatrixXf& tree) {
   { T::kind } -> std::convertible_to<std::string_view>;
+  // Static: `T::kind` above also names a non-static member (the requirement is not evaluated), which
+  // TrainStep, having no scale object where it records the kind, could not read.
+  requires !std::is_member_object_pointer_v<decltype(&T::kind)>;
   { const_scaler.loss_scale() } -> std::same_as<float>;
   { const_scaler.inverse_scale() } -> std::same_as<float>;
   { const_scaler.scale(value) } -> std::same_as<float>;

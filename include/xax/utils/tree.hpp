@@ -216,6 +216,10 @@ template <class T>
 struct is_std_vector : std::false_type {};
 template <class T, class A>
 struct is_std_vector<std::vector<T, A>> : std::true_type {};
+// std::vector<bool> packs its elements into bits: no element has an address, so it cannot be a leaf's storage
+// nor a node of leaves. Not a tree: hold masks as Eigen::Array<bool, ...> or std::vector<std::uint8_t>.
+template <class A>
+struct is_std_vector<std::vector<bool, A>> : std::false_type {};
 template <class T>
 struct is_string_map : std::false_type {};
 template <class T, class C, class A>
@@ -663,13 +667,30 @@ struct fields_unchanged<std::tuple<Fs...>, S>
     : std::bool_constant<(std::is_same_v<rebind_t<std::remove_cvref_t<Fs>, S>, std::remove_cvref_t<Fs>> &&
                           ...)> {};
 
+// TT<S, Rest...>, or TT<S> alone (the defaults after the scalar taken anew) when the struct was spelled with
+// its defaults.
+template <bool SpelledByDefaults, template <class...> class TT, class S, class... Rest>
+struct rebound_template {
+  using type = TT<S, Rest...>;
+};
+template <template <class...> class TT, class S, class... Rest>
+struct rebound_template<true, TT, S, Rest...> {
+  using type = TT<S>;
+};
+
 template <class T>
 struct template_over_scalar : std::false_type {};
 template <template <class...> class TT, class Sc, class... Rest>
 requires floating_scalar<Sc>
 struct template_over_scalar<TT<Sc, Rest...>> : std::true_type {
+  // A struct spelled with its defaults after the scalar (`template <class T, class Layer = Linear<T>>`)
+  // takes the defaults of the new scalar: keeping Rest would keep Linear<float>, whose leaves a cast would
+  // then silently leave uncast. Parameters given explicitly are kept.
+  static constexpr bool spelled_by_defaults = sizeof...(Rest) > 0 && requires {
+    requires std::is_same_v<TT<Sc>, TT<Sc, Rest...>>;
+  };
   template <class S>
-  using with = TT<S, Rest...>;
+  using with = typename rebound_template<spelled_by_defaults, TT, S, Rest...>::type;
 };
 
 template <class T, class S, bool Unchanged>
@@ -681,8 +702,8 @@ struct rebind_struct<T, S, false> {
   static_assert(
       template_over_scalar<T>::value,
       "xax: casting this struct changes the scalar of its floating fields, so it must be a class template "
-      "whose first parameter is its scalar: template <class T> struct Params { Eigen::Matrix<T, ...> w; "
-      "XAX_FIELDS(w); };");
+      "whose parameters are types, the first one its scalar: template <class T> struct Params { "
+      "Eigen::Matrix<T, ...> w; XAX_FIELDS(w); };");
   using type = typename template_over_scalar<T>::template with<S>;
 };
 

@@ -31,6 +31,8 @@ inline constexpr NoTree no_tree{};
 /// alone. Kahan without a compensation tree is a ConfigError naming `optimizer`.
 template <class Masters, class F>
 void with_compensation(Masters* compensation, const HalfMasterUpdate& update, const char* optimizer, F&& f) {
+  require_known_rounding(update.rounding,
+                         std::string("xax::optim::") + optimizer + "::step_half_masters: the rounding");
   if (update.rounding != MasterRounding::kahan) {
     NoTree none;
     f(none);
