@@ -482,6 +482,32 @@ TEST_F(CheckpointTest, ACheckpointWithTheLongestFileNameIsWritten) {
   }
 }
 
+// A checkpoint saved through a symbolic link replaces the file the link names, as writing the path would, and
+// the link stays: it was replaced by a regular file, the file it named keeping the old checkpoint.
+TEST_F(CheckpointTest, AWriteThroughALinkReplacesTheFileItNamesAndKeepsTheLink) {
+  std::filesystem::create_directory(dir_ / "run");
+  xax::CheckpointWriter first, second;
+  first.add_string("note", "first");
+  second.add_string("note", "second");
+  first.write(dir_ / "run" / "step_10.xax");
+  std::filesystem::create_symlink("run/step_10.xax",
+                                  dir_ / "latest.xax");  // relative to the link's directory
+  second.write(dir_ / "latest.xax");
+  EXPECT_TRUE(std::filesystem::is_symlink(dir_ / "latest.xax"));
+  EXPECT_EQ(xax::CheckpointReader(dir_ / "run" / "step_10.xax").read_string("note"), "second");
+  EXPECT_EQ(names_in(dir_ / "run"), std::vector<std::string>{"step_10.xax"}) << "no temporary file left";
+
+  // A dangling link names the file a write creates; a loop of links is an error that writes nothing.
+  std::filesystem::create_symlink(dir_ / "run" / "step_20.xax", dir_ / "next.xax");
+  first.write(dir_ / "next.xax");
+  EXPECT_EQ(xax::CheckpointReader(dir_ / "run" / "step_20.xax").read_string("note"), "first");
+  std::filesystem::create_symlink("loop_b.xax", dir_ / "loop_a.xax");
+  std::filesystem::create_symlink("loop_a.xax", dir_ / "loop_b.xax");
+  EXPECT_THAT([&] { first.write(dir_ / "loop_a.xax"); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr("symbolic links to follow")));
+  EXPECT_TRUE(std::filesystem::is_symlink(dir_ / "loop_a.xax"));
+}
+
 // Regression: a directory or an empty path gave std::length_error or std::bad_alloc.
 TEST_F(CheckpointTest, ADirectoryOrAnEmptyPathIsACheckpointError) {
   EXPECT_THAT([&] { xax::CheckpointReader{dir_}; }, ::testing::ThrowsMessage<xax::CheckpointError>(

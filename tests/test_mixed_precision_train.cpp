@@ -726,6 +726,25 @@ TEST(MixedPrecisionTrain, LossScaleErrorLeavesTheTrainerAndTheStepCountsAgreeing
   EXPECT_EQ(task.results.size(), 2u);
 }
 
+// The summary's count of skipped steps is the trainer's: a fit that runs no step (its max_steps reached
+// already) reported 0.
+TEST(MixedPrecisionTrain, TheSummaryCountsSkippedStepsSinceTheResetEvenWhenFitRunsNone) {
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = true;
+  config.loss_scaling = "static";
+  config.loss_scale_value = 1;
+  config.max_overflows_at_min_scale = 0;
+  config.max_steps = 2;
+  xax_test::Data data = xax_test::make_data(128);
+  data.x.row(0).setConstant(std::numeric_limits<float>::quiet_NaN());
+  ClassifierTask task(config, std::move(data));
+  task.set_log_stream(nullptr);
+  EXPECT_EQ(task.fit().skipped_steps, 2);
+  const xax::TrainSummary again = task.fit();
+  EXPECT_EQ(again.steps, 0);
+  EXPECT_EQ(again.skipped_steps, 2);
+}
+
 TEST(MixedPrecisionTrain, FitRefusesABatchLargerThanTheDataSet) {
   TaskConfig config = xax_test::default_config();
   config.batch_size = 100;

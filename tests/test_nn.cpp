@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -190,6 +191,17 @@ TEST(Loss, CountCorrect) {
       0, 1, 0, 1;
   EXPECT_EQ(xax::nn::count_correct(logits, std::vector<std::int32_t>{1, 2, 1, 0}), 4);
   EXPECT_EQ(xax::nn::count_correct(logits, std::vector<std::int32_t>{0, 0, 0, 1}), 0);
+}
+
+// A NaN compares false with everything: a NaN first logit stayed "the largest", so a diverged model scored
+// the label-0 columns as correct.
+TEST(Loss, CountCorrectCountsAColumnWithANanLogitAsWrong) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  Eigen::MatrixXf logits(3, 3);
+  logits << nan, 1, 5,  //
+      0, nan, 0,        //
+      0, 2, 0;
+  EXPECT_EQ(xax::nn::count_correct(logits, std::vector<std::int32_t>{0, 2, 0}), 1);
 }
 
 // --------------------------------------------------------------------------------------------------------------

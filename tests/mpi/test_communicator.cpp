@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <numeric>
+#include <string>
 #include <type_traits>
 #include <vector>
 #include <xax/distributed/communicator.hpp>
@@ -15,6 +16,32 @@ using xax::distributed::MpiError;
 static_assert(!std::is_copy_constructible_v<Communicator>);
 static_assert(std::is_nothrow_move_constructible_v<Communicator>);
 static_assert(std::is_base_of_v<xax::Error, MpiError>);
+
+// MPI gives the highest level it can, which may be less than asked: xax went on at any level. Here MPI runs
+// already (this program's main started it at MPI_THREAD_FUNNELED), so the level is the one it runs at.
+TEST(Environment, RefusesLessThanTheThreadLevelAskedFor) {
+  int provided = MPI_THREAD_SINGLE;
+  MPI_Query_thread(&provided);
+  if (provided < MPI_THREAD_MULTIPLE) {
+    try {
+      const xax::distributed::Environment again(MPI_THREAD_MULTIPLE);
+      ADD_FAILURE() << "MPI_THREAD_MULTIPLE was not provided, yet accepted";
+    } catch (const xax::ConfigError& error) {
+      EXPECT_NE(
+          std::string(error.what()).find("less than the MPI_THREAD_MULTIPLE asked for (MPI was started"),
+          std::string::npos)
+          << error.what();
+    }
+  }
+  EXPECT_THROW(xax::distributed::Environment(42), xax::ConfigError);
+  {
+    const xax::distributed::Environment again(provided);
+    EXPECT_EQ(again.thread_level(), provided);
+  }
+  int finalized = 1;
+  MPI_Finalized(&finalized);
+  EXPECT_EQ(finalized, 0) << "an Environment that found MPI running must not finalise it";
+}
 
 TEST(Communicator, DuplicatesTheWorldByDefault) {
   const Communicator comm;

@@ -114,7 +114,9 @@ MPI_Datatype mpi_datatype() {
 
 /// Starts MPI (MPI_Init_thread) and finalises it when destroyed, unless MPI was already running: then it
 /// neither starts nor finalises it. Asks for MPI_THREAD_FUNNELED: xax calls MPI from the thread that called
-/// train_step only, while its compute threads never call MPI.
+/// train_step only, while its compute threads never call MPI. Throws ConfigError when MPI provides less than
+/// the level asked for, whether it starts MPI (which it then finalises) or finds it running: an application
+/// that started MPI with MPI_Init (MPI_THREAD_SINGLE) and accepts that asks for MPI_THREAD_SINGLE.
 class Environment {
  public:
   Environment(int& argc, char**& argv, int required_thread_level = MPI_THREAD_FUNNELED) {
@@ -133,16 +135,46 @@ class Environment {
   [[nodiscard]] int thread_level() const { return provided_; }
 
  private:
+  static std::string thread_level_name(int level) {
+    switch (level) {
+      case MPI_THREAD_SINGLE:
+        return "MPI_THREAD_SINGLE";
+      case MPI_THREAD_FUNNELED:
+        return "MPI_THREAD_FUNNELED";
+      case MPI_THREAD_SERIALIZED:
+        return "MPI_THREAD_SERIALIZED";
+      case MPI_THREAD_MULTIPLE:
+        return "MPI_THREAD_MULTIPLE";
+      default:
+        return "thread level " + std::to_string(level);
+    }
+  }
+
   void start(int* argc, char*** argv, int required) {
+    if (required != MPI_THREAD_SINGLE && required != MPI_THREAD_FUNNELED &&
+        required != MPI_THREAD_SERIALIZED && required != MPI_THREAD_MULTIPLE) {
+      throw ConfigError(
+          "xax::distributed::Environment: " + thread_level_name(required) +
+          " is not accepted; give MPI_THREAD_SINGLE, MPI_THREAD_FUNNELED, MPI_THREAD_SERIALIZED "
+          "or MPI_THREAD_MULTIPLE");
+    }
     int initialized = 0;
     MPI_Initialized(&initialized);
     if (initialized != 0) {
       MPI_Query_thread(&provided_);
-      return;
+    } else {
+      const int code = MPI_Init_thread(argc, argv, required, &provided_);
+      if (code != MPI_SUCCESS) throw MpiError("MPI_Init_thread", -1, code, "MPI could not start");
     }
-    const int code = MPI_Init_thread(argc, argv, required, &provided_);
-    if (code != MPI_SUCCESS) throw MpiError("MPI_Init_thread", -1, code, "MPI could not start");
-    owns_ = true;
+    // The levels are ordered: SINGLE < FUNNELED < SERIALIZED < MULTIPLE.
+    if (provided_ < required) {
+      if (initialized == 0) MPI_Finalize();
+      throw ConfigError("xax::distributed::Environment: MPI provides " + thread_level_name(provided_) +
+                        ", less than the " + thread_level_name(required) + " asked for" +
+                        (initialized != 0 ? " (MPI was started before, with that level)" : "") +
+                        "; use an MPI built with thread support, or ask for less");
+    }
+    owns_ = initialized == 0;
   }
   bool owns_ = false;
   int provided_ = MPI_THREAD_SINGLE;

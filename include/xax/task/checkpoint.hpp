@@ -219,6 +219,24 @@ inline std::filesystem::path temporary_beside(const std::filesystem::path& path)
   return path.parent_path() / (".xax" + suffix);
 }
 
+/// The file `path` names once symbolic links in its last component are followed (a relative target read
+/// from the link's directory), as opening `path` for writing would: a checkpoint saved through a link
+/// (`latest.xax -> run/step_1000.xax`) replaces the file the link points to, and the link stays. A dangling
+/// link names the file it would create. Throws CheckpointError on a loop of links.
+inline std::filesystem::path follow_links(const std::filesystem::path& given) {
+  constexpr int most_links = 40;  // Linux's own limit on the links one lookup follows
+  std::filesystem::path path = given;
+  for (int followed = 0; followed < most_links; ++followed) {
+    std::error_code error;
+    if (!std::filesystem::is_symlink(std::filesystem::symlink_status(path, error))) return path;
+    const std::filesystem::path target = std::filesystem::read_symlink(path, error);
+    if (error) return path;  // unreadable: the write itself reports what is wrong with the path
+    path = target.is_absolute() ? target : path.parent_path() / target;
+  }
+  throw CheckpointError("cannot write checkpoint '" + given.string() + "': more than " +
+                        std::to_string(most_links) + " symbolic links to follow (a loop?)");
+}
+
 /// Whether the entries of a tree under `prefix` include `name`: the reader counts them as the tree's.
 inline bool entry_under(std::string_view prefix, std::string_view name) {
   if (prefix.empty()) return true;
@@ -294,14 +312,16 @@ class CheckpointWriter {
 
   /// Writes to `path` atomically: a temporary file of this call's own beside it (created exclusively, never
   /// through a link), flushed to disk, given the mode of the file it replaces, renamed over `path`, and the
-  /// directory flushed. On failure the temporary file is removed, any previous checkpoint at `path` is
-  /// untouched, and CheckpointError says what failed.
+  /// directory flushed. When `path` is a symbolic link, the file it points to is replaced that way, and the
+  /// link stays. On failure the temporary file is removed, any previous checkpoint at `path` is untouched,
+  /// and CheckpointError says what failed.
   void write(const std::filesystem::path& path) const {
     if (path.empty()) throw CheckpointError("cannot write checkpoint: the path is empty; give a file path");
     if (!path.has_filename()) {
       throw CheckpointError("cannot write checkpoint '" + path.string() +
                             "': the path names a directory, not a file; give a file path");
     }
+    const std::filesystem::path file = detail::follow_links(path);
     const std::string data = bytes();
     std::filesystem::path temporary;
     const auto fail = [&](const std::string& what) {
@@ -318,7 +338,7 @@ class CheckpointWriter {
     // it is taken.
     int fd = -1;
     for (int attempt = 0; fd < 0; ++attempt) {
-      temporary = detail::temporary_beside(path);
+      temporary = detail::temporary_beside(file);
       fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
       if (fd >= 0) break;
       const int open_errno = errno;
@@ -335,7 +355,7 @@ class CheckpointWriter {
     // Created 0666 less the umask (and any default ACL), as a new file is; a replaced checkpoint keeps its
     // mode, so that one made private stays private.
     struct stat old {};
-    if (::stat(path.c_str(), &old) == 0 && S_ISREG(old.st_mode) &&
+    if (::stat(file.c_str(), &old) == 0 && S_ISREG(old.st_mode) &&
         ::fchmod(fd, old.st_mode & static_cast<mode_t>(07777)) != 0)
       throw fail_closing("setting the mode of the temporary file");
     std::size_t written = 0;
@@ -351,14 +371,14 @@ class CheckpointWriter {
     }
     if (::fsync(fd) != 0) throw fail_closing("flushing the temporary file");
     if (::close(fd) != 0) throw fail(std::string("closing the temporary file: ") + std::strerror(errno));
-    if (::rename(temporary.c_str(), path.c_str()) != 0) {
+    if (::rename(temporary.c_str(), file.c_str()) != 0) {
       throw fail(std::string("renaming the temporary file over it: ") + std::strerror(errno));
     }
     // The rename is an entry of the directory: until the directory is flushed, a power cut can undo it. The
     // flush is best effort: the checkpoint is in place once renamed, and a directory that cannot be opened
     // (write-only) or flushed (EINVAL, ENOTSUP on some network and FUSE file systems) is no reason to report
     // a save that happened as failed.
-    const std::filesystem::path directory = path.has_parent_path() ? path.parent_path() : ".";
+    const std::filesystem::path directory = file.has_parent_path() ? file.parent_path() : ".";
     const int dir_fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dir_fd >= 0) {
       static_cast<void>(::fsync(dir_fd));
@@ -366,7 +386,7 @@ class CheckpointWriter {
     }
 #else
     // Without POSIX: a temporary name of this call's own, but no exclusive creation or directory flush.
-    temporary = detail::temporary_beside(path);
+    temporary = detail::temporary_beside(file);
     {
       std::ofstream file(temporary, std::ios::binary | std::ios::trunc);
       file.write(data.data(), static_cast<std::streamsize>(data.size()));
@@ -374,7 +394,7 @@ class CheckpointWriter {
       if (!file) throw fail("write failed");
     }
     std::error_code error;
-    std::filesystem::rename(temporary, path, error);
+    std::filesystem::rename(temporary, file, error);
     if (error) throw fail(error.message());
 #endif
   }

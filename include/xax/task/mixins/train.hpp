@@ -124,7 +124,7 @@ struct TrainConfig {
 /// What fit() did.
 struct TrainSummary {
   std::int64_t steps = 0;  ///< train steps run by this call, skipped ones included (fit_steps() counts all)
-  std::int64_t skipped_steps = 0;  ///< skipped steps in total
+  std::int64_t skipped_steps = 0;  ///< skipped steps since the train state was reset, this call's included
   double last_loss = 0;
   double seconds = 0;
 };
@@ -287,6 +287,12 @@ TrainSummary TrainMixin<Derived, Config>::fit() {
   // A position past this epoch (the data or batch_size changed since it was reached) ends the epoch, as the
   // loop below does for any position at its end; load_checkpoint bounded it, so nothing overflows.
   TrainSummary summary;
+  // The count so far, for a fit that runs no step (its loop already done, or max_steps reached).
+  if constexpr (requires {
+                  { derived().skipped_steps() } -> std::convertible_to<std::int64_t>;
+                }) {
+    summary.skipped_steps = derived().skipped_steps();
+  }
   const auto start = std::chrono::steady_clock::now();
   // A task that makes its batches in any scalar (makes_batches_in) has the step make them, in its compute
   // type; otherwise fit makes them and hands them over.
