@@ -141,6 +141,23 @@ TYPED_TEST(ReduceTyped, RowSums) {
   }
 }
 
+// An output that is not a vector was read as size() elements an outer stride apart: a 3 x 3 matrix spanned 25
+// elements, so an input stored just after its 9 was reported as sharing its memory, hiding the real error.
+TEST(RowSums, AMatrixOutputIsRefusedForItsShapeNotForAnOverlapThatIsNotThere) {
+  std::vector<float> storage(40, 1.0f);
+  const Eigen::Map<const Eigen::MatrixXf> x(storage.data() + 16, 3, 4);  // after out's 9 elements
+  Eigen::Map<Eigen::MatrixXf> out(storage.data(), 3, 3);
+  for (const bool accumulate : {false, true}) {
+    EXPECT_THAT(
+        [&] { xax::row_sums(x, out, accumulate); },
+        ::testing::ThrowsMessage<xax::ShapeError>(::testing::Not(::testing::HasSubstr("shares memory"))))
+        << accumulate;
+  }
+  Eigen::Map<Eigen::MatrixXf> overlapping(storage.data() + 12, 3, 3);  // elements 12..20: into x's
+  EXPECT_THAT([&] { xax::row_sums(x, overlapping); },
+              ::testing::ThrowsMessage<xax::ShapeError>(::testing::HasSubstr("shares memory")));
+}
+
 TYPED_TEST(ReduceTyped, RowSumsAreTheSameBitsOnOneAndTwoThreads) {
   using T = TypeParam;
   // Large enough to be shared among threads (384 rows x 768 columns, the GPT's qkv bias gradient), with a

@@ -94,9 +94,20 @@ inline StoredOperand contiguous_storage(const void* data, Eigen::Index count, st
   return {reinterpret_cast<std::uintptr_t>(data), count, 1, std::max<Eigen::Index>(count, 1), element_size};
 }
 
-/// A vector operand's storage, one element per column when its elements are not adjacent.
+/// A vector operand's storage, one element per column when its elements are not adjacent. An output that is
+/// not a vector yet (a plain matrix about to be resized, or one its op will refuse) is taken by its own
+/// layout: read as a vector, its size times its outer stride would reach past its storage, into memory an
+/// input may hold, and a refusal would name an overlap that is not there.
 template <class V>
 StoredOperand vector_storage(const V& v) {
+  if (v.rows() > 1 && v.cols() > 1) {
+    const Eigen::Index inner = V::IsRowMajor ? v.cols() : v.rows(),
+                       outer = V::IsRowMajor ? v.rows() : v.cols();
+    if (v.innerStride() == 1 && v.outerStride() >= inner) {
+      return {reinterpret_cast<std::uintptr_t>(v.data()), inner, outer, v.outerStride(),
+              sizeof(typename V::Scalar)};
+    }
+  }
   const Eigen::Index increment = vector_increment(v);
   if (increment == 1) return contiguous_storage(v.data(), v.size(), sizeof(typename V::Scalar));
   return {reinterpret_cast<std::uintptr_t>(v.data()), 1, v.size(), std::max<Eigen::Index>(increment, 1),
