@@ -7,7 +7,9 @@
 /// - `o.step(params, grads)`: one update of the fp32 (or double) params from the unscaled gradients;
 /// - `o.state()`, const and non-const, returning a tree by reference: checkpoints save it as
 ///   `<prefix>.optimizer_state` and restore it in place (an integral `state().step`, if there is one, is
-///   checked to be >= 0 on load);
+///   checked to be >= 0 on load). The state must own its storage (Eigen matrices, not Maps): a load reads
+///   into a copy of the optimizer and adopts it only once everything is read, which a copy sharing storage
+///   with the live state would defeat;
 /// - `o.set_learning_rate(double)`, which schedules call between steps.
 /// Optionally:
 /// - `o.step(params, grads, copy)` that also writes the updated params rounded into `copy` (another floating
