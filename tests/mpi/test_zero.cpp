@@ -597,6 +597,23 @@ TEST(ZeroOneShardedMasters, StageZeroCheckpointResumesUnderShardedMastersAndBack
   }
 }
 
+// With more than one rank: the last rank loads `second`, the others `first`, and the replica check after the
+// load must throw on every rank, naming the last rank and `what` differs.
+void expect_the_replica_check_names_the_last_rank(int zero_stage, const std::filesystem::path& first,
+                                                  const std::filesystem::path& second, const char* what) {
+  ParallelTrainer resumed(zero_stage);
+  if (resumed.world_size() == 1) return;
+  const bool odd_one = resumed.rank() == resumed.world_size() - 1;
+  resumed.load_train_state(xax::CheckpointReader(odd_one ? second : first));
+  try {
+    resumed.verify_loaded_state();
+    ADD_FAILURE() << "ranks that read different checkpoints passed the replica check";
+  } catch (const xax::distributed::ReplicaMismatchError& error) {
+    EXPECT_EQ(error.differing_ranks(), std::vector<int>{resumed.world_size() - 1}) << error.what();
+    EXPECT_THAT(error.what(), ::testing::HasSubstr(what));
+  }
+}
+
 // Two checkpoints with the same masters but another loss scale (as on either side of a skipped step): ranks
 // that read different ones passed the check, then summed gradients scaled differently and drifted apart.
 TEST(DataParallelLoad, ReplicaCheckAfterLoadComparesTheLossScaleAndStepCountsToo) {
@@ -610,18 +627,8 @@ TEST(DataParallelLoad, ReplicaCheckAfterLoadComparesTheLossScaleAndStepCountsToo
     save(trainer, first);
     trainer.set_loss_scale(1024);
     save(trainer, second);
-    if (trainer.world_size() > 1) {
-      ParallelTrainer resumed(zero_stage);
-      const bool odd_one = resumed.rank() == resumed.world_size() - 1;
-      resumed.load_train_state(xax::CheckpointReader(odd_one ? second : first));
-      try {
-        resumed.verify_loaded_state();
-        ADD_FAILURE() << "ranks that read checkpoints of different loss scales passed the replica check";
-      } catch (const xax::distributed::ReplicaMismatchError& error) {
-        EXPECT_EQ(error.differing_ranks(), std::vector<int>{resumed.world_size() - 1}) << error.what();
-        EXPECT_THAT(error.what(), ::testing::HasSubstr("loss scale, step counts and loop position"));
-      }
-    }
+    expect_the_replica_check_names_the_last_rank(zero_stage, first, second,
+                                                 "loss scale, step counts and loop position");
     ParallelTrainer same(zero_stage);
     same.load_train_state(xax::CheckpointReader(second));
     EXPECT_NO_THROW(same.verify_loaded_state());
@@ -640,24 +647,17 @@ TEST(ZeroOneShardedMasters, ReplicaCheckAfterLoadComparesTheWholeMastersEachRank
   const auto second = shared_path(comm, "second");
   train(trainer, trainer.rank(), trainer.world_size(), 0, 2);
   save(trainer, first);
-  train(trainer, trainer.rank(), trainer.world_size(), 2, 3);
-  save(trainer, second);
+  // As many steps on other batches: the same loss scale and counts (which the check compares first), other
+  // masters.
+  ParallelTrainer other(1);
+  train(other, other.rank(), other.world_size(), 2, 4);
+  save(other, second);
 
   ParallelTrainer same(1);
   same.load_train_state(xax::CheckpointReader(first));
   EXPECT_NO_THROW(same.verify_loaded_state());
-  if (trainer.world_size() > 1) {
-    // The last rank reads another file: its shard alone would not show it, the digest of what it read does.
-    ParallelTrainer mixed(1);
-    const bool odd_one = mixed.rank() == mixed.world_size() - 1;
-    mixed.load_train_state(xax::CheckpointReader(odd_one ? second : first));
-    try {
-      mixed.verify_loaded_state();
-      ADD_FAILURE() << "ranks that read different checkpoints passed the replica check";
-    } catch (const xax::distributed::ReplicaMismatchError& error) {
-      EXPECT_EQ(error.differing_ranks(), std::vector<int>{mixed.world_size() - 1}) << error.what();
-    }
-  }
+  // The last rank reads another file: its shard alone would not show it, the digest of what it read does.
+  expect_the_replica_check_names_the_last_rank(1, first, second, "masters after a checkpoint load");
   comm.barrier();
   if (comm.rank() == 0) {
     std::filesystem::remove(first);
