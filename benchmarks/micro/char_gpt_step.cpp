@@ -12,16 +12,22 @@
 // native bf16 dot products, no loss scaling for bf16, dynamic for f16). The tokens are random ids (the
 // step's cost does not depend on the text); the same batch is used every step, so the loss falls, which
 // changes nothing in the work done. Counters: loss (the last step's), skipped (overflowed steps).
-// Not in the default filter of mixed_precision_benchmark: run it with --benchmark_filter=^CharGptStep/.
+// CharGptStepPairs/threads:<t> runs both policies' steps alternately in one benchmark, for their ratio
+// (below). Not in the default filter of mixed_precision_benchmark: run it with
+// --benchmark_filter=^CharGptStep.
 #include <benchmark/benchmark.h>
 
 #include "micro/common.hpp"
 
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <random>
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 #include <xax/ops/matmul.hpp>
 #include <xax/optim/param_groups.hpp>
 #include <xax/task/train_step.hpp>
@@ -108,12 +114,77 @@ void register_gpt_step(const std::string& name, LossScaleT loss_scale) {
   }
 }
 
+// One fp32 step and one mixed step in every iteration, each timed alone, their order swapped from one
+// iteration to the next. On the 2-vCPU machines this project is measured on, a 2-thread step's time can shift
+// by 20-30 % for a second or more, both policies' steps by the same milliseconds; two benchmarks run one
+// after the other then see different machines, and their ratio carries the shift. Steps 30 ms apart see the
+// same one, so the ratio of each pair does not. Counters: fp32_ms and mixed_ms (medians of the steps' times),
+// mixed_over_fp32 (median of the pairs' ratios).
+template <class MixedPolicy, class MixedLossScale>
+void run_gpt_step_pairs(benchmark::State& state, int threads, MixedLossScale mixed_loss_scale) {
+  const xax_bench::ThreadScope scope(threads);
+  const xax_bench::GptShape shape{};
+  const xax_bench::TokenBatch batch = make_gpt_batch(shape);
+  GptTrainer<xax::Policy<float, float, float>, xax::NoOpLossScale> fp32(shape, xax::NoOpLossScale{});
+  GptTrainer<MixedPolicy, MixedLossScale> mixed(shape, std::move(mixed_loss_scale));
+  (void)fp32.train_step(batch);  // sizes every buffer and creates every primitive
+  (void)mixed.train_step(batch);
+  const auto seconds_of = [&batch](auto& trainer) {
+    const auto start = std::chrono::steady_clock::now();
+    (void)trainer.train_step(batch);
+    benchmark::ClobberMemory();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  std::vector<double> fp32_seconds, mixed_seconds, ratios;
+  bool fp32_first = true;
+  for (auto _ : state) {
+    double fp32_time = 0, mixed_time = 0;
+    if (fp32_first) {
+      fp32_time = seconds_of(fp32);
+      mixed_time = seconds_of(mixed);
+    } else {
+      mixed_time = seconds_of(mixed);
+      fp32_time = seconds_of(fp32);
+    }
+    fp32_first = !fp32_first;
+    fp32_seconds.push_back(fp32_time);
+    mixed_seconds.push_back(mixed_time);
+    ratios.push_back(mixed_time / fp32_time);
+  }
+  const auto median = [](std::vector<double> values) {
+    const auto middle = values.begin() + static_cast<std::ptrdiff_t>(values.size() / 2);
+    std::nth_element(values.begin(), middle, values.end());
+    return *middle;
+  };
+  state.counters["fp32_ms"] = 1e3 * median(fp32_seconds);
+  state.counters["mixed_ms"] = 1e3 * median(mixed_seconds);
+  state.counters["mixed_over_fp32"] = median(ratios);
+  using Compute = typename MixedPolicy::compute_type;
+  state.SetLabel(std::string("fp32 and ") + std::string(xax::dtype_name(xax::dtype_of<Compute>)) +
+                 " compute, " + xax::last_matmul_implementation());
+}
+
+template <class MixedPolicy, class MixedLossScale>
+void register_gpt_step_pairs(MixedLossScale mixed_loss_scale) {
+  for (const int threads : {1, 2}) {
+    const std::string name = "CharGptStepPairs/threads:" + std::to_string(threads);
+    benchmark::RegisterBenchmark(name.c_str(),
+                                 [threads, mixed_loss_scale](benchmark::State& state) {
+                                   run_gpt_step_pairs<MixedPolicy>(state, threads, mixed_loss_scale);
+                                 })
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  }
+}
+
 [[maybe_unused]] const bool gpt_registered = [] {
   register_gpt_step<xax::Policy<float, float, float>>("default", xax::NoOpLossScale{});
   if (xax_bench::registration_half_dtype() == xax::DType::bfloat16) {
     register_gpt_step<xax::Policy<float, xax::bfloat16, float>>("mixed", xax::NoOpLossScale{});
+    register_gpt_step_pairs<xax::Policy<float, xax::bfloat16, float>>(xax::NoOpLossScale{});
   } else {
     register_gpt_step<xax::Policy<float, xax::float16, float>>("mixed", xax::DynamicLossScale{});
+    register_gpt_step_pairs<xax::Policy<float, xax::float16, float>>(xax::DynamicLossScale{});
   }
   return true;
 }();
