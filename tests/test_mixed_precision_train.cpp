@@ -8,6 +8,7 @@
 #include <array>
 #include <cfloat>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -15,6 +16,7 @@
 #include <limits>
 #include <memory>
 #include <random>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -413,6 +415,89 @@ TEST_F(CheckpointResume, CorruptCheckpointIsRefusedAndTheOldOneSurvives) {
   ClassifierTask mismatched(other_policy, xax_test::make_data(128));
   EXPECT_THAT([&] { mismatched.load_checkpoint(path_); },
               ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr("written under policy")));
+}
+
+// A task with the hook DataParallelMixin gives TrainMixin::load_checkpoint, standing in for the processes of
+// a data-parallel run without MPI: it records every vote and, when told to, refuses as it would when another
+// process could not load its copy. Regression: a process whose read threw never took part, and the others
+// waited in the collective after the load for ever.
+class AgreeingTask : public xax::TrainMixin<AgreeingTask, TaskConfig>,
+                     public xax::MixedPrecisionMixin<AgreeingTask, TaskConfig> {
+ public:
+  template <class T>
+  using params_type = xax_test::Net<T>;
+  using batch_type = xax_test::Batch;
+  explicit AgreeingTask(const TaskConfig& config)
+      : TrainMixin(config), inner_(config, xax_test::make_data(128)) {}
+  xax_test::Net<float> init_params() const { return inner_.init_params(); }
+  std::int64_t num_examples() const { return inner_.num_examples(); }
+  xax_test::Batch make_batch(std::span<const std::int64_t> indices) const {
+    return inner_.make_batch(indices);
+  }
+  template <class T>
+  double loss_and_grads(const xax_test::Net<T>& p, const xax_test::Batch& b, float scale,
+                        xax_test::Net<T>& g) {
+    return inner_.loss_and_grads(p, b, scale, g);
+  }
+
+  void agree_on_checkpoint_load(bool loaded) {
+    votes.push_back(loaded ? 1 : 0);
+    if (loaded && another_process_failed) throw xax::CheckpointError("process 1 of 2 could not load");
+  }
+  std::vector<int> votes;
+  bool another_process_failed = false;
+
+ private:
+  ClassifierTask inner_;
+};
+
+TEST_F(CheckpointResume, EveryLoadTakesPartInTheAgreementOnceAndARefusalChangesNothing) {
+  TaskConfig config = xax_test::default_config();
+  config.enable_mixed_precision = true;
+  config.max_steps = 3;
+  AgreeingTask written(config);
+  written.fit();
+  written.save_checkpoint(path_);
+
+  TaskConfig fresh_config = config;
+  fresh_config.max_steps = 1;
+  AgreeingTask task(fresh_config);
+  task.fit();
+  const auto before = task.params_float32();
+  const auto expect_unchanged = [&](const char* when) {
+    EXPECT_TRUE(bitwise_equal(before, task.params_float32())) << when;
+    EXPECT_EQ(task.fit_steps(), 1) << when;
+  };
+
+  // This process cannot read its copy: it votes no, and its own error reaches the caller.
+  const std::string corrupt_path = path_ + ".corrupt";
+  std::ofstream(corrupt_path, std::ios::binary) << "XAXCKPT";
+  EXPECT_THAT([&] { task.load_checkpoint(corrupt_path); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(::testing::Not(HasSubstr("process 1 of 2"))));
+  std::filesystem::remove(corrupt_path);
+  EXPECT_EQ(task.votes, std::vector<int>{0});
+  expect_unchanged("after an unreadable file");
+  // Nor can it open the file at all, or use what it read (another policy): one no each.
+  EXPECT_THROW(task.load_checkpoint(path_ + ".missing"), xax::CheckpointError);
+  TaskConfig float16 = fresh_config;
+  float16.precision_policy = "float16";
+  AgreeingTask other_policy(float16);
+  EXPECT_THROW(other_policy.load_checkpoint(path_), xax::CheckpointError);
+  EXPECT_EQ(other_policy.votes, std::vector<int>{0});
+  EXPECT_EQ(task.votes, (std::vector<int>{0, 0}));
+
+  // This process read everything, another did not: it votes yes, is refused, and changes nothing.
+  task.another_process_failed = true;
+  EXPECT_THAT([&] { task.load_checkpoint(path_); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(HasSubstr("process 1 of 2 could not load")));
+  EXPECT_EQ(task.votes, (std::vector<int>{0, 0, 1}));
+  expect_unchanged("after a refusal");
+
+  task.another_process_failed = false;
+  task.load_checkpoint(path_);
+  EXPECT_EQ(task.votes, (std::vector<int>{0, 0, 1, 1}));
+  EXPECT_TRUE(bitwise_equal(written.params_float32(), task.params_float32()));
+  EXPECT_EQ(task.fit_steps(), 3);
 }
 
 // Regression: the train state's dynamic leaves took whatever shape the file held, so a checkpoint of a

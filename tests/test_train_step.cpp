@@ -12,6 +12,7 @@
 #include <cfloat>
 #include <cmath>
 #include <concepts>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -20,6 +21,7 @@
 #include <span>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 #include <xax/task/train_step.hpp>
 #include <xax/utils/dtype.hpp>
@@ -651,6 +653,61 @@ TEST_F(TrainStepLossScaleCheckpoint, AnotherKindOrAnImpossibleStateIsACheckpoint
           "entry 'train.loss_scale' holds a loss scale no run can reach: CappedGrowthScale: impossible "
           "state, scale 128")));
   EXPECT_EQ(live.loss_scaler().state(), (CappedGrowthScale::State{2, 0, 5, 16}));
+}
+
+// The commit hook runs once, after every check and before anything changes: a throw from it (as when
+// another process of a data-parallel run could not load) leaves the whole state as it was, and a checkpoint
+// that fails a check never reaches it.
+TEST_F(TrainStepLossScaleCheckpoint, TheCommitHookRunsAfterTheChecksAndAThrowFromItChangesNothing) {
+  ScaledRegression<CappedGrowthScale> written(ones(3), CappedGrowthScale(8, 3, 64));
+  run(written, "FFxF");
+  xax::CheckpointWriter writer;
+  written.save_train_state(writer);
+  writer.write(path_);
+
+  ScaledRegression<CappedGrowthScale> live(ones(3), CappedGrowthScale(2, 5, 16));
+  run(live, "F");
+  const auto masters = live.params();
+  const auto state = live.loss_scaler().state();
+  // SGD's step count and momentum: the optimizer state a load replaces.
+  const auto sgd_state = [&live] {
+    std::pair<std::int64_t, Eigen::VectorXf> step_and_momentum;
+    live.visit_optimizer([&](const auto& optimizer) {
+      if constexpr (requires { optimizer.state().momentum_buffer.w; }) {
+        step_and_momentum = {optimizer.state().step, optimizer.state().momentum_buffer.w};
+      } else {
+        ADD_FAILURE() << "expected SGD";
+      }
+    });
+    return step_and_momentum;
+  };
+  const auto optimizer_state = sgd_state();
+  int calls = 0;
+  const xax::LoadCommitHook refuse{[&calls] {
+    ++calls;
+    throw xax::CheckpointError("another process could not load");
+  }};
+  EXPECT_THAT(
+      [&] { live.load_train_state(xax::CheckpointReader(path_), refuse); },
+      ::testing::ThrowsMessage<xax::CheckpointError>(::testing::HasSubstr("another process could not load")));
+  EXPECT_EQ(calls, 1);
+  EXPECT_TRUE(bitwise_equal(live.params().w, masters.w));
+  EXPECT_EQ(live.loss_scaler().state(), state);
+  EXPECT_EQ(live.train_step_calls(), 1);
+  EXPECT_EQ(live.skipped_steps(), 0);
+  EXPECT_EQ(sgd_state().first, optimizer_state.first);
+  EXPECT_TRUE(bitwise_equal(sgd_state().second, optimizer_state.second));
+
+  ScaledRegression<xax::DynamicLossScale> other_kind(ones(3), xax::DynamicLossScale());
+  EXPECT_THROW(other_kind.load_train_state(xax::CheckpointReader(path_), refuse), xax::CheckpointError);
+  EXPECT_EQ(calls, 1) << "a checkpoint that fails a check never reaches the hook";
+
+  const xax::LoadCommitHook count{[&calls] { ++calls; }};
+  live.load_train_state(xax::CheckpointReader(path_), count);
+  EXPECT_EQ(calls, 2);
+  EXPECT_TRUE(bitwise_equal(live.params().w, written.params().w));
+  EXPECT_EQ(live.loss_scaler().state(), written.loss_scaler().state());
+  EXPECT_EQ(live.train_step_calls(), 4);
 }
 
 // Checkpoints written before the per-kind state trees stored one record for every kind

@@ -6,7 +6,9 @@
 
 #include <unistd.h>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <span>
 #include <string>
 #include <tuple>
@@ -218,6 +220,64 @@ TEST(DataParallelMixin, ALoadThatLeavesOneRankWithOtherMastersThrowsOnEveryRank)
     std::filesystem::remove(after2);
     std::filesystem::remove(after3);
   }
+}
+
+bool same_floats(const Net<float>& a, const Net<float>& b) {
+  const auto same = [](const auto& x, const auto& y) {
+    return x.size() == y.size() &&
+           std::memcmp(x.data(), y.data(), static_cast<std::size_t>(x.size()) * sizeof(float)) == 0;
+  };
+  return same(a.w1, b.w1) && same(a.b1, b.b1) && same(a.w2, b.w2) && same(a.b2, b.b2);
+}
+
+// Regression: a rank whose copy of the checkpoint could not be read threw before the collective replica
+// check, and the other ranks waited in it for ever. Now every rank throws (the last its own error, the
+// others an error naming it), none changes its state, and the next load works on all of them.
+TEST(DataParallelMixin, ALoadThatFailsOnOneRankThrowsOnEveryRankAndChangesNothing) {
+  const Communicator comm;
+  std::int64_t pid = ::getpid();
+  comm.broadcast(&pid, 1, 0);
+  const auto dir = std::filesystem::temp_directory_path();
+  const auto good = dir / ("xax_load_good_" + std::to_string(pid) + ".ckpt");
+  // Each rank's own "bad copy", so that no rank reads a file another is writing.
+  const auto bad =
+      dir / ("xax_load_bad_" + std::to_string(pid) + "_" + std::to_string(comm.rank()) + ".ckpt");
+  {
+    ParallelTask two(parallel_config(2));
+    two.fit();
+    if (two.writes_checkpoints()) two.save_checkpoint(good);
+  }
+  comm.barrier();
+  std::ofstream(bad, std::ios::binary) << "XAXCKPT";  // a truncated copy
+
+  ParallelTask task(parallel_config(1));
+  task.fit();
+  const Net<float> before = task.params_float32();
+  const int last = comm.size() - 1;
+  const bool odd_one = comm.rank() == last;
+  try {
+    task.load_checkpoint(odd_one ? bad : good);
+    ADD_FAILURE() << "no CheckpointError on rank " << comm.rank();
+  } catch (const xax::CheckpointError& error) {
+    const std::string message = error.what();
+    if (odd_one) {
+      EXPECT_EQ(message.find("could not load"), std::string::npos) << "its own error, not the agreement's";
+    } else {
+      EXPECT_NE(message.find("process " + std::to_string(last) + " of " + std::to_string(comm.size()) +
+                             " could not load the checkpoint"),
+                std::string::npos)
+          << message;
+    }
+  }
+  EXPECT_TRUE(same_floats(before, task.params_float32()));
+  EXPECT_EQ(task.fit_steps(), 1);
+
+  // The ranks are still in step: the same file now loads everywhere, and the replica check passes.
+  EXPECT_NO_THROW(task.load_checkpoint(good));
+  EXPECT_EQ(task.fit_steps(), 2);
+  std::filesystem::remove(bad);
+  comm.barrier();
+  if (comm.rank() == 0) std::filesystem::remove(good);
 }
 
 }  // namespace

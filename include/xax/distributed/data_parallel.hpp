@@ -318,6 +318,32 @@ class DataParallelMixin {
   /// prepare_checkpoint gathered its shards to rank 0).
   [[nodiscard]] bool writes_checkpoints() const { return rank() == 0; }
 
+  /// TrainMixin::load_checkpoint's agreement: collective. Each process says whether it read and checked its
+  /// copy of the checkpoint (`loaded`); a process that did throws CheckpointError, naming the processes that
+  /// did not, unless all did. A process that did not returns, and rethrows its own error. Either way the
+  /// load has not changed any state yet, so when one process cannot load, none does, and none waits for ever
+  /// in the collectives that follow.
+  void agree_on_checkpoint_load(bool loaded) {
+    const int mine = loaded ? 1 : 0;
+    std::vector<int> all(static_cast<std::size_t>(world_size()));
+    communicator().all_gather(&mine, 1, all.data());
+    if (!loaded) return;
+    std::string failed;
+    int failures = 0;
+    for (std::size_t r = 0; r < all.size(); ++r) {
+      if (all[r] == 1) continue;
+      failed += (failed.empty() ? "" : ", ") + std::to_string(r);
+      ++failures;
+    }
+    if (failures > 0) {
+      throw CheckpointError(
+          "xax::distributed::DataParallelMixin: " + std::string(failures == 1 ? "process " : "processes ") +
+          failed + " of " + std::to_string(world_size()) +
+          " could not load the checkpoint (each reports its own error), so no process "
+          "changed its state; every process must be able to read the same checkpoint");
+    }
+  }
+
   /// TrainMixin's after-load hook (a TrainStep trainer calls it after its own load_train_state): collective;
   /// throws ReplicaMismatchError on every rank, naming the ranks, unless every rank now holds the same
   /// masters (see xax/distributed/replica_check.hpp: a CRC-32 of each rank's masters, all-gathered).

@@ -45,6 +45,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <limits>
 #include <map>
@@ -756,6 +757,15 @@ class CheckpointReader {
   std::string path_;
   std::uint32_t version_ = checkpoint_format_version;
   std::map<std::string, detail::CheckpointEntry> entries_;
+};
+
+/// What a train-state load (TrainStep::load_train_state, MixedPrecisionMixin::load_train_state) calls once it
+/// has read and checked everything, right before the live state changes: throwing from `before_commit`
+/// cancels the load and leaves the state as it was. TrainMixin::load_checkpoint passes one under data
+/// parallelism, so that the processes either all adopt a checkpoint or all refuse it (one process whose copy
+/// of the file is unreadable would otherwise leave the others waiting in a collective for ever).
+struct LoadCommitHook {
+  std::function<void()> before_commit;
 };
 
 }  // namespace xax

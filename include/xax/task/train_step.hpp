@@ -592,6 +592,14 @@ class TrainStep {
   /// current state is unchanged then.
   template <class D = Derived>
   void load_train_state(const CheckpointReader& reader, const std::string& prefix = "train") {
+    load_train_state<D>(reader, LoadCommitHook{}, prefix);
+  }
+
+  /// As above; `hook.before_commit` (when set) runs once everything has been read and checked, and a throw
+  /// from it leaves the current state unchanged.
+  template <class D = Derived>
+  void load_train_state(const CheckpointReader& reader, const LoadCommitHook& hook,
+                        const std::string& prefix = "train") {
     auto& s = state();
     const std::string expected_policy = recorded_policy<D>().str();
     const std::string saved_policy = reader.read_string(prefix + ".policy");
@@ -623,6 +631,7 @@ class TrainStep {
                             ", overflows at the minimum scale " + std::to_string(overflows_at_floor) +
                             "; expected 0 <= overflows at the minimum scale <= skipped <= steps");
     }
+    if (hook.before_commit) hook.before_commit();
 
     s.masters = std::move(masters);
     s.refresh_compute_copy();

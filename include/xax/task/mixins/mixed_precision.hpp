@@ -300,7 +300,7 @@ class StepEngine {
   virtual void set_learning_rate(double learning_rate) = 0;
   virtual TrainStateBytes state_bytes() const = 0;
   virtual void save(CheckpointWriter& writer) const = 0;
-  virtual void load(const CheckpointReader& reader) = 0;
+  virtual void load(const CheckpointReader& reader, const LoadCommitHook& hook) = 0;
 };
 
 template <class Task, class StepPolicy>
@@ -430,7 +430,9 @@ class PolicyStepEngine final : public StepEngine<Task>,
   void set_learning_rate(double learning_rate) override { Step::set_learning_rate(learning_rate); }
   TrainStateBytes state_bytes() const override { return Step::state_bytes(); }
   void save(CheckpointWriter& writer) const override { Step::save_train_state(writer); }
-  void load(const CheckpointReader& reader) override { Step::load_train_state(reader); }
+  void load(const CheckpointReader& reader, const LoadCommitHook& hook) override {
+    Step::load_train_state(reader, hook);
+  }
 
   // What TrainStep records in and demands of a checkpoint: the configured policy, output type included,
   // rather than the double output this engine is compiled with.
@@ -540,7 +542,9 @@ class MixedPrecisionMixin {
   void save_train_state(CheckpointWriter& writer) const {
     const_cast<MixedPrecisionMixin*>(this)->engine().save(writer);
   }
-  void load_train_state(const CheckpointReader& reader) { engine().load(reader); }
+  void load_train_state(const CheckpointReader& reader, const LoadCommitHook& hook = {}) {
+    engine().load(reader, hook);
+  }
 
  protected:
   MixedPrecisionMixin() = default;

@@ -166,7 +166,10 @@ class TrainMixin {
   /// Writes the whole train state (the step's state, loop position, RNG) to `path` atomically.
   void save_checkpoint(const std::filesystem::path& path) const;
 
-  /// Restores a checkpoint written by save_checkpoint. On any error the current state is unchanged.
+  /// Restores a checkpoint written by save_checkpoint. On any error the current state is unchanged. Under
+  /// data parallelism (DataParallelMixin) it is collective: when any process cannot read or use its copy of
+  /// the checkpoint, every process throws (that one its own error, the others a CheckpointError naming it)
+  /// and none changes its state; when all can, all check that they now hold the same state.
   void load_checkpoint(const std::filesystem::path& path);
 
  protected:
@@ -196,6 +199,9 @@ class TrainMixin {
   }
 
   void log_line(const std::string& line, bool transient) const;
+
+  // load_checkpoint's reading, checking and committing; `hook` runs between the last check and the commit.
+  void read_checkpoint(const std::filesystem::path& path, const LoadCommitHook& hook);
 
   Config config_;
   std::mt19937_64 rng_;
@@ -428,6 +434,37 @@ inline std::mt19937_64 parse_rng_state(const std::string& text, const std::strin
 
 template <class Derived, class Config>
 void TrainMixin<Derived, Config>::load_checkpoint(const std::filesystem::path& path) {
+  if constexpr (requires(Derived & task, bool loaded) { task.agree_on_checkpoint_load(loaded); }) {
+    static_assert(
+        requires(Derived & task, const CheckpointReader& reader, const LoadCommitHook& hook) {
+          task.load_train_state(reader, hook);
+        },
+        "xax::TrainMixin::load_checkpoint: a data-parallel task needs load_train_state(reader, "
+        "LoadCommitHook), as TrainStep and MixedPrecisionMixin have it (bring it into scope with a using "
+        "declaration if the task defines its own load_train_state), so that the processes agree after the "
+        "last check and before the commit");
+    // Every process takes part in the agreement exactly once: in the hook when everything checked out,
+    // otherwise on the way out with its own error, which it then rethrows.
+    bool agreed = false;
+    try {
+      read_checkpoint(path, LoadCommitHook{[this, &agreed] {
+                        agreed = true;
+                        derived().agree_on_checkpoint_load(true);
+                      }});
+    } catch (...) {
+      if (!agreed) derived().agree_on_checkpoint_load(false);
+      throw;
+    }
+  } else {
+    read_checkpoint(path, LoadCommitHook{});
+  }
+  // A data-parallel task checks, on every process, that all processes now hold the same state.
+  if constexpr (requires { derived().verify_loaded_state(); }) derived().verify_loaded_state();
+}
+
+template <class Derived, class Config>
+void TrainMixin<Derived, Config>::read_checkpoint(const std::filesystem::path& path,
+                                                  const LoadCommitHook& hook) {
   const CheckpointReader reader(path);
   std::array<std::int64_t, 3> loop{};
   reader.read_tree("loop", loop);
@@ -462,15 +499,20 @@ void TrainMixin<Derived, Config>::load_checkpoint(const std::filesystem::path& p
   const std::mt19937_64 rng = detail::parse_rng_state(reader.read_string("loop.rng"), "loop.rng");
   const std::mt19937_64 epoch_rng =
       detail::parse_rng_state(reader.read_string("loop.epoch_rng"), "loop.epoch_rng");
-  derived().load_train_state(reader);  // validates everything before it changes anything
+  // load_train_state validates everything before it changes anything, and runs the hook in between. A task
+  // with only its own load_train_state(reader) is not data-parallel (load_checkpoint requires the hook's
+  // overload there), so its hook is empty.
+  if constexpr (requires { derived().load_train_state(reader, hook); }) {
+    derived().load_train_state(reader, hook);
+  } else {
+    derived().load_train_state(reader);
+  }
   fit_steps_ = global_step;
   epoch_ = epoch;
   batch_in_epoch_ = batch_in_epoch;
   rng_ = rng;
   epoch_rng_ = epoch_rng;
   resumed_ = batch_in_epoch_ > 0;
-  // A data-parallel task checks, on every process, that all processes now hold the same state.
-  if constexpr (requires { derived().verify_loaded_state(); }) derived().verify_loaded_state();
 }
 
 }  // namespace xax
