@@ -793,18 +793,25 @@ TEST(MixedPrecisionTrain, ATaskMovedAfterItsFirstStepKeepsTraining) {
   EXPECT_EQ(moved.evaluate_batch(batch), unmoved.evaluate_batch(batch));
 }
 
-TEST(MixedPrecisionTrain, LossScaleErrorLeavesTheTrainerAndTheStepCountsAgreeing) {
-  // Every example holds a NaN feature, so every step overflows at the static scale's floor; the third
-  // throws. It is not taken: the trainer's step count and the step's skipped-step count agree.
-  TaskConfig config = xax_test::default_config();
+// A task whose every example holds a NaN feature, so that every step overflows at a static scale of 1, its
+// floor: `config` sets the rest.
+ClassifierTask always_overflowing_task(TaskConfig config) {
   config.enable_mixed_precision = true;
   config.loss_scaling = "static";
   config.loss_scale_value = 1;
-  config.max_overflows_at_min_scale = 3;
   xax_test::Data data = xax_test::make_data(128);
   data.x.row(0).setConstant(std::numeric_limits<float>::quiet_NaN());
-  ClassifierTask task(config, std::move(data));
+  ClassifierTask task(std::move(config), std::move(data));
   task.set_log_stream(nullptr);
+  return task;
+}
+
+TEST(MixedPrecisionTrain, LossScaleErrorLeavesTheTrainerAndTheStepCountsAgreeing) {
+  // Every step overflows at the static scale's floor; the third throws. It is not taken: the trainer's step
+  // count and the step's skipped-step count agree.
+  TaskConfig config = xax_test::default_config();
+  config.max_overflows_at_min_scale = 3;
+  ClassifierTask task = always_overflowing_task(config);
   EXPECT_THROW(task.fit(), xax::LossScaleError);
   EXPECT_EQ(task.fit_steps(), 2);
   EXPECT_EQ(task.skipped_steps(), 2);
@@ -815,15 +822,9 @@ TEST(MixedPrecisionTrain, LossScaleErrorLeavesTheTrainerAndTheStepCountsAgreeing
 // already) reported 0.
 TEST(MixedPrecisionTrain, TheSummaryCountsSkippedStepsSinceTheResetEvenWhenFitRunsNone) {
   TaskConfig config = xax_test::default_config();
-  config.enable_mixed_precision = true;
-  config.loss_scaling = "static";
-  config.loss_scale_value = 1;
   config.max_overflows_at_min_scale = 0;
   config.max_steps = 2;
-  xax_test::Data data = xax_test::make_data(128);
-  data.x.row(0).setConstant(std::numeric_limits<float>::quiet_NaN());
-  ClassifierTask task(config, std::move(data));
-  task.set_log_stream(nullptr);
+  ClassifierTask task = always_overflowing_task(config);
   EXPECT_EQ(task.fit().skipped_steps, 2);
   const xax::TrainSummary again = task.fit();
   EXPECT_EQ(again.steps, 0);
