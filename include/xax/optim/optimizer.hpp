@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -153,18 +154,27 @@ inline void require_option(bool accepted, const char* optimizer, const char* opt
   }
 }
 
-/// Throws ConfigError unless `rounding` is one of BF16Update's values: one cast from an integer (read from a
-/// config, say) may be any, and would otherwise leave every parameter unchanged while the step count moves.
-/// `what` names the setting in the message.
-inline void require_known_rounding(BF16Update rounding, const std::string& what) {
+/// Whether `rounding` is one of BF16Update's values: one cast from an integer (read from a config, say) may
+/// be any, and would otherwise leave every parameter unchanged while the step count moves.
+[[nodiscard]] constexpr bool is_known_rounding(BF16Update rounding) noexcept {
   switch (rounding) {
     case BF16Update::round_to_nearest:
     case BF16Update::stochastic_rounding:
     case BF16Update::kahan:
-      return;
+      return true;
   }
-  throw ConfigError(what + " " + std::to_string(static_cast<int>(rounding)) +
+  return false;
+}
+
+/// The ConfigError for a rounding that is_known_rounding refuses; `what` names the setting in the message.
+[[noreturn]] inline void throw_unknown_rounding(BF16Update rounding, std::string_view what) {
+  throw ConfigError(std::string(what) + " " + std::to_string(static_cast<int>(rounding)) +
                     " is not accepted; give round_to_nearest, stochastic_rounding or kahan");
+}
+
+/// Throws ConfigError unless is_known_rounding(rounding); `what` names the setting in the message.
+inline void require_known_rounding(BF16Update rounding, std::string_view what) {
+  if (!is_known_rounding(rounding)) throw_unknown_rounding(rounding, what);
 }
 
 template <class Params>

@@ -31,8 +31,11 @@ inline constexpr NoTree no_tree{};
 /// alone. Kahan without a compensation tree is a ConfigError naming `optimizer`.
 template <class Masters, class F>
 void with_compensation(Masters* compensation, const HalfMasterUpdate& update, const char* optimizer, F&& f) {
-  require_known_rounding(update.rounding,
-                         std::string("xax::optim::") + optimizer + "::step_half_masters: the rounding");
+  // Checked before the message is built: this runs on every step, and the message is for the rare misuse.
+  if (!is_known_rounding(update.rounding)) {
+    throw_unknown_rounding(update.rounding,
+                           std::string("xax::optim::") + optimizer + "::step_half_masters: the rounding");
+  }
   if (update.rounding != MasterRounding::kahan) {
     NoTree none;
     f(none);
