@@ -255,22 +255,44 @@ void layer_norm_backward(const X& x, const Gain& gain, const LayerNormStatistics
           chunk_b.setZero();
           const Eigen::Index last = std::min(columns, (chunk + 1) * chunk_columns);
           for (Eigen::Index j = chunk * chunk_columns; j < last; ++j) {
-            detail::widen(x_data + j * ldx, xhat.data(), rows);
-            detail::widen(dy_data + j * ldd, grad.data(), rows);
+            // Float columns are read and written where they are: a copy into the scratch columns would be
+            // one more pass over each. The sums still run over the scratch columns, whose alignment (and so
+            // Eigen's summation order) does not depend on where a column starts.
             const float r = inverse_std[j];
-            xhat = (xhat - mean[j]) * r;
-            chunk_g += grad * xhat;
-            chunk_b += grad;
-            grad *= g;  // d(loss)/d(xhat)
+            if constexpr (std::is_same_v<T, float>) {
+              xhat = (Eigen::Map<const Eigen::ArrayXf>(x_data + j * ldx, n) - mean[j]) * r;
+            } else {
+              detail::widen(x_data + j * ldx, xhat.data(), rows);
+              xhat = (xhat - mean[j]) * r;
+            }
+            const float* dy_column = grad.data();
+            if constexpr (std::is_same_v<TD, float>) {
+              dy_column = dy_data + j * ldd;
+            } else {
+              detail::widen(dy_data + j * ldd, grad.data(), rows);
+            }
+            const Eigen::Map<const Eigen::ArrayXf> dy_values(dy_column, n);
+            chunk_g += dy_values * xhat;
+            chunk_b += dy_values;
+            grad = dy_values * g;  // d(loss)/d(xhat)
             const float mean_grad = grad.sum() * inverse_n;
             const float mean_grad_xhat = (grad * xhat).sum() * inverse_n;
-            result = r * (grad - mean_grad - xhat * mean_grad_xhat);
             O* out = dx_data + j * ldo;
-            if (accumulate_dx) {
-              detail::widen(static_cast<const O*>(out), xhat.data(), rows);
-              result += xhat;  // xhat's buffer now holds the old dx
+            if constexpr (std::is_same_v<O, float>) {
+              Eigen::Map<Eigen::ArrayXf> dx_values(out, n);
+              if (accumulate_dx) {
+                dx_values += r * (grad - mean_grad - xhat * mean_grad_xhat);
+              } else {
+                dx_values = r * (grad - mean_grad - xhat * mean_grad_xhat);
+              }
+            } else {
+              result = r * (grad - mean_grad - xhat * mean_grad_xhat);
+              if (accumulate_dx) {
+                detail::widen(static_cast<const O*>(out), xhat.data(), rows);
+                result += xhat;  // xhat's buffer now holds the old dx
+              }
+              detail::convert_serial(static_cast<const float*>(result.data()), out, rows);
             }
-            detail::convert_serial(static_cast<const float*>(result.data()), out, rows);
           }
         }
       });
