@@ -312,6 +312,46 @@ TEST(LayerNorm, BackwardOverManyColumnsDoesNotDependOnTheThreadCount) {
   EXPECT_TRUE(xax_test::near_reference(db_two, reference.db, 1e-5, 1e-3));
 }
 
+// x, dx and dy as row blocks of one matrix, the one overlap the backward allows: float columns are read and
+// written where they are, here at every alignment (37 features) and over several chunks, with and without
+// accumulating into dx, and give what contiguous operands give.
+TEST(LayerNorm, BackwardOnRowBlocksOfOneMatrixMatchesContiguousOperands) {
+  constexpr Eigen::Index features = 37, columns = 130;
+  const Eigen::MatrixXf original = xax_test::random_matrix<float>(3 * features + 1, columns, 51);
+  const Eigen::VectorXf gain = xax_test::random_matrix<float>(features, 1, 52, 0.5f, 1.5f);
+  const Eigen::VectorXf bias = xax_test::random_matrix<float>(features, 1, 53);
+  const Eigen::MatrixXf x = original.middleRows(1, features);
+  const Eigen::MatrixXf dx_start = original.middleRows(1 + features, features);
+  const Eigen::MatrixXf dy = original.middleRows(1 + 2 * features, features);
+  xax::LayerNormStatistics stats;
+  Eigen::MatrixXf y;
+  xax::layer_norm(x, gain, bias, y, stats);
+  const Gradients reference = layer_norm_backward_reference(xax_test::to_double(x), xax_test::to_double(gain),
+                                                            xax_test::to_double(dy));
+  for (const bool accumulate : {false, true}) {
+    const xax::LayerNormBackwardOptions options{.accumulate_input_gradient = accumulate};
+    Eigen::MatrixXf dx = dx_start, m = original;
+    Eigen::VectorXf dgain, dbias, dgain_m, dbias_m;
+    xax::layer_norm_backward(x, gain, stats, dy, dx, dgain, dbias, options);
+    xax::layer_norm_backward(m.middleRows(1, features), gain, stats, m.middleRows(1 + 2 * features, features),
+                             m.middleRows(1 + features, features), dgain_m, dbias_m, options);
+    EXPECT_EQ(dgain_m, dgain) << accumulate;
+    EXPECT_EQ(dbias_m, dbias) << accumulate;
+    EXPECT_EQ(Eigen::MatrixXf(m.middleRows(1 + features, features)), dx) << accumulate;
+    Eigen::MatrixXd expected = reference.dx;
+    if (accumulate) expected += xax_test::to_double(dx_start);
+    EXPECT_TRUE(xax_test::near_reference(dx, expected, 1e-4, 1e-4)) << accumulate;
+    EXPECT_EQ(Eigen::MatrixXf(m.topRows(1 + features)), Eigen::MatrixXf(original.topRows(1 + features)))
+        << "x and the row above it are untouched";
+    EXPECT_EQ(Eigen::MatrixXf(m.bottomRows(features)), dy) << "dy is untouched";
+  }
+  Eigen::MatrixXf dy_copy = dy;
+  Eigen::VectorXf dgain, dbias;
+  EXPECT_THROW(xax::layer_norm_backward(x, gain, stats, dy_copy, dy_copy, dgain, dbias,
+                                        {.accumulate_input_gradient = true}),
+               xax::ShapeError);
+}
+
 // Exactly in place is the one overlap allowed: a column's statistics are taken before it is written.
 TEST(LayerNorm, RunsInPlace) {
   const Eigen::MatrixXf x = Eigen::MatrixXf::Random(37, 5);
