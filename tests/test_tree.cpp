@@ -155,6 +155,20 @@ TEST(Tree, MapsAndWritableMapsAreLeaves) {
   EXPECT_EQ(static_cast<float>(owned[0](1, 2)), 0.5f);
 }
 
+TEST(Tree, MapsOfConstDataAreLeavesToReadAndCastFrom) {
+  const float storage[6] = {1, 2, 3, 4, 5, 6};
+  const std::vector<Eigen::Map<const Eigen::MatrixXf>> maps{Eigen::Map<const Eigen::MatrixXf>(storage, 2, 3)};
+  EXPECT_EQ(xax::leaf_count(maps), 1u);
+  EXPECT_EQ(xax::leaf_span(maps[0]).data(), storage);
+  const auto owned = xax::tree_cast<xax::bfloat16>(maps);
+  static_assert(std::is_same_v<std::remove_cvref_t<decltype(owned)>, std::vector<Mat<xax::bfloat16>>>);
+  EXPECT_EQ(static_cast<float>(owned[0](1, 2)), 6.0f);
+  std::vector<Eigen::MatrixXf> into(1);
+  xax::tree_cast_into(maps, into);
+  EXPECT_EQ(into[0], maps[0]);
+  // Writing one is a compile error with its own message: tests/compile_fail/write_into_map_of_const_data.cpp.
+}
+
 TEST(Tree, ZipVisitsCorrespondingLeavesAcrossScalarTypes) {
   const Model<float> a = make_model();
   const Model<double> b = xax::tree_cast<double>(a);

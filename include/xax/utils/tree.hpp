@@ -104,6 +104,29 @@ using leaf_scalar_t = typename detail::leaf_scalar_impl<T>::type;
 template <class T>
 concept floating_leaf = tree_leaf<T> && floating_scalar<leaf_scalar_t<T>>;
 
+namespace detail {
+/// False for a non-const Map of const data: a leaf all the same (it can be read, cast from, checked and
+/// saved), but one whose elements cannot be written.
+template <class L>
+inline constexpr bool writable_leaf = true;
+template <class Plain, int Options, class Stride>
+inline constexpr bool writable_leaf<Eigen::Map<const Plain, Options, Stride>> = false;
+template <class Plain, int Options, template <class> class MakePointer>
+inline constexpr bool writable_leaf<Eigen::TensorMap<const Plain, Options, MakePointer>> = false;
+
+/// Stops a walk that writes the leaf `L` at a Map of const data with one clear message, where it would
+/// otherwise fail deep inside std::span or the conversion kernels, in a page of errors. Returns whether the
+/// walk may go on; a const `L` (only read) always may.
+template <class L>
+constexpr bool require_writable_leaf() {
+  static_assert(writable_leaf<L>,
+                "xax: this operation writes the tree's leaves, and one is an Eigen::Map of const data "
+                "(Map<const Matrix>), which can only be read; give it a tree whose leaves are writable (a "
+                "Matrix, or a Map of non-const data)");
+  return writable_leaf<L>;
+}
+}  // namespace detail
+
 /// The contiguous elements of a leaf, e.g. to hand to a kernel.
 template <class L>
 requires tree_leaf<std::remove_const_t<L>>
@@ -112,6 +135,8 @@ auto leaf_span(L& leaf) {
   using Element = std::conditional_t<std::is_const_v<L>, const Scalar, Scalar>;
   if constexpr (scalar_leaf<std::remove_const_t<L>>) {
     return std::span<Element>(&leaf, 1);
+  } else if constexpr (!detail::require_writable_leaf<L>()) {
+    return std::span<Element>();
   } else {
     return std::span<Element>(leaf.data(), static_cast<std::size_t>(leaf.size()));
   }

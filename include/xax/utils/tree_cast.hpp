@@ -46,6 +46,8 @@ void cast_leaf_into(const TreePath& path, const Src& src, Dst& dst, ConversionBa
     static_assert(scalar_leaf<Dst>, "xax: a scalar leaf can only be cast into a scalar leaf");
     dst = convert_scalar<DstScalar>(src);
     return;
+  } else if constexpr (!require_writable_leaf<Dst>()) {
+    return;
   } else {
     if constexpr (eigen_plain_object<Dst> && eigen_dense_leaf<Src>) {
       resize_plain_if_possible(dst, src.rows(), src.cols());  // check_same_shape reports any other shape
