@@ -1,6 +1,6 @@
-// expected-error: static.assert[a-z]* failed.*xax: this operation writes the tree's leaves, and one is an
-// Eigen::Map of const data A Map of const data is a leaf that can be read (checked, cast from, saved), not
-// written: a walk that writes it stops at one message naming the leaf kind and what to pass instead.
+// expected-error: static.assert[a-z]* failed.*writes the tree's leaves, and one is an Eigen::Map of const
+// A Map of const data is a leaf that can be read (checked, cast from, saved), not written: a walk that writes
+// it stops at one message naming the leaf kind and what to pass instead.
 #include <xax/utils/finite.hpp>
 #include <xax/utils/tree.hpp>
 
