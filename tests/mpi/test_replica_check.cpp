@@ -275,6 +275,19 @@ TEST(DataParallelMixin, ALoadThatFailsOnOneRankThrowsOnEveryRankAndChangesNothin
   // The ranks are still in step: the same file now loads everywhere, and the replica check passes.
   EXPECT_NO_THROW(task.load_checkpoint(good));
   EXPECT_EQ(task.fit_steps(), 2);
+
+  // Regression: a task resumed before its first step builds its state on the first use, and that build
+  // broadcasts process 0's initial params. The process whose copy failed to read joined the agreement while
+  // the others waited in that broadcast. Every process now builds first, so all of them throw here too.
+  ParallelTask fresh(parallel_config(1));
+  try {
+    fresh.load_checkpoint(odd_one ? bad : good);
+    ADD_FAILURE() << "no CheckpointError on rank " << comm.rank() << " of a task that had not stepped";
+  } catch (const xax::CheckpointError&) {
+  }
+  EXPECT_EQ(fresh.fit_steps(), 0);
+  EXPECT_NO_THROW(fresh.load_checkpoint(good));
+  EXPECT_EQ(fresh.fit_steps(), 2);
   std::filesystem::remove(bad);
   comm.barrier();
   if (comm.rank() == 0) std::filesystem::remove(good);

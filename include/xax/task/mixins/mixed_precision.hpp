@@ -538,6 +538,11 @@ class MixedPrecisionMixin {
   /// Bytes of masters, compute copy, gradients and optimizer state.
   TrainStateBytes train_state_bytes() { return engine().state_bytes(); }
 
+  /// Builds the train state now (init_params(), the policy's step engine and, on a data-parallel task, the
+  /// broadcast of process 0's initial params) rather than on its first use. Collective on a data-parallel
+  /// task: TrainMixin::load_checkpoint calls it on every process before any of them reads its file.
+  void build_train_state() { static_cast<void>(engine()); }
+
   /// Checkpoint hooks (TrainMixin::save_checkpoint and load_checkpoint call these).
   void save_train_state(CheckpointWriter& writer) const {
     const_cast<MixedPrecisionMixin*>(this)->engine().save(writer);

@@ -21,9 +21,11 @@
 
 #include <algorithm>
 #include <array>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <concepts>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
@@ -420,14 +422,31 @@ void TrainMixin<Derived, Config>::save_checkpoint(const std::filesystem::path& p
 namespace detail {
 // The generator whose state `text` holds, as operator<< wrote it; CheckpointError naming `entry` otherwise.
 inline std::mt19937_64 parse_rng_state(const std::string& text, const std::string& entry) {
+  const auto refuse = [&](const std::string& why) {
+    return CheckpointError("checkpoint entry '" + entry + "' is not the state of a std::mt19937_64 (" + why +
+                           ")");
+  };
+  constexpr const char* what_is_written =
+      "the unsigned 64-bit numbers its operator<< writes, separated by spaces, and nothing else";
+  // operator>> alone also takes text no generator writes: "-1" wraps round to 2^64 - 1, and an all-zero
+  // state (from which the generator returns 0 for ever) is read like any other.
+  std::istringstream tokens(text);
+  std::string token;
+  std::size_t words = 0;
+  bool all_state_words_zero = true;
+  while (tokens >> token) {
+    std::uint64_t value = 0;
+    const auto [end, error] = std::from_chars(token.data(), token.data() + token.size(), value);
+    if (error != std::errc{} || end != token.data() + token.size()) throw refuse(what_is_written);
+    if (words < std::mt19937_64::state_size && value != 0) all_state_words_zero = false;
+    ++words;
+  }
+  if (words < std::mt19937_64::state_size) throw refuse(what_is_written);
+  if (all_state_words_zero) throw refuse("its state words are all zero, which no seeding produces");
   std::istringstream stream(text);
   std::mt19937_64 rng;
   stream >> rng;
-  if (stream.fail() || !(stream >> std::ws).eof()) {
-    throw CheckpointError("checkpoint entry '" + entry +
-                          "' is not the state of a std::mt19937_64 (the unsigned 64-bit numbers its "
-                          "operator<< writes, separated by spaces, and nothing else)");
-  }
+  if (stream.fail() || !(stream >> std::ws).eof()) throw refuse(what_is_written);
   return rng;
 }
 }  // namespace detail
@@ -443,6 +462,10 @@ void TrainMixin<Derived, Config>::load_checkpoint(const std::filesystem::path& p
         "LoadCommitHook), as TrainStep and MixedPrecisionMixin have it (bring it into scope with a using "
         "declaration if the task defines its own load_train_state), so that the processes agree after the "
         "last check and before the commit");
+    // State built lazily by a collective (MixedPrecisionMixin's engine, whose construction broadcasts
+    // process 0's initial params) is built first, on every process: otherwise a process whose file fails to
+    // read would join the agreement below while the others waited in that broadcast.
+    if constexpr (requires { derived().build_train_state(); }) derived().build_train_state();
     // Every process takes part in the agreement exactly once: in the hook when everything checked out,
     // otherwise on the way out with its own error, which it then rethrows.
     bool agreed = false;
