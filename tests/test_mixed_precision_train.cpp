@@ -622,6 +622,16 @@ INSTANTIATE_TEST_SUITE_P(
                      "entry 'loop.rng' is not the state of a std::mt19937_64"},
         CorruptEntry{"loop.epoch_rng", [](const std::string& text) { return text + " 17"; },
                      "entry 'loop.epoch_rng' is not the state of a std::mt19937_64"},
+        // Regression: operator>> read "-1" as 2^64 - 1, and took an all-zero state, which returns 0 for ever.
+        CorruptEntry{"loop.rng", [](const std::string& text) { return "-1" + text.substr(text.find(' ')); },
+                     "entry 'loop.rng' is not the state of a std::mt19937_64 (the unsigned 64-bit numbers"},
+        CorruptEntry{"loop.rng",
+                     [](const std::string&) {
+                       std::string zeros;
+                       for (std::size_t i = 0; i <= std::mt19937_64::state_size; ++i) zeros += "0 ";
+                       return zeros;
+                     },
+                     "entry 'loop.rng' is not the state of a std::mt19937_64 (its state words are all zero"},
         CorruptEntry{"train.counters[0]", [](const std::string&) { return bytes_of(std::int64_t{-1}); },
                      "entry 'train.counters' holds steps -1, skipped 0"},
         CorruptEntry{"train.counters[1]", [](const std::string&) { return bytes_of(std::int64_t{4}); },
@@ -632,6 +642,34 @@ INSTANTIATE_TEST_SUITE_P(
         CorruptEntry{"train.optimizer_state.step",
                      [](const std::string&) { return bytes_of(std::int64_t{-2}); },
                      "entry 'train.optimizer_state.step' is -2; an optimizer's step count is >= 0"},
+        // Regression: step counts at INT64_MAX were adopted, and the next step's increment overflowed.
+        CorruptEntry{
+            "train.counters[0]",
+            [](const std::string&) { return bytes_of(std::numeric_limits<std::int64_t>::max()); },
+            "holds steps 9223372036854775807, skipped 0, overflows at the minimum scale 0; expected 0 "
+            "<= overflows at the minimum scale <= skipped <= steps < 9223372036854775807"},
+        CorruptEntry{
+            "train.optimizer_state.step",
+            [](const std::string&) { return bytes_of(std::numeric_limits<std::int64_t>::max()); },
+            "entry 'train.optimizer_state.step' is 9223372036854775807; an optimizer's step count is "
+            ">= 0 and < 9223372036854775807 (the next step adds one)"},
+        // Regression: optimizer moments no run can reach were adopted; the next step turned the params NaN
+        // while reporting finite gradients.
+        CorruptEntry{"train.optimizer_state.v.w1",
+                     [](const std::string& payload) {
+                       std::string negative;
+                       for (std::size_t i = 0; i < payload.size() / sizeof(float); ++i)
+                         negative += bytes_of(-1.0f);
+                       return negative;
+                     },
+                     "entry 'train.optimizer_state.v.w1' holds -1; expected finite values >= 0 (a second "
+                     "moment)"},
+        CorruptEntry{"train.optimizer_state.m.b2",
+                     [](const std::string& payload) {
+                       return bytes_of(std::numeric_limits<float>::infinity()) +
+                              payload.substr(sizeof(float));
+                     },
+                     "entry 'train.optimizer_state.m.b2' holds inf; expected finite values, as every run's"},
         CorruptEntry{"train.loss_scale.counter",
                      [](const std::string&) { return bytes_of(std::int64_t{-5}); },
                      "entry 'train.loss_scale' holds a loss scale no run can reach: DynamicLossScaleState: "

@@ -278,8 +278,10 @@ TEST(UserOptimizer, ANegativeStepCountInTheCheckpointIsRefused) {
     other.load_train_state(xax::CheckpointReader::from_bytes(writer.bytes()));
     FAIL() << "expected CheckpointError";
   } catch (const xax::CheckpointError& error) {
-    EXPECT_STREQ(error.what(),
-                 "checkpoint entry 'train.optimizer_state.step' is -3; an optimizer's step count is >= 0");
+    EXPECT_STREQ(
+        error.what(),
+        "checkpoint entry 'train.optimizer_state.step' is -3; an optimizer's step count is >= 0 and < "
+        "9223372036854775807 (the next step adds one)");
   }
   EXPECT_EQ(other.optimizer<Lion<Params>>().state().step, 0);
 }

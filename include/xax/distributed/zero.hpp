@@ -616,6 +616,8 @@ class ZeroOptimizer {
     if (is_adamw()) {
       optim::AdamWState<Params> whole{0, zeros_like(like), zeros_like(like)};
       reader.read_tree(entry, whole);
+      optim::detail::require_reachable_moments(whole.m, entry + ".m", false);
+      optim::detail::require_reachable_moments(whole.v, entry + ".v", true);
       loaded.step = whole.step;
       take(whole.m, loaded.first);
       take(whole.v, loaded.second);
@@ -623,13 +625,11 @@ class ZeroOptimizer {
       optim::SgdState<Params> whole;
       if (has_momentum()) whole.momentum_buffer = zeros_like(like);
       reader.read_tree(entry, whole);
+      optim::detail::require_reachable_moments(whole.momentum_buffer, entry + ".momentum_buffer", false);
       loaded.step = whole.step;
       if (has_momentum()) take(whole.momentum_buffer, loaded.first);
     }
-    if (loaded.step < 0) {
-      throw CheckpointError("checkpoint entry '" + entry + ".step' is " + std::to_string(loaded.step) +
-                            "; an optimizer's step count is >= 0");
-    }
+    xax::detail::require_countable_step(loaded.step, entry + ".step");
     state_ = std::move(loaded);
     release_gathered();
     enroll();

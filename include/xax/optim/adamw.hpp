@@ -181,6 +181,13 @@ class AdamW {
   [[nodiscard]] State& state() { return state_; }
   [[nodiscard]] const AdamWOptions& options() const { return options_; }
 
+  /// Throws CheckpointError unless a state read from checkpoint entry `entry` is one a run can reach: finite
+  /// moments, the second one >= 0 (train-state checkpoints call this after reading it).
+  void require_reachable_state(const std::string& entry) const {
+    detail::require_reachable_moments(state_.m, entry + ".m", false);
+    detail::require_reachable_moments(state_.v, entry + ".v", true);
+  }
+
   /// Changes the learning rate for the following steps (schedules call this). Throws ConfigError for a
   /// negative or non-finite rate.
   void set_learning_rate(double learning_rate) {

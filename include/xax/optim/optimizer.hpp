@@ -177,6 +177,29 @@ inline void require_known_rounding(BF16Update rounding, std::string_view what) {
   if (!is_known_rounding(rounding)) throw_unknown_rounding(rounding, what);
 }
 
+/// Throws CheckpointError unless every element of `moments`' floating leaves, read from checkpoint entry
+/// `entry`, is one a run can reach: finite and, for a second moment (`non_negative`), >= 0. A run skips every
+/// step with a non-finite gradient, and squares only add to a second moment; a crafted value would instead
+/// turn every later update into NaN while the steps still report finite gradients.
+template <class Moments>
+void require_reachable_moments(const Moments& moments, const std::string& entry, bool non_negative) {
+  for_each_leaf_with_path(
+      [&]<class Leaf>(const TreePath& path, const Leaf& leaf) {
+        if constexpr (floating_leaf<Leaf>) {
+          for (const auto element : leaf_span(leaf)) {
+            const auto value = static_cast<double>(element);
+            if (!std::isfinite(value) || (non_negative && value < 0)) {
+              throw CheckpointError("checkpoint entry '" + entry + "." + path.display() + "' holds " +
+                                    xax::detail::shortest_text(value) + "; expected finite values" +
+                                    (non_negative ? " >= 0 (a second moment)" : "") +
+                                    ", as every run's optimizer state holds");
+            }
+          }
+        }
+      },
+      moments);
+}
+
 template <class Params>
 constexpr void require_optimizer_params() {
   static_assert(

@@ -181,6 +181,12 @@ class Sgd {
   [[nodiscard]] State& state() { return state_; }
   [[nodiscard]] const SgdOptions& options() const { return options_; }
 
+  /// Throws CheckpointError unless a state read from checkpoint entry `entry` is one a run can reach: a
+  /// finite momentum buffer (train-state checkpoints call this after reading it).
+  void require_reachable_state(const std::string& entry) const {
+    detail::require_reachable_moments(state_.momentum_buffer, entry + ".momentum_buffer", false);
+  }
+
   /// Changes the learning rate for the following steps. Throws ConfigError for a negative or non-finite rate.
   void set_learning_rate(double learning_rate) {
     SgdOptions changed = options_;

@@ -165,10 +165,10 @@ class OptimizerModel final : public AnyOptimizer<Params, Copy> {
     auto& state = loaded->optimizer_.state();
     reader.read_tree(entry, state);
     if constexpr (requires { requires std::integral<std::remove_cvref_t<decltype(state.step)>>; }) {
-      if (state.step < 0) {
-        throw CheckpointError("checkpoint entry '" + entry + ".step' is " + std::to_string(state.step) +
-                              "; an optimizer's step count is >= 0");
-      }
+      detail::require_countable_step(state.step, entry + ".step");
+    }
+    if constexpr (requires { loaded->optimizer_.require_reachable_state(entry); }) {
+      loaded->optimizer_.require_reachable_state(entry);
     }
     return loaded;
   }

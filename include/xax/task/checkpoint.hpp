@@ -768,4 +768,18 @@ struct LoadCommitHook {
   std::function<void()> before_commit;
 };
 
+namespace detail {
+/// Throws CheckpointError unless an optimizer's step count read from checkpoint entry `entry` is one a run
+/// can hold and still count its next step from: 0 <= step < the type's maximum (adding one past it is
+/// undefined behaviour, and a crafted file could otherwise ask for it).
+template <std::integral Count>
+void require_countable_step(Count step, const std::string& entry) {
+  if (step < 0 || step == std::numeric_limits<Count>::max()) {
+    throw CheckpointError("checkpoint entry '" + entry + "' is " + std::to_string(step) +
+                          "; an optimizer's step count is >= 0 and < " +
+                          std::to_string(std::numeric_limits<Count>::max()) + " (the next step adds one)");
+  }
+}
+}  // namespace detail
+
 }  // namespace xax

@@ -624,12 +624,15 @@ class TrainStep {
     reader.read_tree(prefix + ".counters", counters);
     const auto [steps, skipped, overflows_at_floor] = counters;
     // Skipped steps are among the steps, and the overflows at the scale's floor are consecutive skipped ones.
-    if (steps < 0 || skipped < 0 || skipped > steps || overflows_at_floor < 0 ||
+    // The steps stay below INT64_MAX, so that the next step (which adds one) can be counted.
+    constexpr std::int64_t step_limit = std::numeric_limits<std::int64_t>::max();
+    if (steps < 0 || steps >= step_limit || skipped < 0 || skipped > steps || overflows_at_floor < 0 ||
         overflows_at_floor > skipped) {
       throw CheckpointError("checkpoint entry '" + prefix + ".counters' holds steps " +
                             std::to_string(steps) + ", skipped " + std::to_string(skipped) +
                             ", overflows at the minimum scale " + std::to_string(overflows_at_floor) +
-                            "; expected 0 <= overflows at the minimum scale <= skipped <= steps");
+                            "; expected 0 <= overflows at the minimum scale <= skipped <= steps < " +
+                            std::to_string(step_limit));
     }
     if (hook.before_commit) hook.before_commit();
 
