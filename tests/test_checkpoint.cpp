@@ -722,6 +722,25 @@ TEST(CheckpointPrefixes, ATreeUnderAnotherTreesPrefixIsRefusedByTheWriter) {
   EXPECT_EQ(ema(1, 1), 2.0f);
 }
 
+// Regression: a tree whose later leaf's name was taken (here by a string entry) threw with its prefix
+// registered and its earlier leaves added, so a caller that caught the error and wrote anyway saved half a
+// tree, and could not add the tree again. Now a failed add_tree leaves the writer as it was.
+TEST(CheckpointPrefixes, AFailedAddTreeLeavesTheWriterAsItWas) {
+  const std::map<std::string, float> scalars{{"a", 1.0f}, {"b", 2.0f}};
+  xax::CheckpointWriter writer;
+  writer.add_string("m[\"b\"]", "taken");
+  const std::string before = writer.bytes();
+  EXPECT_THAT([&] { writer.add_tree("m", scalars); },
+              ::testing::ThrowsMessage<xax::CheckpointError>(
+                  HasSubstr("checkpoint entry 'm[\"b\"]' was added twice; give each tree its own prefix")));
+  EXPECT_EQ(writer.bytes(), before);
+  const std::map<std::string, float> other{{"a", 3.0f}};
+  EXPECT_NO_THROW(writer.add_tree("m", other));
+  std::map<std::string, float> read{{"a", 0.0f}};
+  xax::CheckpointReader::from_bytes(writer.bytes()).read_tree("m", read);
+  EXPECT_EQ(read.at("a"), 3.0f);
+}
+
 // ----- The temporary file -----
 
 // Regression: the temporary file was always "<path>.tmp", opened with O_CREAT|O_TRUNC. A symbolic link there

@@ -261,7 +261,10 @@ class CheckpointWriter {
   /// prefix is one a tree was already added under, or extends one with '.' or '[' (or is extended by one).
   template <class Tree>
   void add_tree(std::string_view prefix, const Tree& tree) {
-    add_tree_prefix(prefix);
+    check_tree_prefix(prefix);
+    // Every leaf's entry is made and checked before the tree is added: a failure (a name already taken, an
+    // allocation) leaves the writer as it was, with neither the tree's prefix nor some of its leaves.
+    std::map<std::string, detail::CheckpointEntry> tree_entries;
     for_each_leaf_with_path(
         [&]<class L>(const TreePath& path, const L& leaf) {
           using Scalar = leaf_scalar_t<L>;
@@ -278,9 +281,13 @@ class CheckpointWriter {
           } else {
             entry.payload.assign(first, first + span.size_bytes());
           }
-          add_entry(detail::checkpoint_entry_name(prefix, path), std::move(entry));
+          std::string name = detail::checkpoint_entry_name(prefix, path);
+          if (entries_.contains(name) || tree_entries.contains(name)) throw added_twice(name);
+          tree_entries.emplace(std::move(name), std::move(entry));
         },
         tree);
+    tree_prefixes_.emplace_back(prefix);
+    entries_.merge(tree_entries);  // moves the nodes: nothing left to fail
   }
 
   /// Adds a string entry (RNG states, policy names, free-form metadata).
@@ -401,17 +408,20 @@ class CheckpointWriter {
   }
 
  private:
+  static CheckpointError added_twice(const std::string& name) {
+    return CheckpointError("checkpoint entry '" + name + "' was added twice; give each tree its own prefix");
+  }
+
   void add_entry(std::string name, detail::CheckpointEntry entry) {
-    if (!entries_.emplace(name, std::move(entry)).second) {
-      throw CheckpointError("checkpoint entry '" + name + "' was added twice; give each tree its own prefix");
-    }
+    if (entries_.contains(name)) throw added_twice(name);
+    entries_.emplace(std::move(name), std::move(entry));
   }
 
   // read_tree(prefix) takes every tensor under `prefix.` and `prefix[` for its tree's and requires as many
   // as the tree has leaves (which is what catches a checkpoint of another model structure). A tree under
   // another tree's prefix would be counted as part of it, so the writer refuses to write such a file, rather
   // than the reader guessing which entries are whose.
-  void add_tree_prefix(std::string_view prefix) {
+  void check_tree_prefix(std::string_view prefix) const {
     for (const std::string& other : tree_prefixes_) {
       if (other == prefix) {
         throw CheckpointError("checkpoint: a tree was already added under '" + other +
@@ -428,7 +438,6 @@ class CheckpointWriter {
                               "with '.' or '[' nor is extended by one (e.g. 'model_ema' beside 'model')");
       }
     }
-    tree_prefixes_.emplace_back(prefix);
   }
 
   std::map<std::string, detail::CheckpointEntry> entries_;
